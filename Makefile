@@ -1,0 +1,29 @@
+# The two commands: `make train` and `make test`. Each creates and fills .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
+WORKDIR ?= runs/deepseekmoe
+CONFIG ?= configs/deepseekmoe.py
+ARGS ?=
+PYTEST_ARGS ?= -n 2
+
+.PHONY: train test venv clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m moejax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf runs .pytest_cache

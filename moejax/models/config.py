@@ -1,0 +1,56 @@
+"""`ModelConfig`: the `config.model` section (the Transformer's shape and numerics)."""
+from __future__ import annotations
+
+import dataclasses
+
+from moejax.config.sections import section_from_mapping
+
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only Transformer hyper-parameters.
+
+    Layer layout: the first `first_k_dense` layers have a dense FFN; the remaining
+    `num_layers - first_k_dense` layers come in periods of `moe_every` layers whose last layer
+    is MoE and whose others are dense (`moe_every=1`: every remaining layer is MoE;
+    `moe_every=0`: no MoE layer at all, a dense model).
+    """
+    vocab_size: int = 259
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4  # grouped-query attention when < num_heads
+    head_dim: int = 0  # 0 -> d_model // num_heads
+    d_ff: int = 1024  # width of the dense SwiGLU FFN layers
+    first_k_dense: int = 0
+    moe_every: int = 1
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype; "bfloat16" with float32 params for mixed precision
+    param_dtype: str = "float32"
+    remat: str = "none"  # one of REMAT_POLICIES
+
+    @classmethod
+    def from_mapping(cls, mapping) -> "ModelConfig":
+        return section_from_mapping(cls, mapping, "model")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def num_moe_layers(self) -> int:
+        if self.moe_every == 0:
+            return 0
+        return (self.num_layers - self.first_k_dense) // self.moe_every
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i (0-based) has an MoE FFN."""
+        if self.moe_every == 0 or i < self.first_k_dense:
+            return False
+        return (i - self.first_k_dense) % self.moe_every == self.moe_every - 1

@@ -1,0 +1,128 @@
+"""Decoder-only Transformer LM whose FFN layers are dense SwiGLU or MoE, chosen per layer.
+
+    embed -> [Block] x L -> RMSNorm -> logits
+    Block: x += Attention(norm(x)); x += FFN(norm(x)),  FFN = DenseMLP | MoELayer
+
+Layers are stacked with `nn.scan` (parameters get a leading `layers` axis) so compile time
+does not grow with depth: one scan over the `first_k_dense` dense layers, then one scan over
+the MoE part, whose unit is a single MoE block (`moe_every=1`) or a period of
+`moe_every - 1` dense blocks (an inner scan) followed by one MoE block. The scan carry is
+`(x, router_state)` so a recurrent router (RMoE) can pass its state from layer to layer.
+Optional rematerialisation (`model.remat`) wraps each block.
+
+`apply(variables, inputs[B, L], segment_ids, positions)` returns float32 logits [B, L, V] and
+`extras`: `aux_loss` (scalar, already weighted), `aux_losses` (name -> scalar summed over
+layers) and `moe_metrics` (name -> array with a leading MoE-layer axis).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.models.attention import Attention
+from moejax.models.config import ModelConfig
+from moejax.models.layers import DenseMLP, RMSNorm, dtype_of, logical_param
+from moejax.moe.config import MoEConfig
+from moejax.moe.layer import MoELayer
+
+REMAT = {
+    "full": None,  # save nothing; recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+    model: ModelConfig
+    moe: MoEConfig | None = None  # None: dense FFN
+
+    @nn.compact
+    def __call__(self, carry, ctx):
+        x, router_state = carry
+        segment_ids, positions = ctx
+        m = self.model
+        norm = dict(eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype)
+        h = Attention(m, name="attn")(RMSNorm(**norm, name="attn_norm")(x), segment_ids, positions)
+        x = x + h.astype(x.dtype)
+        h = RMSNorm(**norm, name="ffn_norm")(x)
+        if self.moe is None:
+            out_std = m.init_std / (2 * m.num_layers) ** 0.5
+            y = DenseMLP(m.d_ff, m.init_std, out_std, m.dtype, m.param_dtype, name="mlp")(h)
+            outputs = ({}, {})
+        else:
+            y, router_state, aux, metrics = MoELayer(self.moe, m, name="moe")(
+                h, router_state, segment_ids > 0)
+            outputs = (aux, metrics)
+        return (x + y.astype(x.dtype), router_state), outputs
+
+
+def _block_cls(model: ModelConfig):
+    if model.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT[model.remat], prevent_cse=False)
+
+
+def _scan(cls, length: int):
+    return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast,), length=length,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+class MoEPeriod(nn.Module):
+    """`moe_every - 1` dense blocks followed by one MoE block: the unit of the MoE scan."""
+    model: ModelConfig
+    moe: MoEConfig
+
+    @nn.compact
+    def __call__(self, carry, ctx):
+        block = _block_cls(self.model)
+        carry, _ = _scan(block, self.model.moe_every - 1)(self.model, None, name="dense")(
+            carry, ctx)
+        return block(self.model, self.moe, name="moe_block")(carry, ctx)
+
+
+class Transformer(nn.Module):
+    model: ModelConfig
+    moe: MoEConfig
+
+    @nn.compact
+    def __call__(self, inputs_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
+                 positions_BxL: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+        m = self.model
+        b, length = inputs_BxL.shape
+        if segment_ids_BxL is None:
+            segment_ids_BxL = jnp.ones((b, length), jnp.int32)
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        pdt, dt = dtype_of(m.param_dtype), dtype_of(m.dtype)
+        embedding = logical_param(self, "embedding", (m.vocab_size, m.d_model),
+                                  ("vocab", "embed"), 1.0, pdt)
+        x = jnp.take(embedding, inputs_BxL, axis=0).astype(dt)
+        ctx = (segment_ids_BxL, positions_BxL)
+        carry = (x, None)
+        block = _block_cls(m)
+
+        num_dense_prefix = m.num_layers if m.moe_every == 0 else m.first_k_dense
+        if num_dense_prefix:
+            carry, _ = _scan(block, num_dense_prefix)(m, None, name="dense_layers")(carry, ctx)
+        aux, metrics = {}, {}
+        if m.num_moe_layers:
+            if m.moe_every == 1:
+                stack = _scan(block, m.num_moe_layers)(m, self.moe, name="moe_layers")
+            else:
+                stack = _scan(MoEPeriod, m.num_moe_layers)(m, self.moe, name="moe_periods")
+            carry, (aux, metrics) = stack(carry, ctx)
+
+        x = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")(carry[0])
+        if m.tie_embeddings:
+            logits = x @ embedding.astype(dt).T
+        else:
+            head = logical_param(self, "lm_head", (m.d_model, m.vocab_size), ("embed", "vocab"),
+                                 m.init_std, pdt)
+            logits = x @ head.astype(dt)
+        aux_losses = {name: jnp.sum(v) for name, v in aux.items()}
+        aux_loss = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
+        extras = {"aux_loss": aux_loss, "aux_losses": aux_losses, "moe_metrics": metrics}
+        return logits.astype(jnp.float32), extras

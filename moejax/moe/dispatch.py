@@ -1,0 +1,128 @@
+"""Dispatchers: `(x[T, d], Routing, expert_fn) -> (y[T, d], metrics)`, chosen by name.
+
+y_t = sum_j combine_weights[t, j] * Expert_{expert_ids[t, j]}(x_t). Every plan computes this
+same y (up to float error and, for `capacity_einsum` only, dropped assignments):
+
+- `dense_reference`: every expert on every token (`[E, T, d]`), masked by the gate; E/k times
+  the FLOPs. The ground truth the tests compare against.
+- `capacity_einsum`: GShard (Lepikhin et al., 2020) fixed-capacity buffers `[E, C, d]`,
+  C = ceil(capacity_factor * T * k / E), one batched einsum per projection. Assignments are
+  admitted in choice-major order (every token's first choice before any second choice) and
+  the ones past capacity are dropped and counted (`dropped_fraction`). Tokens are moved into
+  the buffers by index gathers rather than GShard's one-hot [T, E, C] einsums, which would
+  need T*E*C memory.
+- `ragged`: dropless. Sort the T*k assignments by expert, grouped matmul over the sorted rows
+  (`moejax.moe.grouped_matmul`), unsort, combine (MegaBlocks, Gale et al., 2022).
+- `auto`: the fastest dropless plan for the platform (`AUTO_PLAN`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moejax.moe.config import MoEConfig
+from moejax.moe.experts import ExpertFn
+from moejax.moe.grouped_matmul import gmm
+from moejax.moe.routing import Routing
+
+Metrics = dict[str, jax.Array]
+
+# platform -> (dispatcher, grouped-matmul impl). CPU measured (experiments/benchmarks/
+# moe_layer.py): the tile-loop grouped matmul runs near dense-matmul speed where ragged_dot is
+# 56-90x slower. TPU lowers ragged_dot natively. GPU: XLA rewrites ragged_dot to a padded
+# dense batched dot, so the tile loop is used until the Pallas kernels land.
+AUTO_PLAN = {
+    "cpu": ("ragged", "tile_loop"),
+    "gpu": ("ragged", "tile_loop"),
+    "tpu": ("ragged", "ragged_dot"),
+}
+
+
+def _combine(y_TxKxD: jax.Array, weights_TxK: jax.Array) -> jax.Array:
+    return jnp.einsum("tkd,tk->td", y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
+
+
+def dense_reference(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
+                    cfg: MoEConfig) -> tuple[jax.Array, Metrics]:
+    t = x.shape[0]
+    gates = jnp.zeros((t, cfg.num_experts), routing.combine_weights.dtype)
+    gates = gates.at[jnp.arange(t)[:, None], routing.expert_ids].add(routing.combine_weights)
+    x_all = jnp.broadcast_to(x[None], (cfg.num_experts,) + x.shape)
+    y_all = expert_fn(x_all, lambda lhs, w: jnp.einsum("etk,ekn->etn", lhs, w))
+    return jnp.einsum("etd,te->td", y_all, gates.astype(y_all.dtype)), {}
+
+
+def capacity(num_tokens: int, cfg: MoEConfig) -> int:
+    return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts))
+
+
+def capacity_einsum(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
+                    cfg: MoEConfig) -> tuple[jax.Array, Metrics]:
+    t, d = x.shape
+    e, k = cfg.num_experts, cfg.top_k
+    c = capacity(t, cfg)
+    ids = routing.expert_ids.T.reshape(-1)  # [k*T], choice-major priority
+    onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32)
+    position = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), ids[:, None], axis=1)[:, 0] - 1
+    keep = position < c
+    slot = jnp.where(keep, ids * c + position, e * c)  # dropped -> a dummy slot past the end
+    # Which assignment fills each buffer slot (k*T = empty, reads a zero row).
+    source = jnp.full((e * c + 1,), k * t, jnp.int32).at[slot].set(jnp.arange(k * t))[:-1]
+    token_of = jnp.concatenate([jnp.tile(jnp.arange(t), k), jnp.array([t])])
+    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
+    buf = x_pad[token_of[source]].reshape(e, c, d)
+    out = expert_fn(buf, lambda lhs, w: jnp.einsum("eck,ekn->ecn", lhs, w))
+    out = jnp.concatenate([out.reshape(e * c, -1), jnp.zeros((1, out.shape[-1]), out.dtype)])
+    y = out[slot].reshape(k, t, -1).transpose(1, 0, 2)
+    weights = routing.combine_weights * keep.reshape(k, t).T
+    real = (routing.combine_weights > 0).T.reshape(-1)
+    dropped = jnp.sum(real & ~keep) / jnp.maximum(jnp.sum(real), 1)
+    return _combine(y, weights), {"dropped_fraction": dropped.astype(jnp.float32)}
+
+
+def sort_plan(expert_ids: jax.Array, num_experts: int):
+    """Assignments sorted by expert: (order[T*k], inverse[T*k], group_sizes[E])."""
+    flat = expert_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, inverse, group_sizes
+
+
+def ragged(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
+           gmm_impl: str | None = None) -> tuple[jax.Array, Metrics]:
+    t, k = routing.expert_ids.shape
+    impl = gmm_impl or resolve_gmm_impl(cfg.gmm_impl)
+    order, inverse, sizes = sort_plan(routing.expert_ids, cfg.num_experts)
+    x_sorted = x[order // k]
+    out = expert_fn(x_sorted, lambda lhs, w: gmm(lhs, w, sizes, impl=impl, tile=cfg.gmm_tile))
+    y = out[inverse].reshape(t, k, -1)
+    return _combine(y, routing.combine_weights), {}
+
+
+def resolve_gmm_impl(name: str) -> str:
+    return AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])[1] if name == "auto" else name
+
+
+def auto(x, routing, expert_fn, cfg):
+    plan, impl = AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])
+    return DISPATCHERS[plan](x, routing, expert_fn, cfg, gmm_impl=impl)
+
+
+DISPATCHERS: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
+    "dense_reference": dense_reference,
+    "capacity_einsum": capacity_einsum,
+    "ragged": ragged,
+    "auto": auto,
+}
+
+
+def dispatch(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
+             cfg: MoEConfig) -> tuple[jax.Array, Metrics]:
+    """Runs the dispatcher named by `cfg.dispatcher`; every plan reports `dropped_fraction`."""
+    y, metrics = DISPATCHERS[cfg.dispatcher](x, routing, expert_fn, cfg)
+    metrics.setdefault("dropped_fraction", jnp.zeros((), jnp.float32))
+    return y, metrics

@@ -1,0 +1,170 @@
+"""Grouped matrix multiplication for dropless expert dispatch, in pure XLA.
+
+`gmm(lhs[M, K], rhs[G, K, N], group_sizes[G])`: the rows of `lhs` are sorted by group;
+rows `[s_g, s_g + n_g)` are multiplied by `rhs[g]`. Rows past `sum(group_sizes)` give zeros.
+`tgmm(lhs[M, K], grad[M, N], group_sizes) -> [G, K, N]` is the weight gradient:
+`out[g] = lhs[rows of g].T @ grad[rows of g]`. This is the MegaBlocks formulation
+(Gale et al., 2022, "MegaBlocks: Efficient Sparse Training with Mixture-of-Experts") of an
+MoE layer as block-sparse products, with no token dropped.
+
+Two implementations, chosen by name:
+
+- ``"tile_loop"``: a `lax.fori_loop` over row tiles of `tile` rows. Each group is cut into
+    `ceil(n_g / tile)` tiles; tile `t` takes the `tile` rows starting at its first row and
+    multiplies them by `rhs[g_t]` (one dense `[tile, K] @ [K, N]` matmul). Tiles run in row
+    order and each writes its whole window, so rows that belong to the next tile are
+    overwritten by it later; no masking is needed in the forward. Measured on a 2-core CPU
+    (jax 0.10.2, f32, 49152x512 @ 64 x 512x256): as fast as one dense matmul over the same rows,
+    while `lax.ragged_dot` is 56-90x slower and a batched matmul over 128-row blocks with
+    gathered weights is 2.3x slower (see `experiments/benchmarks/moe_layer.py`).
+    The loop has a data-dependent trip count, so reverse-mode differentiation goes through a
+    `custom_vjp`: `d lhs = gmm(grad, rhs^T)`, `d rhs = tgmm(lhs, grad)`.
+- ``"ragged_dot"``: `jax.lax.ragged_dot`, which XLA lowers natively on TPU.
+
+Shapes: M rows (tokens x top-k, sorted by expert), K input features, N output features,
+G groups (experts). `group_sizes` is int32 and sums to at most M.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("tile_loop", "ragged_dot")
+DEFAULT_TILE = 256
+
+
+class TilePlan(NamedTuple):
+    """Row tiles covering each group; arrays are padded to the static maximum tile count.
+
+    group[t]: the group of tile t; start[t]: its first row; rows[t]: its valid rows (<= tile);
+    count: how many tiles are real (the rest are padding and never executed).
+    """
+    group: jax.Array
+    start: jax.Array
+    rows: jax.Array
+    count: jax.Array
+
+
+def max_tiles(m: int, num_groups: int, tile: int) -> int:
+    """Static upper bound on sum_g ceil(n_g / tile) given sum_g n_g <= m."""
+    return m // tile + num_groups + 1
+
+
+def make_tile_plan(group_sizes: jax.Array, m: int, tile: int) -> TilePlan:
+    """Cuts every group into row tiles; O(G + tiles) integer work, no matmuls."""
+    group_sizes = group_sizes.astype(jnp.int32)
+    num_groups = group_sizes.shape[0]
+    n_max = max_tiles(m, num_groups, tile)
+    tiles_per_group = (group_sizes + tile - 1) // tile
+    tile_ends = jnp.cumsum(tiles_per_group)
+    tile_starts = tile_ends - tiles_per_group
+    row_starts = jnp.cumsum(group_sizes) - group_sizes
+    t = jnp.arange(n_max, dtype=jnp.int32)
+    group = jnp.searchsorted(tile_ends, t, side="right").astype(jnp.int32)
+    group = jnp.minimum(group, num_groups - 1)
+    j = t - tile_starts[group]
+    start = row_starts[group] + j * tile
+    rows = jnp.clip(group_sizes[group] - j * tile, 0, tile)
+    return TilePlan(group=group, start=start, rows=rows, count=tile_ends[-1])
+
+
+def _pad_rows(x: jax.Array, tile: int) -> jax.Array:
+    # Windows may run up to `tile` rows past the last valid row; padding keeps every
+    # dynamic_slice in bounds (XLA would otherwise clamp the start and shift the window).
+    return jnp.pad(x, ((0, tile), (0, 0)))
+
+
+def _gmm_loop(lhs, rhs, group_sizes, tile, out_dtype):
+    m = lhs.shape[0]
+    n = rhs.shape[2]
+    plan = make_tile_plan(group_sizes, m, tile)
+    lhs_p = _pad_rows(lhs, tile)
+
+    def body(t, out):
+        start = plan.start[t]
+        x = jax.lax.dynamic_slice_in_dim(lhs_p, start, tile, axis=0)
+        w = jax.lax.dynamic_index_in_dim(rhs, plan.group[t], axis=0, keepdims=False)
+        y = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, y, start, axis=0)
+
+    out = jnp.zeros((m + tile, n), out_dtype)
+    out = jax.lax.fori_loop(0, plan.count, body, out)
+    valid = jnp.arange(m) < jnp.sum(group_sizes)
+    return jnp.where(valid[:, None], out[:m], jnp.zeros((), out_dtype))
+
+
+def _tgmm_loop(lhs, grad, group_sizes, tile, out_dtype):
+    m, k = lhs.shape
+    n = grad.shape[1]
+    num_groups = group_sizes.shape[0]
+    plan = make_tile_plan(group_sizes, m, tile)
+    lhs_p = _pad_rows(lhs, tile)
+    grad_p = _pad_rows(grad, tile)
+    row_ids = jnp.arange(tile)
+
+    def body(t, acc):
+        start, g = plan.start[t], plan.group[t]
+        x = jax.lax.dynamic_slice_in_dim(lhs_p, start, tile, axis=0)
+        dy = jax.lax.dynamic_slice_in_dim(grad_p, start, tile, axis=0)
+        dy = jnp.where((row_ids < plan.rows[t])[:, None], dy, jnp.zeros((), dy.dtype))
+        contrib = jnp.dot(x.T, dy, preferred_element_type=jnp.float32)
+        cur = jax.lax.dynamic_index_in_dim(acc, g, axis=0, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(acc, cur + contrib[None], g, axis=0)
+
+    acc = jnp.zeros((num_groups, k, n), jnp.float32)
+    acc = jax.lax.fori_loop(0, plan.count, body, acc)
+    return acc.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm_tile_loop(lhs, rhs, group_sizes, tile):
+    return _gmm_loop(lhs, rhs, group_sizes, tile, jnp.result_type(lhs, rhs))
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, tile):
+    return _gmm_tile_loop(lhs, rhs, group_sizes, tile), (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(tile, res, grad):
+    lhs, rhs, group_sizes = res
+    d_lhs = _gmm_loop(grad, jnp.swapaxes(rhs, 1, 2), group_sizes, tile, lhs.dtype)
+    d_rhs = _tgmm_loop(lhs, grad, group_sizes, tile, rhs.dtype)
+    return d_lhs, d_rhs, None
+
+
+_gmm_tile_loop.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+                impl: str = "tile_loop", tile: int = DEFAULT_TILE) -> jax.Array:
+    """Grouped matmul `[M, K] x [G, K, N] -> [M, N]`; see the module docstring."""
+    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(
+            f"gmm expects lhs [M, K] and rhs [G, K, N]; got {lhs.shape} and {rhs.shape}")
+    if group_sizes.shape != (rhs.shape[0],):
+        raise ValueError(
+            f"group_sizes must have shape [G]={rhs.shape[:1]}, got {group_sizes.shape}")
+    group_sizes = group_sizes.astype(jnp.int32)
+    if impl == "tile_loop":
+        return _gmm_tile_loop(lhs, rhs, group_sizes, tile)
+    if impl == "ragged_dot":
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+    raise ValueError(f"unknown grouped-matmul impl {impl!r}; choose one of {IMPLS}")
+
+
+def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
+                  tile: int = DEFAULT_TILE) -> jax.Array:
+    """Per-group `lhs.T @ grad` -> `[G, K, N]` (the weight gradient of `gmm`)."""
+    return _tgmm_loop(lhs, grad, group_sizes.astype(jnp.int32), tile, jnp.result_type(lhs, grad))
+
+
+def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Dense reference: every row against its group's matrix via a one-hot mask."""
+    m = lhs.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    row_group = jnp.searchsorted(ends, jnp.arange(m), side="right")
+    onehot = jax.nn.one_hot(row_group, rhs.shape[0], dtype=lhs.dtype)  # zero past the end
+    return jnp.einsum("mk,gkn,mg->mn", lhs, rhs, onehot)

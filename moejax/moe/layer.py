@@ -1,0 +1,44 @@
+"""`MoELayer` = router + dispatcher + routed experts (+ DeepSeekMoE shared experts).
+
+y = sum_{j<k} g_{t,j} E_{e_{t,j}}(x_t) + SharedMLP(x_t)   (DeepSeekMoE, Dai et al., 2024, eq. 9)
+
+Input `x[B, L, d]` is flattened to T = B*L tokens for routing and dispatch. Returns the layer
+output, the router state for the next MoE layer, the weighted aux losses and the metrics.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from moejax.models.config import ModelConfig
+from moejax.models.layers import DenseMLP
+from moejax.moe.config import MoEConfig
+from moejax.moe.dispatch import dispatch
+from moejax.moe.experts import RoutedExperts
+from moejax.moe.routers import ROUTERS
+
+
+class MoELayer(nn.Module):
+    cfg: MoEConfig
+    model: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, router_state: Any = None,
+                 mask_BxL: jax.Array | None = None):
+        cfg, m = self.cfg, self.model
+        b, length, d = x_BxLxD.shape
+        x = x_BxLxD.reshape(b * length, d)
+        mask = None if mask_BxL is None else mask_BxL.reshape(b * length)
+        out_std = m.init_std / (2 * m.num_layers) ** 0.5
+        routing = ROUTERS[cfg.router](cfg, init_std=m.init_std, param_dtype=m.param_dtype,
+                                      name="router")(x, router_state, mask)
+        expert_fn = RoutedExperts(cfg.num_experts, d, cfg.d_expert, m.init_std, out_std,
+                                  m.dtype, m.param_dtype, name="experts")()
+        y, dispatch_metrics = dispatch(x, routing, expert_fn, cfg)
+        if cfg.n_shared:
+            y = y + DenseMLP(cfg.n_shared * cfg.d_expert, m.init_std, out_std, m.dtype,
+                             m.param_dtype, name="shared")(x)
+        metrics = {**routing.metrics, **dispatch_metrics}
+        return y.reshape(b, length, d), routing.state, routing.aux_losses, metrics

@@ -1,0 +1,23 @@
+"""`Routing`: what a router decides for a flat batch of T tokens, as a pytree."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class Routing:
+    """Top-k routing decision for T tokens.
+
+    expert_ids: int32[T, k]; combine_weights: [T, k] (zero weight = slot unused, e.g. top-p
+    padding); aux_losses: name -> scalar already multiplied by its coefficient, summed into
+    the training loss; metrics: name -> array, logged; state: the router's recurrent state
+    carried to the next MoE layer (None for stateless routers).
+    """
+    expert_ids: jax.Array
+    combine_weights: jax.Array
+    aux_losses: dict[str, jax.Array]
+    metrics: dict[str, jax.Array]
+    state: Any = None

@@ -1,0 +1,37 @@
+"""moejax: sparse Mixture-of-Experts language models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.7.0",
+    "flax>=0.11.0",  # Linen API
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11.0",
+    "ml-collections>=1.0.0",
+    "absl-py>=2.1.0",
+    "numpy>=1.26",
+    # Offline corpus: a GeneratorBasedBuilder written as array_record and read through
+    # `as_data_source()`; neither needs TensorFlow.
+    "tensorflow-datasets>=4.9.6",
+    "array-record>=0.5.1",
+    "etils[epath,epy]>=1.7.0",
+    "tensorboardX>=2.6.2",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    "gpu": ["jax[cuda12]>=0.7.0", "jax-triton>=0.3.0"],
+    # torch pinned: 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+    "hf": ["torch==2.13.0", "transformers>=4.48", "peft>=0.14", "safetensors>=0.4"],
+    "notebook": ["jupyter>=1.0", "matplotlib>=3.8", "pandas>=2.1"],
+}
+
+setup(
+    name="moejax",
+    version="0.1.0",
+    description="Sparse Mixture-of-Experts language models in JAX/Flax",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moejax", "moejax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

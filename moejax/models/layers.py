@@ -72,9 +72,10 @@ class DenseMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         pdt, dt = dtype_of(self.param_dtype), dtype_of(self.dtype)
-        w_gate = logical_param(self, "w_gate", (d, self.width), ("embed", "mlp"), self.init_std, pdt)
-        w_up = logical_param(self, "w_up", (d, self.width), ("embed", "mlp"), self.init_std, pdt)
-        w_down = logical_param(self, "w_down", (self.width, d), ("mlp", "embed"), self.out_std, pdt)
+        std, out_std, f = self.init_std, self.out_std, self.width
+        w_gate = logical_param(self, "w_gate", (d, f), ("embed", "mlp"), std, pdt)
+        w_up = logical_param(self, "w_up", (d, f), ("embed", "mlp"), std, pdt)
+        w_down = logical_param(self, "w_down", (f, d), ("mlp", "embed"), out_std, pdt)
         x = x.astype(dt)
         h = nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
         return h @ w_down.astype(dt)

@@ -32,6 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.reference import gmm_reference, tgmm_reference  # noqa: F401 (re-export)
+
 IMPLS = ("tile_loop", "ragged_dot")
 DEFAULT_TILE = 256
 
@@ -159,12 +161,3 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
                   tile: int = DEFAULT_TILE) -> jax.Array:
     """Per-group `lhs.T @ grad` -> `[G, K, N]` (the weight gradient of `gmm`)."""
     return _tgmm_loop(lhs, grad, group_sizes.astype(jnp.int32), tile, jnp.result_type(lhs, grad))
-
-
-def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Dense reference: every row against its group's matrix via a one-hot mask."""
-    m = lhs.shape[0]
-    ends = jnp.cumsum(group_sizes)
-    row_group = jnp.searchsorted(ends, jnp.arange(m), side="right")
-    onehot = jax.nn.one_hot(row_group, rhs.shape[0], dtype=lhs.dtype)  # zero past the end
-    return jnp.einsum("mk,gkn,mg->mn", lhs, rhs, onehot)

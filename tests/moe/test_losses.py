@@ -3,8 +3,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.moe.losses import (coefficient_of_variation, expert_load, router_entropy,
-                               router_z_loss, routing_metrics, switch_balance_loss)
+from moejax.moe.losses import (
+    coefficient_of_variation,
+    expert_load,
+    router_entropy,
+    router_z_loss,
+    routing_metrics,
+    switch_balance_loss,
+)
 
 PROBS = jnp.array([[0.7, 0.2, 0.1],
                    [0.1, 0.6, 0.3],

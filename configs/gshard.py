@@ -1,0 +1,47 @@
+"""GShard-style MoE: top-2 of 8 experts, softmax gate, Switch balance loss.
+
+Lepikhin et al., 2020, "GShard: Scaling Giant Models with Conditional Computation and
+Automatic Sharding" (arXiv 2006.16668); every layer's FFN is MoE. Dispatch is dropless by
+default (`moe.dispatcher=auto`); GShard's fixed capacity is `--config.moe.dispatcher=
+capacity_einsum --config.moe.capacity_factor=1.25`, which reports the dropped fraction.
+
+Tiny CPU run:
+    python -m moejax.train --config=configs/gshard.py --workdir=runs/gshard
+Pod run (d 1024, 24 layers, 8 experts of 4096):
+    python -m moejax.train --config=configs/gshard.py:size=pod --workdir=gs://.../gshard
+
+The tiny size has 2 x 320 = 640 active FFN width, as dense.py and deepseekmoe.py.
+Sweep: `sweep_capacity`; compare `eval/loss` and `train/moe/dropped_fraction`.
+"""
+from moejax.config.args import parse_arg
+from moejax.config.base import default_config
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, size="tiny", steps=0)  # steps=0: the size's default
+    c = default_config()
+    c.train.steps = arg.steps or {"tiny": 300, "pod": 100_000}.get(arg.size, 0)
+    if arg.size == "tiny":
+        c.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=640)
+        c.moe.update(num_experts=8, top_k=2, d_expert=320, renormalize=True,
+                     balance_coef=0.01, z_loss_coef=1e-3, gmm_tile=128)
+        c.data.update(seq_len=256, global_batch_size=16)
+        c.train.update(learning_rate=3e-3, warmup_steps=min(30, c.train.steps), eval_every=100,
+                       eval_batches=8, checkpoint_every=100, log_every=10)
+    elif arg.size == "pod":
+        c.model.update(vocab_size=32768, d_model=1024, num_layers=24, num_heads=16,
+                       num_kv_heads=16, d_ff=4096, dtype="bfloat16", remat="dots")
+        c.moe.update(num_experts=8, top_k=2, d_expert=4096)
+        c.data.update(seq_len=2048, global_batch_size=1024)
+        c.train.update(learning_rate=3e-4, warmup_steps=2000, eval_every=1000,
+                       eval_batches=64, checkpoint_every=1000)
+        c.mesh.update(data=-1, expert=8)
+    else:
+        raise ValueError(f"size={arg.size!r}: choose tiny or pod")
+    return c
+
+
+def sweep_capacity(add):
+    for cf in (1.0, 1.25, 2.0):
+        add(**{"moe.dispatcher": "capacity_einsum", "moe.capacity_factor": cf})
+    add(**{"moe.dispatcher": "ragged"})

@@ -1,0 +1,157 @@
+"""`validate(config)`: the one place a config is checked, before anything is compiled.
+
+Returns the frozen section dataclasses (`Sections`); raises `ConfigError` with one message
+that names the offending field, its value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from moejax.config.base import SECTIONS
+from moejax.config.sections import ConfigError
+from moejax.data.config import DataConfig
+from moejax.models.config import DTYPES, REMAT_POLICIES, ModelConfig
+from moejax.moe.config import MoEConfig
+from moejax.moe.dispatch import DISPATCHERS
+from moejax.moe.grouped_matmul import IMPLS
+from moejax.moe.routers import ROUTERS
+from moejax.sharding.config import MeshConfig
+from moejax.sharding.mesh import resolve_mesh_shape
+from moejax.train.config import TrainConfig
+
+BYTE_VOCAB = 259  # moejax.data.tokenizer.ByteTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Sections:
+    model: ModelConfig
+    moe: MoEConfig
+    data: DataConfig
+    train: TrainConfig
+    mesh: MeshConfig
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_model(m: ModelConfig) -> None:
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
+        _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive.")
+    _require(m.head_dim > 0 or m.d_model % m.num_heads == 0,
+             f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+             f"change one of them or set model.head_dim explicitly.")
+    _require(m.num_heads % m.num_kv_heads == 0,
+             f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads="
+             f"{m.num_kv_heads} (grouped-query attention shares each kv head by a whole group).")
+    _require(m.resolved_head_dim % 2 == 0,
+             f"head dim {m.resolved_head_dim} must be even for rotary embeddings; "
+             f"set model.head_dim to an even number.")
+    _require(0 <= m.first_k_dense <= m.num_layers,
+             f"model.first_k_dense={m.first_k_dense} must be in [0, model.num_layers="
+             f"{m.num_layers}].")
+    _require(m.moe_every >= 0, f"model.moe_every={m.moe_every} must be >= 0 (0 = no MoE).")
+    if m.moe_every:
+        rest = m.num_layers - m.first_k_dense
+        _require(rest % m.moe_every == 0,
+                 f"model.num_layers - model.first_k_dense = {rest} layers must be a multiple of "
+                 f"model.moe_every={m.moe_every} (each period ends with one MoE layer); "
+                 f"change num_layers, first_k_dense or moe_every.")
+    _require(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {DTYPES}.")
+    _require(m.param_dtype in DTYPES,
+             f"model.param_dtype={m.param_dtype!r} must be one of {DTYPES}.")
+    _require(m.remat in REMAT_POLICIES,
+             f"model.remat={m.remat!r} must be one of {REMAT_POLICIES}.")
+
+
+def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
+    if m.num_moe_layers == 0:
+        return
+    _require(moe.num_experts >= 1, f"moe.num_experts={moe.num_experts} must be >= 1.")
+    _require(1 <= moe.top_k <= moe.num_experts,
+             f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}; "
+             f"lower top_k or add experts.")
+    _require(moe.d_expert > 0, f"moe.d_expert={moe.d_expert} must be positive.")
+    _require(moe.n_shared >= 0, f"moe.n_shared={moe.n_shared} must be >= 0.")
+    _require(moe.router in ROUTERS,
+             f"moe.router={moe.router!r} is not a registered router; choose one of "
+             f"{sorted(ROUTERS)}.")
+    _require(moe.dispatcher in DISPATCHERS,
+             f"moe.dispatcher={moe.dispatcher!r} is unknown; choose one of {sorted(DISPATCHERS)}.")
+    _require(moe.gmm_impl in IMPLS + ("auto",),
+             f"moe.gmm_impl={moe.gmm_impl!r} must be one of {('auto',) + IMPLS}.")
+    _require(moe.gmm_tile > 0, f"moe.gmm_tile={moe.gmm_tile} must be positive.")
+    _require(moe.capacity_factor > 0,
+             f"moe.capacity_factor={moe.capacity_factor} must be > 0 (1.0 = exactly the "
+             f"balanced load; GShard uses 1.25-2.0).")
+    _require(moe.balance_coef >= 0 and moe.z_loss_coef >= 0,
+             "moe.balance_coef and moe.z_loss_coef must be >= 0.")
+
+
+def _check_train(t: TrainConfig) -> None:
+    _require(t.steps > 0, f"train.steps={t.steps} must be positive.")
+    _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be positive.")
+    _require(0 <= t.warmup_steps <= t.steps,
+             f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}].")
+    _require(0 <= t.min_lr_ratio <= 1,
+             f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1].")
+    _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1.")
+    _require(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1.")
+    _require(t.checkpoint_every >= 1,
+             f"train.checkpoint_every={t.checkpoint_every} must be >= 1.")
+    _require(t.keep_checkpoints >= 1,
+             f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1.")
+    _require(t.eval_every >= 0 and t.eval_batches >= 0,
+             "train.eval_every and train.eval_batches must be >= 0.")
+
+
+def _check_batching(d: DataConfig, t: TrainConfig, mesh: MeshConfig, num_devices: int,
+                    num_processes: int) -> None:
+    sizes = resolve_mesh_shape(mesh, num_devices)
+    per_step = d.global_batch_size
+    _require(per_step % t.grad_accum == 0,
+             f"data.global_batch_size={per_step} is not divisible by train.grad_accum="
+             f"{t.grad_accum}; make the batch a multiple of the number of micro-batches.")
+    micro = per_step // t.grad_accum
+    dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    _require(micro % dp == 0,
+             f"the micro-batch of {micro} rows (data.global_batch_size / train.grad_accum) must "
+             f"divide over the {dp} data-parallel devices (mesh.data*mesh.fsdp*mesh.expert); "
+             f"change data.global_batch_size or the mesh.")
+    _require(per_step % num_processes == 0,
+             f"data.global_batch_size={per_step} must divide over {num_processes} processes.")
+
+
+def validate(config, *, num_devices: int | None = None,
+             num_processes: int | None = None) -> Sections:
+    """Checks the whole tree; `num_devices` defaults to `jax.device_count()`."""
+    missing = [s for s in SECTIONS if s not in config]
+    _require(not missing, f"config is missing section(s) {missing}; start from "
+             f"moejax.config.default_config() or configs/common.py.")
+    unknown = [s for s in config.keys() if s not in SECTIONS]
+    _require(not unknown, f"config has unknown section(s) {unknown}; valid sections are "
+             f"{list(SECTIONS)}.")
+    try:
+        built = {name: cls.from_mapping(config[name]) for name, cls in SECTIONS.items()}
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    s = Sections(**built)
+    _check_model(s.model)
+    _check_moe(s.moe, s.model)
+    _check_train(s.train)
+    _require(s.data.dataset != "moejax_corpus" or s.model.vocab_size >= BYTE_VOCAB,
+             f"model.vocab_size={s.model.vocab_size} is smaller than the byte tokenizer's "
+             f"{BYTE_VOCAB} ids; set model.vocab_size >= {BYTE_VOCAB}.")
+    if num_devices is None or num_processes is None:
+        import jax
+        num_devices = jax.device_count() if num_devices is None else num_devices
+        num_processes = jax.process_count() if num_processes is None else num_processes
+    if s.model.num_moe_layers:
+        sizes = resolve_mesh_shape(s.mesh, num_devices)
+        _require(s.moe.num_experts % sizes["expert"] == 0,
+                 f"moe.num_experts={s.moe.num_experts} is not divisible by mesh.expert="
+                 f"{sizes['expert']}; each expert-parallel device must own a whole number of "
+                 f"experts.")
+    _check_batching(s.data, s.train, s.mesh, num_devices, num_processes)
+    return s

@@ -1,0 +1,53 @@
+"""Parameter counts (total and active per token) and training FLOPs per token.
+
+Active parameters count, in each MoE layer, only the `top_k` routed experts a token uses
+(plus shared experts, router and everything outside the FFN). Training FLOPs per token use
+the PaLM estimate (Chowdhery et al., 2022, appendix B): 6 * N_active (forward + backward of
+every matmul weight, embeddings lookups excluded) + 12 * L * H * Q * S for attention scores
+and values (H heads of size Q over a context of S tokens; causal masking not discounted).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from moejax.models.config import ModelConfig
+from moejax.moe.config import MoEConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    active: int  # per token
+    embedding: int  # the input embedding table (a lookup, no FLOPs)
+    routed_expert: int  # one routed expert of one layer
+
+    @property
+    def active_matmul(self) -> int:
+        return self.active - self.embedding
+
+
+def count_params(model: ModelConfig, moe: MoEConfig) -> ParamCounts:
+    d, hd = model.d_model, model.resolved_head_dim
+    attn = d * hd * (2 * model.num_heads + 2 * model.num_kv_heads)
+    norms = 2 * d
+    dense_ffn = 3 * d * model.d_ff
+    expert = 3 * d * moe.d_expert
+    shared = 3 * d * moe.n_shared * moe.d_expert
+    router = d * moe.num_experts
+    n_moe = model.num_moe_layers
+    n_dense = model.num_layers - n_moe
+    embedding = model.vocab_size * d
+    head = 0 if model.tie_embeddings else d * model.vocab_size
+    common = embedding + head + d + model.num_layers * (attn + norms) + n_dense * dense_ffn
+    moe_fixed = n_moe * (shared + router)
+    total = common + moe_fixed + n_moe * moe.num_experts * expert
+    active = common + moe_fixed + n_moe * moe.top_k * expert
+    if model.tie_embeddings:  # the tied table is also the output projection
+        embedding = 0
+    return ParamCounts(total=total, active=active, embedding=embedding, routed_expert=expert)
+
+
+def train_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int) -> float:
+    counts = count_params(model, moe)
+    attention = 12 * model.num_layers * model.num_heads * model.resolved_head_dim * seq_len
+    return 6.0 * counts.active_matmul + attention

@@ -1,0 +1,40 @@
+"""`MeshConfig`: the `config.mesh` section (mesh shape and logical-axis rules)."""
+from __future__ import annotations
+
+import dataclasses
+
+from moejax.config.sections import section_from_mapping
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# Logical axis name -> mesh axis (or axes, or None = replicated). Model code names only the
+# logical axes; these rules decide the layout. `layers` is the scan axis of stacked blocks.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("expert", "expert"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh over (data, fsdp, expert, tensor); one size may be -1 ("the rest")."""
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    rules: tuple = DEFAULT_RULES
+
+    @classmethod
+    def from_mapping(cls, mapping) -> "MeshConfig":
+        return section_from_mapping(cls, mapping, "mesh")
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in MESH_AXES}

@@ -1,0 +1,73 @@
+"""From logical axis names to `NamedSharding`s: one function for every pytree we place.
+
+Parameters are created boxed in `nn.Partitioned` with logical names; `logical_shardings`
+maps an abstract (eval_shape) boxed tree through the config's rules to shardings, as in
+flax's examples/lm1b. Optimizer states built from boxed params carry the same boxes, so the
+same call places them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moejax.sharding.config import MESH_AXES
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
+    specs = nn.get_partition_spec(abstract_boxed)
+    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """Mesh axes the batch dimension is split over: every axis but `tensor`."""
+    return tuple(a for a in MESH_AXES if a != "tensor" and mesh.shape[a] > 1) or (MESH_AXES[0],)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    n = 1
+    for a in batch_axes(mesh):
+        n *= mesh.shape[a]
+    return n
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Process-local NumPy batch -> global jax.Arrays split over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def check_divisible(abstract_boxed: Any, mesh: Mesh, rules) -> None:
+    """Every sharded dimension must divide by its mesh axes; one clear error otherwise.
+
+    Called on the abstract (eval_shape) state, so it fails before anything is compiled.
+    """
+    from moejax.config.sections import ConfigError
+
+    specs = logical_shardings(abstract_boxed, mesh, rules)
+    leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_boxed))
+    for (path, leaf), sharding in zip(leaves, jax.tree.leaves(specs)):
+        for dim, axes in zip(leaf.shape, sharding.spec):
+            if axes is None:
+                continue
+            names = (axes,) if isinstance(axes, str) else tuple(axes)
+            size = 1
+            for a in names:
+                size *= mesh.shape[a]
+            if dim % size:
+                where = jax.tree_util.keystr(path)
+                raise ConfigError(
+                    f"parameter {where} has a dimension of {dim} that the mesh axes {names} "
+                    f"(size {size}) do not divide; change the mesh sizes (config.mesh), the "
+                    f"model size, or map that logical axis to None in config.mesh.rules.")

@@ -1,0 +1,360 @@
+"""Checkpoints of the train state, the data iterator and run metadata, via orbax.
+
+One step directory holds three items, written together by one
+`orbax.checkpoint.CheckpointManager`:
+
+    {workdir}/checkpoints/{step}/
+        state/  the train state pytree (StandardSave: params, optimizer state, counters)
+        data/   the data iterator state, a small JSON dict, so a resumed run sees the same
+                batches it would have seen
+        extra/  JSON metadata, e.g. the config as a dict, so a checkpoint says what wrote it
+
+`data/` and `extra/` are only written when given. `{step}` is the number of updates
+already applied, so a run resumed from step `s` continues with update `s + 1`.
+
+Restoring takes a `target`: a pytree with the same structure as the saved state whose
+leaves are `jax.ShapeDtypeStruct`s with `.sharding` set (or concrete arrays, whose
+sharding is used). Orbax reads each shard straight into that layout, so a checkpoint
+written on one mesh restores onto another mesh, or onto one device. A target dtype that
+differs from the saved one is a cast, not an error (e.g. restoring f32 weights as bf16).
+
+Saves are asynchronous by default: `save` returns once the arrays are copied off the
+accelerator, and the files are written by a background thread. Call `wait()` before
+reading the files from another process, and `close()` at the end of training.
+
+Errors are `CheckpointError`s that name the directory and the fix. They are raised
+before anything is written, and nothing here deletes or overwrites a checkpoint except
+the `keep` policy removing the oldest steps after a successful save.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy, save_decision_policy
+
+PyTree = Any
+
+_STATE, _DATA, _EXTRA = "state", "data", "extra"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not match the restore target."""
+
+
+class Checkpointer:
+    """Saves and restores train state under `{workdir}/checkpoints/{step}`.
+
+    Args:
+        workdir: the run directory; checkpoints go to its `checkpoints/` subdirectory,
+            which is created on the first save (restoring never creates it).
+        keep: how many of the most recent steps to keep; older ones are deleted after
+            each successful save.
+        save_every: `save(step, ...)` writes only when `step % save_every == 0` (or when
+            JAX reports a preemption sync point on a multi-host job), unless `force=True`.
+        async_save: write files in a background thread (see the module docstring).
+
+    All processes of a multi-host job must make the same calls; orbax decides which
+    process writes which file.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        keep: int = 3,
+        save_every: int = 1000,
+        async_save: bool = True,
+    ):
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"Checkpointer(keep={keep!r}): keep must be an int >= 1.")
+        if not isinstance(save_every, int) or save_every < 1:
+            raise ValueError(
+                f"Checkpointer(save_every={save_every!r}): save_every must be an int >= 1."
+            )
+        self.directory = os.path.join(os.fspath(workdir), "checkpoints")
+        self.keep = keep
+        self.save_every = save_every
+        self.async_save = async_save
+        registry = ocp.handlers.create_default_handler_registry(
+            **{
+                _STATE: ocp.handlers.StandardCheckpointHandler(),
+                _DATA: ocp.handlers.JsonCheckpointHandler(),
+                _EXTRA: ocp.handlers.JsonCheckpointHandler(),
+            }
+        )
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=save_decision_policy.AnySavePolicy(
+                [
+                    save_decision_policy.FixedIntervalPolicy(save_every),
+                    save_decision_policy.PreemptionCheckpointingPolicy(),
+                ]
+            ),
+            preservation_policy=preservation_policy.LatestN(keep),
+            enable_async_checkpointing=async_save,
+            create=False,  # The first save creates it; a failed restore leaves no trace.
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, handler_registry=registry
+        )
+        self._pending_step: int | None = None  # Async save not yet confirmed on disk.
+
+    # --- Queries -----------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Steps with a checkpoint (including one still being written), ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None when there is no checkpoint."""
+        return self._manager.latest_step()
+
+    def step_dir(self, step: int) -> str:
+        """The directory of one step's checkpoint."""
+        return os.path.join(self.directory, str(step))
+
+    # --- Save --------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        *,
+        data_state: dict | None = None,
+        extra: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves `state` (and the JSON dicts `data_state`, `extra`) as step `step`.
+
+        Returns whether a checkpoint was written. Without `force`, steps that are not a
+        multiple of `save_every`, and steps not newer than the latest checkpoint (e.g.
+        after restoring an older step with `restore(step=...)`), are skipped.
+        `force=True` saves any step newer than the latest one; it never overwrites.
+        """
+        step = int(step)
+        payload = {_STATE: ocp.args.StandardSave(state)}
+        if data_state is not None:
+            payload[_DATA] = ocp.args.JsonSave(_as_json(data_state, "data_state"))
+        if extra is not None:
+            payload[_EXTRA] = ocp.args.JsonSave(_as_json(extra, "extra"))
+
+        if not force and not self._manager.should_save(step):
+            return False
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            what = "already exists" if step == latest else f"is older than step {latest}"
+            raise CheckpointError(
+                f"Refusing to save step {step} to {self.directory}: a checkpoint for it "
+                f"{what}, and saving there would overwrite or interleave runs. Resume with "
+                f"restore() and save newer steps, or use a fresh workdir."
+            )
+        self.wait()  # Surfaces a failed previous async save before starting this one.
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**payload), force=True)
+        except Exception as e:
+            raise CheckpointError(self._save_failed_message(step, e)) from e
+        if self.async_save:
+            self._pending_step = step
+        return True
+
+    def wait(self) -> None:
+        """Blocks until async saves are on disk; raises if the last one failed."""
+        step, self._pending_step = self._pending_step, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # Orbax re-raises the background thread's error here.
+            raise CheckpointError(self._save_failed_message(step, e)) from e
+        # A committed step has its final directory name (orbax writes to a temporary
+        # one and renames it last); check it rather than trust that no error means done.
+        if step is not None and not os.path.isdir(self.step_dir(step)):
+            raise CheckpointError(
+                self._save_failed_message(step, f"{self.step_dir(step)} does not exist")
+            )
+
+    def _save_failed_message(self, step: int | None, cause: Any) -> str:
+        return (
+            f"Saving step {step} to {self.directory} failed ({_describe(cause)}). Earlier "
+            f"checkpoints are untouched; check that the directory is writable and has free "
+            f"space, then save again."
+        )
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- Restore -----------------------------------------------------------------------
+
+    def restore(
+        self, step: int | None = None, *, target: PyTree
+    ) -> tuple[PyTree, dict | None, dict | None]:
+        """Restores step `step` (default: the latest) onto the layout of `target`.
+
+        Returns `(state, data_state, extra)`; `data_state` and `extra` are None when that
+        checkpoint was saved without them.
+        """
+        self.wait()
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(
+                f"No checkpoint found in {self.directory}. Check that workdir points at the "
+                f"run you want to resume, or start fresh (restore_or_init does this for you)."
+            )
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(
+                f"No checkpoint for step {step} in {self.directory}; available steps: "
+                f"{steps}. Pass one of those as restore(step=...)."
+            )
+        step_dir = self.step_dir(step)
+
+        try:
+            metadata = self._manager.item_metadata(step)
+        except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
+            raise CheckpointError(_unreadable_message(step_dir, step, steps, e)) from e
+        items = set(metadata.keys())
+        if _STATE not in items:
+            raise CheckpointError(
+                _unreadable_message(step_dir, step, steps, "it has no 'state' item")
+            )
+        abstract = jax.tree.map(_abstract_leaf, target)
+        if metadata[_STATE] is not None:  # None when the tree metadata file is missing.
+            _check_matches(abstract, metadata[_STATE].tree, step_dir)
+
+        args = {_STATE: ocp.args.StandardRestore(abstract)}
+        for name in (_DATA, _EXTRA):
+            if name in items:
+                args[name] = ocp.args.JsonRestore()
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:
+            raise CheckpointError(_unreadable_message(step_dir, step, steps, e)) from e
+        return (
+            restored[_STATE],
+            restored[_DATA] if _DATA in args else None,
+            restored[_EXTRA] if _EXTRA in args else None,
+        )
+
+    def restore_or_init(
+        self, init_fn: Callable[[], PyTree], target: PyTree
+    ) -> tuple[PyTree, dict | None, int]:
+        """Resumes from the latest checkpoint, or calls `init_fn()` when there is none.
+
+        Returns `(state, data_state, start_step)`: `start_step` is the restored step (the
+        number of updates already applied), or 0 with `data_state=None` for a fresh run.
+        A damaged latest checkpoint raises rather than silently starting over.
+        """
+        step = self.latest_step()
+        if step is None:
+            return init_fn(), None, 0
+        state, data_state, _ = self.restore(step, target=target)
+        return state, data_state, step
+
+
+# --- Helpers -------------------------------------------------------------------------
+
+
+def _abstract_leaf(x: Any) -> Any:
+    """Concrete jax arrays become ShapeDtypeStructs that keep their sharding."""
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+
+
+def _check_matches(abstract: PyTree, saved_tree: PyTree, step_dir: str) -> None:
+    """Raises CheckpointError naming the first key whose presence or shape differs."""
+    wanted = ocp.tree.to_flat_dict(abstract)
+    saved = ocp.tree.to_flat_dict(saved_tree)
+    problem = None
+    for key, leaf in wanted.items():
+        if key not in saved:
+            problem = f"the target has '{_name(key)}' but the checkpoint does not"
+        elif tuple(np.shape(leaf)) != tuple(saved[key].shape):
+            problem = (
+                f"at '{_name(key)}' the checkpoint has shape {tuple(saved[key].shape)} "
+                f"but the target has shape {tuple(np.shape(leaf))}"
+            )
+        if problem:
+            break
+    else:
+        extra_keys = [k for k in saved if k not in wanted]
+        if extra_keys:
+            problem = f"the checkpoint has '{_name(extra_keys[0])}' but the target does not"
+    if problem:
+        raise CheckpointError(
+            f"Checkpoint {step_dir} does not match the restore target: {problem}. Build "
+            f"the target from the model/optimizer config that wrote the checkpoint (pass "
+            f"the config as save(..., extra=) to keep it with the weights), or start a "
+            f"fresh workdir."
+        )
+
+
+def _name(key: tuple) -> str:
+    return "/".join(str(k) for k in key)
+
+
+def _describe(cause: Any) -> str:
+    """One short line for an exception; the full error stays attached as __cause__."""
+    if not isinstance(cause, BaseException):
+        return str(cause)
+    # Tensorstore appends a long JSON spec to its messages; the first part says enough.
+    first_line = (str(cause).splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+    if len(first_line) > 300:
+        first_line = first_line[:300] + "..."
+    return f"{type(cause).__name__}: {first_line}"
+
+
+def _unreadable_message(step_dir: str, step: int, steps: list[int], cause: Any) -> str:
+    earlier = [s for s in steps if s < step]
+    hint = (
+        f"restore an earlier step with restore(step={earlier[-1]}) (available: {steps})"
+        if earlier
+        else "start fresh (there is no earlier step)"
+    )
+    return (
+        f"Checkpoint {step_dir} is unreadable or corrupt. If its files were damaged "
+        f"(interrupted copy, full disk), delete that step directory or {hint}. "
+        f"Cause: {_describe(cause)}"
+    )
+
+
+def _as_json(value: Any, what: str, path: str = "") -> Any:
+    """A JSON-ready copy of `value`: numpy scalars become Python numbers, tuples lists.
+
+    Raises TypeError naming the offending entry, before anything is saved.
+    """
+    here = f"{what}{path}"
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{here} has a non-string key {k!r}; JSON keys must be str.")
+            out[k] = _as_json(v, what, f"{path}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_as_json(v, what, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (np.ndarray, np.generic)) or isinstance(value, jax.Array):
+        return _as_json(np.asarray(value).tolist(), what, path)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TypeError(f"{here} is {value}, which JSON cannot store; save a finite number.")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise TypeError(
+        f"{here} has type {type(value).__name__}, which JSON cannot store; convert it "
+        f"to str/int/float/bool/list/dict first (e.g. config.to_dict())."
+    )

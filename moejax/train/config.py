@@ -1,0 +1,33 @@
+"""`TrainConfig`: the `config.train` section (optimisation, logging, evaluation, checkpoints)."""
+from __future__ import annotations
+
+import dataclasses
+
+from moejax.config.sections import section_from_mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    learning_rate: float = 3e-3  # peak of the warmup + cosine schedule
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.1  # AdamW, not applied to norm scales
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    grad_accum: int = 1  # micro-batches per step (global_batch_size must divide)
+    seed: int = 0  # parameter initialisation
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables periodic evaluation
+    eval_batches: int = 8  # 0 = the whole validation split
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = from the table (or measured on CPU)
+    abort_on_nan: bool = True
+
+    @classmethod
+    def from_mapping(cls, mapping) -> "TrainConfig":
+        return section_from_mapping(cls, mapping, "train")

@@ -1,0 +1,33 @@
+"""AdamW with linear warmup + cosine decay, global-norm clipping, no decay on norm scales."""
+from __future__ import annotations
+
+import jax
+import optax
+
+from moejax.train.config import TrainConfig
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """0 -> peak linearly over `warmup_steps`, then cosine to `peak * min_lr_ratio`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def decay_mask(params):
+    """True for weights that get weight decay: everything but RMSNorm scales."""
+    def keep(path, _):
+        # The last dict key names the weight (boxed params add a trailing `.value` attr).
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return not names or names[-1] != "scale"
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    parts = []
+    if cfg.grad_clip:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)

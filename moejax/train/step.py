@@ -1,0 +1,105 @@
+"""Pure train and eval steps: loss = LM cross-entropy + router aux losses.
+
+`train_step(state, batch)` with gradient accumulation over `grad_accum` micro-batches
+(a `lax.scan`; each micro-batch's cross-entropy is normalised by the token count of the whole
+batch, so accumulated gradients equal the full-batch gradient exactly). Metrics returned:
+scalars plus per-MoE-layer arrays under `moe/<name>` (shape [num_moe_layers, ...]).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per token, float32."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def forward(model, params, batch: Batch):
+    return model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                       batch["positions"])
+
+
+def _micro_loss(params, batch: Batch, model, total_tokens, num_micro: int):
+    logits, extras = forward(model, params, batch)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce_sum = jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask)
+    loss = ce_sum / total_tokens + extras["aux_loss"] / num_micro
+    return loss, (ce_sum, extras)
+
+
+def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
+               grad_accum: int = 1, schedule=None) -> tuple[TrainState, dict[str, jax.Array]]:
+    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+    if grad_accum == 1:
+        (loss, (ce_sum, extras)), grads = grad_fn(state.params, batch, model, total_tokens, 1)
+    else:
+        micro = jax.tree.map(
+            lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+
+        def body(acc, mb):
+            (loss, (ce_sum, extras)), grads = grad_fn(state.params, mb, model, total_tokens,
+                                                      grad_accum)
+            acc = jax.tree.map(jnp.add, acc, (loss, ce_sum, grads))
+            return acc, extras
+
+        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, ce_sum, grads), extras_all = jax.lax.scan(body, zeros, micro)
+        extras = jax.tree.map(lambda x: jnp.mean(x, axis=0), extras_all)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "ce_loss": ce_sum / total_tokens,
+        "grad_norm": optax.global_norm(grads),
+        "update_norm": optax.global_norm(updates),
+        "param_norm": optax.global_norm(params),
+        "tokens": total_tokens,
+        "aux_loss": extras["aux_loss"],
+    }
+    if schedule is not None:
+        metrics["learning_rate"] = schedule(state.step)
+    metrics.update({f"aux/{k}": v for k, v in extras["aux_losses"].items()})
+    metrics.update({f"moe/{k}": v for k, v in extras["moe_metrics"].items()})
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(params, batch: Batch, *, model, num_domains: int) -> dict[str, jax.Array]:
+    """Sums, so batches add up: cross-entropy and token counts, overall and per data domain.
+
+    The aux loss and the `moe/*` metrics are per-batch values that the caller averages.
+    """
+    logits, extras = forward(model, params, batch)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce = token_cross_entropy(logits, batch["targets"]) * mask
+    domain_onehot = jax.nn.one_hot(batch["domains"], num_domains, dtype=jnp.float32)
+    out = {
+        "ce_sum": jnp.sum(ce),
+        "tokens": jnp.sum(mask),
+        "domain_ce_sum": jnp.einsum("bl,bld->d", ce, domain_onehot),
+        "domain_tokens": jnp.einsum("bl,bld->d", mask, domain_onehot),
+        "aux_loss_sum": extras["aux_loss"],
+        "batches": jnp.ones(()),
+    }
+    out.update({f"moe/{k}": v for k, v in extras["moe_metrics"].items()})
+    return out

@@ -1,0 +1,111 @@
+"""Every config builds; bad configs are rejected before compiling, each with its own message."""
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from testing_utils import REPO, load_config_module
+
+from moejax.config import ConfigError, default_config, validate
+from moejax.config.args import parse_arg
+from moejax.models.flops import count_params
+from moejax.models.transformer import Transformer
+
+CONFIGS = sorted(p[:-3] for p in os.listdir(REPO / "configs") if p.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("size", ["tiny", "pod"])
+def test_every_config_validates_and_builds(name, size):
+    config = load_config_module(name).get_config(f"size={size}")
+    devices = 1 if size == "tiny" else 512
+    s = validate(config, num_devices=devices, num_processes=1 if size == "tiny" else 64)
+    model = Transformer(s.model, s.moe)
+    tokens = jnp.zeros((1, min(s.data.seq_len, 64)), jnp.int32)
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract)))
+    assert n == count_params(s.model, s.moe).total
+
+
+def test_default_config_is_valid():
+    validate(default_config(), num_devices=1, num_processes=1)
+
+
+BAD = [
+    ("model.num_heads", 3, "model.d_model=128 is not divisible by model.num_heads=3"),
+    ("model.num_kv_heads", 3, "multiple of model.num_kv_heads=3"),
+    ("model.first_k_dense", 9, "model.first_k_dense=9 must be in"),
+    ("model.moe_every", 2, "must be a multiple of\nmodel.moe_every=2".replace("\n", " ")),
+    ("model.dtype", "float8", "model.dtype='float8' must be one of"),
+    ("model.remat", "sometimes", "model.remat='sometimes' must be one of"),
+    ("model.vocab_size", 100, "smaller than the byte tokenizer's 259 ids"),
+    ("moe.top_k", 17, "moe.top_k=17 must be between 1 and moe.num_experts=16"),
+    ("moe.router", "hash", "moe.router='hash' is not a registered router"),
+    ("moe.dispatcher", "megablocks", "moe.dispatcher='megablocks' is unknown"),
+    ("moe.capacity_factor", 0.0, "moe.capacity_factor=0.0 must be > 0"),
+    ("moe.gmm_impl", "cutlass", "moe.gmm_impl='cutlass' must be one of"),
+    ("train.warmup_steps", 500, "train.warmup_steps=500 must be in [0, train.steps=300]"),
+    ("train.grad_accum", 3, "not divisible by train.grad_accum=3"),
+    ("train.learning_rate", -1.0, "train.learning_rate=-1.0 must be positive"),
+    ("mesh.expert", 3, "which does not divide the 1 devices"),
+    ("data.seq_len", 0, "data.seq_len must be positive"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_is_rejected_with_its_own_message(field, value, message):
+    config = load_config_module("deepseekmoe").get_config()
+    section, key = field.split(".")
+    config[section][key] = value
+    with pytest.raises(ConfigError) as err:
+        validate(config, num_devices=1, num_processes=1)
+    assert message in str(err.value)
+    assert field.split(".")[0] in str(err.value)
+
+
+def test_expert_axis_must_divide_experts():
+    config = load_config_module("deepseekmoe").get_config()
+    config.mesh.update(data=-1, expert=3)
+    with pytest.raises(ConfigError, match="moe.num_experts=16 is not divisible by mesh.expert=3"):
+        validate(config, num_devices=6, num_processes=1)
+
+
+def test_batch_must_divide_over_data_parallel_devices():
+    config = load_config_module("deepseekmoe").get_config()
+    with pytest.raises(ConfigError, match="divide over the 32 data-parallel devices"):
+        validate(config, num_devices=32, num_processes=1)
+
+
+def test_unknown_fields_and_sections_are_named():
+    config = default_config()
+    config.unlock() if hasattr(config, "unlock") else None
+    config.moe.topk = 2
+    with pytest.raises(ConfigError, match=r"config.moe has unknown field\(s\) \['topk'\]"):
+        validate(config, num_devices=1, num_processes=1)
+    config = default_config()
+    config.optim = {"lr": 1.0}
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['optim'\]"):
+        validate(config, num_devices=1, num_processes=1)
+
+
+def test_parse_arg_types_and_errors():
+    arg = parse_arg("size=pod,steps=20,bf16=true", size="tiny", steps=300, bf16=False)
+    assert (arg.size, arg.steps, arg.bf16) == ("pod", 20, True)
+    with pytest.raises(ConfigError, match="unknown config arg 'sise'"):
+        parse_arg("sise=pod", size="tiny")
+    with pytest.raises(ConfigError, match="must be a int"):
+        parse_arg("steps=many", steps=1)
+
+
+def test_cli_rejects_bad_config_before_compiling(tmp_path):
+    cmd = [sys.executable, "-m", "moejax.train", "--config=configs/dense.py",
+           "--config.model.num_heads=3", f"--workdir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0
+    assert "model.num_heads=3" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,67 @@
+"""Sharded == unsharded: two train steps on a simulated 8-device pod give the losses of one
+device, for data, FSDP, tensor and expert layouts. Runs in a subprocess so the XLA flag that
+creates 8 CPU devices is set before JAX starts."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from testing_utils import REPO
+
+SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+from testing_utils import load_config_module
+from moejax.config import validate
+from moejax.data import make_batches
+from moejax.sharding.mesh import make_mesh
+from moejax.sharding.partitioning import shard_batch
+from moejax.train.trainer import build_experiment
+
+config = load_config_module(sys.argv[1]).get_config()
+config.model.update(d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, num_layers=2,
+                    vocab_size=264)
+if config.model.moe_every:
+    config.moe.update(num_experts=4, top_k=2, d_expert=16, gmm_tile=16)
+config.data.update(data_dir=sys.argv[2], max_bytes_per_domain=120_000, seq_len=32,
+                   global_batch_size=8)
+batches = make_batches(validate(config, num_devices=1, num_processes=1).data, "train")
+raw = [next(batches) for _ in range(2)]
+out = {}
+layouts = {"single": dict(data=1), "data8": dict(data=8),
+           "fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
+           "expert2_fsdp2": dict(data=2, fsdp=2, expert=2)}
+for name, sizes in layouts.items():
+    config.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
+    config.mesh.update(**sizes)
+    n = int(np.prod(list(sizes.values())))
+    s = validate(config, num_devices=n, num_processes=1)
+    mesh = make_mesh(s.mesh, devices=jax.devices()[:n])
+    exp = build_experiment(s, mesh)
+    state = exp.init_fn(jax.random.PRNGKey(0))
+    losses = []
+    for b in raw:
+        state, metrics = exp.step_fn(state, shard_batch(b, mesh))
+        losses.append(float(metrics["loss"]))
+    out[name] = losses + [float(metrics["grad_norm"])]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def _run(config_name, data_dir):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, config_name, data_dir], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
+    return json.loads(line[len("RESULT"):])
+
+
+def test_moe_train_steps_match_across_layouts(tiny_corpus_dir):
+    result = _run("deepseekmoe", tiny_corpus_dir)
+    single = np.array(result.pop("single"))
+    assert np.all(np.isfinite(single))
+    for name, values in result.items():
+        np.testing.assert_allclose(values, single, rtol=2e-5, err_msg=name)

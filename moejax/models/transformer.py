@@ -97,8 +97,11 @@ class Transformer(nn.Module):
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         pdt, dt = dtype_of(m.param_dtype), dtype_of(m.dtype)
+        # Untied: unit-variance rows (the first RMSNorm rescales them anyway). Tied: the table
+        # is also the output projection, so it starts at init_std to keep logits O(1).
+        embed_std = m.init_std if m.tie_embeddings else 1.0
         embedding = logical_param(self, "embedding", (m.vocab_size, m.d_model),
-                                  ("vocab", "embed"), 1.0, pdt)
+                                  ("vocab", "embed"), embed_std, pdt)
         x = jnp.take(embedding, inputs_BxL, axis=0).astype(dt)
         ctx = (segment_ids_BxL, positions_BxL)
         carry = (x, None)

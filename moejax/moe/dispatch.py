@@ -65,10 +65,13 @@ def capacity_einsum(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
     e, k = cfg.num_experts, cfg.top_k
     c = capacity(t, cfg)
     ids = routing.expert_ids.T.reshape(-1)  # [k*T], choice-major priority
-    onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32)
+    # Only real assignments compete for capacity: zero-weight slots (padding tokens, top-p
+    # padding) are never admitted and never counted as drops.
+    real = (routing.combine_weights > 0).T.reshape(-1)
+    onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32) * real[:, None]
     position = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), ids[:, None], axis=1)[:, 0] - 1
-    keep = position < c
-    slot = jnp.where(keep, ids * c + position, e * c)  # dropped -> a dummy slot past the end
+    keep = real & (position < c)
+    slot = jnp.where(keep, ids * c + position, e * c)  # not admitted -> a dummy slot
     # Which assignment fills each buffer slot (k*T = empty, reads a zero row).
     source = jnp.full((e * c + 1,), k * t, jnp.int32).at[slot].set(jnp.arange(k * t))[:-1]
     token_of = jnp.concatenate([jnp.tile(jnp.arange(t), k), jnp.array([t])])
@@ -78,7 +81,6 @@ def capacity_einsum(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
     out = jnp.concatenate([out.reshape(e * c, -1), jnp.zeros((1, out.shape[-1]), out.dtype)])
     y = out[slot].reshape(k, t, -1).transpose(1, 0, 2)
     weights = routing.combine_weights * keep.reshape(k, t).T
-    real = (routing.combine_weights > 0).T.reshape(-1)
     dropped = jnp.sum(real & ~keep) / jnp.maximum(jnp.sum(real), 1)
     return _combine(y, weights), {"dropped_fraction": dropped.astype(jnp.float32)}
 

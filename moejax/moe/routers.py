@@ -38,6 +38,8 @@ class SoftmaxTopKRouter(nn.Module):
         weights, ids = jax.lax.top_k(probs, cfg.top_k)
         if cfg.renormalize:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        if mask_T is not None:  # padding tokens get zero weight: they take no capacity
+            weights = weights * mask_T[:, None].astype(weights.dtype)
         balance = switch_balance_loss(probs, ids, mask_T)
         z = router_z_loss(logits, mask_T)
         aux = {}

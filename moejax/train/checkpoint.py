@@ -78,7 +78,8 @@ class Checkpointer:
             raise ValueError(
                 f"Checkpointer(save_every={save_every!r}): save_every must be an int >= 1."
             )
-        self.directory = os.path.join(os.fspath(workdir), "checkpoints")
+        # orbax requires absolute paths; a relative workdir is relative to the cwd.
+        self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
         self.keep = keep
         self.save_every = save_every
         self.async_save = async_save

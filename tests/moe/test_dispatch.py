@@ -108,3 +108,23 @@ def test_zero_weight_slots_are_not_counted_as_drops():
     _, metrics = dispatch(x, routing, swiglu_expert_fn(*params), cfg)
     # C = ceil(0.5 * 4 * 2 / 2) = 2: expert 0 keeps 2 of 4 real assignments.
     assert float(metrics["dropped_fraction"]) == pytest.approx(0.5)
+
+
+def test_zero_weight_slots_take_no_capacity():
+    # Tokens 0 and 1 are padding (all-zero weights); without care they would fill expert 0's
+    # capacity of 2 before the real tokens 2 and 3 arrive.
+    t, e = 4, 2
+    cfg = MoEConfig(num_experts=e, top_k=2, d_expert=3, capacity_factor=0.5,
+                    dispatcher="capacity_einsum")
+    ids = jnp.asarray([[0, 1]] * t, jnp.int32)
+    w = jnp.asarray([[0.0, 0.0], [0.0, 0.0], [0.7, 0.3], [0.6, 0.4]], jnp.float32)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(t, 4)), jnp.float32)
+    params = tuple(jnp.asarray(rng.normal(size=s), jnp.float32)
+                   for s in [(e, 4, 3), (e, 4, 3), (e, 3, 4)])
+    routing = Routing(expert_ids=ids, combine_weights=w, aux_losses={}, metrics={})
+    y, metrics = dispatch(x, routing, swiglu_expert_fn(*params), cfg)
+    want, _ = dispatch(x, routing, swiglu_expert_fn(*params),
+                       dataclasses.replace(cfg, dispatcher="dense_reference"))
+    assert float(metrics["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(y, want, atol=1e-5)

@@ -69,3 +69,10 @@ def test_gshard_with_capacity_reports_drops(tiny_config, tmp_path):
            if "train/loss" in r][-1]
     # Capacity 0.5 of the balanced load: at least half of the assignments are dropped.
     assert row["train/moe/dropped_fraction"] >= 0.5
+
+
+def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train(tiny_config("dense", **{"train.steps": 2, "train.checkpoint_every": 1,
+                                  "train.async_checkpoint": True}), "runs/rel")
+    assert sorted(os.listdir(tmp_path / "runs" / "rel" / "checkpoints")) == ["1", "2"]

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from moejax.moe.config import MoEConfig
 from moejax.moe.experts import ExpertFn
 from moejax.moe.grouped_matmul import gmm
+from moejax.moe.permute import permute, sort_by_expert, unpermute
 from moejax.moe.routing import Routing
 
 Metrics = dict[str, jax.Array]
@@ -85,23 +86,14 @@ def capacity_einsum(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
     return _combine(y, weights), {"dropped_fraction": dropped.astype(jnp.float32)}
 
 
-def sort_plan(expert_ids: jax.Array, num_experts: int):
-    """Assignments sorted by expert: (order[T*k], inverse[T*k], group_sizes[E])."""
-    flat = expert_ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return order, inverse, group_sizes
-
-
 def ragged(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
            gmm_impl: str | None = None) -> tuple[jax.Array, Metrics]:
     t, k = routing.expert_ids.shape
     impl = gmm_impl or resolve_gmm_impl(cfg.gmm_impl)
-    order, inverse, sizes = sort_plan(routing.expert_ids, cfg.num_experts)
-    x_sorted = x[order // k]
+    order, inverse, sizes = sort_by_expert(routing.expert_ids, cfg.num_experts)
+    x_sorted = permute(x, order, inverse, k)
     out = expert_fn(x_sorted, lambda lhs, w: gmm(lhs, w, sizes, impl=impl, tile=cfg.gmm_tile))
-    y = out[inverse].reshape(t, k, -1)
+    y = unpermute(out, order, inverse).reshape(t, k, -1)
     return _combine(y, routing.combine_weights), {}
 
 

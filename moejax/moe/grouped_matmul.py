@@ -73,46 +73,52 @@ def make_tile_plan(group_sizes: jax.Array, m: int, tile: int) -> TilePlan:
     return TilePlan(group=group, start=start, rows=rows, count=tile_ends[-1])
 
 
-def _pad_rows(x: jax.Array, tile: int) -> jax.Array:
-    # Windows may run up to `tile` rows past the last valid row; padding keeps every
-    # dynamic_slice in bounds (XLA would otherwise clamp the start and shift the window).
-    return jnp.pad(x, ((0, tile), (0, 0)))
+def _window(plan: TilePlan, t, m: int, tile: int):
+    """Row window of tile t: [lo, lo + tile), clamped inside [0, m), and its row mask.
+
+    The window is clamped rather than the operands padded: a `jnp.pad` feeding the loop gets
+    fused into every dynamic slice and made the CPU loop 1.5x slower (measured). Clamped
+    windows may overlap rows of neighbouring tiles, so only rows of tile t are masked in.
+    """
+    start = plan.start[t]
+    lo = jnp.minimum(start, m - tile)
+    rows = lo + jnp.arange(tile)
+    return lo, (rows >= start) & (rows < start + plan.rows[t])
 
 
 def _gmm_loop(lhs, rhs, group_sizes, tile, out_dtype):
     m = lhs.shape[0]
-    n = rhs.shape[2]
+    tile = min(tile, m)
     plan = make_tile_plan(group_sizes, m, tile)
-    lhs_p = _pad_rows(lhs, tile)
 
     def body(t, out):
-        start = plan.start[t]
-        x = jax.lax.dynamic_slice_in_dim(lhs_p, start, tile, axis=0)
+        lo, mask = _window(plan, t, m, tile)
+        x = jax.lax.dynamic_slice_in_dim(lhs, lo, tile, axis=0)
         w = jax.lax.dynamic_index_in_dim(rhs, plan.group[t], axis=0, keepdims=False)
         y = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
-        return jax.lax.dynamic_update_slice_in_dim(out, y, start, axis=0)
+        old = jax.lax.dynamic_slice_in_dim(out, lo, tile, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask[:, None], y, old), lo,
+                                                   axis=0)
 
-    out = jnp.zeros((m + tile, n), out_dtype)
-    out = jax.lax.fori_loop(0, plan.count, body, out)
-    valid = jnp.arange(m) < jnp.sum(group_sizes)
-    return jnp.where(valid[:, None], out[:m], jnp.zeros((), out_dtype))
+    # Rows past sum(group_sizes) are never written and stay zero.
+    return jax.lax.fori_loop(0, plan.count, body, jnp.zeros((m, rhs.shape[2]), out_dtype))
 
 
 def _tgmm_loop(lhs, grad, group_sizes, tile, out_dtype):
     m, k = lhs.shape
     n = grad.shape[1]
     num_groups = group_sizes.shape[0]
+    tile = min(tile, m)
     plan = make_tile_plan(group_sizes, m, tile)
-    lhs_p = _pad_rows(lhs, tile)
-    grad_p = _pad_rows(grad, tile)
-    row_ids = jnp.arange(tile)
 
     def body(t, acc):
-        start, g = plan.start[t], plan.group[t]
-        x = jax.lax.dynamic_slice_in_dim(lhs_p, start, tile, axis=0)
-        dy = jax.lax.dynamic_slice_in_dim(grad_p, start, tile, axis=0)
-        dy = jnp.where((row_ids < plan.rows[t])[:, None], dy, jnp.zeros((), dy.dtype))
-        contrib = jnp.dot(x.T, dy, preferred_element_type=jnp.float32)
+        lo, mask = _window(plan, t, m, tile)
+        x = jax.lax.dynamic_slice_in_dim(lhs, lo, tile, axis=0)
+        dy = jax.lax.dynamic_slice_in_dim(grad, lo, tile, axis=0)
+        dy = jnp.where(mask[:, None], dy, jnp.zeros((), dy.dtype))
+        contrib = jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+        g = plan.group[t]
         cur = jax.lax.dynamic_index_in_dim(acc, g, axis=0, keepdims=True)
         return jax.lax.dynamic_update_index_in_dim(acc, cur + contrib[None], g, axis=0)
 
@@ -150,6 +156,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
         raise ValueError(
             f"group_sizes must have shape [G]={rhs.shape[:1]}, got {group_sizes.shape}")
     group_sizes = group_sizes.astype(jnp.int32)
+    if lhs.shape[0] == 0:
+        return jnp.zeros((0, rhs.shape[2]), jnp.result_type(lhs, rhs))
     if impl == "tile_loop":
         return _gmm_tile_loop(lhs, rhs, group_sizes, tile)
     if impl == "ragged_dot":

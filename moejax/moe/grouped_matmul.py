@@ -95,13 +95,16 @@ def _gmm_loop(lhs, rhs, group_sizes, tile, out_dtype):
         lo, mask = _window(plan, t, m, tile)
         x = jax.lax.dynamic_slice_in_dim(lhs, lo, tile, axis=0)
         w = jax.lax.dynamic_index_in_dim(rhs, plan.group[t], axis=0, keepdims=False)
-        y = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+        y = jnp.dot(x, w, preferred_element_type=jnp.float32)
         old = jax.lax.dynamic_slice_in_dim(out, lo, tile, axis=0)
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask[:, None], y, old), lo,
                                                    axis=0)
 
+    # The carry is float32 whatever the operands: XLA:CPU copied a bfloat16 carry on every
+    # iteration instead of updating it in place (measured 448 ms vs 84 ms for one forward).
     # Rows past sum(group_sizes) are never written and stay zero.
-    return jax.lax.fori_loop(0, plan.count, body, jnp.zeros((m, rhs.shape[2]), out_dtype))
+    out = jax.lax.fori_loop(0, plan.count, body, jnp.zeros((m, rhs.shape[2]), jnp.float32))
+    return out.astype(out_dtype)
 
 
 def _tgmm_loop(lhs, grad, group_sizes, tile, out_dtype):

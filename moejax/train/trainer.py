@@ -245,13 +245,19 @@ def train(config, workdir: str) -> dict[str, float]:
     throughput = _Throughput(flops_per_token, jax.device_count(), peak)
 
     # Loop.
+    t_start = time.perf_counter()
     final: dict[str, float] = {}
     pending: list[dict] = []
     last_logged = start_step
     for step in range(start_step + 1, s.train.steps + 1):
         batch = shard_batch(next(train_batches), mesh)
         state, metrics = exp.step_fn(state, batch)
-        throughput.add(batch_tokens)
+        if step == start_step + 1:  # compile time is not throughput
+            jax.block_until_ready(metrics)
+            log(f"compiled and ran the first step in {time.perf_counter() - t_start:.1f} s")
+            throughput.reset()
+        else:
+            throughput.add(batch_tokens)
         pending.append(metrics)
         if step % s.train.log_every == 0 or step == s.train.steps:
             fetched = jax.device_get(pending)

@@ -207,6 +207,10 @@ class TensorBoardWriter:
 # --- Console -------------------------------------------------------------------------
 
 DEFAULT_CONSOLE_FIELDS = {"loss": "loss", "tokens_per_sec": "tok/s", "lr": "lr"}
+# What the trainer shows: exact names, so evaluation results (logged on their own line by
+# the trainer) do not print a second, ambiguous "loss" line.
+TRAINER_CONSOLE_FIELDS = {"train/loss": "loss", "perf/tokens_per_sec": "tok/s",
+                          "perf/mfu": "mfu", "train/lr": "lr"}
 
 
 class ConsoleProgress:
@@ -271,6 +275,8 @@ class ConsoleProgress:
             return
         step = int(step)
         summary = self.summary(metrics)
+        if not summary:  # nothing this bar shows (e.g. evaluation results)
+            return
         if self._bar is not None:
             self._bar.update(max(0, step - self._bar.n))
             self._bar.set_postfix_str(summary)
@@ -397,6 +403,6 @@ def make_writers(
                 os.path.join(workdir, "tensorboard"),
                 purge_step=start_step + 1 if start_step > 0 else None,
             ),
-            ConsoleProgress(total_steps, start_step),
+            ConsoleProgress(total_steps, start_step, fields=TRAINER_CONSOLE_FIELDS),
         ]
     )

@@ -101,3 +101,16 @@ def test_gmm_rejects_bad_shapes():
         gmm(jnp.zeros((4, 3)), jnp.zeros((2, 5, 3)), jnp.array([2, 2]))
     with pytest.raises(ValueError, match="impl"):
         gmm(jnp.zeros((4, 3)), jnp.zeros((2, 3, 3)), jnp.array([2, 2]), impl="nope")
+
+
+def test_gmm_bfloat16_operands():
+    rng = np.random.default_rng(5)
+    sizes = jnp.array([9, 0, 20, 3], jnp.int32)
+    lhs = jnp.asarray(rng.normal(size=(32, 16)), jnp.bfloat16)
+    rhs = jnp.asarray(rng.normal(size=(4, 16, 8)), jnp.bfloat16)
+    got = gmm(lhs, rhs, sizes, tile=8)
+    assert got.dtype == jnp.bfloat16
+    want = numpy_gmm(np.asarray(lhs, np.float32), np.asarray(rhs, np.float32), sizes)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=2e-2)
+    d_rhs = jax.grad(lambda b: jnp.sum(gmm(lhs, b, sizes, tile=8).astype(jnp.float32)))(rhs)
+    assert d_rhs.dtype == jnp.bfloat16

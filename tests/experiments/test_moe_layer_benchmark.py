@@ -1,0 +1,126 @@
+"""`experiments/benchmarks/moe_layer.py` runs end to end at a tiny shape and reports sane JSON."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moejax.moe.dispatch import DISPATCHERS
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "experiments" / "benchmarks" / "moe_layer.py"
+TINY = ["--tokens", "256", "--batch", "2", "--d-model", "32", "--experts", "8",
+        "--d-expert", "16", "--top-k", "2", "--shared", "1", "--gmm-tile", "16", "--repeats", "1"]
+HF_INSTALLED = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+
+
+@pytest.fixture(scope="module")
+def run():
+    """One run of the CLI: every dispatcher and the breakdown (the HF peer is tested apart)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", *TINY, "--skip", "hf"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout), proc.stderr  # the whole stdout is one JSON object
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("moe_layer_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_timing(entry):
+    for key in ("ms", "ms_min"):
+        assert math.isfinite(entry[key]) and entry[key] > 0, entry
+    assert entry["ms_min"] <= entry["ms"]
+
+
+def test_every_dispatcher_is_timed_against_the_dense_mlp(run):
+    report, stderr = run
+    assert {"device", "jax", "shape", "results", "routing", "hf"} <= set(report)
+    assert report["shape"]["tokens"] == 256 and report["shape"]["dense_width"] == 48
+    results = report["results"]
+    assert set(DISPATCHERS) | {"dense_mlp"} <= set(results)
+    dense = results["dense_mlp"]
+    assert_timing(dense)
+    for name in DISPATCHERS:
+        entry = results[name]
+        assert_timing(entry)
+        assert entry["ratio_to_dense"] == pytest.approx(entry["ms"] / dense["ms"], rel=1e-3)
+        assert entry["ratio_to_dense_paired"] > 0 and entry["compile_s"] > 0
+        if name != "capacity_einsum":
+            assert entry["dropped_fraction"] == 0.0
+        if name != "dense_reference":
+            assert 0 < entry["fwd_ms"]
+    for name in ("ragged", "auto"):  # sort-based plans: time of the grouped matmuls alone
+        assert results[name]["experts_ms"] > 0 and results[name]["gmm_impl"]
+    routing = report["routing"]
+    assert 1.0 <= routing["max_over_mean"] < 8.0 and 0.0 <= routing["min_over_mean"] <= 1.0
+    assert "repeat 1/1" in stderr  # progress goes to stderr, not into the JSON
+
+
+def test_report_ratios_including_the_hf_peer(bench):
+    """`assemble` on made-up timings: every ratio is the quotient of the reported times."""
+    e = 8
+    shape = bench.Shape(tokens=64, batch=1, experts=e, top_k=2, shared=1)
+    metrics = {"dropped_fraction": np.float32(0.0), "load": np.full((e,), 1.0 / e)}
+    times = {"dense_mlp": [2.0, 4.0, 3.0], "auto": [4.0, 5.0, 3.0], "auto/fwd": [1.0] * 3,
+             "hf_deepseek_v3_moe": [8.0, 9.0, 10.0], "torch_dense_mlp": [2.0, 3.0, 4.0]}
+    report = bench.assemble(shape, times, {"dense_mlp": 1.0, "auto": 2.0},
+                            {"hf_deepseek_v3_moe": 0.5}, {"auto": metrics}, {"available": True}, 3)
+    res = report["results"]
+    assert res["auto"]["ms"] == 4.0 and res["auto"]["ms_min"] == 3.0
+    assert res["auto"]["ratio_to_dense"] == pytest.approx(4.0 / 3.0, rel=1e-3)
+    assert res["auto"]["ratio_to_dense_min"] == 1.5
+    assert res["auto"]["ratio_to_dense_paired"] == 1.25
+    assert res["auto"]["fwd_ms"] == 1.0 and "experts_ms" not in res["auto"]
+    assert res["hf_deepseek_v3_moe"]["ratio_to_own_dense"] == 3.0
+    assert report["auto_vs_hf"] == pytest.approx(4.0 / 9.0, rel=1e-3)
+    assert report["auto_vs_hf_min"] == 0.375 and report["auto_vs_hf_paired"] == 0.5
+    assert report["routing"]["max_over_mean"] == 1.0
+
+
+@pytest.mark.skipif(not HF_INSTALLED, reason="needs the hf extra (torch, transformers)")
+def test_hf_peer_steps_run(bench):
+    from experiments.benchmarks import hf_peer  # noqa: F401  (the path moe_layer uses)
+    shape = bench.Shape(tokens=64, batch=2, d_model=16, experts=4, d_expert=8, top_k=2, shared=1)
+    steps, info = hf_peer.build_steps(shape, threads=1)
+    assert set(steps) == {"hf_deepseek_v3_moe", "torch_dense_mlp"}
+    for step in steps.values():
+        step()
+    assert info["expert_load"]["max_over_mean"] >= 1.0 and info["torch"]
+
+
+def test_hf_peer_is_optional(bench):
+    module, reason = bench.load_hf_peer()
+    assert (module is not None) == HF_INSTALLED
+    assert HF_INSTALLED or "No module named" in reason
+
+
+def test_dense_reference_is_skipped_past_its_budget(bench):
+    shape = bench.Shape()  # 64 experts, top-6 + 2 shared: 8.25x the dense MLP's FLOPs
+    assert bench.reference_skip_reason(shape, 1.0, 5, 57.0).startswith("predicted 58s")
+    assert bench.reference_skip_reason(shape, 1.0, 5, 60.0) is None
+    assert bench.reference_skip_reason(shape, 0.1, 5, 60.0) is None
+    assert bench.reference_skip_reason(shape, 9.9, 5, math.inf) is None
+
+
+def test_flags_are_validated(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dispatchers", "ragged,nope"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--skip", "everything"])
+    assert bench.parse_args(["--skip", "hf,dense_reference,breakdown"]).skip
+    with pytest.raises(ValueError, match="multiple of --batch"):
+        bench.Shape(tokens=10, batch=4)
+    shape = bench.Shape()
+    assert shape.dense_width == (shape.top_k + shape.shared) * shape.d_expert

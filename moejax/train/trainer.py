@@ -240,6 +240,9 @@ def train(config, workdir: str) -> dict[str, float]:
     except Exception as e:  # describe is informational only
         log(f"data: (no description: {e})")
     log(("resuming from step %d" % start_step) if start_step else f"workdir: {workdir}")
+    if start_step >= s.train.steps:
+        log(f"{workdir} already holds step {start_step} >= train.steps={s.train.steps}: nothing "
+            f"to train. Raise --config.train.steps to continue, or use a new workdir.")
 
     batch_tokens = s.data.global_batch_size * s.data.seq_len
     throughput = _Throughput(flops_per_token, jax.device_count(), peak)

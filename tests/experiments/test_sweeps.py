@@ -1,0 +1,39 @@
+"""Every sweep defined beside a config yields distinct, valid configs."""
+import importlib.util
+import os
+
+import pytest
+from testing_utils import REPO
+
+from moejax.config import validate
+
+spec = importlib.util.spec_from_file_location("sweep_runner", REPO / "experiments" / "sweep.py")
+sweep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sweep)
+
+SWEEPS = []
+for name in sorted(os.listdir(REPO / "configs")):
+    if name.endswith(".py"):
+        module = sweep.load_config_module(str(REPO / "configs" / name))
+        SWEEPS += [(name, n[len("sweep_"):]) for n in dir(module) if n.startswith("sweep_")]
+
+
+def test_there_are_sweeps():
+    assert len(SWEEPS) >= 2
+
+
+@pytest.mark.parametrize("config_name,sweep_name", SWEEPS)
+def test_sweep_variants_are_valid_and_distinct(config_name, sweep_name):
+    runs = sweep.variants(str(REPO / "configs" / config_name), sweep_name)
+    assert len(runs) >= 2
+    assert len({name for name, _, _ in runs}) == len(runs)
+    for _, overrides, config in runs:
+        s = validate(config, num_devices=1, num_processes=1)
+        for key, value in overrides.items():
+            section, field = key.split(".", 1)
+            assert getattr(getattr(s, section), field) == value
+
+
+def test_unknown_sweep_names_the_available_ones():
+    with pytest.raises(SystemExit, match="its sweeps are"):
+        sweep.variants(str(REPO / "configs" / "gshard.py"), "nope")

@@ -1,27 +1,15 @@
 """`count_params` / `train_flops_per_token` against the initialised parameter tree."""
 import dataclasses
-import importlib.util
-import pathlib
 
 import flax.linen as nn
 import jax
+import numpy_model_reference as ref  # tests/ is on sys.path (pytest.ini)
 import pytest
 
 from moejax.models.config import ModelConfig
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
-
-
-def load_reference():
-    path = pathlib.Path(__file__).with_name("numpy_model_reference.py")
-    spec = importlib.util.spec_from_file_location("moejax_tests_numpy_model_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = load_reference()
 
 BASE = ModelConfig(vocab_size=50, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2,
                    d_ff=24)

@@ -8,30 +8,18 @@ function is cached per config so the suite compiles each variant once per worker
 """
 import dataclasses
 import functools
-import importlib.util
-import pathlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_model_reference as ref  # tests/ is on sys.path (pytest.ini)
 import pytest
 
 from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
 from moejax.sharding.config import DEFAULT_RULES
-
-
-def load_reference():
-    path = pathlib.Path(__file__).with_name("numpy_model_reference.py")
-    spec = importlib.util.spec_from_file_location("moejax_tests_numpy_model_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = load_reference()
 
 B, L = 3, 8
 MODEL = ModelConfig(vocab_size=32, d_model=16, num_layers=5, num_heads=4, num_kv_heads=2,

@@ -262,21 +262,27 @@ def train(config, workdir: str) -> dict[str, float]:
         else:
             throughput.add(batch_tokens)
         pending.append(metrics)
-        if step % s.train.log_every == 0 or step == s.train.steps:
-            fetched = jax.device_get(pending)
-            pending = []
-            losses = np.array([float(m["loss"]) for m in fetched])
-            if s.train.abort_on_nan and not np.all(np.isfinite(losses)):
+        last_step = step == s.train.steps
+        log_now = step % s.train.log_every == 0 or last_step
+        # Losses are checked before every checkpoint too, so a non-finite state is never saved.
+        if s.train.abort_on_nan and (log_now or step % s.train.checkpoint_every == 0):
+            losses = np.array([float(m["loss"]) for m in pending])
+            if not np.all(np.isfinite(losses)):
                 ckpt.wait()
+                latest = ckpt.latest_step()
+                saved = (f"the last checkpoint is step {latest}; resume from {workdir}"
+                         if latest is not None else "no checkpoint was written yet")
                 raise FloatingPointError(
                     f"non-finite loss between steps {last_logged + 1} and {step} "
-                    f"(losses {losses.tolist()}); the last checkpoint is step "
-                    f"{ckpt.latest_step()}. Lower train.learning_rate or enable "
-                    f"train.grad_clip, and resume from {workdir}.")
+                    f"(losses {losses.tolist()}); {saved}. Lower train.learning_rate or "
+                    f"enable train.grad_clip.")
+        if log_now:
+            fetched = jax.device_get(pending)
+            pending = []
             last = fetched[-1]
             out = _flatten_metrics("train/", {k: v for k, v in last.items()
                                               if k not in ("loss", "learning_rate")})
-            out["train/loss"] = float(losses.mean())
+            out["train/loss"] = float(np.mean([float(m["loss"]) for m in fetched]))
             out["train/lr"] = float(last.get("learning_rate", 0.0))
             out.update(throughput.read())
             writers.write(step, out)

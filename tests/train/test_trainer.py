@@ -76,3 +76,26 @@ def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
     train(tiny_config("dense", **{"train.steps": 2, "train.checkpoint_every": 1,
                                   "train.async_checkpoint": True}), "runs/rel")
     assert sorted(os.listdir(tmp_path / "runs" / "rel" / "checkpoints")) == ["1", "2"]
+
+
+def test_non_finite_loss_aborts_naming_the_steps(tiny_config, tmp_path):
+    # Adam steps have size ~lr whatever the gradient: lr 1e12 overflows float32 activations.
+    config = tiny_config("dense", **{"train.steps": 6, "train.learning_rate": 1e12,
+                                     "train.grad_clip": 0.0, "train.warmup_steps": 0,
+                                     "train.log_every": 3, "train.checkpoint_every": 3})
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite loss between steps 1 and 3 .*no checkpoint was written"):
+        train(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()  # nothing non-finite was saved
+
+
+def test_non_finite_state_is_never_checkpointed(tiny_config, tmp_path):
+    # Checkpoints every step, logs every 5: the loss is still checked before each save.
+    config = tiny_config("dense", **{"train.steps": 6, "train.learning_rate": 1e12,
+                                     "train.grad_clip": 0.0, "train.warmup_steps": 0,
+                                     "train.log_every": 5, "train.checkpoint_every": 1})
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train(config, str(tmp_path))
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+    losses = _losses(str(tmp_path))  # nothing logged before the abort
+    assert not losses and steps and max(steps) < 5

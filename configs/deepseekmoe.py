@@ -8,7 +8,7 @@ layer keeps a dense FFN (`first_k_dense=1`).
 Tiny CPU run (the default of `make train`, ~0.3 s/step on 2 cores):
     python -m moejax.train --config=configs/deepseekmoe.py --workdir=runs/deepseekmoe
 Pod run (DeepSeekMoE-16B-like shape: 28 layers, d 2048, 64 experts of 1408, top-6, 2 shared):
-    python -m moejax.train --config=configs/deepseekmoe.py:size=pod --workdir=gs://.../dsmoe
+    python -m moejax.train --config=configs/deepseekmoe.py:size=pod --workdir=/mnt/shared/runs/dsmoe
 
 Active FFN width per token is 4 x 128 routed + 1 x 128 shared = 640 = dense.py's d_ff and
 gshard.py's 2 x 320, so the three tiny configs compare at equal active parameters.

@@ -6,7 +6,7 @@ deepseekmoe.py configs, so the three compare at equal active parameters per toke
 Tiny CPU run:
     python -m moejax.train --config=configs/dense.py --workdir=runs/dense
 Pod run (d 2048, 24 layers, d_ff 8192):
-    python -m moejax.train --config=configs/dense.py:size=pod --workdir=gs://.../dense
+    python -m moejax.train --config=configs/dense.py:size=pod --workdir=/mnt/shared/runs/dense
 """
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config

@@ -8,7 +8,7 @@ capacity_einsum --config.moe.capacity_factor=1.25`, which reports the dropped fr
 Tiny CPU run:
     python -m moejax.train --config=configs/gshard.py --workdir=runs/gshard
 Pod run (d 1024, 24 layers, 8 experts of 4096):
-    python -m moejax.train --config=configs/gshard.py:size=pod --workdir=gs://.../gshard
+    python -m moejax.train --config=configs/gshard.py:size=pod --workdir=/mnt/shared/runs/gshard
 
 The tiny size has 2 x 320 = 640 active FFN width, as dense.py and deepseekmoe.py.
 Sweep: `sweep_capacity`; compare `eval/loss` and `train/moe/dropped_fraction`.

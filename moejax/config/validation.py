@@ -6,6 +6,7 @@ that names the offending field, its value and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from moejax.config.base import SECTIONS
 from moejax.config.sections import ConfigError
@@ -15,7 +16,7 @@ from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.grouped_matmul import IMPLS
 from moejax.moe.routers import ROUTERS
-from moejax.sharding.config import MeshConfig
+from moejax.sharding.config import MeshConfig, batch_mesh_axes
 from moejax.sharding.mesh import resolve_mesh_shape
 from moejax.train.config import TrainConfig
 
@@ -106,19 +107,19 @@ def _check_train(t: TrainConfig) -> None:
              "train.eval_every and train.eval_batches must be >= 0.")
 
 
-def _check_batching(d: DataConfig, t: TrainConfig, mesh: MeshConfig, num_devices: int,
+def _check_batching(d: DataConfig, t: TrainConfig, mesh: MeshConfig, sizes: dict[str, int],
                     num_processes: int) -> None:
-    sizes = resolve_mesh_shape(mesh, num_devices)
     per_step = d.global_batch_size
     _require(per_step % t.grad_accum == 0,
              f"data.global_batch_size={per_step} is not divisible by train.grad_accum="
              f"{t.grad_accum}; make the batch a multiple of the number of micro-batches.")
     micro = per_step // t.grad_accum
-    dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    axes = batch_mesh_axes(mesh.rules)
+    dp = math.prod(sizes[a] for a in axes)
     _require(micro % dp == 0,
              f"the micro-batch of {micro} rows (data.global_batch_size / train.grad_accum) must "
-             f"divide over the {dp} data-parallel devices (mesh.data*mesh.fsdp*mesh.expert); "
-             f"change data.global_batch_size or the mesh.")
+             f"divide over the {dp} data-parallel devices (mesh axes {'*'.join(axes)} of the "
+             f"'batch' rule); change data.global_batch_size or the mesh.")
     _require(per_step % num_processes == 0,
              f"data.global_batch_size={per_step} must divide over {num_processes} processes.")
 
@@ -128,7 +129,7 @@ def validate(config, *, num_devices: int | None = None,
     """Checks the whole tree; `num_devices` defaults to `jax.device_count()`."""
     missing = [s for s in SECTIONS if s not in config]
     _require(not missing, f"config is missing section(s) {missing}; start from "
-             f"moejax.config.default_config() or configs/common.py.")
+             f"moejax.config.default_config() or one of configs/*.py.")
     unknown = [s for s in config.keys() if s not in SECTIONS]
     _require(not unknown, f"config has unknown section(s) {unknown}; valid sections are "
              f"{list(SECTIONS)}.")
@@ -147,11 +148,11 @@ def validate(config, *, num_devices: int | None = None,
         import jax
         num_devices = jax.device_count() if num_devices is None else num_devices
         num_processes = jax.process_count() if num_processes is None else num_processes
+    sizes = resolve_mesh_shape(s.mesh, num_devices)
     if s.model.num_moe_layers:
-        sizes = resolve_mesh_shape(s.mesh, num_devices)
         _require(s.moe.num_experts % sizes["expert"] == 0,
                  f"moe.num_experts={s.moe.num_experts} is not divisible by mesh.expert="
                  f"{sizes['expert']}; each expert-parallel device must own a whole number of "
                  f"experts.")
-    _check_batching(s.data, s.train, s.mesh, num_devices, num_processes)
+    _check_batching(s.data, s.train, s.mesh, sizes, num_processes)
     return s

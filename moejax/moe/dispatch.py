@@ -97,12 +97,16 @@ def ragged(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
     return _combine(y, routing.combine_weights), {}
 
 
+def _platform_plan() -> tuple[str, str]:
+    return AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])
+
+
 def resolve_gmm_impl(name: str) -> str:
-    return AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])[1] if name == "auto" else name
+    return _platform_plan()[1] if name == "auto" else name
 
 
 def auto(x, routing, expert_fn, cfg):
-    plan, impl = AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])
+    plan, impl = _platform_plan()
     return DISPATCHERS[plan](x, routing, expert_fn, cfg, gmm_impl=impl)
 
 

@@ -30,8 +30,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.reference import gmm_reference, tgmm_reference  # noqa: F401 (re-export)
-
 IMPLS = ("tile_loop", "ragged_dot")
 DEFAULT_TILE = 256
 

@@ -38,3 +38,11 @@ class MeshConfig:
     @property
     def sizes(self) -> dict[str, int]:
         return {a: getattr(self, a) for a in MESH_AXES}
+
+
+def batch_mesh_axes(rules) -> tuple[str, ...]:
+    """Mesh axes of the `batch` rule: where the data-parallel split of a batch goes."""
+    for name, axes in rules:
+        if name == "batch":
+            return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    return ()

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moejax.sharding.config import MESH_AXES
+from moejax.sharding.config import batch_mesh_axes
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
@@ -21,29 +21,14 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
 
 
-def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    """Mesh axes the batch dimension is split over: every axis but `tensor`."""
-    return tuple(a for a in MESH_AXES if a != "tensor" and mesh.shape[a] > 1) or (MESH_AXES[0],)
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    """The batch dimension split over the mesh axes of the `batch` rule."""
+    return NamedSharding(mesh, PartitionSpec(batch_mesh_axes(rules)))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-    n = 1
-    for a in batch_axes(mesh):
-        n *= mesh.shape[a]
-    return n
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
+def shard_batch(batch: dict, mesh: Mesh, rules) -> dict:
     """Process-local NumPy batch -> global jax.Arrays split over the batch axes."""
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, rules)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 

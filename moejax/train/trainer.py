@@ -128,7 +128,7 @@ def _eval_batches(s: Sections):
 def evaluate(eval_fn, params, s: Sections, mesh) -> dict[str, float]:
     totals: dict[str, Any] = {}
     for batch in _eval_batches(s):
-        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh)))
+        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh, s.mesh.rules)))
         totals = out if not totals else jax.tree.map(np.add, totals, out)
     if not totals:
         return {}
@@ -253,7 +253,7 @@ def train(config, workdir: str) -> dict[str, float]:
     pending: list[dict] = []
     last_logged = start_step
     for step in range(start_step + 1, s.train.steps + 1):
-        batch = shard_batch(next(train_batches), mesh)
+        batch = shard_batch(next(train_batches), mesh, s.mesh.rules)
         state, metrics = exp.step_fn(state, batch)
         if step == start_step + 1:  # compile time is not throughput
             jax.block_until_ready(metrics)

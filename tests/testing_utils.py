@@ -3,6 +3,8 @@ import importlib.util
 import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The one small corpus the tests build (once per worker, by tests/conftest.py).
+TEST_CORPUS_BYTES_PER_DOMAIN = 200_000
 
 
 def load_config_module(name: str):

@@ -1,17 +1,14 @@
-"""A small moejax corpus built once per test session (per xdist worker), in a tmp dir."""
+"""The session's small moejax corpus (built once per xdist worker by tests/conftest.py)."""
 
 import pytest
+from testing_utils import TEST_CORPUS_BYTES_PER_DOMAIN as SMALL_BYTES_PER_DOMAIN
 
 from moejax.data import DataConfig, build_corpus
 
-SMALL_BYTES_PER_DOMAIN = 200_000
-
 
 @pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory) -> str:
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  build_corpus(data_dir, max_bytes_per_domain=SMALL_BYTES_PER_DOMAIN)
-  return data_dir
+def corpus_dir(tiny_corpus_dir) -> str:
+  return tiny_corpus_dir
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,16 @@ from moejax.moe.routing import Routing
 E, K, D, F, T = 6, 2, 8, 5, 40
 
 
+def swiglu_params(rng, e, d, f, scale=1.0):
+    """Random stacked SwiGLU weights (W_gate, W_up: [e, d, f], W_down: [e, f, d])."""
+    return tuple(jnp.asarray(rng.normal(size=s) * scale, jnp.float32)
+                 for s in [(e, d, f), (e, d, f), (e, f, d)])
+
+
 def make_inputs(seed=0, weights=None):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
-    params = tuple(jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32)
-                   for s in [(E, D, F), (E, D, F), (E, F, D)])
+    params = swiglu_params(rng, E, D, F, scale=0.3)
     logits = rng.normal(size=(T, E))
     ids = np.argsort(-logits, axis=1)[:, :K].astype(np.int32)
     ids[:10] = [0, 1]  # make expert 0/1 hot so groups are uneven; expert 5 may be empty
@@ -80,8 +85,7 @@ def test_capacity_drops_counted_exactly():
     w = jnp.full((t, 2), 0.5, jnp.float32)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(t, 4)), jnp.float32)
-    params = tuple(jnp.asarray(rng.normal(size=s), jnp.float32)
-                   for s in [(e, 4, 3), (e, 4, 3), (e, 3, 4)])
+    params = swiglu_params(rng, e, 4, 3)
     routing = Routing(expert_ids=ids, combine_weights=w, aux_losses={}, metrics={})
     y, metrics = dispatch(x, routing, swiglu_expert_fn(*params), cfg)
     assert float(metrics["dropped_fraction"]) == pytest.approx(10 / 16)
@@ -120,8 +124,7 @@ def test_zero_weight_slots_take_no_capacity():
     w = jnp.asarray([[0.0, 0.0], [0.0, 0.0], [0.7, 0.3], [0.6, 0.4]], jnp.float32)
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(t, 4)), jnp.float32)
-    params = tuple(jnp.asarray(rng.normal(size=s), jnp.float32)
-                   for s in [(e, 4, 3), (e, 4, 3), (e, 3, 4)])
+    params = swiglu_params(rng, e, 4, 3)
     routing = Routing(expert_ids=ids, combine_weights=w, aux_losses={}, metrics={})
     y, metrics = dispatch(x, routing, swiglu_expert_fn(*params), cfg)
     want, _ = dispatch(x, routing, swiglu_expert_fn(*params),

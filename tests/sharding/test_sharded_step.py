@@ -12,7 +12,7 @@ from testing_utils import REPO
 SCRIPT = r"""
 import json, sys
 import jax, numpy as np
-from testing_utils import load_config_module
+from testing_utils import TEST_CORPUS_BYTES_PER_DOMAIN, load_config_module
 from moejax.config import validate
 from moejax.data import make_batches
 from moejax.sharding.mesh import make_mesh
@@ -24,8 +24,8 @@ config.model.update(d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, num_layers
                     vocab_size=264)
 if config.model.moe_every:
     config.moe.update(num_experts=4, top_k=2, d_expert=16, gmm_tile=16)
-config.data.update(data_dir=sys.argv[2], max_bytes_per_domain=120_000, seq_len=32,
-                   global_batch_size=8)
+config.data.update(data_dir=sys.argv[2], max_bytes_per_domain=TEST_CORPUS_BYTES_PER_DOMAIN,
+                   seq_len=32, global_batch_size=8)
 batches = make_batches(validate(config, num_devices=1, num_processes=1).data, "train")
 raw = [next(batches) for _ in range(2)]
 out = {}
@@ -42,7 +42,7 @@ for name, sizes in layouts.items():
     state = exp.init_fn(jax.random.PRNGKey(0))
     losses = []
     for b in raw:
-        state, metrics = exp.step_fn(state, shard_batch(b, mesh))
+        state, metrics = exp.step_fn(state, shard_batch(b, mesh, s.mesh.rules))
         losses.append(float(metrics["loss"]))
     out[name] = losses + [float(metrics["grad_norm"])]
 print("RESULT" + json.dumps(out))

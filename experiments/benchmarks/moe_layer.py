@@ -145,7 +145,7 @@ def compile_step(fn: Callable, *args) -> tuple[Callable[[], object], float]:
 
 def moe_loss(layer: MoELayer) -> Callable:
     def loss(params, x):
-        y, _, aux, metrics = layer.apply({"params": params}, x)
+        y, _, aux, metrics, _ = layer.apply({"params": params}, x)
         return jnp.sum(jnp.square(y.astype(jnp.float32))) + sum(aux.values()), metrics
     return loss
 

@@ -16,6 +16,7 @@ from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.grouped_matmul import IMPLS
 from moejax.moe.routers import ROUTERS
+from moejax.moe.selection import SELECTIONS
 from moejax.sharding.config import MeshConfig, batch_mesh_axes
 from moejax.sharding.mesh import resolve_mesh_shape
 from moejax.train.config import TrainConfig
@@ -86,8 +87,27 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
     _require(moe.capacity_factor > 0,
              f"moe.capacity_factor={moe.capacity_factor} must be > 0 (1.0 = exactly the "
              f"balanced load; GShard uses 1.25-2.0).")
-    _require(moe.balance_coef >= 0 and moe.z_loss_coef >= 0,
-             "moe.balance_coef and moe.z_loss_coef must be >= 0.")
+    for name in ("balance_coef", "z_loss_coef", "entropy_coef"):
+        value = getattr(moe, name)
+        _require(value >= 0, f"moe.{name}={value} must be >= 0 (0 turns that loss off).")
+    _check_router(moe)
+
+
+def _check_router(moe: MoEConfig) -> None:
+    if moe.router == "gru":
+        _require(moe.selection in ("",) + tuple(SELECTIONS),
+                 f"moe.selection={moe.selection!r} is not a selection rule; choose one of "
+                 f"{sorted(SELECTIONS)} (or '' for softmax_topk).")
+    else:
+        _require(moe.selection in ("", moe.router),
+                 f"moe.selection={moe.selection!r} only applies to moe.router='gru' (whose "
+                 f"recurrent logits can go through any rule); moe.router={moe.router!r} "
+                 f"selects by its own name. Set moe.router={moe.selection!r} instead, or "
+                 f"leave moe.selection empty.")
+    _require(moe.gru_dim > 0, f"moe.gru_dim={moe.gru_dim} must be positive (RMoE uses 128).")
+    _require(0.0 < moe.top_p <= 1.0,
+             f"moe.top_p={moe.top_p} must be in (0, 1]: each token takes the fewest experts "
+             f"whose probabilities sum to at least top_p (the paper uses 0.4).")
 
 
 def _check_train(t: TrainConfig) -> None:

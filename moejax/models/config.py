@@ -34,6 +34,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; "bfloat16" with float32 params for mixed precision
     param_dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES
+    scan_layers: bool = True  # nn.scan over layers (compile time flat in depth) or a loop
 
     @classmethod
     def from_mapping(cls, mapping) -> "ModelConfig":

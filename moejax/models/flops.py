@@ -1,7 +1,9 @@
 """Parameter counts (total and active per token) and training FLOPs per token.
 
 Active parameters count, in each MoE layer, only the `top_k` routed experts a token uses
-(plus shared experts, router and everything outside the FFN). Training FLOPs per token use
+(plus shared experts, router and everything outside the FFN); for top-p routing `top_k` is
+the bound, so `active` is an upper bound (the measured `moe/experts_per_token` is logged).
+Training FLOPs per token use
 the PaLM estimate (Chowdhery et al., 2022, appendix B): 6 * N_active (forward + backward of
 every matmul weight, embeddings lookups excluded) + 12 * L * H * Q * S for attention scores
 and values (H heads of size Q over a context of S tokens; causal masking not discounted).
@@ -34,12 +36,17 @@ def count_params(model: ModelConfig, moe: MoEConfig) -> ParamCounts:
     expert = 3 * d * moe.d_expert
     shared = 3 * d * moe.n_shared * moe.d_expert
     router = d * moe.num_experts
+    gru_cell = 6 * moe.gru_dim * moe.gru_dim + 6 * moe.gru_dim  # w_i, w_h [h, 3h]; b_i, b_h
+    model_router = 0
+    if moe.router == "gru":  # RMoE: d -> h and h -> E per layer, plus the GRU cell(s)
+        router = moe.gru_dim * (d + moe.num_experts) + (0 if moe.gru_shared else gru_cell)
+        model_router = gru_cell if moe.gru_shared else 0
     n_moe = model.num_moe_layers
     n_dense = model.num_layers - n_moe
     embedding = model.vocab_size * d
     head = 0 if model.tie_embeddings else d * model.vocab_size
     common = embedding + head + d + model.num_layers * (attn + norms) + n_dense * dense_ffn
-    moe_fixed = n_moe * (shared + router)
+    moe_fixed = n_moe * (shared + router) + (model_router if n_moe else 0)
     total = common + moe_fixed + n_moe * moe.num_experts * expert
     active = common + moe_fixed + n_moe * moe.top_k * expert
     if model.tie_embeddings:  # the tied table is also the output projection

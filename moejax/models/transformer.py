@@ -7,12 +7,16 @@ Layers are stacked with `nn.scan` (parameters get a leading `layers` axis) so co
 does not grow with depth: one scan over the `first_k_dense` dense layers, then one scan over
 the MoE part, whose unit is a single MoE block (`moe_every=1`) or a period of
 `moe_every - 1` dense blocks (an inner scan) followed by one MoE block. The scan carry is
-`(x, router_state)` so a recurrent router (RMoE) can pass its state from layer to layer.
-Optional rematerialisation (`model.remat`) wraps each block.
+`(x, router_state)` so a recurrent router (RMoE) can pass its state from layer to layer;
+model-level router parameters (RMoE's shared GRU cell) are broadcast to every layer with the
+context. Optional rematerialisation (`model.remat`) wraps each block. `model.scan_layers=False`
+unrolls the same stacks into a Python loop (layers named `<stack>_<i>`; `unscan_params`
+converts scanned parameters to that layout), computing the same function.
 
 `apply(variables, inputs[B, L], segment_ids, positions)` returns float32 logits [B, L, V] and
 `extras`: `aux_loss` (scalar, already weighted), `aux_losses` (name -> scalar summed over
-layers) and `moe_metrics` (name -> array with a leading MoE-layer axis).
+layers), `moe_metrics` (name -> array with a leading MoE-layer axis) and `routing`
+(per-token decisions `[num_moe_layers, B, L]`: `top1_expert`, `experts_per_token`).
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ from moejax.models.config import ModelConfig
 from moejax.models.layers import DenseMLP, RMSNorm, dtype_of, logical_param
 from moejax.moe.config import MoEConfig
 from moejax.moe.layer import MoELayer
+from moejax.moe.routers import initial_router_state, shared_router_params
+
+SCANNED_STACKS = ("dense_layers", "moe_layers", "moe_periods", "dense")
 
 REMAT = {
     "full": None,  # save nothing; recompute the whole block in the backward pass
@@ -41,7 +48,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, ctx):
         x, router_state = carry
-        segment_ids, positions = ctx
+        segment_ids, positions, shared_router = ctx
         m = self.model
         norm = dict(eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype)
         h = Attention(m, name="attn")(RMSNorm(**norm, name="attn_norm")(x), segment_ids, positions)
@@ -50,11 +57,11 @@ class Block(nn.Module):
         if self.moe is None:
             out_std = m.init_std / (2 * m.num_layers) ** 0.5
             y = DenseMLP(m.d_ff, m.init_std, out_std, m.dtype, m.param_dtype, name="mlp")(h)
-            outputs = ({}, {})
+            outputs = ({}, {}, {})
         else:
-            y, router_state, aux, metrics = MoELayer(self.moe, m, name="moe")(
-                h, router_state, segment_ids > 0)
-            outputs = (aux, metrics)
+            y, router_state, aux, metrics, per_token = MoELayer(self.moe, m, name="moe")(
+                h, router_state, segment_ids > 0, shared_router)
+            outputs = (aux, metrics, per_token)
         return (x + y.astype(x.dtype), router_state), outputs
 
 
@@ -70,6 +77,39 @@ def _scan(cls, length: int):
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
 
+def _stack(cls, length: int, model: ModelConfig, moe: MoEConfig | None, name: str):
+    """`length` blocks as one scanned module `name`, or (`scan_layers=False`) a loop over
+    modules `name_0 .. name_{length-1}`; either way `(carry, ctx) -> (carry, stacked outputs)`.
+    Must be called inside a compact method (the loop's modules bind to the caller)."""
+    if model.scan_layers:
+        return _scan(cls, length)(model, moe, name=name)
+    blocks = [cls(model, moe, name=f"{name}_{i}") for i in range(length)]
+
+    def run(carry, ctx):
+        outputs = []
+        for block in blocks:
+            carry, out = block(carry, ctx)
+            outputs.append(out)
+        return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+    return run
+
+
+def unscan_params(params: Any) -> Any:
+    """Scanned parameters (stacks with a leading layer axis) -> the `scan_layers=False`
+    layout (one entry `<stack>_<i>` per layer), recursively for nested stacks."""
+    if not isinstance(params, dict):
+        return params
+    out = {}
+    for key, value in params.items():
+        if key in SCANNED_STACKS and isinstance(value, dict):
+            n = jax.tree.leaves(value)[0].shape[0]
+            for i in range(n):
+                out[f"{key}_{i}"] = unscan_params(jax.tree.map(lambda a, i=i: a[i], value))
+        else:
+            out[key] = unscan_params(value)
+    return out
+
+
 class MoEPeriod(nn.Module):
     """`moe_every - 1` dense blocks followed by one MoE block: the unit of the MoE scan."""
     model: ModelConfig
@@ -78,8 +118,7 @@ class MoEPeriod(nn.Module):
     @nn.compact
     def __call__(self, carry, ctx):
         block = _block_cls(self.model)
-        carry, _ = _scan(block, self.model.moe_every - 1)(self.model, None, name="dense")(
-            carry, ctx)
+        carry, _ = _stack(block, self.model.moe_every - 1, self.model, None, "dense")(carry, ctx)
         return block(self.model, self.moe, name="moe_block")(carry, ctx)
 
 
@@ -103,20 +142,24 @@ class Transformer(nn.Module):
         embedding = logical_param(self, "embedding", (m.vocab_size, m.d_model),
                                   ("vocab", "embed"), embed_std, pdt)
         x = jnp.take(embedding, inputs_BxL, axis=0).astype(dt)
-        ctx = (segment_ids_BxL, positions_BxL)
-        carry = (x, None)
+        router_state, shared_router = None, None
+        if m.num_moe_layers:
+            router_state = initial_router_state(self.moe, b * length)
+            shared_router = shared_router_params(self.moe, m.init_std, m.param_dtype)
+        ctx = (segment_ids_BxL, positions_BxL, shared_router)
+        carry = (x, router_state)
         block = _block_cls(m)
 
         num_dense_prefix = m.num_layers if m.moe_every == 0 else m.first_k_dense
         if num_dense_prefix:
-            carry, _ = _scan(block, num_dense_prefix)(m, None, name="dense_layers")(carry, ctx)
-        aux, metrics = {}, {}
+            carry, _ = _stack(block, num_dense_prefix, m, None, "dense_layers")(carry, ctx)
+        aux, metrics, per_token = {}, {}, {}
         if m.num_moe_layers:
             if m.moe_every == 1:
-                stack = _scan(block, m.num_moe_layers)(m, self.moe, name="moe_layers")
+                stack = _stack(block, m.num_moe_layers, m, self.moe, "moe_layers")
             else:
-                stack = _scan(MoEPeriod, m.num_moe_layers)(m, self.moe, name="moe_periods")
-            carry, (aux, metrics) = stack(carry, ctx)
+                stack = _stack(MoEPeriod, m.num_moe_layers, m, self.moe, "moe_periods")
+            carry, (aux, metrics, per_token) = stack(carry, ctx)
 
         x = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")(carry[0])
         if m.tie_embeddings:
@@ -127,5 +170,6 @@ class Transformer(nn.Module):
             logits = x @ head.astype(dt)
         aux_losses = {name: jnp.sum(v) for name, v in aux.items()}
         aux_loss = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
-        extras = {"aux_loss": aux_loss, "aux_losses": aux_losses, "moe_metrics": metrics}
+        extras = {"aux_loss": aux_loss, "aux_losses": aux_losses, "moe_metrics": metrics,
+                  "routing": per_token}
         return logits.astype(jnp.float32), extras

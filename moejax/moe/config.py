@@ -14,15 +14,26 @@ class MoEConfig:
     split each expert into m smaller ones (`num_experts * m`, `d_expert / m`, `top_k * m`) and
     keep `n_shared` always-on experts, computed as one dense SwiGLU of width
     `n_shared * d_expert`.
+
+    A router is a scorer (how logits are made) and a selection rule (which experts a token
+    takes, with what weights). `router="softmax_topk"` and `router="top_p"` score with one
+    linear map and select by their name; `router="gru"` scores with RMoE's recurrent GRU and
+    selects by `selection` (see `moejax.moe.routers`).
     """
     num_experts: int = 8
     top_k: int = 2
     d_expert: int = 512
     n_shared: int = 0
-    router: str = "softmax_topk"
+    router: str = "softmax_topk"  # softmax_topk | top_p | gru
+    selection: str = ""  # selection rule of the gru router; "" = softmax_topk
     renormalize: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral)
     balance_coef: float = 0.01  # Switch Transformer load-balance loss weight
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss weight
+    entropy_coef: float = 0.0  # router-entropy loss weight (dynamic routing's beta)
+    top_p: float = 0.4  # top_p: smallest expert set with probability >= top_p (max top_k)
+    gru_dim: int = 128  # gru: hidden size h of the routing state (RMoE uses 128)
+    gru_shared: bool = True  # gru: one GRU cell for all MoE layers (RMoE) or one per layer
+    gru_detach: bool = False  # gru: stop gradients through the carried state (ablation)
     dispatcher: str = "auto"
     capacity_factor: float = 1.25  # only for capacity_einsum: C = ceil(cf * T * k / E)
     gmm_impl: str = "auto"  # grouped matmul of the `ragged` plan: auto|tile_loop|ragged_dot

@@ -12,7 +12,8 @@ same y (up to float error and, for `capacity_einsum` only, dropped assignments):
   the buffers by index gathers rather than GShard's one-hot [T, E, C] einsums, which would
   need T*E*C memory.
 - `ragged`: dropless. Sort the T*k assignments by expert, grouped matmul over the sorted rows
-  (`moejax.moe.grouped_matmul`), unsort, combine (MegaBlocks, Gale et al., 2022).
+  (`moejax.moe.grouped_matmul`), unsort, combine (MegaBlocks, Gale et al., 2022). Slots of
+  zero weight are sorted past the last group and cost no FLOPs.
 - `auto`: the fastest dropless plan for the platform (`AUTO_PLAN`).
 """
 from __future__ import annotations
@@ -90,7 +91,10 @@ def ragged(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
            gmm_impl: str | None = None) -> tuple[jax.Array, Metrics]:
     t, k = routing.expert_ids.shape
     impl = gmm_impl or resolve_gmm_impl(cfg.gmm_impl)
-    order, inverse, sizes = sort_by_expert(routing.expert_ids, cfg.num_experts)
+    # Unused slots (zero weight) go past the last group: no FLOPs for padding tokens or the
+    # empty slots of top-p routing.
+    order, inverse, sizes = sort_by_expert(routing.expert_ids, cfg.num_experts,
+                                           routing.combine_weights > 0)
     x_sorted = permute(x, order, inverse, k)
     out = expert_fn(x_sorted, lambda lhs, w: gmm(lhs, w, sizes, impl=impl, tile=cfg.gmm_tile))
     y = unpermute(out, order, inverse).reshape(t, k, -1)

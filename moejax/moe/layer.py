@@ -3,7 +3,8 @@
 y = sum_{j<k} g_{t,j} E_{e_{t,j}}(x_t) + SharedMLP(x_t)   (DeepSeekMoE, Dai et al., 2024, eq. 9)
 
 Input `x[B, L, d]` is flattened to T = B*L tokens for routing and dispatch. Returns the layer
-output, the router state for the next MoE layer, the weighted aux losses and the metrics.
+output, the router state for the next MoE layer, the weighted aux losses, the metrics, and
+per-token routing decisions `[B, L]` for analysis (`top1_expert`, `experts_per_token`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from moejax.models.config import ModelConfig
 from moejax.models.layers import DenseMLP
@@ -26,14 +28,14 @@ class MoELayer(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, router_state: Any = None,
-                 mask_BxL: jax.Array | None = None):
+                 mask_BxL: jax.Array | None = None, shared_router: Any = None):
         cfg, m = self.cfg, self.model
         b, length, d = x_BxLxD.shape
         x = x_BxLxD.reshape(b * length, d)
         mask = None if mask_BxL is None else mask_BxL.reshape(b * length)
         out_std = m.init_std / (2 * m.num_layers) ** 0.5
         routing = ROUTERS[cfg.router](cfg, init_std=m.init_std, param_dtype=m.param_dtype,
-                                      name="router")(x, router_state, mask)
+                                      name="router")(x, router_state, mask, shared_router)
         expert_fn = RoutedExperts(cfg.num_experts, d, cfg.d_expert, m.init_std, out_std,
                                   m.dtype, m.param_dtype, name="experts")()
         y, dispatch_metrics = dispatch(x, routing, expert_fn, cfg)
@@ -41,4 +43,9 @@ class MoELayer(nn.Module):
             y = y + DenseMLP(cfg.n_shared * cfg.d_expert, m.init_std, out_std, m.dtype,
                              m.param_dtype, name="shared")(x)
         metrics = {**routing.metrics, **dispatch_metrics}
-        return y.reshape(b, length, d), routing.state, routing.aux_losses, metrics
+        per_token = {
+            "top1_expert": routing.expert_ids[:, 0].reshape(b, length),
+            "experts_per_token": jnp.sum(routing.combine_weights > 0, axis=-1,
+                                         dtype=jnp.int32).reshape(b, length),
+        }
+        return y.reshape(b, length, d), routing.state, routing.aux_losses, metrics, per_token

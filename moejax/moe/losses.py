@@ -29,16 +29,18 @@ def expert_load(expert_ids: jax.Array, num_experts: int, mask: jax.Array | None 
 
 
 def switch_balance_loss(probs: jax.Array, expert_ids: jax.Array,
-                        mask: jax.Array | None = None) -> jax.Array:
+                        mask: jax.Array | None = None,
+                        weights: jax.Array | None = None) -> jax.Array:
     """Switch Transformer load-balance loss (Fedus et al., 2021, eq. 4), top-k form.
 
     L = E * sum_i f_i * P_i, where f_i is the fraction of the T*k assignments sent to expert
     i and P_i the mean router probability of expert i. Equals 1 under perfect balance; this
-    is DeepSeekMoE's expert-level balance loss with f_i' = E f_i.
+    is DeepSeekMoE's expert-level balance loss with f_i' = E f_i. With `weights`, slots of
+    zero weight (top-p padding) are not assignments.
     """
     t, e = probs.shape
     m = _mask(t, mask)
-    f = expert_load(expert_ids, e, mask)
+    f = expert_load(expert_ids, e, mask, weights)
     p = jnp.sum(probs.astype(jnp.float32) * m[:, None], axis=0) / jnp.maximum(jnp.sum(m), 1.0)
     return e * jnp.sum(f * p)
 
@@ -65,12 +67,16 @@ def coefficient_of_variation(load: jax.Array) -> jax.Array:
 
 def routing_metrics(probs: jax.Array, expert_ids: jax.Array, weights: jax.Array,
                     mask: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Per-layer statistics every router reports: load [E], load CV, entropy, experts/token."""
-    e = probs.shape[-1]
+    """Per-layer statistics every router reports: load [E], load CV, entropy, experts/token
+    (mean, and `experts_per_token_hist[j]`: the fraction of tokens that use j experts,
+    j = 0..k)."""
+    e, k = probs.shape[-1], expert_ids.shape[-1]
     load = expert_load(expert_ids, e, mask, weights)
     m = _mask(probs.shape[0], mask)
     per_token = jnp.sum((weights > 0).astype(jnp.float32), axis=-1)
+    hist = jnp.zeros((k + 1,), jnp.float32).at[per_token.astype(jnp.int32)].add(m)
     return {
+        "experts_per_token_hist": hist / jnp.maximum(jnp.sum(m), 1.0),
         "load": load,
         "load_cv": coefficient_of_variation(load),
         "max_load": jnp.max(load) * e,  # 1 = balanced, E = everything on one expert

@@ -52,9 +52,16 @@ def _unpermute_bwd(res, g):
 unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
 
 
-def sort_by_expert(expert_ids: jax.Array, num_experts: int):
-    """(order[T*k], inverse[T*k], group_sizes[E]) of the (token, choice) assignments."""
+def sort_by_expert(expert_ids: jax.Array, num_experts: int, used: jax.Array | None = None):
+    """(order[T*k], inverse[T*k], group_sizes[E]) of the (token, choice) assignments.
+
+    `used[T, k]` (optional, bool): slots that are not used (zero combine weight: padding
+    tokens, empty top-p slots) are sorted after every group and left out of `group_sizes`,
+    so the grouped matmul computes nothing for them (its rows past the total are zeros).
+    """
     flat = expert_ids.reshape(-1)
+    if used is not None:
+        flat = jnp.where(used.reshape(-1), flat, num_experts)
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)

@@ -1,9 +1,21 @@
-"""Routers: `(x[T, d], state, mask) -> Routing`, registered by name in `ROUTERS`.
+"""Routers: `(x[T, d], state, mask, shared) -> Routing`, registered by name in `ROUTERS`.
 
-A new router is one Linen module with the signature of `SoftmaxTopKRouter.__call__` plus one
-entry in `ROUTERS`; `config.moe.router` picks it.
+A router is a scorer, which turns hidden states into logits `[T, E]` (and may carry a state
+from one MoE layer to the next), followed by a selection rule from `moejax.moe.selection`:
+
+- `softmax_topk`: linear scorer `logits = x W_r` (float32) + the `softmax_topk` rule.
+- `top_p`: the same linear scorer + the `top_p` rule (dynamic routing).
+- `gru`: RMoE's layerwise recurrent scorer (`moejax.moe.gru_router`) + the rule named by
+  `config.moe.selection` (softmax top-k by default), so the recurrence composes with every
+  rule instead of copying it.
+
+A new router is one Linen module with the signature of `LinearRouter.__call__` plus one
+entry in `ROUTERS`. `shared` holds model-level router parameters (RMoE's shared GRU cell),
+passed by the Transformer; None elsewhere.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -11,48 +23,47 @@ import jax.numpy as jnp
 
 from moejax.models.layers import dtype_of, logical_param
 from moejax.moe.config import MoEConfig
-from moejax.moe.losses import router_z_loss, routing_metrics, switch_balance_loss
+from moejax.moe.gru_router import GRUCell, GRURouter
 from moejax.moe.routing import Routing
+from moejax.moe.selection import SELECTIONS, selection_rule
 
 
-class SoftmaxTopKRouter(nn.Module):
-    """Softmax top-k gating: GShard (Lepikhin et al., 2020), Switch (Fedus et al., 2021),
-    Mixtral (Jiang et al., 2024).
-
-    logits = x W_r (float32), p = softmax(logits), the k largest p_i are selected; with
-    `renormalize` the selected weights are divided by their sum (Mixtral), otherwise they are
-    the raw probabilities (GShard/DeepSeekMoE). Aux losses: Switch balance * balance_coef and
-    router z-loss * z_loss_coef (each omitted when its coefficient is 0).
-    """
+class LinearRouter(nn.Module):
+    """logits = x W_r in float32, then the config's selection rule; stateless."""
     cfg: MoEConfig
     init_std: float = 0.02
     param_dtype: str = "float32"
 
     @nn.compact
-    def __call__(self, x_TxD: jax.Array, state=None, mask_T: jax.Array | None = None) -> Routing:
+    def __call__(self, x_TxD: jax.Array, state=None, mask_T: jax.Array | None = None,
+                 shared: Any = None) -> Routing:
         cfg = self.cfg
         w = logical_param(self, "kernel", (x_TxD.shape[-1], cfg.num_experts), ("embed", "expert"),
                           self.init_std, dtype_of(self.param_dtype))
         logits = x_TxD.astype(jnp.float32) @ w.astype(jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1)
-        weights, ids = jax.lax.top_k(probs, cfg.top_k)
-        if cfg.renormalize:
-            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        if mask_T is not None:  # padding tokens get zero weight: they take no capacity
-            weights = weights * mask_T[:, None].astype(weights.dtype)
-        balance = switch_balance_loss(probs, ids, mask_T)
-        z = router_z_loss(logits, mask_T)
-        aux = {}
-        if cfg.balance_coef:
-            aux["balance"] = cfg.balance_coef * balance
-        if cfg.z_loss_coef:
-            aux["z_loss"] = cfg.z_loss_coef * z
-        metrics = routing_metrics(probs, ids, weights, mask_T)
-        metrics.update(balance_loss=balance, z_loss=z)
-        return Routing(expert_ids=ids.astype(jnp.int32), combine_weights=weights,
-                       aux_losses=aux, metrics=metrics, state=state)
+        sel = SELECTIONS[selection_rule(cfg)](logits, mask_T, cfg)
+        return Routing(expert_ids=sel.expert_ids, combine_weights=sel.weights,
+                       aux_losses=sel.aux_losses, metrics=sel.metrics, state=state)
 
 
 ROUTERS = {
-    "softmax_topk": SoftmaxTopKRouter,
+    "softmax_topk": LinearRouter,
+    "top_p": LinearRouter,
+    "gru": GRURouter,
 }
+
+
+def initial_router_state(cfg: MoEConfig, num_tokens: int) -> Any:
+    """The state the first MoE layer's router receives: zeros `[T, gru_dim]` for `gru`
+    (PyTorch's GRUCell with no hidden state, as in RMoE), None for stateless routers."""
+    if cfg.router == "gru":
+        return jnp.zeros((num_tokens, cfg.gru_dim), jnp.float32)
+    return None
+
+
+def shared_router_params(cfg: MoEConfig, init_std: float, param_dtype: str) -> Any:
+    """Model-level router parameters, created in the caller's scope (None if the router has
+    none): RMoE's GRU cell when `gru_shared`."""
+    if cfg.router == "gru" and cfg.gru_shared:
+        return GRUCell(cfg.gru_dim, init_std, param_dtype, name="router_gru")()
+    return None

@@ -1,4 +1,4 @@
-"""AdamW with linear warmup + cosine decay, global-norm clipping, no decay on norm scales."""
+"""AdamW with linear warmup + cosine decay, global-norm clipping, no decay on norm scales or biases."""
 from __future__ import annotations
 
 import jax
@@ -16,11 +16,12 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for weights that get weight decay: everything but RMSNorm scales."""
+    """True for weights that get weight decay: everything but RMSNorm scales and biases
+    (names starting with `b_`, e.g. the GRU router's)."""
     def keep(path, _):
         # The last dict key names the weight (boxed params add a trailing `.value` attr).
         names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        return not names or names[-1] != "scale"
+        return not names or not (names[-1] == "scale" or names[-1].startswith("b_"))
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -85,9 +85,12 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
 
 
 def eval_step(params, batch: Batch, *, model, num_domains: int) -> dict[str, jax.Array]:
-    """Sums, so batches add up: cross-entropy and token counts, overall and per data domain.
+    """Sums, so batches add up: cross-entropy and token counts, overall and per data domain,
+    and (MoE models) the experts used per token, per MoE layer and domain.
 
     The aux loss and the `moe/*` metrics are per-batch values that the caller averages.
+    `top1_expert[num_moe_layers, B, L]` is every loss token's first-choice expert (-1 for
+    the others), which the caller compares between evaluations (routing stability).
     """
     logits, extras = forward(model, params, batch)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -102,4 +105,9 @@ def eval_step(params, batch: Batch, *, model, num_domains: int) -> dict[str, jax
         "batches": jnp.ones(()),
     }
     out.update({f"moe/{k}": v for k, v in extras["moe_metrics"].items()})
+    routing = extras["routing"]
+    if routing:
+        used = routing["experts_per_token"].astype(jnp.float32)
+        out["domain_experts_sum"] = jnp.einsum("nbl,bl,bld->nd", used, mask, domain_onehot)
+        out["top1_expert"] = jnp.where(mask[None] > 0, routing["top1_expert"], -1)
     return out

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.config import ConfigError, Sections, validate
 from moejax.data import DOMAINS, describe, make_batches
@@ -29,6 +30,7 @@ from moejax.sharding.partitioning import check_divisible, logical_shardings, sha
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.mfu import device_peak_tflops
 from moejax.train.optimizer import learning_rate_schedule, make_optimizer
+from moejax.train.routing_stability import RoutingStability
 from moejax.train.step import TrainState, eval_step, train_step
 from moejax.train.writers import make_writers
 
@@ -125,10 +127,17 @@ def _eval_batches(s: Sections):
         i += 1
 
 
-def evaluate(eval_fn, params, s: Sections, mesh) -> dict[str, float]:
+def evaluate(eval_fn, params, s: Sections, mesh,
+             stability: RoutingStability | None = None) -> dict[str, float]:
+    """Loss over the validation batches (overall, per domain), MoE metrics, experts per token
+    per domain, and with `stability` the fraction of tokens whose first-choice expert changed
+    since the previous call."""
     totals: dict[str, Any] = {}
+    top1 = []
     for batch in _eval_batches(s):
         out = jax.device_get(eval_fn(params, shard_batch(batch, mesh, s.mesh.rules)))
+        if "top1_expert" in out:
+            top1.append(out.pop("top1_expert").reshape(s.model.num_moe_layers, -1))
         totals = out if not totals else jax.tree.map(np.add, totals, out)
     if not totals:
         return {}
@@ -141,7 +150,15 @@ def evaluate(eval_fn, params, s: Sections, mesh) -> dict[str, float]:
             result[f"eval/loss/{name}"] = float(
                 totals["domain_ce_sum"][d] / totals["domain_tokens"][d])
     moe = {k: v / n for k, v in totals.items() if k.startswith("moe/")}
+    if stability is not None and top1:
+        moe.update(stability.update(np.concatenate(top1, axis=1)))
     result.update(_flatten_metrics("eval/", moe))
+    if "domain_experts_sum" in totals:  # [num_moe_layers, domains]
+        per_domain = totals["domain_experts_sum"] / np.maximum(totals["domain_tokens"], 1.0)
+        for d, name in enumerate(DOMAINS):
+            if totals["domain_tokens"][d] > 0:
+                result.update(_flatten_metrics(
+                    "eval/", {f"moe/experts_per_token/{name}": per_domain[:, d]}))
     return result
 
 
@@ -186,7 +203,9 @@ def build_experiment(s: Sections, mesh) -> Experiment:
         functools.partial(train_step, model=model, tx=tx, grad_accum=s.train.grad_accum,
                           schedule=schedule),
         out_shardings=(state_shardings, None), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, num_domains=len(DOMAINS)))
+    # Replicated outputs: every process can read the per-token `top1_expert` of the batch.
+    eval_fn = jax.jit(functools.partial(eval_step, model=model, num_domains=len(DOMAINS)),
+                      out_shardings=NamedSharding(mesh, PartitionSpec()))
     return Experiment(model, tx, schedule, mesh, state_shardings, abstract_state, init_fn,
                       step_fn, eval_fn)
 
@@ -248,6 +267,7 @@ def train(config, workdir: str) -> dict[str, float]:
     throughput = _Throughput(flops_per_token, jax.device_count(), peak)
 
     # Loop.
+    stability = RoutingStability()
     t_start = time.perf_counter()
     final: dict[str, float] = {}
     pending: list[dict] = []
@@ -289,7 +309,7 @@ def train(config, workdir: str) -> dict[str, float]:
             final.update(out)
             last_logged = step
         if s.train.eval_every and (step % s.train.eval_every == 0 or step == s.train.steps):
-            result = evaluate(exp.eval_fn, state.params, s, mesh)
+            result = evaluate(exp.eval_fn, state.params, s, mesh, stability)
             if result:
                 writers.write(step, result)
                 log(f"eval @ {step}: loss {result['eval/loss']:.4f} "

@@ -54,6 +54,12 @@ BAD = [
     ("mesh.expert", 3, "which does not divide the 1 devices"),
     ("data.seq_len", 0, "data.seq_len must be positive"),
 ]
+BAD += [  # routers (moejax.moe.routers / selection)
+    ("moe.selection", "top_p", "only applies to moe.router='gru'"),
+    ("moe.top_p", 1.5, "moe.top_p=1.5 must be in (0, 1]"),
+    ("moe.gru_dim", 0, "moe.gru_dim=0 must be positive"),
+    ("moe.entropy_coef", -1e-4, "moe.entropy_coef=-0.0001 must be >= 0"),
+]
 
 
 @pytest.mark.parametrize("field,value,message", BAD, ids=[b[0] for b in BAD])

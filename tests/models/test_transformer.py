@@ -17,7 +17,7 @@ import numpy_model_reference as ref  # tests/ is on sys.path (pytest.ini)
 import pytest
 
 from moejax.models.config import ModelConfig
-from moejax.models.transformer import Transformer
+from moejax.models.transformer import Transformer, unscan_params
 from moejax.moe.config import MoEConfig
 from moejax.sharding.config import DEFAULT_RULES
 
@@ -192,7 +192,13 @@ def test_packed_segments_equal_separate_rows_and_ignore_padding(m):
     np.testing.assert_allclose(np.asarray(logits2)[real], np.asarray(logits)[real],
                                rtol=1e-5, atol=1e-5)
     assert np.max(np.abs(np.asarray(logits2)[~real] - np.asarray(logits)[~real])) > 1e-2
+    routing, routing2 = extras.pop("routing"), extras2.pop("routing")
     assert_trees_close(extras2, extras, rtol=1e-5, atol=1e-6)
+    for name in routing:  # per-token decisions: real tokens unchanged; padding uses 0 experts
+        np.testing.assert_array_equal(np.asarray(routing2[name])[:, real],
+                                      np.asarray(routing[name])[:, real])
+    if routing:
+        np.testing.assert_array_equal(np.asarray(routing["experts_per_token"])[:, ~real], 0)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -319,6 +325,39 @@ def test_remat_preserves_loss_and_grads(policy):
     text = jaxpr_text(m, MOE, tokens)
     assert "remat" in text or "checkpoint" in text
     assert ("DotsSaveable" in text) == (policy == "dots")
+
+
+GRU_MOE = dataclasses.replace(MOE, router="gru", gru_dim=6)
+TOP_P_MOE = dataclasses.replace(MOE, router="top_p", top_k=4, top_p=0.6, entropy_coef=0.01)
+
+
+@pytest.mark.parametrize("moe", [GRU_MOE, TOP_P_MOE], ids=["gru", "top_p"])
+def test_scanned_unscanned_and_remat_stacks_are_one_function(moe):
+    """RMoE's state crosses the scanned stacks (incl. the nested dense scan of a period) and
+    remat exactly as it crosses an unrolled loop of layers."""
+    tokens = tokens_for(5)
+    loss, logits, extras, grads = run(MODEL, moe, tokens)
+    loss_r, logits_r, _, grads_r = run(dataclasses.replace(MODEL, remat="full"), moe, tokens)
+    np.testing.assert_allclose(logits_r, logits, rtol=1e-5, atol=1e-6)
+    assert_trees_close(grads_r, grads, rtol=1e-5, atol=1e-6)
+
+    flat = dataclasses.replace(MODEL, scan_layers=False)
+    params = unscan_params(params_for(MODEL, moe))
+    want_tree = jax.tree.structure(nn.unbox(ref.abstract_variables(Transformer(flat, moe)))[
+        "params"])
+    assert jax.tree.structure(params) == want_tree
+    assert "moe_periods_1" in params and "dense_0" in params["moe_periods_1"]
+    (loss_u, (logits_u, extras_u)), grads_u = loss_and_grad_fn(flat, moe)(
+        params, *_args(MODEL, moe, tokens)[1:])
+    np.testing.assert_allclose(loss_u, loss, rtol=1e-6)
+    np.testing.assert_allclose(logits_u, logits, rtol=1e-5, atol=1e-6)
+    assert_trees_close(extras_u, extras, rtol=1e-5, atol=1e-6)
+    assert_trees_close(grads_u, unscan_params(grads), rtol=1e-5, atol=1e-6)
+    if moe.router == "gru":  # one shared cell, trained through every MoE layer
+        assert "router_gru" in grads and np.max(np.abs(grads["router_gru"]["w_h"])) > 1e-5
+        assert np.max(np.abs(grads["moe_periods"]["moe_block"]["moe"]["router"]["proj"][0])) > 0
+    else:
+        assert 1.0 <= float(np.mean(extras["moe_metrics"]["experts_per_token"])) < 4.0
 
 
 def test_bfloat16_compute_with_float32_params():

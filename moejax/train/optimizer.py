@@ -1,4 +1,4 @@
-"""AdamW with linear warmup + cosine decay, global-norm clipping, no decay on norm scales or biases."""
+"""AdamW with linear warmup + cosine decay, global-norm clipping; no decay on norms or biases."""
 from __future__ import annotations
 
 import jax

@@ -110,6 +110,16 @@ class _Throughput:
 # Evaluation.
 
 
+def _routing_summary(result: dict[str, Any]) -> str:
+    """Experts per token (when it varies by design, e.g. top-p) and routing stability."""
+    parts = []
+    if "eval/moe/experts_per_token" in result:
+        parts.append(f"experts/token {float(result['eval/moe/experts_per_token']):.2f}")
+    if "eval/moe/top1_changed" in result:
+        parts.append(f"top-1 changed {100 * float(result['eval/moe/top1_changed']):.1f}%")
+    return ("; " + ", ".join(parts)) if parts else ""
+
+
 def _eval_batches(s: Sections):
     """This process's eval batches, padded so every process runs the same number of steps
     (a multi-host eval step is a collective; a process that ran out feeds padding)."""
@@ -315,7 +325,7 @@ def train(config, workdir: str) -> dict[str, float]:
                 log(f"eval @ {step}: loss {result['eval/loss']:.4f} "
                     f"({result['eval/bits_per_byte']:.3f} bits/byte) " + " ".join(
                         f"{d}={result[f'eval/loss/{d}']:.3f}" for d in DOMAINS
-                        if f"eval/loss/{d}" in result))
+                        if f"eval/loss/{d}" in result) + _routing_summary(result))
                 final.update(result)
             throughput.reset()  # evaluation time is not training throughput
         ckpt.save(step, state, data_state=train_batches.get_state(),

@@ -23,6 +23,8 @@ EXTRAS_REQUIRE = {
     "gpu": ["jax[cuda12]>=0.7.0", "jax-triton>=0.3.0"],
     # torch pinned: 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
     "hf": ["torch==2.13.0", "transformers>=4.48", "peft>=0.14", "safetensors>=0.4"],
+    # Peers in experiments/benchmarks/gmm.py (its `xla` ragged_dot runs on CPU).
+    "bench": ["tokamax>=0.0.12"],
     "notebook": ["jupyter>=1.0", "matplotlib>=3.8", "pandas>=2.1"],
 }
 

@@ -28,3 +28,17 @@ def tgmm_reference(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array) -> j
     onehot = jax.nn.one_hot(row_groups(group_sizes, lhs.shape[0]), group_sizes.shape[0],
                             dtype=lhs.dtype)
     return jnp.einsum("mk,mn,mg->gkn", lhs, grad, onehot)
+
+
+def permute_reference(x: jax.Array, order: jax.Array, k: int) -> jax.Array:
+    """Row r of the result is token `order[r] // k` (the expert-sorted, top-k-duplicated x)."""
+    return x[order // k]
+
+
+def unpermute_combine_reference(y_sorted: jax.Array, order: jax.Array,
+                                weights: jax.Array) -> jax.Array:
+    """`y[t] = sum_j weights[t, j] * y_sorted[r]` where `order[r] = t*k + j` (a scatter-add)."""
+    t, k = weights.shape
+    w_sorted = weights.reshape(-1)[order].astype(y_sorted.dtype)
+    return jnp.zeros((t, y_sorted.shape[1]), y_sorted.dtype).at[order // k].add(
+        y_sorted * w_sorted[:, None])

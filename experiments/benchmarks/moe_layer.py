@@ -32,6 +32,11 @@ rows (no router, permutation, combine or shared experts) and `experts_share` of 
 `active_gflop_per_s` counts the active FLOPs only (what the dense MLP also does), so plans that
 compute more (`dense_reference`: all E experts on every token; capacity padding) show less.
 
+`pallas` (the `ragged` plan on `pallas_kernels`: fused permute, Pallas gmm, fused
+unpermute + combine) runs compiled on GPU/TPU; on CPU its kernels run in Pallas interpret
+mode, which is for correctness, so there it is timed only when tokens x top_k fits
+`--pallas-interpret-max-rows` (the tiny test shape does; the default shape is skipped).
+
 `dense_reference` does E/k times the routed FLOPs; it runs only if its predicted time (from the
 dense MLP's measured speed) fits `--reference-budget-s`, else `skipped` says why. At the default
 shape on a 2-core CPU it takes ~9 s a call (25 s the first) and 10 GB, so it is skipped.
@@ -245,8 +250,19 @@ def load_hf_peer():
 
 
 # ------------------------------------------------------------------------------ main
+def pallas_skip_reason(shape: Shape, max_rows: int) -> str | None:
+    """Why the `pallas` dispatcher is not timed (None if it is): on CPU its kernels run in
+    Pallas interpret mode, a correctness tool, so only small shapes are worth the wait."""
+    rows = shape.tokens * shape.top_k
+    if jax.default_backend() != "cpu" or rows <= max_rows:
+        return None
+    return (f"interpret mode on CPU (no compiled Pallas): {rows} rows > "
+            f"--pallas-interpret-max-rows {max_rows}")
+
+
 def run(shape: Shape, dispatchers: list[str], repeats: int, skip: set[str],
-        reference_budget_s: float, hf_impls: list[str], torch_threads: int) -> dict:
+        reference_budget_s: float, hf_impls: list[str], torch_threads: int,
+        pallas_interpret_max_rows: int = 4096) -> dict:
     t_start = time.perf_counter()
     key_x, key_init, key_dense = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(key_x, (shape.batch, shape.seq_len, shape.d_model)).astype(shape.dtype)
@@ -278,6 +294,12 @@ def run(shape: Shape, dispatchers: list[str], repeats: int, skip: set[str],
         if name in skip:
             skipped[name] = "--skip"
             continue
+        if name == "pallas":
+            reason = pallas_skip_reason(shape, pallas_interpret_max_rows)
+            if reason:
+                skipped[name] = reason
+                log(f"skipping pallas: {reason}")
+                continue
         if name == "dense_reference":
             reason = reference_skip_reason(shape, dense_call_s, repeats, reference_budget_s)
             if reason:
@@ -406,6 +428,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma list of dispatchers and/or " + ",".join(OPTIONAL))
     p.add_argument("--reference-budget-s", type=float, default=60.0,
                    help="run dense_reference only if its predicted time fits (inf: always)")
+    p.add_argument("--pallas-interpret-max-rows", type=int, default=4096,
+                   help="on CPU, time the pallas dispatcher (interpret mode) only up to this "
+                        "many tokens x top_k rows")
     p.add_argument("--hf-impl", default="grouped_mm",
                    help="comma list of transformers experts_implementation for the HF peer "
                         "(grouped_mm|eager|batched_mm); the first is `hf_deepseek_v3_moe`")
@@ -432,7 +457,8 @@ def main(argv=None) -> dict:
     log(f"shape {shape}; device {device_name()}")
     report = run(shape, [n for n in args.dispatchers.split(",") if n], args.repeats,
                  {n for n in args.skip.split(",") if n}, args.reference_budget_s,
-                 [n for n in args.hf_impl.split(",") if n], args.torch_threads)
+                 [n for n in args.hf_impl.split(",") if n], args.torch_threads,
+                 args.pallas_interpret_max_rows)
     if args.json:
         print(json.dumps(report))
     else:

@@ -20,6 +20,7 @@ from moejax.moe.selection import SELECTIONS
 from moejax.sharding.config import MeshConfig, batch_mesh_axes
 from moejax.sharding.mesh import resolve_mesh_shape
 from moejax.train.config import TrainConfig
+from pallas_kernels.backend import BACKENDS as KERNEL_BACKENDS
 
 BYTE_VOCAB = 259  # moejax.data.tokenizer.ByteTokenizer
 
@@ -83,6 +84,9 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
              f"moe.dispatcher={moe.dispatcher!r} is unknown; choose one of {sorted(DISPATCHERS)}.")
     _require(moe.gmm_impl in IMPLS + ("auto",),
              f"moe.gmm_impl={moe.gmm_impl!r} must be one of {('auto',) + IMPLS}.")
+    _require(moe.kernel_backend in ("auto",) + KERNEL_BACKENDS,
+             f"moe.kernel_backend={moe.kernel_backend!r} must be one of "
+             f"{('auto',) + KERNEL_BACKENDS}.")
     _require(moe.gmm_tile > 0, f"moe.gmm_tile={moe.gmm_tile} must be positive.")
     _require(moe.capacity_factor > 0,
              f"moe.capacity_factor={moe.capacity_factor} must be > 0 (1.0 = exactly the "

@@ -38,6 +38,9 @@ class MoEConfig:
     capacity_factor: float = 1.25  # only for capacity_einsum: C = ceil(cf * T * k / E)
     gmm_impl: str = "auto"  # grouped matmul of the `ragged` plan: auto|tile_loop|ragged_dot
     gmm_tile: int = 256  # rows per tile of the tile_loop grouped matmul
+    # kernels of the `pallas` dispatcher: auto (from the platform)|mosaic_tpu|pallas_gpu|
+    # jax_triton (pallas_gpu plus the Triton combine kernel); see pallas_kernels/backend.py
+    kernel_backend: str = "auto"
 
     @classmethod
     def from_mapping(cls, mapping) -> "MoEConfig":

@@ -14,6 +14,11 @@ same y (up to float error and, for `capacity_einsum` only, dropped assignments):
 - `ragged`: dropless. Sort the T*k assignments by expert, grouped matmul over the sorted rows
   (`moejax.moe.grouped_matmul`), unsort, combine (MegaBlocks, Gale et al., 2022). Slots of
   zero weight are sorted past the last group and cost no FLOPs.
+- `pallas`: the `ragged` plan on the kernels of `pallas_kernels/`: a fused permute (gather in
+  expert order with the top-k duplication), the Pallas grouped matmul `pallas_kernels.gmm`,
+  and a fused unpermute + combine (gather-reduce with the combine weights), each with its own
+  VJP. Backend from `cfg.kernel_backend` (Mosaic TPU, Pallas GPU, or jax-triton for the
+  combine); on CPU the kernels run in Pallas interpret mode (slow: for testing).
 - `auto`: the fastest dropless plan for the platform (`AUTO_PLAN`).
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from moejax.moe.config import MoEConfig
 from moejax.moe.experts import ExpertFn
 from moejax.moe.grouped_matmul import gmm
@@ -35,7 +41,8 @@ Metrics = dict[str, jax.Array]
 # platform -> (dispatcher, grouped-matmul impl). CPU measured (experiments/benchmarks/
 # moe_layer.py): the tile-loop grouped matmul runs near dense-matmul speed where ragged_dot is
 # 56-90x slower. TPU lowers ragged_dot natively. GPU: XLA rewrites ragged_dot to a padded
-# dense batched dot, so the tile loop is used until the Pallas kernels land.
+# dense batched dot, so the tile loop stays the default until the `pallas` dispatcher's
+# kernels have been measured on a GPU (not yet: see README).
 AUTO_PLAN = {
     "cpu": ("ragged", "tile_loop"),
     "gpu": ("ragged", "tile_loop"),
@@ -101,6 +108,19 @@ def ragged(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
     return _combine(y, routing.combine_weights), {}
 
 
+def pallas(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
+           gmm_impl: str | None = None) -> tuple[jax.Array, Metrics]:
+    del gmm_impl  # the grouped matmul is pallas_kernels.gmm; tiles come from its table
+    k = routing.expert_ids.shape[1]
+    kw = {"backend": cfg.kernel_backend, "interpret": jax.default_backend() == "cpu"}
+    order, inverse, sizes = sort_by_expert(routing.expert_ids, cfg.num_experts,
+                                           routing.combine_weights > 0)
+    x_sorted = pallas_kernels.permute(x, order, inverse, k, **kw)
+    out = expert_fn(x_sorted, lambda lhs, w: pallas_kernels.gmm(lhs, w, sizes, **kw))
+    y = pallas_kernels.unpermute_combine(out, order, inverse, routing.combine_weights, **kw)
+    return y, {}
+
+
 def _platform_plan() -> tuple[str, str]:
     return AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])
 
@@ -118,6 +138,7 @@ DISPATCHERS: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
     "dense_reference": dense_reference,
     "capacity_einsum": capacity_einsum,
     "ragged": ragged,
+    "pallas": pallas,
     "auto": auto,
 }
 

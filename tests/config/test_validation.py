@@ -48,6 +48,7 @@ BAD = [
     ("moe.dispatcher", "megablocks", "moe.dispatcher='megablocks' is unknown"),
     ("moe.capacity_factor", 0.0, "moe.capacity_factor=0.0 must be > 0"),
     ("moe.gmm_impl", "cutlass", "moe.gmm_impl='cutlass' must be one of"),
+    ("moe.kernel_backend", "cuda", "moe.kernel_backend='cuda' must be one of"),
     ("train.warmup_steps", 500, "train.warmup_steps=500 must be in [0, train.steps=300]"),
     ("train.grad_accum", 3, "not divisible by train.grad_accum=3"),
     ("train.learning_rate", -1.0, "train.learning_rate=-1.0 must be positive"),
@@ -71,6 +72,14 @@ def test_bad_config_is_rejected_with_its_own_message(field, value, message):
         validate(config, num_devices=1, num_processes=1)
     assert message in str(err.value)
     assert field.split(".")[0] in str(err.value)
+
+
+@pytest.mark.parametrize("config_name", ["dense", "gshard", "deepseekmoe"])
+def test_pallas_dispatcher_is_accepted_by_every_config(config_name):
+    config = load_config_module(config_name).get_config()
+    config.moe.update(dispatcher="pallas", kernel_backend="jax_triton")
+    sections = validate(config, num_devices=1, num_processes=1)
+    assert sections.moe.dispatcher == "pallas" and sections.moe.kernel_backend == "jax_triton"
 
 
 def test_expert_axis_must_divide_experts():

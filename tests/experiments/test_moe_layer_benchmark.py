@@ -114,6 +114,16 @@ def test_dense_reference_is_skipped_past_its_budget(bench):
     assert bench.reference_skip_reason(shape, 9.9, 5, math.inf) is None
 
 
+def test_pallas_is_skipped_past_its_interpret_budget_on_cpu(bench):
+    shape = bench.Shape()  # 8192 tokens x top-6 = 49152 rows
+    reason = bench.pallas_skip_reason(shape, 4096)
+    if bench.jax.default_backend() == "cpu":
+        assert reason.startswith("interpret mode on CPU") and "49152 rows" in reason
+        assert bench.pallas_skip_reason(shape, 49152) is None
+    else:
+        assert reason is None
+
+
 def test_flags_are_validated(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--dispatchers", "ragged,nope"])

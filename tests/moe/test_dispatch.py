@@ -38,7 +38,7 @@ def run(name, x, params, ids, w, **cfg_overrides):
     return dispatch(x, routing, swiglu_expert_fn(*params), cfg)
 
 
-DROPLESS = ["ragged", "auto", "capacity_einsum"]
+DROPLESS = ["ragged", "pallas", "auto", "capacity_einsum"]
 
 
 @pytest.mark.parametrize("name", DROPLESS)

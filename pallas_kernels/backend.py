@@ -1,0 +1,46 @@
+"""Which kernel implementation runs where: backends chosen from the platform, by name.
+
+- ``"mosaic_tpu"``: Pallas kernels lowered by Mosaic TPU, their metadata (which group and row
+  tile each grid step works on) passed as scalar prefetch into SMEM. On CPU these kernels run
+  in Pallas interpret mode (`interpret=True`), which is how the tests check them.
+- ``"pallas_gpu"``: Pallas kernels for GPU written against `jax.experimental.pallas.triton`
+  (masked loads and stores, a K loop inside the kernel), lowered through Pallas's Triton
+  backend, which `compiler_params=pallas.triton.CompilerParams` selects (Mosaic GPU is the
+  default GPU lowering since JAX 0.9). They also run in interpret mode on CPU. Their GPU
+  speed has not been measured yet.
+- ``"jax_triton"``: the ``pallas_gpu`` kernels plus a hand-written Triton scatter-combine
+  called through `jax_triton.triton_call` (`pallas_kernels/triton_combine.py`); GPU only.
+
+``"auto"`` picks ``mosaic_tpu`` on TPU and ``pallas_gpu`` on GPU; on CPU it picks
+``mosaic_tpu`` in interpret mode (there is no compiled Pallas lowering for CPU).
+"""
+from __future__ import annotations
+
+import jax
+
+BACKENDS = ("mosaic_tpu", "pallas_gpu", "jax_triton")
+PLATFORM_BACKEND = {"tpu": "mosaic_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu",
+                    "rocm": "pallas_gpu", "cpu": "mosaic_tpu"}
+
+
+def platform() -> str:
+    return jax.default_backend()
+
+
+def resolve_backend(backend: str | None = "auto") -> str:
+    """The backend a kernel call uses: `backend` itself, or the platform's for None/"auto"."""
+    if backend in (None, "auto"):
+        return PLATFORM_BACKEND.get(platform(), "mosaic_tpu")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {('auto',) + BACKENDS}")
+    return backend
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """None -> interpret exactly when running on CPU (no Pallas lowering exists there)."""
+    if interpret is None:
+        return platform() == "cpu"
+    if not interpret and platform() == "cpu":
+        raise ValueError("Pallas kernels have no CPU lowering: pass interpret=True (or None) "
+                         "to run them in interpret mode on CPU.")
+    return bool(interpret)

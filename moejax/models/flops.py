@@ -2,7 +2,8 @@
 
 Active parameters count, in each MoE layer, only the `top_k` routed experts a token uses
 (plus shared experts, router and everything outside the FFN); for top-p routing `top_k` is
-the bound, so `active` is an upper bound (the measured `moe/experts_per_token` is logged).
+the bound, so `active` is an upper bound unless the measured mean `experts_per_token` is
+passed (the trainer does, for throughput and MFU).
 Training FLOPs per token use
 the PaLM estimate (Chowdhery et al., 2022, appendix B): 6 * N_active (forward + backward of
 every matmul weight, embeddings lookups excluded) + 12 * L * H * Q * S for attention scores
@@ -28,7 +29,10 @@ class ParamCounts:
         return self.active - self.embedding
 
 
-def count_params(model: ModelConfig, moe: MoEConfig) -> ParamCounts:
+def count_params(model: ModelConfig, moe: MoEConfig,
+                 experts_per_token: float | None = None) -> ParamCounts:
+    """`experts_per_token`: the measured mean (top-p routing) in place of `top_k` for the
+    active count."""
     d, hd = model.d_model, model.resolved_head_dim
     attn = d * hd * (2 * model.num_heads + 2 * model.num_kv_heads)
     norms = 2 * d
@@ -48,13 +52,15 @@ def count_params(model: ModelConfig, moe: MoEConfig) -> ParamCounts:
     common = embedding + head + d + model.num_layers * (attn + norms) + n_dense * dense_ffn
     moe_fixed = n_moe * (shared + router) + (model_router if n_moe else 0)
     total = common + moe_fixed + n_moe * moe.num_experts * expert
-    active = common + moe_fixed + n_moe * moe.top_k * expert
+    used = moe.top_k if experts_per_token is None else experts_per_token
+    active = common + moe_fixed + round(n_moe * used * expert)
     if model.tie_embeddings:  # the tied table is also the output projection
         embedding = 0
     return ParamCounts(total=total, active=active, embedding=embedding, routed_expert=expert)
 
 
-def train_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int) -> float:
-    counts = count_params(model, moe)
+def train_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int,
+                          experts_per_token: float | None = None) -> float:
+    counts = count_params(model, moe, experts_per_token)
     attention = 12 * model.num_layers * model.num_heads * model.resolved_head_dim * seq_len
     return 6.0 * counts.active_matmul + attention

@@ -25,6 +25,7 @@ from moejax.config import ConfigError, Sections, validate
 from moejax.data import DOMAINS, describe, make_batches
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.models.transformer import Transformer
+from moejax.moe.selection import selection_rule
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import check_divisible, logical_shardings, shard_batch
 from moejax.train.checkpoint import Checkpointer
@@ -80,6 +81,15 @@ def _flatten_metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _measured_flops_per_token(s: Sections, metrics: dict[str, Any]) -> float | None:
+    """Training FLOPs per token from the measured experts per token, where routing makes it
+    vary (top-p); None (the static count) otherwise."""
+    if not s.model.num_moe_layers or selection_rule(s.moe) != "top_p":
+        return None
+    used = float(np.mean(metrics["moe/experts_per_token"]))
+    return train_flops_per_token(s.model, s.moe, s.data.seq_len, experts_per_token=used)
+
+
 class _Throughput:
     """Tokens/s, TFLOP/s per device and MFU over a logging interval."""
 
@@ -95,10 +105,11 @@ class _Throughput:
     def add(self, tokens: int):
         self.tokens += tokens
 
-    def read(self) -> dict[str, float]:
+    def read(self, flops_per_token: float | None = None) -> dict[str, float]:
+        """`flops_per_token` overrides the static count (top-p: from measured experts)."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
         tps = self.tokens / dt
-        tflops = tps * self.flops_per_token / self.num_devices / 1e12
+        tflops = tps * (flops_per_token or self.flops_per_token) / self.num_devices / 1e12
         out = {"perf/tokens_per_sec": tps, "perf/tflops_per_device": tflops}
         if self.peak > 0:
             out["perf/mfu"] = tflops / self.peak
@@ -314,7 +325,7 @@ def train(config, workdir: str) -> dict[str, float]:
                                               if k not in ("loss", "learning_rate")})
             out["train/loss"] = float(np.mean([float(m["loss"]) for m in fetched]))
             out["train/lr"] = float(last.get("learning_rate", 0.0))
-            out.update(throughput.read())
+            out.update(throughput.read(_measured_flops_per_token(s, last)))
             writers.write(step, out)
             final.update(out)
             last_logged = step

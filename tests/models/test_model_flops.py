@@ -69,3 +69,9 @@ def test_moe_active_count_by_hand():
     assert counts.total == 2 * (per_layer_fixed + 4 * expert) + 800 + 800 + 16
     assert counts.active == 2 * (per_layer_fixed + 2 * expert) + 800 + 800 + 16
     assert counts.active_matmul == counts.active - 800
+    # Top-p routing: the measured mean number of experts replaces top_k in the active count.
+    measured = count_params(m, moe, experts_per_token=1.5)
+    assert measured.total == counts.total
+    assert measured.active == 2 * (per_layer_fixed + 1.5 * expert) + 800 + 800 + 16
+    assert train_flops_per_token(m, moe, 10) - train_flops_per_token(
+        m, moe, 10, experts_per_token=1.5) == 6 * 2 * 0.5 * expert

@@ -8,14 +8,21 @@ all cases are compiled first, then timed in one process with the repeats interle
 rotated (as `moe_layer.py` does), so load from other processes hits every case alike.
 
     python experiments/benchmarks/router_step.py --json
+    python experiments/benchmarks/router_step.py --json --runs runs   # trained routers
     python experiments/benchmarks/router_step.py --json --repeats 3 --batch 4 --seq-len 64
+
+By default every case starts from its random init, where a top-p router is nearly uniform
+and takes more experts per token than after training. `--runs DIR` restores each case from
+the latest checkpoint of `DIR/<config name>` (e.g. `runs/top_p` written by
+`python -m moejax.train --config=configs/top_p.py --workdir=runs/top_p`) where one exists,
+so the step is timed with the trained router (`restored_step` in the JSON).
 
 `--json` prints one JSON object on stdout (progress goes to stderr): `device`, `shape`, and
 `results[case]` with `ms` (median), `ms_min`, `compile_s`, `tokens_per_s`, `experts_per_token`
-(mean over the MoE layers at the benchmark's random init; a trained top-p router uses fewer,
-see the README table) and `ratio_to_softmax_topk` (median ms over the softmax top-k case's),
-`_min` (min over min) and `_paired` (median of the per-repeat ratios: the estimate that best
-survives load from other processes).
+(mean over the MoE layers on the benchmark batch), `restored_step` (0 = random init) and
+`ratio_to_softmax_topk` (median ms over the softmax top-k case's), `_min` (min over min) and
+`_paired` (median of the per-repeat ratios: the estimate that best survives load from other
+processes).
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from experiments.sweep import load_config_module  # noqa: E402
 from moejax.config import validate  # noqa: E402
 from moejax.sharding.mesh import make_mesh  # noqa: E402
 from moejax.sharding.partitioning import shard_batch  # noqa: E402
+from moejax.train.checkpoint import Checkpointer  # noqa: E402
 from moejax.train.trainer import build_experiment  # noqa: E402
 
 BASELINE = "softmax_topk"
@@ -78,15 +86,30 @@ def fixed_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str
             "domains": np.zeros((batch, seq_len), np.int32)}
 
 
-def run(cases: list[str], batch: int, seq_len: int, repeats: int) -> dict:
+def initial_state(case: str, exp, runs: str | None):
+    """(state, restored step): the latest checkpoint of `runs/<config name>`, else init."""
+    init = lambda: exp.init_fn(jax.random.PRNGKey(0))  # noqa: E731
+    workdir = Path(runs or "") / Path(CASES[case][0]).stem
+    if runs is None or not (workdir / "checkpoints").is_dir():
+        return init(), 0
+    # keep: large, so opening the manager can never prune anything of the user's run.
+    ckpt = Checkpointer(str(workdir), keep=1 << 30, save_every=1 << 30, async_save=False)
+    state, _, step = ckpt.restore_or_init(init, exp.abstract_state)
+    ckpt.close()
+    return state, step
+
+
+def run(cases: list[str], batch: int, seq_len: int, repeats: int,
+        runs: str | None = None) -> dict:
     t_start = time.perf_counter()
-    steps, compile_s, experts = {}, {}, {}
+    steps, compile_s, experts, restored = {}, {}, {}, {}
     for case in cases:
         s = make_config(case, batch, seq_len)
         mesh = make_mesh(s.mesh)
         exp = build_experiment(s, mesh)
         data = shard_batch(fixed_batch(batch, seq_len, s.model.vocab_size), mesh, s.mesh.rules)
-        holder = {"state": exp.init_fn(jax.random.PRNGKey(0))}
+        state, restored[case] = initial_state(case, exp, runs)
+        holder = {"state": state}
         t0 = time.perf_counter()
         holder["state"], metrics = exp.step_fn(holder["state"], data)
         jax.block_until_ready(metrics)
@@ -98,7 +121,8 @@ def run(cases: list[str], batch: int, seq_len: int, repeats: int) -> dict:
             jax.block_until_ready(m)
         steps[case] = step
         log(f"{case}: compiled and ran one step in {compile_s[case]:.1f}s, "
-            f"{experts[case]:.2f} experts/token")
+            f"{experts[case]:.2f} experts/token"
+            + (f" (restored step {restored[case]})" if restored[case] else " (random init)"))
     times = measure(steps, repeats)
     tokens = batch * seq_len
     base = times.get(BASELINE)
@@ -107,7 +131,7 @@ def run(cases: list[str], batch: int, seq_len: int, repeats: int) -> dict:
         s = summary(times[case])
         entry = {**s, "compile_s": round(compile_s[case], 2),
                  "tokens_per_s": round(tokens / s["ms"] * 1e3, 1),
-                 "experts_per_token": round(experts[case], 3)}
+                 "experts_per_token": round(experts[case], 3), "restored_step": restored[case]}
         if base:
             b = summary(base)
             entry.update(
@@ -130,6 +154,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--runs", default=None,
+                   help="restore each case from DIR/<config name> (trained routers)")
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in args.cases if c not in CASES]
@@ -141,7 +167,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     log(f"device {device_name()}")
-    report = run(args.cases, args.batch, args.seq_len, args.repeats)
+    report = run(args.cases, args.batch, args.seq_len, args.repeats, args.runs)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -14,3 +14,32 @@ def load_config_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def make_tiny_config(data_dir: str, name: str = "deepseekmoe", **overrides):
+    """configs/<name>.py shrunk to train in seconds on the test corpus in `data_dir`;
+    overrides use dotted names, e.g. `**{"train.steps": 5}` (the `tiny_config` fixture)."""
+    c = load_config_module(name).get_config()
+    c.model.update(d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, num_layers=2)
+    if c.model.moe_every:
+        c.moe.update(num_experts=4, top_k=2, d_expert=16, gmm_tile=16)
+    c.data.update(data_dir=data_dir, max_bytes_per_domain=TEST_CORPUS_BYTES_PER_DOMAIN,
+                  seq_len=32, global_batch_size=4)
+    c.train.update(steps=10, warmup_steps=2, log_every=1, eval_every=0, eval_batches=2,
+                   checkpoint_every=5, async_checkpoint=False, peak_tflops=1.0)
+    for key, value in overrides.items():
+        section, field = key.split(".", 1)
+        c[section][field] = value
+    return c
+
+
+def cli_flags(config, name: str = "deepseekmoe") -> list[str]:
+    """`python -m moejax.train` flags that rebuild `config` from configs/<name>.py: the
+    config file plus one `--config.section.field=value` per field that differs from it."""
+    base = load_config_module(name).get_config().to_dict()
+    flags = [f"--config={REPO / 'configs' / f'{name}.py'}"]
+    for section, fields in config.to_dict().items():
+        for field, value in fields.items():
+            if base[section].get(field) != value:
+                flags.append(f"--config.{section}.{field}={value}")
+    return flags

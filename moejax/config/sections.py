@@ -8,6 +8,7 @@ a static argument of `jax.jit` or an attribute of a Flax module.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping, TypeVar
 
 T = TypeVar("T")
@@ -28,8 +29,29 @@ def to_plain(value: Any) -> Any:
     return value
 
 
+# Field annotation (a string under `from __future__ import annotations`) -> accepted types.
+_ACCEPTED = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str,
+             "tuple": (tuple, list)}
+_ARTICLE = {"int": "an int", "float": "a float", "bool": "a bool (true/false)",
+            "str": "a string", "tuple": "a list"}
+
+
+def check_field_type(section: str, name: str, annotation: str, value: Any) -> None:
+    """Raises ConfigError unless `value` fits the field's annotated type (int, float, bool,
+    str, tuple); a bool is not accepted as a number, an int is accepted as a float."""
+    accepted = _ACCEPTED.get(annotation)
+    if accepted is None:
+        return
+    if isinstance(value, accepted) and (annotation == "bool" or not isinstance(value, bool)):
+        return
+    raise ConfigError(
+        f"config.{section}.{name}={value!r} must be {_ARTICLE[annotation]}, not "
+        f"{type(value).__name__}; set --config.{section}.{name} to {_ARTICLE[annotation]}.")
+
+
 def section_from_mapping(cls: type[T], mapping: Any, section: str) -> T:
-    """Builds `cls` from a mapping, rejecting unknown keys with the list of valid ones."""
+    """Builds `cls` from a mapping, rejecting unknown keys with the list of valid ones and
+    values of the wrong type with the field's type."""
     if hasattr(mapping, "to_dict"):
         mapping = mapping.to_dict()
     mapping = dict(mapping or {})
@@ -39,4 +61,7 @@ def section_from_mapping(cls: type[T], mapping: Any, section: str) -> T:
         raise ConfigError(
             f"config.{section} has unknown field(s) {unknown}; valid fields are {sorted(names)}. "
             f"Fix the spelling in the config file or the --config.{section}.<field> flag.")
+    for field in dataclasses.fields(cls):
+        if field.name in mapping:
+            check_field_type(section, field.name, str(field.type), mapping[field.name])
     return cls(**{k: to_plain(v) for k, v in mapping.items()})

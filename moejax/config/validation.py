@@ -17,7 +17,7 @@ from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.grouped_matmul import IMPLS
 from moejax.moe.routers import ROUTERS
 from moejax.moe.selection import SELECTIONS
-from moejax.sharding.config import MeshConfig, batch_mesh_axes
+from moejax.sharding.config import MESH_AXES, MeshConfig, batch_mesh_axes
 from moejax.sharding.mesh import resolve_mesh_shape
 from moejax.train.config import TrainConfig
 from pallas_kernels.backend import BACKENDS as KERNEL_BACKENDS
@@ -41,6 +41,10 @@ def _require(ok: bool, message: str) -> None:
 
 def _check_model(m: ModelConfig) -> None:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
+        _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive.")
+    _require(m.head_dim >= 0,
+             f"model.head_dim={m.head_dim} must be >= 0 (0 = model.d_model // model.num_heads).")
+    for name in ("rope_theta", "norm_eps", "init_std"):
         _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive.")
     _require(m.head_dim > 0 or m.d_model % m.num_heads == 0,
              f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
@@ -121,14 +125,49 @@ def _check_train(t: TrainConfig) -> None:
              f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}].")
     _require(0 <= t.min_lr_ratio <= 1,
              f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1].")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0.")
+    for name in ("b1", "b2"):
+        _require(0 <= getattr(t, name) < 1,
+                 f"train.{name}={getattr(t, name)} must be in [0, 1) (Adam's moment decay; "
+                 f"0.9 and 0.95 are usual).")
+    _require(t.eps > 0, f"train.eps={t.eps} must be positive (Adam's denominator floor).")
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = no clipping).")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1.")
+    _require(t.seed >= 0, f"train.seed={t.seed} must be >= 0.")
     _require(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1.")
+    _require(t.eval_every >= 0,
+             f"train.eval_every={t.eval_every} must be >= 0 (0 turns periodic evaluation off).")
+    _require(t.eval_batches >= 0,
+             f"train.eval_batches={t.eval_batches} must be >= 0 (0 = the whole split).")
     _require(t.checkpoint_every >= 1,
              f"train.checkpoint_every={t.checkpoint_every} must be >= 1.")
     _require(t.keep_checkpoints >= 1,
              f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1.")
-    _require(t.eval_every >= 0 and t.eval_batches >= 0,
-             "train.eval_every and train.eval_batches must be >= 0.")
+    _require(t.peak_tflops >= 0,
+             f"train.peak_tflops={t.peak_tflops} must be >= 0 (0 = look the device up).")
+    _require(t.max_bad_steps >= 1,
+             f"train.max_bad_steps={t.max_bad_steps} must be >= 1 (consecutive non-finite "
+             f"steps before the run stops; set train.abort_on_nan=False never to stop).")
+    _require(t.dead_expert_logs >= 0,
+             f"train.dead_expert_logs={t.dead_expert_logs} must be >= 0 (0 turns the dead "
+             f"expert warning off).")
+    _require(0 <= t.max_dropped_fraction <= 1,
+             f"train.max_dropped_fraction={t.max_dropped_fraction} must be in [0, 1] (1 turns "
+             f"the warning off).")
+    _require(t.max_load_cv > 0, f"train.max_load_cv={t.max_load_cv} must be positive.")
+
+
+def _check_mesh_rules(mesh: MeshConfig) -> None:
+    for rule in mesh.rules:
+        ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+        _require(ok, f"mesh.rules entry {rule!r} must be a (logical_axis, mesh_axes) pair, "
+                     f"e.g. ('embed', 'fsdp').")
+        axes = rule[1]
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        unknown = [a for a in axes if a not in MESH_AXES]
+        _require(not unknown,
+                 f"mesh.rules maps {rule[0]!r} to unknown mesh axis {unknown[:1]}; mesh axes "
+                 f"are {MESH_AXES} (or None to replicate).")
 
 
 def _check_batching(d: DataConfig, t: TrainConfig, mesh: MeshConfig, sizes: dict[str, int],
@@ -172,6 +211,7 @@ def validate(config, *, num_devices: int | None = None,
         import jax
         num_devices = jax.device_count() if num_devices is None else num_devices
         num_processes = jax.process_count() if num_processes is None else num_processes
+    _check_mesh_rules(s.mesh)
     sizes = resolve_mesh_shape(s.mesh, num_devices)
     if s.model.num_moe_layers:
         _require(s.moe.num_experts % sizes["expert"] == 0,

@@ -1,10 +1,23 @@
 """Command line: `python -m moejax.train --config=configs/X.py[:arg] --workdir=DIR`.
 
 Any field can be overridden: `--config.train.steps=1000 --config.moe.top_k=4`.
+
+Exit status: 0 when the run reached `train.steps`; 1 with one message on stderr when an
+input is wrong (config, workdir, dataset, checkpoint) or the run stopped on non-finite
+steps; 143 (128 + SIGTERM) after a preemption notice, once the final checkpoint is saved.
+Rerunning the same command resumes from the latest complete checkpoint.
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moejax.config import ConfigError
+from moejax.data import DataError
+from moejax.train.checkpoint import CheckpointError
+from moejax.train.faults import NonFiniteError
+from moejax.train.preemption import Preempted
+from moejax.train.preflight import WorkdirError
 from moejax.train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
@@ -12,13 +25,23 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Errors whose message names the problem and the fix: printed alone, without a traceback.
+_EXPLAINED = (ConfigError, DataError, CheckpointError, WorkdirError, NonFiniteError)
+
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    train(_CONFIG.value, _WORKDIR.value)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except Preempted as e:
+        print(f"moejax: stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except _EXPLAINED as e:
+        print(f"moejax: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,15 @@ reading the files from another process, and `close()` at the end of training.
 Errors are `CheckpointError`s that name the directory and the fix. They are raised
 before anything is written, and nothing here deletes or overwrites a checkpoint except
 the `keep` policy removing the oldest steps after a successful save.
+
+Integrity. Orbax writes a step into `{step}.orbax-checkpoint-tmp` and renames it to
+`{step}` only once every file is written, so a process killed during a save (SIGKILL,
+power loss of the host, OOM) leaves a temporary directory that is never listed as a
+step. `restore_or_init` resumes from the newest complete step and reports the interrupted
+ones (`interrupted_steps`); the next save of such a step replaces its temporary directory.
+A complete step that is damaged afterwards (truncated or deleted files) is not skipped
+silently: restoring it raises a `CheckpointError` naming the step, the previous complete
+step and how to resume from it, and nothing on disk is changed.
 """
 
 from __future__ import annotations
@@ -41,11 +50,21 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy, save_decis
 
 PyTree = Any
 
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step directories end with this
+
 _STATE, _DATA, _EXTRA = "state", "data", "extra"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not match the restore target."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A complete step directory whose files cannot be read back (truncated, deleted)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint whose tree or shapes differ from the restore target."""
 
 
 class Checkpointer:
@@ -119,6 +138,19 @@ class Checkpointer:
     def step_dir(self, step: int) -> str:
         """The directory of one step's checkpoint."""
         return os.path.join(self.directory, str(step))
+
+    def interrupted_steps(self) -> list[int]:
+        """Steps whose save started but never completed (a temporary directory is left and
+        no complete directory of that step exists), ascending. Never restored."""
+        if not os.path.isdir(self.directory):
+            return []
+        complete = set(self.all_steps())
+        steps = set()
+        for name in os.listdir(self.directory):
+            head = name.split(_TMP_SUFFIX)[0] if _TMP_SUFFIX in name else ""
+            if head.isdigit() and int(head) not in complete:
+                steps.add(int(head))
+        return sorted(steps)
 
     # --- Save --------------------------------------------------------------------------
 
@@ -227,10 +259,10 @@ class Checkpointer:
         try:
             metadata = self._manager.item_metadata(step)
         except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
-            raise CheckpointError(_unreadable_message(step_dir, step, steps, e)) from e
+            raise CorruptCheckpointError(_unreadable_message(step_dir, step, steps, e)) from e
         items = set(metadata.keys())
         if _STATE not in items:
-            raise CheckpointError(
+            raise CorruptCheckpointError(
                 _unreadable_message(step_dir, step, steps, "it has no 'state' item")
             )
         abstract = jax.tree.map(_abstract_leaf, target)
@@ -244,7 +276,7 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
-            raise CheckpointError(_unreadable_message(step_dir, step, steps, e)) from e
+            raise CorruptCheckpointError(_unreadable_message(step_dir, step, steps, e)) from e
         return (
             restored[_STATE],
             restored[_DATA] if _DATA in args else None,
@@ -252,18 +284,50 @@ class Checkpointer:
         )
 
     def restore_or_init(
-        self, init_fn: Callable[[], PyTree], target: PyTree
+        self,
+        init_fn: Callable[[], PyTree],
+        target: PyTree,
+        log: Callable[[str], None] | None = None,
     ) -> tuple[PyTree, dict | None, int]:
-        """Resumes from the latest checkpoint, or calls `init_fn()` when there is none.
+        """Resumes from the latest complete checkpoint, or calls `init_fn()` when there is
+        none.
 
         Returns `(state, data_state, start_step)`: `start_step` is the restored step (the
         number of updates already applied), or 0 with `data_state=None` for a fresh run.
-        A damaged latest checkpoint raises rather than silently starting over.
+        Saves that were interrupted are reported through `log` and skipped. A damaged latest
+        checkpoint raises a CheckpointError naming it and the previous complete step rather
+        than silently starting over or falling back.
         """
         step = self.latest_step()
+        interrupted = [s for s in self.interrupted_steps() if step is None or s > step]
+        if interrupted and log is not None:
+            resume = f"resuming from step {step}" if step is not None else "starting fresh"
+            log(f"checkpoint step(s) {interrupted} were not completely written (the run "
+                f"stopped during the save): ignoring their temporary files in "
+                f"{self.directory}, {resume}.")
         if step is None:
             return init_fn(), None, 0
-        state, data_state, _ = self.restore(step, target=target)
+        try:
+            state, data_state, _ = self.restore(step, target=target)
+        except CorruptCheckpointError as e:
+            earlier = [s for s in self.all_steps() if s < step]
+            aside = os.path.join(os.path.dirname(self.directory), f"corrupt-checkpoint-{step}")
+            move = f"`mv {self.step_dir(step)} {aside}`"
+            if earlier:
+                fix = (f"To resume from the previous complete checkpoint, step {earlier[-1]}, "
+                       f"move the damaged one out of the way ({move}) and rerun")
+            else:
+                fix = (f"There is no earlier checkpoint: move the damaged one out of the way "
+                       f"({move}) and rerun to start fresh")
+            raise CorruptCheckpointError(
+                f"Checkpoint step {step} ({self.step_dir(step)}) is unreadable or corrupt; "
+                f"nothing was changed on disk. {fix}. Cause: "
+                f"{_describe(e.__cause__) if e.__cause__ else e}") from e
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(
+                f"{e} The checkpoints in {self.directory} were written by a different model "
+                f"or optimizer config: resume with that config, or pass a new --workdir to "
+                f"start a separate run (nothing was changed on disk).") from e
         return state, data_state, step
 
 
@@ -297,7 +361,7 @@ def _check_matches(abstract: PyTree, saved_tree: PyTree, step_dir: str) -> None:
         if extra_keys:
             problem = f"the checkpoint has '{_name(extra_keys[0])}' but the target does not"
     if problem:
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"Checkpoint {step_dir} does not match the restore target: {problem}. Build "
             f"the target from the model/optimizer config that wrote the checkpoint (pass "
             f"the config as save(..., extra=) to keep it with the weights), or start a "

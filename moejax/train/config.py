@@ -26,7 +26,16 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = from the table (or measured on CPU)
+    # Numerical faults (moejax/train/faults.py). A step whose loss or gradients are not
+    # finite leaves params and optimizer state unchanged (skip_non_finite); abort_on_nan stops
+    # the run after max_bad_steps consecutive such steps (at the first one without skipping).
     abort_on_nan: bool = True
+    skip_non_finite: bool = True
+    max_bad_steps: int = 5
+    # Router health warnings at log steps (moejax/train/router_health.py).
+    dead_expert_logs: int = 3  # an expert with no tokens for this many logged intervals; 0 = off
+    max_dropped_fraction: float = 0.2  # of expert assignments dropped (capacity dispatch)
+    max_load_cv: float = 1.0  # coefficient of variation of the expert loads
 
     @classmethod
     def from_mapping(cls, mapping) -> "TrainConfig":

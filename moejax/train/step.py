@@ -4,6 +4,11 @@
 (a `lax.scan`; each micro-batch's cross-entropy is normalised by the token count of the whole
 batch, so accumulated gradients equal the full-batch gradient exactly). Metrics returned:
 scalars plus per-MoE-layer arrays under `moe/<name>` (shape [num_moe_layers, ...]).
+
+With `skip_non_finite`, a step whose loss or gradients are not finite keeps the previous
+parameters and optimizer state (a select inside the step, see `moejax.train.faults`) and
+reports `nonfinite = 1`. The step uses no randomness: its result depends only on the state
+and the batch, which is what makes a resumed run bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from moejax.train import faults
 
 Batch = dict[str, jax.Array]
 
@@ -41,11 +48,13 @@ def _micro_loss(params, batch: Batch, model, total_tokens, num_micro: int):
     mask = batch["loss_mask"].astype(jnp.float32)
     ce_sum = jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask)
     loss = ce_sum / total_tokens + extras["aux_loss"] / num_micro
+    extras = {k: v for k, v in extras.items() if k != "routing"}  # per-token: eval only
     return loss, (ce_sum, extras)
 
 
 def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
-               grad_accum: int = 1, schedule=None) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum: int = 1, schedule=None,
+               skip_non_finite: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
@@ -67,6 +76,10 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = faults.all_finite(loss, grads)
+    if skip_non_finite:
+        params, opt_state = faults.keep_if_finite(finite, (params, opt_state),
+                                                  (state.params, state.opt_state))
     metrics = {
         "loss": loss,
         "ce_loss": ce_sum / total_tokens,
@@ -75,6 +88,7 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
         "param_norm": optax.global_norm(params),
         "tokens": total_tokens,
         "aux_loss": extras["aux_loss"],
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
     if schedule is not None:
         metrics["learning_rate"] = schedule(state.step)

@@ -4,6 +4,14 @@ jit-compiled steps -> logging, evaluation, checkpoints, resume.
 `train(config, workdir)` runs (or resumes) one experiment and returns its final metrics.
 Everything it writes lives in `workdir`: `config.json`, `checkpoints/`, `metrics.jsonl`,
 `tensorboard/`.
+
+Reliability (issue 8): every input is checked before compiling (`preflight.py`); a run
+killed at any step and restarted with the same command continues from its latest complete
+checkpoint bit-identically (state, data position; the step has no randomness); SIGTERM
+saves a final checkpoint and raises `Preempted` (`preemption.py`); non-finite steps are
+skipped inside the jitted step and the run stops after `train.max_bad_steps` in a row,
+never checkpointing a non-finite step (`faults.py`); router health is checked at each log
+step (`router_health.py`).
 """
 from __future__ import annotations
 
@@ -21,40 +29,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from moejax.config import ConfigError, Sections, validate
+from moejax.config import Sections, validate
 from moejax.data import DOMAINS, describe, make_batches
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.models.transformer import Transformer
 from moejax.moe.selection import selection_rule
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import check_divisible, logical_shardings, shard_batch
+from moejax.train import preflight
 from moejax.train.checkpoint import Checkpointer
+from moejax.train.faults import BadStepGuard, FaultHooks, NonFiniteError
 from moejax.train.mfu import device_peak_tflops
 from moejax.train.optimizer import learning_rate_schedule, make_optimizer
+from moejax.train.preemption import Preempted, PreemptionWatcher
+from moejax.train.router_health import RouterHealth
 from moejax.train.routing_stability import RoutingStability
 from moejax.train.step import TrainState, eval_step, train_step
 from moejax.train.writers import make_writers
 
 # ----------------------------------------------------------------------------------------
 # Run directory and config bookkeeping.
-
-
-def _check_resume_config(workdir: str, config_dict: dict) -> None:
-    """A workdir with checkpoints must be resumed with the same model; anything else would
-    fail deep inside the restore or, worse, silently train a different model."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    for section in ("model", "moe"):
-        for key, value in config_dict[section].items():
-            old = saved.get(section, {}).get(key)
-            if old is not None and json.dumps(old) != json.dumps(value):
-                raise ConfigError(
-                    f"{workdir} holds checkpoints of a run with {section}.{key}={old!r}, but "
-                    f"this config has {value!r}. Resume with the same {section} settings, or "
-                    f"pass a new --workdir to start a separate run (nothing was changed).")
 
 
 def _write_config(workdir: str, config_dict: dict) -> None:
@@ -222,7 +216,7 @@ def build_experiment(s: Sections, mesh) -> Experiment:
     init_fn = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=state_shardings)
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, grad_accum=s.train.grad_accum,
-                          schedule=schedule),
+                          schedule=schedule, skip_non_finite=s.train.skip_non_finite),
         out_shardings=(state_shardings, None), donate_argnums=(0,))
     # Replicated outputs: every process can read the per-token `top1_expert` of the batch.
     eval_fn = jax.jit(functools.partial(eval_step, model=model, num_domains=len(DOMAINS)),
@@ -235,12 +229,37 @@ def build_experiment(s: Sections, mesh) -> Experiment:
 # The experiment.
 
 
+def _check_finite(guard: BadStepGuard, pending: list, ckpt: Checkpointer, workdir: str) -> None:
+    """Feeds the not yet observed steps of `pending` to the guard (one small device_get);
+    raises NonFiniteError, after waiting for any save in flight, when the run must stop."""
+    new = [(step, m) for step, m in pending if step > guard.last_observed]
+    if not new:
+        return
+    flags, losses = jax.device_get(([m["nonfinite"] for _, m in new], [m["loss"] for _, m in new]))
+    reason = guard.observe_all([step for step, _ in new], flags, losses)
+    if reason:
+        ckpt.wait()
+        raise NonFiniteError(guard.stop_message(reason, ckpt.latest_step(), workdir))
+
+
 def train(config, workdir: str) -> dict[str, float]:
-    # Config: validated once, before any compilation.
+    """Runs or resumes the experiment `config` in `workdir`; returns the final metrics.
+
+    SIGTERM is watched for the whole call: once the first step has run, the trainer saves
+    the current step and raises `Preempted` (see `preemption.py`).
+    """
+    with PreemptionWatcher() as watcher:
+        return _train(config, workdir, watcher)
+
+
+def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]:
+    # Config and inputs: validated and checked once, before any compilation.
     s = validate(config)
     config_dict = config.to_dict()
-    os.makedirs(workdir, exist_ok=True)
-    _check_resume_config(workdir, config_dict)
+    hooks = FaultHooks.from_env()
+    workdir = preflight.check_workdir(workdir)
+    preflight.check_resume_config(workdir, config_dict)
+    train_batches = preflight.open_train_data(s)
     is_main = jax.process_index() == 0
 
     # Mesh, model, optimizer, shardings, compiled steps.
@@ -248,18 +267,16 @@ def train(config, workdir: str) -> dict[str, float]:
     exp = build_experiment(s, mesh)
     rng = jax.random.PRNGKey(s.train.seed)
 
-    # Checkpoint: resume from the latest step in the workdir, or initialise.
+    # Checkpoint: resume from the latest complete step in the workdir, or initialise.
+    notes: list[str] = []
     ckpt = Checkpointer(workdir, keep=s.train.keep_checkpoints,
                         save_every=s.train.checkpoint_every, async_save=s.train.async_checkpoint)
     state, data_state, start_step = ckpt.restore_or_init(lambda: exp.init_fn(rng),
-                                                          exp.abstract_state)
+                                                          exp.abstract_state, log=notes.append)
     if start_step == 0:
         _write_config(workdir, config_dict)
-
-    # Input.
-    train_batches = make_batches(s.data, s.data.train_split)
-    if data_state is not None:
-        train_batches.set_state(data_state)
+    else:
+        preflight.resume_data(train_batches, data_state, start_step)
 
     # Banner.
     counts = count_params(s.model, s.moe)
@@ -279,6 +296,10 @@ def train(config, workdir: str) -> dict[str, float]:
                                  for k, v in stats.items()))
     except Exception as e:  # describe is informational only
         log(f"data: (no description: {e})")
+    if hooks.describe():
+        log(f"fault injection (testing hooks): {hooks.describe()}")
+    for note in notes:
+        log(note)
     log(("resuming from step %d" % start_step) if start_step else f"workdir: {workdir}")
     if start_step >= s.train.steps:
         log(f"{workdir} already holds step {start_step} >= train.steps={s.train.steps}: nothing "
@@ -286,15 +307,19 @@ def train(config, workdir: str) -> dict[str, float]:
 
     batch_tokens = s.data.global_batch_size * s.data.seq_len
     throughput = _Throughput(flops_per_token, jax.device_count(), peak)
+    guard = BadStepGuard(skip=s.train.skip_non_finite, abort=s.train.abort_on_nan,
+                         max_bad_steps=s.train.max_bad_steps)
+    health = RouterHealth(dead_expert_logs=s.train.dead_expert_logs,
+                          max_dropped_fraction=s.train.max_dropped_fraction,
+                          max_load_cv=s.train.max_load_cv)
 
     # Loop.
     stability = RoutingStability()
     t_start = time.perf_counter()
     final: dict[str, float] = {}
-    pending: list[dict] = []
-    last_logged = start_step
+    pending: list[tuple[int, dict]] = []  # (step, metrics) not yet logged
     for step in range(start_step + 1, s.train.steps + 1):
-        batch = shard_batch(next(train_batches), mesh, s.mesh.rules)
+        batch = shard_batch(hooks.poison(step, next(train_batches)), mesh, s.mesh.rules)
         state, metrics = exp.step_fn(state, batch)
         if step == start_step + 1:  # compile time is not throughput
             jax.block_until_ready(metrics)
@@ -302,33 +327,36 @@ def train(config, workdir: str) -> dict[str, float]:
             throughput.reset()
         else:
             throughput.add(batch_tokens)
-        pending.append(metrics)
+        pending.append((step, metrics))
         last_step = step == s.train.steps
-        log_now = step % s.train.log_every == 0 or last_step
-        # Losses are checked before every checkpoint too, so a non-finite state is never saved.
-        if s.train.abort_on_nan and (log_now or step % s.train.checkpoint_every == 0):
-            losses = np.array([float(m["loss"]) for m in pending])
-            if not np.all(np.isfinite(losses)):
-                ckpt.wait()
-                latest = ckpt.latest_step()
-                saved = (f"the last checkpoint is step {latest}; resume from {workdir}"
-                         if latest is not None else "no checkpoint was written yet")
-                raise FloatingPointError(
-                    f"non-finite loss between steps {last_logged + 1} and {step} "
-                    f"(losses {losses.tolist()}); {saved}. Lower train.learning_rate or "
-                    f"enable train.grad_clip.")
+        preempted = watcher.should_stop(step) and not last_step
+        log_now = step % s.train.log_every == 0 or last_step or preempted
+        save_now = step % s.train.checkpoint_every == 0 or last_step or preempted
+        # Non-finite steps are counted where the host synchronises anyway (log and
+        # checkpoint steps); that also keeps a non-finite step out of every checkpoint.
+        if log_now or save_now:
+            _check_finite(guard, pending, ckpt, workdir)
         if log_now:
-            fetched = jax.device_get(pending)
+            fetched = jax.device_get([m for _, m in pending])
+            first_logged = pending[0][0]
             pending = []
             last = fetched[-1]
             out = _flatten_metrics("train/", {k: v for k, v in last.items()
-                                              if k not in ("loss", "learning_rate")})
-            out["train/loss"] = float(np.mean([float(m["loss"]) for m in fetched]))
+                                              if k not in ("loss", "learning_rate",
+                                                           "nonfinite")})
+            losses = np.array([float(m["loss"]) for m in fetched])
+            bad = np.array([float(m["nonfinite"]) > 0 for m in fetched])
+            out["train/loss"] = float(np.mean(losses[~bad])) if (~bad).any() else math.nan
+            out["train/nonfinite_steps"] = float(bad.sum())
             out["train/lr"] = float(last.get("learning_rate", 0.0))
             out.update(throughput.read(_measured_flops_per_token(s, last)))
             writers.write(step, out)
             final.update(out)
-            last_logged = step
+            if bad.any():
+                log(f"skipped the update of {int(bad.sum())} non-finite step(s) among "
+                    f"steps {first_logged}-{step} ({guard.total} in this run so far)")
+            for warning in health.observe(step, fetched):
+                log(f"WARNING {warning}")
         if s.train.eval_every and (step % s.train.eval_every == 0 or step == s.train.steps):
             result = evaluate(exp.eval_fn, state.params, s, mesh, stability)
             if result:
@@ -339,11 +367,27 @@ def train(config, workdir: str) -> dict[str, float]:
                         if f"eval/loss/{d}" in result) + _routing_summary(result))
                 final.update(result)
             throughput.reset()  # evaluation time is not training throughput
-        ckpt.save(step, state, data_state=train_batches.get_state(),
-                  extra={"config": config_dict}, force=step == s.train.steps)
+        if save_now and guard.streak:
+            log(f"not checkpointing step {step}: its loss or gradients were non-finite; "
+                f"the latest checkpoint stays step {ckpt.latest_step()}")
+        elif save_now and ckpt.save(step, state, data_state=train_batches.get_state(),
+                                    extra={"config": config_dict},
+                                    force=last_step or preempted):
+            hooks.after_save_started(step)
+        if preempted:
+            ckpt.wait()  # the save is on disk
+            message = (f"preemption notice (signal {watcher.received}) after step {step}: "
+                       f"the latest checkpoint, step {ckpt.latest_step()}, is on disk in "
+                       f"{ckpt.directory}; rerun the same command to resume.")
+            ckpt.close()
+            log(message)
+            writers.flush()
+            writers.close()
+            raise Preempted(step, watcher.received, message)
     ckpt.wait()
     ckpt.close()
     writers.flush()
     writers.close()
     final["step"] = s.train.steps
+    final["train/nonfinite_total"] = guard.total
     return {k: float(np.asarray(v).mean()) if np.ndim(v) else float(v) for k, v in final.items()}

@@ -35,46 +35,10 @@ def test_default_config_is_valid():
     validate(default_config(), num_devices=1, num_processes=1)
 
 
-BAD = [
-    ("model.num_heads", 3, "model.d_model=128 is not divisible by model.num_heads=3"),
-    ("model.num_kv_heads", 3, "multiple of model.num_kv_heads=3"),
-    ("model.first_k_dense", 9, "model.first_k_dense=9 must be in"),
-    ("model.moe_every", 2, "must be a multiple of\nmodel.moe_every=2".replace("\n", " ")),
-    ("model.dtype", "float8", "model.dtype='float8' must be one of"),
-    ("model.remat", "sometimes", "model.remat='sometimes' must be one of"),
-    ("model.vocab_size", 100, "smaller than the byte tokenizer's 259 ids"),
-    ("moe.top_k", 17, "moe.top_k=17 must be between 1 and moe.num_experts=16"),
-    ("moe.router", "hash", "moe.router='hash' is not a registered router"),
-    ("moe.dispatcher", "megablocks", "moe.dispatcher='megablocks' is unknown"),
-    ("moe.capacity_factor", 0.0, "moe.capacity_factor=0.0 must be > 0"),
-    ("moe.gmm_impl", "cutlass", "moe.gmm_impl='cutlass' must be one of"),
-    ("moe.kernel_backend", "cuda", "moe.kernel_backend='cuda' must be one of"),
-    ("train.warmup_steps", 500, "train.warmup_steps=500 must be in [0, train.steps=300]"),
-    ("train.grad_accum", 3, "not divisible by train.grad_accum=3"),
-    ("train.learning_rate", -1.0, "train.learning_rate=-1.0 must be positive"),
-    ("mesh.expert", 3, "which does not divide the 1 devices"),
-    ("data.seq_len", 0, "data.seq_len must be positive"),
-]
-BAD += [  # routers (moejax.moe.routers / selection)
-    ("moe.selection", "top_p", "only applies to moe.router='gru'"),
-    ("moe.top_p", 1.5, "moe.top_p=1.5 must be in (0, 1]"),
-    ("moe.gru_dim", 0, "moe.gru_dim=0 must be positive"),
-    ("moe.entropy_coef", -1e-4, "moe.entropy_coef=-0.0001 must be >= 0"),
-]
+# Bad values, one per field: tests/config/test_bad_configs.py.
 
 
-@pytest.mark.parametrize("field,value,message", BAD, ids=[b[0] for b in BAD])
-def test_bad_config_is_rejected_with_its_own_message(field, value, message):
-    config = load_config_module("deepseekmoe").get_config()
-    section, key = field.split(".")
-    config[section][key] = value
-    with pytest.raises(ConfigError) as err:
-        validate(config, num_devices=1, num_processes=1)
-    assert message in str(err.value)
-    assert field.split(".")[0] in str(err.value)
-
-
-@pytest.mark.parametrize("config_name", ["dense", "gshard", "deepseekmoe"])
+@pytest.mark.parametrize("config_name", CONFIGS)
 def test_pallas_dispatcher_is_accepted_by_every_config(config_name):
     config = load_config_module(config_name).get_config()
     config.moe.update(dispatcher="pallas", kernel_backend="jax_triton")

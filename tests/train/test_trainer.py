@@ -61,7 +61,7 @@ def test_resume_with_a_different_model_is_refused(tiny_config, tmp_path):
     assert json.load(open(tmp_path / "config.json"))["model"]["d_model"] == 32
 
 
-def test_gshard_with_capacity_reports_drops(tiny_config, tmp_path):
+def test_gshard_with_capacity_reports_drops(tiny_config, tmp_path, capsys):
     config = tiny_config("gshard", **{"train.steps": 2, "moe.dispatcher": "capacity_einsum",
                                       "moe.capacity_factor": 0.5})
     train(config, str(tmp_path))
@@ -69,6 +69,10 @@ def test_gshard_with_capacity_reports_drops(tiny_config, tmp_path):
            if "train/loss" in r][-1]
     # Capacity 0.5 of the balanced load: at least half of the assignments are dropped.
     assert row["train/moe/dropped_fraction"] >= 0.5
+    # ... which the router health check reports once per layer (not again at step 2).
+    out = capsys.readouterr().out
+    assert out.count("router health @ step 1: MoE layer") == 2
+    assert "train.max_dropped_fraction=0.2" in out and "@ step 2" not in out
 
 
 def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
@@ -80,11 +84,14 @@ def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
 
 def test_non_finite_loss_aborts_naming_the_steps(tiny_config, tmp_path):
     # Adam steps have size ~lr whatever the gradient: lr 1e12 overflows float32 activations.
+    # Without skipping, the first non-finite step stops the run (tests/train/test_faults.py
+    # covers the default, skipping).
     config = tiny_config("dense", **{"train.steps": 6, "train.learning_rate": 1e12,
                                      "train.grad_clip": 0.0, "train.warmup_steps": 0,
-                                     "train.log_every": 3, "train.checkpoint_every": 3})
+                                     "train.log_every": 3, "train.checkpoint_every": 3,
+                                     "train.skip_non_finite": False})
     with pytest.raises(FloatingPointError,
-                       match=r"non-finite loss between steps 1 and 3 .*no checkpoint was written"):
+                       match=r"non-finite loss or gradients at step 2 .*No checkpoint was "):
         train(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()  # nothing non-finite was saved
 
@@ -93,7 +100,8 @@ def test_non_finite_state_is_never_checkpointed(tiny_config, tmp_path):
     # Checkpoints every step, logs every 5: the loss is still checked before each save.
     config = tiny_config("dense", **{"train.steps": 6, "train.learning_rate": 1e12,
                                      "train.grad_clip": 0.0, "train.warmup_steps": 0,
-                                     "train.log_every": 5, "train.checkpoint_every": 1})
+                                     "train.log_every": 5, "train.checkpoint_every": 1,
+                                     "train.skip_non_finite": False})
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         train(config, str(tmp_path))
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))

@@ -1,0 +1,377 @@
+"""Fault injection, end to end: kill, preempt, poison and corrupt tiny training runs, rerun the
+same command, and check that nothing is lost and the loss trajectory is the one an
+uninterrupted run logs.
+
+    python experiments/faults.py                 # 3 trials per scenario, a table
+    python experiments/faults.py --trials 1      # under two minutes on a 2-core CPU
+    python experiments/faults.py --trials 1 --json
+    python experiments/faults.py --scenarios sigkill,corrupt --trials 5 --jobs 1
+
+Every run is `python -m moejax.train` on configs/deepseekmoe.py shrunk to seconds (d_model 32,
+2 layers, 4 experts top-2, 16 steps of 4 x 32 tokens, asynchronous checkpoints every 4 steps,
+losses logged every step) over the offline corpus, built into the work directory. The runs
+share a JAX persistent compilation cache, so only the first one compiles, and `--jobs` (2)
+trials run at a time. Trial t of a scenario draws its random steps from (--seed, scenario, t),
+so a seed reproduces its trials. Scenarios:
+
+  sigkill           SIGKILL at a random step after the second checkpoint interval (from
+                    outside, while it trains), rerun
+  sigterm           SIGTERM (preemption notice) at a random step: it must save that step and
+                    exit with status 143; rerun
+  kill_during_save  SIGKILL while the asynchronous save of a random checkpoint step is being
+                    written (testing hook MOEJAX_FAULT_KILL_IN_SAVE): the half-written step
+                    must be ignored and reported; rerun
+  nan_skip          NaN batches at two random steps (MOEJAX_FAULT_NAN_STEPS): their updates
+                    are skipped and counted, the run finishes
+  nan_stop          train.max_bad_steps (3) NaN batches in a row: the run must stop with a
+                    message, keeping its last good checkpoint; rerun without the fault
+  corrupt           a finished run's latest checkpoint is damaged (truncated arrays, deleted
+                    manifest or truncated tree metadata, in turn): the rerun must refuse it
+                    naming the step and change nothing; then apply the fix the message gives
+                    (move the step aside) and rerun
+
+Columns, per scenario over its trials:
+
+  recovered    trials in which every check above held and the final rerun reached the last
+               step with its checkpoint
+  steps lost   the largest, over trials, of (newest intact checkpoint on disk after the
+               fault) - (step the rerun resumed from): work lost beyond what the last complete
+               checkpoint guarantees (nan_skip, which is not restarted: steps missing from
+               its final checkpoint). 0 is the goal. The steps redone since that checkpoint
+               are in the `redone` column (async saves take a few steps to complete, so a
+               SIGKILL typically redoes up to 2 checkpoint intervals)
+  identical    trials whose per-step losses (the last logged value of each step) equal the
+               uninterrupted run's bit for bit. For nan_skip, where the poisoned updates are
+               meant to be missing: the losses before the first NaN step are equal and the
+               parameter norm is unchanged across each skipped step
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+STEPS, EVERY, MAX_BAD = 16, 4, 3
+CORPUS_BYTES = 200_000
+
+
+def tiny_flags(data_dir: str) -> list[str]:
+    sets = {
+        "model.d_model": 32, "model.num_heads": 4, "model.num_kv_heads": 2, "model.d_ff": 64,
+        "model.num_layers": 2, "moe.num_experts": 4, "moe.top_k": 2, "moe.d_expert": 16,
+        "moe.gmm_tile": 16, "data.data_dir": data_dir,
+        "data.max_bytes_per_domain": CORPUS_BYTES, "data.seq_len": 32,
+        "data.global_batch_size": 4, "train.steps": STEPS, "train.warmup_steps": 2,
+        "train.log_every": 1, "train.eval_every": 0, "train.checkpoint_every": EVERY,
+        "train.async_checkpoint": True, "train.max_bad_steps": MAX_BAD,
+        "train.peak_tflops": 1.0,
+    }
+    return [f"--config={os.path.join(REPO, 'configs', 'deepseekmoe.py')}"] + [
+        f"--config.{k}={v}" for k, v in sets.items()]
+
+
+class Runner:
+    """Starts `python -m moejax.train` runs of the tiny config in fresh workdirs."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.data_dir = os.path.join(root, "data")
+        self.cache_dir = os.path.join(root, "jax_cache")
+
+    def workdir(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def start(self, workdir: str, env: dict | None = None) -> subprocess.Popen:
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("MOEJAX_FAULT_")}
+        env = {**inherited, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": self.cache_dir,
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(env or {})}
+        cmd = [sys.executable, "-m", "moejax.train", *tiny_flags(self.data_dir),
+               f"--workdir={workdir}"]
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+
+    def run(self, workdir: str, env: dict | None = None) -> tuple[int, str, str]:
+        proc = self.start(workdir, env)
+        out, err = proc.communicate(timeout=600)
+        return proc.returncode, out, err
+
+
+# --- Reading a workdir -------------------------------------------------------------------
+
+
+def losses(workdir: str) -> dict[int, float | None]:
+    """The last logged loss of each step."""
+    return {r["step"]: r["train/loss"] for r in records(workdir)}
+
+
+def records(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if "train/loss" in record:
+                out.append(record)
+    return out
+
+
+def last_logged(workdir: str) -> int:
+    rows = records(workdir)
+    return rows[-1]["step"] if rows else 0
+
+
+def committed(workdir: str) -> list[int]:
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(n) for n in os.listdir(root) if n.isdigit())
+
+
+def resumed_from(stdout: str) -> int:
+    match = re.search(r"resuming from step (\d+)", stdout)
+    return int(match.group(1)) if match else 0
+
+
+def signal_after(proc: subprocess.Popen, workdir: str, step: int, signum: int) -> None:
+    """Sends `signum` once `step` is logged (the run may be a step further by then)."""
+    deadline = time.monotonic() + 600
+    while last_logged(workdir) < step:
+        if proc.poll() is not None:
+            raise RuntimeError(f"run ended before step {step}: {proc.communicate()[1][-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"run did not reach step {step}")
+        time.sleep(0.005)
+    proc.send_signal(signum)
+
+
+# --- Scenarios: each returns one trial's result -------------------------------------------
+
+
+def _rerun(runner, workdir, reference, intact: int, env=None) -> dict:
+    """The recovery: the same command again; checks it finished and compares losses."""
+    rc, out, err = runner.run(workdir, env)
+    start = resumed_from(out)
+    return {"rerun_ok": rc == 0 and committed(workdir)[-1:] == [STEPS],
+            "steps_lost": intact - start, "resumed_from": start,
+            "identical": losses(workdir) == reference, "rerun_out": out, "rerun_err": err}
+
+
+def scenario_sigkill(runner, reference, rng, name: str, reference_dir: str,
+                     trial: int) -> dict:
+    workdir = runner.workdir(name)
+    step = rng.randint(2 * EVERY + 1, STEPS - 2)  # a step-4 save has completed by then
+    proc = runner.start(workdir)
+    signal_after(proc, workdir, step, signal.SIGKILL)
+    proc.communicate()
+    killed_at, intact = last_logged(workdir), (committed(workdir) or [0])[-1]
+    r = _rerun(runner, workdir, reference, intact)
+    return {"recovered": proc.returncode == -signal.SIGKILL and r["rerun_ok"],
+            "steps_lost": r["steps_lost"], "redone": killed_at - r["resumed_from"],
+            "identical": r["identical"], "detail": f"killed after step {killed_at}"}
+
+
+def scenario_sigterm(runner, reference, rng, name: str, reference_dir: str,
+                     trial: int) -> dict:
+    workdir = runner.workdir(name)
+    step = rng.randint(2, STEPS - 2)
+    proc = runner.start(workdir)
+    signal_after(proc, workdir, step, signal.SIGTERM)
+    _, err = proc.communicate()
+    stopped_at = last_logged(workdir)
+    saved = committed(workdir)[-1:] == [stopped_at] and "preemption notice" in err
+    r = _rerun(runner, workdir, reference, stopped_at)
+    return {"recovered": proc.returncode == 143 and saved and r["rerun_ok"],
+            "steps_lost": r["steps_lost"], "redone": stopped_at - r["resumed_from"],
+            "identical": r["identical"],
+            "detail": f"SIGTERM after step {stopped_at}, exit {proc.returncode}"}
+
+
+def scenario_kill_during_save(runner, reference, rng, name: str, reference_dir: str,
+                              trial: int) -> dict:
+    workdir = runner.workdir(name)
+    step = EVERY * rng.randint(2, STEPS // EVERY - 1)
+    proc = runner.start(workdir, {"MOEJAX_FAULT_KILL_IN_SAVE": str(step)})
+    proc.communicate()
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    half_written = step not in committed(workdir) and any(
+        n.startswith(f"{step}.orbax-checkpoint-tmp") for n in names)
+    intact = (committed(workdir) or [0])[-1]
+    r = _rerun(runner, workdir, reference, intact)
+    reported = f"checkpoint step(s) [{step}] were not completely written" in r["rerun_out"]
+    return {"recovered": proc.returncode == -signal.SIGKILL and half_written and reported
+            and r["rerun_ok"], "steps_lost": r["steps_lost"],
+            "redone": step - r["resumed_from"],  # killed right after logging `step`
+            "identical": r["identical"],
+            "detail": f"killed saving step {step}; resumed from {r['resumed_from']}"}
+
+
+def scenario_nan_skip(runner, reference, rng, name: str, reference_dir: str,
+                      trial: int) -> dict:
+    workdir = runner.workdir(name)
+    bad = sorted(rng.sample(range(2, STEPS + 1), 2))
+    rc, out, err = runner.run(workdir, {"MOEJAX_FAULT_NAN_STEPS": ",".join(map(str, bad))})
+    rows = {r["step"]: r for r in records(workdir)}
+    flagged = [s for s, r in rows.items() if r.get("train/nonfinite_steps")]
+    unchanged = all(rows[s]["train/param_norm"] == rows[s - 1]["train/param_norm"] for s in bad)
+    before = {s: v for s, v in losses(workdir).items() if s < bad[0]}
+    identical = unchanged and before == {s: reference[s] for s in before}
+    return {"recovered": rc == 0 and flagged == bad and committed(workdir)[-1:] == [STEPS],
+            "steps_lost": STEPS - (committed(workdir) or [0])[-1], "redone": 0,
+            "identical": identical,
+            "detail": f"NaN at steps {bad}: skipped {flagged}"}
+
+
+def scenario_nan_stop(runner, reference, rng, name: str, reference_dir: str,
+                      trial: int) -> dict:
+    workdir = runner.workdir(name)
+    first = rng.randint(EVERY + 1, STEPS - MAX_BAD)
+    bad = list(range(first, first + MAX_BAD))
+    rc, _, err = runner.run(workdir, {"MOEJAX_FAULT_NAN_STEPS": ",".join(map(str, bad))})
+    good = [s for s in committed(workdir) if s < first]
+    kept = committed(workdir) == good and bool(good)
+    message = (f"{MAX_BAD} consecutive non-finite steps ({first} to {bad[-1]}" in err
+               and f"last good checkpoint, step {good[-1] if good else None}, is kept" in err)
+    r = _rerun(runner, workdir, reference, good[-1] if good else 0)  # the fault has passed
+    return {"recovered": rc == 1 and kept and message and r["rerun_ok"],
+            "steps_lost": r["steps_lost"], "redone": bad[-1] - r["resumed_from"],
+            "identical": r["identical"],
+            "detail": f"NaN at steps {bad}: stopped, kept step {good[-1] if good else None}"}
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+CORRUPTIONS = {
+    "truncated arrays": lambda d: [_truncate(p) for p in glob.glob(f"{d}/state/d/*")],
+    "deleted manifest": lambda d: os.remove(f"{d}/state/manifest.ocdbt"),
+    "truncated tree metadata": lambda d: _truncate(f"{d}/state/_METADATA"),
+}
+
+
+def _snapshot(root: str) -> dict[str, int]:
+    return {os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n))
+            for d, _, names in os.walk(root) for n in names}
+
+
+def scenario_corrupt(runner, reference, rng, name: str, reference_dir: str,
+                     trial: int) -> dict:
+    workdir = runner.workdir(name)
+    shutil.copytree(reference_dir, workdir)
+    kind = list(CORRUPTIONS)[trial % len(CORRUPTIONS)]
+    step = committed(workdir)[-1]
+    CORRUPTIONS[kind](os.path.join(workdir, "checkpoints", str(step)))
+    before = _snapshot(os.path.join(workdir, "checkpoints"))
+    rc, _, err = runner.run(workdir)
+    named = f"Checkpoint step {step}" in err and "nothing was changed on disk" in err
+    untouched = _snapshot(os.path.join(workdir, "checkpoints")) == before
+    move = re.search(r"`mv (\S+) (\S+)`", err)  # the fix the message gives
+    if move:
+        os.rename(move.group(1), move.group(2))
+    intact = (committed(workdir) or [0])[-1]
+    r = _rerun(runner, workdir, reference, intact)
+    return {"recovered": rc == 1 and named and untouched and bool(move) and r["rerun_ok"],
+            "steps_lost": r["steps_lost"], "redone": step - r["resumed_from"],
+            "identical": r["identical"], "detail": f"{kind} at step {step}"}
+
+
+SCENARIOS = ["sigkill", "sigterm", "kill_during_save", "nan_skip", "nan_stop", "corrupt"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--trials", type=int, default=3, help="trials per scenario")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random steps")
+    p.add_argument("--workdir", default=None, help="default: a temporary directory")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--jobs", type=int, default=2, help="trials run at a time")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated subset of {SCENARIOS}")
+    args = p.parse_args(argv)
+    chosen = [s for s in args.scenarios.split(",") if s]
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown or args.trials < 1:
+        p.error(f"unknown scenario(s) {unknown}; choose from {SCENARIOS}" if unknown
+                else "--trials must be >= 1")
+
+    root = args.workdir or tempfile.mkdtemp(prefix="moejax-faults-")
+    os.makedirs(root, exist_ok=True)
+    t0 = time.perf_counter()
+    from moejax.data import build_corpus  # the one corpus every run reads
+    runner = Runner(root)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the table or the JSON alone
+        build_corpus(runner.data_dir, max_bytes_per_domain=CORPUS_BYTES)
+
+    reference_dir = runner.workdir("reference")
+    rc, _, err = runner.run(reference_dir)  # compiles once, filling the cache
+    if rc != 0:
+        print(err[-4000:], file=sys.stderr)
+        return 1
+    reference = losses(reference_dir)
+
+    def one(name: str, trial: int) -> dict:
+        rng = random.Random(f"{args.seed}/{name}/{trial}")
+        fn = globals()[f"scenario_{name}"]
+        return fn(runner, reference, rng, f"{name}-{trial}", reference_dir, trial)
+
+    jobs = [(name, trial) for name in chosen for trial in range(args.trials)]
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        done = dict(zip(jobs, pool.map(lambda job: one(*job), jobs)))
+    results = []
+    for name in chosen:
+        trials = [done[(name, t)] for t in range(args.trials)]
+        results.append({
+            "scenario": name, "trials": len(trials),
+            "recovered": sum(t["recovered"] for t in trials),
+            "steps_lost": max(t["steps_lost"] for t in trials),
+            "identical": sum(t["identical"] for t in trials),
+            "redone": max(t["redone"] for t in trials),
+            "details": [t["detail"] for t in trials],
+        })
+    seconds = time.perf_counter() - t0
+    if not args.keep and not args.workdir:
+        shutil.rmtree(root, ignore_errors=True)
+
+    ok = all(r["recovered"] == r["trials"] == r["identical"] and r["steps_lost"] == 0
+             for r in results)
+    if args.json:
+        print(json.dumps({"scenarios": results, "steps": STEPS, "checkpoint_every": EVERY,
+                          "seconds": round(seconds, 1), "all_recovered": ok}, indent=2))
+    else:
+        print("| scenario | trials | recovered | steps lost | identical | redone (max) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in results:
+            print(f"| {r['scenario']} | {r['trials']} | {r['recovered']}/{r['trials']} | "
+                  f"{r['steps_lost']} | {r['identical']}/{r['trials']} | {r['redone']} |")
+        print(f"\n{STEPS} steps, checkpoints every {EVERY}; {seconds:.0f} s; "
+              + ("every scenario recovered, nothing lost." if ok else "FAILURES above."))
+        for r in results:
+            for d in r["details"]:
+                print(f"  {r['scenario']}: {d}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Checks that run before anything is compiled, each failing with the problem and the fix.
+
+`train()` calls these after `validate(config)` and before building the model:
+
+  - `check_workdir`: the run directory can be created and written (a probe file is written
+    and removed; nothing else is touched);
+  - `check_resume_config`: a workdir holding checkpoints is resumed with the same model;
+  - `open_train_data`: the training split opens (a missing or unprepared dataset raises the
+    reader's `DataError`, which names the `data.*` field), the evaluation split too when
+    evaluation is on, and the token ids of the first batch fit `model.vocab_size`;
+  - `resume_data`: a restored data-iterator state matches this config's data settings.
+
+A checkpoint whose arrays do not match the model (shape mismatch) is caught by the
+Checkpointer's restore, which compares shapes from the checkpoint's metadata before reading
+any array; `python -m moejax.train` prints these errors as one message.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from moejax.config import ConfigError
+from moejax.data import DataError, make_batches, open_split
+from moejax.data.pipeline import PackedBatches
+
+
+class WorkdirError(RuntimeError):
+    """The run directory cannot be created or written."""
+
+
+def check_workdir(workdir: str) -> str:
+    """Creates `workdir` if needed and proves it writable; returns its absolute path."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    probe = os.path.join(path, f".moejax-write-test-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(
+            f"--workdir={workdir!r} cannot be written ({type(e).__name__}: "
+            f"{e.strerror or e}). Pass a --workdir on a writable disk with free space, or fix "
+            f"the permissions of {path}; nothing was started.") from e
+    return path
+
+
+def check_resume_config(workdir: str, config_dict: dict) -> None:
+    """A workdir with checkpoints must be resumed with the same model; anything else would
+    fail deep inside the restore or, worse, silently train a different model."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{path} cannot be read ({e}), so this workdir's run cannot be checked against "
+            f"the config. Restore that file from a copy, or pass a new --workdir.") from e
+    for section in ("model", "moe"):
+        for key, value in config_dict[section].items():
+            old = saved.get(section, {}).get(key)
+            if old is not None and json.dumps(old) != json.dumps(value):
+                raise ConfigError(
+                    f"{workdir} holds checkpoints of a run with {section}.{key}={old!r}, but "
+                    f"this config has {value!r}. Resume with the same {section} settings, or "
+                    f"pass a new --workdir to start a separate run (nothing was changed).")
+
+
+def check_vocabulary(batch: dict[str, np.ndarray], vocab_size: int, dataset: str) -> None:
+    """Every input and target id of `batch` must be < `vocab_size` (the embedding rows)."""
+    largest = int(max(np.max(batch["inputs"]), np.max(batch["targets"])))
+    if largest >= vocab_size:
+        raise DataError(
+            f"data.dataset={dataset!r} produces token id {largest}, but model.vocab_size="
+            f"{vocab_size} has ids 0..{vocab_size - 1}. Set --config.model.vocab_size to at "
+            f"least {largest + 1} (the tokenizer's vocabulary), or use a dataset whose ids fit.")
+
+
+def open_train_data(s) -> PackedBatches:
+    """This process's training iterator, after checking the splits and the vocabulary."""
+    batches = make_batches(s.data, s.data.train_split)
+    if s.train.eval_every:
+        open_split(s.data, s.data.eval_split)  # fail now, not at the first evaluation
+    # Peek at the first batch without consuming it: the iterator state is a few ints.
+    start = batches.get_state()
+    check_vocabulary(next(batches), s.model.vocab_size, s.data.dataset)
+    batches.set_state(start)
+    return batches
+
+
+def resume_data(batches: PackedBatches, data_state: dict | None, checkpoint_step: int) -> None:
+    """Moves `batches` to a restored iterator state, naming the data settings that differ."""
+    if data_state is None:
+        raise ConfigError(
+            f"checkpoint step {checkpoint_step} has no data-iterator state, so the run cannot "
+            f"continue with the batches it would have seen. Resume from a checkpoint written "
+            f"by moejax.train, or pass a new --workdir.")
+    try:
+        batches.set_state(data_state)
+    except ValueError as e:
+        raise ConfigError(f"checkpoint step {checkpoint_step}: {e}") from e

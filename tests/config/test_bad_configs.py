@@ -1,0 +1,126 @@
+"""The bad-config table: every field of every section has a check, and each bad value is
+rejected by `validate` (before anything is compiled) with a message naming the field.
+
+Values are set on a plain dict copy of configs/deepseekmoe.py (tiny size), so values of the
+wrong type reach `validate` the way a hand-written dict or a loose config file would.
+"""
+import dataclasses
+
+import pytest
+from testing_utils import load_config_module
+
+from moejax.config import SECTIONS, ConfigError, validate
+
+BAD = [
+    # model
+    ("model.vocab_size", 0, "model.vocab_size=0 must be positive"),
+    ("model.d_model", -8, "model.d_model=-8 must be positive"),
+    ("model.num_layers", 2.5, "config.model.num_layers=2.5 must be an int"),
+    ("model.num_heads", 3, "model.d_model=128 is not divisible by model.num_heads=3"),
+    ("model.num_kv_heads", 3, "multiple of model.num_kv_heads=3"),
+    ("model.head_dim", 7, "head dim 7 must be even for rotary embeddings; set model.head_dim"),
+    ("model.head_dim", -1, "model.head_dim=-1 must be >= 0"),
+    ("model.d_ff", 0, "model.d_ff=0 must be positive"),
+    ("model.first_k_dense", 9, "model.first_k_dense=9 must be in [0, model.num_layers=4]"),
+    ("model.moe_every", -1, "model.moe_every=-1 must be >= 0"),
+    ("model.rope_theta", 0.0, "model.rope_theta=0.0 must be positive"),
+    ("model.norm_eps", -1e-6, "model.norm_eps=-1e-06 must be positive"),
+    ("model.tie_embeddings", "yes", "config.model.tie_embeddings='yes' must be a bool"),
+    ("model.init_std", 0.0, "model.init_std=0.0 must be positive"),
+    ("model.dtype", "float8", "model.dtype='float8' must be one of"),
+    ("model.param_dtype", "int8", "model.param_dtype='int8' must be one of"),
+    ("model.remat", "sometimes", "model.remat='sometimes' must be one of"),
+    ("model.scan_layers", "no", "config.model.scan_layers='no' must be a bool"),
+    # moe
+    ("moe.num_experts", 0, "moe.num_experts=0 must be >= 1"),
+    ("moe.top_k", 17, "moe.top_k=17 must be between 1 and moe.num_experts=16"),
+    ("moe.d_expert", 0, "moe.d_expert=0 must be positive"),
+    ("moe.n_shared", -1, "moe.n_shared=-1 must be >= 0"),
+    ("moe.router", "hash", "moe.router='hash' is not a registered router"),
+    ("moe.renormalize", 1, "config.moe.renormalize=1 must be a bool"),
+    ("moe.balance_coef", -0.1, "moe.balance_coef=-0.1 must be >= 0"),
+    ("moe.z_loss_coef", -1.0, "moe.z_loss_coef=-1.0 must be >= 0"),
+    ("moe.dispatcher", "megablocks", "moe.dispatcher='megablocks' is unknown"),
+    ("moe.capacity_factor", 0.0, "moe.capacity_factor=0.0 must be > 0"),
+    ("moe.gmm_impl", "cutlass", "moe.gmm_impl='cutlass' must be one of"),
+    ("moe.gmm_tile", 0, "moe.gmm_tile=0 must be positive"),
+    ("moe.kernel_backend", "cuda", "moe.kernel_backend='cuda' must be one of"),
+    ("moe.selection", "top_p", "only applies to moe.router='gru'"),
+    ("moe.top_p", 1.5, "moe.top_p=1.5 must be in (0, 1]"),
+    ("moe.gru_dim", 0, "moe.gru_dim=0 must be positive"),
+    ("moe.gru_shared", "yes", "config.moe.gru_shared='yes' must be a bool"),
+    ("moe.gru_detach", 0, "config.moe.gru_detach=0 must be a bool"),
+    ("moe.entropy_coef", -1e-4, "moe.entropy_coef=-0.0001 must be >= 0"),
+    # data (checked by DataConfig itself)
+    ("data.dataset", "", "data.dataset must not be empty"),
+    ("data.data_dir", 3, "data.data_dir must be str"),
+    ("data.text_key", "", "data.text_key must not be empty"),
+    ("data.domain_key", None, "data.domain_key must be str"),
+    ("data.seq_len", 0, "data.seq_len must be positive"),
+    ("data.global_batch_size", -4, "data.global_batch_size must be positive"),
+    ("data.seed", -1, "data.seed must be >= 0"),
+    ("data.max_bytes_per_domain", 0, "data.max_bytes_per_domain must be positive"),
+    ("data.train_split", "", "data.train_split must not be empty"),
+    ("data.eval_split", "", "data.eval_split must not be empty"),
+    ("data.shuffle", "no", "data.shuffle must be bool"),
+    # train
+    ("train.steps", 0, "train.steps=0 must be positive"),
+    ("train.learning_rate", -1.0, "train.learning_rate=-1.0 must be positive"),
+    ("train.warmup_steps", 500, "train.warmup_steps=500 must be in [0, train.steps=300]"),
+    ("train.min_lr_ratio", 1.5, "train.min_lr_ratio=1.5 must be in [0, 1]"),
+    ("train.weight_decay", -0.1, "train.weight_decay=-0.1 must be >= 0"),
+    ("train.b1", 1.0, "train.b1=1.0 must be in [0, 1)"),
+    ("train.b2", -0.5, "train.b2=-0.5 must be in [0, 1)"),
+    ("train.eps", 0.0, "train.eps=0.0 must be positive"),
+    ("train.grad_clip", -1.0, "train.grad_clip=-1.0 must be >= 0"),
+    ("train.grad_accum", 0, "train.grad_accum=0 must be >= 1"),
+    ("train.grad_accum", 3, "not divisible by train.grad_accum=3"),
+    ("train.seed", -3, "train.seed=-3 must be >= 0"),
+    ("train.log_every", 0, "train.log_every=0 must be >= 1"),
+    ("train.eval_every", -1, "train.eval_every=-1 must be >= 0"),
+    ("train.eval_batches", -1, "train.eval_batches=-1 must be >= 0"),
+    ("train.checkpoint_every", 0, "train.checkpoint_every=0 must be >= 1"),
+    ("train.keep_checkpoints", 0, "train.keep_checkpoints=0 must be >= 1"),
+    ("train.async_checkpoint", "true", "config.train.async_checkpoint='true' must be a bool"),
+    ("train.peak_tflops", -1.0, "train.peak_tflops=-1.0 must be >= 0"),
+    ("train.abort_on_nan", None, "config.train.abort_on_nan=None must be a bool"),
+    ("train.skip_non_finite", "no", "config.train.skip_non_finite='no' must be a bool"),
+    ("train.max_bad_steps", 0, "train.max_bad_steps=0 must be >= 1"),
+    ("train.dead_expert_logs", -1, "train.dead_expert_logs=-1 must be >= 0"),
+    ("train.max_dropped_fraction", 1.5, "train.max_dropped_fraction=1.5 must be in [0, 1]"),
+    ("train.max_load_cv", 0.0, "train.max_load_cv=0.0 must be positive"),
+    ("train.steps", "1000", "config.train.steps='1000' must be an int"),
+    # mesh
+    ("mesh.data", 0, "mesh.data=0 must be a positive size or -1"),
+    ("mesh.fsdp", -1, "only one axis may be -1, got ['data', 'fsdp']"),
+    ("mesh.expert", 3, "which does not divide the 1 devices"),
+    ("mesh.tensor", 2, "uses 2 devices but 1 are available"),
+    ("mesh.rules", (("embed", "model"),), "mesh.rules maps 'embed' to unknown mesh axis"),
+    ("mesh.rules", (("embed",),), "must be a (logical_axis, mesh_axes) pair"),
+]
+
+
+def _config_with(field: str, value) -> dict:
+    config = load_config_module("deepseekmoe").get_config().to_dict()
+    section, key = field.split(".")
+    config[section][key] = value
+    if field == "mesh.tensor":
+        config["mesh"]["data"] = 1  # both fixed: 1 * 2 devices asked for, 1 available
+    return config
+
+
+@pytest.mark.parametrize("field,value,message", BAD,
+                         ids=[f"{f}={v!r}" for f, v, _ in BAD])
+def test_bad_value_is_rejected_naming_the_field(field, value, message):
+    with pytest.raises(ConfigError) as err:
+        validate(_config_with(field, value), num_devices=1, num_processes=1)
+    assert message in str(err.value)
+    assert field.split(".")[1] in str(err.value)
+
+
+def test_the_table_covers_every_field():
+    covered = {field for field, _, _ in BAD}
+    every = {f"{name}.{f.name}" for name, cls in SECTIONS.items()
+             for f in dataclasses.fields(cls)}
+    assert every - covered == set()
+    assert len(BAD) >= 25

@@ -1,0 +1,73 @@
+"""Bad input fails before training starts, naming the problem and the fix: an unwritable
+workdir, a missing dataset, token ids that do not fit the model, a checkpoint written by a
+different model (shape mismatch)."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from testing_utils import REPO, cli_flags
+
+from moejax.config import ConfigError, validate
+from moejax.data import DataError
+from moejax.sharding.mesh import make_mesh
+from moejax.train.checkpoint import Checkpointer, CheckpointMismatchError
+from moejax.train.preflight import WorkdirError, check_vocabulary, check_workdir
+from moejax.train.trainer import build_experiment, train
+
+
+def test_unwritable_workdir_is_named_before_anything_starts(tiny_config, tmp_path):
+    (tmp_path / "a_file").write_text("")  # nothing can be created below a file
+    with pytest.raises(WorkdirError, match=r"--workdir=.*a_file/run.* cannot be written.*"
+                                           r"Pass a --workdir on a writable disk"):
+        train(tiny_config("dense"), str(tmp_path / "a_file" / "run"))
+    assert check_workdir(str(tmp_path / "new")) == str(tmp_path / "new")
+    assert os.listdir(tmp_path / "new") == []  # the probe file is removed
+
+
+def test_missing_dataset_is_named(tiny_config, tmp_path):
+    config = tiny_config("dense", **{"data.dataset": "no_such_corpus"})
+    with pytest.raises(DataError, match="data.dataset='no_such_corpus' is not a registered"):
+        train(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_token_ids_must_fit_the_vocabulary(tiny_config, tmp_path):
+    batch = {"inputs": np.array([[1, 258]]), "targets": np.array([[258, 2]])}
+    check_vocabulary(batch, 259, "moejax_corpus")
+    with pytest.raises(DataError, match=r"token id 258, but model.vocab_size=200 .*at least 259"):
+        check_vocabulary(batch, 200, "moejax_corpus")
+    # Through the trainer, the config check catches it first (the byte tokenizer's 259 ids).
+    with pytest.raises(ConfigError, match="model.vocab_size=200 is smaller than"):
+        train(tiny_config("dense", **{"model.vocab_size": 200}), str(tmp_path))
+
+
+def test_checkpoint_of_another_model_is_refused_naming_shapes(tiny_config, tmp_path):
+    # A workdir whose checkpoint (but no config.json) comes from a model with d_model=32.
+    s = validate(tiny_config("dense"), num_devices=1, num_processes=1)
+    exp = build_experiment(s, make_mesh(s.mesh))
+    state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), exp.abstract_state)
+    with Checkpointer(tmp_path, save_every=1, async_save=False) as ckpt:
+        ckpt.save(2, state, data_state={"format": 1})
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(CheckpointMismatchError) as info:
+        train(tiny_config("dense", **{"model.d_model": 64}), str(tmp_path))
+    message = str(info.value)
+    assert "shape" in message and "32" in message and "64" in message
+    assert "pass a new --workdir" in message
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    assert not (tmp_path / "metrics.jsonl").exists()  # no step was trained
+
+
+def test_cli_prints_one_message_and_exits_1(tiny_config, tmp_path):
+    config = tiny_config("dense", **{"data.dataset": "no_such_corpus"})
+    cmd = [sys.executable, "-m", "moejax.train", *cli_flags(config, "dense"),
+           f"--workdir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1
+    assert "moejax: error: DataError: data.dataset='no_such_corpus'" in proc.stderr
+    assert "Traceback" not in proc.stderr

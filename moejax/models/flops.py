@@ -1,9 +1,9 @@
 """Parameter counts (total and active per token) and training FLOPs per token.
 
 Active parameters count, in each MoE layer, only the `top_k` routed experts a token uses
-(plus shared experts, router and everything outside the FFN); for top-p routing `top_k` is
-the bound, so `active` is an upper bound unless the measured mean `experts_per_token` is
-passed (the trainer does, for throughput and MFU).
+(plus shared experts, router and everything outside the FFN); for top-p routing the slot
+bound (`routing_slots`) is used, an upper bound unless the measured mean `experts_per_token`
+is passed (the trainer does, for throughput and MFU).
 Training FLOPs per token use
 the PaLM estimate (Chowdhery et al., 2022, appendix B): 6 * N_active (forward + backward of
 every matmul weight, embeddings lookups excluded) + 12 * L * H * Q * S for attention scores
@@ -15,6 +15,7 @@ import dataclasses
 
 from moejax.models.config import ModelConfig
 from moejax.moe.config import MoEConfig
+from moejax.moe.selection import routing_slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ def count_params(model: ModelConfig, moe: MoEConfig,
     common = embedding + head + d + model.num_layers * (attn + norms) + n_dense * dense_ffn
     moe_fixed = n_moe * (shared + router) + (model_router if n_moe else 0)
     total = common + moe_fixed + n_moe * moe.num_experts * expert
-    used = moe.top_k if experts_per_token is None else experts_per_token
+    used = routing_slots(moe) if experts_per_token is None else experts_per_token
     active = common + moe_fixed + round(n_moe * used * expert)
     if model.tie_embeddings:  # the tied table is also the output projection
         embedding = 0

@@ -64,15 +64,17 @@ def dense_reference(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
     return jnp.einsum("etd,te->td", y_all, gates.astype(y_all.dtype)), {}
 
 
-def capacity(num_tokens: int, cfg: MoEConfig) -> int:
-    return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts))
+def capacity(num_tokens: int, cfg: MoEConfig, slots: int | None = None) -> int:
+    """C = ceil(capacity_factor * T * k / E); k = the routing's slots (default `top_k`)."""
+    k = cfg.top_k if slots is None else slots
+    return max(1, math.ceil(cfg.capacity_factor * num_tokens * k / cfg.num_experts))
 
 
 def capacity_einsum(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
                     cfg: MoEConfig) -> tuple[jax.Array, Metrics]:
     t, d = x.shape
-    e, k = cfg.num_experts, cfg.top_k
-    c = capacity(t, cfg)
+    e, k = cfg.num_experts, routing.expert_ids.shape[1]
+    c = capacity(t, cfg, k)
     ids = routing.expert_ids.T.reshape(-1)  # [k*T], choice-major priority
     # Only real assignments compete for capacity: zero-weight slots (padding tokens, top-p
     # padding) are never admitted and never counted as drops.

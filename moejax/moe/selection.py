@@ -11,9 +11,12 @@ the slots top-p leaves empty), and the dispatchers skip it.
 - `top_p`: dynamic routing, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models"
   (Huang et al., 2024, eq. 3-4; reference code ZhenweiAn/Dynamic_MoE). Each token takes the
   fewest experts, in decreasing probability, whose probabilities sum to at least `top_p`;
-  at most `top_k` of them (the static bound; `top_k = num_experts` for no bound). Weights
-  are the router probabilities, not renormalised. The paper's dynamic loss is the router
-  entropy (`entropy_coef`, beta = 1e-4) next to the balance loss (alpha = 1e-2).
+  at most `top_k` of them (a static bound; `top_k = num_experts` for none). Weights are the
+  router probabilities, not renormalised. The paper's dynamic loss is the router entropy
+  (`entropy_coef`, beta = 1e-4) next to the balance loss (alpha = 1e-2). The static number
+  of slots is `routing_slots(cfg) = min(top_k, ceil(top_p * E))`: the m largest of E
+  probabilities sum to at least m / E, so no token ever needs more than ceil(p E) experts,
+  and every slot past that would be dispatched, permuted and combined as dead weight.
 
 Aux losses (each omitted when its coefficient is 0), all over real tokens only: Switch
 balance (`balance_coef`, counting only used slots), ST-MoE z-loss (`z_loss_coef`) and router
@@ -21,6 +24,7 @@ entropy (`entropy_coef`).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -78,7 +82,7 @@ def softmax_topk(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig) -> S
 
 def top_p(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig) -> Selection:
     probs = jax.nn.softmax(logits, axis=-1)
-    sorted_probs, ids = jax.lax.top_k(probs, cfg.top_k)  # ties: the lower expert id first
+    sorted_probs, ids = jax.lax.top_k(probs, routing_slots(cfg))  # ties: lower id first
     weights = jnp.where(top_p_mask(sorted_probs, cfg.top_p), sorted_probs, 0.0)
     return _finish(cfg, logits, probs, ids, weights, mask)
 
@@ -88,6 +92,14 @@ def selection_rule(cfg: MoEConfig) -> str:
     if cfg.router == "gru":
         return cfg.selection or "softmax_topk"
     return cfg.router
+
+
+def routing_slots(cfg: MoEConfig) -> int:
+    """k of the Routing arrays `[T, k]`: `top_k`, or for top-p min(top_k, ceil(top_p * E))
+    (see the module docstring)."""
+    if selection_rule(cfg) == "top_p":
+        return max(1, min(cfg.top_k, math.ceil(cfg.top_p * cfg.num_experts - 1e-9)))
+    return cfg.top_k
 
 
 SELECTIONS: dict[str, Callable[[jax.Array, jax.Array | None, MoEConfig], Selection]] = {

@@ -16,7 +16,7 @@ from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.gru_router import GRUCell, GRURouter
 from moejax.moe.layer import MoELayer
 from moejax.moe.routers import ROUTERS
-from moejax.moe.selection import SELECTIONS, top_p, top_p_mask
+from moejax.moe.selection import SELECTIONS, routing_slots, top_p, top_p_mask
 
 E, T, D, H = 6, 24, 10, 7
 
@@ -46,9 +46,9 @@ def test_top_p_mask_exact_prefix_on_dyadic_probabilities(p, want):
 def test_top_p_ties_take_lower_expert_ids_first_and_p1_takes_all():
     cfg = MoEConfig(num_experts=4, top_k=4, router="top_p", top_p=0.5)
     logits = jnp.zeros((1, 4))  # four experts at exactly 0.25
-    sel = top_p(logits, None, cfg)
-    np.testing.assert_array_equal(sel.expert_ids[0], [0, 1, 2, 3])
-    np.testing.assert_allclose(sel.weights[0], [0.25, 0.25, 0.0, 0.0])  # not renormalised
+    sel = top_p(logits, None, cfg)  # 2 slots: ceil(0.5 * 4)
+    np.testing.assert_array_equal(sel.expert_ids[0], [0, 1])
+    np.testing.assert_allclose(sel.weights[0], [0.25, 0.25])  # not renormalised
     sel = top_p(logits, None, dataclasses.replace(cfg, top_p=1.0))
     np.testing.assert_allclose(sel.weights[0], [0.25] * 4)
 
@@ -70,8 +70,21 @@ def test_top_p_matches_brute_force_minimal_prefix_and_respects_max_k():
                                        rtol=1e-6)
         count = used.sum(axis=1)
         np.testing.assert_allclose(sel.metrics["experts_per_token"], count.mean(), rtol=1e-6)
+        slots = routing_slots(cfg)
+        assert sel.weights.shape == (200, slots) and slots <= k
         np.testing.assert_allclose(sel.metrics["experts_per_token_hist"],
-                                   np.bincount(count, minlength=k + 1) / len(count), atol=1e-7)
+                                   np.bincount(count, minlength=slots + 1) / len(count),
+                                   atol=1e-7)
+
+
+@pytest.mark.parametrize("p, k, want", [(0.4, 8, 4), (0.5, 8, 4), (0.51, 8, 5), (0.4, 3, 3),
+                                        (1.0, 8, 8), (0.01, 8, 1)])
+def test_top_p_slots_are_the_most_any_token_can_need(p, k, want):
+    cfg = MoEConfig(num_experts=8, top_k=k, router="top_p", top_p=p)
+    assert routing_slots(cfg) == want
+    # The bound is reached: near-uniform probabilities need ceil(p * E) experts.
+    sel = top_p(jnp.zeros((1, 8)) + jnp.arange(8) * 1e-4, None, cfg)
+    assert int(np.sum(np.asarray(sel.weights) > 0)) == want
 
 
 def test_top_p_losses_count_only_used_slots_and_add_entropy():

@@ -4,9 +4,11 @@ Huang et al., 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Mode
 (arXiv 2403.07652; reference code ZhenweiAn/Dynamic_MoE). p = 0.4, loss =
 L_lm + 1e-2 * balance + 1e-4 * router entropy, weights are the router probabilities (not
 renormalised), as reported. The number of experts per token is bounded by `moe.top_k`
-(a static shape); here top_k = num_experts, so nothing is cut. Unused slots cost no FLOPs
-in the dropless dispatchers. `eval/moe/experts_per_token/<domain>` shows which data take
-more experts; `train/moe/experts_per_token_hist` the distribution per layer.
+(a static shape); here top_k = num_experts, so nothing is cut, and the routing arrays
+still hold only ceil(p * E) = 4 slots, the most any token can need. Unused slots cost no
+grouped-matmul FLOPs in the dropless dispatchers. `eval/moe/experts_per_token/<domain>`
+shows which data take more experts; `train/moe/experts_per_token_hist` the distribution
+per layer.
 
 Tiny CPU run (same shape and budget as gshard.py and rmoe.py: the README router table):
     python -m moejax.train --config=configs/top_p.py --workdir=runs/top_p

@@ -1,11 +1,12 @@
 """Benchmark: one full train step (forward, backward, AdamW update) per router.
 
 Compares the routers of the README router table at the same model shape: softmax top-k
-(`configs/gshard.py`), RMoE's GRU router (`configs/rmoe.py`), top-p (`configs/top_p.py`) and
-the GRU scorer with top-p selection. Every case is built with `build_experiment` (the
-trainer's own jit-compiled step) and fed the same fixed batch of packed corpus-like tokens;
-all cases are compiled first, then timed in one process with the repeats interleaved and
-rotated (as `moe_layer.py` does), so load from other processes hits every case alike.
+(`configs/gshard.py`), RMoE's GRU router (`configs/rmoe.py`), top-p (`configs/top_p.py`),
+the GRU scorer with top-p selection, and DeepSeek-V3's sigmoid_bias routing (with its bias
+update). Every case is built with `build_experiment` (the trainer's own jit-compiled step)
+and fed the same fixed batch of packed corpus-like tokens; all cases are compiled first,
+then timed in one process with the repeats interleaved and rotated (as `moe_layer.py` does),
+so load from other processes hits every case alike.
 
     python experiments/benchmarks/router_step.py --json
     python experiments/benchmarks/router_step.py --json --runs runs   # trained routers
@@ -55,6 +56,10 @@ CASES = {  # case -> (config file, overrides)
     "top_p": ("top_p.py", {}),
     "gru+top_p": ("rmoe.py", {"moe.selection": "top_p", "moe.top_k": 8, "moe.top_p": 0.4,
                               "moe.renormalize": False}),
+    # DeepSeek-V3 routing at the same shape: 4 groups of 2, top-2 groups, bias update.
+    "sigmoid_bias": ("gshard.py", {"moe.router": "sigmoid_bias", "moe.n_group": 4,
+                                   "moe.topk_group": 2, "moe.balance_coef": 0.0,
+                                   "moe.z_loss_coef": 0.0, "moe.seq_balance_coef": 1e-4}),
 }
 
 

@@ -16,7 +16,7 @@ from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.grouped_matmul import IMPLS
 from moejax.moe.routers import ROUTERS
-from moejax.moe.selection import SELECTIONS
+from moejax.moe.selection import GROUP_MASK_FILL, SELECTIONS, selection_rule
 from moejax.sharding.config import MESH_AXES, MeshConfig, batch_mesh_axes
 from moejax.sharding.mesh import resolve_mesh_shape
 from moejax.train.config import TrainConfig
@@ -95,10 +95,49 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
     _require(moe.capacity_factor > 0,
              f"moe.capacity_factor={moe.capacity_factor} must be > 0 (1.0 = exactly the "
              f"balanced load; GShard uses 1.25-2.0).")
-    for name in ("balance_coef", "z_loss_coef", "entropy_coef"):
+    for name in ("balance_coef", "device_balance_coef", "seq_balance_coef", "z_loss_coef",
+                 "entropy_coef"):
         value = getattr(moe, name)
         _require(value >= 0, f"moe.{name}={value} must be >= 0 (0 turns that loss off).")
+    _require(moe.balance_devices >= 0,
+             f"moe.balance_devices={moe.balance_devices} must be >= 0 (0 = the size of the "
+             f"expert mesh axis).")
     _check_router(moe)
+    _check_sigmoid_bias(moe)
+
+
+def _check_sigmoid_bias(moe: MoEConfig) -> None:
+    """DeepSeek-V3's group-limited routing settings (only the sigmoid_bias rule has them)."""
+    _require(moe.group_mask in GROUP_MASK_FILL,
+             f"moe.group_mask={moe.group_mask!r} must be one of {sorted(GROUP_MASK_FILL)} "
+             f"('zero': transformers 4.x DeepseekV3MoE; 'neg_inf': DeepSeek's inference code "
+             f"and transformers 5.x).")
+    _require(moe.bias_update_rate >= 0,
+             f"moe.bias_update_rate={moe.bias_update_rate} must be >= 0 (DeepSeek-V3's gamma, "
+             f"0.001; 0 freezes the bias).")
+    if selection_rule(moe) != "sigmoid_bias":
+        for name, default in (("n_group", 1), ("topk_group", 1), ("routed_scaling_factor", 1.0)):
+            value = getattr(moe, name)
+            _require(value == default,
+                     f"moe.{name}={value} only applies to the sigmoid_bias selection rule "
+                     f"(DeepSeek-V3); set moe.router='sigmoid_bias' (or moe.selection="
+                     f"'sigmoid_bias' with moe.router='gru'), or leave moe.{name}={default}.")
+        return
+    e, g = moe.num_experts, moe.n_group
+    _require(g >= 1 and e % g == 0,
+             f"moe.num_experts={e} is not divisible by moe.n_group={g}; the experts form "
+             f"n_group equal groups, so choose n_group among the divisors of num_experts "
+             f"(1 = no group limit).")
+    _require(1 <= moe.topk_group <= g,
+             f"moe.topk_group={moe.topk_group} must be between 1 and moe.n_group={g} (the "
+             f"number of expert groups each token may select from).")
+    _require(moe.top_k <= moe.topk_group * (e // g),
+             f"moe.top_k={moe.top_k} is more than the {moe.topk_group * (e // g)} experts in "
+             f"moe.topk_group={moe.topk_group} groups of {e // g} (moe.num_experts / "
+             f"moe.n_group); raise topk_group or lower top_k.")
+    _require(moe.routed_scaling_factor > 0,
+             f"moe.routed_scaling_factor={moe.routed_scaling_factor} must be > 0 (DeepSeek-V3 "
+             f"uses 2.5; 1.0 leaves the weights as they are).")
 
 
 def _check_router(moe: MoEConfig) -> None:
@@ -218,5 +257,12 @@ def validate(config, *, num_devices: int | None = None,
                  f"moe.num_experts={s.moe.num_experts} is not divisible by mesh.expert="
                  f"{sizes['expert']}; each expert-parallel device must own a whole number of "
                  f"experts.")
+        if not s.moe.balance_devices:  # the device-level loss's D: the expert axis' devices
+            s = dataclasses.replace(s, moe=dataclasses.replace(
+                s.moe, balance_devices=sizes["expert"]))
+        _require(s.moe.num_experts % s.moe.balance_devices == 0,
+                 f"moe.num_experts={s.moe.num_experts} is not divisible by "
+                 f"moe.balance_devices={s.moe.balance_devices}; the device-level balance loss "
+                 f"needs equal groups of experts (0 = mesh.expert).")
     _check_batching(s.data, s.train, s.mesh, sizes, num_processes)
     return s

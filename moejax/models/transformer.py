@@ -13,7 +13,9 @@ context. Optional rematerialisation (`model.remat`) wraps each block. `model.sca
 unrolls the same stacks into a Python loop (layers named `<stack>_<i>`; `unscan_params`
 converts scanned parameters to that layout), computing the same function.
 
-`apply(variables, inputs[B, L], segment_ids, positions)` returns float32 logits [B, L, V] and
+`apply(variables, inputs[B, L], segment_ids, positions)` takes `variables = {"params": ...}`,
+plus `"router_bias": ...` (stacked per-expert biases [layers, E]) for DeepSeek-V3's
+`sigmoid_bias` routing, and returns float32 logits [B, L, V] and
 `extras`: `aux_loss` (scalar, already weighted), `aux_losses` (name -> scalar summed over
 layers), `moe_metrics` (name -> array with a leading MoE-layer axis) and `routing`
 (per-token decisions `[num_moe_layers, B, L]`: `top1_expert`, `experts_per_token`).
@@ -32,6 +34,7 @@ from moejax.models.layers import DenseMLP, RMSNorm, dtype_of, logical_param
 from moejax.moe.config import MoEConfig
 from moejax.moe.layer import MoELayer
 from moejax.moe.routers import initial_router_state, shared_router_params
+from moejax.moe.selection import BIAS_COLLECTION
 
 SCANNED_STACKS = ("dense_layers", "moe_layers", "moe_periods", "dense")
 
@@ -72,7 +75,9 @@ def _block_cls(model: ModelConfig):
 
 
 def _scan(cls, length: int):
-    return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+    # DeepSeek-V3's per-expert router bias (a non-trainable collection) stacks like params.
+    return nn.scan(cls, variable_axes={"params": 0, BIAS_COLLECTION: 0},
+                   split_rngs={"params": True},
                    in_axes=(nn.broadcast,), length=length,
                    metadata_params={nn.PARTITION_NAME: "layers"})
 

@@ -18,19 +18,41 @@ class MoEConfig:
     A router is a scorer (how logits are made) and a selection rule (which experts a token
     takes, with what weights). `router="softmax_topk"` and `router="top_p"` score with one
     linear map and select by their name; `router="gru"` scores with RMoE's recurrent GRU and
-    selects by `selection` (see `moejax.moe.routers`).
+    selects by `selection` (see `moejax.moe.routers`). `router="sigmoid_bias"` is DeepSeek-V3's
+    routing (Liu et al., 2024, arXiv 2412.19437, eq. 12-16): sigmoid affinities, a per-expert
+    bias (the non-trainable `router_bias` collection, moved after every optimizer step by
+    `bias_update_rate`, the gamma of section 2.1.2) that only decides which experts are
+    selected, group-limited selection (`n_group`, `topk_group`; `group_mask` is how the
+    experts of the dropped groups are masked: "zero" as transformers 4.x's DeepseekV3MoE,
+    "neg_inf" as DeepSeek's own inference code and transformers 5.x's DeepseekV3TopkRouter),
+    top-k weight normalisation (`renormalize` = norm_topk_prob) and `routed_scaling_factor`.
+
+    Balance losses (all over real tokens only; each off when its coefficient is 0):
+    `balance_coef` is DeepSeekMoE's expert-level alpha1 (Dai et al., 2024, arXiv 2401.06066,
+    eq. 12-14), which is the Switch Transformer loss in top-k form; `device_balance_coef` is
+    its device-level alpha2 (eq. 15-17) over `balance_devices` groups of consecutive experts
+    (0 = the size of the `expert` mesh axis, filled in by validation);
+    `seq_balance_coef` is DeepSeek-V3's sequence-wise alpha (eq. 17-20), per row of the batch.
     """
     num_experts: int = 8
     top_k: int = 2
     d_expert: int = 512
     n_shared: int = 0
-    router: str = "softmax_topk"  # softmax_topk | top_p | gru
+    router: str = "softmax_topk"  # softmax_topk | top_p | sigmoid_bias | gru
     selection: str = ""  # selection rule of the gru router; "" = softmax_topk
     renormalize: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral)
-    balance_coef: float = 0.01  # Switch Transformer load-balance loss weight
+    balance_coef: float = 0.01  # Switch load-balance = DeepSeekMoE expert-level alpha1
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss weight
     entropy_coef: float = 0.0  # router-entropy loss weight (dynamic routing's beta)
+    device_balance_coef: float = 0.0  # DeepSeekMoE device-level balance loss weight (alpha2)
+    balance_devices: int = 0  # device groups D of the device-level loss; 0 = mesh.expert
+    seq_balance_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (alpha)
     top_p: float = 0.4  # top_p: smallest expert set with probability >= top_p (max top_k)
+    n_group: int = 1  # sigmoid_bias: experts form n_group groups of num_experts / n_group
+    topk_group: int = 1  # sigmoid_bias: each token selects within its topk_group best groups
+    group_mask: str = "zero"  # sigmoid_bias: dropped groups' experts masked with zero | neg_inf
+    routed_scaling_factor: float = 1.0  # sigmoid_bias: combine weights multiplied by this
+    bias_update_rate: float = 0.001  # sigmoid_bias: gamma of the bias update; 0 = frozen bias
     gru_dim: int = 128  # gru: hidden size h of the routing state (RMoE uses 128)
     gru_shared: bool = True  # gru: one GRU cell for all MoE layers (RMoE) or one per layer
     gru_detach: bool = False  # gru: stop gradients through the carried state (ablation)

@@ -9,12 +9,13 @@ At MoE layer i, with hidden states x_i[T, d] and the routing state h_{i-1}[T, h]
     logits_i = h_i W2_i                   per-layer projection h -> E
 
 then a selection rule from `moejax.moe.selection` (softmax top-k with renormalisation in
-RMoE; top-p or any other rule by config). The first MoE layer starts from h_0 = 0 (PyTorch's
-GRUCell without a hidden state). As in the reference code the cell is created once at the
-model level and shared by every MoE layer (`gru_shared=True`; the Transformer passes it in
-as `shared`); `gru_shared=False` gives each layer its own. Gradients flow through the
-recurrence, so layer i's router is trained by the losses of every later layer (the paper's
-Table 5 finds detaching worse); `gru_detach=True` stops them, as that ablation.
+RMoE; top-p, DeepSeek-V3's sigmoid_bias with its per-expert bias, or any other rule by
+config). The first MoE layer starts from h_0 = 0 (PyTorch's GRUCell without a hidden state).
+As in the reference code the cell is created once at the model level and shared by every MoE
+layer (`gru_shared=True`; the Transformer passes it in as `shared`); `gru_shared=False`
+gives each layer its own. Gradients flow through the recurrence, so layer i's router is
+trained by the losses of every later layer (the paper's Table 5 finds detaching worse);
+`gru_detach=True` stops them, as that ablation.
 
 The cell is PyTorch's GRU (and the reference code's `CustomGRUCell`), with biases on both
 the input and the hidden products:
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 from moejax.models.layers import dtype_of, logical_param
 from moejax.moe.config import MoEConfig
 from moejax.moe.routing import Routing
-from moejax.moe.selection import SELECTIONS, selection_rule
+from moejax.moe.selection import SELECTIONS, selection_bias, selection_rule
 
 CellParams = dict[str, jax.Array]
 
@@ -85,7 +86,7 @@ class GRURouter(nn.Module):
 
     @nn.compact
     def __call__(self, x_TxD: jax.Array, state=None, mask_T: jax.Array | None = None,
-                 shared: Any = None) -> Routing:
+                 shared: Any = None, seq_len: int | None = None) -> Routing:
         cfg, h, pdt = self.cfg, self.cfg.gru_dim, dtype_of(self.param_dtype)
         w1 = logical_param(self, "proj", (x_TxD.shape[-1], h), ("embed", None), self.init_std,
                            pdt)
@@ -100,6 +101,7 @@ class GRURouter(nn.Module):
         w2 = logical_param(self, "kernel", (h, cfg.num_experts), (None, "expert"), self.init_std,
                            pdt)
         logits = new_state @ w2.astype(jnp.float32)
-        sel = SELECTIONS[selection_rule(cfg)](logits, mask_T, cfg)
+        sel = SELECTIONS[selection_rule(cfg)](logits, mask_T, cfg, selection_bias(self, cfg),
+                                              seq_len)
         return Routing(expert_ids=sel.expert_ids, combine_weights=sel.weights,
                        aux_losses=sel.aux_losses, metrics=sel.metrics, state=new_state)

@@ -35,7 +35,7 @@ class MoELayer(nn.Module):
         mask = None if mask_BxL is None else mask_BxL.reshape(b * length)
         out_std = m.init_std / (2 * m.num_layers) ** 0.5
         routing = ROUTERS[cfg.router](cfg, init_std=m.init_std, param_dtype=m.param_dtype,
-                                      name="router")(x, router_state, mask, shared_router)
+                                      name="router")(x, router_state, mask, shared_router, length)
         expert_fn = RoutedExperts(cfg.num_experts, d, cfg.d_expert, m.init_std, out_std,
                                   m.dtype, m.param_dtype, name="experts")()
         y, dispatch_metrics = dispatch(x, routing, expert_fn, cfg)

@@ -1,17 +1,22 @@
-"""Routers: `(x[T, d], state, mask, shared) -> Routing`, registered by name in `ROUTERS`.
+"""Routers: `(x[T, d], state, mask, shared, seq_len) -> Routing`, registered by name in `ROUTERS`.
 
 A router is a scorer, which turns hidden states into logits `[T, E]` (and may carry a state
 from one MoE layer to the next), followed by a selection rule from `moejax.moe.selection`:
 
 - `softmax_topk`: linear scorer `logits = x W_r` (float32) + the `softmax_topk` rule.
 - `top_p`: the same linear scorer + the `top_p` rule (dynamic routing).
+- `sigmoid_bias`: the same linear scorer + DeepSeek-V3's `sigmoid_bias` rule; the router
+  owns the per-expert bias (collection `router_bias`, variable `bias` [E]) beside its
+  `kernel` [d_model, E].
 - `gru`: RMoE's layerwise recurrent scorer (`moejax.moe.gru_router`) + the rule named by
   `config.moe.selection` (softmax top-k by default), so the recurrence composes with every
-  rule instead of copying it.
+  rule instead of copying it (`selection="sigmoid_bias"` gives the GRU router the bias too).
 
 A new router is one Linen module with the signature of `LinearRouter.__call__` plus one
-entry in `ROUTERS`. `shared` holds model-level router parameters (RMoE's shared GRU cell),
-passed by the Transformer; None elsewhere.
+entry in `ROUTERS`. `seq_len` is the length of the sequences the T tokens form (the layer
+passes L of its `x[B, L, d]`), for the sequence-wise balance loss. `shared` holds
+model-level router parameters (RMoE's shared GRU cell), passed by the Transformer; None
+elsewhere.
 """
 from __future__ import annotations
 
@@ -25,23 +30,25 @@ from moejax.models.layers import dtype_of, logical_param
 from moejax.moe.config import MoEConfig
 from moejax.moe.gru_router import GRUCell, GRURouter
 from moejax.moe.routing import Routing
-from moejax.moe.selection import SELECTIONS, selection_rule
+from moejax.moe.selection import SELECTIONS, selection_bias, selection_rule
 
 
 class LinearRouter(nn.Module):
-    """logits = x W_r in float32, then the config's selection rule; stateless."""
+    """logits = x W_r in float32, then the config's selection rule; stateless (the
+    `sigmoid_bias` rule's bias is a variable of this module, not a routing state)."""
     cfg: MoEConfig
     init_std: float = 0.02
     param_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x_TxD: jax.Array, state=None, mask_T: jax.Array | None = None,
-                 shared: Any = None) -> Routing:
+                 shared: Any = None, seq_len: int | None = None) -> Routing:
         cfg = self.cfg
         w = logical_param(self, "kernel", (x_TxD.shape[-1], cfg.num_experts), ("embed", "expert"),
                           self.init_std, dtype_of(self.param_dtype))
         logits = x_TxD.astype(jnp.float32) @ w.astype(jnp.float32)
-        sel = SELECTIONS[selection_rule(cfg)](logits, mask_T, cfg)
+        sel = SELECTIONS[selection_rule(cfg)](logits, mask_T, cfg, selection_bias(self, cfg),
+                                              seq_len)
         return Routing(expert_ids=sel.expert_ids, combine_weights=sel.weights,
                        aux_losses=sel.aux_losses, metrics=sel.metrics, state=state)
 
@@ -49,6 +56,7 @@ class LinearRouter(nn.Module):
 ROUTERS = {
     "softmax_topk": LinearRouter,
     "top_p": LinearRouter,
+    "sigmoid_bias": LinearRouter,
     "gru": GRURouter,
 }
 

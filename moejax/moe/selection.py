@@ -17,21 +17,47 @@ the slots top-p leaves empty), and the dispatchers skip it.
   of slots is `routing_slots(cfg) = min(top_k, ceil(top_p * E))`: the m largest of E
   probabilities sum to at least m / E, so no token ever needs more than ceil(p E) experts,
   and every slot past that would be dispatched, permuted and combined as dead weight.
+- `sigmoid_bias`: DeepSeek-V3 (Liu et al., 2024, arXiv 2412.19437, eq. 12-16 and the
+  node-limited routing of section 2.1.2), as transformers' DeepseekV3TopkRouter:
+  s = sigmoid(logits); the choice scores c = s + b add the per-expert bias b[E] (the
+  `router_bias` collection, see `selection_bias`); with `n_group` > 1 the experts form
+  groups of E / n_group, each group scores the sum of its two largest c, and only the
+  experts of the `topk_group` best groups stay selectable (the others' c become 0 or -inf,
+  `group_mask`); ids = top-k(c); the weights are s at those ids, so the bias never changes
+  a weight; with `renormalize` (norm_topk_prob) divided by (their sum + 1e-20); then
+  multiplied by `routed_scaling_factor`. The losses and statistics see the normalised
+  affinities s' = s / sum_j s_j (eq. 19) as the router's probabilities.
+
+Every rule is `rule(logits[T, E], mask[T] | None, cfg, bias=None, seq_len=None)`; `bias` is
+the per-expert bias of the rules in `BIASED_RULES` (None elsewhere), `seq_len` the length
+of the sequences the T tokens form (None = one sequence), used by the sequence-wise loss.
 
 Aux losses (each omitted when its coefficient is 0), all over real tokens only: Switch
-balance (`balance_coef`, counting only used slots), ST-MoE z-loss (`z_loss_coef`) and router
-entropy (`entropy_coef`).
+balance = DeepSeekMoE's expert-level loss (`balance_coef`, counting only used slots),
+DeepSeekMoE's device-level loss (`device_balance_coef`), DeepSeek-V3's sequence-wise loss
+(`seq_balance_coef`), ST-MoE z-loss (`z_loss_coef`) and router entropy (`entropy_coef`);
+see `moejax.moe.losses`.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from moejax.moe.config import MoEConfig
-from moejax.moe.losses import router_entropy, router_z_loss, routing_metrics, switch_balance_loss
+from moejax.moe.losses import (
+    balance_statistics,
+    device_balance_loss,
+    router_entropy,
+    router_z_loss,
+    routing_metrics,
+    sequence_balance_loss,
+)
+
+BIAS_COLLECTION = "router_bias"  # non-trainable variables: {"router_bias": {..., "bias": [E]}}
 
 
 class Selection(NamedTuple):
@@ -55,36 +81,81 @@ def top_p_mask(sorted_probs: jax.Array, p: float) -> jax.Array:
     return before < p
 
 
-def _finish(cfg: MoEConfig, logits, probs, ids, weights, mask) -> Selection:
+def _finish(cfg: MoEConfig, logits, probs, ids, weights, mask, seq_len) -> Selection:
     if mask is not None:  # padding tokens get zero weight: they take no capacity or compute
         weights = weights * mask[:, None].astype(weights.dtype)
-    balance = switch_balance_loss(probs, ids, mask, weights)
+    f, p = balance_statistics(probs, ids, mask, weights)  # shared by the balance losses
+    balance = probs.shape[-1] * jnp.sum(f * p)
     z = router_z_loss(logits, mask)
     entropy = router_entropy(probs, mask)
-    aux = {}
-    for name, coef, value in (("balance", cfg.balance_coef, balance),
-                              ("z_loss", cfg.z_loss_coef, z),
-                              ("entropy", cfg.entropy_coef, entropy)):
-        if coef:
-            aux[name] = coef * value
+    terms = (("balance", cfg.balance_coef, lambda: balance),
+             ("device_balance", cfg.device_balance_coef,
+              lambda: device_balance_loss(f, p, cfg.balance_devices)),
+             ("seq_balance", cfg.seq_balance_coef,
+              lambda: sequence_balance_loss(probs, ids, seq_len or probs.shape[0], mask,
+                                            weights)),
+             ("z_loss", cfg.z_loss_coef, lambda: z),
+             ("entropy", cfg.entropy_coef, lambda: entropy))
+    aux = {name: coef * value() for name, coef, value in terms if coef}
     metrics = routing_metrics(probs, ids, weights, mask)
     metrics.update(balance_loss=balance, z_loss=z)
     return Selection(ids.astype(jnp.int32), weights, aux, metrics)
 
 
-def softmax_topk(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig) -> Selection:
+def _no_bias(bias, rule: str) -> None:
+    if bias is not None:
+        raise ValueError(f"the {rule} selection rule takes no per-expert bias; only "
+                         f"{BIASED_RULES} do.")
+
+
+def softmax_topk(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None,
+                 seq_len: int | None = None) -> Selection:
+    _no_bias(bias, "softmax_topk")
     probs = jax.nn.softmax(logits, axis=-1)
     weights, ids = jax.lax.top_k(probs, cfg.top_k)
     if cfg.renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return _finish(cfg, logits, probs, ids, weights, mask)
+    return _finish(cfg, logits, probs, ids, weights, mask, seq_len)
 
 
-def top_p(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig) -> Selection:
+def top_p(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None,
+          seq_len: int | None = None) -> Selection:
+    _no_bias(bias, "top_p")
     probs = jax.nn.softmax(logits, axis=-1)
     sorted_probs, ids = jax.lax.top_k(probs, routing_slots(cfg))  # ties: lower id first
     weights = jnp.where(top_p_mask(sorted_probs, cfg.top_p), sorted_probs, 0.0)
-    return _finish(cfg, logits, probs, ids, weights, mask)
+    return _finish(cfg, logits, probs, ids, weights, mask, seq_len)
+
+
+def limit_groups(choice: jax.Array, n_group: int, topk_group: int, fill: float) -> jax.Array:
+    """Group-limited routing: `choice[T, E]` with the experts outside each token's
+    `topk_group` best groups set to `fill`. A group (E / n_group consecutive experts) scores
+    the sum of its two largest choice values (its one value when groups have one expert)."""
+    t, e = choice.shape
+    grouped = choice.reshape(t, n_group, e // n_group)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, min(2, e // n_group))[0], axis=-1)
+    _, best = jax.lax.top_k(group_scores, topk_group)  # [T, topk_group]
+    keep = jnp.any(jax.nn.one_hot(best, n_group, dtype=jnp.bool_), axis=1)  # [T, n_group]
+    return jnp.where(keep[:, :, None], grouped, fill).reshape(t, e)
+
+
+GROUP_MASK_FILL = {"zero": 0.0, "neg_inf": -jnp.inf}
+
+
+def sigmoid_bias(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig,
+                 bias: jax.Array | None = None, seq_len: int | None = None) -> Selection:
+    """DeepSeek-V3 routing (module docstring); `bias[E]` (None = zeros) steers the choice."""
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    if cfg.n_group > 1:
+        choice = limit_groups(choice, cfg.n_group, cfg.topk_group, GROUP_MASK_FILL[cfg.group_mask])
+    _, ids = jax.lax.top_k(choice, cfg.top_k)
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if cfg.renormalize:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    weights = weights * cfg.routed_scaling_factor
+    affinities = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    return _finish(cfg, logits, affinities, ids, weights, mask, seq_len)
 
 
 def selection_rule(cfg: MoEConfig) -> str:
@@ -102,7 +173,21 @@ def routing_slots(cfg: MoEConfig) -> int:
     return cfg.top_k
 
 
-SELECTIONS: dict[str, Callable[[jax.Array, jax.Array | None, MoEConfig], Selection]] = {
+def selection_bias(module: nn.Module, cfg: MoEConfig) -> jax.Array | None:
+    """The per-expert bias `[E]` (float32, zeros at init) of a router whose rule takes one:
+    the variable "bias" of the non-trainable `router_bias` collection, in `module`'s scope
+    (the router), so the Transformer's layer scan stacks it like the parameters. None for the
+    other rules. Training moves it with `moejax.train.router_bias` (never by gradients)."""
+    if selection_rule(cfg) not in BIASED_RULES:
+        return None
+    init = nn.with_logical_partitioning(jnp.zeros, ("expert",))
+    return module.variable(BIAS_COLLECTION, "bias", init, (cfg.num_experts,), jnp.float32).value
+
+
+Rule = Callable[..., Selection]
+SELECTIONS: dict[str, Rule] = {
     "softmax_topk": softmax_topk,
     "top_p": top_p,
+    "sigmoid_bias": sigmoid_bias,
 }
+BIASED_RULES = ("sigmoid_bias",)

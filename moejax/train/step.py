@@ -9,6 +9,9 @@ With `skip_non_finite`, a step whose loss or gradients are not finite keeps the 
 parameters and optimizer state (a select inside the step, see `moejax.train.faults`) and
 reports `nonfinite = 1`. The step uses no randomness: its result depends only on the state
 and the batch, which is what makes a resumed run bit-identical to an uninterrupted one.
+
+Models with DeepSeek-V3's router bias carry it in `TrainState.router_bias` (None otherwise);
+it is updated after the optimizer step by `moejax.train.router_bias`.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from moejax.train import faults
+from moejax.train.router_bias import model_variables, update_router_bias
 
 Batch = dict[str, jax.Array]
 
@@ -29,6 +33,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    router_bias: Any = None  # the non-trainable "router_bias" collection, if the model has it
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -38,13 +43,13 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-def forward(model, params, batch: Batch):
-    return model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                       batch["positions"])
+def forward(model, params, batch: Batch, router_bias=None):
+    return model.apply(model_variables(params, router_bias), batch["inputs"],
+                       batch["segment_ids"], batch["positions"])
 
 
-def _micro_loss(params, batch: Batch, model, total_tokens, num_micro: int):
-    logits, extras = forward(model, params, batch)
+def _micro_loss(params, batch: Batch, model, total_tokens, num_micro: int, router_bias=None):
+    logits, extras = forward(model, params, batch, router_bias)
     mask = batch["loss_mask"].astype(jnp.float32)
     ce_sum = jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask)
     loss = ce_sum / total_tokens + extras["aux_loss"] / num_micro
@@ -59,14 +64,15 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
     if grad_accum == 1:
-        (loss, (ce_sum, extras)), grads = grad_fn(state.params, batch, model, total_tokens, 1)
+        (loss, (ce_sum, extras)), grads = grad_fn(state.params, batch, model, total_tokens, 1,
+                                                   state.router_bias)
     else:
         micro = jax.tree.map(
             lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
 
         def body(acc, mb):
             (loss, (ce_sum, extras)), grads = grad_fn(state.params, mb, model, total_tokens,
-                                                      grad_accum)
+                                                      grad_accum, state.router_bias)
             acc = jax.tree.map(jnp.add, acc, (loss, ce_sum, grads))
             return acc, extras
 
@@ -94,19 +100,27 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
         metrics["learning_rate"] = schedule(state.step)
     metrics.update({f"aux/{k}": v for k, v in extras["aux_losses"].items()})
     metrics.update({f"moe/{k}": v for k, v in extras["moe_metrics"].items()})
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    router_bias, bias_metrics = update_router_bias(
+        state.router_bias, extras["moe_metrics"].get("load"), model.moe.bias_update_rate)
+    metrics.update(bias_metrics)
+    if skip_non_finite and router_bias is not None:  # a skipped step moves nothing
+        router_bias = faults.keep_if_finite(finite, router_bias, state.router_bias)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           router_bias=router_bias)
     return new_state, metrics
 
 
-def eval_step(params, batch: Batch, *, model, num_domains: int) -> dict[str, jax.Array]:
+def eval_step(params, batch: Batch, *, model, num_domains: int,
+              router_bias=None) -> dict[str, jax.Array]:
     """Sums, so batches add up: cross-entropy and token counts, overall and per data domain,
     and (MoE models) the experts used per token, per MoE layer and domain.
 
     The aux loss and the `moe/*` metrics are per-batch values that the caller averages.
     `top1_expert[num_moe_layers, B, L]` is every loss token's first-choice expert (-1 for
     the others), which the caller compares between evaluations (routing stability).
+    `router_bias`: the model's router bias collection (`TrainState.router_bias`), if any.
     """
-    logits, extras = forward(model, params, batch)
+    logits, extras = forward(model, params, batch, router_bias)
     mask = batch["loss_mask"].astype(jnp.float32)
     ce = token_cross_entropy(logits, batch["targets"]) * mask
     domain_onehot = jax.nn.one_hot(batch["domains"], num_domains, dtype=jnp.float32)

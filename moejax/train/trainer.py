@@ -33,7 +33,7 @@ from moejax.config import Sections, validate
 from moejax.data import DOMAINS, describe, make_batches
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.models.transformer import Transformer
-from moejax.moe.selection import selection_rule
+from moejax.moe.selection import BIAS_COLLECTION, selection_rule
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import check_divisible, logical_shardings, shard_batch
 from moejax.train import preflight
@@ -142,15 +142,16 @@ def _eval_batches(s: Sections):
         i += 1
 
 
-def evaluate(eval_fn, params, s: Sections, mesh,
-             stability: RoutingStability | None = None) -> dict[str, float]:
+def evaluate(eval_fn, params, s: Sections, mesh, stability: RoutingStability | None = None,
+             router_bias: Any = None) -> dict[str, float]:
     """Loss over the validation batches (overall, per domain), MoE metrics, experts per token
     per domain, and with `stability` the fraction of tokens whose first-choice expert changed
-    since the previous call."""
+    since the previous call. `router_bias`: the state's router bias collection, if any."""
     totals: dict[str, Any] = {}
     top1 = []
+    bias_kw = {} if router_bias is None else {"router_bias": router_bias}
     for batch in _eval_batches(s):
-        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh, s.mesh.rules)))
+        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh, s.mesh.rules), **bias_kw))
         if "top1_expert" in out:
             top1.append(out.pop("top1_expert").reshape(s.model.num_moe_layers, -1))
         totals = out if not totals else jax.tree.map(np.add, totals, out)
@@ -192,7 +193,7 @@ class Experiment:
     abstract_state: Any  # ShapeDtypeStructs with shardings: the checkpoint restore target
     init_fn: Any  # rng -> TrainState, placed by state_shardings
     step_fn: Any  # (state, batch) -> (state, metrics); donates the state
-    eval_fn: Any  # (params, batch) -> sums
+    eval_fn: Any  # (params, batch, router_bias=None) -> sums
 
 
 def build_experiment(s: Sections, mesh) -> Experiment:
@@ -202,9 +203,11 @@ def build_experiment(s: Sections, mesh) -> Experiment:
     dummy = jnp.zeros((1, s.data.seq_len), jnp.int32)
 
     def init_boxed(rng):
-        params = model.init(rng, dummy)["params"]
+        variables = model.init(rng, dummy)
+        params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params))
+                          opt_state=tx.init(params),
+                          router_bias=variables.get(BIAS_COLLECTION))
 
     # Sharding: abstract boxed state -> logical specs -> NamedShardings -> jit(init).
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
@@ -358,7 +361,8 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
             for warning in health.observe(step, fetched):
                 log(f"WARNING {warning}")
         if s.train.eval_every and (step % s.train.eval_every == 0 or step == s.train.steps):
-            result = evaluate(exp.eval_fn, state.params, s, mesh, stability)
+            result = evaluate(exp.eval_fn, state.params, s, mesh, stability,
+                              router_bias=state.router_bias)
             if result:
                 writers.write(step, result)
                 log(f"eval @ {step}: loss {result['eval/loss']:.4f} "

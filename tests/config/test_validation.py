@@ -1,5 +1,6 @@
 """Every config builds; bad configs are rejected before compiling, each with its own message."""
 import os
+import re
 import subprocess
 import sys
 
@@ -27,8 +28,14 @@ def test_every_config_validates_and_builds(name, size):
     model = Transformer(s.model, s.moe)
     tokens = jnp.zeros((1, min(s.data.seq_len, 64)), jnp.int32)
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract)))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract["params"])))
     assert n == count_params(s.model, s.moe).total
+    # Non-trainable state: DeepSeek-V3's per-expert router bias, [MoE layers, E].
+    biases = jax.tree.leaves(nn.unbox(abstract.get("router_bias", {})))
+    if s.moe.router == "sigmoid_bias" and s.model.num_moe_layers:
+        assert [b.shape for b in biases] == [(s.model.num_moe_layers, s.moe.num_experts)]
+    else:
+        assert not biases
 
 
 def test_default_config_is_valid():
@@ -36,6 +43,34 @@ def test_default_config_is_valid():
 
 
 # Bad values, one per field: tests/config/test_bad_configs.py.
+
+
+BAD_SIGMOID_BIAS = [  # configs/deepseek_v3.py: 16 experts, top-4, 4 groups, top-2 groups
+    ({"n_group": 3}, "moe.num_experts=16 is not divisible by moe.n_group=3"),
+    ({"topk_group": 5}, "moe.topk_group=5 must be between 1 and moe.n_group=4"),
+    ({"topk_group": 1, "top_k": 5}, "moe.top_k=5 is more than the 4 experts in "
+     "moe.topk_group=1 groups of 4"),
+    ({"routed_scaling_factor": 0.0}, "moe.routed_scaling_factor=0.0 must be > 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_SIGMOID_BIAS,
+                         ids=[",".join(b[0]) for b in BAD_SIGMOID_BIAS])
+def test_bad_sigmoid_bias_config_is_rejected_with_its_own_message(overrides, message):
+    config = load_config_module("deepseek_v3").get_config()
+    config.moe.update(overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(config, num_devices=1, num_processes=1)
+
+
+def test_device_balance_groups_default_to_the_expert_mesh_axis():
+    config = load_config_module("deepseek_v3").get_config()
+    config.moe.update(device_balance_coef=1e-3)
+    config.mesh.update(data=-1, expert=4)
+    assert validate(config, num_devices=4, num_processes=1).moe.balance_devices == 4
+    assert config.moe.balance_devices == 0  # resolved in the sections, the config is as given
+    config.moe.balance_devices = 2
+    assert validate(config, num_devices=4, num_processes=1).moe.balance_devices == 2
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)

@@ -395,3 +395,41 @@ def test_aux_loss_is_weighted_sum_over_layers():
         jnp.asarray(pos))
     assert set(extras0["aux_losses"]) == {"z_loss"}
     np.testing.assert_allclose(extras0["aux_loss"], extras["aux_losses"]["z_loss"], rtol=1e-6)
+
+
+SIGMOID_MOE = dataclasses.replace(MOE, router="sigmoid_bias", n_group=2, topk_group=1,
+                                  routed_scaling_factor=2.0, seq_balance_coef=0.01)
+
+
+def test_router_bias_collection_is_stacked_used_and_required():
+    """DeepSeek-V3's bias: a `router_bias` collection stacked per MoE layer like the params,
+    the same function scanned, unrolled (`unscan_params`) and rematerialised, and required."""
+    tokens = jnp.asarray(tokens_for(6))
+    params = params_for(MODEL, SIGMOID_MOE)
+    shape = (MODEL.num_moe_layers, SIGMOID_MOE.num_experts)
+    bias = {"moe_periods": {"moe_block": {"moe": {"router": {"bias": jnp.asarray(
+        np.random.default_rng(0).normal(size=shape) * 0.2, jnp.float32)}}}}}
+    abstract = ref.abstract_variables(Transformer(MODEL, SIGMOID_MOE))
+    assert jax.tree.map(lambda a: a.shape, nn.unbox(abstract["router_bias"])) == jax.tree.map(
+        lambda a: a.shape, bias)
+    assert nn.get_partition_spec(abstract)["router_bias"]["moe_periods"]["moe_block"]["moe"][
+        "router"]["bias"] == jax.sharding.PartitionSpec("layers", "expert")
+
+    @functools.lru_cache(maxsize=None)
+    def apply_fn(m):
+        return ref.fast_jit(Transformer(m, SIGMOID_MOE).apply)
+
+    def logits_of(m, variables):
+        return apply_fn(m)(variables, tokens)[0]
+
+    logits = logits_of(MODEL, {"params": params, "router_bias": bias})
+    zero = logits_of(MODEL, {"params": params, "router_bias": jax.tree.map(jnp.zeros_like, bias)})
+    assert np.max(np.abs(np.asarray(logits) - np.asarray(zero))) > 1e-3  # the bias routes
+    remat = logits_of(dataclasses.replace(MODEL, remat="full"),
+                      {"params": params, "router_bias": bias})
+    np.testing.assert_allclose(remat, logits, rtol=1e-5, atol=1e-6)
+    flat = logits_of(dataclasses.replace(MODEL, scan_layers=False),
+                     {"params": unscan_params(params), "router_bias": unscan_params(bias)})
+    np.testing.assert_allclose(flat, logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="router_bias"):
+        Transformer(MODEL, SIGMOID_MOE).apply({"params": params}, tokens)

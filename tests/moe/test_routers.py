@@ -1,6 +1,7 @@
 """Routers: top-p selection against a brute-force NumPy rule, RMoE's GRU router against a
 hand-written float64 NumPy recurrence over layers (and its gradient path), and every router
-through every dispatcher equal to `dense_reference`."""
+through every dispatcher equal to `dense_reference`. DeepSeek-V3's sigmoid_bias rule has its
+own references in test_sigmoid_bias.py."""
 import dataclasses
 import itertools
 
@@ -199,15 +200,21 @@ def test_gradient_reaches_first_router_from_last_layer_unless_detached(detach):
 @pytest.mark.parametrize("rule", sorted(SELECTIONS))
 def test_gru_composes_with_every_selection_rule(rule):
     """The GRU scorer feeding a rule equals that rule applied to the GRU's logits."""
-    cfg = gru_cfg(selection=rule, top_k=3, top_p=0.5)
+    groups = dict(n_group=2, topk_group=1) if rule == "sigmoid_bias" else {}
+    cfg = gru_cfg(selection=rule, top_k=3, top_p=0.5, **groups)
     x = jnp.asarray(np.random.default_rng(3).normal(size=(T, D)), jnp.float32)
     router = GRURouter(cfg, init_std=0.3)
-    params = nn.unbox(router.init(jax.random.PRNGKey(0), x)["params"])
-    got = router.apply({"params": params}, x)
+    variables = nn.unbox(router.init(jax.random.PRNGKey(0), x))
+    params, bias = variables["params"], None
+    if rule == "sigmoid_bias":  # a bias that moves the selection
+        bias = jnp.asarray(np.random.default_rng(8).normal(size=E) * 0.2, jnp.float32)
+        variables = {**variables, "router_bias": {"bias": bias}}
+    assert ("router_bias" in variables) == (rule == "sigmoid_bias")
+    got = router.apply(variables, x)
     h = np_gru(params["gru"], np.asarray(x, np.float64) @ np.asarray(params["proj"]),
                np.zeros((T, H)))
     logits = jnp.asarray(h @ np.asarray(params["kernel"], np.float64), jnp.float32)
-    want = SELECTIONS[rule](logits, None, cfg)
+    want = SELECTIONS[rule](logits, None, cfg, bias)
     np.testing.assert_array_equal(got.expert_ids, want.expert_ids)
     np.testing.assert_allclose(got.combine_weights, want.weights, rtol=1e-5, atol=1e-7)
 
@@ -220,6 +227,11 @@ ROUTER_CONFIGS = {
     "top_p": dict(router="top_p", top_k=4, top_p=0.5, entropy_coef=1e-4),
     "gru": dict(router="gru", top_k=2, gru_dim=H),
     "gru+top_p": dict(router="gru", selection="top_p", top_k=4, top_p=0.5, gru_dim=H),
+    "sigmoid_bias": dict(router="sigmoid_bias", top_k=3, n_group=3, topk_group=2,
+                         routed_scaling_factor=2.5, z_loss_coef=0.0, seq_balance_coef=1e-2,
+                         device_balance_coef=1e-2, balance_devices=2),
+    "gru+sigmoid_bias": dict(router="gru", selection="sigmoid_bias", top_k=2, gru_dim=H,
+                             n_group=2, topk_group=1, group_mask="neg_inf", renormalize=False),
 }
 
 
@@ -233,14 +245,20 @@ def test_every_router_through_every_dispatcher_equals_dense_reference(router, di
     state = (jnp.asarray(np.random.default_rng(6).normal(size=(T, H)), jnp.float32)
              if base.router == "gru" else None)
     layer_ref = MoELayer(dataclasses.replace(base, dispatcher="dense_reference"), MODEL)
-    variables = layer_ref.init(jax.random.PRNGKey(0), x, state, mask)
+    variables = nn.unbox(layer_ref.init(jax.random.PRNGKey(0), x, state, mask))
+    # Non-trainable collections (sigmoid_bias's router bias), made non-zero so they matter.
+    fixed = jax.tree.map(lambda a: jnp.asarray(
+        np.random.default_rng(9).normal(size=a.shape) * 0.1, a.dtype),
+        {k: v for k, v in variables.items() if k != "params"})
+    assert bool(fixed) == (base.router == "sigmoid_bias" or base.selection == "sigmoid_bias")
     probe = jnp.asarray(np.random.default_rng(7).normal(size=x.shape), jnp.float32)
 
     def run(layer):
         def loss(params):
-            y, new_state, aux, metrics, _ = layer.apply({"params": params}, x, state, mask)
+            y, new_state, aux, metrics, _ = layer.apply({**fixed, "params": params}, x, state,
+                                                        mask)
             return jnp.sum(y * probe) + sum(aux.values()), (y, new_state, metrics)
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(nn.unbox(variables["params"]))
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
     (_, (want, want_state, _)), want_grad = run(layer_ref)
     (_, (got, got_state, metrics)), got_grad = run(

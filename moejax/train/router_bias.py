@@ -1,0 +1,87 @@
+"""DeepSeek-V3's auxiliary-loss-free load balancing: the per-expert router bias update.
+
+Liu et al., 2024, "DeepSeek-V3 Technical Report" (arXiv 2412.19437), section 2.1.2: the
+`sigmoid_bias` rule selects experts by s_{i,t} + b_i (eq. 16) and, at the end of each
+training step, every MoE layer moves its bias towards balance,
+
+    b_i <- b_i + gamma * sign(mean_j load_j - load_i)
+
+so an overloaded expert (load above the mean) loses gamma and an underloaded one gains it.
+`load[E]` is the step's fraction of (real token, slot) assignments per expert (the `load`
+routing metric, `moejax.moe.losses.expert_load`); gamma is `moe.bias_update_rate`. The bias
+is the non-trainable `router_bias` collection, carried in the TrainState beside the params:
+the update runs outside the gradient, after the optimizer step.
+
+The collection holds one leaf per MoE-layer stack: `[num_moe_layers, E]` with scanned layers,
+or one `[E]` per layer (`<stack>_<i>`) with `model.scan_layers=False`; the `moe/*` metrics
+have a leading MoE-layer axis in the same layer order.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from moejax.moe.selection import BIAS_COLLECTION
+
+LOG_FULL_BIAS_MAX_EXPERTS = 16  # log the bias vector itself up to this many experts
+
+
+def model_variables(params: Any, router_bias: Any = None) -> dict[str, Any]:
+    """The `variables` of `Transformer.apply`: params, plus the router bias when the model
+    has one (None = it has none)."""
+    variables = {"params": params}
+    if router_bias is not None:
+        variables[BIAS_COLLECTION] = router_bias
+    return variables
+
+
+def _natural_key(path) -> list:
+    """Sort key for leaf paths that orders `moe_layers_10` after `moe_layers_9`."""
+    text = jax.tree_util.keystr(path)
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _layers_of(router_bias: Any) -> tuple[jax.Array, Any]:
+    """The biases as `[num_moe_layers, E]` in layer order, and how to put such an array back
+    into the collection's tree."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(router_bias)
+    order = sorted(range(len(with_path)), key=lambda i: _natural_key(with_path[i][0]))
+    leaves = [with_path[i][1] for i in order]
+    rows = [leaf.reshape(-1, leaf.shape[-1]) for leaf in leaves]
+    stacked = jnp.concatenate(rows, axis=0)
+
+    def unstack(array: jax.Array) -> Any:
+        out = [None] * len(leaves)
+        start = 0
+        for i, leaf, r in zip(order, leaves, rows):
+            out[i] = array[start:start + r.shape[0]].reshape(leaf.shape).astype(leaf.dtype)
+            start += r.shape[0]
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return stacked, unstack
+
+
+def update_router_bias(router_bias: Any, load_LxE: jax.Array,
+                       rate: float) -> tuple[Any, dict[str, jax.Array]]:
+    """One bias update (module docstring) from the step's per-layer `load[num_moe_layers, E]`.
+
+    Returns the new collection and its metrics: `moe/router_bias_abs_mean` (per layer) and,
+    for at most `LOG_FULL_BIAS_MAX_EXPERTS` experts, `moe/router_bias` itself. A model
+    without the collection (`router_bias=None`) gets `(None, {})`.
+    """
+    if router_bias is None:
+        return None, {}
+    bias, unstack = _layers_of(router_bias)
+    if bias.shape != load_LxE.shape:
+        raise ValueError(f"router bias of shape {bias.shape} (MoE layers, experts) does not "
+                         f"match the load metric of shape {load_LxE.shape}.")
+    if rate:
+        load = jax.lax.stop_gradient(load_LxE.astype(jnp.float32))
+        bias = bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+    metrics = {"moe/router_bias_abs_mean": jnp.mean(jnp.abs(bias), axis=-1)}
+    if bias.shape[-1] <= LOG_FULL_BIAS_MAX_EXPERTS:
+        metrics["moe/router_bias"] = bias
+    return unstack(bias), metrics

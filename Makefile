@@ -13,7 +13,7 @@ PYTEST_ARGS ?= -n 2
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,hf]'  # hf: torch CPU + transformers for the HF parity tests
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

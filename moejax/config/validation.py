@@ -11,7 +11,7 @@ import math
 from moejax.config.base import SECTIONS
 from moejax.config.sections import ConfigError
 from moejax.data.config import DataConfig
-from moejax.models.config import DTYPES, REMAT_POLICIES, ModelConfig
+from moejax.models.config import ATTENTIONS, DTYPES, REMAT_POLICIES, ModelConfig
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.grouped_matmul import IMPLS
@@ -52,9 +52,15 @@ def _check_model(m: ModelConfig) -> None:
     _require(m.num_heads % m.num_kv_heads == 0,
              f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads="
              f"{m.num_kv_heads} (grouped-query attention shares each kv head by a whole group).")
-    _require(m.resolved_head_dim % 2 == 0,
-             f"head dim {m.resolved_head_dim} must be even for rotary embeddings; "
-             f"set model.head_dim to an even number.")
+    _require(m.attention in ATTENTIONS,
+             f"model.attention={m.attention!r} must be one of {ATTENTIONS} (grouped-query or "
+             f"DeepSeek's multi-head latent attention).")
+    if m.attention == "mla":
+        _check_mla(m)
+    else:
+        _require(m.resolved_head_dim % 2 == 0,
+                 f"head dim {m.resolved_head_dim} must be even for rotary embeddings; "
+                 f"set model.head_dim to an even number.")
     _require(0 <= m.first_k_dense <= m.num_layers,
              f"model.first_k_dense={m.first_k_dense} must be in [0, model.num_layers="
              f"{m.num_layers}].")
@@ -72,6 +78,20 @@ def _check_model(m: ModelConfig) -> None:
              f"model.remat={m.remat!r} must be one of {REMAT_POLICIES}.")
 
 
+def _check_mla(m: ModelConfig) -> None:
+    for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+        _require(getattr(m, name) > 0,
+                 f"model.{name}={getattr(m, name)} must be positive with model.attention='mla' "
+                 f"(DeepSeek-V3 uses kv_lora_rank=512, qk_rope_head_dim=64, v_head_dim=128).")
+    for name in ("q_lora_rank", "qk_nope_head_dim"):
+        _require(getattr(m, name) >= 0, f"model.{name}={getattr(m, name)} must be >= 0.")
+    _require(m.qk_rope_head_dim % 2 == 0,
+             f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for rotary embeddings.")
+    _require(not m.attention_bias,
+             "model.attention_bias=True applies to model.attention='gqa' only (Qwen2's q/k/v "
+             "biases); MLA has no biases here.")
+
+
 def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
     if m.num_moe_layers == 0:
         return
@@ -81,6 +101,11 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
              f"lower top_k or add experts.")
     _require(moe.d_expert > 0, f"moe.d_expert={moe.d_expert} must be positive.")
     _require(moe.n_shared >= 0, f"moe.n_shared={moe.n_shared} must be >= 0.")
+    _require(moe.d_shared >= 0,
+             f"moe.d_shared={moe.d_shared} must be >= 0 (0 = n_shared * d_expert).")
+    _require(moe.n_shared > 0 or not (moe.d_shared or moe.shared_gate),
+             f"moe.d_shared={moe.d_shared} / moe.shared_gate={moe.shared_gate} configure the "
+             f"shared expert, but moe.n_shared=0 turns it off; set moe.n_shared=1.")
     _require(moe.router in ROUTERS,
              f"moe.router={moe.router!r} is not a registered router; choose one of "
              f"{sorted(ROUTERS)}.")
@@ -224,6 +249,12 @@ def _check_batching(d: DataConfig, t: TrainConfig, mesh: MeshConfig, sizes: dict
              f"'batch' rule); change data.global_batch_size or the mesh.")
     _require(per_step % num_processes == 0,
              f"data.global_batch_size={per_step} must divide over {num_processes} processes.")
+
+
+def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
+    """Checks the `model` and `moe` sections alone (e.g. a config built from a checkpoint)."""
+    _check_model(model)
+    _check_moe(moe, model)
 
 
 def validate(config, *, num_devices: int | None = None,

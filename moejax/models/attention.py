@@ -1,8 +1,17 @@
-"""Causal multi-head attention with grouped-query heads (GQA), RoPE and packed segments.
+"""Causal multi-head attention with grouped-query heads (GQA), RoPE, packed segments, and a
+key/value cache for decoding.
 
 GQA (Ainslie et al., 2023): `num_kv_heads` key/value heads shared by groups of
 `num_heads / num_kv_heads` query heads. With sequence packing, a token attends only to
 earlier tokens of its own segment (`segment_ids` equal); positions restart per segment.
+`attention_bias` adds biases to the q/k/v projections (Qwen2, Qwen2-MoE; not to the output).
+
+Decoding (`decode=True`): the module keeps a `cache` collection (keys and values
+`[B, S_max, K, D]` and the number of filled slots, `index`). A call writes its L tokens to
+slots `index .. index + L - 1` and attends over the filled slots causally, so a prompt can
+be prefilled in one call and tokens then appended one at a time. The cache is created with
+the length of the input of the first call (`moejax.generate.init_cache`); packing is not
+supported while decoding (every row is one sequence starting at slot 0).
 """
 from __future__ import annotations
 
@@ -22,8 +31,37 @@ def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
     return (causal[None] & same)[:, None]
 
 
+def cached(module: nn.Module, entries: dict[str, jax.Array]):
+    """Appends `entries` (each `[B, L, ...]`) to the module's decoding cache.
+
+    Returns `(full, mask)`: the whole cache arrays `[B, S_max, ...]` after the write and the
+    boolean mask `[1, 1, L, S_max]` (slot s is visible to the i-th new token iff
+    s <= index + i). On the call that creates the cache (its shape taken from `entries`),
+    nothing is written: `(entries, None)` and the caller uses its ordinary causal mask.
+    """
+    created = not module.has_variable("cache", "index")
+    slots = {name: module.variable("cache", name, jnp.zeros, a.shape, a.dtype)
+             for name, a in entries.items()}
+    index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if created:
+        return entries, None
+    start = index.value
+    length = next(iter(entries.values())).shape[1]
+    full = {}
+    for name, a in entries.items():
+        slots[name].value = jax.lax.dynamic_update_slice_in_dim(
+            slots[name].value, a.astype(slots[name].value.dtype), start, axis=1)
+        full[name] = slots[name].value
+    index.value = start + length
+    size = next(iter(full.values())).shape[1]
+    query = start + jnp.arange(length)
+    mask = jnp.arange(size)[None, :] <= query[:, None]
+    return full, mask[None, None]
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
@@ -40,8 +78,18 @@ class Attention(nn.Module):
         q = jnp.einsum("bld,dhk->blhk", x, wq.astype(dt))
         k = jnp.einsum("bld,dhk->blhk", x, wk.astype(dt))
         v = jnp.einsum("bld,dhk->blhk", x, wv.astype(dt))
+        if cfg.attention_bias:  # Qwen2: q/k/v biases, zero-initialised
+            init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
+            q = q + self.param("bq", init, (h, hd), pdt).astype(dt)
+            k = k + self.param("bk", init, (kvh, hd), pdt).astype(dt)
+            v = v + self.param("bv", init, (kvh, hd), pdt).astype(dt)
         q = rotary_embedding(q, positions_BxL, cfg.rope_theta)
         k = rotary_embedding(k, positions_BxL, cfg.rope_theta)
-        mask = attention_mask(segment_ids_BxL)
+        mask = None
+        if self.decode:
+            kv, mask = cached(self, {"k": k, "v": v})
+            k, v = kv["k"], kv["v"]
+        if mask is None:
+            mask = attention_mask(segment_ids_BxL)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # GQA: kv heads are repeated
         return jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))

@@ -7,6 +7,7 @@ from moejax.config.sections import section_from_mapping
 
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTIONS = ("gqa", "mla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +18,14 @@ class ModelConfig:
     `num_layers - first_k_dense` layers come in periods of `moe_every` layers whose last layer
     is MoE and whose others are dense (`moe_every=1`: every remaining layer is MoE;
     `moe_every=0`: no MoE layer at all, a dense model).
+
+    Attention (`attention`): `gqa` is grouped-query attention (`num_kv_heads` key/value heads,
+    optional q/k/v biases as in Qwen2 with `attention_bias`); `mla` is DeepSeek-V2/V3
+    multi-head latent attention (`moejax.models.mla`): queries through a rank-`q_lora_rank`
+    bottleneck (0 = a direct projection), keys and values from one rank-`kv_lora_rank`
+    latent, per-head query/key dims `qk_nope_head_dim + qk_rope_head_dim` (the rotary part of
+    the key is one head shared by all heads), value dim `v_head_dim`; `num_kv_heads` and
+    `head_dim` are unused there.
     """
     vocab_size: int = 259
     d_model: int = 256
@@ -27,6 +36,13 @@ class ModelConfig:
     d_ff: int = 1024  # width of the dense SwiGLU FFN layers
     first_k_dense: int = 0
     moe_every: int = 1
+    attention: str = "gqa"  # one of ATTENTIONS
+    attention_bias: bool = False  # gqa: biases on the q/k/v projections (Qwen2)
+    q_lora_rank: int = 0  # mla: query compression rank; 0 = no compression (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 0  # mla: rank of the compressed key/value latent (what is cached)
+    qk_nope_head_dim: int = 0  # mla: per-head query/key dims without rotary embedding
+    qk_rope_head_dim: int = 0  # mla: query/key dims with rotary embedding (key: one shared head)
+    v_head_dim: int = 0  # mla: per-head value dim
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False

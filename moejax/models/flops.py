@@ -15,6 +15,7 @@ import dataclasses
 
 from moejax.models.config import ModelConfig
 from moejax.moe.config import MoEConfig
+from moejax.moe.layer import shared_width
 from moejax.moe.selection import routing_slots
 
 
@@ -30,16 +31,40 @@ class ParamCounts:
         return self.active - self.embedding
 
 
+def attention_params(model: ModelConfig) -> int:
+    """Parameters of one attention layer: GQA (with optional q/k/v biases) or MLA (its
+    projections and the two latent RMSNorm scales)."""
+    d, h = model.d_model, model.num_heads
+    if model.attention == "mla":
+        qk = model.qk_nope_head_dim + model.qk_rope_head_dim
+        rq, rkv = model.q_lora_rank, model.kv_lora_rank
+        q = (d * rq + rq + rq * h * qk) if rq else d * h * qk
+        kv = d * (rkv + model.qk_rope_head_dim) + rkv + rkv * h * (
+            model.qk_nope_head_dim + model.v_head_dim)
+        return q + kv + h * model.v_head_dim * d
+    hd, kvh = model.resolved_head_dim, model.num_kv_heads
+    bias = (h + 2 * kvh) * hd if model.attention_bias else 0
+    return d * hd * (2 * h + 2 * kvh) + bias
+
+
+def attention_width(model: ModelConfig) -> float:
+    """Q in the PaLM attention term 12 L H Q S: the mean of the query/key and value head dims
+    (both equal the head dim for GQA)."""
+    if model.attention == "mla":
+        return (model.qk_nope_head_dim + model.qk_rope_head_dim + model.v_head_dim) / 2
+    return model.resolved_head_dim
+
+
 def count_params(model: ModelConfig, moe: MoEConfig,
                  experts_per_token: float | None = None) -> ParamCounts:
     """`experts_per_token`: the measured mean (top-p routing) in place of `top_k` for the
     active count."""
-    d, hd = model.d_model, model.resolved_head_dim
-    attn = d * hd * (2 * model.num_heads + 2 * model.num_kv_heads)
+    d = model.d_model
+    attn = attention_params(model)
     norms = 2 * d
     dense_ffn = 3 * d * model.d_ff
     expert = 3 * d * moe.d_expert
-    shared = 3 * d * moe.n_shared * moe.d_expert
+    shared = 3 * d * shared_width(moe) + (d if moe.n_shared and moe.shared_gate else 0)
     router = d * moe.num_experts
     gru_cell = 6 * moe.gru_dim * moe.gru_dim + 6 * moe.gru_dim  # w_i, w_h [h, 3h]; b_i, b_h
     model_router = 0
@@ -63,5 +88,5 @@ def count_params(model: ModelConfig, moe: MoEConfig,
 def train_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int,
                           experts_per_token: float | None = None) -> float:
     counts = count_params(model, moe, experts_per_token)
-    attention = 12 * model.num_layers * model.num_heads * model.resolved_head_dim * seq_len
+    attention = 12 * model.num_layers * model.num_heads * attention_width(model) * seq_len
     return 6.0 * counts.active_matmul + attention

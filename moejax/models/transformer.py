@@ -11,7 +11,9 @@ the MoE part, whose unit is a single MoE block (`moe_every=1`) or a period of
 model-level router parameters (RMoE's shared GRU cell) are broadcast to every layer with the
 context. Optional rematerialisation (`model.remat`) wraps each block. `model.scan_layers=False`
 unrolls the same stacks into a Python loop (layers named `<stack>_<i>`; `unscan_params`
-converts scanned parameters to that layout), computing the same function.
+converts scanned parameters to that layout), computing the same function. Attention is GQA
+or DeepSeek's MLA (`model.attention`); `decode=True` gives every attention layer a key/value
+cache in the `cache` collection (`moejax.generate`).
 
 `apply(variables, inputs[B, L], segment_ids, positions)` takes `variables = {"params": ...}`,
 plus `"router_bias": ...` (stacked per-expert biases [layers, E]) for DeepSeek-V3's
@@ -31,12 +33,13 @@ import jax.numpy as jnp
 from moejax.models.attention import Attention
 from moejax.models.config import ModelConfig
 from moejax.models.layers import DenseMLP, RMSNorm, dtype_of, logical_param
+from moejax.models.mla import MLAttention
 from moejax.moe.config import MoEConfig
 from moejax.moe.layer import MoELayer
 from moejax.moe.routers import initial_router_state, shared_router_params
-from moejax.moe.selection import BIAS_COLLECTION
 
 SCANNED_STACKS = ("dense_layers", "moe_layers", "moe_periods", "dense")
+ATTENTION = {"gqa": Attention, "mla": MLAttention}
 
 REMAT = {
     "full": None,  # save nothing; recompute the whole block in the backward pass
@@ -47,6 +50,7 @@ REMAT = {
 class Block(nn.Module):
     model: ModelConfig
     moe: MoEConfig | None = None  # None: dense FFN
+    decode: bool = False  # attention keeps a key/value cache (moejax.generate)
 
     @nn.compact
     def __call__(self, carry, ctx):
@@ -54,7 +58,8 @@ class Block(nn.Module):
         segment_ids, positions, shared_router = ctx
         m = self.model
         norm = dict(eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype)
-        h = Attention(m, name="attn")(RMSNorm(**norm, name="attn_norm")(x), segment_ids, positions)
+        attn = ATTENTION[m.attention](m, self.decode, name="attn")
+        h = attn(RMSNorm(**norm, name="attn_norm")(x), segment_ids, positions)
         x = x + h.astype(x.dtype)
         h = RMSNorm(**norm, name="ffn_norm")(x)
         if self.moe is None:
@@ -75,20 +80,21 @@ def _block_cls(model: ModelConfig):
 
 
 def _scan(cls, length: int):
-    # DeepSeek-V3's per-expert router bias (a non-trainable collection) stacks like params.
-    return nn.scan(cls, variable_axes={"params": 0, BIAS_COLLECTION: 0},
-                   split_rngs={"params": True},
+    # Every collection (params, a router's non-trainable state, the decoding cache) is
+    # stacked along the layer axis.
+    return nn.scan(cls, variable_axes={True: 0}, split_rngs={"params": True},
                    in_axes=(nn.broadcast,), length=length,
                    metadata_params={nn.PARTITION_NAME: "layers"})
 
 
-def _stack(cls, length: int, model: ModelConfig, moe: MoEConfig | None, name: str):
+def _stack(cls, length: int, model: ModelConfig, moe: MoEConfig | None, name: str,
+           decode: bool = False):
     """`length` blocks as one scanned module `name`, or (`scan_layers=False`) a loop over
     modules `name_0 .. name_{length-1}`; either way `(carry, ctx) -> (carry, stacked outputs)`.
     Must be called inside a compact method (the loop's modules bind to the caller)."""
     if model.scan_layers:
-        return _scan(cls, length)(model, moe, name=name)
-    blocks = [cls(model, moe, name=f"{name}_{i}") for i in range(length)]
+        return _scan(cls, length)(model, moe, decode, name=name)
+    blocks = [cls(model, moe, decode, name=f"{name}_{i}") for i in range(length)]
 
     def run(carry, ctx):
         outputs = []
@@ -119,17 +125,20 @@ class MoEPeriod(nn.Module):
     """`moe_every - 1` dense blocks followed by one MoE block: the unit of the MoE scan."""
     model: ModelConfig
     moe: MoEConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, carry, ctx):
         block = _block_cls(self.model)
-        carry, _ = _stack(block, self.model.moe_every - 1, self.model, None, "dense")(carry, ctx)
-        return block(self.model, self.moe, name="moe_block")(carry, ctx)
+        carry, _ = _stack(block, self.model.moe_every - 1, self.model, None, "dense",
+                          self.decode)(carry, ctx)
+        return block(self.model, self.moe, self.decode, name="moe_block")(carry, ctx)
 
 
 class Transformer(nn.Module):
     model: ModelConfig
     moe: MoEConfig
+    decode: bool = False  # keep a key/value cache in the `cache` collection (moejax.generate)
 
     @nn.compact
     def __call__(self, inputs_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
@@ -157,13 +166,15 @@ class Transformer(nn.Module):
 
         num_dense_prefix = m.num_layers if m.moe_every == 0 else m.first_k_dense
         if num_dense_prefix:
-            carry, _ = _stack(block, num_dense_prefix, m, None, "dense_layers")(carry, ctx)
+            carry, _ = _stack(block, num_dense_prefix, m, None, "dense_layers",
+                              self.decode)(carry, ctx)
         aux, metrics, per_token = {}, {}, {}
         if m.num_moe_layers:
             if m.moe_every == 1:
-                stack = _stack(block, m.num_moe_layers, m, self.moe, "moe_layers")
+                stack = _stack(block, m.num_moe_layers, m, self.moe, "moe_layers", self.decode)
             else:
-                stack = _stack(MoEPeriod, m.num_moe_layers, m, self.moe, "moe_periods")
+                stack = _stack(MoEPeriod, m.num_moe_layers, m, self.moe, "moe_periods",
+                               self.decode)
             carry, (aux, metrics, per_token) = stack(carry, ctx)
 
         x = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")(carry[0])

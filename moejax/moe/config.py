@@ -13,7 +13,8 @@ class MoEConfig:
     DeepSeekMoE (Dai et al., 2024) fine-grained expert segmentation is a choice of values:
     split each expert into m smaller ones (`num_experts * m`, `d_expert / m`, `top_k * m`) and
     keep `n_shared` always-on experts, computed as one dense SwiGLU of width
-    `n_shared * d_expert`.
+    `n_shared * d_expert`. Qwen2-MoE's shared expert has its own width (`d_shared`) and a
+    scalar sigmoid gate per token (`shared_gate`).
 
     A router is a scorer (how logits are made) and a selection rule (which experts a token
     takes, with what weights). `router="softmax_topk"` and `router="top_p"` score with one
@@ -38,6 +39,8 @@ class MoEConfig:
     top_k: int = 2
     d_expert: int = 512
     n_shared: int = 0
+    d_shared: int = 0  # width of the shared MLP; 0 = n_shared * d_expert (DeepSeekMoE)
+    shared_gate: bool = False  # Qwen2-MoE: shared output times sigmoid(x . w_gate), w_gate [d]
     router: str = "softmax_topk"  # softmax_topk | top_p | sigmoid_bias | gru
     selection: str = ""  # selection rule of the gru router; "" = softmax_topk
     renormalize: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral)

@@ -2,6 +2,9 @@
 
 y = sum_{j<k} g_{t,j} E_{e_{t,j}}(x_t) + SharedMLP(x_t)   (DeepSeekMoE, Dai et al., 2024, eq. 9)
 
+With `shared_gate` (Qwen2-MoE, Qwen Team, 2024) the shared term is
+`sigmoid(x_t . w_gate) * SharedMLP(x_t)`, and `d_shared` sets its width.
+
 Input `x[B, L, d]` is flattened to T = B*L tokens for routing and dispatch. Returns the layer
 output, the router state for the next MoE layer, the weighted aux losses, the metrics, and
 per-token routing decisions `[B, L]` for analysis (`top1_expert`, `experts_per_token`).
@@ -15,11 +18,18 @@ import jax
 import jax.numpy as jnp
 
 from moejax.models.config import ModelConfig
-from moejax.models.layers import DenseMLP
+from moejax.models.layers import DenseMLP, dtype_of, logical_param
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import dispatch
 from moejax.moe.experts import RoutedExperts
 from moejax.moe.routers import ROUTERS
+
+
+def shared_width(cfg: MoEConfig) -> int:
+    """Width of the shared-expert MLP (0 when there is none)."""
+    if not cfg.n_shared:
+        return 0
+    return cfg.d_shared or cfg.n_shared * cfg.d_expert
 
 
 class MoELayer(nn.Module):
@@ -40,8 +50,14 @@ class MoELayer(nn.Module):
                                   m.dtype, m.param_dtype, name="experts")()
         y, dispatch_metrics = dispatch(x, routing, expert_fn, cfg)
         if cfg.n_shared:
-            y = y + DenseMLP(cfg.n_shared * cfg.d_expert, m.init_std, out_std, m.dtype,
-                             m.param_dtype, name="shared")(x)
+            shared = DenseMLP(shared_width(cfg), m.init_std, out_std, m.dtype, m.param_dtype,
+                              name="shared")(x)
+            if cfg.shared_gate:  # Qwen2-MoE: sigmoid(x . w_gate) scales the shared output
+                w = logical_param(self, "shared_gate", (d,), ("embed",), m.init_std,
+                                  dtype_of(m.param_dtype))
+                dt = dtype_of(m.dtype)
+                shared = jax.nn.sigmoid(x.astype(dt) @ w.astype(dt))[:, None] * shared
+            y = y + shared
         metrics = {**routing.metrics, **dispatch_metrics}
         per_token = {
             "top1_expert": routing.expert_ids[:, 0].reshape(b, length),

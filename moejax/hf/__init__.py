@@ -1,0 +1,140 @@
+"""Hugging Face checkpoints in moejax: `from_pretrained` reads a local transformers directory
+(`config.json` + `*.safetensors`, sharded with `model.safetensors.index.json` or not) and
+`save_pretrained` writes one transformers loads back.
+
+    model, variables = moejax.hf.from_pretrained("/path/to/Qwen1.5-MoE-A2.7B")
+    logits, extras = model.apply(variables, input_ids)      # float32 [B, S, V]
+    moejax.hf.save_pretrained(model, variables, "/path/out")
+
+Architectures and config keys: `moejax.hf.architectures` (one table per architecture). The
+variables are `{"params": ...}` plus, for DeepSeek-V3's `sigmoid_bias` router, the
+non-trainable `{"router_bias": ...}` (`e_score_correction_bias`), in the scanned layout
+(`moejax.models.transformer.unscan_params` gives the per-layer one). Needs only JAX and
+`safetensors`; torch and transformers are needed by the parity tests, not here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.config.sections import ConfigError
+from moejax.hf.architectures import DEEPSEEK_V3, Architecture
+from moejax.hf.layout import choose_architecture, from_hf_config
+from moejax.hf.weights import Assembler, TensorReader, export_layers, load_layers
+from moejax.models.config import ModelConfig
+from moejax.models.transformer import Transformer
+from moejax.moe.config import MoEConfig
+
+TOP_LEVEL = (("model.embed_tokens.weight", "params/embedding"),
+             ("model.norm.weight", "params/final_norm/scale"))
+LM_HEAD = "lm_head.weight"
+
+
+def read_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def abstract_variables(model: Transformer) -> dict[str, tuple[int, ...]]:
+    """{"collection/path": shape} of the model's variables, without allocating them."""
+    tree = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    flat = flax.traverse_util.flatten_dict(nn.unbox(tree), sep="/")
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def _extra_keys(keys: set[str], used: set[str], num_layers: int) -> list[str]:
+    """Checkpoint tensors left unused, except layers past num_hidden_layers (DeepSeek-V3's
+    multi-token-prediction module) and rotary caches."""
+    out = []
+    for key in keys - used:
+        parts = key.split(".")
+        if key.startswith("model.layers.") and int(parts[2]) >= num_layers:
+            continue
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        out.append(key)
+    return sorted(out)
+
+
+def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
+                    **model_overrides) -> tuple[Transformer, dict[str, Any]]:
+    """(Transformer, variables) equal to the HF checkpoint in `path` (see the module doc).
+
+    `dtype` / `param_dtype` are the compute and storage dtypes; `model_overrides` set other
+    ModelConfig fields that do not change the function (e.g. `remat="full"`).
+    """
+    hf = read_config(path)
+    arch, m, moe = from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, **model_overrides)
+    if not m.scan_layers:
+        raise ConfigError("from_pretrained builds the scanned layout; convert with "
+                          "moejax.models.transformer.unscan_params afterwards.")
+    model = Transformer(m, moe)
+    reader = TensorReader(path)
+    asm = Assembler(abstract_variables(model), m, arch,
+                    interleaved_rope=arch is DEEPSEEK_V3 and hf.get("rope_interleave", True))
+    used = load_layers(reader, asm, m, arch)
+    keys = reader.keys()
+    top = TOP_LEVEL + (() if m.tie_embeddings else ((LM_HEAD, "params/lm_head"),))
+    for name, key in top:
+        if name not in keys:
+            raise ConfigError(f"{path}: checkpoint has no tensor {name}.")
+        value = reader.get(name)
+        asm.put(key, (), value.T if key == "params/lm_head" else value, name)
+        used.add(name)
+    if m.tie_embeddings:
+        used.add(LM_HEAD)  # some checkpoints store the tied copy too
+    extra = _extra_keys(keys, used, m.num_layers)
+    missing = asm.missing()
+    if extra or missing:
+        raise ConfigError(
+            f"{path} ({arch.name}) does not match the model its config describes: "
+            + (f"unused checkpoint tensors {extra[:8]}{' ...' if len(extra) > 8 else ''}; "
+               if extra else "")
+            + (f"moejax variables not in the checkpoint {missing[:8]}" if missing else ""))
+    pdt = jnp.dtype(param_dtype)
+    variables = flax.traverse_util.unflatten_dict(
+        {k: jnp.asarray(v, pdt if k.startswith("params/") else jnp.float32)
+         for k, v in asm.arrays.items()}, sep="/")
+    return model, variables
+
+
+def save_pretrained(model: Transformer, variables: dict[str, Any], path: str) -> Architecture:
+    """Writes `config.json` + `model.safetensors` (float32, experts one module each) that
+    transformers' `AutoModelForCausalLM.from_pretrained(path)` loads as the same function.
+    Returns the architecture chosen; raises ConfigError naming the settings no supported
+    architecture expresses."""
+    from safetensors.numpy import save_file
+    m: ModelConfig = model.model
+    moe: MoEConfig = model.moe
+    if not m.scan_layers:
+        raise ConfigError("save_pretrained reads the scanned layout (model.scan_layers=True).")
+    arch, hf = choose_architecture(m, moe)
+    flat = {k: np.asarray(v) for k, v in
+            flax.traverse_util.flatten_dict(nn.unbox(dict(variables)), sep="/").items()}
+    tensors = export_layers(flat, m, arch, interleaved_rope=arch is DEEPSEEK_V3)
+    for name, key in TOP_LEVEL:
+        tensors[name] = np.asarray(flat[key], np.float32)
+    if not m.tie_embeddings:
+        tensors[LM_HEAD] = np.asarray(flat["params/lm_head"], np.float32).T
+    os.makedirs(path, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    return arch
+
+
+def configs_as_dict(model: Transformer) -> dict[str, dict]:
+    """The `model` and `moe` sections as plain dicts (for a moejax config file)."""
+    return {"model": dataclasses.asdict(model.model), "moe": dataclasses.asdict(model.moe)}
+
+
+__all__ = ["from_pretrained", "save_pretrained", "read_config", "configs_as_dict"]

@@ -1,0 +1,100 @@
+"""`python -m moejax.hf.convert --from HF_DIR --workdir WORKDIR`: a HF checkpoint as a moejax
+run directory that `moejax.train` fine-tunes.
+
+Writes into WORKDIR (which must hold no checkpoint yet):
+    config.py         `get_config()`: the default config with the checkpoint's `model` and
+                      `moe` sections (from model.json); pass it to moejax.train
+    model.json        those two sections
+    config.json       the full config, as the trainer writes it (its resume check reads it)
+    checkpoints/0/    the train state at step 0: the HF weights, a fresh optimizer state
+
+Fine-tune with
+    python -m moejax.train --config=WORKDIR/config.py --workdir=WORKDIR \\
+        --config.data.dataset=... --config.train.steps=1000
+The trainer resumes from step 0, so the config must keep the model and moe sections and
+the optimizer's structure (`train.grad_clip` on or off as at conversion: on by default).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from moejax.config import default_config
+from moejax.hf import configs_as_dict, from_pretrained
+from moejax.moe.selection import BIAS_COLLECTION
+from moejax.train.checkpoint import Checkpointer
+from moejax.train.config import TrainConfig
+from moejax.train.optimizer import make_optimizer
+from moejax.train.step import TrainState
+
+CONFIG_PY = '''"""moejax config of a converted Hugging Face checkpoint (moejax.hf.convert).
+
+    python -m moejax.train --config={path} --workdir={workdir}
+"""
+import json
+import os
+
+from moejax.config import default_config
+
+
+def get_config(arg=None):
+    config = default_config()
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.json")) as f:
+        sections = json.load(f)
+    for name, values in sections.items():
+        config[name].update(values)
+    return config
+'''
+
+
+def convert(hf_dir: str, workdir: str) -> dict:
+    """Converts `hf_dir` into `workdir` (see the module docstring); returns the config."""
+    model, variables = from_pretrained(hf_dir)
+    if not set(variables) <= {"params", BIAS_COLLECTION}:
+        raise ValueError(f"{hf_dir}: variables {sorted(variables)} are not all part of the "
+                         f"train state (params, {BIAS_COLLECTION}); nothing was written.")
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(workdir, keep=3, save_every=1, async_save=False)
+    if ckpt.latest_step() is not None:
+        raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new one.")
+    sections = configs_as_dict(model)
+    config = default_config()
+    for name, values in sections.items():
+        config[name].update(values)
+    params = variables["params"]
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=make_optimizer(TrainConfig()).init(params),
+                       router_bias=variables.get(BIAS_COLLECTION))
+    ckpt.save(0, state, extra={"config": config.to_dict(), "converted_from": hf_dir},
+              force=True)
+    ckpt.close()
+    with open(os.path.join(workdir, "model.json"), "w") as f:
+        json.dump(sections, f, indent=2, sort_keys=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    path = os.path.join(workdir, "config.py")
+    with open(path, "w") as f:
+        f.write(CONFIG_PY.format(path=path, workdir=workdir))
+    jax.block_until_ready(params)
+    return config.to_dict()
+
+
+_FROM = flags.DEFINE_string("from", None, "Hugging Face checkpoint directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "moejax run directory to create.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    convert(flags.FLAGS["from"].value, _WORKDIR.value)
+    print(f"wrote {_WORKDIR.value}: fine-tune with python -m moejax.train "
+          f"--config={os.path.join(_WORKDIR.value, 'config.py')} --workdir={_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["from", "workdir"])
+    app.run(main)

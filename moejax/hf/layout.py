@@ -1,0 +1,196 @@
+"""Where layer i of a checkpoint lives in the scanned moejax parameter tree, and the HF
+config dict <-> moejax config conversion.
+
+Scanned stacks (`moejax.models.transformer`): the first `first_k_dense` layers are
+`dense_layers[i]`; the rest are `moe_layers[p]` (`moe_every = 1`) or, per period p of
+`moe_every` layers, `moe_periods/dense[p, r]` then `moe_periods/moe_block[p]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from moejax.config.sections import ConfigError
+from moejax.config.validation import validate_model
+from moejax.hf.architectures import (
+    ARCHITECTURES,
+    DEEPSEEK_V3,
+    IGNORED,
+    LLAMA,
+    MIXTRAL,
+    QWEN2_MOE,
+    Architecture,
+    architecture_of,
+    fit_layout,
+    hf_moe_layers,
+)
+from moejax.models.config import ModelConfig
+from moejax.moe.config import MoEConfig
+
+
+def layer_slot(m: ModelConfig, i: int) -> tuple[str, tuple[int, ...]]:
+    """(stack path, index into its leading layer axes) of layer i."""
+    prefix = m.num_layers if m.moe_every == 0 else m.first_k_dense
+    if i < prefix:
+        return "dense_layers", (i,)
+    p, r = divmod(i - m.first_k_dense, m.moe_every)
+    if m.moe_every == 1:
+        return "moe_layers", (p,)
+    if r == m.moe_every - 1:
+        return "moe_periods/moe_block", (p,)
+    return "moe_periods/dense", (p, r)
+
+
+def _rope(hf: dict, model: dict, problems: list[str]) -> None:
+    rope = dict(hf.get("rope_parameters") or {})
+    kind = rope.pop("rope_type", "default")
+    if kind != "default":
+        problems.append(f"rope_parameters.rope_type={kind!r} (only 'default' RoPE is supported)")
+    if "rope_theta" in rope:
+        model["rope_theta"] = float(rope.pop("rope_theta"))
+    if rope:
+        problems.append(f"rope_parameters keys {sorted(rope)}")
+
+
+def from_hf_config(hf: dict, **overrides) -> tuple[Architecture, ModelConfig, MoEConfig]:
+    """HF `config.json` (a dict) -> (architecture, ModelConfig, MoEConfig); `overrides` set
+    ModelConfig fields that do not change the function (dtype, param_dtype, remat, ...)."""
+    arch = architecture_of(hf)
+    sections: dict[str, dict] = {"model": {}, "moe": {}}
+    unknown, problems = [], []
+    for key, value in hf.items():
+        if key in arch.keys:
+            target, convert = arch.keys[key]
+            section, field = target.split(".")
+            sections[section][field] = convert(value)
+        elif key in arch.required:
+            if value not in arch.required[key]:
+                problems.append(f"{key}={value!r} (supported: {list(arch.required[key])})")
+        elif key == "rope_parameters":
+            _rope(hf, sections["model"], problems)
+        elif key not in IGNORED and key not in arch.ignored:
+            unknown.append(key)
+    if unknown or problems:
+        raise ConfigError(
+            f"{arch.name} config.json: " + "; ".join(
+                ([f"unsupported key(s) {sorted(unknown)}"] if unknown else [])
+                + ([f"unsupported value(s): {', '.join(problems)}"] if problems else []))
+            + ". moejax.hf would compute a different function, so nothing was loaded.")
+    first_k, every = fit_layout(hf_moe_layers(arch, hf))
+    sections["model"].update(first_k_dense=first_k, moe_every=every)
+    for target, value in arch.constants.items():
+        section, field = target.split(".")
+        sections[section].setdefault(field, value)
+    if every == 0:  # no MoE layer: the MoE section does not matter
+        sections["moe"] = {}
+    if sections["moe"].get("router") == "sigmoid_bias":
+        missing = [f for f in sections["moe"] if f not in _fields(MoEConfig)]
+        if missing:
+            raise ConfigError(
+                f"{arch.name} with MoE layers needs the DeepSeek-V3 `sigmoid_bias` router and "
+                f"its MoEConfig fields {missing}, which this moejax does not have yet.")
+    try:
+        model = ModelConfig(**{**sections["model"], **overrides})
+        moe = MoEConfig(**sections["moe"])
+    except TypeError as e:
+        raise ConfigError(f"{arch.name}: {e}") from None
+    validate_model(model, moe)
+    return arch, model, moe
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+# Fields that change what a model computes; every other field (dtypes, remat, dispatch,
+# initialisation, losses) is free when exporting.
+MODEL_FUNCTION_FIELDS = (
+    "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
+    "first_k_dense", "moe_every", "rope_theta", "norm_eps", "tie_embeddings", "attention",
+    "attention_bias", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    "v_head_dim")
+MOE_FUNCTION_FIELDS = (
+    "num_experts", "top_k", "d_expert", "n_shared", "d_shared", "shared_gate", "router",
+    "selection", "renormalize", "n_group", "topk_group", "routed_scaling_factor", "group_mask")
+UNUSED_BY = {  # fields that do not matter for an architecture (so are not checked)
+    "LlamaForCausalLM": {"first_k_dense", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                         "qk_rope_head_dim", "v_head_dim"},
+    "MixtralForCausalLM": {"d_ff", "first_k_dense", "q_lora_rank", "kv_lora_rank",
+                           "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"},
+    "Qwen2MoeForCausalLM": {"first_k_dense", "moe_every", "q_lora_rank", "kv_lora_rank",
+                            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"},
+    "DeepseekV3ForCausalLM": {"num_kv_heads", "head_dim", "first_k_dense", "moe_every"},
+}
+
+
+def to_hf_config(arch: Architecture, model: ModelConfig, moe: MoEConfig) -> dict:
+    """The HF config.json dict of `arch` for this model; raises ConfigError if the model
+    computes something `arch` cannot express (the round trip is then checked field by field:
+    reading the dict back must give the same function fields)."""
+    values = {"model": dataclasses.asdict(model), "moe": dataclasses.asdict(moe)}
+    hf: dict = {"architectures": [arch.name], "model_type": arch.model_type,
+                "hidden_act": "silu", "dtype": "float32",
+                "rope_parameters": {"rope_theta": model.rope_theta, "rope_type": "default"}}
+    for key, (target, _) in arch.keys.items():
+        if key == "rope_theta":
+            continue
+        section, field = target.split(".")
+        if section == "moe" and not model.num_moe_layers:
+            continue
+        if field in values[section]:
+            value = values[section][field]
+            if key in ("head_dim", "q_lora_rank") and value == 0:
+                value = None
+            hf[key] = value
+    for key, accepted in arch.required.items():
+        if accepted[0] is not None and key != "hidden_act":
+            hf[key] = accepted[0]
+    n = model.num_layers
+    if arch is QWEN2_MOE:
+        hf.update(decoder_sparse_step=max(model.moe_every, 1),
+                  mlp_only_layers=list(range(model.first_k_dense)))
+        if not model.num_moe_layers:
+            hf.update(num_experts=0, mlp_only_layers=list(range(n)))
+    if arch is DEEPSEEK_V3:
+        hf.update(first_k_dense_replace=n - model.num_moe_layers, rope_interleave=True,
+                  num_nextn_predict_layers=0, num_key_value_heads=model.num_heads)
+        if not model.num_moe_layers:
+            hf.update(n_routed_experts=1, num_experts_per_tok=1, n_group=1, topk_group=1,
+                      moe_intermediate_size=1, n_shared_experts=0)
+    _check_round_trip(arch, hf, model, moe)
+    return hf
+
+
+def _check_round_trip(arch: Architecture, hf: dict, model: ModelConfig, moe: MoEConfig):
+    try:
+        _, back_m, back_moe = from_hf_config(hf)
+    except ConfigError as e:
+        raise ConfigError(f"cannot export as {arch.name}: {e}") from None
+    skip = UNUSED_BY[arch.name]
+    diffs = [f"model.{f}={getattr(model, f)!r}" for f in MODEL_FUNCTION_FIELDS
+             if f not in skip and getattr(model, f) != getattr(back_m, f)]
+    if model.num_moe_layers:
+        diffs += [f"moe.{f}={getattr(moe, f)!r}" for f in MOE_FUNCTION_FIELDS
+                  if hasattr(moe, f) and getattr(moe, f) != getattr(back_moe, f, None)]
+    if diffs:
+        raise ConfigError(f"{arch.name} cannot express {', '.join(diffs)}.")
+
+
+def choose_architecture(model: ModelConfig, moe: MoEConfig) -> tuple[Architecture, dict]:
+    """The first HF architecture that expresses this model exactly, and its config dict."""
+    if model.attention == "mla":
+        order = (DEEPSEEK_V3,)
+    elif not model.num_moe_layers:
+        order = (LLAMA, QWEN2_MOE)
+    else:
+        order = (MIXTRAL, QWEN2_MOE)
+    reasons = []
+    for arch in order:
+        try:
+            return arch, to_hf_config(arch, model, moe)
+        except ConfigError as e:
+            reasons.append(str(e))
+    raise ConfigError("no Hugging Face architecture expresses this model: " + " | ".join(reasons)
+                      + f" (supported: {sorted(ARCHITECTURES)}).")
+
+
+__all__ = ["layer_slot", "from_hf_config", "to_hf_config", "choose_architecture", "MIXTRAL"]

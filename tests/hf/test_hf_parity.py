@@ -1,0 +1,281 @@
+"""moejax.hf against transformers: logits parity (float32), expert layouts, shards, export
+round trip, greedy decoding, clear errors, and conversion to a trainable workdir.
+
+Tiny random models are built from configs on CPU (no downloads) and re-initialised with
+larger weights (std 0.2, norm scales 1 +- 0.1) so attention and routing are far from
+uniform and a wrong RoPE layout or expert order would show.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="HF parity tests need torch: pip install -e '.[hf]'")
+transformers = pytest.importorskip(
+    "transformers", reason="HF parity tests need transformers: pip install -e '.[hf]'")
+pytest.importorskip("safetensors", reason="moejax.hf needs safetensors: pip install -e '.[hf]'")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import moejax.hf as mhf  # noqa: E402
+from moejax.config import ConfigError  # noqa: E402
+from moejax.generate import generate  # noqa: E402
+from moejax.models.transformer import Transformer  # noqa: E402
+from moejax.moe.routers import ROUTERS  # noqa: E402
+
+TOL = 1e-4
+SMALL = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
+MLA = dict(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+           num_key_value_heads=4)
+
+CONFIGS = {
+    "llama_tied_gqa": ("LlamaConfig", dict(SMALL, intermediate_size=48, num_key_value_heads=2,
+                                           tie_word_embeddings=True)),
+    "mixtral_top2": ("MixtralConfig", dict(SMALL, intermediate_size=24, num_key_value_heads=2,
+                                           num_local_experts=4, num_experts_per_tok=2)),
+    # decoder_sparse_step=2: layer 0 dense, layer 1 MoE (moejax: one period of moe_every=2).
+    "qwen2_moe_gate_norm_off": ("Qwen2MoeConfig", dict(
+        SMALL, intermediate_size=48, num_key_value_heads=2, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+        norm_topk_prob=False, decoder_sparse_step=2)),
+    "qwen2_moe_mlp_only_norm_on": ("Qwen2MoeConfig", dict(
+        SMALL, num_hidden_layers=3, intermediate_size=48, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, norm_topk_prob=True, mlp_only_layers=[0],
+        tie_word_embeddings=True)),
+    # DeepSeek-V3 with every layer dense: MLA alone (q compression, interleaved RoPE) ...
+    "deepseek_v3_mla_qlora": ("DeepseekV3Config", dict(
+        SMALL, **MLA, intermediate_size=48, q_lora_rank=16, first_k_dense_replace=2,
+        rope_interleave=True)),
+    # ... and without q compression, rotate-half RoPE, tied embeddings.
+    "deepseek_v3_mla_no_qlora": ("DeepseekV3Config", dict(
+        SMALL, **MLA, intermediate_size=48, q_lora_rank=None, first_k_dense_replace=2,
+        rope_interleave=False, tie_word_embeddings=True)),
+}
+NEEDS_SIGMOID_BIAS = {
+    # first_k_dense_replace > 0, n_group > 1, routed_scaling_factor != 1, shared experts.
+    "deepseek_v3_moe_groups": ("DeepseekV3Config", dict(
+        SMALL, **MLA, num_hidden_layers=3, intermediate_size=48, q_lora_rank=16,
+        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+        topk_group=2, moe_intermediate_size=16, n_shared_experts=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True)),
+}
+ALL = {**CONFIGS, **NEEDS_SIGMOID_BIAS}
+
+
+def _params(name):
+    if name in NEEDS_SIGMOID_BIAS and "sigmoid_bias" not in ROUTERS:
+        pytest.skip("DeepSeek-V3 MoE layers need the sigmoid_bias router (issue 3 part 1)")
+    return name
+
+
+def build_hf(name, seed=0):
+    config_cls, kwargs = ALL[name]
+    config = getattr(transformers, config_cls)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.2)
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in key else
+                        0.2 * torch.randn_like(p))
+        for key, b in model.named_buffers():
+            if key.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))
+    return model
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids))).logits.numpy()
+
+
+def moejax_logits(path, ids):
+    model, variables = mhf.from_pretrained(str(path))
+    return np.asarray(model.apply(variables, jnp.asarray(ids))[0]), model, variables
+
+
+IDS = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (2, 9))
+
+
+@pytest.fixture(scope="module", params=sorted(ALL))
+def saved(request, tmp_path_factory):
+    name = _params(request.param)
+    model = build_hf(name)
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    return name, model, path
+
+
+def test_logits_parity(saved):
+    name, model, path = saved
+    want = hf_logits(model, IDS)
+    got, _, _ = moejax_logits(path, IDS)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    diff = np.abs(got - want).max()
+    print(f"{name}: max |logits diff| = {diff:.2e} (logits up to {np.abs(want).max():.1f})")
+    assert diff < TOL
+
+
+@pytest.mark.parametrize("name", ["mixtral_top2", "qwen2_moe_gate_norm_off"])
+def test_fused_expert_layout_and_shards(name, tmp_path):
+    """transformers 5.x in-memory layout (experts.gate_up_proj [E, 2I, d]) written as is, in
+    several safetensors shards with an index."""
+    from safetensors.torch import save_file
+    model = build_hf(name, seed=1)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    keys = sorted(state)
+    shards = [keys[i::3] for i in range(3)]
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-00003.safetensors"
+        save_file({k: state[k] for k in shard}, tmp_path / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    model.config.save_pretrained(tmp_path)
+    got, _, _ = moejax_logits(tmp_path, IDS)
+    assert np.abs(got - hf_logits(model, IDS)).max() < TOL
+
+
+def test_hf_sharded_save(tmp_path):
+    model = build_hf("qwen2_moe_mlp_only_norm_on", seed=2)
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    got, _, _ = moejax_logits(tmp_path, IDS)
+    assert np.abs(got - hf_logits(model, IDS)).max() < TOL
+
+
+def test_export_round_trip(saved, tmp_path):
+    """moejax -> save_pretrained -> transformers gives the same logits."""
+    name, model, path = saved
+    got, mj_model, variables = moejax_logits(path, IDS)
+    arch = mhf.save_pretrained(mj_model, variables, str(tmp_path))
+    assert arch.name == model.config.architectures[0]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert np.abs(hf_logits(back, IDS) - got).max() < TOL
+
+
+def test_export_of_a_moejax_initialised_model(tmp_path):
+    """A model that never came from HF (moejax init, Qwen2-MoE features) loads in
+    transformers as the same function."""
+    from moejax.models.config import ModelConfig
+    from moejax.moe.config import MoEConfig
+    m = ModelConfig(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    d_ff=48, attention_bias=True, init_std=0.2)
+    moe = MoEConfig(num_experts=4, top_k=2, d_expert=16, n_shared=1, d_shared=24,
+                    shared_gate=True, renormalize=False)
+    model = Transformer(m, moe)
+    variables = jax.tree.map(lambda a: a + 0.1, model.init(jax.random.PRNGKey(3), IDS))
+    variables = {"params": jax.tree.map(np.asarray, dict(variables))["params"]}
+    import flax.linen as nn
+    variables = nn.unbox(variables)
+    want = np.asarray(model.apply(variables, jnp.asarray(IDS))[0])
+    assert mhf.save_pretrained(model, variables, str(tmp_path)).name == "Qwen2MoeForCausalLM"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert np.abs(hf_logits(back, IDS) - want).max() < TOL
+
+
+@pytest.mark.parametrize("name", ["mixtral_top2", "qwen2_moe_gate_norm_off",
+                                  "deepseek_v3_mla_qlora", "deepseek_v3_moe_groups"])
+def test_greedy_generate_matches_hf(name, tmp_path):
+    _params(name)
+    model = build_hf(name, seed=4)
+    model.save_pretrained(tmp_path)
+    mj_model, variables = mhf.from_pretrained(str(tmp_path))
+    prompt = IDS[:, :5]
+    with torch.no_grad():
+        want = model.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False,
+                              eos_token_id=None, pad_token_id=0).numpy()
+    got = np.asarray(generate(mj_model, variables, prompt, 20))
+    np.testing.assert_array_equal(got, want)
+
+
+def _write(path, config):
+    with open(path / "config.json", "w") as f:
+        json.dump(config, f)
+
+
+def test_unsupported_architecture_key_and_value_are_named(saved, tmp_path):
+    name, _, path = saved
+    if name != "mixtral_top2":
+        pytest.skip("one architecture is enough")
+    config = mhf.read_config(str(path))
+    (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
+    _write(tmp_path, {**config, "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel.*unsupported architecture"):
+        mhf.from_pretrained(str(tmp_path))
+    _write(tmp_path, {**config, "attention_sink_size": 4})
+    with pytest.raises(ConfigError, match=r"unsupported key\(s\) \['attention_sink_size'\]"):
+        mhf.from_pretrained(str(tmp_path))
+    _write(tmp_path, {**config, "hidden_act": "gelu",
+                      "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4}})
+    with pytest.raises(ConfigError, match="hidden_act='gelu'.*rope_type='yarn'"):
+        mhf.from_pretrained(str(tmp_path))
+    _write(tmp_path, {**config, "num_local_experts": 8})  # tensors no longer match
+    with pytest.raises(ConfigError, match=r"gate.weight has shape \(32, 4\).*needs \(32, 8\)"):
+        mhf.from_pretrained(str(tmp_path))
+
+
+def test_convert_writes_a_workdir_the_trainer_fine_tunes(tmp_path, tiny_config):
+    from moejax.hf.convert import convert
+    from moejax.train.checkpoint import Checkpointer
+    from moejax.train.config import TrainConfig
+    from moejax.train.optimizer import make_optimizer
+    from moejax.train.step import TrainState
+    from moejax.train.trainer import train
+    hf_dir = tmp_path / "hf"
+    config = transformers.MixtralConfig(**dict(CONFIGS["mixtral_top2"][1], vocab_size=260))
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(config).save_pretrained(hf_dir)
+    workdir = tmp_path / "run"
+    convert(str(hf_dir), str(workdir))
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("converted", workdir / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    base = tiny_config("dense")
+    c.data.update(base.data.to_dict())
+    c.train.update(steps=2, warmup_steps=0, learning_rate=1e-4, log_every=1, eval_every=0,
+                   checkpoint_every=1, async_checkpoint=False, peak_tflops=1.0)
+    metrics = train(c, str(workdir))
+    assert metrics["step"] == 2 and np.isfinite(metrics["train/loss"])
+    _, variables = mhf.from_pretrained(str(hf_dir))
+    params = variables["params"]
+    target = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=make_optimizer(TrainConfig()).init(params))
+    with Checkpointer(str(workdir)) as ckpt:
+        assert ckpt.all_steps() == [0, 1, 2]
+        restored = ckpt.restore(2, target=target)[0]
+    got = restored.params["moe_layers"]["attn"]["wq"]
+    want = np.asarray(variables["params"]["moe_layers"]["attn"]["wq"])
+    assert 0 < np.abs(np.asarray(got) - want).max() < 5e-3  # fine-tuned from the HF weights
+
+
+def test_convert_keeps_deepseek_v3_router_bias_in_the_train_state(tmp_path):
+    from moejax.hf.convert import convert
+    from moejax.train.checkpoint import Checkpointer
+    from moejax.train.config import TrainConfig
+    from moejax.train.optimizer import make_optimizer
+    from moejax.train.step import TrainState
+    model = build_hf("deepseek_v3_moe_groups")
+    model.save_pretrained(tmp_path / "hf")
+    convert(str(tmp_path / "hf"), str(tmp_path / "run"))
+    _, variables = mhf.from_pretrained(str(tmp_path / "hf"))
+    params = variables["params"]
+    target = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=make_optimizer(TrainConfig()).init(params),
+                        router_bias=variables["router_bias"])
+    with Checkpointer(str(tmp_path / "run")) as ckpt:
+        restored = ckpt.restore(0, target=target)[0]
+    want = [b.numpy() for k, b in model.named_buffers() if k.endswith("e_score_correction_bias")]
+    got = np.asarray(jax.tree.leaves(restored.router_bias)[0])
+    assert got.shape[0] == len(want) and np.abs(got).max() > 0
+    np.testing.assert_array_equal(got, np.stack(want))

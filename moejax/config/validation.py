@@ -55,6 +55,9 @@ def _check_model(m: ModelConfig) -> None:
     _require(m.attention in ATTENTIONS,
              f"model.attention={m.attention!r} must be one of {ATTENTIONS} (grouped-query or "
              f"DeepSeek's multi-head latent attention).")
+    for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                 "v_head_dim"):  # MLA sizes: never negative, used only with attention='mla'
+        _require(getattr(m, name) >= 0, f"model.{name}={getattr(m, name)} must be >= 0.")
     if m.attention == "mla":
         _check_mla(m)
     else:
@@ -83,8 +86,6 @@ def _check_mla(m: ModelConfig) -> None:
         _require(getattr(m, name) > 0,
                  f"model.{name}={getattr(m, name)} must be positive with model.attention='mla' "
                  f"(DeepSeek-V3 uses kv_lora_rank=512, qk_rope_head_dim=64, v_head_dim=128).")
-    for name in ("q_lora_rank", "qk_nope_head_dim"):
-        _require(getattr(m, name) >= 0, f"model.{name}={getattr(m, name)} must be >= 0.")
     _require(m.qk_rope_head_dim % 2 == 0,
              f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for rotary embeddings.")
     _require(not m.attention_bias,

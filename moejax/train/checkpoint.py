@@ -38,6 +38,7 @@ step and how to resume from it, and nothing on disk is changed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -269,7 +270,15 @@ class Checkpointer:
         if metadata[_STATE] is not None:  # None when the tree metadata file is missing.
             _check_matches(abstract, metadata[_STATE].tree, step_dir)
 
-        args = {_STATE: ocp.args.StandardRestore(abstract)}
+        # Fields added to the state later (e.g. TrainState.router_bias) are None for models
+        # without them; checkpoints written before the field existed lack its key, so they
+        # are restored without it and the field keeps its None.
+        absent = _absent_none_fields(abstract, metadata[_STATE])
+        restore_item = abstract
+        if absent:
+            restore_item = {f.name: getattr(abstract, f.name)
+                            for f in dataclasses.fields(abstract) if f.name not in absent}
+        args = {_STATE: ocp.args.StandardRestore(restore_item)}
         for name in (_DATA, _EXTRA):
             if name in items:
                 args[name] = ocp.args.JsonRestore()
@@ -277,8 +286,11 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
             raise CorruptCheckpointError(_unreadable_message(step_dir, step, steps, e)) from e
+        state = restored[_STATE]
+        if absent:
+            state = dataclasses.replace(abstract, **state)
         return (
-            restored[_STATE],
+            state,
             restored[_DATA] if _DATA in args else None,
             restored[_EXTRA] if _EXTRA in args else None,
         )
@@ -332,6 +344,17 @@ class Checkpointer:
 
 
 # --- Helpers -------------------------------------------------------------------------
+
+
+def _absent_none_fields(abstract: PyTree, state_metadata: Any) -> list[str]:
+    """Dataclass fields of the target that are None and missing from the saved tree."""
+    if not dataclasses.is_dataclass(abstract) or state_metadata is None:
+        return []
+    saved = state_metadata.tree
+    if not isinstance(saved, dict):
+        return []
+    return [f.name for f in dataclasses.fields(abstract)
+            if getattr(abstract, f.name) is None and f.name not in saved]
 
 
 def _abstract_leaf(x: Any) -> Any:

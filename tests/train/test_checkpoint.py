@@ -349,3 +349,27 @@ def test_restore_onto_another_mesh_and_one_device(tmp_path):
     expected = float(np.arange(128.0).sum())
     assert f"RESTORED other mesh {expected}" in result.stdout
     assert f"RESTORED single device {expected}" in result.stdout
+
+
+def test_checkpoint_from_before_a_new_optional_state_field_still_restores(tmp_path):
+    """TrainState gained `router_bias` (None for most models); older checkpoints lack it."""
+    from moejax.train.step import TrainState
+
+    @struct.dataclass
+    class OldTrainState:  # TrainState as written by earlier versions
+        step: jax.Array
+        params: dict
+        opt_state: tuple
+
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    opt_state = optax.adam(1e-3).init(params)
+    old = OldTrainState(step=jnp.array(4, jnp.int32), params=params, opt_state=opt_state)
+    ckpt = Checkpointer(str(tmp_path), save_every=1, async_save=False)
+    ckpt.save(4, old, force=True)
+    target = TrainState(step=jnp.array(0, jnp.int32), params={"w": jnp.zeros((2, 3))},
+                        opt_state=optax.adam(1e-3).init({"w": jnp.zeros((2, 3))}))
+    state, _, _ = ckpt.restore(4, target=target)
+    assert isinstance(state, TrainState) and state.router_bias is None
+    assert int(state.step) == 4
+    np.testing.assert_array_equal(state.params["w"], params["w"])
+    ckpt.close()

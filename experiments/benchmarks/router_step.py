@@ -14,7 +14,7 @@ so load from other processes hits every case alike.
 
 By default every case starts from its random init, where a top-p router is nearly uniform
 and takes more experts per token than after training. `--runs DIR` restores each case from
-the latest checkpoint of `DIR/<config name>` (e.g. `runs/top_p` written by
+the latest checkpoint of `DIR/<config name>` (cases without overrides; e.g. `runs/top_p` by
 `python -m moejax.train --config=configs/top_p.py --workdir=runs/top_p`) where one exists,
 so the step is timed with the trained router (`restored_step` in the JSON).
 
@@ -92,10 +92,12 @@ def fixed_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str
 
 
 def initial_state(case: str, exp, runs: str | None):
-    """(state, restored step): the latest checkpoint of `runs/<config name>`, else init."""
+    """(state, restored step): the latest checkpoint of `runs/<config name>`, else init.
+    Cases that override their config file (another model than that run's) start at init."""
     init = lambda: exp.init_fn(jax.random.PRNGKey(0))  # noqa: E731
-    workdir = Path(runs or "") / Path(CASES[case][0]).stem
-    if runs is None or not (workdir / "checkpoints").is_dir():
+    path, overrides = CASES[case]
+    workdir = Path(runs or "") / Path(path).stem
+    if runs is None or overrides or not (workdir / "checkpoints").is_dir():
         return init(), 0
     # keep: large, so opening the manager can never prune anything of the user's run.
     ckpt = Checkpointer(str(workdir), keep=1 << 30, save_every=1 << 30, async_save=False)

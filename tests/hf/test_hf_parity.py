@@ -23,7 +23,6 @@ import moejax.hf as mhf  # noqa: E402
 from moejax.config import ConfigError  # noqa: E402
 from moejax.generate import generate  # noqa: E402
 from moejax.models.transformer import Transformer  # noqa: E402
-from moejax.moe.routers import ROUTERS  # noqa: E402
 
 TOL = 1e-4
 SMALL = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
@@ -54,7 +53,7 @@ CONFIGS = {
         SMALL, **MLA, intermediate_size=48, q_lora_rank=None, first_k_dense_replace=2,
         rope_interleave=False, tie_word_embeddings=True)),
 }
-NEEDS_SIGMOID_BIAS = {
+MOE_GROUPS = {  # DeepSeek-V3 MoE layers: the sigmoid_bias router
     # first_k_dense_replace > 0, n_group > 1, routed_scaling_factor != 1, shared experts.
     "deepseek_v3_moe_groups": ("DeepseekV3Config", dict(
         SMALL, **MLA, num_hidden_layers=3, intermediate_size=48, q_lora_rank=16,
@@ -62,13 +61,7 @@ NEEDS_SIGMOID_BIAS = {
         topk_group=2, moe_intermediate_size=16, n_shared_experts=1, routed_scaling_factor=2.5,
         norm_topk_prob=True)),
 }
-ALL = {**CONFIGS, **NEEDS_SIGMOID_BIAS}
-
-
-def _params(name):
-    if name in NEEDS_SIGMOID_BIAS and "sigmoid_bias" not in ROUTERS:
-        pytest.skip("DeepSeek-V3 MoE layers need the sigmoid_bias router (issue 3 part 1)")
-    return name
+ALL = {**CONFIGS, **MOE_GROUPS}
 
 
 def build_hf(name, seed=0):
@@ -104,7 +97,7 @@ IDS = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (2, 9))
 
 @pytest.fixture(scope="module", params=sorted(ALL))
 def saved(request, tmp_path_factory):
-    name = _params(request.param)
+    name = request.param
     model = build_hf(name)
     path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path)
@@ -185,7 +178,6 @@ def test_export_of_a_moejax_initialised_model(tmp_path):
 @pytest.mark.parametrize("name", ["mixtral_top2", "qwen2_moe_gate_norm_off",
                                   "deepseek_v3_mla_qlora", "deepseek_v3_moe_groups"])
 def test_greedy_generate_matches_hf(name, tmp_path):
-    _params(name)
     model = build_hf(name, seed=4)
     model.save_pretrained(tmp_path)
     mj_model, variables = mhf.from_pretrained(str(tmp_path))

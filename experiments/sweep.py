@@ -12,7 +12,6 @@ any, then trains each in `<workdir>/<variant>` and prints a table of final metri
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -20,18 +19,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moejax.config import validate  # noqa: E402
-
-
-def load_config_module(path: str):
-    spec = importlib.util.spec_from_file_location("sweep_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from moejax.config.files import load_config_file  # noqa: E402
 
 
 def variants(config_path: str, sweep: str, arg: str | None = None):
     """[(name, overrides, config)] for `sweep_<sweep>` of the config file at `config_path`."""
-    module = load_config_module(config_path)
+    module = load_config_file(config_path)
     fn = getattr(module, f"sweep_{sweep}", None)
     if fn is None:
         names = sorted(n[len("sweep_"):] for n in dir(module) if n.startswith("sweep_"))

@@ -42,8 +42,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.benchmarks.moe_layer import device_name, measure, sig, summary  # noqa: E402
-from experiments.sweep import load_config_module  # noqa: E402
 from moejax.config import validate  # noqa: E402
+from moejax.config.files import load_config_file  # noqa: E402
 from moejax.sharding.mesh import make_mesh  # noqa: E402
 from moejax.sharding.partitioning import shard_batch  # noqa: E402
 from moejax.train.checkpoint import Checkpointer  # noqa: E402
@@ -69,7 +69,7 @@ def log(msg: str) -> None:
 
 def make_config(case: str, batch: int, seq_len: int):
     path, overrides = CASES[case]
-    c = load_config_module(str(REPO / "configs" / path)).get_config()
+    c = load_config_file(REPO / "configs" / path).get_config()
     c.data.update(global_batch_size=batch, seq_len=seq_len)
     for key, value in overrides.items():
         section, field = key.split(".")

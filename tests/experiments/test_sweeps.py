@@ -6,6 +6,7 @@ import pytest
 from testing_utils import REPO
 
 from moejax.config import validate
+from moejax.config.files import load_config_file
 
 spec = importlib.util.spec_from_file_location("sweep_runner", REPO / "experiments" / "sweep.py")
 sweep = importlib.util.module_from_spec(spec)
@@ -14,7 +15,7 @@ spec.loader.exec_module(sweep)
 SWEEPS = []
 for name in sorted(os.listdir(REPO / "configs")):
     if name.endswith(".py"):
-        module = sweep.load_config_module(str(REPO / "configs" / name))
+        module = load_config_file(REPO / "configs" / name)
         SWEEPS += [(name, n[len("sweep_"):]) for n in dir(module) if n.startswith("sweep_")]
 
 

@@ -51,6 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import pallas_kernels  # noqa: E402
+from experiments.benchmarks.timing import device_name, measure  # noqa: E402
 from moejax.moe import grouped_matmul  # noqa: E402
 
 TOKENS = 16384
@@ -152,19 +153,6 @@ def tgmm_fns(platform: str, skip: set[str]) -> tuple[dict[str, Callable], dict[s
     return fns, skipped
 
 
-def measure(steps: dict[str, Callable], repeats: int) -> dict[str, list[float]]:
-    """Milliseconds per call; repeats interleaved and rotated so load hits every case alike."""
-    names = list(steps)
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for i in range(len(names)):
-            name = names[(i + r) % len(names)]
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
@@ -230,11 +218,6 @@ def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped:
             f"{name} {e['ms']:.1f}ms ({e['ratio_to_dense']:.2f}x dense)"
             for name, e in entries.items()))
     return out
-
-
-def device_name() -> str:
-    dev = jax.devices()[0]
-    return f"{dev.platform} ({dev.device_kind}, {len(jax.devices())} device(s))"
 
 
 def run(args) -> dict:

@@ -70,6 +70,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.benchmarks.timing import device_name, measure, sig, summary  # noqa: E402
 from moejax.models.config import ModelConfig  # noqa: E402
 from moejax.models.layers import DenseMLP  # noqa: E402
 from moejax.moe.config import MoEConfig  # noqa: E402
@@ -209,37 +210,6 @@ def reference_skip_reason(shape: Shape, dense_call_s: float, repeats: int,
             f"FLOPs) > --reference-budget-s {budget_s:g}")
 
 
-# ------------------------------------------------------------------------------ timing
-def measure(steps: dict[str, Callable], repeats: int) -> dict[str, list[float]]:
-    """Milliseconds per call, repeats interleaved and rotated across the cases."""
-    names = list(steps)
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for i in range(len(names)):
-            name = names[(i + r) % len(names)]
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-        log(f"repeat {r + 1}/{repeats}: " + ", ".join(
-            f"{n}={times[n][-1]:.1f}ms" for n in names))
-    return times
-
-
-def sig(x: float, digits: int = 4) -> float:
-    """x rounded to `digits` significant digits (ratios span 1e-3 to 1e2)."""
-    return float(f"{x:.{digits}g}")
-
-
-def summary(samples: list[float]) -> dict:
-    return {"ms": round(statistics.median(samples), 3), "ms_min": round(min(samples), 3)}
-
-
-def device_name() -> str:
-    dev = jax.devices()[0]
-    return f"{dev.platform} ({dev.device_kind}, {len(jax.devices())} device(s), " \
-           f"{os.cpu_count()} host cores)"
-
-
 def load_hf_peer():
     """The torch peer module, or the reason it cannot run (torch/transformers missing)."""
     try:
@@ -335,7 +305,7 @@ def run(shape: Shape, dispatchers: list[str], repeats: int, skip: set[str],
                 log(f"HF peer failed: {hf_info['reason']}")
 
     log(f"timing {len(steps)} cases x {repeats} repeats")
-    times = measure(steps, repeats)
+    times = measure(steps, repeats, log)
     report = assemble(shape, times, compile_s, first_call_s, metrics, hf_info, repeats)
     if skipped:
         report["skipped"] = skipped

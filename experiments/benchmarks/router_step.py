@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import this chec
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.benchmarks.moe_layer import device_name, measure, sig, summary  # noqa: E402
+from experiments.benchmarks.timing import device_name, measure, sig, summary  # noqa: E402
 from moejax.config import validate  # noqa: E402
 from moejax.config.files import load_config_file  # noqa: E402
 from moejax.sharding.mesh import make_mesh  # noqa: E402
@@ -130,7 +130,7 @@ def run(cases: list[str], batch: int, seq_len: int, repeats: int,
         log(f"{case}: compiled and ran one step in {compile_s[case]:.1f}s, "
             f"{experts[case]:.2f} experts/token"
             + (f" (restored step {restored[case]})" if restored[case] else " (random init)"))
-    times = measure(steps, repeats)
+    times = measure(steps, repeats, log)
     tokens = batch * seq_len
     base = times.get(BASELINE)
     results = {}

@@ -121,12 +121,17 @@ def coefficient_of_variation(load: jax.Array) -> jax.Array:
 
 
 def routing_metrics(probs: jax.Array, expert_ids: jax.Array, weights: jax.Array,
-                    mask: jax.Array | None = None) -> dict[str, jax.Array]:
+                    mask: jax.Array | None = None, load: jax.Array | None = None,
+                    entropy: jax.Array | None = None) -> dict[str, jax.Array]:
     """Per-layer statistics every router reports: load [E], load CV, entropy, experts/token
     (mean, and `experts_per_token_hist[j]`: the fraction of tokens that use j experts,
-    j = 0..k)."""
+    j = 0..k). `load` (`expert_load`) and `entropy` (`router_entropy`) may be passed in when
+    the caller already computed them for its losses."""
     e, k = probs.shape[-1], expert_ids.shape[-1]
-    load = expert_load(expert_ids, e, mask, weights)
+    if load is None:
+        load = expert_load(expert_ids, e, mask, weights)
+    if entropy is None:
+        entropy = router_entropy(probs, mask)
     m = _mask(probs.shape[0], mask)
     per_token = jnp.sum((weights > 0).astype(jnp.float32), axis=-1)
     hist = jnp.zeros((k + 1,), jnp.float32).at[per_token.astype(jnp.int32)].add(m)
@@ -135,6 +140,6 @@ def routing_metrics(probs: jax.Array, expert_ids: jax.Array, weights: jax.Array,
         "load": load,
         "load_cv": coefficient_of_variation(load),
         "max_load": jnp.max(load) * e,  # 1 = balanced, E = everything on one expert
-        "router_entropy": router_entropy(probs, mask),
+        "router_entropy": entropy,
         "experts_per_token": jnp.sum(per_token * m) / jnp.maximum(jnp.sum(m), 1.0),
     }

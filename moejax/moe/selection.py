@@ -97,7 +97,7 @@ def _finish(cfg: MoEConfig, logits, probs, ids, weights, mask, seq_len) -> Selec
              ("z_loss", cfg.z_loss_coef, lambda: z),
              ("entropy", cfg.entropy_coef, lambda: entropy))
     aux = {name: coef * value() for name, coef, value in terms if coef}
-    metrics = routing_metrics(probs, ids, weights, mask)
+    metrics = routing_metrics(probs, ids, weights, mask, load=f, entropy=entropy)
     metrics.update(balance_loss=balance, z_loss=z)
     return Selection(ids.astype(jnp.int32), weights, aux, metrics)
 

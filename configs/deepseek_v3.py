@@ -22,38 +22,25 @@ Read `train/moe/load_cv` and `train/moe/max_load` (balance without a balance los
 `train/moe/router_bias_abs_mean` (how far the biases moved) and `eval/loss`.
 Sweep: `sweep_balancing` (aux-loss-free vs the auxiliary-loss baseline vs none).
 """
+from pathlib import Path
+
 from moejax.config.args import parse_arg
-from moejax.config.base import default_config
+from moejax.config.files import load_config_file
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, size="tiny", steps=0)  # steps=0: the size's default
-    c = default_config()
-    c.train.steps = arg.steps or {"tiny": 300, "pod": 100_000}.get(arg.size, 0)
+    size = parse_arg(arg, size="tiny", steps=0).size
+    # deepseekmoe.py's model, data, train and mesh (tiny or pod), with V3's routing.
+    c = load_config_file(Path(__file__).with_name("deepseekmoe.py")).get_config(arg)
     # DeepSeek's own training/inference code masks the dropped groups with -inf.
     c.moe.update(router="sigmoid_bias", renormalize=True, group_mask="neg_inf",
                  bias_update_rate=1e-3, seq_balance_coef=1e-4, balance_coef=0.0,
                  z_loss_coef=0.0)
-    if arg.size == "tiny":
-        c.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=640,
-                       first_k_dense=1)
-        c.moe.update(num_experts=16, top_k=4, d_expert=128, n_shared=1, n_group=4,
-                     topk_group=2, routed_scaling_factor=1.0, gmm_tile=128)
-        c.data.update(seq_len=256, global_batch_size=16)
-        c.train.update(learning_rate=3e-3, warmup_steps=min(30, c.train.steps), eval_every=100,
-                       eval_batches=8, checkpoint_every=100, log_every=10)
-    elif arg.size == "pod":
-        c.model.update(vocab_size=102400, d_model=2048, num_layers=27, num_heads=16,
-                       num_kv_heads=16, d_ff=10944, first_k_dense=1, dtype="bfloat16",
-                       remat="dots")
-        c.moe.update(num_experts=64, top_k=6, d_expert=1408, n_shared=2, n_group=8,
-                     topk_group=4, routed_scaling_factor=2.5)
-        c.data.update(seq_len=4096, global_batch_size=4608)
-        c.train.update(learning_rate=4.2e-4, warmup_steps=2000, eval_every=1000,
-                       eval_batches=64, checkpoint_every=1000)
-        c.mesh.update(data=-1, fsdp=16, expert=8)
-    else:
-        raise ValueError(f"size={arg.size!r}: choose tiny or pod")
+    if size == "tiny":  # 4 groups of 4 experts, top-2 groups
+        c.moe.update(n_group=4, topk_group=2)
+    else:  # pod: DeepSeek-V2-Lite's 27 layers; a group per expert-parallel device
+        c.model.num_layers = 27
+        c.moe.update(n_group=8, topk_group=4, routed_scaling_factor=2.5)
     return c
 
 

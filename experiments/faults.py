@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import glob
 import json
 import os
 import random
@@ -64,6 +63,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from moejax.train.faults import CHECKPOINT_CORRUPTIONS  # noqa: E402
 
 STEPS, EVERY, MAX_BAD = 16, 4, 3
 CORPUS_BYTES = 200_000
@@ -258,16 +259,9 @@ def scenario_nan_stop(runner, reference, rng, name: str, reference_dir: str,
             "detail": f"NaN at steps {bad}: stopped, kept step {good[-1] if good else None}"}
 
 
-def _truncate(path: str) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-
-
-CORRUPTIONS = {
-    "truncated arrays": lambda d: [_truncate(p) for p in glob.glob(f"{d}/state/d/*")],
-    "deleted manifest": lambda d: os.remove(f"{d}/state/manifest.ocdbt"),
-    "truncated tree metadata": lambda d: _truncate(f"{d}/state/_METADATA"),
-}
+# The fault table's rotation: the state corruptions (not the data-iterator one).
+CORRUPTIONS = {name: CHECKPOINT_CORRUPTIONS[name]
+               for name in ("truncated arrays", "deleted manifest", "truncated tree metadata")}
 
 
 def _snapshot(root: str) -> dict[str, int]:

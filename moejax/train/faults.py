@@ -32,6 +32,7 @@ Testing hooks (environment variables read by the trainer; nothing in a config en
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import signal
 from collections.abc import Sequence
@@ -165,3 +166,20 @@ class BadStepGuard:
                 if latest_checkpoint is not None else "No checkpoint was written yet")
         return (f"{reason}. {kept}. Lower train.learning_rate, enable train.grad_clip, or "
                 f"inspect the batches of those steps.")
+
+
+# --- Checkpoint damage, for the fault tests and experiments/faults.py ---------------------
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+# name -> function damaging one checkpoint step directory in a way restore must detect.
+CHECKPOINT_CORRUPTIONS = {
+    "truncated arrays": lambda d: [_truncate(p) for p in glob.glob(f"{d}/state/d/*")],
+    "deleted manifest": lambda d: os.remove(f"{d}/state/manifest.ocdbt"),
+    "truncated tree metadata": lambda d: _truncate(f"{d}/state/_METADATA"),
+    "truncated data json": lambda d: _truncate(f"{d}/data/metadata"),
+}

@@ -1,6 +1,5 @@
 """Checkpointer: round trips, keep/save_every policies, async saves, resharding, errors."""
 
-import glob
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 from flax import struct
 
 from moejax.train.checkpoint import Checkpointer, CheckpointError
+from moejax.train.faults import CHECKPOINT_CORRUPTIONS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -225,30 +225,19 @@ def test_restore_missing_step_lists_available_steps(tmp_path):
             ckpt.restore(7, target=abstract(state))
 
 
-def _truncate(path):
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-
-
-CORRUPTIONS = {
-    "truncated array data": lambda d: [_truncate(p) for p in glob.glob(f"{d}/state/d/*")],
-    "deleted manifest": lambda d: os.remove(f"{d}/state/manifest.ocdbt"),
-    "truncated tree metadata": lambda d: _truncate(f"{d}/state/_METADATA"),
-    "truncated data json": lambda d: _truncate(f"{d}/data/metadata"),
-}
 
 
 # Orbax leaves read coroutines of the failed restore behind; their "Event loop is closed"
 # noise is reported by pytest as unraisable exceptions, not by our code.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+@pytest.mark.parametrize("corruption", list(CHECKPOINT_CORRUPTIONS))
 def test_corrupt_checkpoint_raises_and_earlier_steps_still_restore(tmp_path, corruption):
     states = {step: make_state(seed=step) for step in (1, 2, 3)}
     with Checkpointer(tmp_path, save_every=1, async_save=False) as ckpt:
         for step, state in states.items():
             ckpt.save(step, state, data_state={"position": step})
         step_dir = ckpt.step_dir(3)
-        CORRUPTIONS[corruption](step_dir)
+        CHECKPOINT_CORRUPTIONS[corruption](step_dir)
 
         with pytest.raises(CheckpointError) as info:
             ckpt.restore(target=abstract(states[1]))

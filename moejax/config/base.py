@@ -7,6 +7,7 @@ import dataclasses
 import ml_collections
 
 from moejax.data.config import DataConfig
+from moejax.lora.config import LoRAConfig
 from moejax.models.config import ModelConfig
 from moejax.moe.config import MoEConfig
 from moejax.sharding.config import MeshConfig
@@ -18,6 +19,7 @@ SECTIONS = {
     "data": DataConfig,
     "train": TrainConfig,
     "mesh": MeshConfig,
+    "lora": LoRAConfig,
 }
 
 

@@ -11,6 +11,7 @@ import math
 from moejax.config.base import SECTIONS
 from moejax.config.sections import ConfigError
 from moejax.data.config import DataConfig
+from moejax.lora.config import LORA_METHODS, LoRAConfig
 from moejax.models.config import ATTENTIONS, DTYPES, REMAT_POLICIES, ModelConfig
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
@@ -22,6 +23,7 @@ from moejax.sharding.mesh import resolve_mesh_shape
 from moejax.train.config import TrainConfig
 from pallas_kernels.backend import BACKENDS as KERNEL_BACKENDS
 
+OPTIONAL_SECTIONS = ("lora",)
 BYTE_VOCAB = 259  # moejax.data.tokenizer.ByteTokenizer
 
 
@@ -32,6 +34,7 @@ class Sections:
     data: DataConfig
     train: TrainConfig
     mesh: MeshConfig
+    lora: LoRAConfig
 
 
 def _require(ok: bool, message: str) -> None:
@@ -183,6 +186,20 @@ def _check_router(moe: MoEConfig) -> None:
              f"whose probabilities sum to at least top_p (the paper uses 0.4).")
 
 
+def _check_lora(lo: LoRAConfig) -> None:
+    _require(lo.method in LORA_METHODS,
+             f"lora.method={lo.method!r} must be one of {LORA_METHODS}.")
+    for name in ("rank", "num_experts", "top_k"):
+        _require(getattr(lo, name) > 0, f"lora.{name}={getattr(lo, name)} must be positive.")
+    _require(lo.alpha > 0, f"lora.alpha={lo.alpha} must be positive (scale alpha / rank).")
+    _require(lo.top_k <= lo.num_experts,
+             f"lora.top_k={lo.top_k} must be <= lora.num_experts={lo.num_experts}.")
+    patterns = [p.strip() for p in lo.targets.split(",") if p.strip()]
+    _require(bool(patterns) and all("." in p for p in patterns),
+             f"lora.targets={lo.targets!r} must be comma-separated '<module>.<param>' "
+             f"patterns such as 'attn.wq,attn.wv' or 'attn.*,mlp.*'.")
+
+
 def _check_train(t: TrainConfig) -> None:
     _require(t.steps > 0, f"train.steps={t.steps} must be positive.")
     _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be positive.")
@@ -261,20 +278,23 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
 def validate(config, *, num_devices: int | None = None,
              num_processes: int | None = None) -> Sections:
     """Checks the whole tree; `num_devices` defaults to `jax.device_count()`."""
-    missing = [s for s in SECTIONS if s not in config]
+    # Sections added after a run was written (e.g. `lora`) default when absent.
+    missing = [s for s in SECTIONS if s not in config and s not in OPTIONAL_SECTIONS]
     _require(not missing, f"config is missing section(s) {missing}; start from "
              f"moejax.config.default_config() or one of configs/*.py.")
     unknown = [s for s in config.keys() if s not in SECTIONS]
     _require(not unknown, f"config has unknown section(s) {unknown}; valid sections are "
              f"{list(SECTIONS)}.")
     try:
-        built = {name: cls.from_mapping(config[name]) for name, cls in SECTIONS.items()}
+        built = {name: cls.from_mapping(config[name] if name in config else {})
+                 for name, cls in SECTIONS.items()}
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     s = Sections(**built)
     _check_model(s.model)
     _check_moe(s.moe, s.model)
     _check_train(s.train)
+    _check_lora(s.lora)
     _require(s.data.dataset != "moejax_corpus" or s.model.vocab_size >= BYTE_VOCAB,
              f"model.vocab_size={s.model.vocab_size} is smaller than the byte tokenizer's "
              f"{BYTE_VOCAB} ids; set model.vocab_size >= {BYTE_VOCAB}.")

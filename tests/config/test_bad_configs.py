@@ -114,6 +114,14 @@ BAD = [
     ("mesh.tensor", 2, "uses 2 devices but 1 are available"),
     ("mesh.rules", (("embed", "model"),), "mesh.rules maps 'embed' to unknown mesh axis"),
     ("mesh.rules", (("embed",),), "must be a (logical_axis, mesh_axes) pair"),
+    # lora
+    ("lora.method", "qlora", "lora.method='qlora' must be one of"),
+    ("lora.targets", "wq", "lora.targets='wq' must be comma-separated '<module>.<param>'"),
+    ("lora.rank", 0, "lora.rank=0 must be positive"),
+    ("lora.alpha", -1.0, "lora.alpha=-1.0 must be positive"),
+    ("lora.rslora", "yes", "config.lora.rslora='yes' must be a bool"),
+    ("lora.num_experts", 0, "lora.num_experts=0 must be positive"),
+    ("lora.top_k", 3, "lora.top_k=3 must be <= lora.num_experts=1"),
 ]
 
 

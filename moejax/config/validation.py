@@ -295,6 +295,10 @@ def validate(config, *, num_devices: int | None = None,
     _check_moe(s.moe, s.model)
     _check_train(s.train)
     _check_lora(s.lora)
+    _require(s.lora.method == "none" or s.model.attention != "mla"
+             or not any(p.startswith("attn.") for p in s.lora.targets.split(",")),
+             f"lora.targets={s.lora.targets!r} adapts attention projections, which "
+             f"model.attention='mla' does not support; target 'mlp.*' / 'shared.*' only.")
     _require(s.data.dataset != "moejax_corpus" or s.model.vocab_size >= BYTE_VOCAB,
              f"model.vocab_size={s.model.vocab_size} is smaller than the byte tokenizer's "
              f"{BYTE_VOCAB} ids; set model.vocab_size >= {BYTE_VOCAB}.")

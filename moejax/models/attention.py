@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.lora.adapter import add_delta, lora_delta
+from moejax.lora.config import LoRAConfig
 from moejax.models.config import ModelConfig
 from moejax.models.layers import dtype_of, logical_param, rotary_embedding
 
@@ -62,6 +64,7 @@ def cached(module: nn.Module, entries: dict[str, jax.Array]):
 class Attention(nn.Module):
     cfg: ModelConfig
     decode: bool = False
+    lora: LoRAConfig | None = None  # adapters on the targeted projections (moejax.lora)
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
@@ -75,9 +78,13 @@ class Attention(nn.Module):
         wv = logical_param(self, "wv", (d, kvh, hd), ("embed", "heads", "kv"), cfg.init_std, pdt)
         wo = logical_param(self, "wo", (h, hd, d), ("heads", "kv", "embed"), out_std, pdt)
         x = x_BxLxD.astype(dt)
-        q = jnp.einsum("bld,dhk->blhk", x, wq.astype(dt))
-        k = jnp.einsum("bld,dhk->blhk", x, wk.astype(dt))
-        v = jnp.einsum("bld,dhk->blhk", x, wv.astype(dt))
+        adapt = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        q = add_delta(jnp.einsum("bld,dhk->blhk", x, wq.astype(dt)),
+                      lora_delta(self, self.lora, "wq", x, (h, hd), **adapt))
+        k = add_delta(jnp.einsum("bld,dhk->blhk", x, wk.astype(dt)),
+                      lora_delta(self, self.lora, "wk", x, (kvh, hd), **adapt))
+        v = add_delta(jnp.einsum("bld,dhk->blhk", x, wv.astype(dt)),
+                      lora_delta(self, self.lora, "wv", x, (kvh, hd), **adapt))
         if cfg.attention_bias:  # Qwen2: q/k/v biases, zero-initialised
             init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
             q = q + self.param("bq", init, (h, hd), pdt).astype(dt)
@@ -92,4 +99,6 @@ class Attention(nn.Module):
         if mask is None:
             mask = attention_mask(segment_ids_BxL)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # GQA: kv heads are repeated
-        return jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
+        y = jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
+        flat = out.reshape(out.shape[:2] + (h * hd,))
+        return add_delta(y, lora_delta(self, self.lora, "wo", flat, (d,), **adapt))

@@ -12,6 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.lora.adapter import add_delta, lora_delta
+from moejax.lora.config import LoRAConfig
+
 
 def dtype_of(name: str):
     return jnp.dtype(name)
@@ -67,6 +70,7 @@ class DenseMLP(nn.Module):
     out_std: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    lora: LoRAConfig | None = None  # adapters on the targeted projections (moejax.lora)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -77,5 +81,10 @@ class DenseMLP(nn.Module):
         w_up = logical_param(self, "w_up", (d, f), ("embed", "mlp"), std, pdt)
         w_down = logical_param(self, "w_down", (f, d), ("mlp", "embed"), out_std, pdt)
         x = x.astype(dt)
-        h = nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
-        return h @ w_down.astype(dt)
+        adapt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = add_delta(x @ w_gate.astype(dt), lora_delta(self, self.lora, "w_gate", x, (f,),
+                                                           **adapt))
+        up = add_delta(x @ w_up.astype(dt), lora_delta(self, self.lora, "w_up", x, (f,), **adapt))
+        h = nn.silu(gate) * up
+        return add_delta(h @ w_down.astype(dt),
+                         lora_delta(self, self.lora, "w_down", h, (d,), **adapt))

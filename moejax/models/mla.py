@@ -33,6 +33,7 @@ LATENT_NORM_EPS = 1e-6
 class MLAttention(nn.Module):
     cfg: ModelConfig
     decode: bool = False
+    lora: object = None  # adapters are not applied to MLA's projections (validation says so)
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.lora.config import LoRAConfig
 from moejax.models.attention import Attention
 from moejax.models.config import ModelConfig
 from moejax.models.layers import DenseMLP, RMSNorm, dtype_of, logical_param
@@ -51,6 +52,7 @@ class Block(nn.Module):
     model: ModelConfig
     moe: MoEConfig | None = None  # None: dense FFN
     decode: bool = False  # attention keeps a key/value cache (moejax.generate)
+    lora: LoRAConfig | None = None  # adapters on the targeted projections (moejax.lora)
 
     @nn.compact
     def __call__(self, carry, ctx):
@@ -58,16 +60,18 @@ class Block(nn.Module):
         segment_ids, positions, shared_router = ctx
         m = self.model
         norm = dict(eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype)
-        attn = ATTENTION[m.attention](m, self.decode, name="attn")
+        attn = ATTENTION[m.attention](m, self.decode, self.lora, name="attn")
         h = attn(RMSNorm(**norm, name="attn_norm")(x), segment_ids, positions)
         x = x + h.astype(x.dtype)
         h = RMSNorm(**norm, name="ffn_norm")(x)
         if self.moe is None:
             out_std = m.init_std / (2 * m.num_layers) ** 0.5
-            y = DenseMLP(m.d_ff, m.init_std, out_std, m.dtype, m.param_dtype, name="mlp")(h)
+            y = DenseMLP(m.d_ff, m.init_std, out_std, m.dtype, m.param_dtype, self.lora,
+                         name="mlp")(h)
             outputs = ({}, {}, {})
         else:
-            y, router_state, aux, metrics, per_token = MoELayer(self.moe, m, name="moe")(
+            y, router_state, aux, metrics, per_token = MoELayer(self.moe, m, self.lora,
+                                                                name="moe")(
                 h, router_state, segment_ids > 0, shared_router)
             outputs = (aux, metrics, per_token)
         return (x + y.astype(x.dtype), router_state), outputs
@@ -88,13 +92,13 @@ def _scan(cls, length: int):
 
 
 def _stack(cls, length: int, model: ModelConfig, moe: MoEConfig | None, name: str,
-           decode: bool = False):
+           decode: bool = False, lora: LoRAConfig | None = None):
     """`length` blocks as one scanned module `name`, or (`scan_layers=False`) a loop over
     modules `name_0 .. name_{length-1}`; either way `(carry, ctx) -> (carry, stacked outputs)`.
     Must be called inside a compact method (the loop's modules bind to the caller)."""
     if model.scan_layers:
-        return _scan(cls, length)(model, moe, decode, name=name)
-    blocks = [cls(model, moe, decode, name=f"{name}_{i}") for i in range(length)]
+        return _scan(cls, length)(model, moe, decode, lora, name=name)
+    blocks = [cls(model, moe, decode, lora, name=f"{name}_{i}") for i in range(length)]
 
     def run(carry, ctx):
         outputs = []
@@ -126,19 +130,21 @@ class MoEPeriod(nn.Module):
     model: ModelConfig
     moe: MoEConfig
     decode: bool = False
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, carry, ctx):
         block = _block_cls(self.model)
         carry, _ = _stack(block, self.model.moe_every - 1, self.model, None, "dense",
-                          self.decode)(carry, ctx)
-        return block(self.model, self.moe, self.decode, name="moe_block")(carry, ctx)
+                          self.decode, self.lora)(carry, ctx)
+        return block(self.model, self.moe, self.decode, self.lora, name="moe_block")(carry, ctx)
 
 
 class Transformer(nn.Module):
     model: ModelConfig
     moe: MoEConfig
     decode: bool = False  # keep a key/value cache in the `cache` collection (moejax.generate)
+    lora: LoRAConfig | None = None  # low-rank adapters (moejax.lora); None or "none": off
 
     @nn.compact
     def __call__(self, inputs_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
@@ -167,14 +173,15 @@ class Transformer(nn.Module):
         num_dense_prefix = m.num_layers if m.moe_every == 0 else m.first_k_dense
         if num_dense_prefix:
             carry, _ = _stack(block, num_dense_prefix, m, None, "dense_layers",
-                              self.decode)(carry, ctx)
+                              self.decode, self.lora)(carry, ctx)
         aux, metrics, per_token = {}, {}, {}
         if m.num_moe_layers:
             if m.moe_every == 1:
-                stack = _stack(block, m.num_moe_layers, m, self.moe, "moe_layers", self.decode)
+                stack = _stack(block, m.num_moe_layers, m, self.moe, "moe_layers", self.decode,
+                               self.lora)
             else:
                 stack = _stack(MoEPeriod, m.num_moe_layers, m, self.moe, "moe_periods",
-                               self.decode)
+                               self.decode, self.lora)
             carry, (aux, metrics, per_token) = stack(carry, ctx)
 
         x = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")(carry[0])

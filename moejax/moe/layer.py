@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.lora.config import LoRAConfig
 from moejax.models.config import ModelConfig
 from moejax.models.layers import DenseMLP, dtype_of, logical_param
 from moejax.moe.config import MoEConfig
@@ -35,6 +36,7 @@ def shared_width(cfg: MoEConfig) -> int:
 class MoELayer(nn.Module):
     cfg: MoEConfig
     model: ModelConfig
+    lora: LoRAConfig | None = None  # adapters on the shared experts' projections ("shared.*")
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, router_state: Any = None,
@@ -51,7 +53,7 @@ class MoELayer(nn.Module):
         y, dispatch_metrics = dispatch(x, routing, expert_fn, cfg)
         if cfg.n_shared:
             shared = DenseMLP(shared_width(cfg), m.init_std, out_std, m.dtype, m.param_dtype,
-                              name="shared")(x)
+                              self.lora, name="shared")(x)
             if cfg.shared_gate:  # Qwen2-MoE: sigmoid(x . w_gate) scales the shared output
                 w = logical_param(self, "shared_gate", (d,), ("embed",), m.init_std,
                                   dtype_of(m.param_dtype))

@@ -19,6 +19,11 @@ DEFAULT_RULES = (
     ("expert", "expert"),
     ("layers", None),
     ("norm", None),
+    # Low-rank adapters (moejax.lora) are small: replicated.
+    ("lora_experts", None),
+    ("lora_in", None),
+    ("lora_rank", None),
+    ("lora_out", None),
 )
 
 

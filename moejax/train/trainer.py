@@ -197,7 +197,7 @@ class Experiment:
 
 
 def build_experiment(s: Sections, mesh) -> Experiment:
-    model = Transformer(s.model, s.moe)
+    model = Transformer(s.model, s.moe, lora=None if s.lora.method == "none" else s.lora)
     tx = make_optimizer(s.train)
     schedule = learning_rate_schedule(s.train)
     dummy = jnp.zeros((1, s.data.seq_len), jnp.int32)

@@ -61,7 +61,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.moe.config import MoEConfig
 from moejax.moe.experts import ExpertFn
-from moejax.moe.grouped_matmul import varying_axes, gmm
+from moejax.moe.grouped_matmul import gmm, varying_axes
 from moejax.moe.permute import permute, sort_by_expert, unpermute
 from moejax.moe.placement import greedy_placement, holders, owners, replica_slot
 from moejax.moe.routing import Routing

@@ -15,6 +15,7 @@ from moejax.lora.config import LORA_METHODS, LoRAConfig
 from moejax.models.config import ATTENTIONS, DTYPES, REMAT_POLICIES, ModelConfig
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
+from moejax.moe.expert_parallel import EP_EXCHANGES
 from moejax.moe.grouped_matmul import IMPLS
 from moejax.moe.routers import ROUTERS
 from moejax.moe.selection import GROUP_MASK_FILL, SELECTIONS, selection_rule
@@ -135,6 +136,9 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
              f"moe.ep_capacity_factor={moe.ep_capacity_factor} must be >= 0 (0 = dropless "
              f"exchange buffers for expert_parallel/fssdp; c > 0 keeps ceil(c T k / mesh.expert) "
              f"rows per destination and drops the rest).")
+    _require(moe.ep_exchange in EP_EXCHANGES,
+             f"moe.ep_exchange={moe.ep_exchange!r} must be one of {EP_EXCHANGES} ('ragged' "
+             f"needs a backend that lowers jax.lax.ragged_all_to_all: GPU or TPU, not CPU).")
     _require(moe.fssdp_slots >= 0,
              f"moe.fssdp_slots={moe.fssdp_slots} must be >= 0 (replica slots per device for "
              f"the fssdp dispatcher; 0 = plain expert parallelism).")

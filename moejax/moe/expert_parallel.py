@@ -22,8 +22,12 @@ split over the batch axes (data, fsdp, expert). On each device, inside `jax.shar
    them with their group ids. B = T_local * k by default, the bound that never overflows
    (dropless); `moe.ep_capacity_factor` = c > 0 sets B = ceil(c T_local k / P) and drops, and
    counts (`dropped_fraction`), what overflows a buffer (last groups of a destination first).
-   `jax.lax.ragged_all_to_all` would avoid the padding but XLA:CPU has no lowering for it
-   ("HLO opcode 'ragged-all-to-all' is not supported"), so the padded form is used everywhere;
+   `moe.ep_exchange`: "padded" moves the whole [P, B] buffers with `all_to_all`; "ragged"
+   moves only each buffer's filled rows with `jax.lax.ragged_all_to_all` into the same
+   [P, B] layout on the receiver (same memory, less traffic); "auto" is ragged on GPU/TPU
+   and padded on CPU, whose XLA has no lowering for it ("HLO opcode 'ragged-all-to-all' is
+   not supported"). The ragged path is checked on CPU only against an emulation of the
+   documented `ragged_all_to_all` semantics (tests/moe/test_expert_parallel.py);
 5. local compute: the received rows are sorted by group (E/P owned experts, then the S
    slots) and run through the grouped matmul (`moejax.moe.grouped_matmul.gmm`) on
    [own experts; replicas]; padding rows cost no FLOPs (the tile loop stops at the last group);
@@ -61,13 +65,14 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.moe.config import MoEConfig
 from moejax.moe.experts import ExpertFn
-from moejax.moe.grouped_matmul import gmm, varying_axes
+from moejax.moe.grouped_matmul import gmm, vary_like, varying_axes
 from moejax.moe.permute import permute, sort_by_expert, unpermute
 from moejax.moe.placement import greedy_placement, holders, owners, replica_slot
 from moejax.moe.routing import Routing
 
 EXPERT_AXIS = "expert"
 TOKEN_AXES = ("data", "fsdp", "expert")  # the mesh axes of the default `batch` rule
+EP_EXCHANGES = ("auto", "padded", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,7 @@ class _Group:
     axis: str | None
     size: int
     metric_axes: tuple[str, ...]
+    ragged: bool = False
 
     def index(self):
         return jnp.zeros((), jnp.int32) if self.axis is None else jax.lax.axis_index(self.axis)
@@ -88,6 +94,24 @@ class _Group:
         if self.axis is None:
             return x
         return jax.lax.all_to_all(x, self.axis, 0, 0, tiled=True)
+
+    def exchange(self, buf, send_sizes, fill=0):
+        """buf[P, B, ...] -> [P, B, ...]: row block p goes to device p, arriving as the
+        receiver's block `self.index()`; only the first `send_sizes[p]` rows of each block
+        count (the rest arrive as `fill` when ragged, as sent when padded)."""
+        if self.axis is None or not self.ragged:
+            return self.all_to_all(buf)
+        p, b = buf.shape[:2]
+        flat = buf.reshape((p * b,) + buf.shape[2:])
+        starts = jnp.arange(p, dtype=jnp.int32) * b
+        recv_sizes = self.all_to_all(send_sizes.astype(jnp.int32))
+        # Every operand varies over the axis like `flat` (shard_map's vma check).
+        output, starts, sizes, offsets = (vary_like(a, flat) for a in (
+            jnp.full_like(flat, fill), starts, send_sizes.astype(jnp.int32),
+            jnp.full((p,), self.index() * b, jnp.int32)))
+        out = jax.lax.ragged_all_to_all(flat, output, starts, sizes, offsets,
+                                        vary_like(recv_sizes, flat), axis_name=self.axis)
+        return out.reshape(buf.shape)
 
     def psum(self, x):
         return jax.lax.psum(self._varying(x), self.metric_axes) if self.metric_axes else x
@@ -179,14 +203,15 @@ def _plan(x, ids, combine, weights, *, fn, cfg: MoEConfig, grp: _Group,
     send_g = jnp.where(valid, key[src] - jnp.arange(p)[:, None] * g, g)
 
     # 5. Exchange, local grouped matmul (own experts + replicas), exchange back.
-    rows = grp.all_to_all(send_x).reshape(p * b, d)
-    gids = grp.all_to_all(send_g).reshape(p * b)
+    sent = jnp.minimum(per_dest, b)  # filled rows of each destination's buffer
+    rows = grp.exchange(send_x, sent).reshape(p * b, d)
+    gids = grp.exchange(send_g, sent, fill=g).reshape(p * b)
     order_r, inverse_r, sizes = sort_by_expert(gids[:, None], g, gids[:, None] < g)
     compute = _local_compute
     if cfg.fssdp_remat and slots:
         compute = jax.checkpoint(_local_compute, static_argnums=(6, 7, 8, 9))
     out = compute(weights, slot_expert, rows, sizes, order_r, inverse_r, fn, grp, slots, mm_kw)
-    back = grp.all_to_all(out.reshape(p, b, -1))  # [P, B, d_out]
+    back = grp.exchange(out.reshape(p, b, -1), grp.all_to_all(sent))  # [P, B, d_out]
 
     # 6. Gather each assignment's output and combine.
     y = back[jnp.minimum(dest, p - 1), jnp.clip(pos, 0, b - 1)].reshape(t, k, -1)
@@ -229,7 +254,9 @@ def sharded_dispatch(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: M
                      fn=expert_fn.fn, cfg=cfg, grp=grp, slots=0, mm_kw=mm_kw)
     p = mesh.shape[EXPERT_AXIS]
     token_axes = tuple(a for a in TOKEN_AXES if a in mesh.axis_names)
-    grp = _Group(EXPERT_AXIS, p, token_axes)  # metrics: tensor-axis peers are copies
+    ragged = cfg.ep_exchange == "ragged" or (cfg.ep_exchange == "auto"
+                                             and jax.default_backend() in ("gpu", "tpu"))
+    grp = _Group(EXPERT_AXIS, p, token_axes, ragged)  # metrics: tensor-axis peers are copies
     slots = slots if p > 1 else 0
 
     def body(x, ids, combine, weights):

@@ -1,6 +1,8 @@
 """`expert_parallel` and `fssdp` on a simulated 8-device pod (data=1, fsdp=2, expert=4):
-values and gradients equal `dense_reference`; FSSDP evens out the per-device token counts
-under a skewed router where EP cannot; a small exchange capacity drops exactly what overflows.
+values and gradients equal `dense_reference` (also with the ragged exchange, run here on an
+emulation of `jax.lax.ragged_all_to_all`, which XLA:CPU cannot lower); FSSDP evens out the
+per-device token counts under a skewed router where EP cannot; a small exchange capacity
+drops exactly what overflows.
 One subprocess (the XLA flag that creates 8 CPU devices must be set before JAX starts) runs
 every case and prints JSON; the tests below read it.
 """
@@ -60,9 +62,31 @@ def max_err(a, b):
 out = {}
 (_, (want, _)), gwant = value_and_grad("dense_reference")(x, params, w)
 used = w > 0  # unused slots get no gradient from sparse plans (dense: their expert's output)
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name, axis_index_groups=None):
+    # jax.lax.ragged_all_to_all's documented semantics from all_gathers (XLA:CPU cannot
+    # lower the real one): source q's slice [input_offsets[q][me], + send_sizes[q][me]) is
+    # written at output_offsets[q][me] of `output`.
+    del recv_sizes, axis_index_groups
+    me = jax.lax.axis_index(axis_name)
+    ops = jax.lax.all_gather(operand, axis_name)
+    in_off, size, out_off = (jax.lax.all_gather(a, axis_name)[:, me]
+                             for a in (input_offsets, send_sizes, output_offsets))
+    rows = jnp.arange(output.shape[0])
+    for q in range(ops.shape[0]):
+        src = jnp.clip(in_off[q] + rows - out_off[q], 0, operand.shape[0] - 1)
+        hit = (rows >= out_off[q]) & (rows < out_off[q] + size[q])
+        output = jnp.where(hit.reshape((-1,) + (1,) * (output.ndim - 1)), ops[q][src], output)
+    return output
+
+
+jax.lax.ragged_all_to_all = emulated_ragged_all_to_all
 cases = {"expert_parallel": dict(name="expert_parallel"),
          "fssdp": dict(name="fssdp", fssdp_slots=2),
-         "fssdp_remat": dict(name="fssdp", fssdp_slots=1, fssdp_remat=True)}
+         "fssdp_remat": dict(name="fssdp", fssdp_slots=1, fssdp_remat=True),
+         "fssdp_ragged": dict(name="fssdp", fssdp_slots=2, ep_exchange="ragged")}
 for case, kw in cases.items():
     kw = dict(kw)
     name = kw.pop("name")
@@ -112,7 +136,7 @@ def result():
     return json.loads(line[len("RESULT"):])
 
 
-@pytest.mark.parametrize("case", ["expert_parallel", "fssdp", "fssdp_remat"])
+@pytest.mark.parametrize("case", ["expert_parallel", "fssdp", "fssdp_remat", "fssdp_ragged"])
 def test_sharded_dispatch_matches_dense_reference(result, case):
     r = result[case]
     assert r["y"] < 1e-5

@@ -1,7 +1,7 @@
 """Sharded == unsharded: three train steps on a simulated 8-device pod give the losses of one
 device, for data, FSDP, tensor and expert layouts, and for the expert_parallel and fssdp
-dispatchers (expert=4: each device owns one of the 4 experts). Runs in a subprocess so the XLA flag that
-creates 8 CPU devices is set before JAX starts."""
+dispatchers (expert=4: each device owns one of the 4 experts). Runs in a subprocess so the
+XLA flag that creates 8 CPU devices is set before JAX starts."""
 import json
 import os
 import subprocess

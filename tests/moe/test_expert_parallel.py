@@ -121,6 +121,15 @@ kept = np.zeros((T, K), np.float32)
 kept[(np.arange(T) % 8) < 4, 0] = 1.0
 ref, _ = run("dense_reference", x, params, ids_c, w_c * kept)
 out["capacity"] = {"y": max_err(y, ref), "metrics": {k: float(v) for k, v in m.items()}}
+
+
+def all_to_alls(**kw):  # in the lowered forward + backward of value_and_grad
+    with jax.set_mesh(mesh):
+        return value_and_grad("fssdp", fssdp_slots=1, **kw).lower(x, params, w).as_text().count(
+            "all_to_all")
+
+
+out["all_to_alls"] = {"plain": all_to_alls(), "remat": all_to_alls(fssdp_remat=True)}
 print("RESULT" + json.dumps(out))
 """
 
@@ -172,3 +181,9 @@ def test_capacity_drops_what_overflows_and_reports_it(result):
     # Device 0 of each of the 2 expert-parallel groups gets 4 rows from each of its 4 peers.
     assert r["metrics"]["device_tokens_max"] == 16
     np.testing.assert_allclose(r["metrics"]["device_tokens_max_over_mean"], 4.0)
+
+
+def test_fssdp_remat_gathers_the_replicas_again_in_the_backward_pass(result):
+    # One more slot-buffer all_to_all per expert weight (w_gate, w_up, w_down).
+    counts = result["all_to_alls"]
+    assert counts["remat"] - counts["plain"] == 3, counts

@@ -48,6 +48,11 @@ steps; under jit's static shapes and the optimizer's fixed sharding it needs a r
 the train state outside the step (a resharding device_put) and padded per-device expert
 buffers, so owners stay the fixed E/P split of the `expert` axis here.
 
+Expert weights enter the shard_map split only along `expert` (`P("expert")`): shards of their
+other dimensions (`embed` over fsdp, `mlp` over tensor) are all-gathered at the boundary, FSDP
+style, and their gradients reduce-scattered back; tensor parallelism inside an expert is not
+combined with this plan.
+
 Mesh: read from the context (`jax.sharding.get_abstract_mesh()`, set by `jax.set_mesh`;
 the trainer sets it around its compiled steps). With no mesh, no `expert` axis, or a token
 count the token axes do not divide (e.g. a model's init on a dummy batch), the same plan runs
@@ -169,7 +174,7 @@ def _plan(x, ids, combine, weights, *, fn, cfg: MoEConfig, grp: _Group,
     flat = ids.reshape(-1)
 
     # 1. Loads: this device's counts per expert, the group's [P, E].
-    order_e, inverse_e, counts = sort_by_expert(ids, e, combine > 0)
+    _, inverse_e, counts = sort_by_expert(ids, e, combine > 0)
     counts_all = grp.all_gather(counts)  # [P, E]
     load = jnp.sum(counts_all, axis=0)
 
@@ -202,7 +207,8 @@ def _plan(x, ids, combine, weights, *, fn, cfg: MoEConfig, grp: _Group,
     send_x = x_pad[jnp.where(valid, src // k, t)]  # [P, B, d]
     send_g = jnp.where(valid, key[src] - jnp.arange(p)[:, None] * g, g)
 
-    # 5. Exchange, local grouped matmul (own experts + replicas), exchange back.
+    # 4-6. Exchange, (3.) sparse all-gather and local grouped matmul on own experts +
+    # replicas, exchange back.
     sent = jnp.minimum(per_dest, b)  # filled rows of each destination's buffer
     rows = grp.exchange(send_x, sent).reshape(p * b, d)
     gids = grp.exchange(send_g, sent, fill=g).reshape(p * b)
@@ -213,7 +219,7 @@ def _plan(x, ids, combine, weights, *, fn, cfg: MoEConfig, grp: _Group,
     out = compute(weights, slot_expert, rows, sizes, order_r, inverse_r, fn, grp, slots, mm_kw)
     back = grp.exchange(out.reshape(p, b, -1), grp.all_to_all(sent))  # [P, B, d_out]
 
-    # 6. Gather each assignment's output and combine.
+    # Gather each assignment's output and combine.
     y = back[jnp.minimum(dest, p - 1), jnp.clip(pos, 0, b - 1)].reshape(t, k, -1)
     w = combine * keep.reshape(t, k)
     y = jnp.einsum("tkd,tk->td", y, w.astype(y.dtype))

@@ -15,6 +15,7 @@ from moejax.lora.config import LORA_METHODS, LoRAConfig
 from moejax.models.config import ATTENTIONS, DTYPES, REMAT_POLICIES, ModelConfig
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
+from moejax.moe.expert_parallel import EP_EXCHANGES
 from moejax.moe.grouped_matmul import IMPLS
 from moejax.moe.routers import ROUTERS
 from moejax.moe.selection import GROUP_MASK_FILL, SELECTIONS, selection_rule
@@ -131,6 +132,16 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
     _require(moe.balance_devices >= 0,
              f"moe.balance_devices={moe.balance_devices} must be >= 0 (0 = the size of the "
              f"expert mesh axis).")
+    _require(moe.ep_capacity_factor >= 0,
+             f"moe.ep_capacity_factor={moe.ep_capacity_factor} must be >= 0 (0 = dropless "
+             f"exchange buffers for expert_parallel/fssdp; c > 0 keeps ceil(c T k / mesh.expert) "
+             f"rows per destination and drops the rest).")
+    _require(moe.ep_exchange in EP_EXCHANGES,
+             f"moe.ep_exchange={moe.ep_exchange!r} must be one of {EP_EXCHANGES} ('ragged' "
+             f"needs a backend that lowers jax.lax.ragged_all_to_all: GPU or TPU, not CPU).")
+    _require(moe.fssdp_slots >= 0,
+             f"moe.fssdp_slots={moe.fssdp_slots} must be >= 0 (replica slots per device for "
+             f"the fssdp dispatcher; 0 = plain expert parallelism).")
     _check_router(moe)
     _check_sigmoid_bias(moe)
 
@@ -269,6 +280,25 @@ def _check_batching(d: DataConfig, t: TrainConfig, mesh: MeshConfig, sizes: dict
              f"data.global_batch_size={per_step} must divide over {num_processes} processes.")
 
 
+def _check_expert_parallel(s: Sections, sizes: dict[str, int]) -> None:
+    """The expert_parallel / fssdp dispatchers: slots that fit, tokens that split evenly."""
+    moe = s.moe
+    if moe.dispatcher not in ("expert_parallel", "fssdp"):
+        return
+    others = moe.num_experts - moe.num_experts // sizes["expert"]
+    _require(moe.dispatcher != "fssdp" or moe.fssdp_slots <= others,
+             f"moe.fssdp_slots={moe.fssdp_slots} is more than the {others} experts a device "
+             f"does not own (moe.num_experts - moe.num_experts / mesh.expert); extra slots "
+             f"could never be filled. Lower moe.fssdp_slots.")
+    shards = math.prod(sizes[a] for a in ("data", "fsdp", "expert"))
+    tokens = s.data.global_batch_size // s.train.grad_accum * s.data.seq_len
+    _require(tokens % shards == 0,
+             f"moe.dispatcher={moe.dispatcher!r} splits the {tokens} tokens of a micro-batch "
+             f"(data.global_batch_size / train.grad_accum * data.seq_len) over mesh.data * "
+             f"mesh.fsdp * mesh.expert = {shards} devices, which does not divide them; change "
+             f"the batch, the sequence length or the mesh.")
+
+
 def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
     """Checks the `model` and `moe` sections alone (e.g. a config built from a checkpoint)."""
     _check_model(model)
@@ -312,7 +342,9 @@ def validate(config, *, num_devices: int | None = None,
         _require(s.moe.num_experts % sizes["expert"] == 0,
                  f"moe.num_experts={s.moe.num_experts} is not divisible by mesh.expert="
                  f"{sizes['expert']}; each expert-parallel device must own a whole number of "
-                 f"experts.")
+                 f"experts: choose mesh.expert among the divisors of moe.num_experts (or "
+                 f"change moe.num_experts).")
+        _check_expert_parallel(s, sizes)
         if not s.moe.balance_devices:  # the device-level loss's D: the expert axis' devices
             s = dataclasses.replace(s, moe=dataclasses.replace(
                 s.moe, balance_devices=sizes["expert"]))

@@ -61,6 +61,14 @@ class MoEConfig:
     gru_detach: bool = False  # gru: stop gradients through the carried state (ablation)
     dispatcher: str = "auto"
     capacity_factor: float = 1.25  # only for capacity_einsum: C = ceil(cf * T * k / E)
+    # expert_parallel / fssdp (moejax.moe.expert_parallel): rows per destination buffer of the
+    # token all_to_all, B = ceil(cf * T_local * k / mesh.expert); 0 = dropless (B = T_local * k)
+    ep_capacity_factor: float = 0.0
+    # expert_parallel / fssdp token exchange: padded all_to_all | ragged_all_to_all | auto
+    # (ragged on GPU/TPU, padded on CPU, which cannot lower ragged_all_to_all)
+    ep_exchange: str = "auto"
+    fssdp_slots: int = 1  # fssdp: replica slots per device for hot experts (0 = plain EP)
+    fssdp_remat: bool = False  # fssdp: gather the replicas again in the backward pass
     gmm_impl: str = "auto"  # grouped matmul of the `ragged` plan: auto|tile_loop|ragged_dot
     gmm_tile: int = 256  # rows per tile of the tile_loop grouped matmul
     # kernels of the `pallas` dispatcher: auto (from the platform)|mosaic_tpu|pallas_gpu|

@@ -20,6 +20,15 @@ same y (up to float error and, for `capacity_einsum` only, dropped assignments):
   VJP. Backend from `cfg.kernel_backend` (Mosaic TPU, Pallas GPU, or jax-triton for the
   combine); on CPU the kernels run in Pallas interpret mode (slow: for testing).
 - `auto`: the fastest dropless plan for the platform (`AUTO_PLAN`).
+- `expert_parallel`: experts split over the `expert` mesh axis, tokens exchanged with
+  all_to_all to the devices owning their experts, a local grouped matmul, and the return
+  exchange, inside `jax.shard_map` over the context mesh (`moejax.moe.expert_parallel`).
+  Dropless unless `moe.ep_capacity_factor` > 0 bounds the exchange buffers.
+- `fssdp`: the same plan with `moe.fssdp_slots` replica slots per device (Hecate's Fully
+  Sharded Sparse Data Parallelism, arXiv 2502.02581): each step the hot experts are
+  replicated onto the least-loaded devices by a sparse all-gather, their tokens split among
+  the holders, and the replicas' gradients summed back to the owners by its transpose.
+  `expert_parallel` is `fssdp` with no slots.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from moejax.moe.config import MoEConfig
+from moejax.moe.expert_parallel import sharded_dispatch
 from moejax.moe.experts import ExpertFn
 from moejax.moe.grouped_matmul import gmm
 from moejax.moe.permute import permute, sort_by_expert, unpermute
@@ -131,6 +141,18 @@ def resolve_gmm_impl(name: str) -> str:
     return _platform_plan()[1] if name == "auto" else name
 
 
+def expert_parallel(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
+                    gmm_impl: str | None = None) -> tuple[jax.Array, Metrics]:
+    return sharded_dispatch(x, routing, expert_fn, cfg, 0,
+                            gmm_impl or resolve_gmm_impl(cfg.gmm_impl))
+
+
+def fssdp(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
+          gmm_impl: str | None = None) -> tuple[jax.Array, Metrics]:
+    return sharded_dispatch(x, routing, expert_fn, cfg, cfg.fssdp_slots,
+                            gmm_impl or resolve_gmm_impl(cfg.gmm_impl))
+
+
 def auto(x, routing, expert_fn, cfg):
     plan, impl = _platform_plan()
     return DISPATCHERS[plan](x, routing, expert_fn, cfg, gmm_impl=impl)
@@ -142,6 +164,8 @@ DISPATCHERS: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
     "ragged": ragged,
     "pallas": pallas,
     "auto": auto,
+    "expert_parallel": expert_parallel,
+    "fssdp": fssdp,
 }
 
 

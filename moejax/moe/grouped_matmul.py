@@ -82,6 +82,36 @@ def _window(plan: TilePlan, t, m: int, tile: int):
     return lo, (rows >= start) & (rows < start + plan.rows[t])
 
 
+def varying_axes(x: jax.Array) -> frozenset:
+    """The manual mesh axes `x` varies over inside `jax.shard_map` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # jax 0.10: ShapedArray.mat.varying; earlier: .vma
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
+    """`x` marked as varying over every manual mesh axis its `refs` vary over.
+
+    Inside `jax.shard_map` (which checks varying manual axes, "vma") a loop carry built from
+    constants is device-invariant while the body makes it vary with the operands; the
+    carry's input and output types must match. A no-op outside shard_map.
+    """
+    want = frozenset().union(*(varying_axes(r) for r in refs))
+    missing = tuple(sorted(want - varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def sum_to_vma(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """A cotangent summed over the manual axes it varies over and its primal does not.
+
+    The transpose of the implicit `pcast(..., to="varying")` that shard_map inserts when an
+    operand invariant over an axis (e.g. expert weights across `data`) meets a varying one;
+    a `custom_vjp` must do it itself. A no-op outside shard_map.
+    """
+    extra = tuple(sorted(varying_axes(ct) - varying_axes(primal)))
+    return jax.lax.psum(ct, extra) if extra else ct
+
+
 def _gmm_loop(lhs, rhs, group_sizes, tile, out_dtype):
     m = lhs.shape[0]
     tile = min(tile, m)
@@ -99,7 +129,8 @@ def _gmm_loop(lhs, rhs, group_sizes, tile, out_dtype):
     # The carry is float32 whatever the operands: XLA:CPU copied a bfloat16 carry on every
     # iteration instead of updating it in place (measured 448 ms vs 84 ms for one forward).
     # Rows past sum(group_sizes) are never written and stay zero.
-    out = jax.lax.fori_loop(0, plan.count, body, jnp.zeros((m, rhs.shape[2]), jnp.float32))
+    out = vary_like(jnp.zeros((m, rhs.shape[2]), jnp.float32), lhs, rhs, group_sizes)
+    out = jax.lax.fori_loop(0, plan.count, body, out)
     return out.astype(out_dtype)
 
 
@@ -121,7 +152,7 @@ def _tgmm_loop(lhs, grad, group_sizes, tile, out_dtype):
         cur = jax.lax.dynamic_index_in_dim(acc, g, axis=0, keepdims=True)
         return jax.lax.dynamic_update_index_in_dim(acc, cur + contrib[None], g, axis=0)
 
-    acc = jnp.zeros((num_groups, k, n), jnp.float32)
+    acc = vary_like(jnp.zeros((num_groups, k, n), jnp.float32), lhs, grad, group_sizes)
     acc = jax.lax.fori_loop(0, plan.count, body, acc)
     return acc.astype(out_dtype)
 
@@ -139,7 +170,7 @@ def _gmm_bwd(tile, res, grad):
     lhs, rhs, group_sizes = res
     d_lhs = _gmm_loop(grad, jnp.swapaxes(rhs, 1, 2), group_sizes, tile, lhs.dtype)
     d_rhs = _tgmm_loop(lhs, grad, group_sizes, tile, rhs.dtype)
-    return d_lhs, d_rhs, None
+    return sum_to_vma(d_lhs, lhs), sum_to_vma(d_rhs, rhs), None
 
 
 _gmm_tile_loop.defvjp(_gmm_fwd, _gmm_bwd)

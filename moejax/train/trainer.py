@@ -34,6 +34,7 @@ from moejax.data import DOMAINS, describe, make_batches
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.models.transformer import Transformer
 from moejax.moe.selection import BIAS_COLLECTION, selection_rule
+from moejax.sharding.context import InMesh
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import check_divisible, logical_shardings, shard_batch
 from moejax.train import preflight
@@ -217,13 +218,16 @@ def build_experiment(s: Sections, mesh) -> Experiment:
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
         nn.unbox(abstract_boxed), state_shardings)
     init_fn = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=state_shardings)
-    step_fn = jax.jit(
+    # The steps run with `mesh` as the context mesh: the expert_parallel and fssdp
+    # dispatchers shard_map over it (init runs without: the dummy batch is one row).
+    step_fn = InMesh(jax.jit(
         functools.partial(train_step, model=model, tx=tx, grad_accum=s.train.grad_accum,
                           schedule=schedule, skip_non_finite=s.train.skip_non_finite),
-        out_shardings=(state_shardings, None), donate_argnums=(0,))
+        out_shardings=(state_shardings, None), donate_argnums=(0,)), mesh)
     # Replicated outputs: every process can read the per-token `top1_expert` of the batch.
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, num_domains=len(DOMAINS)),
-                      out_shardings=NamedSharding(mesh, PartitionSpec()))
+    eval_fn = InMesh(jax.jit(functools.partial(eval_step, model=model,
+                                                num_domains=len(DOMAINS)),
+                              out_shardings=NamedSharding(mesh, PartitionSpec())), mesh)
     return Experiment(model, tx, schedule, mesh, state_shardings, abstract_state, init_fn,
                       step_fn, eval_fn)
 

@@ -68,6 +68,10 @@ BAD = [
     ("moe.seq_balance_coef", -1.0, "moe.seq_balance_coef=-1.0 must be >= 0"),
     ("moe.device_balance_coef", -1.0, "moe.device_balance_coef=-1.0 must be >= 0"),
     ("moe.balance_devices", 3, "moe.num_experts=16 is not divisible by moe.balance_devices=3"),
+    ("moe.ep_capacity_factor", -1.0, "moe.ep_capacity_factor=-1.0 must be >= 0"),
+    ("moe.ep_exchange", "nccl", "moe.ep_exchange='nccl' must be one of"),
+    ("moe.fssdp_slots", -1, "moe.fssdp_slots=-1 must be >= 0"),
+    ("moe.fssdp_remat", "yes", "config.moe.fssdp_remat='yes' must be a bool"),
     # data (checked by DataConfig itself)
     ("data.dataset", "", "data.dataset must not be empty"),
     ("data.data_dir", 3, "data.data_dir must be str"),

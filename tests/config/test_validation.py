@@ -88,6 +88,26 @@ def test_expert_axis_must_divide_experts():
         validate(config, num_devices=6, num_processes=1)
 
 
+def test_fssdp_slots_must_fit_the_experts_a_device_does_not_own():
+    config = load_config_module("deepseekmoe").get_config()  # 16 experts
+    config.mesh.update(data=-1, expert=4)
+    config.moe.update(dispatcher="fssdp", fssdp_slots=12)
+    assert validate(config, num_devices=4, num_processes=1).moe.fssdp_slots == 12
+    config.moe.update(fssdp_slots=13)
+    with pytest.raises(ConfigError, match="moe.fssdp_slots=13 is more than the 12 experts"):
+        validate(config, num_devices=4, num_processes=1)
+
+
+def test_expert_parallel_tokens_must_split_over_the_token_axes():
+    # A `batch` rule without data-parallel axes passes the batch check, but the
+    # expert_parallel dispatcher still splits tokens over data * fsdp * expert = 3.
+    config = load_config_module("deepseekmoe").get_config()
+    config.mesh.update(data=3, rules=(("batch", None),) + tuple(config.mesh.rules[1:]))
+    config.moe.update(dispatcher="expert_parallel")
+    with pytest.raises(ConfigError, match="mesh.data \\* mesh.fsdp \\* mesh.expert = 3"):
+        validate(config, num_devices=3, num_processes=1)
+
+
 def test_batch_must_divide_over_data_parallel_devices():
     config = load_config_module("deepseekmoe").get_config()
     with pytest.raises(ConfigError, match="divide over the 32 data-parallel devices"):

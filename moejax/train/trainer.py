@@ -35,7 +35,12 @@ from moejax.models.flops import count_params, train_flops_per_token
 from moejax.models.transformer import Transformer
 from moejax.moe.selection import BIAS_COLLECTION, selection_rule
 from moejax.sharding.mesh import make_mesh
-from moejax.sharding.partitioning import check_divisible, logical_shardings, shard_batch
+from moejax.sharding.partitioning import (
+    check_divisible,
+    logical_shardings,
+    shard_batch,
+    under_rules,
+)
 from moejax.train import preflight
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.faults import BadStepGuard, FaultHooks, NonFiniteError
@@ -217,12 +222,13 @@ def build_experiment(s: Sections, mesh) -> Experiment:
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
         nn.unbox(abstract_boxed), state_shardings)
     init_fn = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=state_shardings)
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, grad_accum=s.train.grad_accum,
-                          schedule=schedule, skip_non_finite=s.train.skip_non_finite),
-        out_shardings=(state_shardings, None), donate_argnums=(0,))
+    step = functools.partial(train_step, model=model, tx=tx, grad_accum=s.train.grad_accum,
+                             schedule=schedule, skip_non_finite=s.train.skip_non_finite)
+    step_fn = jax.jit(under_rules(step, mesh, s.mesh.rules),
+                      out_shardings=(state_shardings, None), donate_argnums=(0,))
     # Replicated outputs: every process can read the per-token `top1_expert` of the batch.
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, num_domains=len(DOMAINS)),
+    evaluate_ = functools.partial(eval_step, model=model, num_domains=len(DOMAINS))
+    eval_fn = jax.jit(under_rules(evaluate_, mesh, s.mesh.rules),
                       out_shardings=NamedSharding(mesh, PartitionSpec()))
     return Experiment(model, tx, schedule, mesh, state_shardings, abstract_state, init_fn,
                       step_fn, eval_fn)

@@ -43,6 +43,7 @@ from moejax.sharding.partitioning import (
 )
 from moejax.train import preflight
 from moejax.train.checkpoint import Checkpointer
+from moejax.train.distributed import gather_data_states, local_data_state
 from moejax.train.faults import BadStepGuard, FaultHooks, NonFiniteError
 from moejax.train.mfu import device_peak_tflops
 from moejax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -283,9 +284,10 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
     state, data_state, start_step = ckpt.restore_or_init(lambda: exp.init_fn(rng),
                                                           exp.abstract_state, log=notes.append)
     if start_step == 0:
-        _write_config(workdir, config_dict)
+        if is_main:
+            _write_config(workdir, config_dict)
     else:
-        preflight.resume_data(train_batches, data_state, start_step)
+        preflight.resume_data(train_batches, local_data_state(data_state), start_step)
 
     # Banner.
     counts = count_params(s.model, s.moe)
@@ -380,7 +382,8 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
         if save_now and guard.streak:
             log(f"not checkpointing step {step}: its loss or gradients were non-finite; "
                 f"the latest checkpoint stays step {ckpt.latest_step()}")
-        elif save_now and ckpt.save(step, state, data_state=train_batches.get_state(),
+        elif save_now and ckpt.save(step, state,
+                                    data_state=gather_data_states(train_batches.get_state()),
                                     extra={"config": config_dict},
                                     force=last_step or preempted):
             hooks.after_save_started(step)

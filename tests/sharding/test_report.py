@@ -34,7 +34,8 @@ HLO = """HloModule m, is_scheduled=true
   %k = s32[] get-tuple-element(%q), index=0
   %i = f32[] convert(%k)
   %ag = f32[64,8]{1,0} all-gather(%w), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
-  %ar = (f32[16,8]{1,0}, f32[]) all-reduce(%w, %i), channel_id=2, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, to_apply=%add
+  %ar = (f32[16,8], f32[]) all-reduce(%w, %i), replica_groups=mesh['axis_0'=2,'axis_1'=4]
+    {'axis_0'}, to_apply=%add
   ROOT %t = (s32[], f32[16,8]{1,0}) tuple(%k, %w)
 }
 
@@ -48,13 +49,14 @@ ENTRY %main (a: f32[16,8], /*index=1*/b: bf16[4,4]) -> f32[16,8] {
   %b = bf16[4,4]{1,0} parameter(1)
   %n = s32[] constant(0)
   %tuple = (s32[], f32[16,8]{1,0}) tuple(%n, %a)
-  %start = (bf16[4,4]{1,0}, bf16[16,4]{1,0}) all-gather-start(%b), channel_id=3, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  %start = (bf16[4,4], bf16[16,4]) all-gather-start(%b), replica_groups={{0,1,2,3},{4,5,6,7}}
   %done = bf16[16,4]{1,0} all-gather-done(%start)
   %a2a = f32[16,8]{1,0} all-to-all(%a), channel_id=4, replica_groups={{0,1}}, dimensions={0}
-  %loop = (s32[], f32[16,8]{1,0}) while(%tuple), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %loop = (s32[], f32[16,8]) while(%tuple), condition=%cond, body=%body,
+    backend_config={"known_trip_count":{"n":"3"}}
   ROOT %r = f32[16,8]{1,0} get-tuple-element(%loop), index=1
 }
-"""
+""".replace("\n    ", " ")  # continuation lines: XLA writes one instruction per line
 
 
 def test_hlo_parser_counts_loops_tuples_and_async_ops():

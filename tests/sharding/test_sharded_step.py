@@ -76,6 +76,11 @@ for name, (strategy, sizes) in layouts.items():
         out["restore"] = {"identical": all(jax.tree.leaves(same)),
                           "mesh": dict(leaf.sharding.mesh.shape),
                           "devices": len(leaf.sharding.device_set)}
+if "fsdp" in layouts:  # 8-way tensor parallelism of 4 heads: an error before compiling
+    try:
+        experiment(None, dict(tensor=8))
+    except Exception as e:
+        out["tensor8_error"] = f"{type(e).__name__}: {e}"
 print("RESULT" + json.dumps(out))
 """
 
@@ -114,6 +119,12 @@ def test_checkpoint_restores_onto_another_mesh_shape(moe_result):
     restore = moe_result["restore"]
     assert restore["identical"]
     assert restore["devices"] == 4 and restore["mesh"]["data"] == 4
+
+
+def test_a_parameter_dimension_the_mesh_does_not_divide_is_a_config_error(moe_result):
+    error = moe_result["tensor8_error"]
+    assert error.startswith("ConfigError: parameter ")
+    assert "(size 8) do not divide" in error and "config.mesh" in error
 
 
 def test_recurrent_router_state_is_layout_independent(tiny_corpus_dir):

@@ -6,7 +6,7 @@
   pure data parallelism all-reduces exactly the gradient bytes (4 bytes per parameter, plus
   a few scalars); FSDP keeps 1/8 of the parameters per device and all-gathers each layer
   weight twice per step (forward and backward), so its all-gather bytes grow by 2 bytes per
-  added parameter byte; with the `fssdp` dispatcher registered, the all-gather bytes grow
+  added parameter byte; with the `fssdp` dispatcher registered, the gathered bytes grow
   with `moe.fssdp_slots` and not with `moe.num_experts`.
 """
 import json
@@ -166,8 +166,13 @@ def test_fsdp_shards_parameters_and_all_gathers_them(reports):
 
 
 @pytest.mark.skipif("fssdp" not in DISPATCHERS, reason="the fssdp dispatcher is not merged")
-def test_fssdp_all_gather_grows_with_replica_slots_not_experts(reports):
-    ag = {k: reports[k]["collectives"]["all-gather"]["bytes"] for k in CASES if "fssdp" in k}
-    assert ag["fssdp_s2_e8"] > ag["fssdp_s1_e8"]
+def test_fssdp_gather_grows_with_replica_slots_not_experts(reports):
+    """The sparse all-gather may be lowered as an all-gather or as an all-to-all of slot
+    buffers; the tokens' all-to-all does not depend on the slots or on E, so the sum of the
+    two moves with the slots only."""
+    def moved(key):
+        c = reports[key]["collectives"]
+        return c["all-gather"]["bytes"] + c["all-to-all"]["bytes"]
+    assert moved("fssdp_s2_e8") > moved("fssdp_s1_e8")
     # Doubling the experts doubles the expert parameters; FSSDP moves only the slots.
-    assert ag["fssdp_s1_e16"] < 1.25 * ag["fssdp_s1_e8"]
+    assert moved("fssdp_s1_e16") < 1.25 * moved("fssdp_s1_e8")

@@ -72,7 +72,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ConfigError(f"--process_id={process_id} must be in [0, --num_processes="
                               f"{num_processes}).")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:  # a JAX whose CPU collectives need no choice may not have the option
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, KeyError, ValueError):
+        pass
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
     return True

@@ -39,6 +39,7 @@ from moejax.moe.config import MoEConfig
 from moejax.moe.layer import MoELayer
 from moejax.moe.routers import initial_router_state, shared_router_params
 
+ACTIVATION_AXES = ("batch", "length", "act_embed")  # logical names of the residual stream
 SCANNED_STACKS = ("dense_layers", "moe_layers", "moe_periods", "dense")
 ATTENTION = {"gqa": Attention, "mla": MLAttention}
 
@@ -57,6 +58,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, ctx):
         x, router_state = carry
+        # The residual stream is split over the batch axes only: FSDP then gathers weights
+        # rather than partial products (a no-op outside moejax.sharding.activation_rules).
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         segment_ids, positions, shared_router = ctx
         m = self.model
         norm = dict(eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype)
@@ -184,7 +188,8 @@ class Transformer(nn.Module):
                                self.decode, self.lora)
             carry, (aux, metrics, per_token) = stack(carry, ctx)
 
-        x = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")(carry[0])
+        x = nn.with_logical_constraint(carry[0], ACTIVATION_AXES)
+        x = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")(x)
         if m.tie_embeddings:
             logits = x @ embedding.astype(dt).T
         else:

@@ -8,7 +8,8 @@ from moejax.config.sections import section_from_mapping
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis name -> mesh axis (or axes, or None = replicated). Model code names only the
-# logical axes; these rules decide the layout. `layers` is the scan axis of stacked blocks.
+# logical axes; these rules decide the layout. `layers` is the scan axis of stacked blocks;
+# `batch`, `length`, `act_embed` name the residual stream [B, L, d] (activations).
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp", "expert")),
     ("vocab", "tensor"),
@@ -24,6 +25,8 @@ DEFAULT_RULES = (
     ("lora_in", None),
     ("lora_rank", None),
     ("lora_out", None),
+    ("length", None),  # activations: sequence positions
+    ("act_embed", None),  # activations: the residual stream's d_model
 )
 
 

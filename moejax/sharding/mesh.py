@@ -34,13 +34,48 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    devices = list(jax.devices() if devices is None else devices)
+def _granules(devices) -> tuple[int, bool]:
+    """(number of slower-network groups, whether they are processes rather than slices)."""
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) > 1:
+        return len(slices), False
+    processes = {getattr(d, "process_index", 0) for d in devices}
+    return len(processes), len(processes) > 1
+
+
+def device_grid(cfg: MeshConfig, devices) -> np.ndarray:
+    """Devices arranged as the (data, fsdp, expert, tensor) mesh.
+
+    One slice (one host, or one TPU slice): `mesh_utils.create_device_mesh`, which orders
+    devices by the physical interconnect where it knows it (TPU, GPU). Devices that span
+    several TPU slices (DCN between them), or several processes: a hybrid mesh whose `data`
+    axis is split over the slices/processes and whose other axes stay inside one, since
+    data parallelism sends the least per step (one gradient reduction); so `mesh.data` must
+    be a multiple of the number of slices. Processes that do not divide `data` fall back to
+    the single-slice order.
+    """
+    from jax.experimental import mesh_utils
+
+    devices = list(devices)
     sizes = resolve_mesh_shape(cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
+    groups, by_process = _granules(devices)
+    if groups > 1 and (sizes["data"] % groups == 0 or not by_process):
+        if sizes["data"] % groups:
+            raise ConfigError(
+                f"mesh.data={sizes['data']} must be a multiple of the {groups} slices the "
+                f"devices span: the data axis crosses slices (DCN), the others stay inside "
+                f"one. Set mesh.data to a multiple of {groups}.")
+        inner = (sizes["data"] // groups,) + shape[1:]
+        outer = (groups,) + (1,) * (len(shape) - 1)
+        return mesh_utils.create_hybrid_device_mesh(inner, outer, devices=devices,
+                                                    process_is_granule=by_process)
     try:
-        from jax.experimental import mesh_utils
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+        return mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # CPU / unusual topologies: plain row-major order.
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+        return np.asarray(devices).reshape(shape)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    return Mesh(device_grid(cfg, devices), MESH_AXES)

@@ -7,6 +7,8 @@ same call places them.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +21,24 @@ from moejax.sharding.config import batch_mesh_axes
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
     specs = nn.get_partition_spec(abstract_boxed)
     return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules):
+    """While tracing: `nn.with_logical_constraint` in model code resolves through `rules`
+    on `mesh` (inside jit, so the abstract mesh; outside this context it is a no-op)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(
+            list(rules)):
+        yield
+
+
+def under_rules(fn, mesh: Mesh, rules):
+    """`fn` traced inside `activation_rules(mesh, rules)` (wrap before `jax.jit`)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_rules(mesh, rules):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

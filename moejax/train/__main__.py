@@ -1,5 +1,9 @@
 """Command line: `python -m moejax.train --config=configs/X.py[:arg] --workdir=DIR`.
 
+Multi-host: add `--coordinator=HOST:PORT --num_processes=N --process_id=I` to each
+process's command (or set MOEJAX_COORDINATOR etc.; `--distributed` on TPU pods and SLURM
+lets JAX find them); see moejax/train/distributed.py.
+
 Any field can be overridden: `--config.train.steps=1000 --config.moe.top_k=4`.
 
 Exit status: 0 when the run reached `train.steps`; 1 with one message on stderr when an
@@ -15,6 +19,7 @@ from ml_collections import config_flags
 from moejax.config import ConfigError
 from moejax.data import DataError
 from moejax.train.checkpoint import CheckpointError
+from moejax.train.distributed import initialize
 from moejax.train.faults import NonFiniteError
 from moejax.train.preemption import Preempted
 from moejax.train.preflight import WorkdirError
@@ -23,6 +28,12 @@ from moejax.train.trainer import train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None,
+                                   "host:port of process 0 for a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Initialise jax.distributed with auto-detection (TPU, SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors whose message names the problem and the fix: printed alone, without a traceback.
@@ -35,6 +46,8 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
+        initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                   auto=_DISTRIBUTED.value)
         train(_CONFIG.value, _WORKDIR.value)
     except Preempted as e:
         print(f"moejax: stopped: {e}", file=sys.stderr, flush=True)

@@ -36,9 +36,15 @@ from moejax.models.transformer import Transformer
 from moejax.moe.selection import BIAS_COLLECTION, selection_rule
 from moejax.sharding.context import InMesh
 from moejax.sharding.mesh import make_mesh
-from moejax.sharding.partitioning import check_divisible, logical_shardings, shard_batch
+from moejax.sharding.partitioning import (
+    check_divisible,
+    logical_shardings,
+    shard_batch,
+    under_rules,
+)
 from moejax.train import preflight
 from moejax.train.checkpoint import Checkpointer
+from moejax.train.distributed import gather_data_states, local_data_state
 from moejax.train.faults import BadStepGuard, FaultHooks, NonFiniteError
 from moejax.train.mfu import device_peak_tflops
 from moejax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -218,16 +224,17 @@ def build_experiment(s: Sections, mesh) -> Experiment:
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
         nn.unbox(abstract_boxed), state_shardings)
     init_fn = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=state_shardings)
-    # The steps run with `mesh` as the context mesh: the expert_parallel and fssdp
-    # dispatchers shard_map over it (init runs without: the dummy batch is one row).
-    step_fn = InMesh(jax.jit(
-        functools.partial(train_step, model=model, tx=tx, grad_accum=s.train.grad_accum,
-                          schedule=schedule, skip_non_finite=s.train.skip_non_finite),
-        out_shardings=(state_shardings, None), donate_argnums=(0,)), mesh)
+    # The steps run under the activation rules and with `mesh` as the context mesh: the
+    # expert_parallel and fssdp dispatchers shard_map over it (init runs without: the dummy
+    # batch is one row).
+    step = functools.partial(train_step, model=model, tx=tx, grad_accum=s.train.grad_accum,
+                             schedule=schedule, skip_non_finite=s.train.skip_non_finite)
+    step_fn = InMesh(jax.jit(under_rules(step, mesh, s.mesh.rules),
+                             out_shardings=(state_shardings, None), donate_argnums=(0,)), mesh)
     # Replicated outputs: every process can read the per-token `top1_expert` of the batch.
-    eval_fn = InMesh(jax.jit(functools.partial(eval_step, model=model,
-                                                num_domains=len(DOMAINS)),
-                              out_shardings=NamedSharding(mesh, PartitionSpec())), mesh)
+    evaluate_ = functools.partial(eval_step, model=model, num_domains=len(DOMAINS))
+    eval_fn = InMesh(jax.jit(under_rules(evaluate_, mesh, s.mesh.rules),
+                             out_shardings=NamedSharding(mesh, PartitionSpec())), mesh)
     return Experiment(model, tx, schedule, mesh, state_shardings, abstract_state, init_fn,
                       step_fn, eval_fn)
 
@@ -281,9 +288,10 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
     state, data_state, start_step = ckpt.restore_or_init(lambda: exp.init_fn(rng),
                                                           exp.abstract_state, log=notes.append)
     if start_step == 0:
-        _write_config(workdir, config_dict)
+        if is_main:
+            _write_config(workdir, config_dict)
     else:
-        preflight.resume_data(train_batches, data_state, start_step)
+        preflight.resume_data(train_batches, local_data_state(data_state), start_step)
 
     # Banner.
     counts = count_params(s.model, s.moe)
@@ -378,7 +386,8 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
         if save_now and guard.streak:
             log(f"not checkpointing step {step}: its loss or gradients were non-finite; "
                 f"the latest checkpoint stays step {ckpt.latest_step()}")
-        elif save_now and ckpt.save(step, state, data_state=train_batches.get_state(),
+        elif save_now and ckpt.save(step, state,
+                                    data_state=gather_data_states(train_batches.get_state()),
                                     extra={"config": config_dict},
                                     force=last_step or preempted):
             hooks.after_save_started(step)

@@ -1,0 +1,54 @@
+"""Named sharding strategies: presets of `config.mesh` sizes (and the MoE dispatcher).
+
+A strategy is only a choice of config values, so every one of them can also be written
+as flags, e.g. FSDP with 2-way tensor parallelism on any number of devices:
+
+    --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=2
+
+  data      pure data parallelism: parameters replicated, gradients all-reduced.
+  fsdp      ZeRO-3 / FSDP: parameters and optimizer state split over `fsdp` along their
+            `embed` dimension, gathered for use, gradients reduce-scattered.
+  fsdp_tp   FSDP plus Megatron tensor parallelism (heads, mlp, vocab split over `tensor`).
+  ep        expert parallelism (GShard): experts split over `expert`, tokens exchanged with
+            all-to-all by the `expert_parallel` dispatcher.
+  fssdp     Hecate's fully sharded sparse data parallelism (arXiv 2502.02581): one owner
+            per expert over `expert`, hot experts replicated per step by the `fssdp`
+            dispatcher.
+
+The `expert_parallel` and `fssdp` dispatchers live in `moejax.moe.dispatch`; a strategy
+whose dispatcher is not registered there is listed by `available()` only once it is.
+"""
+from __future__ import annotations
+
+from moejax.config.sections import ConfigError
+
+_ONE = dict(data=1, fsdp=1, expert=1, tensor=1)
+
+STRATEGIES: dict[str, dict[str, dict]] = {
+    "data": {"mesh": {**_ONE, "data": -1}},
+    "fsdp": {"mesh": {**_ONE, "fsdp": -1}},
+    "fsdp_tp": {"mesh": {**_ONE, "fsdp": -1, "tensor": 2}},
+    "ep": {"mesh": {**_ONE, "expert": -1}, "moe": {"dispatcher": "expert_parallel"}},
+    "fssdp": {"mesh": {**_ONE, "expert": -1}, "moe": {"dispatcher": "fssdp"}},
+}
+
+
+def available() -> list[str]:
+    """The strategies whose dispatcher (if they name one) is registered."""
+    from moejax.moe.dispatch import DISPATCHERS
+
+    return [name for name, preset in STRATEGIES.items()
+            if preset.get("moe", {}).get("dispatcher", "auto") in DISPATCHERS]
+
+
+def apply_strategy(config, name: str, **mesh_sizes: int):
+    """Sets `config`'s mesh (and dispatcher) to the preset `name`, in place; `mesh_sizes`
+    override single axes (e.g. `tensor=4`). Returns `config`."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"sharding strategy {name!r} is unknown; choose one of "
+                          f"{sorted(STRATEGIES)}.")
+    preset = STRATEGIES[name]
+    config.mesh.update({**preset["mesh"], **mesh_sizes})
+    if "moe" in preset:
+        config.moe.update(preset["moe"])
+    return config

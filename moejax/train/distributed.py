@@ -1,0 +1,110 @@
+"""Multi-host runs: `jax.distributed.initialize` from flags or the environment, and the
+data-iterator state of every process in one checkpoint.
+
+One process per host (or per GPU), each started with the same command plus its index:
+
+    python -m moejax.train --config=... --workdir=/shared/run \
+        --coordinator=host0:1234 --num_processes=2 --process_id=0     # on host 0
+    python -m moejax.train ... --coordinator=host0:1234 --num_processes=2 --process_id=1
+
+or with the environment variables MOEJAX_COORDINATOR (or JAX_COORDINATOR_ADDRESS),
+MOEJAX_NUM_PROCESSES and MOEJAX_PROCESS_ID. On TPU pods and SLURM/Open MPI clusters JAX
+finds all three itself: set MOEJAX_DISTRIBUTED=1 (or pass `--distributed`) to initialise
+with auto-detection. Each process feeds its own share of every batch (`moejax.data`), only
+process 0 writes logs and metrics, and orbax writes the checkpoint from all of them.
+
+On CPU the cross-process collectives go through gloo
+(`jax_cpu_collectives_implementation`), which must be set before initialisation; it is
+harmless on GPU and TPU, whose collectives do not use it.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from moejax.config.sections import ConfigError
+
+ENV_COORDINATOR = ("MOEJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS")
+ENV_NUM_PROCESSES = ("MOEJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES")
+ENV_PROCESS_ID = ("MOEJAX_PROCESS_ID", "JAX_PROCESS_ID")
+
+
+def _env(names: tuple[str, ...]) -> str | None:
+    for name in names:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def _as_int(value, what: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}={value!r} must be an integer.") from None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, auto: bool = False) -> bool:
+    """Joins a multi-process job when asked (arguments first, then the environment);
+    returns whether it did. With nothing given (and `auto` False) it is a no-op."""
+    coordinator = coordinator or _env(ENV_COORDINATOR)
+    num_processes = _as_int(num_processes if num_processes is not None
+                            else _env(ENV_NUM_PROCESSES), "--num_processes")
+    process_id = _as_int(process_id if process_id is not None else _env(ENV_PROCESS_ID),
+                         "--process_id")
+    auto = auto or os.environ.get("MOEJAX_DISTRIBUTED", "") not in ("", "0")
+    if not (coordinator or num_processes or process_id is not None or auto):
+        return False
+    if not auto:
+        missing = [name for name, v in (("--coordinator", coordinator),
+                                        ("--num_processes", num_processes),
+                                        ("--process_id", process_id)) if v is None]
+        if missing:
+            raise ConfigError(
+                f"a multi-process run needs --coordinator, --num_processes and --process_id "
+                f"(or MOEJAX_COORDINATOR, MOEJAX_NUM_PROCESSES, MOEJAX_PROCESS_ID); missing "
+                f"{', '.join(missing)}. On TPU pods and SLURM use --distributed instead.")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ConfigError(f"--process_id={process_id} must be in [0, --num_processes="
+                              f"{num_processes}).")
+    try:  # a JAX whose CPU collectives need no choice may not have the option
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, KeyError, ValueError):
+        pass
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+    return True
+
+
+def gather_data_states(state: dict) -> dict:
+    """Every process's iterator state in one JSON dict (all processes must call it): orbax
+    writes JSON items from process 0 only, so each process's own position travels inside."""
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(state, sort_keys=True).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([blob.size], np.int32)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return {"per_process": [json.loads(bytes(row[:n]).decode())
+                            for row, n in zip(rows, sizes)]}
+
+
+def local_data_state(state: dict | None) -> dict | None:
+    """This process's iterator state out of `gather_data_states`' dict (or a plain state)."""
+    if state is None or "per_process" not in state:
+        return state
+    per_process = state["per_process"]
+    if len(per_process) != jax.process_count():
+        raise ConfigError(
+            f"the checkpoint holds the data positions of {len(per_process)} processes but "
+            f"this run has {jax.process_count()}; resume with the same number of processes "
+            f"(the mesh shape may change).")
+    return per_process[jax.process_index()]

@@ -198,6 +198,13 @@ def _check_lora(lo: LoRAConfig) -> None:
     _require(bool(patterns) and all("." in p for p in patterns),
              f"lora.targets={lo.targets!r} must be comma-separated '<module>.<param>' "
              f"patterns such as 'attn.wq,attn.wv' or 'attn.*,mlp.*'.")
+    _require(not (lo.base_checkpoint and lo.base_hf),
+             f"lora.base_checkpoint={lo.base_checkpoint!r} and lora.base_hf={lo.base_hf!r} "
+             f"both name a base model; set only one of them.")
+    for name in ("base_checkpoint", "base_hf"):
+        _require(lo.method != "none" or not getattr(lo, name),
+                 f"lora.{name}={getattr(lo, name)!r} is set but lora.method='none' trains the "
+                 f"whole model; set lora.method (e.g. 'lora') or clear lora.{name}.")
 
 
 def _check_train(t: TrainConfig) -> None:

@@ -57,9 +57,10 @@ def test_a_step_moves_only_adapters_and_equals_adamw_on_the_adapters(moe_experim
     # Reference: gradients of the loss w.r.t. the trainable leaves, AdamW (the same chain)
     # on the trainable partition alone.
     train_p, frozen_p = trainable.partition(before)
-    grads = jax.jit(jax.grad(lambda tp: _micro_loss(trainable.combine(tp, frozen_p), batch, exp.model,
-                                            float(batch["loss_mask"].sum()), 1,
-                                            state.router_bias)[0]))(train_p)
+    def loss(tp):
+        return _micro_loss(trainable.combine(tp, frozen_p), batch, exp.model,
+                           float(batch["loss_mask"].sum()), 1, state.router_bias)[0]
+    grads = jax.jit(jax.grad(loss))(train_p)
     from moejax.train.optimizer import make_optimizer
     tx = make_optimizer(s.train)
     updates, _ = tx.update(grads, tx.init(train_p), train_p)

@@ -306,7 +306,8 @@ def validate(config, *, num_devices: int | None = None,
              or not any(p.startswith("attn.") for p in s.lora.targets.split(",")),
              f"lora.targets={s.lora.targets!r} adapts attention projections, which "
              f"model.attention='mla' does not support; target 'mlp.*' / 'shared.*' only.")
-    _require(s.data.dataset != "moejax_corpus" or s.model.vocab_size >= BYTE_VOCAB,
+    _require(s.data.dataset not in ("moejax_corpus", "multitask")
+             or s.model.vocab_size >= BYTE_VOCAB,
              f"model.vocab_size={s.model.vocab_size} is smaller than the byte tokenizer's "
              f"{BYTE_VOCAB} ids; set model.vocab_size >= {BYTE_VOCAB}.")
     if num_devices is None or num_processes is None:

@@ -337,6 +337,8 @@ class Checkpointer:
             abstract = jax.tree.map(_abstract_leaf, target)
             _check_matches({name: abstract}, {name: saved[name]}, step_dir)
             item[name] = abstract
+        if not item:
+            return {name: None for name in targets}
         try:  # a partial read of the state item alone (the manager restores whole items)
             restore_args = ocp.checkpoint_utils.construct_restore_args(item)
             with ocp.PyTreeCheckpointer() as reader:

@@ -30,14 +30,3 @@ def test_quick_mode_prints_per_task_accuracies(tiny_corpus_dir, tmp_path, capsys
         assert f"| {row['name']} |" in out
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == result["rows"]
 
-
-def test_task_answers_and_held_out_split():
-    assert [tasks.solve(t, x) for t, x in [("rev", "abcd"), ("rot", "xyza"), ("srt", "5071"),
-                                           ("add", "37+8")]] == ["dcba", "abcd", "0157", "45"]
-    held = tasks.eval_examples(0, per_task=8)
-    assert len(held) == 8 * len(tasks.TASKS)
-    assert all(tasks.held_out(t, x) and tasks.solve(t, x) == a for t, x, a in held)
-    train = [tasks.train_example(0, k) for k in range(400)]
-    assert not any(tasks.held_out(t, x) for t, x, _ in train)
-    assert train[:4] == [tasks.train_example(0, k) for k in range(4)]  # deterministic
-    assert {len(tasks.prompt_tokens(t, x)) for t, x, _ in held + train} == {tasks.PROMPT_LEN}

@@ -101,3 +101,28 @@ def test_unsupported_peft_options_are_named(base, tmp_path, option, value):
     path.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=option):
         mhf.from_pretrained(str(base), adapter=str(tmp_path))
+
+
+def test_hf_directory_as_the_base_of_an_adapter_run(base, tmp_path):
+    """lora.base_hf: the frozen base of an adapter run read with from_pretrained, placed like
+    the model's params; a model section of another shape is refused naming the field."""
+    import dataclasses
+
+    import flax.linen as nn
+
+    from moejax.lora.checkpoint import BaseModelError, fingerprint, load_base
+    from moejax.models.transformer import Transformer
+    plain, variables = mhf.from_pretrained(str(base))
+    lora = LoRAConfig(method="lora", targets="attn.*", rank=2, base_hf=str(base))
+    model = Transformer(plain.model, plain.moe, lora=lora)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                            nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                                    jnp.asarray(IDS))))
+    loaded, source = load_base(lora, str(tmp_path), abstract["params"], None, plain.model)
+    assert source["kind"] == "hf" and source["path"] == str(base)
+    assert fingerprint(loaded["params"]) == fingerprint(variables["params"])
+    other = dataclasses.replace(plain.model, num_kv_heads=4)
+    with pytest.raises(BaseModelError, match=r"num_kv_heads=2 but the config has "
+                                             r"model.num_kv_heads=4"):
+        load_base(lora, str(tmp_path), abstract["params"], None, other)

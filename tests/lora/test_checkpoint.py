@@ -3,15 +3,19 @@ the base, resume is exact, and a changed, missing or mis-shaped base is refused.
 import os
 import shutil
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 from testing_utils import make_tiny_config
 
+from moejax.config import validate
 from moejax.lora.adapter import is_adapter_path
 from moejax.lora.checkpoint import BaseModelError, load_adapted
+from moejax.models.transformer import Transformer
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.trainer import train
 from moejax.train.writers import read_jsonl
@@ -29,11 +33,21 @@ def _adapter_config(data_dir, base_dir, **overrides):
         "lora.base_checkpoint": base_dir, **overrides})
 
 
+def _write_base(config, run_dir, step):
+    """A base run's checkpoint (its params at `step`), as moejax.train leaves it."""
+    s = validate(config)
+    params = nn.unbox(jax.jit(Transformer(s.model, s.moe).init)(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    params = jax.tree.map(lambda x: x + 0.01, params)  # not the adapter run's own init
+    with Checkpointer(run_dir, async_save=False, save_every=1) as ckpt:
+        ckpt.save(step, {"step": jnp.asarray(step), "params": params}, force=True)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_corpus_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter_runs")
     base, adapted = str(root / "base"), str(root / "adapted")
-    train(make_tiny_config(tiny_corpus_dir, "dense", **{"train.steps": 2}), base)
+    _write_base(make_tiny_config(tiny_corpus_dir, "dense"), base, step=2)
     train(_adapter_config(tiny_corpus_dir, base), adapted)
     return tiny_corpus_dir, root, base, adapted
 

@@ -125,10 +125,9 @@ def _randomise(params, seed=1):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-@pytest.mark.parametrize("name,rslora", [("deepseekmoe", True), ("dense", False)])
-def test_merged_model_gives_the_adapted_logits(name, rslora):
-    s = _sections(name, **{"lora.rslora": rslora, "lora.alpha": 4.0, "model.num_layers": 2,
-                           "model.first_k_dense": 1})
+def test_merged_model_gives_the_adapted_logits():
+    name = "dense"
+    s = _sections(name, **{"lora.rslora": True, "lora.alpha": 4.0})
     model = Transformer(s.model, s.moe, lora=s.lora)
     tokens = jnp.asarray(_batch(s)["inputs"][:2, :12])
     params = _randomise(nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens))["params"])
@@ -142,8 +141,6 @@ def test_merged_model_gives_the_adapted_logits(name, rslora):
     assert np.abs(np.asarray(adapted) - np.asarray(plain_apply({"params": base}, tokens)[0])
                   ).max() > 1e-2
     np.testing.assert_allclose(np.asarray(got), np.asarray(adapted), atol=2e-5, rtol=2e-5)
-    if name != "dense":
-        return
     # Greedy decoding with the adapters (KV cache) equals decoding the merged model.
     np.testing.assert_array_equal(
         np.asarray(generate(model, {"params": params}, tokens[:, :4], 6)),

@@ -36,8 +36,9 @@ def _experiment(name="dense", **overrides):
 
 @pytest.fixture(scope="module")
 def moe_experiment():
-    """DeepSeekMoE (shared experts adapted too); one layer keeps compilation short."""
-    return _experiment("deepseekmoe", **{"model.num_layers": 1, "model.first_k_dense": 0})
+    """One DeepSeekMoE layer (attention and shared experts adapted): short to compile."""
+    return _experiment("deepseekmoe", **{"model.num_layers": 1, "model.first_k_dense": 0,
+                                         "lora.targets": "attn.wq,shared.*"})
 
 
 def _batch(s, seed=0):

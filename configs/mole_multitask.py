@@ -28,8 +28,9 @@ def get_config(arg=None):
     c = default_config()
     c.model.update(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    d_ff=192, moe_every=0)
-    if arg.quick:
+    if arg.quick:  # seconds: one small layer, no MFU calibration matmul
         c.model.update(d_model=32, num_layers=1, d_ff=64)
+        c.train.peak_tflops = 1.0
     if arg.size not in ("tiny", "pod"):
         raise ValueError(f"size={arg.size!r}: choose tiny or pod")
     c.train.update(log_every=50, eval_every=0, checkpoint_every=100_000, keep_checkpoints=1,

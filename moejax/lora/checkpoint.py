@@ -122,8 +122,29 @@ def _check_shapes(abstract: Any, loaded: Any, source: dict) -> None:
                 f"was trained with.")
 
 
-def _load_moejax(source: dict, abstract_base: Any, abstract_bias: Any) -> dict:
+# Model fields that change the function without changing any parameter shape.
+SAME_FUNCTION_FIELDS = ("rope_theta", "norm_eps", "attention", "attention_bias",
+                        "tie_embeddings", "num_heads", "num_kv_heads", "head_dim")
+
+
+def _check_run_config(source: dict, model_cfg) -> None:
+    """A base run's `config.json` (when present) must agree on the fields shapes miss."""
+    path = os.path.join(source["path"], "config.json")
+    if model_cfg is None or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f).get("model", {})
+    for name in SAME_FUNCTION_FIELDS:
+        if name in saved and saved[name] != getattr(model_cfg, name):
+            raise BaseModelError(
+                f"{_field(source)}={source['path']!r} was trained with model.{name}="
+                f"{saved[name]!r} but this config has model.{name}="
+                f"{getattr(model_cfg, name)!r}; set --config.model.{name}={saved[name]!r}.")
+
+
+def _load_moejax(source: dict, abstract_base: Any, abstract_bias: Any, model_cfg=None) -> dict:
     path = source["path"]
+    _check_run_config(source, model_cfg)
     ckpt = Checkpointer(path, async_save=False)
     try:
         step = ckpt.latest_step()
@@ -187,7 +208,7 @@ def load_base(lora: LoRAConfig, workdir: str, abstract_params: Any, abstract_bia
                 f"{_field(source)}={source['path']!r} does not exist. Adapter checkpoints hold "
                 f"adapters only and need the base they were trained on: restore that "
                 f"directory, or point {_field(source)} at it.")
-        base = _load_moejax(source, abstract_base, abstract_bias)
+        base = _load_moejax(source, abstract_base, abstract_bias, model_cfg)
     source["step"] = base["step"]
     return base, source
 

@@ -1,5 +1,6 @@
 """Adapter runs through moejax.train: the checkpoint holds adapters only with a reference to
 the base, resume is exact, and a changed, missing or mis-shaped base is refused."""
+import json
 import os
 import shutil
 
@@ -41,6 +42,8 @@ def _write_base(config, run_dir, step):
     params = jax.tree.map(lambda x: x + 0.01, params)  # not the adapter run's own init
     with Checkpointer(run_dir, async_save=False, save_every=1) as ckpt:
         ckpt.save(step, {"step": jnp.asarray(step), "params": params}, force=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f)
 
 
 @pytest.fixture(scope="module")
@@ -113,4 +116,12 @@ def test_a_base_of_another_shape_is_named(runs, tmp_path):
     with pytest.raises(BaseModelError, match=r"does not match the model config.*w_down' the "
                                              r"checkpoint has shape \(2, 64, 32\) but the "
                                              r"target has shape \(2, 96, 32\)"):
+        train(config, str(tmp_path / "run"))
+
+
+def test_a_base_trained_with_another_rope_theta_is_named(runs, tmp_path):
+    data_dir, _, base, _ = runs
+    config = _adapter_config(data_dir, base, **{"model.rope_theta": 500.0})
+    with pytest.raises(BaseModelError, match=r"was trained with model.rope_theta=10000.0 but "
+                                             r"this config has model.rope_theta=500.0"):
         train(config, str(tmp_path / "run"))

@@ -9,7 +9,8 @@ The prompt is prefilled in one call of the model in decode mode (`Transformer(de
 whose attention layers append to a `cache` collection: keys and values for GQA, the
 compressed latent and rotary key for MLA), then one token per step in a `lax.fori_loop`.
 Every row of the prompt has the same length P (no padding); the cache holds
-P + max_new_tokens positions. Returns int32 `[B, P + max_new_tokens]`; with `eos_id`, a row
+P + max_new_tokens positions. A model with adapters (`Transformer(..., lora=cfg)`) decodes
+with them. Returns int32 `[B, P + max_new_tokens]`; with `eos_id`, a row
 that produced it keeps emitting `eos_id`.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moejax.lora.config import LoRAConfig
 from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
@@ -57,9 +59,9 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float,
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model_cfg: ModelConfig, moe_cfg: MoEConfig, max_new_tokens: int,
-              temperature: float, top_p: float):
-    decoder = Transformer(model_cfg, moe_cfg, decode=True)
+def _compiled(model_cfg: ModelConfig, moe_cfg: MoEConfig, lora_cfg: LoRAConfig | None,
+              max_new_tokens: int, temperature: float, top_p: float):
+    decoder = Transformer(model_cfg, moe_cfg, decode=True, lora=lora_cfg)
 
     def step(variables, cache, tokens_BxL, start):
         b, length = tokens_BxL.shape
@@ -103,7 +105,7 @@ def generate(model: Transformer, variables: dict, prompt_BxP, max_new_tokens: in
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(...).")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    run = _compiled(model.model, model.moe, int(max_new_tokens), float(temperature),
-                    float(top_p))
+    run = _compiled(model.model, model.moe, model.lora, int(max_new_tokens),
+                    float(temperature), float(top_p))
     return run(_without_cache(variables), jnp.asarray(prompt_BxP, jnp.int32), rng,
                jnp.int32(eos_id))

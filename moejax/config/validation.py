@@ -209,6 +209,13 @@ def _check_lora(lo: LoRAConfig) -> None:
     _require(bool(patterns) and all("." in p for p in patterns),
              f"lora.targets={lo.targets!r} must be comma-separated '<module>.<param>' "
              f"patterns such as 'attn.wq,attn.wv' or 'attn.*,mlp.*'.")
+    _require(not (lo.base_checkpoint and lo.base_hf),
+             f"lora.base_checkpoint={lo.base_checkpoint!r} and lora.base_hf={lo.base_hf!r} "
+             f"both name a base model; set only one of them.")
+    for name in ("base_checkpoint", "base_hf"):
+        _require(lo.method != "none" or not getattr(lo, name),
+                 f"lora.{name}={getattr(lo, name)!r} is set but lora.method='none' trains the "
+                 f"whole model; set lora.method (e.g. 'lora') or clear lora.{name}.")
 
 
 def _check_train(t: TrainConfig) -> None:
@@ -329,7 +336,8 @@ def validate(config, *, num_devices: int | None = None,
              or not any(p.startswith("attn.") for p in s.lora.targets.split(",")),
              f"lora.targets={s.lora.targets!r} adapts attention projections, which "
              f"model.attention='mla' does not support; target 'mlp.*' / 'shared.*' only.")
-    _require(s.data.dataset != "moejax_corpus" or s.model.vocab_size >= BYTE_VOCAB,
+    _require(s.data.dataset not in ("moejax_corpus", "multitask")
+             or s.model.vocab_size >= BYTE_VOCAB,
              f"model.vocab_size={s.model.vocab_size} is smaller than the byte tokenizer's "
              f"{BYTE_VOCAB} ids; set model.vocab_size >= {BYTE_VOCAB}.")
     if num_devices is None or num_processes is None:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from moejax.data import reader as reader_lib
+from moejax.data import tasks
 from moejax.data.config import DataConfig
 from moejax.data.packing import PackedRows, fill_row
 
@@ -197,7 +198,11 @@ def make_batches(
     process_count: int | None = None,
     repeat: bool = True,
 ) -> PackedBatches:
-  """This process's iterator over `split`; process info defaults to JAX's."""
+  """This process's iterator over `split`; process info defaults to JAX's.
+
+  `data.dataset="multitask"` gives generated prompt -> answer rows instead of packed
+  documents (`moejax.data.tasks.TaskBatches`, the same interface).
+  """
   process_index, process_count = _process_info(process_index, process_count)
   if cfg.global_batch_size % process_count:
     raise ValueError(
@@ -205,6 +210,9 @@ def make_batches(
         f"{process_count} processes; set --config.data.global_batch_size to a multiple "
         f"of {process_count}."
     )
+  if cfg.dataset == tasks.DATASET:
+    return tasks.TaskBatches(cfg, split, process_index=process_index,
+                             process_count=process_count, repeat=repeat)
   return PackedBatches(
       reader_lib.open_split(cfg, split),
       seq_len=cfg.seq_len,

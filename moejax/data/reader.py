@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from moejax.data import corpus_builder
+from moejax.data import corpus_builder, tasks
 from moejax.data.config import DATA_DIR_ENV, DEFAULT_DATASET, DataConfig
 from moejax.data.tokenizer import ByteTokenizer
 
@@ -105,6 +105,9 @@ def open_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
 
 def open_split(cfg: DataConfig, split: str) -> DocumentReader:
   """A reader for `split` of the dataset `cfg` names; raises DataError naming the field."""
+  if cfg.dataset == tasks.DATASET:
+    raise DataError(f"data.dataset={tasks.DATASET!r} is generated, not read: use "
+                    f"make_batches (moejax.data.tasks).")
   builder = open_builder(cfg)
   available = list(builder.info.splits.keys())
   if split not in available:
@@ -146,6 +149,8 @@ def describe(cfg: DataConfig) -> dict[str, dict]:
   The moejax corpus stores these counts at build time; for other datasets documents are
   counted from the split metadata and bytes are None (counting them means reading it all).
   """
+  if cfg.dataset == tasks.DATASET:
+    return tasks.describe()
   builder = open_builder(cfg)
   out: dict[str, dict] = {}
   for split, info in builder.info.splits.items():

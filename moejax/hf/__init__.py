@@ -6,6 +6,11 @@
     logits, extras = model.apply(variables, input_ids)      # float32 [B, S, V]
     moejax.hf.save_pretrained(model, variables, "/path/out")
 
+    model, variables = moejax.hf.from_pretrained(base_dir, adapter="/path/peft_adapter")
+    moejax.hf.save_adapter(model, variables, "/path/adapter_out")   # peft loads it
+
+peft LoRA adapters: `moejax.hf.peft` (plain LoRA and rsLoRA on attention and dense MLPs).
+
 Architectures and config keys: `moejax.hf.architectures` (one table per architecture). The
 variables are `{"params": ...}` plus, for DeepSeek-V3's `sigmoid_bias` router, the
 non-trainable `{"router_bias": ...}` (`e_score_correction_bias`), in the scanned layout
@@ -64,13 +69,21 @@ def _extra_keys(keys: set[str], used: set[str], num_layers: int) -> list[str]:
     return sorted(out)
 
 
-def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
+def from_pretrained(path: str, *, adapter: str | None = None, dtype: str = "float32",
+                    param_dtype: str = "float32",
                     **model_overrides) -> tuple[Transformer, dict[str, Any]]:
     """(Transformer, variables) equal to the HF checkpoint in `path` (see the module doc).
 
-    `dtype` / `param_dtype` are the compute and storage dtypes; `model_overrides` set other
-    ModelConfig fields that do not change the function (e.g. `remat="full"`).
+    `adapter`: a peft LoRA adapter directory applied on top (the model then carries the
+    adapters' `lora` config, `moejax.hf.peft.load_adapter`). `dtype` / `param_dtype` are the
+    compute and storage dtypes; `model_overrides` set other ModelConfig fields that do not
+    change the function (e.g. `remat="full"`).
     """
+    if adapter is not None:
+        from moejax.hf.peft import load_adapter
+        model, variables = from_pretrained(path, dtype=dtype, param_dtype=param_dtype,
+                                           **model_overrides)
+        return load_adapter(model, variables, adapter)
     hf = read_config(path)
     arch, m, moe = from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, **model_overrides)
     if not m.scan_layers:
@@ -137,4 +150,12 @@ def configs_as_dict(model: Transformer) -> dict[str, dict]:
     return {"model": dataclasses.asdict(model.model), "moe": dataclasses.asdict(model.moe)}
 
 
-__all__ = ["from_pretrained", "save_pretrained", "read_config", "configs_as_dict"]
+def save_adapter(model: Transformer, variables: dict[str, Any], path: str,
+                 base_model_name_or_path: str | None = None) -> dict:
+    """Writes moejax plain-LoRA adapters in peft's format (`moejax.hf.peft.save_adapter`)."""
+    from moejax.hf.peft import save_adapter as save
+    return save(model, variables, path, base_model_name_or_path)
+
+
+__all__ = ["from_pretrained", "save_pretrained", "save_adapter", "read_config",
+           "configs_as_dict"]

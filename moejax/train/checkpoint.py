@@ -295,6 +295,61 @@ class Checkpointer:
             restored[_EXTRA] if _EXTRA in args else None,
         )
 
+    def read_extra(self, step: int | None = None) -> dict | None:
+        """The `extra` JSON of step `step` (default: the latest), or None without one."""
+        self.wait()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        if _EXTRA not in set(self._manager.item_metadata(step).keys()):
+            return None
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{_EXTRA: ocp.args.JsonRestore()}))
+        return restored[_EXTRA]
+
+    def restore_subtrees(self, targets: dict[str, PyTree], step: int | None = None
+                         ) -> dict[str, PyTree]:
+        """Only the top-level entries `targets` names of a step's state (e.g. `params` of a
+        TrainState), each onto its target's layout; nothing else is read. An entry that is
+        None in `targets` is restored only if saved (None otherwise). Raises
+        CheckpointError naming the step and the first key that differs."""
+        self.wait()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"No checkpoint found in {self.directory}.")
+        step_dir = self.step_dir(step)
+        try:
+            metadata = self._manager.item_metadata(step)[_STATE]
+        except Exception as e:
+            raise CorruptCheckpointError(
+                _unreadable_message(step_dir, step, self.all_steps(), e)) from e
+        saved = metadata.tree if metadata is not None else {}
+        item = {}
+        for name, target in targets.items():
+            if name not in saved:
+                if target is None:
+                    continue
+                raise CheckpointMismatchError(
+                    f"Checkpoint {step_dir} has no '{name}' in its state (it has "
+                    f"{sorted(saved)}).")
+            if target is None:
+                continue
+            abstract = jax.tree.map(_abstract_leaf, target)
+            _check_matches({name: abstract}, {name: saved[name]}, step_dir)
+            item[name] = abstract
+        if not item:
+            return {name: None for name in targets}
+        try:  # a partial read of the state item alone (the manager restores whole items)
+            restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+            with ocp.PyTreeCheckpointer() as reader:
+                out = dict(reader.restore(
+                    os.path.join(step_dir, _STATE), args=ocp.args.PyTreeRestore(
+                        item, restore_args=restore_args, partial_restore=True)))
+        except Exception as e:
+            raise CorruptCheckpointError(
+                _unreadable_message(step_dir, step, self.all_steps(), e)) from e
+        return {name: out.get(name) for name in targets}
+
     def restore_or_init(
         self,
         init_fn: Callable[[], PyTree],

@@ -1,4 +1,10 @@
-"""AdamW with linear warmup + cosine decay, global-norm clipping; no decay on norms or biases."""
+"""AdamW with linear warmup + cosine decay, global-norm clipping; no decay on norms or biases.
+
+Adapter runs (`lora.method != "none"`, `adapters_only=True`) freeze the base model through the
+optimizer: `optax.multi_transform` sends the leaves `moejax.lora.trainable.is_trainable`
+accepts to AdamW and every other leaf to `optax.set_to_zero()`, which keeps no state, so the
+optimizer state holds moments for the adapters only (clipping sees the adapters' norm only).
+"""
 from __future__ import annotations
 
 import jax
@@ -25,10 +31,24 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def drop_masked_boxes(opt_state):
+    """Optimizer state initialised from boxed params keeps the logical-axis boxes of frozen
+    leaves around optax's empty `MaskedNode`s; drop those boxes (they hold no array)."""
+    import flax.linen as nn
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree.map(lambda x: x.value if is_box(x) and isinstance(x.value, optax.MaskedNode)
+                        else x, opt_state, is_leaf=is_box)
+
+
+def make_optimizer(cfg: TrainConfig, adapters_only: bool = False) -> optax.GradientTransformation:
     parts = []
     if cfg.grad_clip:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if not adapters_only:
+        return tx
+    from moejax.lora import trainable
+    return optax.multi_transform({trainable.TRAINABLE: tx, trainable.FROZEN: optax.set_to_zero()},
+                                 trainable.labels)

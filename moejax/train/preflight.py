@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from moejax.config import ConfigError
-from moejax.data import DataError, make_batches, open_split
+from moejax.data import DataError, make_batches, open_split, tasks
 from moejax.data.pipeline import PackedBatches
 
 
@@ -83,7 +83,7 @@ def check_vocabulary(batch: dict[str, np.ndarray], vocab_size: int, dataset: str
 def open_train_data(s) -> PackedBatches:
     """This process's training iterator, after checking the splits and the vocabulary."""
     batches = make_batches(s.data, s.data.train_split)
-    if s.train.eval_every:
+    if s.train.eval_every and s.data.dataset != tasks.DATASET:
         open_split(s.data, s.data.eval_split)  # fail now, not at the first evaluation
     # Peek at the first batch without consuming it: the iterator state is a few ints.
     start = batches.get_state()

@@ -10,6 +10,13 @@ parameters and optimizer state (a select inside the step, see `moejax.train.faul
 reports `nonfinite = 1`. The step uses no randomness: its result depends only on the state
 and the batch, which is what makes a resumed run bit-identical to an uninterrupted one.
 
+Adapter runs (`adapters_only=True`, `lora.method != "none"`) differentiate with respect to
+the trainable leaves only (`moejax.lora.trainable.partition`): the base parameters enter the
+loss as constants, no gradient buffer of their size is formed, and the new params are the
+updated adapters joined with the very same base arrays (bit-identical by construction). The
+optimizer (`make_optimizer(..., adapters_only=True)`) sees full-structure gradients whose
+frozen leaves are zeros it maps to zero updates; those zeros are dead code that XLA removes.
+
 Models with DeepSeek-V3's router bias carry it in `TrainState.router_bias` (None otherwise);
 it is updated after the optimizer step by `moejax.train.router_bias`.
 """
@@ -22,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax.lora import trainable as trainable_lib
 from moejax.train import faults
 from moejax.train.router_bias import model_variables, update_router_bias
 
@@ -57,35 +65,54 @@ def _micro_loss(params, batch: Batch, model, total_tokens, num_micro: int, route
     return loss, (ce_sum, extras)
 
 
+def _split(params, adapters_only: bool):
+    """(differentiated part, constant part) of the params; the constant part is {} unless
+    `adapters_only`."""
+    if not adapters_only:
+        return params, {}
+    return trainable_lib.partition(params)
+
+
 def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
-               grad_accum: int = 1, schedule=None,
-               skip_non_finite: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum: int = 1, schedule=None, skip_non_finite: bool = True,
+               adapters_only: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+    train_p, frozen_p = _split(state.params, adapters_only)
+
+    def loss_of(tp, *args):
+        return _micro_loss(trainable_lib.combine(tp, frozen_p) if adapters_only else tp, *args)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     if grad_accum == 1:
-        (loss, (ce_sum, extras)), grads = grad_fn(state.params, batch, model, total_tokens, 1,
+        (loss, (ce_sum, extras)), grads = grad_fn(train_p, batch, model, total_tokens, 1,
                                                    state.router_bias)
     else:
         micro = jax.tree.map(
             lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
 
         def body(acc, mb):
-            (loss, (ce_sum, extras)), grads = grad_fn(state.params, mb, model, total_tokens,
+            (loss, (ce_sum, extras)), grads = grad_fn(train_p, mb, model, total_tokens,
                                                       grad_accum, state.router_bias)
             acc = jax.tree.map(jnp.add, acc, (loss, ce_sum, grads))
             return acc, extras
 
-        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, train_p))
         (loss, ce_sum, grads), extras_all = jax.lax.scan(body, zeros, micro)
         extras = jax.tree.map(lambda x: jnp.mean(x, axis=0), extras_all)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    if adapters_only:  # frozen leaves: zero gradients, mapped to zero updates and dropped
+        full_grads = trainable_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen_p))
+        updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+        updates = trainable_lib.partition(updates)[0]
+    else:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_train_p = optax.apply_updates(train_p, updates)
     finite = faults.all_finite(loss, grads)
     if skip_non_finite:
-        params, opt_state = faults.keep_if_finite(finite, (params, opt_state),
-                                                  (state.params, state.opt_state))
+        new_train_p, opt_state = faults.keep_if_finite(finite, (new_train_p, opt_state),
+                                                       (train_p, state.opt_state))
+    params = trainable_lib.combine(new_train_p, frozen_p) if adapters_only else new_train_p
     metrics = {
         "loss": loss,
         "ce_loss": ce_sum / total_tokens,

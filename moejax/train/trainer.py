@@ -31,6 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.config import Sections, validate
 from moejax.data import DOMAINS, describe, make_batches
+from moejax.lora import checkpoint as lora_ckpt
+from moejax.lora import trainable as trainable_lib
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.models.transformer import Transformer
 from moejax.moe.selection import BIAS_COLLECTION, selection_rule
@@ -47,7 +49,7 @@ from moejax.train.checkpoint import Checkpointer
 from moejax.train.distributed import gather_data_states, local_data_state
 from moejax.train.faults import BadStepGuard, FaultHooks, NonFiniteError
 from moejax.train.mfu import device_peak_tflops
-from moejax.train.optimizer import learning_rate_schedule, make_optimizer
+from moejax.train.optimizer import drop_masked_boxes, learning_rate_schedule, make_optimizer
 from moejax.train.preemption import Preempted, PreemptionWatcher
 from moejax.train.router_health import RouterHealth
 from moejax.train.routing_stability import RoutingStability
@@ -204,8 +206,9 @@ class Experiment:
 
 
 def build_experiment(s: Sections, mesh) -> Experiment:
-    model = Transformer(s.model, s.moe, lora=None if s.lora.method == "none" else s.lora)
-    tx = make_optimizer(s.train)
+    adapters_only = s.lora.method != "none"
+    model = Transformer(s.model, s.moe, lora=s.lora if adapters_only else None)
+    tx = make_optimizer(s.train, adapters_only=adapters_only)
     schedule = learning_rate_schedule(s.train)
     dummy = jnp.zeros((1, s.data.seq_len), jnp.int32)
 
@@ -213,7 +216,7 @@ def build_experiment(s: Sections, mesh) -> Experiment:
         variables = model.init(rng, dummy)
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params),
+                          opt_state=drop_masked_boxes(tx.init(params)),
                           router_bias=variables.get(BIAS_COLLECTION))
 
     # Sharding: abstract boxed state -> logical specs -> NamedShardings -> jit(init).
@@ -228,7 +231,8 @@ def build_experiment(s: Sections, mesh) -> Experiment:
     # expert_parallel and fssdp dispatchers shard_map over it (init runs without: the dummy
     # batch is one row).
     step = functools.partial(train_step, model=model, tx=tx, grad_accum=s.train.grad_accum,
-                             schedule=schedule, skip_non_finite=s.train.skip_non_finite)
+                             schedule=schedule, skip_non_finite=s.train.skip_non_finite,
+                             adapters_only=adapters_only)
     step_fn = InMesh(jax.jit(under_rules(step, mesh, s.mesh.rules),
                              out_shardings=(state_shardings, None), donate_argnums=(0,)), mesh)
     # Replicated outputs: every process can read the per-token `top1_expert` of the batch.
@@ -254,6 +258,48 @@ def _check_finite(guard: BadStepGuard, pending: list, ckpt: Checkpointer, workdi
     if reason:
         ckpt.wait()
         raise NonFiniteError(guard.stop_message(reason, ckpt.latest_step(), workdir))
+
+
+def _saved_state(state: TrainState, adapter_run: bool) -> TrainState:
+    """What a checkpoint holds: the whole state, or for an adapter run its adapters only."""
+    return state.replace(params=lora_ckpt.adapter_part(state.params)) if adapter_run else state
+
+
+def _restore_adapter_run(s: Sections, workdir: str, exp: Experiment, rng, ckpt: Checkpointer,
+                         notes: list[str]):
+    """Loads the frozen base (`moejax.lora.checkpoint`), then resumes the adapters from the
+    latest checkpoint (checking that the base is the one they were trained on) or
+    initialises them. Returns (full state, data state, start step, base reference)."""
+    abstract = exp.abstract_state
+    source = lora_ckpt.base_source(s.lora, workdir)
+    if source["kind"] == "own" and ckpt.latest_step() is None:
+        fresh = exp.init_fn(rng)
+        lora_ckpt.save_own_base(workdir, fresh.params, fresh.router_bias)
+        del fresh
+    base, source = lora_ckpt.load_base(s.lora, workdir, abstract.params, abstract.router_bias,
+                                       s.model)
+    fp = lora_ckpt.fingerprint(base["params"])
+
+    def init():
+        fresh = exp.init_fn(rng)
+        bias = base["router_bias"] if base["router_bias"] is not None else fresh.router_bias
+        return fresh.replace(params=lora_ckpt.adapter_part(fresh.params), router_bias=bias)
+
+    target = abstract.replace(params=lora_ckpt.adapter_part(abstract.params))
+    state, data_state, start_step = ckpt.restore_or_init(init, target, log=notes.append)
+    if start_step:
+        extra = ckpt.read_extra(start_step) or {}
+        if "base" not in extra:
+            raise lora_ckpt.BaseModelError(
+                f"{ckpt.step_dir(start_step)} has no base reference; it was not written by an "
+                f"adapter run. Pass a new --workdir.")
+        lora_ckpt.check_fingerprint(extra["base"]["fingerprint"], fp, source, start_step)
+    n_train = trainable_lib.count(abstract.params)
+    n_base = sum(x.size for x in jax.tree.leaves(base["params"]))
+    notes.append(f"adapters: {n_train} trainable params ({100 * n_train / n_base:.3f}% of the "
+                 f"{n_base / 1e6:.2f}M frozen base from {source['kind']}: {source['path']})")
+    state = state.replace(params=lora_ckpt.with_base(state.params, base["params"]))
+    return state, data_state, start_step, lora_ckpt.base_extra(source, fp)
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -285,8 +331,13 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
     notes: list[str] = []
     ckpt = Checkpointer(workdir, keep=s.train.keep_checkpoints,
                         save_every=s.train.checkpoint_every, async_save=s.train.async_checkpoint)
-    state, data_state, start_step = ckpt.restore_or_init(lambda: exp.init_fn(rng),
-                                                          exp.abstract_state, log=notes.append)
+    adapter_run = s.lora.method != "none"
+    if adapter_run:  # adapters checkpointed apart from their frozen base
+        state, data_state, start_step, base_ref = _restore_adapter_run(
+            s, workdir, exp, rng, ckpt, notes)
+    else:
+        state, data_state, start_step = ckpt.restore_or_init(
+            lambda: exp.init_fn(rng), exp.abstract_state, log=notes.append)
     if start_step == 0:
         if is_main:
             _write_config(workdir, config_dict)
@@ -386,9 +437,10 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
         if save_now and guard.streak:
             log(f"not checkpointing step {step}: its loss or gradients were non-finite; "
                 f"the latest checkpoint stays step {ckpt.latest_step()}")
-        elif save_now and ckpt.save(step, state,
+        elif save_now and ckpt.save(step, _saved_state(state, adapter_run),
                                     data_state=gather_data_states(train_batches.get_state()),
-                                    extra={"config": config_dict},
+                                    extra={"config": config_dict,
+                                           **({"base": base_ref} if adapter_run else {})},
                                     force=last_step or preempted):
             hooks.after_save_started(step)
         if preempted:

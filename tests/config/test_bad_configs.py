@@ -126,6 +126,8 @@ BAD = [
     ("lora.rslora", "yes", "config.lora.rslora='yes' must be a bool"),
     ("lora.num_experts", 0, "lora.num_experts=0 must be positive"),
     ("lora.top_k", 3, "lora.top_k=3 must be <= lora.num_experts=1"),
+    ("lora.base_checkpoint", "runs/base", "lora.method='none' trains the whole model"),
+    ("lora.base_hf", 7, "config.lora.base_hf=7 must be a string"),
 ]
 
 

@@ -143,3 +143,11 @@ def test_cli_rejects_bad_config_before_compiling(tmp_path):
     assert proc.returncode != 0
     assert "model.num_heads=3" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_lora_base_sources_are_exclusive():
+    config = default_config()
+    config.lora.update(method="lora", base_checkpoint="runs/base", base_hf="hf/llama")
+    with pytest.raises(ConfigError, match=r"lora.base_checkpoint='runs/base' and "
+                                          r"lora.base_hf='hf/llama' both name a base model"):
+        validate(config, num_devices=1, num_processes=1)

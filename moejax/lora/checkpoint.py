@@ -1,0 +1,281 @@
+"""Base and adapters checkpointed apart: one frozen base serves many adapter runs.
+
+An adapter run (`lora.method != "none"`) saves, at each checkpoint step, the adapters (every
+leaf under a `lora_*` module, trainable or not), their optimizer state, the step and any
+non-trainable collections of the TrainState, plus `extra["base"]`: where the base comes
+from and a fingerprint of its parameters. The base itself is read, never written, from
+
+    lora.base_checkpoint   a moejax run directory: `params` (and `router_bias`) of its
+                           latest checkpoint (a `moejax.train` run or `moejax.hf.convert`)
+    lora.base_hf           a Hugging Face directory, via `moejax.hf.from_pretrained`
+    neither                the run's own initialisation, written once to `{workdir}/base`
+
+Resuming loads the base from the same source and compares its fingerprint with the saved
+one, so a base that changed (retrained, another checkpoint step) or went missing is refused
+with a message naming it, never silently combined with adapters trained on another base.
+
+The fingerprint, per base leaf: shape, sum, sum of |x| and a sum weighted by a fixed integer
+hash of the element index (exact on every platform), computed on device in float32; two
+fingerprints match within a relative 1e-5 of sum |x|, which absorbs reduction order across
+devices but not a changed weight.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from moejax.config.sections import ConfigError
+from moejax.lora.adapter import join_adapters, split_adapters
+from moejax.lora.config import LoRAConfig
+from moejax.train.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
+
+BASE_DIR = "base"
+FINGERPRINT_RTOL = 1e-5
+
+
+class BaseModelError(CheckpointError):
+    """The base of an adapter run is missing, of another shape, or not the one it was
+    trained on."""
+
+
+def base_source(lora: LoRAConfig, workdir: str) -> dict[str, str]:
+    """{"kind": "moejax" | "hf" | "own", "path": ...} of the run's base model."""
+    if lora.base_checkpoint:
+        return {"kind": "moejax", "path": os.path.abspath(lora.base_checkpoint)}
+    if lora.base_hf:
+        return {"kind": "hf", "path": os.path.abspath(lora.base_hf)}
+    return {"kind": "own", "path": os.path.join(os.path.abspath(workdir), BASE_DIR)}
+
+
+def _field(source: dict) -> str:
+    return {"moejax": "lora.base_checkpoint", "hf": "lora.base_hf"}.get(
+        source["kind"], "the run's own base")
+
+
+# ----------------------------------------------------------------------------------------
+# Fingerprint.
+
+
+def _leaf_stats(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32).reshape(-1)
+    i = jnp.arange(x.size, dtype=jnp.uint32)
+    h = (i * jnp.uint32(2654435761)) >> jnp.uint32(16)  # Knuth's multiplicative hash
+    w = h.astype(jnp.float32) / 65536.0 - 0.5
+    return jnp.stack([jnp.sum(x), jnp.sum(jnp.abs(x)), jnp.sum(x * w)])
+
+
+def fingerprint(base_params: Any) -> dict[str, list]:
+    """{"path/to/leaf": [shape, [sum, sum |x|, hashed sum]]} of the base params."""
+    flat = traverse_util.flatten_dict(base_params, sep="/")
+    stats = jax.device_get(jax.jit(lambda t: {k: _leaf_stats(v) for k, v in t.items()})(flat))
+    return {k: [list(np.shape(flat[k])), [float(s) for s in stats[k]]] for k in sorted(flat)}
+
+
+def check_fingerprint(saved: dict, current: dict, source: dict, step: int) -> None:
+    """Raises BaseModelError naming the first base leaf that differs from the saved one."""
+    problem = None
+    for key in sorted(set(saved) | set(current)):
+        if key not in current or key not in saved:
+            problem = f"'{key}' is {'missing from' if key not in current else 'new in'} it"
+        elif list(saved[key][0]) != list(current[key][0]):
+            problem = f"'{key}' has shape {current[key][0]} instead of {saved[key][0]}"
+        else:
+            a, b = np.asarray(saved[key][1]), np.asarray(current[key][1])
+            if np.any(np.abs(a - b) > FINGERPRINT_RTOL * (abs(a[1]) + 1e-30)):
+                problem = (f"'{key}' holds other values (fingerprint {b.tolist()}, saved "
+                           f"{a.tolist()})")
+        if problem:
+            break
+    if problem:
+        raise BaseModelError(
+            f"The base model at {_field(source)}={source['path']!r} is not the one this "
+            f"adapter run was trained on (checkpoint step {step}): {problem}. Resume with the "
+            f"original base, or pass a new --workdir to train adapters on this base.")
+
+
+# ----------------------------------------------------------------------------------------
+# Loading the base.
+
+
+def _check_shapes(abstract: Any, loaded: Any, source: dict) -> None:
+    want = traverse_util.flatten_dict(abstract, sep="/")
+    got = traverse_util.flatten_dict(loaded, sep="/")
+    for key in sorted(set(want) | set(got)):
+        if key not in got or key not in want:
+            where = "the model has" if key not in got else "the base has"
+            other = "the base does not" if key not in got else "the model does not"
+            raise BaseModelError(
+                f"{_field(source)}={source['path']!r} does not match the model config: "
+                f"{where} 'params/{key}' but {other}. Use the model section the base was "
+                f"trained with.")
+        if tuple(np.shape(want[key])) != tuple(np.shape(got[key])):
+            raise BaseModelError(
+                f"{_field(source)}={source['path']!r} does not match the model config: "
+                f"'params/{key}' has shape {tuple(np.shape(got[key]))} in the base but "
+                f"{tuple(np.shape(want[key]))} in the model. Use the model section the base "
+                f"was trained with.")
+
+
+# Model fields that change the function without changing any parameter shape.
+SAME_FUNCTION_FIELDS = ("rope_theta", "norm_eps", "attention", "attention_bias",
+                        "tie_embeddings", "num_heads", "num_kv_heads", "head_dim")
+
+
+def _check_run_config(source: dict, model_cfg) -> None:
+    """A base run's `config.json` (when present) must agree on the fields shapes miss."""
+    path = os.path.join(source["path"], "config.json")
+    if model_cfg is None or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f).get("model", {})
+    for name in SAME_FUNCTION_FIELDS:
+        if name in saved and saved[name] != getattr(model_cfg, name):
+            raise BaseModelError(
+                f"{_field(source)}={source['path']!r} was trained with model.{name}="
+                f"{saved[name]!r} but this config has model.{name}="
+                f"{getattr(model_cfg, name)!r}; set --config.model.{name}={saved[name]!r}.")
+
+
+def _load_moejax(source: dict, abstract_base: Any, abstract_bias: Any, model_cfg=None) -> dict:
+    path = source["path"]
+    _check_run_config(source, model_cfg)
+    ckpt = Checkpointer(path, async_save=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise BaseModelError(
+                f"{_field(source)}={path!r} holds no checkpoint (looked in {ckpt.directory}). "
+                f"Point it at a finished moejax run directory (or a moejax.hf.convert one).")
+        extra = ckpt.read_extra(step) or {}
+        if "base" in extra:
+            raise BaseModelError(
+                f"{_field(source)}={path!r} is an adapter run: its checkpoints hold adapters "
+                f"only. Point it at the run that trained the base ({extra['base']['path']}).")
+        try:
+            out = ckpt.restore_subtrees({"params": abstract_base, "router_bias": abstract_bias},
+                                        step)
+        except CheckpointMismatchError as e:
+            raise BaseModelError(
+                f"{_field(source)}={path!r} does not match the model config: {e} Use the "
+                f"model section the base was trained with.") from e
+        out["step"] = step
+        return out
+    finally:
+        ckpt.close()
+
+
+def _load_hf(source: dict, abstract_base: Any, model_cfg) -> dict:
+    from moejax.hf import from_pretrained
+    path = source["path"]
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise BaseModelError(f"lora.base_hf={path!r} has no config.json; point it at a "
+                             f"Hugging Face model directory.")
+    hf_model, variables = from_pretrained(path, dtype=model_cfg.dtype,
+                                          param_dtype=model_cfg.param_dtype)
+    for name in ("attention", "num_heads", "num_kv_heads", "resolved_head_dim", "rope_theta",
+                 "norm_eps", "tie_embeddings", "attention_bias"):
+        a, b = getattr(hf_model.model, name), getattr(model_cfg, name)
+        if a != b:
+            raise BaseModelError(f"lora.base_hf={path!r} has {name}={a!r} but the config has "
+                                 f"model.{name.replace('resolved_', '')}={b!r}; set it to "
+                                 f"{a!r}.")
+    _check_shapes(abstract_base, variables["params"], source)
+    return {"params": variables["params"], "router_bias": variables.get("router_bias"),
+            "step": 0}
+
+
+def load_base(lora: LoRAConfig, workdir: str, abstract_params: Any, abstract_bias: Any,
+              model_cfg) -> tuple[dict, dict]:
+    """`(base, source)`: base = {"params", "router_bias", "step"}, the base params placed like
+    the (adapter-free part of the) abstract params, which carry shardings."""
+    source = base_source(lora, workdir)
+    abstract_base, _ = split_adapters(abstract_params)
+    if source["kind"] == "hf":
+        base = _load_hf(source, abstract_base, model_cfg)
+        shard = lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding)  # noqa: E731
+        base["params"] = jax.tree.map(shard, base["params"], abstract_base)
+        if base["router_bias"] is not None and abstract_bias is not None:
+            base["router_bias"] = jax.tree.map(shard, base["router_bias"], abstract_bias)
+    else:
+        if not os.path.isdir(source["path"]):
+            raise BaseModelError(
+                f"{_field(source)}={source['path']!r} does not exist. Adapter checkpoints hold "
+                f"adapters only and need the base they were trained on: restore that "
+                f"directory, or point {_field(source)} at it.")
+        base = _load_moejax(source, abstract_base, abstract_bias, model_cfg)
+    source["step"] = base["step"]
+    return base, source
+
+
+def save_own_base(workdir: str, params: Any, router_bias: Any) -> None:
+    """Writes a run's own initial base (no pretrained source) to `{workdir}/base`, once."""
+    base, _ = split_adapters(params)
+    state = {"params": base}
+    if router_bias is not None:
+        state["router_bias"] = router_bias
+    with Checkpointer(os.path.join(workdir, BASE_DIR), async_save=False, save_every=1) as ckpt:
+        if ckpt.latest_step() is None:
+            ckpt.save(0, state, force=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Adapter states.
+
+
+def adapter_part(params: Any) -> Any:
+    """The leaves an adapter checkpoint stores: every leaf under a `lora_*` module."""
+    return split_adapters(params)[1]
+
+
+def with_base(adapters: Any, base_params: Any) -> Any:
+    return join_adapters(base_params, adapters)
+
+
+def base_extra(source: dict, fp: dict) -> dict:
+    return {"kind": source["kind"], "path": source["path"], "step": source.get("step", 0),
+            "fingerprint": fp}
+
+
+def load_adapted(workdir: str, step: int | None = None):
+    """`(model, variables)` of a finished adapter run: its base (from the source its config
+    names, fingerprint checked) with the adapters of checkpoint `step` (default: latest)."""
+    import flax.linen as nn
+
+    from moejax.config import validate
+    from moejax.models.transformer import Transformer
+    from moejax.moe.selection import BIAS_COLLECTION
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    s = validate(config)
+    if s.lora.method == "none":
+        raise ConfigError(f"{workdir} is not an adapter run (lora.method='none').")
+    model = Transformer(s.model, s.moe, lora=s.lora)
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                       jnp.zeros((1, 1), jnp.int32)))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+        abstract)
+    bias = abstract.get(BIAS_COLLECTION)
+    base, source = load_base(s.lora, workdir, abstract["params"], bias, s.model)
+    with Checkpointer(workdir, async_save=False) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{workdir} holds no checkpoint.")
+        extra = ckpt.read_extra(step) or {}
+        if "base" not in extra:
+            raise CheckpointError(f"{workdir} step {step} has no base reference; it was not "
+                                  f"written by an adapter run.")
+        check_fingerprint(extra["base"]["fingerprint"], fingerprint(base["params"]), source,
+                          step)
+        got = ckpt.restore_subtrees({"params": adapter_part(abstract["params"]),
+                                     "router_bias": bias}, step)
+    variables = {"params": with_base(got["params"], base["params"])}
+    if got["router_bias"] is not None:
+        variables[BIAS_COLLECTION] = got["router_bias"]
+    return model, variables

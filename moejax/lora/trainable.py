@@ -1,0 +1,75 @@
+"""Which parameters an adapter run trains: the one predicate, and params split by it.
+
+LoRA fine-tuning (Hu et al., 2021) freezes the base model and trains the adapters only.
+`is_trainable(path)` says which leaves get gradients and optimizer state: every leaf inside
+an adapter module (`is_adapter_path`, a path component `lora_*`), except the leaves a
+variant declares frozen in `FROZEN_ADAPTER_LEAVES` (e.g. FlyLoRA's fixed random `A`). A
+variant that keeps a frozen adapter leaf registers its name there, so the optimizer, the
+train step and the tests all see the same split.
+
+`partition(params) -> (trainable, frozen)` and `combine(trainable, frozen)` work on nested
+dicts of any leaves (arrays, ShapeDtypeStructs, boxed `nn.Partitioned`): the train step
+differentiates with respect to `trainable` only.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from flax import traverse_util
+
+from moejax.lora.adapter import is_adapter_path
+
+# (adapter module name or "*", leaf name) pairs that stay frozen although they live inside an
+# adapter module. Variants add theirs, e.g. ("*", "a_frozen") for a fixed random projection.
+FROZEN_ADAPTER_LEAVES: set[tuple[str, str]] = set()
+
+TRAINABLE, FROZEN = "trainable", "frozen"
+
+
+def _keys(path: Sequence[Any]) -> list[str]:
+    """The string keys of a path of dict keys or jax key entries (box attributes dropped)."""
+    out = []
+    for entry in path:
+        key = getattr(entry, "key", entry)
+        if isinstance(key, str):
+            out.append(key)
+    return out
+
+
+def is_trainable(path: Sequence[Any]) -> bool:
+    """Whether the parameter at `path` is trained in an adapter run (see the module doc)."""
+    if not is_adapter_path(path):
+        return False
+    keys = _keys(path)
+    module = next((k for k in reversed(keys[:-1]) if k.startswith("lora_")), "")
+    leaf = keys[-1] if keys else ""
+    return (module, leaf) not in FROZEN_ADAPTER_LEAVES and ("*", leaf) not in FROZEN_ADAPTER_LEAVES
+
+
+def labels(params: Any) -> Any:
+    """A tree like `params` with "trainable" / "frozen" at each leaf (optax.multi_transform)."""
+    import jax
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: TRAINABLE if is_trainable(path) else FROZEN, params)
+
+
+def partition(params: Any) -> tuple[dict, dict]:
+    """`params -> (trainable, frozen)`, two nested dicts that `combine` joins back."""
+    flat = traverse_util.flatten_dict(params)
+    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
+    frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def combine(trainable: Any, frozen: Any) -> dict:
+    """The inverse of `partition`."""
+    flat = dict(traverse_util.flatten_dict(frozen))
+    flat.update(traverse_util.flatten_dict(trainable))
+    return traverse_util.unflatten_dict(flat)
+
+
+def count(params: Any) -> int:
+    """Number of trainable scalars in `params`."""
+    import math
+    flat = traverse_util.flatten_dict(params)
+    return sum(math.prod(getattr(v, "shape", ())) for k, v in flat.items() if is_trainable(k))

@@ -6,8 +6,8 @@
 
 The argument is the variant name (lora, rslora, mola, llava_mole, loramoe, hydralora, xlora,
 smora, flylora, dynmole, sora; each one's paper and reference code are in the variants
-module docstring), optionally followed by `steps=N` and `base=dense|deepseekmoe` (the tiny
-model of configs/dense.py or configs/deepseekmoe.py). Any `lora.*` field can be overridden
+module docstring), optionally followed by `steps=N`, `base=dense|deepseekmoe` (the model of configs/dense.py
+or configs/deepseekmoe.py) and `size=tiny|pod` (that file's size; `variant=` also works). Any `lora.*` field can be overridden
 on the command line. The base model is trained with the adapters here; training only the
 adapters (a frozen base) is `moejax.train`'s optimizer masking.
 """
@@ -19,12 +19,12 @@ from moejax.lora.variants import MODEL_OVERRIDES, variant_overrides
 
 
 def get_config(arg=None):
-    items = [item for item in (arg or "lora").split(",") if item]
-    variant = items[0] if items and "=" not in items[0] else "lora"
-    rest = ",".join(item for item in items if "=" in item)
-    args = parse_arg(rest, base="dense", steps=0)
+    items = [item for item in (arg or "").split(",") if item]
+    if items and "=" not in items[0]:  # configs/lora.py:smora,steps=50
+        items[0] = f"variant={items[0]}"
+    args = parse_arg(",".join(items), variant="lora", base="dense", size="tiny", steps=0)
     base = load_config_file(Path(__file__).parent / f"{args.base}.py")
-    c = base.get_config(f"steps={args.steps}" if args.steps else None)
-    c.lora.update(variant_overrides(variant))
-    c.model.update(MODEL_OVERRIDES.get(variant, {}))
+    c = base.get_config(f"size={args.size},steps={args.steps}")
+    c.lora.update(variant_overrides(args.variant))
+    c.model.update(MODEL_OVERRIDES.get(args.variant, {}))
     return c

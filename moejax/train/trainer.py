@@ -31,9 +31,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.config import Sections, validate
 from moejax.data import DOMAINS, describe, make_batches
+from moejax.lora.adapter import COLLECTIONS as LORA_COLLECTIONS
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.models.transformer import Transformer
-from moejax.lora.adapter import COLLECTIONS as LORA_COLLECTIONS
 from moejax.moe.selection import BIAS_COLLECTION, selection_rule
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import check_divisible, logical_shardings, shard_batch

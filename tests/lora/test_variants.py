@@ -72,7 +72,6 @@ def _topk_mask(score, k):
 
 def reference_gates(cfg: LoRAConfig, v, x, h, gates_in):
     """g[T, E] of each method, float64 NumPy, from the adapter's variables."""
-    p = {k: np.asarray(a, np.float64) for k, a in v["params"].items() if k != "router"}
     if cfg.method in ("lora", "sora"):
         return None
     if cfg.method == "xlora":

@@ -245,9 +245,15 @@ def _check_lora(lo: LoRAConfig) -> None:
     _require(not lo.shared_a or lo.dispatcher == "rank",
              f"lora.shared_a=True (HydraLoRA) needs lora.dispatcher='rank': the MoE "
              f"dispatchers compute experts with their own A; got {lo.dispatcher!r}.")
-    _require(lo.dispatcher == "rank" or lo.method in ("moe", "none"),
+    _require(lo.dispatcher == "rank" or lo.method in ("moe", "mixlora", "none"),
              f"lora.dispatcher={lo.dispatcher!r} dispatches routed experts, which only "
              f"lora.method='moe' has; use 'rank' for method={lo.method!r}.")
+    _require(lo.method != "mixlora" or (lo.router == "softmax_topk" and lo.renormalize
+                                        and lo.dispatcher != "rank"),
+             f"lora.method='mixlora' routes with lora.router='softmax_topk', renormalize=True "
+             f"(the FFN is the weighted mean of its experts) and a MoE dispatcher "
+             f"(lora.dispatcher='auto'); got router={lo.router!r}, renormalize="
+             f"{lo.renormalize}, dispatcher={lo.dispatcher!r}.")
     _require(not lo.renormalize or lo.router != "dynmole" or lo.method != "moe",
              "lora.renormalize=True does not apply to lora.router='dynmole' (DynMoLE keeps the "
              "raw probabilities); set lora.renormalize=False.")

@@ -17,6 +17,7 @@ the names and shapes of the model without adapters.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import math
@@ -182,6 +183,8 @@ def lora_delta(module: nn.Module, cfg: LoRAConfig | None, param: str, x: jax.Arr
     """
     if not is_target(cfg, module.name, param):
         return None
+    if cfg.method == "mixlora":  # MixLoRA's attention adapters are plain LoRA
+        cfg = dataclasses.replace(cfg, method="lora", num_experts=1, top_k=1)
     d_out = math.prod(out_shape)
     gates = None
     if cfg.method == "xlora":

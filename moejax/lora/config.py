@@ -7,8 +7,9 @@ from moejax.config.sections import section_from_mapping
 
 # none: no adapter; lora: E static experts (E = 1: plain LoRA); moe: experts routed per token
 # by `router`; flylora: FlyLoRA's implicit router (frozen sparse A); xlora: X-LoRA's
-# model-level classifier; sora: SoRA's gated ranks (moejax.lora.sora).
-LORA_METHODS = ("none", "lora", "moe", "flylora", "xlora", "sora")
+# model-level classifier; sora: SoRA's gated ranks (moejax.lora.sora); mixlora: targeted
+# MLPs become MixLoRA's MoE of LoRA-adapted FFNs (moejax.lora.mixlora), attention plain LoRA.
+LORA_METHODS = ("none", "lora", "moe", "flylora", "xlora", "sora", "mixlora")
 LORA_ROUTERS = ("softmax_topk", "top_p", "sigmoid_bias", "dynmole")
 LORA_DISPATCHERS = ("rank", "dense_reference", "capacity_einsum", "ragged", "auto")
 LORA_SCALINGS = ("rank", "active", "total")

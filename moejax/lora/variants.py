@@ -14,6 +14,10 @@ method needs (MoLA: unrolled layers). All follow y = W x + s * B (expand(g(x), r
   Layers differ in shape, so MoLA runs with `model.scan_layers=False`.
 - llava_mole: LLaVA-MoLE (Chen et al., 2024, arXiv 2401.16160): sparse top-1 LoRA experts on
   the MLP projections, dispatched by moejax's dropless MoE dispatcher, Switch balance loss.
+- mixlora: MixLoRA (Li et al., 2024, arXiv 2404.15159; TUDB-Labs/MixLoRA): the MLP becomes
+  top-2 of 8 experts, each the frozen FFN with its own LoRA on gate/up/down, base gate/up
+  products shared, Switch balance loss 0.01; attention projections get plain LoRA
+  (`moejax.lora.mixlora`).
 - loramoe: LoRAMoE (Dou et al., 2024, arXiv 2312.09979; Ablustrund/LoRAMoE): every expert on
   every token with softmax weights (dense soft mixing) on the MLP, cv^2 balance of the
   experts' importance.
@@ -49,6 +53,9 @@ VARIANTS: dict[str, dict] = {
                  layer_experts="2,4,6,8", balance_coef=0.0),
     "llava_mole": dict(method="moe", router="softmax_topk", targets="mlp.*", num_experts=3,
                        top_k=1, renormalize=True, dispatcher="auto", balance_coef=0.01),
+    "mixlora": dict(method="mixlora", router="softmax_topk", targets="attn.*,mlp.*",
+                    num_experts=8, top_k=2, renormalize=True, dispatcher="auto",
+                    balance_coef=0.01),
     "loramoe": dict(method="moe", router="softmax_topk", targets="mlp.*", num_experts=6,
                     top_k=6, renormalize=False, cv_coef=0.01),
     "hydralora": dict(method="moe", router="softmax_topk", num_experts=3, top_k=3,

@@ -4,12 +4,13 @@
     python -m moejax.train --config=configs/lora.py:mola,steps=50 --workdir=runs/lora_mola \
         --config.lora.balance_coef=0.01
 
-The argument is the variant name (lora, rslora, mola, llava_mole, loramoe, hydralora, xlora,
-smora, flylora, dynmole, sora; each one's paper and reference code are in the variants
-module docstring), optionally followed by `steps=N`, `base=dense|deepseekmoe` (the model of configs/dense.py
-or configs/deepseekmoe.py) and `size=tiny|pod` (that file's size; `variant=` also works). Any `lora.*` field can be overridden
-on the command line. The base model is trained with the adapters here; training only the
-adapters (a frozen base) is `moejax.train`'s optimizer masking.
+The argument is the variant name (lora, rslora, mola, llava_mole, mixlora, loramoe,
+hydralora, xlora, smora, flylora, dynmole, sora; each one's paper and reference code are in
+the variants module docstring), optionally followed by `steps=N`, `base=dense|deepseekmoe`
+(the model of configs/dense.py or configs/deepseekmoe.py) and `size=tiny|pod` (that file's
+size; `variant=` also works). Any `lora.*` field can be overridden on the command line.
+The base model is trained with the adapters here; training only the adapters (a frozen
+base) is `moejax.train`'s optimizer masking.
 """
 from pathlib import Path
 

@@ -39,7 +39,7 @@ def test_variant_trains_two_steps(name, tiny_corpus_dir, tmp_path):
     config = variant_config(name, tiny_corpus_dir)
     metrics = train(config, str(tmp_path / "run"))
     assert np.isfinite(metrics["train/loss"]) and metrics["train/nonfinite_total"] == 0
-    if VARIANTS[name]["method"] in ("moe", "mixlora"):  # adapter routing losses/metrics reach the step
+    if VARIANTS[name]["method"] in ("moe", "mixlora"):  # routing losses/metrics reach the step
         assert metrics["train/lora/experts_per_token"] > 0
         assert any(k.startswith("train/aux/lora_") for k in metrics) == bool(
             VARIANTS[name].get("balance_coef") or VARIANTS[name].get("cv_coef"))

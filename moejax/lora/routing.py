@@ -7,11 +7,15 @@ sigmoid, the balance/z losses and routing metrics), so there is one routing impl
 - `router_config`: the `MoEConfig` an adapter's `LinearRouter` and the dispatchers see,
   built from the `lora` fields.
 - `dynmole`: DynMoLE (Li et al., 2025, "DynMoLE: Boosting Mixture of LoRA Experts
-  Fine-Tuning with a Hybrid Routing Mechanism", reference code mikecovlee/DynMoLE): softmax
-  probabilities; top-p (`top_p`, 0.75) with at least `min_experts` (2) experts; every expert
-  when the token's normalised Tsallis entropy (q = `tsallis_q`, 1.1) exceeds
-  `entropy_threshold` (0.9); weights are the probabilities, not renormalised. Its loss is
-  `entropy_coef` (0.01) x mean Tsallis entropy + `balance_coef` (0.001) x Switch balance.
+  Fine-Tuning with a Hybrid Routing Mechanism", reference code mikecovlee/DynMoLE
+  `moe_peft/adapters/dynmole/model.py`): softmax probabilities; in decreasing order, the
+  experts whose running sum (inclusive) stays <= `top_p` (0.75), and at least `min_experts`
+  (2); every expert when the token's normalised Tsallis entropy S_q / S_q,max (q =
+  `tsallis_q`, 1.1) exceeds `entropy_threshold` (0.9); weights are the probabilities, not
+  renormalised. Loss: `entropy_coef` (0.01) x mean normalised Tsallis entropy +
+  `balance_coef` (0.001) x Switch balance. Differences from the reference: its entropy
+  adds eps = 1e-5 to p, and its balance loss uses the mean routing weight per expert where
+  moejax's Switch loss counts the assignments.
 - `flylora`: FlyLoRA (Zou et al., 2025, NeurIPS, reference code gfyddha/FlyLoRA
   `flylora.py`): the frozen projection y = A x is its own router; a token activates the
   k ranks with the largest |y + d| (d: the per-rank balancing bias), with gate 1.
@@ -29,7 +33,7 @@ from moejax.lora.config import LoRAConfig
 from moejax.moe.config import MoEConfig
 from moejax.moe.losses import coefficient_of_variation, expert_load, routing_metrics
 from moejax.moe.routing import Routing
-from moejax.moe.selection import Selection, _finish, top_p_mask
+from moejax.moe.selection import Selection, _finish
 
 
 def router_config(lo: LoRAConfig, num_experts: int) -> MoEConfig:
@@ -59,9 +63,11 @@ def dynmole(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None
     del bias
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     sorted_p, ids = jax.lax.top_k(probs, probs.shape[-1])
-    keep = top_p_mask(sorted_p, lo.top_p) | (jnp.arange(probs.shape[-1]) < lo.min_experts)
+    keep = (jnp.cumsum(sorted_p, axis=-1) <= lo.top_p) | (
+        jnp.arange(probs.shape[-1]) < lo.min_experts)
     entropy, max_entropy = tsallis_entropy(probs, lo.tsallis_q)
-    keep = keep | (entropy / max_entropy > lo.entropy_threshold)[:, None]
+    entropy = entropy / max_entropy
+    keep = keep | (entropy > lo.entropy_threshold)[:, None]
     sel = _finish(cfg, logits, probs, ids, jnp.where(keep, sorted_p, 0.0), mask, seq_len)
     m = jnp.ones_like(entropy) if mask is None else mask.astype(jnp.float32)
     mean_entropy = jnp.sum(entropy * m) / jnp.maximum(jnp.sum(m), 1.0)

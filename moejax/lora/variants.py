@@ -38,7 +38,8 @@ method needs (MoLA: unrolled layers). All follow y = W x + s * B (expand(g(x), r
   router, top-k (8) of |A x + d|, binary gates, trainable zero-initialised B,
   s = alpha / R with alpha = 2R (the reference's default), d moved by the sign rule (1e-3).
 - dynmole: DynMoLE (Li et al., 2025, arXiv 2504.00661; mikecovlee/DynMoLE): softmax router,
-  top-p 0.75 with at least 2 experts, all experts when the normalised Tsallis entropy
+  top-p 0.75 (the reference keeps the prefix whose running sum stays <= p) with at least
+  2 experts, all experts when the normalised Tsallis entropy
   (q = 1.1) exceeds 0.9, weights not renormalised, loss 0.01 * mean entropy + 0.001 *
   Switch balance (`moejax.lora.routing.dynmole`).
 - sora: SoRA (Ding et al., 2023, arXiv 2311.11696; TsinghuaC3I/SoRA): a rank gate with

@@ -19,8 +19,13 @@ cache in the `cache` collection (`moejax.generate`).
 plus `"router_bias": ...` (stacked per-expert biases [layers, E]) for DeepSeek-V3's
 `sigmoid_bias` routing, and returns float32 logits [B, L, V] and
 `extras`: `aux_loss` (scalar, already weighted), `aux_losses` (name -> scalar summed over
-layers), `moe_metrics` (name -> array with a leading MoE-layer axis) and `routing`
-(per-token decisions `[num_moe_layers, B, L]`: `top1_expert`, `experts_per_token`).
+layers; LoRA expert routers' as `lora_<name>`), `moe_metrics` (name -> array with a leading
+MoE-layer axis), `routing` (per-token decisions `[num_moe_layers, B, L]`: `top1_expert`,
+`experts_per_token`), `lora_metrics` (name -> scalar, the adapter routers' statistics
+averaged over adapters and layers) and `lora_load` (bias path -> load, for the sign rule
+of `moejax.lora.balance`). Adapters report these through `moejax.lora.collect`, which every
+block opens around its body. With `lora.method="xlora"` the stacks run twice: once without
+adapters (X-LoRA's scaling pass), then with the classifier's scalings.
 """
 from __future__ import annotations
 
@@ -219,6 +224,10 @@ class Transformer(nn.Module):
             return final_norm(carry[0]), moe_out, lora_outs
 
         xlora = self.lora is not None and self.lora.method == "xlora"
+        if xlora and self.decode:
+            raise ValueError("lora.method='xlora' runs the model twice per call, which the "
+                             "decoding cache does not support; merge or drop the adapters "
+                             "to decode.")
         if xlora:  # X-LoRA: a pass without adapters (scalings 0) feeds the classifier
             hidden, _, _ = run(jnp.zeros((b, length, self.lora.num_experts), jnp.float32))
             scalings = XLoRAClassifier(self.lora, m.param_dtype, name="lora_xlora_classifier")(

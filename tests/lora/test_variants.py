@@ -91,9 +91,9 @@ def reference_gates(cfg: LoRAConfig, v, x, h, gates_in):
     if cfg.router == "dynmole":
         order = np.argsort(-probs, axis=-1)
         sorted_p = np.take_along_axis(probs, order, -1)
-        before = np.cumsum(sorted_p, -1) - sorted_p
-        keep = (before < cfg.top_p) | (np.arange(probs.shape[-1]) < cfg.min_experts)
-        e, q = probs.shape[-1], cfg.tsallis_q
+        keep = (np.cumsum(sorted_p, -1) <= cfg.top_p) | (np.arange(e := probs.shape[-1])
+                                                          < cfg.min_experts)
+        q = cfg.tsallis_q
         tsallis = (1 - (probs ** q).sum(-1)) / (q - 1) / ((1 - e ** (1 - q)) / (q - 1))
         keep |= (tsallis > cfg.entropy_threshold)[:, None]
         mask = np.zeros_like(keep)

@@ -212,10 +212,11 @@ MODEL = ModelConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=2, num_kv
 TOKENS = jnp.arange(16).reshape(2, 8) % 64
 
 
-# Every variant's adapter gives an exact 0 at init (test above); these change the model
-# around the adapters: X-LoRA's two passes, MoLA's unrolled layers, SMoRA's lora_bias,
-# DynMoLE's losses in the model's extras, MixLoRA's MoE in place of the MLP.
-@pytest.mark.parametrize("name", ["xlora", "mola", "smora", "dynmole", "mixlora"])
+# Every variant's adapter gives an exact 0 at init (test above; MixLoRA's MLP: its own
+# test); these two change the model around the adapters: X-LoRA's two passes and MoLA's
+# unrolled layers. (The adapters' losses reaching the step metrics, and each biased
+# router's load reaching the sign rule, are checked by test_variant_training.py.)
+@pytest.mark.parametrize("name", ["xlora", "mola"])
 def test_zero_initialised_adapters_give_the_base_logits(name):
     cfg = variant(name, targets="attn.wq,mlp.w_down")
     m = dataclasses.replace(MODEL, **MODEL_OVERRIDES.get(name, {}))
@@ -223,22 +224,13 @@ def test_zero_initialised_adapters_give_the_base_logits(name):
     variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS))
     base, adapters = split_adapters(variables["params"])
     assert adapters
+    if name == "xlora":
+        assert "lora_xlora_classifier" in adapters
     want, _ = jax.jit(Transformer(m, MoEConfig()).apply)({"params": base}, TOKENS)
     got, extras = jax.jit(model.apply)(variables, TOKENS)
-    if name == "mixlora":  # exact up to ~1 ulp (test_mixlora_equals_the_numpy_reference)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
-    else:
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    if cfg.method == "moe":  # router metrics reach the model's extras
-        assert extras["lora_metrics"]["experts_per_token"] > 0
-    if name == "dynmole":  # and so do the router losses
-        assert set(extras["aux_losses"]) == {"lora_balance", "lora_entropy"}
-        assert extras["aux_loss"] == extras["aux_losses"]["lora_balance"] + extras[
-            "aux_losses"]["lora_entropy"]
-    if name == "smora":  # the load of every biased router, shaped like its bias
-        assert {k: v.shape for k, v in extras["lora_load"].items()} == {
-            f"dense_layers/{p}/router": (2, cfg.num_experts) for p in ("attn/lora_wq",
-                                                                      "mlp/lora_w_down")}
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    if name == "mola":  # router metrics reach the model's extras
+        assert extras["lora_metrics"]["experts_per_token"] == cfg.top_k
 
 
 def test_mola_gives_each_layer_its_expert_count():

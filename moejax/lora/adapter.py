@@ -131,7 +131,8 @@ class LoRAAdapter(nn.Module):
             routing = LinearRouter(router_config(cfg, e), param_dtype=self.param_dtype,
                                    rule=functools.partial(dynmole, lo=cfg)
                                    if cfg.router == "dynmole" else None,
-                                   bias_collection=BIAS_COLLECTION, name="router")(x2)
+                                   bias_collection=BIAS_COLLECTION, expert_axis="lora_experts",
+                                   name="router")(x2)
         elif cfg.method == "flylora":
             bias = self.variable(BIAS_COLLECTION, "bias", nn.with_logical_partitioning(
                 jnp.zeros, ("lora_experts",)), (e * r,), jnp.float32).value

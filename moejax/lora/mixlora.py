@@ -63,7 +63,8 @@ def mixlora_mlp(module: nn.Module, cfg: LoRAConfig, x: jax.Array, w_gate: jax.Ar
     moe_cfg = router_config(cfg, e)
     x = x.astype(dtype)
     x2 = x.reshape(-1, d)
-    routing = LinearRouter(moe_cfg, param_dtype=module.param_dtype, name="lora_router")(x2)
+    routing = LinearRouter(moe_cfg, param_dtype=module.param_dtype, expert_axis="lora_experts",
+                           name="lora_router")(x2)
     collect.report(module.scope.path + ("lora_router",), routing.aux_losses, routing.metrics)
     weights = {}
     for name, d_in, d_out in (("gate", d, f), ("up", d, f), ("down", f, d)):

@@ -39,22 +39,25 @@ class LinearRouter(nn.Module):
 
     `rule` replaces the config's selection rule (same signature; LoRA experts use it for
     DynMoLE's rule) and `bias_collection` names the bias's collection (LoRA routers keep
-    theirs apart from the MoE layers', in `lora_bias`)."""
+    theirs apart from the MoE layers', in `lora_bias`, and name their expert axis
+    `lora_experts`, which the sharding rules replicate, via `expert_axis`)."""
     cfg: MoEConfig
     init_std: float = 0.02
     param_dtype: str = "float32"
     rule: Callable | None = None
     bias_collection: str = BIAS_COLLECTION
+    expert_axis: str = "expert"
 
     @nn.compact
     def __call__(self, x_TxD: jax.Array, state=None, mask_T: jax.Array | None = None,
                  shared: Any = None, seq_len: int | None = None) -> Routing:
         cfg = self.cfg
-        w = logical_param(self, "kernel", (x_TxD.shape[-1], cfg.num_experts), ("embed", "expert"),
-                          self.init_std, dtype_of(self.param_dtype))
+        w = logical_param(self, "kernel", (x_TxD.shape[-1], cfg.num_experts),
+                          ("embed", self.expert_axis), self.init_std, dtype_of(self.param_dtype))
         logits = x_TxD.astype(jnp.float32) @ w.astype(jnp.float32)
         rule = self.rule or SELECTIONS[selection_rule(cfg)]
-        sel = rule(logits, mask_T, cfg, selection_bias(self, cfg, self.bias_collection), seq_len)
+        bias = selection_bias(self, cfg, self.bias_collection, self.expert_axis)
+        sel = rule(logits, mask_T, cfg, bias, seq_len)
         return Routing(expert_ids=sel.expert_ids, combine_weights=sel.weights,
                        aux_losses=sel.aux_losses, metrics=sel.metrics, state=state)
 

@@ -241,6 +241,9 @@ def test_mola_gives_each_layer_its_expert_count():
     counts = [nn.unbox(params[f"dense_layers_{i}"]["attn"]["lora_wq"]["b"]).shape[0]
               for i in range(4)]
     assert counts == [2, 4, 6, 8]
+    # Adapter routers name their expert axis lora_experts (replicated), not the MoE's expert.
+    assert params["dense_layers_0"]["attn"]["lora_wq"]["router"]["kernel"].names == (
+        "embed", "lora_experts")
 
 
 def test_sign_rule_against_hand_computed_values():

@@ -127,17 +127,20 @@ class LoRAAdapter(nn.Module):
         # h = A x for every expert: [T, E_a, r] (one matmul over the concatenated ranks).
         h = (x2 @ a.transpose(1, 0, 2).reshape(d_in, -1)).reshape(x2.shape[0], -1, r)
         routing = None
+        # Padding tokens (segment id 0) take no part in the routers' losses and statistics.
+        mask = collect.context().get("token_mask")
+        mask = None if mask is None or mask.size != x2.shape[0] else mask.reshape(-1)
         if cfg.method == "moe":
             routing = LinearRouter(router_config(cfg, e), param_dtype=self.param_dtype,
                                    rule=functools.partial(dynmole, lo=cfg)
                                    if cfg.router == "dynmole" else None,
                                    bias_collection=BIAS_COLLECTION, expert_axis="lora_experts",
-                                   name="router")(x2)
+                                   name="router")(x2, mask_T=mask)
         elif cfg.method == "flylora":
             bias = self.variable(BIAS_COLLECTION, "bias", nn.with_logical_partitioning(
                 jnp.zeros, ("lora_experts",)), (e * r,), jnp.float32).value
             routing = flylora(jax.lax.stop_gradient(h.reshape(h.shape[0], -1)), bias,
-                              cfg.top_k)
+                              cfg.top_k, mask)
         if routing is not None:
             gates = dense_gates(routing, e * r if cfg.method == "flylora" else e)
             aux = dict(routing.aux_losses)

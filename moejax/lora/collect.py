@@ -8,9 +8,10 @@ outputs (so they are stacked over layers like the MoE layers' losses). Both happ
 one trace of the block body, so the values are that trace's arrays; outside a block (a
 module applied on its own) reports go nowhere and `context()` is empty.
 
-`load` entries are keyed by the reporting module's scope path ("/"-joined): the path of
-its variables in the `lora_bias` collection, for the sign-rule update
-(`moejax.lora.balance`).
+The block's context holds `token_mask` (real tokens, [B, L]) for the routers' losses and
+`xlora_scalings` ([B, L, E] or None). `load` entries are keyed by the reporting module's
+scope path ("/"-joined): the path of its variables in the `lora_bias` collection, for the
+sign-rule update (`moejax.lora.balance`).
 """
 from __future__ import annotations
 

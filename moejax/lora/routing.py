@@ -78,14 +78,16 @@ def dynmole(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None
                      {**sel.metrics, "tsallis_entropy": mean_entropy})
 
 
-def flylora(y: jax.Array, bias: jax.Array, top_k: int) -> Routing:
-    """FlyLoRA's implicit routing of `y = A x` [T, R] (module docstring): binary gates."""
+def flylora(y: jax.Array, bias: jax.Array, top_k: int,
+            mask: jax.Array | None = None) -> Routing:
+    """FlyLoRA's implicit routing of `y = A x` [T, R] (module docstring): binary gates;
+    padding tokens (`mask` 0) still get their ranks but are not counted in the load."""
     choice = jnp.abs(y.astype(jnp.float32) + bias.astype(jnp.float32))
     _, ids = jax.lax.top_k(choice, top_k)
     weights = jnp.ones(ids.shape, jnp.float32)
     scores = jax.nn.softmax(choice, axis=-1)  # only for the logged statistics
-    load = expert_load(ids, y.shape[-1])
-    metrics = routing_metrics(scores, ids, weights, load=load)
+    load = expert_load(ids, y.shape[-1], mask)
+    metrics = routing_metrics(scores, ids, weights, mask, load=load)
     return Routing(expert_ids=ids.astype(jnp.int32), combine_weights=weights, aux_losses={},
                    metrics=metrics)
 

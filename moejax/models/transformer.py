@@ -62,7 +62,7 @@ class Block(nn.Module):
     lora: LoRAConfig | None = None  # adapters on the targeted projections (moejax.lora)
 
     def __call__(self, carry, ctx):
-        with collect.block_scope(xlora_scalings=ctx[3]) as adapters:
+        with collect.block_scope(xlora_scalings=ctx[3], token_mask=ctx[0] > 0) as adapters:
             carry, outputs = self._body(carry, ctx)
         return carry, outputs + (collect.block_outputs(adapters),)
 

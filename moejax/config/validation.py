@@ -11,7 +11,13 @@ import math
 from moejax.config.base import SECTIONS
 from moejax.config.sections import ConfigError
 from moejax.data.config import DataConfig
-from moejax.lora.config import LORA_METHODS, LoRAConfig
+from moejax.lora.config import (
+    LORA_DISPATCHERS,
+    LORA_METHODS,
+    LORA_ROUTERS,
+    LORA_SCALINGS,
+    LoRAConfig,
+)
 from moejax.models.config import ATTENTIONS, DTYPES, REMAT_POLICIES, ModelConfig
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
@@ -198,13 +204,17 @@ def _check_router(moe: MoEConfig) -> None:
 
 
 def _check_lora(lo: LoRAConfig) -> None:
-    _require(lo.method in LORA_METHODS,
-             f"lora.method={lo.method!r} must be one of {LORA_METHODS}.")
+    for name, options in (("method", LORA_METHODS), ("router", LORA_ROUTERS),
+                          ("dispatcher", LORA_DISPATCHERS), ("scaling", LORA_SCALINGS)):
+        _require(getattr(lo, name) in options,
+                 f"lora.{name}={getattr(lo, name)!r} must be one of {options}.")
     for name in ("rank", "num_experts", "top_k"):
         _require(getattr(lo, name) > 0, f"lora.{name}={getattr(lo, name)} must be positive.")
     _require(lo.alpha > 0, f"lora.alpha={lo.alpha} must be positive (scale alpha / rank).")
-    _require(lo.top_k <= lo.num_experts,
-             f"lora.top_k={lo.top_k} must be <= lora.num_experts={lo.num_experts}.")
+    slots = lo.num_experts * lo.rank if lo.method == "flylora" else lo.num_experts
+    _require(lo.top_k <= slots,
+             f"lora.top_k={lo.top_k} must be <= lora.num_experts={lo.num_experts}"
+             + (" * lora.rank (FlyLoRA activates ranks)." if lo.method == "flylora" else "."))
     patterns = [p.strip() for p in lo.targets.split(",") if p.strip()]
     _require(bool(patterns) and all("." in p for p in patterns),
              f"lora.targets={lo.targets!r} must be comma-separated '<module>.<param>' "
@@ -216,6 +226,69 @@ def _check_lora(lo: LoRAConfig) -> None:
         _require(lo.method != "none" or not getattr(lo, name),
                  f"lora.{name}={getattr(lo, name)!r} is set but lora.method='none' trains the "
                  f"whole model; set lora.method (e.g. 'lora') or clear lora.{name}.")
+    for name in ("balance_coef", "z_loss_coef", "entropy_coef", "cv_coef", "bias_update_rate",
+                 "sora_lambda"):
+        _require(getattr(lo, name) >= 0,
+                 f"lora.{name}={getattr(lo, name)} must be >= 0 (0 turns it off).")
+    _require(lo.routed_scale > 0, f"lora.routed_scale={lo.routed_scale} must be positive "
+             f"(SMoRA: top_k, so the gates sum to k).")
+    _require(0.0 < lo.top_p <= 1.0, f"lora.top_p={lo.top_p} must be in (0, 1] (DynMoLE: 0.75).")
+    _require(1 <= lo.min_experts <= lo.num_experts,
+             f"lora.min_experts={lo.min_experts} must be in [1, lora.num_experts="
+             f"{lo.num_experts}] (DynMoLE: 2).")
+    _require(0.0 <= lo.entropy_threshold <= 1.0,
+             f"lora.entropy_threshold={lo.entropy_threshold} must be in [0, 1]: it is compared "
+             f"with the normalised Tsallis entropy (DynMoLE: 0.9).")
+    _require(lo.tsallis_q > 0 and lo.tsallis_q != 1.0,
+             f"lora.tsallis_q={lo.tsallis_q} must be positive and != 1 (DynMoLE: 1.1; q = 1 "
+             f"is the Shannon limit, not a Tsallis index).")
+    _require(0.0 <= lo.flylora_density <= 1.0,
+             f"lora.flylora_density={lo.flylora_density} must be in [0, 1] (0 = top_k / "
+             f"(num_experts * rank), FlyLoRA's default).")
+    _require(lo.xlora_temperature > 0,
+             f"lora.xlora_temperature={lo.xlora_temperature} must be positive.")
+    _require(0 <= lo.xlora_top_k <= lo.num_experts,
+             f"lora.xlora_top_k={lo.xlora_top_k} must be in [0, lora.num_experts="
+             f"{lo.num_experts}] (0 keeps every scaling).")
+    try:
+        counts = lo.expert_counts
+    except ValueError:
+        counts = (0,)
+    _require(all(c >= lo.top_k for c in counts),
+             f"lora.layer_experts={lo.layer_experts!r} must be comma-separated expert counts, "
+             f"each >= lora.top_k={lo.top_k} (MoLA: '2,4,6,8'), or empty.")
+    _require(not counts or lo.method == "moe" or lo.method == "none",
+             f"lora.layer_experts={lo.layer_experts!r} needs lora.method='moe' (MoLA routes "
+             f"each layer's experts); method={lo.method!r}.")
+    _require(not lo.shared_a or lo.dispatcher == "rank",
+             f"lora.shared_a=True (HydraLoRA) needs lora.dispatcher='rank': the MoE "
+             f"dispatchers compute experts with their own A; got {lo.dispatcher!r}.")
+    _require(lo.dispatcher == "rank" or lo.method in ("moe", "mixlora", "none"),
+             f"lora.dispatcher={lo.dispatcher!r} dispatches routed experts, which only "
+             f"lora.method='moe' has; use 'rank' for method={lo.method!r}.")
+    _require(lo.method != "mixlora" or (lo.router == "softmax_topk" and lo.renormalize
+                                        and lo.dispatcher != "rank"),
+             f"lora.method='mixlora' routes with lora.router='softmax_topk', renormalize=True "
+             f"(the FFN is the weighted mean of its experts) and a MoE dispatcher "
+             f"(lora.dispatcher='auto'); got router={lo.router!r}, renormalize="
+             f"{lo.renormalize}, dispatcher={lo.dispatcher!r}.")
+    _require(not lo.renormalize or lo.router != "dynmole" or lo.method != "moe",
+             "lora.renormalize=True does not apply to lora.router='dynmole' (DynMoLE keeps the "
+             "raw probabilities); set lora.renormalize=False.")
+
+
+def _check_lora_model(lo: LoRAConfig, m: ModelConfig) -> None:
+    if lo.method == "none":
+        return
+    _require(m.attention != "mla" or not any(p.startswith("attn.") for p in lo.targets.split(",")),
+             f"lora.targets={lo.targets!r} adapts attention projections, which "
+             f"model.attention='mla' does not support; target 'mlp.*' / 'shared.*' only.")
+    _require(not lo.expert_counts or (not m.scan_layers and m.moe_every in (0, 1)),
+             f"lora.layer_experts={lo.layer_experts!r} (MoLA) gives layers different expert "
+             f"counts, hence shapes: set model.scan_layers=False (and model.moe_every 0 or 1; "
+             f"got scan_layers={m.scan_layers}, moe_every={m.moe_every}).")
+    _require(lo.method != "xlora" or lo.dispatcher == "rank",
+             "lora.method='xlora' mixes every adapter with its scaling: lora.dispatcher='rank'.")
 
 
 def _check_train(t: TrainConfig) -> None:
@@ -332,10 +405,7 @@ def validate(config, *, num_devices: int | None = None,
     _check_moe(s.moe, s.model)
     _check_train(s.train)
     _check_lora(s.lora)
-    _require(s.lora.method == "none" or s.model.attention != "mla"
-             or not any(p.startswith("attn.") for p in s.lora.targets.split(",")),
-             f"lora.targets={s.lora.targets!r} adapts attention projections, which "
-             f"model.attention='mla' does not support; target 'mlp.*' / 'shared.*' only.")
+    _check_lora_model(s.lora, s.model)
     _require(s.data.dataset not in ("moejax_corpus", "multitask")
              or s.model.vocab_size >= BYTE_VOCAB,
              f"model.vocab_size={s.model.vocab_size} is smaller than the byte tokenizer's "

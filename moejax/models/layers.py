@@ -12,8 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.lora.adapter import add_delta, lora_delta
+from moejax.lora.adapter import add_delta, is_target, lora_delta
 from moejax.lora.config import LoRAConfig
+from moejax.lora.mixlora import mixlora_mlp
 
 
 def dtype_of(name: str):
@@ -81,6 +82,10 @@ class DenseMLP(nn.Module):
         w_up = logical_param(self, "w_up", (d, f), ("embed", "mlp"), std, pdt)
         w_down = logical_param(self, "w_down", (f, d), ("mlp", "embed"), out_std, pdt)
         x = x.astype(dt)
+        if self.lora is not None and self.lora.method == "mixlora" and is_target(
+                self.lora, self.name, "w_gate"):  # the FFN becomes MixLoRA's MoE
+            return mixlora_mlp(self, self.lora, x, w_gate.astype(dt), w_up.astype(dt),
+                               w_down.astype(dt), dt)
         adapt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gate = add_delta(x @ w_gate.astype(dt), lora_delta(self, self.lora, "w_gate", x, (f,),
                                                            **adapt))

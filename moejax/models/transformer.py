@@ -19,8 +19,13 @@ cache in the `cache` collection (`moejax.generate`).
 plus `"router_bias": ...` (stacked per-expert biases [layers, E]) for DeepSeek-V3's
 `sigmoid_bias` routing, and returns float32 logits [B, L, V] and
 `extras`: `aux_loss` (scalar, already weighted), `aux_losses` (name -> scalar summed over
-layers), `moe_metrics` (name -> array with a leading MoE-layer axis) and `routing`
-(per-token decisions `[num_moe_layers, B, L]`: `top1_expert`, `experts_per_token`).
+layers; LoRA expert routers' as `lora_<name>`), `moe_metrics` (name -> array with a leading
+MoE-layer axis), `routing` (per-token decisions `[num_moe_layers, B, L]`: `top1_expert`,
+`experts_per_token`), `lora_metrics` (name -> scalar, the adapter routers' statistics
+averaged over adapters and layers) and `lora_load` (bias path -> load, for the sign rule
+of `moejax.lora.balance`). Adapters report these through `moejax.lora.collect`, which every
+block opens around its body. With `lora.method="xlora"` the stacks run twice: once without
+adapters (X-LoRA's scaling pass), then with the classifier's scalings.
 """
 from __future__ import annotations
 
@@ -30,7 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.lora import collect
 from moejax.lora.config import LoRAConfig
+from moejax.lora.xlora import XLoRAClassifier
 from moejax.models.attention import Attention
 from moejax.models.config import ModelConfig
 from moejax.models.layers import DenseMLP, RMSNorm, dtype_of, logical_param
@@ -55,13 +62,18 @@ class Block(nn.Module):
     decode: bool = False  # attention keeps a key/value cache (moejax.generate)
     lora: LoRAConfig | None = None  # adapters on the targeted projections (moejax.lora)
 
-    @nn.compact
     def __call__(self, carry, ctx):
+        with collect.block_scope(xlora_scalings=ctx[3], token_mask=ctx[0] > 0) as adapters:
+            carry, outputs = self._body(carry, ctx)
+        return carry, outputs + (collect.block_outputs(adapters),)
+
+    @nn.compact
+    def _body(self, carry, ctx):
         x, router_state = carry
         # The residual stream is split over the batch axes only: FSDP then gathers weights
         # rather than partial products (a no-op outside moejax.sharding.activation_rules).
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        segment_ids, positions, shared_router = ctx
+        segment_ids, positions, shared_router, _ = ctx
         m = self.model
         norm = dict(eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype)
         attn = ATTENTION[m.attention](m, self.decode, self.lora, name="attn")
@@ -96,20 +108,27 @@ def _scan(cls, length: int):
 
 
 def _stack(cls, length: int, model: ModelConfig, moe: MoEConfig | None, name: str,
-           decode: bool = False, lora: LoRAConfig | None = None):
+           decode: bool = False, lora: LoRAConfig | None = None, first_layer: int = 0):
     """`length` blocks as one scanned module `name`, or (`scan_layers=False`) a loop over
     modules `name_0 .. name_{length-1}`; either way `(carry, ctx) -> (carry, stacked outputs)`.
-    Must be called inside a compact method (the loop's modules bind to the caller)."""
+    Must be called inside a compact method (the loop's modules bind to the caller).
+    Unrolled blocks get their layer's LoRA config (MoLA's per-layer expert counts;
+    `first_layer` is the model layer of block 0), and their adapter loads (keyed by their
+    own paths) are merged rather than stacked."""
     if model.scan_layers:
         return _scan(cls, length)(model, moe, decode, lora, name=name)
-    blocks = [cls(model, moe, decode, lora, name=f"{name}_{i}") for i in range(length)]
+    blocks = [cls(model, moe, decode,
+                  lora if lora is None else lora.for_layer(first_layer + i, model.num_layers),
+                  name=f"{name}_{i}") for i in range(length)]
 
     def run(carry, ctx):
-        outputs = []
+        outputs, loads = [], {}
         for block in blocks:
             carry, out = block(carry, ctx)
-            outputs.append(out)
-        return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+            loads.update(out[-1]["load"])
+            outputs.append(out[:-1] + ({**out[-1], "load": {}},))
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+        return carry, stacked[:-1] + ({**stacked[-1], "load": loads},)
     return run
 
 
@@ -139,9 +158,20 @@ class MoEPeriod(nn.Module):
     @nn.compact
     def __call__(self, carry, ctx):
         block = _block_cls(self.model)
-        carry, _ = _stack(block, self.model.moe_every - 1, self.model, None, "dense",
-                          self.decode, self.lora)(carry, ctx)
-        return block(self.model, self.moe, self.decode, self.lora, name="moe_block")(carry, ctx)
+        carry, dense_out = _stack(block, self.model.moe_every - 1, self.model, None, "dense",
+                                  self.decode, self.lora)(carry, ctx)
+        carry, out = block(self.model, self.moe, self.decode, self.lora,
+                           name="moe_block")(carry, ctx)
+        # The dense blocks' adapter losses and metrics join the MoE block's.
+        inner, lora_out = dense_out[-1], out[-1]
+        lora_out = {
+            "aux": {k: lora_out["aux"].get(k, 0.0) + jnp.sum(inner["aux"].get(k, 0.0))
+                    for k in set(lora_out["aux"]) | set(inner["aux"])},
+            "metrics": {k: (v + jnp.sum(inner["metrics"][k])) / (1 + inner["metrics"][k].size)
+                        if k in inner["metrics"] else v for k, v in lora_out["metrics"].items()},
+            "load": {**inner["load"], **lora_out["load"]},
+        }
+        return carry, out[:-1] + (lora_out,)
 
 
 class Transformer(nn.Module):
@@ -170,34 +200,61 @@ class Transformer(nn.Module):
         if m.num_moe_layers:
             router_state = initial_router_state(self.moe, b * length)
             shared_router = shared_router_params(self.moe, m.init_std, m.param_dtype)
-        ctx = (segment_ids_BxL, positions_BxL, shared_router)
-        carry = (x, router_state)
         block = _block_cls(m)
-
+        stacks = []  # (stack, whether its blocks are MoE)
         num_dense_prefix = m.num_layers if m.moe_every == 0 else m.first_k_dense
         if num_dense_prefix:
-            carry, _ = _stack(block, num_dense_prefix, m, None, "dense_layers",
-                              self.decode, self.lora)(carry, ctx)
-        aux, metrics, per_token = {}, {}, {}
+            stacks.append((_stack(block, num_dense_prefix, m, None, "dense_layers",
+                                  self.decode, self.lora), False))
         if m.num_moe_layers:
             if m.moe_every == 1:
-                stack = _stack(block, m.num_moe_layers, m, self.moe, "moe_layers", self.decode,
-                               self.lora)
+                stacks.append((_stack(block, m.num_moe_layers, m, self.moe, "moe_layers",
+                                      self.decode, self.lora, first_layer=m.first_k_dense),
+                               True))
             else:
-                stack = _stack(MoEPeriod, m.num_moe_layers, m, self.moe, "moe_periods",
-                               self.decode, self.lora)
-            carry, (aux, metrics, per_token) = stack(carry, ctx)
+                stacks.append((_stack(MoEPeriod, m.num_moe_layers, m, self.moe, "moe_periods",
+                                      self.decode, self.lora), True))
+        final_norm = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")
 
-        x = nn.with_logical_constraint(carry[0], ACTIVATION_AXES)
-        x = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")(x)
+        def run(scalings):
+            ctx = (segment_ids_BxL, positions_BxL, shared_router, scalings)
+            carry = (x, router_state)
+            moe_out, lora_outs = ({}, {}, {}), []
+            for stack, is_moe in stacks:
+                carry, out = stack(carry, ctx)
+                lora_outs.append(out[-1])
+                if is_moe:
+                    moe_out = out[:-1]
+            return (final_norm(nn.with_logical_constraint(carry[0], ACTIVATION_AXES)), moe_out,
+                    lora_outs)
+
+        xlora = self.lora is not None and self.lora.method == "xlora"
+        if xlora and self.decode:
+            raise ValueError("lora.method='xlora' runs the model twice per call, which the "
+                             "decoding cache does not support; merge or drop the adapters "
+                             "to decode.")
+        if xlora:  # X-LoRA: a pass without adapters (scalings 0) feeds the classifier
+            hidden, _, _ = run(jnp.zeros((b, length, self.lora.num_experts), jnp.float32))
+            scalings = XLoRAClassifier(self.lora, m.param_dtype, name="lora_xlora_classifier")(
+                jax.lax.stop_gradient(hidden))
+        h, (aux, metrics, per_token), lora_outs = run(scalings if xlora else None)
+        aux = dict(aux)
+        lora_metrics, lora_load = {}, {}
+        for out in lora_outs:
+            for k, v in out["aux"].items():
+                aux[k] = jnp.sum(v) + (jnp.sum(aux[k]) if k in aux else 0.0)
+            for k, v in out["metrics"].items():
+                lora_metrics.setdefault(k, []).append(jnp.ravel(v))
+            lora_load.update(out["load"])
+        lora_metrics = {k: jnp.mean(jnp.concatenate(v)) for k, v in lora_metrics.items()}
         if m.tie_embeddings:
-            logits = x @ embedding.astype(dt).T
+            logits = h @ embedding.astype(dt).T
         else:
             head = logical_param(self, "lm_head", (m.d_model, m.vocab_size), ("embed", "vocab"),
                                  m.init_std, pdt)
-            logits = x @ head.astype(dt)
+            logits = h @ head.astype(dt)
         aux_losses = {name: jnp.sum(v) for name, v in aux.items()}
         aux_loss = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
         extras = {"aux_loss": aux_loss, "aux_losses": aux_losses, "moe_metrics": metrics,
-                  "routing": per_token}
+                  "routing": per_token, "lora_metrics": lora_metrics, "lora_load": lora_load}
         return logits.astype(jnp.float32), extras

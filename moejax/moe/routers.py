@@ -20,7 +20,7 @@ elsewhere.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -30,25 +30,34 @@ from moejax.models.layers import dtype_of, logical_param
 from moejax.moe.config import MoEConfig
 from moejax.moe.gru_router import GRUCell, GRURouter
 from moejax.moe.routing import Routing
-from moejax.moe.selection import SELECTIONS, selection_bias, selection_rule
+from moejax.moe.selection import BIAS_COLLECTION, SELECTIONS, selection_bias, selection_rule
 
 
 class LinearRouter(nn.Module):
     """logits = x W_r in float32, then the config's selection rule; stateless (the
-    `sigmoid_bias` rule's bias is a variable of this module, not a routing state)."""
+    `sigmoid_bias` rule's bias is a variable of this module, not a routing state).
+
+    `rule` replaces the config's selection rule (same signature; LoRA experts use it for
+    DynMoLE's rule) and `bias_collection` names the bias's collection (LoRA routers keep
+    theirs apart from the MoE layers', in `lora_bias`, and name their expert axis
+    `lora_experts`, which the sharding rules replicate, via `expert_axis`)."""
     cfg: MoEConfig
     init_std: float = 0.02
     param_dtype: str = "float32"
+    rule: Callable | None = None
+    bias_collection: str = BIAS_COLLECTION
+    expert_axis: str = "expert"
 
     @nn.compact
     def __call__(self, x_TxD: jax.Array, state=None, mask_T: jax.Array | None = None,
                  shared: Any = None, seq_len: int | None = None) -> Routing:
         cfg = self.cfg
-        w = logical_param(self, "kernel", (x_TxD.shape[-1], cfg.num_experts), ("embed", "expert"),
-                          self.init_std, dtype_of(self.param_dtype))
+        w = logical_param(self, "kernel", (x_TxD.shape[-1], cfg.num_experts),
+                          ("embed", self.expert_axis), self.init_std, dtype_of(self.param_dtype))
         logits = x_TxD.astype(jnp.float32) @ w.astype(jnp.float32)
-        sel = SELECTIONS[selection_rule(cfg)](logits, mask_T, cfg, selection_bias(self, cfg),
-                                              seq_len)
+        rule = self.rule or SELECTIONS[selection_rule(cfg)]
+        bias = selection_bias(self, cfg, self.bias_collection, self.expert_axis)
+        sel = rule(logits, mask_T, cfg, bias, seq_len)
         return Routing(expert_ids=sel.expert_ids, combine_weights=sel.weights,
                        aux_losses=sel.aux_losses, metrics=sel.metrics, state=state)
 

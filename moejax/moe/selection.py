@@ -173,15 +173,17 @@ def routing_slots(cfg: MoEConfig) -> int:
     return cfg.top_k
 
 
-def selection_bias(module: nn.Module, cfg: MoEConfig) -> jax.Array | None:
+def selection_bias(module: nn.Module, cfg: MoEConfig, collection: str = BIAS_COLLECTION,
+                   expert_axis: str = "expert") -> jax.Array | None:
     """The per-expert bias `[E]` (float32, zeros at init) of a router whose rule takes one:
     the variable "bias" of the non-trainable `router_bias` collection, in `module`'s scope
     (the router), so the Transformer's layer scan stacks it like the parameters. None for the
-    other rules. Training moves it with `moejax.train.router_bias` (never by gradients)."""
+    other rules. Training moves it with `moejax.train.router_bias` (never by gradients).
+    LoRA expert routers keep theirs in their own `collection` (`moejax.lora.balance`)."""
     if selection_rule(cfg) not in BIASED_RULES:
         return None
-    init = nn.with_logical_partitioning(jnp.zeros, ("expert",))
-    return module.variable(BIAS_COLLECTION, "bias", init, (cfg.num_experts,), jnp.float32).value
+    init = nn.with_logical_partitioning(jnp.zeros, (expert_axis,))
+    return module.variable(collection, "bias", init, (cfg.num_experts,), jnp.float32).value
 
 
 Rule = Callable[..., Selection]

@@ -22,12 +22,16 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for weights that get weight decay: everything but RMSNorm scales and biases
-    (names starting with `b_`, e.g. the GRU router's)."""
+    """True for weights that get weight decay: everything but RMSNorm scales, biases (names
+    starting with `b_`, e.g. the GRU router's) and SoRA's rank gates (`lora_*/gate`, which
+    have their own L1 proximal step)."""
     def keep(path, _):
         # The last dict key names the weight (boxed params add a trailing `.value` attr).
         names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        return not names or not (names[-1] == "scale" or names[-1].startswith("b_"))
+        if not names:
+            return True
+        sora_gate = names[-1] == "gate" and any(n.startswith("lora_") for n in names)
+        return not (names[-1] == "scale" or names[-1].startswith("b_") or sora_gate)
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

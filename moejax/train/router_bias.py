@@ -29,12 +29,15 @@ from moejax.moe.selection import BIAS_COLLECTION
 LOG_FULL_BIAS_MAX_EXPERTS = 16  # log the bias vector itself up to this many experts
 
 
-def model_variables(params: Any, router_bias: Any = None) -> dict[str, Any]:
+def model_variables(params: Any, router_bias: Any = None,
+                    lora_state: Any = None) -> dict[str, Any]:
     """The `variables` of `Transformer.apply`: params, plus the router bias when the model
-    has one (None = it has none)."""
+    has one (None = it has none), plus the adapters' non-trainable collections
+    (`lora_state`: collection name -> tree, see `moejax.lora.adapter.COLLECTIONS`)."""
     variables = {"params": params}
     if router_bias is not None:
         variables[BIAS_COLLECTION] = router_bias
+    variables.update(lora_state or {})
     return variables
 
 

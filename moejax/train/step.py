@@ -18,7 +18,10 @@ optimizer (`make_optimizer(..., adapters_only=True)`) sees full-structure gradie
 frozen leaves are zeros it maps to zero updates; those zeros are dead code that XLA removes.
 
 Models with DeepSeek-V3's router bias carry it in `TrainState.router_bias` (None otherwise);
-it is updated after the optimizer step by `moejax.train.router_bias`.
+it is updated after the optimizer step by `moejax.train.router_bias`. LoRA experts carry
+their non-trainable collections in `TrainState.lora_state`: the balancing biases move by the
+sign rule (`moejax.lora.balance`) and SoRA's gates take their proximal step
+(`moejax.lora.sora`) after the optimizer step.
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax.lora import sora
 from moejax.lora import trainable as trainable_lib
+from moejax.lora.adapter import BIAS_COLLECTION
+from moejax.lora.balance import update_lora_bias
 from moejax.train import faults
 from moejax.train.router_bias import model_variables, update_router_bias
 
@@ -42,6 +48,9 @@ class TrainState:
     params: Any
     opt_state: Any
     router_bias: Any = None  # the non-trainable "router_bias" collection, if the model has it
+    # The adapters' non-trainable collections ("lora_bias", "lora_frozen"), if any:
+    # collection name -> tree (moejax.lora.adapter.COLLECTIONS).
+    lora_state: Any = None
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -51,13 +60,14 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-def forward(model, params, batch: Batch, router_bias=None):
-    return model.apply(model_variables(params, router_bias), batch["inputs"],
+def forward(model, params, batch: Batch, router_bias=None, lora_state=None):
+    return model.apply(model_variables(params, router_bias, lora_state), batch["inputs"],
                        batch["segment_ids"], batch["positions"])
 
 
-def _micro_loss(params, batch: Batch, model, total_tokens, num_micro: int, router_bias=None):
-    logits, extras = forward(model, params, batch, router_bias)
+def _micro_loss(params, batch: Batch, model, total_tokens, num_micro: int, router_bias=None,
+                lora_state=None):
+    logits, extras = forward(model, params, batch, router_bias, lora_state)
     mask = batch["loss_mask"].astype(jnp.float32)
     ce_sum = jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask)
     loss = ce_sum / total_tokens + extras["aux_loss"] / num_micro
@@ -86,14 +96,15 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
 
     if grad_accum == 1:
         (loss, (ce_sum, extras)), grads = grad_fn(train_p, batch, model, total_tokens, 1,
-                                                   state.router_bias)
+                                                   state.router_bias, state.lora_state)
     else:
         micro = jax.tree.map(
             lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
 
         def body(acc, mb):
             (loss, (ce_sum, extras)), grads = grad_fn(train_p, mb, model, total_tokens,
-                                                      grad_accum, state.router_bias)
+                                                      grad_accum, state.router_bias,
+                                                      state.lora_state)
             acc = jax.tree.map(jnp.add, acc, (loss, ce_sum, grads))
             return acc, extras
 
@@ -108,6 +119,10 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
     else:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_train_p = optax.apply_updates(train_p, updates)
+    lora = model.lora
+    if lora is not None and lora.method == "sora":  # SoRA's proximal step on the rank gates
+        lr = schedule(state.step) if schedule is not None else 1.0
+        new_train_p = sora.proximal_step(new_train_p, lr * lora.sora_lambda)
     finite = faults.all_finite(loss, grads)
     if skip_non_finite:
         new_train_p, opt_state = faults.keep_if_finite(finite, (new_train_p, opt_state),
@@ -127,27 +142,36 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
         metrics["learning_rate"] = schedule(state.step)
     metrics.update({f"aux/{k}": v for k, v in extras["aux_losses"].items()})
     metrics.update({f"moe/{k}": v for k, v in extras["moe_metrics"].items()})
+    metrics.update({f"lora/{k}": v for k, v in extras.get("lora_metrics", {}).items()})
+    lora_state = state.lora_state
+    if lora_state is not None and BIAS_COLLECTION in lora_state:
+        new_bias = update_lora_bias(lora_state[BIAS_COLLECTION], extras["lora_load"],
+                                    lora.bias_update_rate)
+        if skip_non_finite:
+            new_bias = faults.keep_if_finite(finite, new_bias, lora_state[BIAS_COLLECTION])
+        lora_state = {**lora_state, BIAS_COLLECTION: new_bias}
     router_bias, bias_metrics = update_router_bias(
         state.router_bias, extras["moe_metrics"].get("load"), model.moe.bias_update_rate)
     metrics.update(bias_metrics)
     if skip_non_finite and router_bias is not None:  # a skipped step moves nothing
         router_bias = faults.keep_if_finite(finite, router_bias, state.router_bias)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           router_bias=router_bias)
+                           router_bias=router_bias, lora_state=lora_state)
     return new_state, metrics
 
 
 def eval_step(params, batch: Batch, *, model, num_domains: int,
-              router_bias=None) -> dict[str, jax.Array]:
+              router_bias=None, lora_state=None) -> dict[str, jax.Array]:
     """Sums, so batches add up: cross-entropy and token counts, overall and per data domain,
     and (MoE models) the experts used per token, per MoE layer and domain.
 
     The aux loss and the `moe/*` metrics are per-batch values that the caller averages.
     `top1_expert[num_moe_layers, B, L]` is every loss token's first-choice expert (-1 for
     the others), which the caller compares between evaluations (routing stability).
-    `router_bias`: the model's router bias collection (`TrainState.router_bias`), if any.
+    `router_bias`: the model's router bias collection (`TrainState.router_bias`), if any;
+    `lora_state`: its adapters' non-trainable collections (`TrainState.lora_state`).
     """
-    logits, extras = forward(model, params, batch, router_bias)
+    logits, extras = forward(model, params, batch, router_bias, lora_state)
     mask = batch["loss_mask"].astype(jnp.float32)
     ce = token_cross_entropy(logits, batch["targets"]) * mask
     domain_onehot = jax.nn.one_hot(batch["domains"], num_domains, dtype=jnp.float32)

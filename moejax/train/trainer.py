@@ -33,6 +33,7 @@ from moejax.config import Sections, validate
 from moejax.data import DOMAINS, describe, make_batches
 from moejax.lora import checkpoint as lora_ckpt
 from moejax.lora import trainable as trainable_lib
+from moejax.lora.adapter import COLLECTIONS as LORA_COLLECTIONS
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.models.transformer import Transformer
 from moejax.moe.selection import BIAS_COLLECTION, selection_rule
@@ -152,13 +153,15 @@ def _eval_batches(s: Sections):
 
 
 def evaluate(eval_fn, params, s: Sections, mesh, stability: RoutingStability | None = None,
-             router_bias: Any = None) -> dict[str, float]:
+             router_bias: Any = None, lora_state: Any = None) -> dict[str, float]:
     """Loss over the validation batches (overall, per domain), MoE metrics, experts per token
     per domain, and with `stability` the fraction of tokens whose first-choice expert changed
     since the previous call. `router_bias`: the state's router bias collection, if any."""
     totals: dict[str, Any] = {}
     top1 = []
     bias_kw = {} if router_bias is None else {"router_bias": router_bias}
+    if lora_state is not None:
+        bias_kw["lora_state"] = lora_state
     for batch in _eval_batches(s):
         out = jax.device_get(eval_fn(params, shard_batch(batch, mesh, s.mesh.rules), **bias_kw))
         if "top1_expert" in out:
@@ -215,9 +218,11 @@ def build_experiment(s: Sections, mesh) -> Experiment:
     def init_boxed(rng):
         variables = model.init(rng, dummy)
         params = variables["params"]
+        lora_state = {k: variables[k] for k in LORA_COLLECTIONS if k in variables}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=drop_masked_boxes(tx.init(params)),
-                          router_bias=variables.get(BIAS_COLLECTION))
+                          router_bias=variables.get(BIAS_COLLECTION),
+                          lora_state=lora_state or None)
 
     # Sharding: abstract boxed state -> logical specs -> NamedShardings -> jit(init).
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
@@ -425,7 +430,7 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
                 log(f"WARNING {warning}")
         if s.train.eval_every and (step % s.train.eval_every == 0 or step == s.train.steps):
             result = evaluate(exp.eval_fn, state.params, s, mesh, stability,
-                              router_bias=state.router_bias)
+                              router_bias=state.router_bias, lora_state=state.lora_state)
             if result:
                 writers.write(step, result)
                 log(f"eval @ {step}: loss {result['eval/loss']:.4f} "

@@ -1,0 +1,31 @@
+"""LoRA experts on the tiny dense model: one config per method of `moejax.lora.variants`.
+
+    python -m moejax.train --config=configs/lora.py:smora --workdir=runs/lora_smora
+    python -m moejax.train --config=configs/lora.py:mola,steps=50 --workdir=runs/lora_mola \
+        --config.lora.balance_coef=0.01
+
+The argument is the variant name (lora, rslora, mola, llava_mole, mixlora, loramoe,
+hydralora, xlora, smora, flylora, dynmole, sora; each one's paper and reference code are in
+the variants module docstring), optionally followed by `steps=N`, `base=dense|deepseekmoe`
+(the model of configs/dense.py or configs/deepseekmoe.py) and `size=tiny|pod` (that file's
+size; `variant=` also works). Any `lora.*` field can be overridden on the command line.
+The base model is trained with the adapters here; training only the adapters (a frozen
+base) is `moejax.train`'s optimizer masking.
+"""
+from pathlib import Path
+
+from moejax.config.args import parse_arg
+from moejax.config.files import load_config_file
+from moejax.lora.variants import MODEL_OVERRIDES, variant_overrides
+
+
+def get_config(arg=None):
+    items = [item for item in (arg or "").split(",") if item]
+    if items and "=" not in items[0]:  # configs/lora.py:smora,steps=50
+        items[0] = f"variant={items[0]}"
+    args = parse_arg(",".join(items), variant="lora", base="dense", size="tiny", steps=0)
+    base = load_config_file(Path(__file__).parent / f"{args.base}.py")
+    c = base.get_config(f"size={args.size},steps={args.steps}")
+    c.lora.update(variant_overrides(args.variant))
+    c.model.update(MODEL_OVERRIDES.get(args.variant, {}))
+    return c

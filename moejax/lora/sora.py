@@ -1,0 +1,59 @@
+"""SoRA: sparse low-rank adaptation with a gated rank (Ding et al., 2023, "Sparse Low-rank
+Adaptation of Pre-trained Language Models", EMNLP; reference code TsinghuaC3I/SoRA).
+
+The adapter is `s * B (g * A x)` with a gate `g[r]` (parameter `gate` of each `lora_*`
+adapter, initialised to 1). After every optimizer step the gate takes a proximal step of
+the L1 penalty `lambda * |g|_1`, a soft threshold at eta_t * lambda (eta_t the step's
+learning rate, lambda `lora.sora_lambda`):
+
+    g <- sign(g) * max(|g| - eta_t * lambda, 0)
+
+so ranks whose gate reaches 0 stop contributing; after training `prune` drops them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from moejax.lora.adapter import is_adapter_path
+
+
+def soft_threshold(g: jax.Array, threshold) -> jax.Array:
+    return jnp.sign(g) * jnp.maximum(jnp.abs(g) - threshold, 0.0)
+
+
+def _is_gate(path) -> bool:
+    keys = [getattr(p, "key", p) for p in path]
+    return is_adapter_path(path) and keys[-1] == "gate"
+
+
+def proximal_step(params: Any, threshold) -> Any:
+    """Soft-thresholds every SoRA gate of `params` (other leaves unchanged)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: soft_threshold(x, threshold).astype(x.dtype) if _is_gate(p) else x, params)
+
+
+def prune(params: Any) -> tuple[Any, dict[str, int]]:
+    """Drops the zero-gate ranks of every SoRA adapter (outside jit, on unscanned params:
+    `moejax.models.transformer.unscan_params`, since ranks differ between layers).
+
+    Returns the pruned params (`a[E, d_in, r']`, `b[E, r', d_out]`, `gate[r']`) and each
+    adapter's remaining rank by path. The pruned adapter computes the same delta.
+    """
+    flat = traverse_util.flatten_dict(params)
+    ranks = {}
+    out = dict(flat)
+    for key, gate in flat.items():
+        if key[-1] != "gate" or not is_adapter_path(key):
+            continue
+        keep = np.flatnonzero(np.asarray(gate) != 0)
+        module = key[:-1]
+        out[module + ("gate",)] = np.asarray(gate)[keep]
+        out[module + ("a",)] = np.asarray(flat[module + ("a",)])[..., keep]
+        out[module + ("b",)] = np.asarray(flat[module + ("b",)])[:, keep, :]
+        ranks["/".join(module)] = int(keep.size)
+    return traverse_util.unflatten_dict(out), ranks

@@ -9,8 +9,9 @@ hydralora, xlora, smora, flylora, dynmole, sora; each one's paper and reference 
 the variants module docstring), optionally followed by `steps=N`, `base=dense|deepseekmoe`
 (the model of configs/dense.py or configs/deepseekmoe.py) and `size=tiny|pod` (that file's
 size; `variant=` also works). Any `lora.*` field can be overridden on the command line.
-The base model is trained with the adapters here; training only the adapters (a frozen
-base) is `moejax.train`'s optimizer masking.
+Only the adapters train (the base is frozen by the optimizer's masking); the base is
+`lora.base_checkpoint` (a pretrained moejax run), `lora.base_hf` (a Hugging Face
+directory) or, with neither, the run's own initialisation (saved once in <workdir>/base).
 """
 from pathlib import Path
 

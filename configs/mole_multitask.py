@@ -19,11 +19,11 @@ shape (configs/dense.py).
 """
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
-from moejax.lora.variants import variant_overrides
+from moejax.lora.variants import MODEL_OVERRIDES, variant_overrides
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, stage="finetune", variant="lora", rank=8, quick=False, steps=0,
+    arg = parse_arg(arg, stage="finetune", variant="lora", rank=8, quick=False, steps=0, seed=0,
                     size="tiny")
     c = default_config()
     c.model.update(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -45,9 +45,12 @@ def get_config(arg=None):
         c.data.update(dataset="multitask", seq_len=20, global_batch_size=32)
         c.train.update(steps=arg.steps or (3 if arg.quick else 1000), learning_rate=1e-2,
                        warmup_steps=1 if arg.quick else 20)
+        c.train.seed = arg.seed  # adapter initialisation (and routers)
+        c.data.seed = arg.seed  # the generated training and evaluation examples
         # Section defaults of this experiment, then the variant's own fields on top.
         c.lora.update(targets="attn.*,mlp.*", rank=arg.rank, alpha=2.0 * arg.rank)
         c.lora.update(variant_overrides(arg.variant))
+        c.model.update(MODEL_OVERRIDES.get(arg.variant, {}))
     else:
         raise ValueError(f"stage={arg.stage!r}: choose base or finetune")
     if arg.size == "pod":  # the same recipe on configs/dense.py's pod shape

@@ -4,6 +4,7 @@ parameters.
     python experiments/mole_multitask.py --workdir=runs/mole_multitask        # all variants
     python experiments/mole_multitask.py --workdir=/tmp/mt --quick            # seconds
     python experiments/mole_multitask.py --variants=lora,rslora --workdir=...
+    python experiments/mole_multitask.py --seeds=3 --steps=2000 --workdir=...   # mean of 3
 
 1. Base: the tiny dense model of configs/mole_multitask.py pretrained on the offline corpus by
    moejax.train (`<workdir>/base`, reused when it already holds its final step).
@@ -16,7 +17,9 @@ parameters.
    r_v = max(1, round(N_v / N(1))); that single LoRA run is trained too (shared between
    variants with the same r_v, and with the `lora` variant itself when r_v equals its rank).
 4. Exact-match accuracy per task by greedy decoding (moejax.generate) of the held-out
-   evaluation examples (inputs never seen in training), printed as a markdown table and
+   evaluation examples (inputs never seen in training), averaged over `--seeds` runs (each
+   seed draws its own adapter initialisation and task examples; the table's `sd` is the
+   standard deviation of the mean accuracy over seeds), printed as a markdown table and
    written to `<workdir>/results.json`.
 """
 from __future__ import annotations
@@ -91,13 +94,14 @@ def accuracy(workdir: str, per_task: int, seed: int) -> dict[str, float]:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["method", "matched to", "rank", "trainable params", *tasks.TASKS, "mean"]
+    head = ["method", "matched to", "rank", "trainable params", *tasks.TASKS, "mean", "sd"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = [f"{100 * r['accuracy'][t]:.1f}" for t in tasks.TASKS]
         lines.append("| " + " | ".join([r["name"], r["matched_to"] or "-", str(r["rank"]),
                                         str(r["params"]), *acc,
-                                        f"{100 * r['mean']:.1f}"]) + " |")
+                                        f"{100 * r['mean']:.1f}",
+                                        f"{100 * r['sd']:.1f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -108,6 +112,8 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", default="", help="comma-separated subset of VARIANTS")
     p.add_argument("--rank", type=int, default=8, help="the variants' rank (config arg)")
     p.add_argument("--data_dir", default="", help="data.data_dir of the base stage")
+    p.add_argument("--seeds", type=int, default=1, help="runs per method, averaged")
+    p.add_argument("--steps", type=int, default=0, help="fine-tuning steps; 0 = the config's")
     args = p.parse_args(argv)
     names = [n for n in args.variants.split(",") if n] or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -130,43 +136,48 @@ def main(argv=None) -> dict:
     seconds = _run(base, base_dir, log)
     log(f"[base] done ({seconds:.0f} s)")
 
-    def finetune_config(variant: str, rank: int):
-        c = _config(f"variant={variant},rank={rank}{quick}")
+    def finetune_config(variant: str, rank: int, seed: int = 0):
+        c = _config(f"variant={variant},rank={rank},seed={seed},steps={args.steps}{quick}")
         c.lora.base_checkpoint = base_dir
         return c
 
     unit = trainable_count(finetune_config("lora", 1))  # single LoRA, rank 1
     rows, done = [], {}
 
-    def evaluate(name, config, matched_to):
-        run_dir = os.path.join(workdir, name)
+    def evaluate(name, variant, rank, matched_to):
         if name not in done:
-            log(f"[{name}] fine-tuning {config.train.steps} steps "
-                f"({trainable_count(config)} trainable params)")
-            seconds = _run(config, run_dir, log)
-            done[name] = accuracy(run_dir, per_task, config.data.seed)
-            log(f"[{name}] ({seconds:.0f} s) " + " ".join(
-                f"{t}={100 * a:.1f}%" for t, a in done[name].items()))
-        acc = done[name]
-        rows.append({"name": name, "matched_to": matched_to, "rank": config.lora.rank,
-                     "params": trainable_count(config), "accuracy": acc,
-                     "mean": float(np.mean(list(acc.values())))})
+            per_seed = []
+            for seed in range(args.seeds):
+                config = finetune_config(variant, rank, seed)
+                run_dir = os.path.join(workdir, name if seed == 0 else f"{name}_s{seed}")
+                log(f"[{name} seed {seed}] fine-tuning {config.train.steps} steps "
+                    f"({trainable_count(config)} trainable params)")
+                seconds = _run(config, run_dir, log)
+                per_seed.append(accuracy(run_dir, per_task, config.data.seed))
+                log(f"[{name} seed {seed}] ({seconds:.0f} s) " + " ".join(
+                    f"{t}={100 * a:.1f}%" for t, a in per_seed[-1].items()))
+            done[name] = per_seed
+        per_seed = done[name]
+        acc = {t: float(np.mean([a[t] for a in per_seed])) for t in tasks.TASKS}
+        means = [float(np.mean(list(a.values()))) for a in per_seed]
+        rows.append({"name": name, "matched_to": matched_to, "rank": rank,
+                     "params": trainable_count(finetune_config(variant, rank)),
+                     "accuracy": acc, "mean": float(np.mean(means)),
+                     "sd": float(np.std(means)), "seeds": len(per_seed)})
 
     for variant in names:
-        config = finetune_config(variant, args.rank)
-        evaluate(variant, config, "")
-        n = trainable_count(config)
+        evaluate(variant, variant, args.rank, "")
+        n = trainable_count(finetune_config(variant, args.rank))
         r = max(1, round(n / unit))
-        if variant == "lora" and config.lora.rank == r:
+        if variant == "lora" and args.rank == r:
             continue  # single LoRA is its own match
         # Single LoRA at the variant's rank is the `lora` run itself (trained once).
-        evaluate("lora" if r == args.rank else f"lora_r{r}", finetune_config("lora", r),
-                 variant)
+        evaluate("lora" if r == args.rank else f"lora_r{r}", "lora", r, variant)
 
     table = markdown(rows)
     total = time.perf_counter() - t_start
     log(f"\nExact-match accuracy (%) on {per_task} held-out examples per task, "
-        f"greedy decoding; total {total:.0f} s\n")
+        f"greedy decoding, mean of {args.seeds} seed(s); total {total:.0f} s\n")
     log(table)
     result = {"rows": rows, "per_task": per_task, "seconds": total, "table": table}
     with open(os.path.join(workdir, "results.json"), "w") as f:

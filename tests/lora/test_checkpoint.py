@@ -125,3 +125,30 @@ def test_a_base_trained_with_another_rope_theta_is_named(runs, tmp_path):
     with pytest.raises(BaseModelError, match=r"was trained with model.rope_theta=10000.0 but "
                                              r"this config has model.rope_theta=500.0"):
         train(config, str(tmp_path / "run"))
+
+
+def test_a_scanned_base_loads_into_unrolled_layers(runs):
+    """MoLA unrolls the layers (different expert counts per layer): the base, trained with
+    scanned layers, is restored in that layout and unscanned, leaf for leaf."""
+    from moejax.lora.adapter import split_adapters
+    from moejax.lora.checkpoint import _scanned_like, load_base
+    from moejax.models.transformer import unscan_params
+    data_dir, _, base, _ = runs
+    config = _adapter_config(data_dir, base, **{"model.scan_layers": False})
+    s = validate(config)
+    model = Transformer(s.model, s.moe, lora=s.lora)
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                       jnp.zeros((1, 8), jnp.int32)))["params"]
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                       sharding=jax.sharding.SingleDeviceSharding(
+                                           jax.devices()[0])), abstract)
+    loaded, _ = load_base(s.lora, str(base), abstract, None, s.model)
+    with Checkpointer(base, async_save=False) as ckpt:
+        saved = ckpt.restore_subtrees({"params": _scanned_like(split_adapters(abstract)[0])}, 2)
+    assert "dense_layers_0" in loaded["params"] and "dense_layers" not in loaded["params"]
+    want = traverse_util.flatten_dict(unscan_params(jax.device_get(saved["params"])))
+    got = traverse_util.flatten_dict(jax.device_get(loaded["params"]))
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])

@@ -31,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from moejax.config.sections import ConfigError
+from moejax.lora.adapter import COLLECTIONS as LORA_COLLECTIONS
 from moejax.lora.adapter import join_adapters, split_adapters
 from moejax.lora.config import LoRAConfig
 from moejax.models.transformer import SCANNED_STACKS, unscan_params
@@ -313,9 +314,13 @@ def load_adapted(workdir: str, step: int | None = None):
                                   f"written by an adapter run.")
         check_fingerprint(extra["base"]["fingerprint"], fingerprint(base["params"]), source,
                           step)
+        # Non-trainable adapter state (sign-rule biases, FlyLoRA's frozen A) rides in
+        # TrainState.lora_state.
+        lora_state = {k: abstract[k] for k in LORA_COLLECTIONS if k in abstract} or None
         got = ckpt.restore_subtrees({"params": adapter_part(abstract["params"]),
-                                     "router_bias": bias}, step)
+                                     "router_bias": bias, "lora_state": lora_state}, step)
     variables = {"params": with_base(got["params"], base["params"])}
     if got["router_bias"] is not None:
         variables[BIAS_COLLECTION] = got["router_bias"]
+    variables.update(got.get("lora_state") or {})
     return model, variables

@@ -8,7 +8,7 @@ import pytest
 from testing_utils import load_config_module
 
 from moejax.config import validate
-from moejax.lora.checkpoint import adapter_part
+from moejax.lora.checkpoint import adapter_part, load_adapted
 from moejax.lora.variants import VARIANTS
 from moejax.sharding.mesh import make_mesh
 from moejax.train.checkpoint import Checkpointer
@@ -62,3 +62,7 @@ def check_flylora_a_stayed_frozen(config, workdir):
     b = [x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
          if p[-1].key == "b"]
     assert b and all(np.any(np.asarray(x) != 0) for x in b)
+    # The finished run loads for inference with its frozen A and bias (load_adapted).
+    _, variables = load_adapted(str(workdir))
+    for name in ("lora_frozen", "lora_bias"):
+        jax.tree.map(np.testing.assert_array_equal, variables[name], state.lora_state[name])

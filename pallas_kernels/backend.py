@@ -3,23 +3,27 @@
 - ``"mosaic_tpu"``: Pallas kernels lowered by Mosaic TPU, their metadata (which group and row
   tile each grid step works on) passed as scalar prefetch into SMEM. On CPU these kernels run
   in Pallas interpret mode (`interpret=True`), which is how the tests check them.
+- ``"mosaic_gpu"``: grouped matmuls through Pallas Mosaic GPU (`gmm_mosaic_gpu.py`: TMA
+  pipelines and wgmma, Hopper) for 16-bit operands whose shapes fit its tiles; every other
+  grouped matmul, and the permute/combine row kernels, run the ``pallas_gpu`` kernels. On CPU
+  the Mosaic GPU kernels run in Mosaic GPU interpret mode.
 - ``"pallas_gpu"``: Pallas kernels for GPU written against `jax.experimental.pallas.triton`
   (masked loads and stores, a K loop inside the kernel), lowered through Pallas's Triton
   backend, which `compiler_params=pallas.triton.CompilerParams` selects (Mosaic GPU is the
-  default GPU lowering since JAX 0.9). They also run in interpret mode on CPU. Their GPU
-  speed has not been measured yet.
+  default GPU lowering since JAX 0.9; the Triton lowering is deprecated from 0.11). Any
+  dtype, any shape. They also run in interpret mode on CPU.
 - ``"jax_triton"``: the ``pallas_gpu`` kernels plus a hand-written Triton scatter-combine
   called through `jax_triton.triton_call` (`pallas_kernels/triton_combine.py`); GPU only.
 
-``"auto"`` picks ``mosaic_tpu`` on TPU and ``pallas_gpu`` on GPU; on CPU it picks
+``"auto"`` picks ``mosaic_tpu`` on TPU and ``mosaic_gpu`` on GPU; on CPU it picks
 ``mosaic_tpu`` in interpret mode (there is no compiled Pallas lowering for CPU).
 """
 from __future__ import annotations
 
 import jax
 
-BACKENDS = ("mosaic_tpu", "pallas_gpu", "jax_triton")
-PLATFORM_BACKEND = {"tpu": "mosaic_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu",
+BACKENDS = ("mosaic_tpu", "mosaic_gpu", "pallas_gpu", "jax_triton")
+PLATFORM_BACKEND = {"tpu": "mosaic_tpu", "gpu": "mosaic_gpu", "cuda": "mosaic_gpu",
                     "rocm": "pallas_gpu", "cpu": "mosaic_tpu"}
 
 

@@ -11,9 +11,11 @@ Reverse mode (`jax.grad` cannot see through a bare `pallas_call`) goes through `
 for `y = gmm(x, w)`: `dx = gmm(dy, w^T)` and `dw = tgmm(x, dy)`; for `z = tgmm(x, dy)`:
 `dx = gmm(dy, z_bar^T)` and `d dy = gmm(x, z_bar)`. The `w^T` products read `w` in place
 (`transpose_rhs`), with no transposed copy. Backends (`pallas_kernels.backend`):
-`mosaic_tpu` (`gmm_mosaic_tpu.py`) or `pallas_gpu` (`gmm_gpu.py`), picked from the platform;
-`interpret=True` runs either on CPU. Tiles come from the table in `pallas_kernels.tiling`
-unless `tiling=(tm, tk, tn)` is given. The pure-JAX ground truth is
+`mosaic_tpu` (`gmm_mosaic_tpu.py`), `mosaic_gpu` (`gmm_mosaic_gpu.py`, 16-bit operands on
+shapes that fit its tiles, the rest of its calls going to `pallas_gpu`) or `pallas_gpu`
+(`gmm_gpu.py`, Triton lowering), picked from the platform; `interpret=True` runs each on
+CPU. Tiles come from the table in `pallas_kernels.tiling` unless `tiling=(tm, tk, tn)` is
+given. The pure-JAX ground truth is
 `pallas_kernels.reference.gmm_reference` / `tgmm_reference`.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.backend import resolve_backend, resolve_interpret
 from pallas_kernels.gmm_gpu import gmm_pallas_gpu, tgmm_pallas_gpu
+from pallas_kernels.gmm_mosaic_gpu import gmm_mosaic_gpu, mosaic_gpu_supports, tgmm_mosaic_gpu
 from pallas_kernels.gmm_mosaic_tpu import gmm_mosaic_tpu, tgmm_mosaic_tpu
 from pallas_kernels.tiling import Tiling, check_tiling, choose_tiling
 
@@ -40,16 +43,37 @@ class _Opts(NamedTuple):
 
 
 def _kernel_backend(backend: str) -> str:
-    return "mosaic_tpu" if backend == "mosaic_tpu" else "pallas_gpu"
+    return backend if backend in ("mosaic_tpu", "mosaic_gpu") else "pallas_gpu"
 
 
-def _tiling(opts: _Opts, m: int, k: int, n: int, num_groups: int, itemsize: int) -> Tiling:
+def _plan(opts: _Opts, dtype, m: int, k: int, n: int, num_groups: int, op: str):
+    """(kernel family, tiling) of one call. `mosaic_gpu` takes the calls its kernels support
+    (`gmm_mosaic_gpu.mosaic_gpu_supports`) and hands the rest to the Triton-lowering ones."""
     backend = _kernel_backend(opts.backend)
+    itemsize = jnp.dtype(dtype).itemsize
+    if backend == "mosaic_gpu":
+        tiling = opts.tiling or choose_tiling(m, k, n, num_groups, itemsize, backend,
+                                              opts.interpret, op=op)
+        if mosaic_gpu_supports(op, dtype, k, n, tiling, transpose_rhs=opts.transpose_rhs,
+                               interpret=opts.interpret):
+            return backend, tiling
+        backend = "pallas_gpu"
     # A given tiling that a Mosaic block cannot use here (the backward gmm contracts over N,
     # which its tn need not divide) falls back to the table.
-    if opts.tiling is not None and (backend != "mosaic_tpu" or k % opts.tiling.tk == 0):
-        return opts.tiling
-    return choose_tiling(m, k, n, num_groups, itemsize, backend, opts.interpret)
+    given = opts.tiling
+    if given is not None and (backend == "pallas_gpu" and _is_pow2_tiling(given) or
+                              backend == "mosaic_tpu" and k % given.tk == 0):
+        return backend, given
+    return backend, choose_tiling(m, k, n, num_groups, itemsize, backend, opts.interpret)
+
+
+def _is_pow2_tiling(tiling: Tiling) -> bool:
+    return all(t >= 16 and not t & (t - 1) for t in tiling)
+
+
+KERNELS = {"mosaic_tpu": (gmm_mosaic_tpu, tgmm_mosaic_tpu),
+           "mosaic_gpu": (gmm_mosaic_gpu, tgmm_mosaic_gpu),
+           "pallas_gpu": (gmm_pallas_gpu, tgmm_pallas_gpu)}
 
 
 def _gmm_call(lhs, rhs, group_sizes, opts: _Opts):
@@ -57,20 +81,18 @@ def _gmm_call(lhs, rhs, group_sizes, opts: _Opts):
     n = rhs.shape[1 if opts.transpose_rhs else 2]
     if m == 0:
         return jnp.zeros((0, n), opts.out_dtype)
-    tiling = _tiling(opts, m, k, n, num_groups, lhs.dtype.itemsize)
-    fn = gmm_mosaic_tpu if _kernel_backend(opts.backend) == "mosaic_tpu" else gmm_pallas_gpu
-    return fn(lhs, rhs, group_sizes, tiling=tiling, out_dtype=opts.out_dtype,
-              interpret=opts.interpret, transpose_rhs=opts.transpose_rhs)
+    backend, tiling = _plan(opts, lhs.dtype, m, k, n, num_groups, "gmm")
+    return KERNELS[backend][0](lhs, rhs, group_sizes, tiling=tiling, out_dtype=opts.out_dtype,
+                               interpret=opts.interpret, transpose_rhs=opts.transpose_rhs)
 
 
 def _tgmm_call(lhs, grad, group_sizes, opts: _Opts):
     (m, k), n, num_groups = lhs.shape, grad.shape[1], group_sizes.shape[0]
     if m == 0:
         return jnp.zeros((num_groups, k, n), opts.out_dtype)
-    tiling = _tiling(opts, m, k, n, num_groups, lhs.dtype.itemsize)
-    fn = tgmm_mosaic_tpu if _kernel_backend(opts.backend) == "mosaic_tpu" else tgmm_pallas_gpu
-    return fn(lhs, grad, group_sizes, tiling=tiling, out_dtype=opts.out_dtype,
-              num_groups=num_groups, interpret=opts.interpret)
+    backend, tiling = _plan(opts, lhs.dtype, m, k, n, num_groups, "tgmm")
+    return KERNELS[backend][1](lhs, grad, group_sizes, tiling=tiling, out_dtype=opts.out_dtype,
+                               num_groups=num_groups, interpret=opts.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -152,8 +174,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     preferred_element_type: output dtype (default: the operands' dtype); accumulation is
     float32 either way. tiling: `(tm, tk, tn)`, default from the tile table. interpret: run
     the Pallas kernel in interpret mode (required on CPU; None = only on CPU). backend:
-    "auto" (from the platform), "mosaic_tpu", "pallas_gpu" or "jax_triton" (same gmm as
-    pallas_gpu). transpose_rhs: rhs is `[G, N, K]` and row r of group g gets
+    "auto" (from the platform), "mosaic_tpu", "mosaic_gpu", "pallas_gpu" or "jax_triton"
+    (same gmm as pallas_gpu). transpose_rhs: rhs is `[G, N, K]` and row r of group g gets
     `lhs[r] @ rhs[g]^T` (read in place, no transposed copy; the backward pass uses it).
     """
     if lhs.ndim != 2:

@@ -9,11 +9,18 @@ small groups want short row tiles to waste fewer masked rows):
 | mosaic_tpu | 128             | 512          | 512/256/128 dividing K, K| 1024..128 dividing N, N |
 | pallas_gpu | 64              | 128          | 64 (2-byte), 32 (4-byte) | 128                     |
 
-Both are starting points from the MegaBlocks / megablox defaults, not tuned on hardware yet
-(no GPU or TPU was available when they were written). A Mosaic TPU block must divide K
-exactly (a partial K block would add garbage into the sum), so `tk` falls back to the whole
-K; the GPU kernels mask every edge, and their tiles are powers of two (Triton needs that).
-On CPU (interpret mode) `tm` is also capped by M so small test shapes stay small.
+`mosaic_gpu` (Hopper wgmma, one warpgroup per tile, 64-row wgmma steps, 128-byte swizzle =
+64 bf16 columns): gmm `(tm, tk, tn) = (128, 64, 128)`, tgmm (row block, K tile, N tile) =
+`(64, 128, 128)`; a tile of 128 falls to 64 where 128 does not divide the dimension, and in
+interpret mode every tile is 64 (small test shapes). Every `mosaic_gpu` tile is a multiple of
+64.
+
+The TPU and Triton rows are starting points from the MegaBlocks / megablox defaults, not
+tuned on hardware (no TPU was available; on GPU see the README's measured table). A Mosaic
+TPU block must divide K exactly (a partial K block would add garbage into the sum), so `tk`
+falls back to the whole K; the Triton GPU kernels mask every edge, and their tiles are
+powers of two (Triton needs that). On CPU (interpret mode) `tm` is also capped by M so small
+test shapes stay small.
 
 Work items (`make_work_items`). Rows of `lhs` are sorted by group; group g owns rows
 `[start_g, end_g)`. The kernels walk a 1-D list of work items, each one (group, row tile):
@@ -52,9 +59,21 @@ def _divisor_or_full(dim: int, candidates: tuple[int, ...]) -> int:
     return next((c for c in candidates if dim % c == 0 and c <= dim), dim)
 
 
+def _mosaic_gpu_tiling(k: int, n: int, interpret: bool, op: str) -> Tiling:
+    def fit(dim: int) -> int:
+        return 128 if dim % 128 == 0 and not interpret else 64
+
+    if op == "tgmm":
+        return Tiling(64, fit(k), fit(n))
+    return Tiling(64 if interpret else 128, 64, fit(n))
+
+
 def choose_tiling(m: int, k: int, n: int, num_groups: int, itemsize: int, backend: str,
-                  interpret: bool = False) -> Tiling:
-    """The table above: (tm, tk, tn) for an `[M, K] x [G, K, N]` grouped matmul."""
+                  interpret: bool = False, op: str = "gmm") -> Tiling:
+    """The table above: (tm, tk, tn) for an `[M, K] x [G, K, N]` grouped matmul (`op` "gmm")
+    or its weight gradient (`op` "tgmm"; only `mosaic_gpu` tiles that one differently)."""
+    if backend == "mosaic_gpu":
+        return _mosaic_gpu_tiling(k, n, interpret, op)
     rows_per_group = m / max(num_groups, 1)
     tm = next(t for limit, t in TM_TABLE[backend] if limit is None or rows_per_group < limit)
     if backend == "mosaic_tpu":
@@ -80,7 +99,10 @@ def check_tiling(tiling, k: int, backend: str) -> Tiling:
     if backend == "mosaic_tpu" and k % tiling.tk:
         raise ValueError(f"tiling tk={tiling.tk} must divide K={k} for the mosaic_tpu kernels "
                          "(a partial contraction block would add garbage)")
-    if backend != "mosaic_tpu" and any(t & (t - 1) or t < 16 for t in tiling):
+    if backend == "mosaic_gpu" and any(t % 64 for t in tiling):
+        raise ValueError(f"tiling={tuple(tiling)}: the mosaic_gpu kernels need multiples of 64 "
+                         "(wgmma steps of 64 rows, 128-byte swizzled 16-bit tiles)")
+    if backend == "pallas_gpu" and any(t & (t - 1) or t < 16 for t in tiling):
         raise ValueError(f"tiling={tuple(tiling)}: the pallas_gpu kernels need powers of two "
                          ">= 16 (Triton block shapes)")
     return tiling

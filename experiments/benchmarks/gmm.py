@@ -6,7 +6,10 @@ Every implementation is timed in one process against a dense matmul of the same 
 
 - `dense`: the same-FLOP dense matmul; `ragged_dot`: `jax.lax.ragged_dot`;
 - `tile_loop`: moejax's XLA grouped matmul (`moejax.moe.grouped_matmul`, a loop of dense tiles);
-- `pallas`: `pallas_kernels.gmm` / `tgmm` (Mosaic TPU on TPU, Pallas GPU on GPU);
+- `pallas`: `pallas_kernels.gmm` / `tgmm` (Mosaic TPU on TPU, Mosaic GPU on GPU);
+- `pallas_triton` (GPU): the same with `backend="pallas_gpu"`, Pallas's Triton lowering;
+- `torch_grouped_mm` (GPU, when torch imports): `torch._grouped_mm` on the same buffers
+  (`torch_gmm_peer.py`);
 - `megablox`: JAX's Mosaic TPU kernel `jax.experimental.pallas.ops.tpu.megablox` (TPU peer);
 - `tokamax`: `tokamax.ragged_dot` (its `xla` implementation on CPU, `triton`/`mosaic` on
   GPU/TPU) when `tokamax` imports (`pip install -e '.[bench]'`).
@@ -30,7 +33,9 @@ divides tokens by 16 and K, N by 4; `--scale s` divides tokens by s on top. Grou
 `--json` prints one JSON object on stdout (progress on stderr): `device`, `shapes`,
 `results[shape][groups][op][impl]` = {`ms`, `ms_min`, `tflops`, `ratio_to_dense`
 (time / dense time), `ratio_to_ragged_dot`, `max_rel_err`}, and `skipped` (what could not
-run, and why). GPU and TPU figures are still to be taken.
+run, and why). On GPU each timed sample runs `--inner` calls back to back (default 10) and
+reports the time per call, so host dispatch overhead is not counted; an implementation whose
+one call would make the repeats outlast `--impl-budget-s` is timed once (`timed_once`).
 """
 from __future__ import annotations
 
@@ -58,7 +63,9 @@ TOKENS = 16384
 FULL = {"deepseek": dict(tokens=TOKENS, top_k=6, k=2048, n=1408, g=64),
         "mixtral": dict(tokens=TOKENS, top_k=2, k=4096, n=14336, g=8)}
 SMALL_DIV = {"tokens": 16, "k": 4, "n": 4}
-IMPLS = ("dense", "ragged_dot", "tile_loop", "pallas", "megablox", "tokamax")
+IMPLS = ("dense", "ragged_dot", "tile_loop", "pallas", "pallas_triton", "megablox", "tokamax",
+         "torch_grouped_mm")
+EAGER = ("torch_grouped_mm",)  # not JAX: called as is, never jitted
 PALLAS_PLATFORMS = ("gpu", "tpu")  # where `pallas` runs compiled
 MEGABLOX_PLATFORMS = ("tpu",)
 
@@ -118,6 +125,8 @@ def gmm_fns(platform: str, skip: set[str]) -> tuple[dict[str, Callable], dict[st
     skipped = {}
     p_int, mb_int = platform not in PALLAS_PLATFORMS, platform not in MEGABLOX_PLATFORMS
     fns["pallas" + _suffix(p_int)] = lambda a, b, s: pallas_kernels.gmm(a, b, s, interpret=p_int)
+    if platform == "gpu":
+        fns["pallas_triton"] = lambda a, b, s: pallas_kernels.gmm(a, b, s, backend="pallas_gpu")
     fns["megablox" + _suffix(mb_int)] = lambda a, b, s: megablox_gmm(
         a, b, s, preferred_element_type=a.dtype, interpret=mb_int,
         tiling=megablox_tiling(a.shape[0], a.shape[1], b.shape[2]))
@@ -142,6 +151,9 @@ def tgmm_fns(platform: str, skip: set[str]) -> tuple[dict[str, Callable], dict[s
     p_int, mb_int = platform not in PALLAS_PLATFORMS, platform not in MEGABLOX_PLATFORMS
     fns["pallas" + _suffix(p_int)] = lambda a, dy, s, b: pallas_kernels.tgmm(
         a, dy, s, interpret=p_int)
+    if platform == "gpu":
+        fns["pallas_triton"] = lambda a, dy, s, b: pallas_kernels.tgmm(a, dy, s,
+                                                                     backend="pallas_gpu")
     fns["megablox" + _suffix(mb_int)] = lambda a, dy, s, b: megablox_tgmm(
         a.T, dy, s, preferred_element_type=a.dtype, interpret=mb_int,
         tiling=megablox_tiling(a.shape[1], a.shape[0], dy.shape[1]))
@@ -158,8 +170,39 @@ def rel_err(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
 
 
+def _add_torch_peer(op: str, platform: str, skip: set[str], fns: dict, skipped: dict) -> None:
+    if platform != "gpu":
+        return
+    if "torch_grouped_mm" in skip:
+        skipped["torch_grouped_mm"] = "--skip"
+        return
+    from experiments.benchmarks.torch_gmm_peer import torch_fns
+    peer, reason = torch_fns()
+    if peer is None:
+        skipped["torch_grouped_mm"] = reason
+    elif op == "gmm":
+        fns["torch_grouped_mm"] = peer["gmm"]
+    else:
+        fns["torch_grouped_mm"] = lambda a, dy, s, b: peer["tgmm"](a, dy, s)
+
+
+# One jitted function per (op, implementation) for the whole run: the balanced and skewed cases
+# of a shape then share one compilation (group sizes are run-time values).
+_JITTED: dict[tuple[str, str], Callable] = {}
+
+
+def _timed_step(fn, args, inner: int) -> Callable[[], None]:
+    """One sample: `inner` calls back to back, blocked on the last (time per call = / inner)."""
+    def step():
+        for _ in range(inner - 1):
+            fn(*args)
+        jax.block_until_ready(fn(*args))
+    return step
+
+
 def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped: dict,
-                skip_impls: set[str], interpret_max_gflop: float) -> dict:
+                skip_impls: set[str], interpret_max_gflop: float, inner: int = 1,
+                impl_budget_s: float = float("inf")) -> dict:
     """Times gmm and tgmm for one shape and group-size distribution; returns per-op entries."""
     m, k, n, g = s["m"], s["k"], s["n"], s["g"]
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -172,16 +215,18 @@ def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped:
     for op in ("gmm", "tgmm"):
         if op == "gmm":
             fns, skip = gmm_fns(platform, skip_impls)
+            _add_torch_peer(op, platform, skip_impls, fns, skip)
             args = (lhs, rhs, sizes)
             dense = jax.jit(lambda a, b: jnp.dot(a, b[0]))
             dense_args = (lhs, rhs)
         else:
             fns, skip = tgmm_fns(platform, skip_impls)
+            _add_torch_peer(op, platform, skip_impls, fns, skip)
             args = (lhs, grad, sizes, rhs)
             dense = jax.jit(lambda a, dy: jnp.dot(a.T, dy))
             dense_args = (lhs, grad)
         skipped.update({f"{op}/{name}": why for name, why in skip.items()})
-        steps, outputs = {"dense": lambda: jax.block_until_ready(dense(*dense_args))}, {}
+        steps, outputs, once = {"dense": _timed_step(dense, dense_args, inner)}, {}, {}
         steps["dense"]()
         for name, fn in fns.items():
             if name.removesuffix("_interpret") in skip_impls:
@@ -192,17 +237,25 @@ def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped:
                     f"interpret mode: {flops / 1e9:.2g} GFLOP > --interpret-max-gflop "
                     f"{interpret_max_gflop:g}")
                 continue
-            compiled = jax.jit(fn)
+            compiled = fn if name in EAGER else _JITTED.setdefault((op, name), jax.jit(fn))
             t0 = time.perf_counter()
             try:
                 outputs[name] = jax.block_until_ready(compiled(*args))
+                t1 = time.perf_counter()
+                jax.block_until_ready(compiled(*args))
+                call_s = time.perf_counter() - t1
             except Exception as e:  # noqa: BLE001 -- a peer that cannot run is reported
-                skipped[f"{op}/{name}"] = f"{type(e).__name__}: {str(e)[:200]}"
+                skipped[f"{op}/{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
                 continue
-            log(f"{op} {kind} {name}: first call {time.perf_counter() - t0:.1f}s")
-            steps[name] = (lambda c=compiled: jax.block_until_ready(c(*args)))
+            log(f"{op} {kind} {name}: first call {t1 - t0:.1f}s, then {call_s * 1e3:.1f} ms")
+            if call_s * repeats * inner > impl_budget_s:  # too slow to repeat: this call alone
+                once[name] = [call_s * 1e3]
+                continue
+            steps[name] = _timed_step(compiled, args, inner)
         times = measure(steps, repeats)
+        times = {name: [t / inner for t in ts] for name, ts in times.items()} | once
         med = {name: statistics.median(t) for name, t in times.items()}
+        ref = "ragged_dot" if "ragged_dot" in outputs else "tile_loop"  # for max_rel_err
         entries = {}
         for name, t in times.items():
             entry = {"ms": round(med[name], 3), "ms_min": round(min(t), 3),
@@ -210,8 +263,10 @@ def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped:
                      "ratio_to_dense": round(med[name] / med["dense"], 3)}
             if "ragged_dot" in med:
                 entry["ratio_to_ragged_dot"] = round(med[name] / med["ragged_dot"], 4)
-            if name in outputs and "ragged_dot" in outputs:
-                entry["max_rel_err"] = float(f"{rel_err(outputs[name], outputs['ragged_dot']):.3g}")
+            if name in outputs and ref in outputs:
+                entry["max_rel_err"] = float(f"{rel_err(outputs[name], outputs[ref]):.3g}")
+            if name in once:
+                entry["timed_once"] = True
             entries[name] = entry
         out[op] = entries
         log(f"{op} {kind} m={m} k={k} n={n} g={g}: " + ", ".join(
@@ -225,7 +280,8 @@ def run(args) -> dict:
     platform = jax.default_backend()
     dtype = jnp.dtype(args.dtype)
     report = {"device": device_name(), "jax": jax.__version__, "dtype": args.dtype,
-              "repeats": args.repeats, "shapes": shapes(args.shapes, args.scale),
+              "repeats": args.repeats, "inner": args.inner,
+              "shapes": shapes(args.shapes, args.scale),
               "group_sizes": {"balanced": "M / G each",
                               "skewed": "Dirichlet(0.3) shares (seed 0)"},
               "results": {}, "skipped": {}}
@@ -237,9 +293,9 @@ def run(args) -> dict:
     for name, s in report["shapes"].items():
         report["results"][name] = {}
         for kind in args.groups.split(","):
-            report["results"][name][kind] = bench_shape(s, kind, dtype, args.repeats, platform,
-                                                         report["skipped"], skip_impls,
-                                                         args.interpret_max_gflop)
+            report["results"][name][kind] = bench_shape(
+                s, kind, dtype, args.repeats, platform, report["skipped"], skip_impls,
+                args.interpret_max_gflop, args.inner, args.impl_budget_s)
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
     return report
 
@@ -270,11 +326,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    default="float32" if on_cpu else "bfloat16")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--inner", type=int, default=1 if on_cpu else 10,
+                   help="calls per timed sample (back to back, blocked on the last)")
+    p.add_argument("--impl-budget-s", type=float, default=30.0,
+                   help="time an implementation once if its repeats would take longer")
     p.add_argument("--interpret-max-gflop", type=float, default=0.5,
                    help="time interpret-mode kernels only on shapes up to this many GFLOP")
     p.add_argument("--skip", default="",
                    help="comma list of implementations not to time, out of "
-                        "ragged_dot,tile_loop,pallas,megablox,tokamax")
+                        + ",".join(IMPLS[1:]))
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
     bad = [g for g in args.groups.split(",") if g not in ("balanced", "skewed")]
@@ -283,8 +343,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [n for n in args.skip.split(",") if n and n not in IMPLS[1:]]
     if bad:
         p.error(f"--skip: unknown {bad}; choose from {','.join(IMPLS[1:])}")
-    if args.repeats < 1 or args.scale <= 0:
-        p.error("--repeats must be >= 1 and --scale > 0")
+    if args.repeats < 1 or args.inner < 1 or args.scale <= 0:
+        p.error("--repeats and --inner must be >= 1 and --scale > 0")
     return args
 
 

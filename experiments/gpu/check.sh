@@ -3,7 +3,8 @@
 # gmm and MoE-layer benchmarks, each stage logged under $OUT, a failing stage not stopping the
 # next. From the repository root on a CUDA machine (Hopper for the Mosaic GPU kernels):
 #
-#   OUT=/tmp/gpu bash experiments/gpu/check.sh
+#   OUT=/tmp/gpu bash experiments/gpu/check.sh                 # every stage
+#   STAGES="env tests quick" bash experiments/gpu/check.sh     # a subset (quick: small gmm)
 #
 # Packages the machine lacks (ml_collections, jax_triton, tokamax and its needs) are installed
 # from wheels in .whl/ when that folder exists (see experiments/gpu/README.md).
@@ -18,9 +19,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+STAGES=${STAGES:-env tests gmm moe_layer tokamax}
 stage() {  # stage NAME SECONDS CMD...: stdout -> NAME.out, stderr -> NAME.log
   local name=$1 limit=$2 start rc
   shift 2
+  [[ " $STAGES " == *" $name "* ]] || return 0
   start=$(date +%s)
   timeout "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.log"
   rc=$?
@@ -29,10 +32,12 @@ stage() {  # stage NAME SECONDS CMD...: stdout -> NAME.out, stderr -> NAME.log
 }
 
 stage env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv >&2; $PY -c 'import sys, jax, triton, torch; print(sys.version.split()[0], jax.__version__, jax.devices(), triton.__version__, torch.__version__, file=sys.stderr)'"
-TAIL=30 stage tests 200 $PY -m pytest -q -p no:cacheprovider -rs tests/pallas_kernels
-TAIL=40 stage gmm 300 $PY experiments/benchmarks/gmm.py --json --shapes full --skip tokamax
-stage moe_layer 150 $PY experiments/benchmarks/moe_layer.py --json --dtype bfloat16 --skip hf
-stage tokamax 90 $PY experiments/benchmarks/gmm.py --json --shapes full --groups balanced \
+TAIL=30 stage tests 150 $PY -m pytest -q -p no:cacheprovider -rs tests/pallas_kernels
+TAIL=20 stage quick 60 $PY experiments/benchmarks/gmm.py --json --shapes full --scale 8 \
+  --groups skewed --repeats 2 --skip tokamax
+TAIL=40 stage gmm 200 $PY experiments/benchmarks/gmm.py --json --shapes full --skip tokamax
+stage moe_layer 100 $PY experiments/benchmarks/moe_layer.py --json --dtype bfloat16 --skip hf
+stage tokamax 60 $PY experiments/benchmarks/gmm.py --json --shapes full --groups balanced \
   --skip ragged_dot,tile_loop,pallas_triton,torch_grouped_mm --repeats 3
 for f in "$OUT"/*.out; do [ -s "$f" ] || rm -f "$f"; done
 ls -la "$OUT"

@@ -2,8 +2,9 @@
 references. Every kernel module sits beside the reference it is tested against:
 
 - `gmm.py`: `gmm` / `tgmm` grouped matmuls with `custom_vjp`s, dispatching to
-  `gmm_mosaic_tpu.py` (Mosaic TPU, scalar-prefetch metadata) or `gmm_gpu.py` (Pallas GPU,
-  Triton lowering); `tiling.py` holds the tile table and the work-item metadata.
+  `gmm_mosaic_tpu.py` (Mosaic TPU, scalar-prefetch metadata), `gmm_mosaic_gpu.py` (Mosaic GPU,
+  TMA + wgmma, Hopper) or `gmm_gpu.py` (Pallas GPU, Triton lowering); `tiling.py` holds the
+  tile table and the work-item metadata.
 - `permute.py`: `permute` / `unpermute_combine` with VJPs, on the row kernels of
   `permute_kernels.py`; `triton_combine.py` is the jax-triton combine kernel.
 - `backend.py`: backend names and the platform default; `reference.py`: the ground truth.

@@ -24,9 +24,10 @@ of `tm` the operands are padded with zero rows first (the outputs keep M rows).
 
 Scope: 16-bit operands (bf16/f16; wgmma has no float32 mode of float32 accuracy) with K a
 multiple of `tk` and N of `tn` (`mosaic_gpu_supports`); `pallas_kernels.gmm` sends every
-other call to the Triton-lowering kernels of `gmm_gpu.py`. Tiles (`tiling.choose_tiling`):
-gmm (tm, tk, tn) = (128, 64, 128), tgmm (row block, K tile, N tile) = (64, 128, 128), 4
-stages in flight. On CPU the kernels
+other call to the Triton-lowering kernels of `gmm_gpu.py`. Tiles (`tiling.choose_tiling`,
+swept on an H200 by `experiments/benchmarks/gmm_tiles.py`): gmm (tm, tk, tn) = (192, 64, 128)
+when 192 divides M, else (128, 64, 128), 4 stages in flight; tgmm (row block, K tile, N tile)
+= (64, 128, 128), 5 stages. On CPU the kernels
 run in Mosaic GPU interpret mode (`InterpretGPUParams`), which simulates shared memory, TMA,
 barriers and wgmma; that is how CI tests them (jax 0.10's interpreter reads no transposed
 shared-memory operand, so there tgmm and `transpose_rhs` are tested on a GPU only).
@@ -43,7 +44,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.tiling import Tiling, cdiv, group_bounds, make_work_items
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-STAGES = 4  # TMA copies in flight in the K (gmm) / row (tgmm) pipeline
+# TMA copies in flight in the K (gmm) / row (tgmm) pipeline, from the H200 sweep
+# (experiments/benchmarks/gmm_tiles.py); read when a kernel is traced
+GMM_STAGES, TGMM_STAGES = 4, 5
 INTERPRET_SMS = 2  # programs of the persistent grid in interpret mode
 WG = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
@@ -124,7 +127,7 @@ def _gmm_body(count_ref, group_ref, mtile_ref, lo_ref, hi_ref, real_ref, lhs_ref
 
                 w_block = (tn, tk) if transpose_rhs else (tk, tn)
                 pipeline = plgpu.emit_pipeline(
-                    step, grid=(k // tk,), max_concurrent_steps=STAGES,
+                    step, grid=(k // tk,), max_concurrent_steps=GMM_STAGES,
                     in_specs=[
                         plgpu.BlockSpec((tm, tk), lambda kb: (row_tile, kb), delay_release=1),
                         plgpu.BlockSpec(w_block, (lambda kb: (j, kb)) if transpose_rhs
@@ -181,7 +184,7 @@ def _tgmm_body(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, tiling: Tiling
             @pl.when(blocks > 0)
             def _run():
                 plgpu.emit_pipeline(
-                    step, grid=(blocks,), max_concurrent_steps=STAGES,
+                    step, grid=(blocks,), max_concurrent_steps=TGMM_STAGES,
                     in_specs=[
                         plgpu.BlockSpec((tm, tk), lambda r: (first + r, kt), delay_release=1),
                         plgpu.BlockSpec((tm, tn), lambda r: (first + r, j), delay_release=1),

@@ -10,10 +10,14 @@ small groups want short row tiles to waste fewer masked rows):
 | pallas_gpu | 64              | 128          | 64 (2-byte), 32 (4-byte) | 128                     |
 
 `mosaic_gpu` (Hopper wgmma, one warpgroup per tile, 64-row wgmma steps, 128-byte swizzle =
-64 bf16 columns): gmm `(tm, tk, tn) = (128, 64, 128)`, tgmm (row block, K tile, N tile) =
-`(64, 128, 128)`; a tile of 128 falls to 64 where 128 does not divide the dimension, and in
-interpret mode every tile is 64 (small test shapes). Every `mosaic_gpu` tile is a multiple of
-64.
+64 bf16 columns), from the sweep `experiments/benchmarks/gmm_tiles.py` on an H200 (bf16,
+balanced groups; time / same-FLOP dense matmul, DeepSeek-like / Mixtral-like shape):
+gmm `(tm, tk, tn) = (192, 64, 128)`, 4 stages: 1.17x / 1.25x (128 rows: 1.26x / 1.33x;
+`(128, 128, 128)` 1.26x / 1.36x at 3 stages, over the shared memory at 4), used when 192
+divides M (no padding copy), else 128 rows; tgmm (row block, K tile, N tile) =
+`(64, 128, 128)`, 5 stages: 1.15x / 1.36x (64-wide K or N tiles: 1.6-2x). A tile of 128
+falls to 64 where 128 does not divide the dimension, and in interpret mode every tile is 64
+(small test shapes). Every `mosaic_gpu` tile is a multiple of 64.
 
 The TPU and Triton rows are starting points from the MegaBlocks / megablox defaults, not
 tuned on hardware (no TPU was available; on GPU see the README's measured table). A Mosaic
@@ -59,13 +63,14 @@ def _divisor_or_full(dim: int, candidates: tuple[int, ...]) -> int:
     return next((c for c in candidates if dim % c == 0 and c <= dim), dim)
 
 
-def _mosaic_gpu_tiling(k: int, n: int, interpret: bool, op: str) -> Tiling:
+def _mosaic_gpu_tiling(m: int, k: int, n: int, interpret: bool, op: str) -> Tiling:
     def fit(dim: int) -> int:
         return 128 if dim % 128 == 0 and not interpret else 64
 
     if op == "tgmm":
         return Tiling(64, fit(k), fit(n))
-    return Tiling(64 if interpret else 128, 64, fit(n))
+    tm = 64 if interpret else 192 if m % 192 == 0 else 128
+    return Tiling(tm, 64, fit(n))
 
 
 def choose_tiling(m: int, k: int, n: int, num_groups: int, itemsize: int, backend: str,
@@ -73,7 +78,7 @@ def choose_tiling(m: int, k: int, n: int, num_groups: int, itemsize: int, backen
     """The table above: (tm, tk, tn) for an `[M, K] x [G, K, N]` grouped matmul (`op` "gmm")
     or its weight gradient (`op` "tgmm"; only `mosaic_gpu` tiles that one differently)."""
     if backend == "mosaic_gpu":
-        return _mosaic_gpu_tiling(k, n, interpret, op)
+        return _mosaic_gpu_tiling(m, k, n, interpret, op)
     rows_per_group = m / max(num_groups, 1)
     tm = next(t for limit, t in TM_TABLE[backend] if limit is None or rows_per_group < limit)
     if backend == "mosaic_tpu":

@@ -9,8 +9,8 @@ permute's backward pass.
 
 `triton` and `jax_triton` are imported on first use only: they are in the `gpu` extra
 (`pip install -e '.[gpu]'`), and `import jax_triton` fails without a CUDA jaxlib, so on CPU
-`triton_available()` says why and the tests skip. Checked on GPU: not yet (no GPU was lent
-when this was written); the CPU tests cover the Pallas kernels with the same contract.
+`triton_available()` says why and the tests skip. Checked on an H200 (jax 0.11.2, jax-triton
+0.3.1, triton 3.6.0): equal to the pure-JAX combine (tests/pallas_kernels).
 """
 from __future__ import annotations
 

@@ -6,8 +6,12 @@
 #   OUT=/tmp/gpu bash experiments/gpu/check.sh                 # every stage
 #   STAGES="env tests quick" bash experiments/gpu/check.sh     # a subset (quick: small gmm)
 #
-# Packages the machine lacks (ml_collections, jax_triton, tokamax and its needs) are installed
-# from wheels in .whl/ when that folder exists (see experiments/gpu/README.md).
+# Stages: env, tests, quick, gmm, moe_layer, tiles, tokamax (STAGES, default all but quick).
+# Packages the machine lacks (ml_collections for the tests; jax_triton; tokamax and its needs)
+# are installed from wheels in .whl/ when that folder exists; fetch them beforehand with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl ml-collections jax-triton==0.3.1 ...
+# The results of 2026-11-26 (H200) are in experiments/gpu/results/.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 PY=${PY:-python3}
@@ -19,7 +23,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-STAGES=${STAGES:-env tests gmm moe_layer tokamax}
+STAGES=${STAGES:-env tests gmm moe_layer tiles tokamax}
 stage() {  # stage NAME SECONDS CMD...: stdout -> NAME.out, stderr -> NAME.log
   local name=$1 limit=$2 start rc
   shift 2
@@ -37,6 +41,7 @@ TAIL=20 stage quick 60 $PY experiments/benchmarks/gmm.py --json --shapes full --
   --groups skewed --repeats 2 --skip tokamax
 TAIL=40 stage gmm 200 $PY experiments/benchmarks/gmm.py --json --shapes full --skip tokamax
 stage moe_layer 100 $PY experiments/benchmarks/moe_layer.py --json --dtype bfloat16 --skip hf
+TAIL=30 stage tiles 240 $PY experiments/benchmarks/gmm_tiles.py --json
 stage tokamax 60 $PY experiments/benchmarks/gmm.py --json --shapes full --groups balanced \
   --skip ragged_dot,tile_loop,pallas_triton,torch_grouped_mm --repeats 3
 for f in "$OUT"/*.out; do [ -s "$f" ] || rm -f "$f"; done

@@ -71,8 +71,9 @@ class MoEConfig:
     fssdp_remat: bool = False  # fssdp: gather the replicas again in the backward pass
     gmm_impl: str = "auto"  # grouped matmul of the `ragged` plan: auto|tile_loop|ragged_dot
     gmm_tile: int = 256  # rows per tile of the tile_loop grouped matmul
-    # kernels of the `pallas` dispatcher: auto (from the platform)|mosaic_tpu|pallas_gpu|
-    # jax_triton (pallas_gpu plus the Triton combine kernel); see pallas_kernels/backend.py
+    # kernels of the `pallas` dispatcher: auto (from the platform)|mosaic_tpu|mosaic_gpu|
+    # pallas_gpu|jax_triton (pallas_gpu plus the Triton combine kernel); see
+    # pallas_kernels/backend.py
     kernel_backend: str = "auto"
 
     @classmethod

@@ -39,11 +39,12 @@ def f32(*arrays):
     return [jnp.asarray(a, jnp.float32) for a in arrays]
 
 
-@pytest.mark.parametrize("sizes,m", CASES)
-def test_gmm_kernel_matches_reference(sizes, m):
+@pytest.mark.parametrize("sizes,m,tiling", [(*case, TILE) for case in CASES]
+                         + [(CASES[0][0], 200, Tiling(192, 64, 128))])  # the GPU's row tile
+def test_gmm_kernel_matches_reference(sizes, m, tiling):
     lhs, rhs, _ = operands(m, len(sizes), seed=len(sizes))
     sizes = jnp.asarray(sizes, jnp.int32)
-    out = gmm_mosaic_gpu(lhs, rhs, sizes, tiling=TILE, out_dtype=jnp.float32,
+    out = gmm_mosaic_gpu(lhs, rhs, sizes, tiling=tiling, out_dtype=jnp.float32,
                          interpret=INTERPRET)
     assert out.shape == (m, rhs.shape[2])
     total = int(sizes.sum())
@@ -106,5 +107,6 @@ def test_mosaic_gpu_takes_16_bit_fitting_calls_and_hands_the_rest_on():
     fallback = plan(jnp.bfloat16, 2000, 1408, tiling=Tiling(192, 64, 128))
     assert fallback == ("pallas_gpu", (128, 64, 128))  # 192 is no Triton tile: the table's
     assert choose_tiling(200, 64, 64, 4, 2, "mosaic_gpu", interpret=True) == TILE
+    assert choose_tiling(16384 * 6, 2048, 1408, 64, 2, "mosaic_gpu") == (192, 64, 128)
     with pytest.raises(ValueError, match="multiples of 64"):
         check_tiling((128, 32, 128), 2048, "mosaic_gpu")

@@ -22,7 +22,8 @@ deprecated from JAX 0.11; `gmm_mosaic_gpu.py` (TMA + wgmma) is the successor, an
 kernels stay for what it does not take (float32, shapes off its tiles, non-Hopper GPUs).
 Measured on an H200 (README): tgmm 2.2-3.2x the same-FLOP dense matmul's time (Mosaic GPU:
 1.15-1.37x); gmm's trip count first failed the Triton verifier under jax 0.11.2 and was
-rewritten in tgmm's form, which compiled there (not re-run on a GPU since).
+rewritten in tgmm's form (not re-run on a GPU since; tests/pallas_kernels/
+test_triton_modules.py runs the verifier on every kernel here without a GPU).
 """
 from __future__ import annotations
 

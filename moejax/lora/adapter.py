@@ -21,7 +21,7 @@ import dataclasses
 import fnmatch
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -202,18 +202,31 @@ def add_delta(y: jax.Array, delta: jax.Array | None) -> jax.Array:
     return y if delta is None else y + delta.astype(y.dtype)
 
 
-def split_adapters(params: Any) -> tuple[Any, Any]:
-    """`params -> (base, adapters)`: two nested dicts, the adapter leaves and the others."""
+def split_tree(params: Any, selected: Callable[[tuple], bool]) -> tuple[dict, dict]:
+    """`params -> (the leaves whose key path satisfies `selected`, the others)`, two nested
+    dicts of whatever leaves `params` holds; `join_trees` puts them back together."""
     from flax import traverse_util
     flat = traverse_util.flatten_dict(params)
-    base = {k: v for k, v in flat.items() if not is_adapter_path(k)}
-    adapters = {k: v for k, v in flat.items() if is_adapter_path(k)}
-    return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(adapters)
+    chosen = {k: v for k, v in flat.items() if selected(k)}
+    rest = {k: v for k, v in flat.items() if not selected(k)}
+    return traverse_util.unflatten_dict(chosen), traverse_util.unflatten_dict(rest)
 
 
-def join_adapters(base: Any, adapters: Any) -> Any:
-    """The inverse of `split_adapters`."""
+def join_trees(*trees: Any) -> dict:
+    """The union of nested dicts with disjoint leaves (the inverse of `split_tree`)."""
     from flax import traverse_util
-    flat = dict(traverse_util.flatten_dict(base))
-    flat.update(traverse_util.flatten_dict(adapters))
+    flat = {}
+    for tree in trees:
+        flat.update(traverse_util.flatten_dict(tree))
     return traverse_util.unflatten_dict(flat)
+
+
+def split_adapters(params: Any) -> tuple[dict, dict]:
+    """`params -> (base, adapters)`: the leaves outside adapter modules, and those inside."""
+    adapters, base = split_tree(params, is_adapter_path)
+    return base, adapters
+
+
+def join_adapters(base: Any, adapters: Any) -> dict:
+    """The inverse of `split_adapters`."""
+    return join_trees(base, adapters)

@@ -34,7 +34,7 @@ from moejax.config.sections import ConfigError
 from moejax.lora.adapter import COLLECTIONS as LORA_COLLECTIONS
 from moejax.lora.adapter import join_adapters, split_adapters
 from moejax.lora.config import LoRAConfig
-from moejax.models.transformer import SCANNED_STACKS, unscan_params
+from moejax.models.transformer import scanned_abstract, unscan_params
 from moejax.train.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 
 BASE_DIR = "base"
@@ -174,32 +174,12 @@ def _load_moejax(source: dict, abstract_base: Any, abstract_bias: Any, model_cfg
         ckpt.close()
 
 
-def _scanned_like(abstract: Any) -> Any:
-    """The scanned-layer layout of an unrolled (`model.scan_layers=False`) abstract tree:
-    entries `<stack>_<i>` stacked back into `<stack>` with a leading layer axis (the inverse of
-    `moejax.models.transformer.unscan_params`), unplaced."""
-    if not isinstance(abstract, dict):
-        return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype)
-    out, groups = {}, {}
-    for key, value in abstract.items():
-        stack, _, index = key.rpartition("_")
-        if stack in SCANNED_STACKS and index.isdigit():
-            groups.setdefault(stack, {})[int(index)] = _scanned_like(value)
-        else:
-            out[key] = _scanned_like(value)
-    for stack, layers in groups.items():
-        ordered = [layers[i] for i in range(len(layers))]
-        out[stack] = jax.tree.map(
-            lambda *xs: jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype), *ordered)
-    return out
-
-
 def _restore_unrolled(ckpt: Checkpointer, step: int, abstract_base: Any, abstract_bias: Any,
                       source: dict, error: Exception) -> dict:
     """A base trained with scanned layers, for a model with unrolled ones (MoLA): restored in
     the scanned layout, unscanned, and placed like `abstract_base`."""
     try:
-        out = ckpt.restore_subtrees({"params": _scanned_like(abstract_base),
+        out = ckpt.restore_subtrees({"params": scanned_abstract(abstract_base),
                                      "router_bias": abstract_bias}, step)
     except CheckpointMismatchError:
         raise BaseModelError(

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from flax import traverse_util
 
-from moejax.lora.adapter import is_adapter_path
+from moejax.lora.adapter import is_adapter_path, join_trees, split_tree
 
 # (adapter module name or "*", leaf name) pairs that stay frozen although they live inside an
 # adapter module. Variants add theirs, e.g. ("*", "a_frozen") for a fixed random projection.
@@ -55,17 +55,12 @@ def labels(params: Any) -> Any:
 
 def partition(params: Any) -> tuple[dict, dict]:
     """`params -> (trainable, frozen)`, two nested dicts that `combine` joins back."""
-    flat = traverse_util.flatten_dict(params)
-    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
-    frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
-    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+    return split_tree(params, is_trainable)
 
 
 def combine(trainable: Any, frozen: Any) -> dict:
     """The inverse of `partition`."""
-    flat = dict(traverse_util.flatten_dict(frozen))
-    flat.update(traverse_util.flatten_dict(trainable))
-    return traverse_util.unflatten_dict(flat)
+    return join_trees(frozen, trainable)
 
 
 def count(params: Any) -> int:

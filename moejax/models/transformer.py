@@ -148,6 +148,26 @@ def unscan_params(params: Any) -> Any:
     return out
 
 
+def scanned_abstract(abstract: Any) -> Any:
+    """The scanned-layer layout of an unrolled (`model.scan_layers=False`) abstract tree:
+    entries `<stack>_<i>` stacked back into `<stack>` with a leading layer axis (the inverse of
+    `unscan_params`, on shapes only: to restore a scanned checkpoint for unrolled layers)."""
+    if not isinstance(abstract, dict):
+        return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype)
+    out, groups = {}, {}
+    for key, value in abstract.items():
+        stack, _, index = key.rpartition("_")
+        if stack in SCANNED_STACKS and index.isdigit():
+            groups.setdefault(stack, {})[int(index)] = scanned_abstract(value)
+        else:
+            out[key] = scanned_abstract(value)
+    for stack, layers in groups.items():
+        ordered = [layers[i] for i in range(len(layers))]
+        out[stack] = jax.tree.map(
+            lambda *xs: jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype), *ordered)
+    return out
+
+
 class MoEPeriod(nn.Module):
     """`moe_every - 1` dense blocks followed by one MoE block: the unit of the MoE scan."""
     model: ModelConfig

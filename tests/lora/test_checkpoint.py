@@ -131,8 +131,8 @@ def test_a_scanned_base_loads_into_unrolled_layers(runs):
     """MoLA unrolls the layers (different expert counts per layer): the base, trained with
     scanned layers, is restored in that layout and unscanned, leaf for leaf."""
     from moejax.lora.adapter import split_adapters
-    from moejax.lora.checkpoint import _scanned_like, load_base
-    from moejax.models.transformer import unscan_params
+    from moejax.lora.checkpoint import load_base
+    from moejax.models.transformer import scanned_abstract, unscan_params
     data_dir, _, base, _ = runs
     config = _adapter_config(data_dir, base, **{"model.scan_layers": False})
     s = validate(config)
@@ -145,7 +145,7 @@ def test_a_scanned_base_loads_into_unrolled_layers(runs):
                                            jax.devices()[0])), abstract)
     loaded, _ = load_base(s.lora, str(base), abstract, None, s.model)
     with Checkpointer(base, async_save=False) as ckpt:
-        saved = ckpt.restore_subtrees({"params": _scanned_like(split_adapters(abstract)[0])}, 2)
+        saved = ckpt.restore_subtrees({"params": scanned_abstract(split_adapters(abstract)[0])}, 2)
     assert "dense_layers_0" in loaded["params"] and "dense_layers" not in loaded["params"]
     want = traverse_util.flatten_dict(unscan_params(jax.device_get(saved["params"])))
     got = traverse_util.flatten_dict(jax.device_get(loaded["params"]))

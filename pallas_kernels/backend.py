@@ -15,7 +15,8 @@
 - ``"jax_triton"``: the ``pallas_gpu`` kernels plus a hand-written Triton scatter-combine
   called through `jax_triton.triton_call` (`pallas_kernels/triton_combine.py`); GPU only.
 
-``"auto"`` picks ``mosaic_tpu`` on TPU and ``mosaic_gpu`` on GPU; on CPU it picks
+``"auto"`` picks ``mosaic_tpu`` on TPU, ``mosaic_gpu`` on a Hopper GPU (compute capability
+9.x: wgmma is Hopper's), ``pallas_gpu`` on other GPUs; on CPU it picks
 ``mosaic_tpu`` in interpret mode (there is no compiled Pallas lowering for CPU).
 """
 from __future__ import annotations
@@ -31,12 +32,29 @@ def platform() -> str:
     return jax.default_backend()
 
 
+def compute_capability() -> str:
+    """The first device's CUDA compute capability ("9.0"), or "" off NVIDIA GPUs."""
+    return str(getattr(jax.devices()[0], "compute_capability", "") or "")
+
+
+def is_hopper(capability: str) -> bool:
+    return capability.split(".")[0] == "9"
+
+
 def resolve_backend(backend: str | None = "auto") -> str:
-    """The backend a kernel call uses: `backend` itself, or the platform's for None/"auto"."""
+    """The backend a kernel call uses: `backend` itself, or the platform's for None/"auto".
+    `mosaic_gpu` on a GPU that is not a Hopper is refused here, before anything compiles."""
+    on_gpu = platform() in ("gpu", "cuda")
     if backend in (None, "auto"):
+        if on_gpu:
+            return "mosaic_gpu" if is_hopper(compute_capability()) else "pallas_gpu"
         return PLATFORM_BACKEND.get(platform(), "mosaic_tpu")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {('auto',) + BACKENDS}")
+    if backend == "mosaic_gpu" and on_gpu and not is_hopper(compute_capability()):
+        raise ValueError(
+            f"backend='mosaic_gpu' needs a Hopper GPU (compute capability 9.x, for wgmma); this "
+            f"device reports {compute_capability() or 'none'}: use 'pallas_gpu' or 'auto'")
     return backend
 
 

@@ -110,3 +110,15 @@ def test_mosaic_gpu_takes_16_bit_fitting_calls_and_hands_the_rest_on():
     assert choose_tiling(16384 * 6, 2048, 1408, 64, 2, "mosaic_gpu") == (192, 64, 128)
     with pytest.raises(ValueError, match="multiples of 64"):
         check_tiling((128, 32, 128), 2048, "mosaic_gpu")
+
+
+def test_auto_picks_mosaic_gpu_on_hopper_only(monkeypatch):
+    from pallas_kernels import backend
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")
+    for capability, want in [("9.0", "mosaic_gpu"), ("8.0", "pallas_gpu"), ("10.0", "pallas_gpu"),
+                             ("gfx90a", "pallas_gpu")]:
+        monkeypatch.setattr(backend, "compute_capability", lambda c=capability: c)
+        assert backend.resolve_backend("auto") == want, capability
+    with pytest.raises(ValueError, match="backend='mosaic_gpu' needs a Hopper GPU.*gfx90a"):
+        backend.resolve_backend("mosaic_gpu")
+    assert backend.resolve_backend("pallas_gpu") == "pallas_gpu"

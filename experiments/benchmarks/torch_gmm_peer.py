@@ -1,10 +1,10 @@
-"""Peer for `gmm.py` on GPU: PyTorch's grouped matmul (`torch._grouped_mm`, CUTLASS grouped
-GEMM on Hopper) on the same operands, shared with JAX through DLPack (no copy).
+"""Peer for `gmm.py` on GPU: PyTorch's grouped matmul (`torch._grouped_mm`) on the same
+operands, shared with JAX through DLPack (no copy).
 
 `torch_fns()` -> ({"gmm": f(lhs, rhs, sizes), "tgmm": f(lhs, grad, sizes)} taking and
 returning JAX arrays, or None, and the reason when torch or a CUDA device is missing). Each
-call runs the torch kernel and synchronises the CUDA stream, so it can be timed like a
-blocked JAX call. gmm: `_grouped_mm(lhs[M, K], rhs[G, K, N], offs)`; tgmm (ragged K):
+call runs the torch kernel and synchronises the device, so it can be timed like a blocked
+JAX call (a sync per call where JAX's back-to-back calls queue: a small handicap for torch). gmm: `_grouped_mm(lhs[M, K], rhs[G, K, N], offs)`; tgmm (ragged K):
 `_grouped_mm(lhs^T[K, M], grad[M, N], offs) -> [G, K, N]`; `offs` are the groups' end rows.
 Layouts the kernel refuses are made contiguous once, outside the timed call.
 """
@@ -52,7 +52,7 @@ def torch_fns():
         first = prepared(fn_inputs)
 
         def fn(*args):
-            key = (op, *(id(x) for x in args))
+            key = (op, *((id(x), x.shape) for x in args))
             if key not in cache:
                 cache.clear()
                 cache[key], out = first(*args)

@@ -4,7 +4,8 @@ operands, shared with JAX through DLPack (no copy).
 `torch_fns()` -> ({"gmm": f(lhs, rhs, sizes), "tgmm": f(lhs, grad, sizes)} taking and
 returning JAX arrays, or None, and the reason when torch or a CUDA device is missing). Each
 call runs the torch kernel and synchronises the device, so it can be timed like a blocked
-JAX call (a sync per call where JAX's back-to-back calls queue: a small handicap for torch). gmm: `_grouped_mm(lhs[M, K], rhs[G, K, N], offs)`; tgmm (ragged K):
+JAX call (a sync per call where JAX's back-to-back calls queue: a small handicap for torch).
+gmm: `_grouped_mm(lhs[M, K], rhs[G, K, N], offs)`; tgmm (ragged K):
 `_grouped_mm(lhs^T[K, M], grad[M, N], offs) -> [G, K, N]`; `offs` are the groups' end rows.
 Layouts the kernel refuses are made contiguous once, outside the timed call.
 """

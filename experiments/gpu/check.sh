@@ -36,7 +36,7 @@ stage() {  # stage NAME SECONDS CMD...: stdout -> NAME.out, stderr -> NAME.log
 }
 
 stage env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv >&2; $PY -c 'import sys, jax, triton, torch; print(sys.version.split()[0], jax.__version__, jax.devices(), triton.__version__, torch.__version__, file=sys.stderr)'"
-TAIL=30 stage tests 150 $PY -m pytest -q -p no:cacheprovider -rs tests/pallas_kernels
+TAIL=30 stage tests 150 $PY -m pytest -q -p no:cacheprovider -rfEs tests/pallas_kernels
 TAIL=20 stage quick 60 $PY experiments/benchmarks/gmm.py --json --shapes full --scale 8 \
   --groups skewed --repeats 2 --skip tokamax
 TAIL=40 stage gmm 200 $PY experiments/benchmarks/gmm.py --json --shapes full --skip tokamax

@@ -24,8 +24,8 @@ from __future__ import annotations
 import jax
 
 BACKENDS = ("mosaic_tpu", "mosaic_gpu", "pallas_gpu", "jax_triton")
-PLATFORM_BACKEND = {"tpu": "mosaic_tpu", "gpu": "mosaic_gpu", "cuda": "mosaic_gpu",
-                    "rocm": "pallas_gpu", "cpu": "mosaic_tpu"}
+# NVIDIA GPUs ("gpu", "cuda") are resolved by compute capability in `resolve_backend`.
+PLATFORM_BACKEND = {"tpu": "mosaic_tpu", "rocm": "pallas_gpu", "cpu": "mosaic_tpu"}
 
 
 def platform() -> str:

@@ -30,7 +30,7 @@ from pallas_kernels.backend import resolve_backend, resolve_interpret
 from pallas_kernels.gmm_gpu import gmm_pallas_gpu, tgmm_pallas_gpu
 from pallas_kernels.gmm_mosaic_gpu import gmm_mosaic_gpu, mosaic_gpu_supports, tgmm_mosaic_gpu
 from pallas_kernels.gmm_mosaic_tpu import gmm_mosaic_tpu, tgmm_mosaic_tpu
-from pallas_kernels.tiling import Tiling, check_tiling, choose_tiling
+from pallas_kernels.tiling import Tiling, check_tiling, choose_tiling, is_triton_tiling
 
 
 class _Opts(NamedTuple):
@@ -61,14 +61,10 @@ def _plan(opts: _Opts, dtype, m: int, k: int, n: int, num_groups: int, op: str):
     # A given tiling that a Mosaic block cannot use here (the backward gmm contracts over N,
     # which its tn need not divide) falls back to the table.
     given = opts.tiling
-    if given is not None and (backend == "pallas_gpu" and _is_pow2_tiling(given) or
+    if given is not None and (backend == "pallas_gpu" and is_triton_tiling(given) or
                               backend == "mosaic_tpu" and k % given.tk == 0):
         return backend, given
     return backend, choose_tiling(m, k, n, num_groups, itemsize, backend, opts.interpret)
-
-
-def _is_pow2_tiling(tiling: Tiling) -> bool:
-    return all(t >= 16 and not t & (t - 1) for t in tiling)
 
 
 KERNELS = {"mosaic_tpu": (gmm_mosaic_tpu, tgmm_mosaic_tpu),

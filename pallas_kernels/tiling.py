@@ -93,6 +93,11 @@ def choose_tiling(m: int, k: int, n: int, num_groups: int, itemsize: int, backen
     return Tiling(tm, tk, tn)
 
 
+def is_triton_tiling(tiling: Tiling) -> bool:
+    """Whether the Triton-lowering kernels can use `tiling`: powers of two >= 16."""
+    return all(t >= 16 and not t & (t - 1) for t in tiling)
+
+
 def check_tiling(tiling, k: int, backend: str) -> Tiling:
     """Validates a user-given `tiling=(tm, tk, tn)`; names the argument in every error."""
     try:
@@ -107,7 +112,7 @@ def check_tiling(tiling, k: int, backend: str) -> Tiling:
     if backend == "mosaic_gpu" and any(t % 64 for t in tiling):
         raise ValueError(f"tiling={tuple(tiling)}: the mosaic_gpu kernels need multiples of 64 "
                          "(wgmma steps of 64 rows, 128-byte swizzled 16-bit tiles)")
-    if backend == "pallas_gpu" and any(t & (t - 1) or t < 16 for t in tiling):
+    if backend == "pallas_gpu" and not is_triton_tiling(tiling):
         raise ValueError(f"tiling={tuple(tiling)}: the pallas_gpu kernels need powers of two "
                          ">= 16 (Triton block shapes)")
     return tiling

@@ -46,8 +46,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.tiling import Tiling, cdiv, group_bounds, make_work_items
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# TMA copies in flight in the K (gmm) / row (tgmm) pipeline, from the H200 sweep
-# (experiments/benchmarks/gmm_tiles.py); read when a kernel is traced
+# TMA copies in flight in the K (gmm) / row (tgmm) pipeline (the kernels' `stages` default),
+# from the H200 sweep (experiments/benchmarks/gmm_tiles.py)
 GMM_STAGES, TGMM_STAGES = 4, 5
 INTERPRET_SMS = 2  # programs of the persistent grid in interpret mode
 WG = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
@@ -109,7 +109,7 @@ def _store_rows(o_smem, out_ref, first: jax.Array, count: jax.Array, row0: jax.A
 
 def _gmm_body(count_ref, group_ref, mtile_ref, lo_ref, hi_ref, real_ref, lhs_ref, rhs_ref,
               out_ref, *, tiling: Tiling, m: int, k: int, n: int, num_items: int,
-              transpose_rhs: bool):
+              transpose_rhs: bool, stages: int):
     tm, tk, tn = tiling
     tiles_n = n // tn
 
@@ -129,7 +129,7 @@ def _gmm_body(count_ref, group_ref, mtile_ref, lo_ref, hi_ref, real_ref, lhs_ref
 
                 w_block = (tn, tk) if transpose_rhs else (tk, tn)
                 pipeline = plgpu.emit_pipeline(
-                    step, grid=(k // tk,), max_concurrent_steps=GMM_STAGES,
+                    step, grid=(k // tk,), max_concurrent_steps=stages,
                     in_specs=[
                         plgpu.BlockSpec((tm, tk), lambda kb: (row_tile, kb), delay_release=1),
                         plgpu.BlockSpec(w_block, (lambda kb: (j, kb)) if transpose_rhs
@@ -156,7 +156,7 @@ def _gmm_body(count_ref, group_ref, mtile_ref, lo_ref, hi_ref, real_ref, lhs_ref
 
 
 def _tgmm_body(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, tiling: Tiling, k: int,
-               n: int, num_groups: int):
+               n: int, num_groups: int, stages: int):
     tm, tk, tn = tiling
     tiles_k, tiles_n = k // tk, n // tn
 
@@ -186,7 +186,7 @@ def _tgmm_body(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, tiling: Tiling
             @pl.when(blocks > 0)
             def _run():
                 plgpu.emit_pipeline(
-                    step, grid=(blocks,), max_concurrent_steps=TGMM_STAGES,
+                    step, grid=(blocks,), max_concurrent_steps=stages,
                     in_specs=[
                         plgpu.BlockSpec((tm, tk), lambda r: (first + r, kt), delay_release=1),
                         plgpu.BlockSpec((tm, tn), lambda r: (first + r, j), delay_release=1),
@@ -205,34 +205,38 @@ def _tgmm_body(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, tiling: Tiling
         pl.run_scoped(store, plgpu.SMEM((tk, tn), out_ref.dtype))
 
 
+def _launch(body, out_type: jax.ShapeDtypeStruct, interpret: bool):
+    """The persistent kernel: one program per SM (`INTERPRET_SMS` in interpret mode)."""
+    return plgpu.kernel(body, out_type=out_type, grid=(_num_programs(interpret),),
+                        grid_names=("sm",), compiler_params=WG,
+                        interpret=_interpret_params(interpret))
+
+
 @functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "interpret",
-                                             "transpose_rhs"))
+                                             "transpose_rhs", "stages"))
 def gmm_mosaic_gpu(lhs, rhs, group_sizes, *, tiling: Tiling, out_dtype, interpret: bool,
-                   transpose_rhs: bool = False):
+                   transpose_rhs: bool = False, stages: int = GMM_STAGES):
     """`[M, K] x [G, K, N] -> [M, N]` (rhs `[G, N, K]` if `transpose_rhs`); see the module
     docstring. Checked inputs that `mosaic_gpu_supports("gmm", ...)` accepts only."""
     (m, k), n = lhs.shape, rhs.shape[1 if transpose_rhs else 2]
     items = make_work_items(group_sizes, m, tiling.tm, cover_tail=True, visit_empty_groups=False)
-    lhs = _pad_rows(lhs, tiling.tm)
     body = functools.partial(_gmm_body, tiling=tiling, m=m, k=k, n=n,
-                             num_items=items.group.shape[0], transpose_rhs=transpose_rhs)
-    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-                          grid=(_num_programs(interpret),), grid_names=("sm",),
-                          compiler_params=WG, interpret=_interpret_params(interpret))
+                             num_items=items.group.shape[0], transpose_rhs=transpose_rhs,
+                             stages=stages)
+    kernel = _launch(body, jax.ShapeDtypeStruct((m, n), out_dtype), interpret)
     return kernel(items.count, items.group, items.m_tile, items.lo, items.hi, items.real,
-                  lhs, rhs)
+                  _pad_rows(lhs, tiling.tm), rhs)
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "num_groups", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "num_groups", "interpret",
+                                             "stages"))
 def tgmm_mosaic_gpu(lhs, grad, group_sizes, *, tiling: Tiling, out_dtype, num_groups: int,
-                    interpret: bool):
+                    interpret: bool, stages: int = TGMM_STAGES):
     """Per-group `lhs^T @ grad -> [G, K, N]`; see the module docstring. Checked inputs that
     `mosaic_gpu_supports("tgmm", ...)` accepts only."""
     (m, k), n = lhs.shape, grad.shape[1]
     starts, ends = group_bounds(group_sizes, m)
-    lhs, grad = _pad_rows(lhs, tiling.tm), _pad_rows(grad, tiling.tm)
-    body = functools.partial(_tgmm_body, tiling=tiling, k=k, n=n, num_groups=num_groups)
-    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-                          grid=(_num_programs(interpret),), grid_names=("sm",),
-                          compiler_params=WG, interpret=_interpret_params(interpret))
-    return kernel(starts, ends, lhs, grad)
+    body = functools.partial(_tgmm_body, tiling=tiling, k=k, n=n, num_groups=num_groups,
+                             stages=stages)
+    kernel = _launch(body, jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), interpret)
+    return kernel(starts, ends, _pad_rows(lhs, tiling.tm), _pad_rows(grad, tiling.tm))

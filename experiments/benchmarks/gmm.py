@@ -56,7 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import pallas_kernels  # noqa: E402
-from experiments.benchmarks.timing import device_name, measure  # noqa: E402
+from experiments.benchmarks.timing import back_to_back, device_name, measure  # noqa: E402
 from moejax.moe import grouped_matmul  # noqa: E402
 
 TOKENS = 16384
@@ -191,15 +191,6 @@ def _add_torch_peer(op: str, platform: str, skip: set[str], fns: dict, skipped: 
 _JITTED: dict[tuple[str, str], Callable] = {}
 
 
-def _timed_step(fn, args, inner: int) -> Callable[[], None]:
-    """One sample: `inner` calls back to back, blocked on the last (time per call = / inner)."""
-    def step():
-        for _ in range(inner - 1):
-            fn(*args)
-        jax.block_until_ready(fn(*args))
-    return step
-
-
 def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped: dict,
                 skip_impls: set[str], interpret_max_gflop: float, inner: int = 1,
                 impl_budget_s: float = float("inf")) -> dict:
@@ -226,7 +217,7 @@ def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped:
             dense = jax.jit(lambda a, dy: jnp.dot(a.T, dy))
             dense_args = (lhs, grad)
         skipped.update({f"{op}/{name}": why for name, why in skip.items()})
-        steps, outputs, once = {"dense": _timed_step(dense, dense_args, inner)}, {}, {}
+        steps, outputs, once = {"dense": back_to_back(dense, dense_args, inner)}, {}, {}
         steps["dense"]()
         for name, fn in fns.items():
             if name.removesuffix("_interpret") in skip_impls:
@@ -251,7 +242,7 @@ def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped:
             if call_s * repeats * inner > impl_budget_s:  # too slow to repeat: this call alone
                 once[name] = [call_s * 1e3]
                 continue
-            steps[name] = _timed_step(compiled, args, inner)
+            steps[name] = back_to_back(compiled, args, inner)
         times = measure(steps, repeats)
         times = {name: [t / inner for t in ts] for name, ts in times.items()} | once
         med = {name: statistics.median(t) for name, t in times.items()}

@@ -14,10 +14,10 @@ Prints one JSON object: `device`, `results[shape][op]` = list of {`tiling`, `sta
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.benchmarks.gmm import FULL, group_sizes, rel_err  # noqa: E402
-from experiments.benchmarks.timing import device_name  # noqa: E402
+from experiments.benchmarks.timing import back_to_back, device_name, measure  # noqa: E402
 from pallas_kernels import gmm_mosaic_gpu as mgpu  # noqa: E402
 from pallas_kernels.tiling import Tiling  # noqa: E402
 
@@ -39,14 +39,8 @@ STAGES = (3, 4, 5)
 
 
 def ms_per_call(fn, args, repeats: int, inner: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner - 1):
-            fn(*args)
-        jax.block_until_ready(fn(*args))
-        samples.append((time.perf_counter() - t0) * 1e3 / inner)
-    return statistics.median(samples)
+    """Median over `repeats` samples of `inner` back-to-back calls, per call."""
+    return statistics.median(measure({"fn": back_to_back(fn, args, inner)}, repeats)["fn"]) / inner
 
 
 def sweep(name: str, spec: dict, repeats: int, inner: int) -> dict:
@@ -56,7 +50,7 @@ def sweep(name: str, spec: dict, repeats: int, inner: int) -> dict:
     rhs = (jax.random.normal(keys[1], (g, k, n)) / k ** 0.5).astype(jnp.bfloat16)
     grad = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
     sizes = jnp.asarray(group_sizes(m, g, "balanced"), jnp.int32)
-    out, defaults = {}, (mgpu.GMM_STAGES, mgpu.TGMM_STAGES)
+    out = {}
     for op in ("gmm", "tgmm"):
         if op == "gmm":
             dense = jax.jit(lambda a, b: jnp.dot(a, b[0]))
@@ -72,16 +66,14 @@ def sweep(name: str, spec: dict, repeats: int, inner: int) -> dict:
             if not mgpu.mosaic_gpu_supports(op, jnp.bfloat16, k, n, tiling):
                 continue
             for stages in STAGES:
-                setattr(mgpu, f"{op.upper()}_STAGES", stages)  # read at trace time
-                jax.clear_caches()
                 if op == "gmm":
-                    fn = jax.jit(lambda a, b, s, t=tiling: mgpu.gmm_mosaic_gpu(
-                        a, b, s, tiling=t, out_dtype=jnp.bfloat16, interpret=False))
+                    fn = functools.partial(mgpu.gmm_mosaic_gpu, tiling=tiling, stages=stages,
+                                           out_dtype=jnp.bfloat16, interpret=False)
                     args = (lhs, rhs, sizes)
                 else:
-                    fn = jax.jit(lambda a, dy, s, t=tiling: mgpu.tgmm_mosaic_gpu(
-                        a, dy, s, tiling=t, out_dtype=jnp.bfloat16, num_groups=g,
-                        interpret=False))
+                    fn = functools.partial(mgpu.tgmm_mosaic_gpu, tiling=tiling, stages=stages,
+                                           out_dtype=jnp.bfloat16, num_groups=g,
+                                           interpret=False)
                     args = (lhs, grad, sizes)
                 try:
                     got = jax.block_until_ready(fn(*args))
@@ -99,7 +91,6 @@ def sweep(name: str, spec: dict, repeats: int, inner: int) -> dict:
         rows.sort(key=lambda r: r.get("ms", float("inf")))
         out[op] = {"dense_ms": round(dense_ms, 4), "m": m, "k": k, "n": n, "g": g,
                    "runs": rows}
-    mgpu.GMM_STAGES, mgpu.TGMM_STAGES = defaults
     return out
 
 

@@ -206,10 +206,10 @@ def split_tree(params: Any, selected: Callable[[tuple], bool]) -> tuple[dict, di
     """`params -> (the leaves whose key path satisfies `selected`, the others)`, two nested
     dicts of whatever leaves `params` holds; `join_trees` puts them back together."""
     from flax import traverse_util
-    flat = traverse_util.flatten_dict(params)
-    chosen = {k: v for k, v in flat.items() if selected(k)}
-    rest = {k: v for k, v in flat.items() if not selected(k)}
-    return traverse_util.unflatten_dict(chosen), traverse_util.unflatten_dict(rest)
+    parts: tuple[dict, dict] = ({}, {})
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        parts[0 if selected(path) else 1][path] = leaf
+    return traverse_util.unflatten_dict(parts[0]), traverse_util.unflatten_dict(parts[1])
 
 
 def join_trees(*trees: Any) -> dict:

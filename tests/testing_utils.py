@@ -40,3 +40,16 @@ def cli_flags(config, name: str = "deepseekmoe") -> list[str]:
             if base[section].get(field) != value:
                 flags.append(f"--config.{section}.{field}={value}")
     return flags
+
+
+def rel_err(got, want) -> float:
+    """max |got - want| / max |want|, in float64 (the kernel tests' error measure)."""
+    import numpy as np
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def f32(*arrays):
+    """The arrays cast to float32 (references computed from low-precision operands)."""
+    import jax.numpy as jnp
+    return [jnp.asarray(a, jnp.float32) for a in arrays]

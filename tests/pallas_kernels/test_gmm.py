@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testing_utils import f32, rel_err
 
 from pallas_kernels import gmm, gmm_reference, tgmm, tgmm_reference
 from pallas_kernels.tiling import choose_tiling, make_work_items
@@ -21,21 +22,12 @@ TILING = {"mosaic_tpu": (16, 8, 8), "pallas_gpu": (16, 16, 16)}
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
-
-
 def operands(m, num_groups, k=16, n=24, dtype=jnp.float32, seed=0):
     rng = np.random.default_rng(seed)
     lhs = jnp.asarray(rng.normal(size=(m, k)), dtype)
     rhs = jnp.asarray(rng.normal(size=(num_groups, k, n)), dtype)
     grad = jnp.asarray(rng.normal(size=(m, n)), dtype)
     return lhs, rhs, grad
-
-
-def f32(*arrays):
-    return [jnp.asarray(a, jnp.float32) for a in arrays]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

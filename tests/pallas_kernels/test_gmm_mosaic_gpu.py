@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testing_utils import f32, rel_err
 
 from pallas_kernels import gmm, gmm_reference, tgmm, tgmm_reference
 from pallas_kernels.gmm import _Opts, _plan
@@ -24,19 +25,10 @@ needs_transposes = pytest.mark.skipif(
            "this runs compiled on a GPU")
 
 
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
-
-
 def operands(m, g, k=64, n=128, seed=0, dtype=jnp.bfloat16):
     rng = np.random.default_rng(seed)
     make = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
     return make(m, k), make(g, k, n), make(m, n)
-
-
-def f32(*arrays):
-    return [jnp.asarray(a, jnp.float32) for a in arrays]
 
 
 @pytest.mark.parametrize("sizes,m,tiling", [(*case, TILE) for case in CASES]

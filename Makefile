@@ -8,7 +8,7 @@ CONFIG ?= configs/deepseekmoe.py
 ARGS ?=
 PYTEST_ARGS ?= -n 2
 
-.PHONY: train test venv clean
+.PHONY: train test lint venv clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ venv: $(STAMP)
 train: $(STAMP)
 	$(PY) -m moejax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
-test: $(STAMP)
+# Style and the import contracts first: a formatting drift or an upward import fails fast.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 clean:

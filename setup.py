@@ -1,4 +1,5 @@
 """moejax: sparse Mixture-of-Experts language models in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -19,7 +20,12 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    "test": [
+        "pytest>=8.0",
+        "pytest-xdist>=3.5",
+        "ruff==0.17.6",  # pinned: a new release may format differently and fail CI
+        "import-linter>=2.1",  # the dependency contracts in .importlinter
+    ],
     "gpu": ["jax[cuda12]>=0.7.0", "jax-triton>=0.3.0"],
     # torch pinned: 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
     "hf": ["torch==2.13.0", "transformers>=4.48", "peft>=0.14", "safetensors>=0.4"],

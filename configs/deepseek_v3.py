@@ -22,6 +22,7 @@ Read `train/moe/load_cv` and `train/moe/max_load` (balance without a balance los
 `train/moe/router_bias_abs_mean` (how far the biases moved) and `eval/loss`.
 Sweep: `sweep_balancing` (aux-loss-free vs the auxiliary-loss baseline vs none).
 """
+
 from pathlib import Path
 
 from moejax.config.args import parse_arg
@@ -33,9 +34,15 @@ def get_config(arg=None):
     # deepseekmoe.py's model, data, train and mesh (tiny or pod), with V3's routing.
     c = load_config_file(Path(__file__).with_name("deepseekmoe.py")).get_config(arg)
     # DeepSeek's own training/inference code masks the dropped groups with -inf.
-    c.moe.update(router="sigmoid_bias", renormalize=True, group_mask="neg_inf",
-                 bias_update_rate=1e-3, seq_balance_coef=1e-4, balance_coef=0.0,
-                 z_loss_coef=0.0)
+    c.moe.update(
+        router="sigmoid_bias",
+        renormalize=True,
+        group_mask="neg_inf",
+        bias_update_rate=1e-3,
+        seq_balance_coef=1e-4,
+        balance_coef=0.0,
+        z_loss_coef=0.0,
+    )
     if size == "tiny":  # 4 groups of 4 experts, top-2 groups
         c.moe.update(n_group=4, topk_group=2)
     else:  # pod: DeepSeek-V2-Lite's 27 layers; a group per expert-parallel device

@@ -14,6 +14,7 @@ Active FFN width per token is 4 x 128 routed + 1 x 128 shared = 640 = dense.py's
 gshard.py's 2 x 320, so the three tiny configs compare at equal active parameters.
 Sweep: `sweep_granularity` below; compare `eval/loss` and `train/moe/load_cv`.
 """
+
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
 
@@ -23,22 +24,56 @@ def get_config(arg=None):
     c = default_config()
     c.train.steps = arg.steps or {"tiny": 300, "pod": 100_000}.get(arg.size, 0)
     if arg.size == "tiny":
-        c.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=640,
-                       first_k_dense=1)
-        c.moe.update(num_experts=16, top_k=4, d_expert=128, n_shared=1, renormalize=False,
-                     balance_coef=0.01, z_loss_coef=1e-3, gmm_tile=128)
+        c.model.update(
+            d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=640, first_k_dense=1
+        )
+        c.moe.update(
+            num_experts=16,
+            top_k=4,
+            d_expert=128,
+            n_shared=1,
+            renormalize=False,
+            balance_coef=0.01,
+            z_loss_coef=1e-3,
+            gmm_tile=128,
+        )
         c.data.update(seq_len=256, global_batch_size=16)
-        c.train.update(learning_rate=3e-3, warmup_steps=min(30, c.train.steps), eval_every=100,
-                       eval_batches=8, checkpoint_every=100, log_every=10)
+        c.train.update(
+            learning_rate=3e-3,
+            warmup_steps=min(30, c.train.steps),
+            eval_every=100,
+            eval_batches=8,
+            checkpoint_every=100,
+            log_every=10,
+        )
     elif arg.size == "pod":
-        c.model.update(vocab_size=102400, d_model=2048, num_layers=28, num_heads=16,
-                       num_kv_heads=16, d_ff=10944, first_k_dense=1, dtype="bfloat16",
-                       remat="dots")
-        c.moe.update(num_experts=64, top_k=6, d_expert=1408, n_shared=2, renormalize=False,
-                     balance_coef=0.001)
+        c.model.update(
+            vocab_size=102400,
+            d_model=2048,
+            num_layers=28,
+            num_heads=16,
+            num_kv_heads=16,
+            d_ff=10944,
+            first_k_dense=1,
+            dtype="bfloat16",
+            remat="dots",
+        )
+        c.moe.update(
+            num_experts=64,
+            top_k=6,
+            d_expert=1408,
+            n_shared=2,
+            renormalize=False,
+            balance_coef=0.001,
+        )
         c.data.update(seq_len=4096, global_batch_size=4608)
-        c.train.update(learning_rate=4.2e-4, warmup_steps=2000, eval_every=1000,
-                       eval_batches=64, checkpoint_every=1000)
+        c.train.update(
+            learning_rate=4.2e-4,
+            warmup_steps=2000,
+            eval_every=1000,
+            eval_batches=64,
+            checkpoint_every=1000,
+        )
         c.mesh.update(data=-1, fsdp=16, expert=8)
     else:
         raise ValueError(f"size={arg.size!r}: choose tiny or pod")
@@ -48,5 +83,11 @@ def get_config(arg=None):
 def sweep_granularity(add):
     """Fine-grained segmentation at fixed active width: m in {1, 2, 4}."""
     for m in (1, 2, 4):
-        add(**{"moe.num_experts": 4 * m, "moe.top_k": m, "moe.d_expert": 512 // m,
-               "moe.n_shared": 0})
+        add(
+            **{
+                "moe.num_experts": 4 * m,
+                "moe.top_k": m,
+                "moe.d_expert": 512 // m,
+                "moe.n_shared": 0,
+            }
+        )

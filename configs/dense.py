@@ -8,6 +8,7 @@ Tiny CPU run:
 Pod run (d 2048, 24 layers, d_ff 8192):
     python -m moejax.train --config=configs/dense.py:size=pod --workdir=/mnt/shared/runs/dense
 """
+
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
 
@@ -20,14 +21,33 @@ def get_config(arg=None):
     if arg.size == "tiny":
         c.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=640)
         c.data.update(seq_len=256, global_batch_size=16)
-        c.train.update(learning_rate=3e-3, warmup_steps=min(30, c.train.steps), eval_every=100,
-                       eval_batches=8, checkpoint_every=100, log_every=10)
+        c.train.update(
+            learning_rate=3e-3,
+            warmup_steps=min(30, c.train.steps),
+            eval_every=100,
+            eval_batches=8,
+            checkpoint_every=100,
+            log_every=10,
+        )
     elif arg.size == "pod":
-        c.model.update(vocab_size=32768, d_model=2048, num_layers=24, num_heads=16,
-                       num_kv_heads=8, d_ff=8192, dtype="bfloat16", remat="dots")
+        c.model.update(
+            vocab_size=32768,
+            d_model=2048,
+            num_layers=24,
+            num_heads=16,
+            num_kv_heads=8,
+            d_ff=8192,
+            dtype="bfloat16",
+            remat="dots",
+        )
         c.data.update(seq_len=2048, global_batch_size=1024)
-        c.train.update(learning_rate=3e-4, warmup_steps=2000, eval_every=1000,
-                       eval_batches=64, checkpoint_every=1000)
+        c.train.update(
+            learning_rate=3e-4,
+            warmup_steps=2000,
+            eval_every=1000,
+            eval_batches=64,
+            checkpoint_every=1000,
+        )
         c.mesh.update(data=-1, fsdp=8)
     else:
         raise ValueError(f"size={arg.size!r}: choose tiny or pod")

@@ -13,6 +13,7 @@ Pod run (d 1024, 24 layers, 8 experts of 4096):
 The tiny size has 2 x 320 = 640 active FFN width, as dense.py and deepseekmoe.py.
 Sweep: `sweep_capacity`; compare `eval/loss` and `train/moe/dropped_fraction`.
 """
+
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
 
@@ -23,18 +24,44 @@ def get_config(arg=None):
     c.train.steps = arg.steps or {"tiny": 300, "pod": 100_000}.get(arg.size, 0)
     if arg.size == "tiny":
         c.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=640)
-        c.moe.update(num_experts=8, top_k=2, d_expert=320, renormalize=True,
-                     balance_coef=0.01, z_loss_coef=1e-3, gmm_tile=128)
+        c.moe.update(
+            num_experts=8,
+            top_k=2,
+            d_expert=320,
+            renormalize=True,
+            balance_coef=0.01,
+            z_loss_coef=1e-3,
+            gmm_tile=128,
+        )
         c.data.update(seq_len=256, global_batch_size=16)
-        c.train.update(learning_rate=3e-3, warmup_steps=min(30, c.train.steps), eval_every=100,
-                       eval_batches=8, checkpoint_every=100, log_every=10)
+        c.train.update(
+            learning_rate=3e-3,
+            warmup_steps=min(30, c.train.steps),
+            eval_every=100,
+            eval_batches=8,
+            checkpoint_every=100,
+            log_every=10,
+        )
     elif arg.size == "pod":
-        c.model.update(vocab_size=32768, d_model=1024, num_layers=24, num_heads=16,
-                       num_kv_heads=16, d_ff=4096, dtype="bfloat16", remat="dots")
+        c.model.update(
+            vocab_size=32768,
+            d_model=1024,
+            num_layers=24,
+            num_heads=16,
+            num_kv_heads=16,
+            d_ff=4096,
+            dtype="bfloat16",
+            remat="dots",
+        )
         c.moe.update(num_experts=8, top_k=2, d_expert=4096)
         c.data.update(seq_len=2048, global_batch_size=1024)
-        c.train.update(learning_rate=3e-4, warmup_steps=2000, eval_every=1000,
-                       eval_batches=64, checkpoint_every=1000)
+        c.train.update(
+            learning_rate=3e-4,
+            warmup_steps=2000,
+            eval_every=1000,
+            eval_batches=64,
+            checkpoint_every=1000,
+        )
         c.mesh.update(data=-1, expert=8)
     else:
         raise ValueError(f"size={arg.size!r}: choose tiny or pod")

@@ -13,6 +13,7 @@ Only the adapters train (the base is frozen by the optimizer's masking); the bas
 `lora.base_checkpoint` (a pretrained moejax run), `lora.base_hf` (a Hugging Face
 directory) or, with neither, the run's own initialisation (saved once in <workdir>/base).
 """
+
 from pathlib import Path
 
 from moejax.config.args import parse_arg

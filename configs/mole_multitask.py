@@ -17,34 +17,49 @@ trainable parameters (single LoRA's rank matched to each variant's count). `quic
 shrinks everything to seconds (the test); `size=pod` is the same recipe on the dense pod
 shape (configs/dense.py).
 """
+
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
 from moejax.lora.variants import MODEL_OVERRIDES, variant_overrides
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, stage="finetune", variant="lora", rank=8, quick=False, steps=0, seed=0,
-                    size="tiny")
+    arg = parse_arg(
+        arg, stage="finetune", variant="lora", rank=8, quick=False, steps=0, seed=0, size="tiny"
+    )
     c = default_config()
-    c.model.update(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                   d_ff=192, moe_every=0)
+    c.model.update(
+        vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=192, moe_every=0
+    )
     if arg.quick:  # seconds: one small layer, no MFU calibration matmul
         c.model.update(d_model=32, num_layers=1, d_ff=64)
         c.train.peak_tflops = 1.0
     if arg.size not in ("tiny", "pod"):
         raise ValueError(f"size={arg.size!r}: choose tiny or pod")
-    c.train.update(log_every=50, eval_every=0, checkpoint_every=100_000, keep_checkpoints=1,
-                   async_checkpoint=False, weight_decay=0.0)
+    c.train.update(
+        log_every=50,
+        eval_every=0,
+        checkpoint_every=100_000,
+        keep_checkpoints=1,
+        async_checkpoint=False,
+        weight_decay=0.0,
+    )
     if arg.stage == "base":
         c.data.update(dataset="moejax_corpus", seq_len=64, global_batch_size=16)
         if arg.quick:
             c.data.update(max_bytes_per_domain=200_000, global_batch_size=4)
-        c.train.update(steps=arg.steps or (3 if arg.quick else 600), learning_rate=3e-3,
-                       warmup_steps=1 if arg.quick else 50)
+        c.train.update(
+            steps=arg.steps or (3 if arg.quick else 600),
+            learning_rate=3e-3,
+            warmup_steps=1 if arg.quick else 50,
+        )
     elif arg.stage == "finetune":
         c.data.update(dataset="multitask", seq_len=20, global_batch_size=32)
-        c.train.update(steps=arg.steps or (3 if arg.quick else 1000), learning_rate=1e-2,
-                       warmup_steps=1 if arg.quick else 20)
+        c.train.update(
+            steps=arg.steps or (3 if arg.quick else 1000),
+            learning_rate=1e-2,
+            warmup_steps=1 if arg.quick else 20,
+        )
         c.train.seed = arg.seed  # adapter initialisation (and routers)
         c.data.seed = arg.seed  # the generated training and evaluation examples
         # Section defaults of this experiment, then the variant's own fields on top.
@@ -54,8 +69,15 @@ def get_config(arg=None):
     else:
         raise ValueError(f"stage={arg.stage!r}: choose base or finetune")
     if arg.size == "pod":  # the same recipe on configs/dense.py's pod shape
-        c.model.update(d_model=2048, num_layers=24, num_heads=16, num_kv_heads=8, d_ff=8192,
-                       dtype="bfloat16", remat="dots")
+        c.model.update(
+            d_model=2048,
+            num_layers=24,
+            num_heads=16,
+            num_kv_heads=8,
+            d_ff=8192,
+            dtype="bfloat16",
+            remat="dots",
+        )
         c.data.update(global_batch_size=1024)
         c.mesh.update(data=-1, fsdp=8)
     c.train.checkpoint_every = c.train.steps

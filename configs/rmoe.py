@@ -16,6 +16,7 @@ Active FFN width 2 x 320 = 640, as gshard.py, dense.py and deepseekmoe.py; the r
 d*h + 6h^2 + h*E parameters per model (about 0.1M here), negligible FLOPs.
 Sweeps: `sweep_recurrence` (detach ablation, shared vs per-layer cell, h).
 """
+
 from pathlib import Path
 
 from moejax.config.files import load_config_file

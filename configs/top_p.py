@@ -18,6 +18,7 @@ Pod run (gshard.py's pod shape with top-p routing):
 Active FFN width is dynamic: 320 x the mean experts per token (logged); gshard.py's top-2
 is 640. Sweep: `sweep_threshold` over p.
 """
+
 from pathlib import Path
 
 from moejax.config.files import load_config_file
@@ -26,8 +27,15 @@ from moejax.config.files import load_config_file
 def get_config(arg=None):
     # gshard.py's model, data, train and mesh (tiny or pod): the same shape and budget
     c = load_config_file(Path(__file__).with_name("gshard.py")).get_config(arg)
-    c.moe.update(router="top_p", top_p=0.4, top_k=c.moe.num_experts, renormalize=False,
-                 balance_coef=1e-2, z_loss_coef=0.0, entropy_coef=1e-4)
+    c.moe.update(
+        router="top_p",
+        top_p=0.4,
+        top_k=c.moe.num_experts,
+        renormalize=False,
+        balance_coef=1e-2,
+        z_loss_coef=0.0,
+        entropy_coef=1e-4,
+    )
     return c
 
 

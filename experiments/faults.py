@@ -45,6 +45,7 @@ Columns, per scenario over its trials:
                meant to be missing: the losses before the first NaN step are equal and the
                parameter norm is unchanged across each skipped step
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,17 +73,31 @@ CORPUS_BYTES = 200_000
 
 def tiny_flags(data_dir: str) -> list[str]:
     sets = {
-        "model.d_model": 32, "model.num_heads": 4, "model.num_kv_heads": 2, "model.d_ff": 64,
-        "model.num_layers": 2, "moe.num_experts": 4, "moe.top_k": 2, "moe.d_expert": 16,
-        "moe.gmm_tile": 16, "data.data_dir": data_dir,
-        "data.max_bytes_per_domain": CORPUS_BYTES, "data.seq_len": 32,
-        "data.global_batch_size": 4, "train.steps": STEPS, "train.warmup_steps": 2,
-        "train.log_every": 1, "train.eval_every": 0, "train.checkpoint_every": EVERY,
-        "train.async_checkpoint": True, "train.max_bad_steps": MAX_BAD,
+        "model.d_model": 32,
+        "model.num_heads": 4,
+        "model.num_kv_heads": 2,
+        "model.d_ff": 64,
+        "model.num_layers": 2,
+        "moe.num_experts": 4,
+        "moe.top_k": 2,
+        "moe.d_expert": 16,
+        "moe.gmm_tile": 16,
+        "data.data_dir": data_dir,
+        "data.max_bytes_per_domain": CORPUS_BYTES,
+        "data.seq_len": 32,
+        "data.global_batch_size": 4,
+        "train.steps": STEPS,
+        "train.warmup_steps": 2,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.checkpoint_every": EVERY,
+        "train.async_checkpoint": True,
+        "train.max_bad_steps": MAX_BAD,
         "train.peak_tflops": 1.0,
     }
     return [f"--config={os.path.join(REPO, 'configs', 'deepseekmoe.py')}"] + [
-        f"--config.{k}={v}" for k, v in sets.items()]
+        f"--config.{k}={v}" for k, v in sets.items()
+    ]
 
 
 class Runner:
@@ -98,13 +113,24 @@ class Runner:
 
     def start(self, workdir: str, env: dict | None = None) -> subprocess.Popen:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("MOEJAX_FAULT_")}
-        env = {**inherited, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": self.cache_dir,
-               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(env or {})}
-        cmd = [sys.executable, "-m", "moejax.train", *tiny_flags(self.data_dir),
-               f"--workdir={workdir}"]
-        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env)
+        env = {
+            **inherited,
+            "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": self.cache_dir,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            **(env or {}),
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "moejax.train",
+            *tiny_flags(self.data_dir),
+            f"--workdir={workdir}",
+        ]
+        return subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
 
     def run(self, workdir: str, env: dict | None = None) -> tuple[int, str, str]:
         proc = self.start(workdir, env)
@@ -172,13 +198,17 @@ def _rerun(runner, workdir, reference, intact: int, env=None) -> dict:
     """The recovery: the same command again; checks it finished and compares losses."""
     rc, out, err = runner.run(workdir, env)
     start = resumed_from(out)
-    return {"rerun_ok": rc == 0 and committed(workdir)[-1:] == [STEPS],
-            "steps_lost": intact - start, "resumed_from": start,
-            "identical": losses(workdir) == reference, "rerun_out": out, "rerun_err": err}
+    return {
+        "rerun_ok": rc == 0 and committed(workdir)[-1:] == [STEPS],
+        "steps_lost": intact - start,
+        "resumed_from": start,
+        "identical": losses(workdir) == reference,
+        "rerun_out": out,
+        "rerun_err": err,
+    }
 
 
-def scenario_sigkill(runner, reference, rng, name: str, reference_dir: str,
-                     trial: int) -> dict:
+def scenario_sigkill(runner, reference, rng, name: str, reference_dir: str, trial: int) -> dict:
     workdir = runner.workdir(name)
     step = rng.randint(2 * EVERY + 1, STEPS - 2)  # a step-4 save has completed by then
     proc = runner.start(workdir)
@@ -186,13 +216,16 @@ def scenario_sigkill(runner, reference, rng, name: str, reference_dir: str,
     proc.communicate()
     killed_at, intact = last_logged(workdir), (committed(workdir) or [0])[-1]
     r = _rerun(runner, workdir, reference, intact)
-    return {"recovered": proc.returncode == -signal.SIGKILL and r["rerun_ok"],
-            "steps_lost": r["steps_lost"], "redone": killed_at - r["resumed_from"],
-            "identical": r["identical"], "detail": f"killed after step {killed_at}"}
+    return {
+        "recovered": proc.returncode == -signal.SIGKILL and r["rerun_ok"],
+        "steps_lost": r["steps_lost"],
+        "redone": killed_at - r["resumed_from"],
+        "identical": r["identical"],
+        "detail": f"killed after step {killed_at}",
+    }
 
 
-def scenario_sigterm(runner, reference, rng, name: str, reference_dir: str,
-                     trial: int) -> dict:
+def scenario_sigterm(runner, reference, rng, name: str, reference_dir: str, trial: int) -> dict:
     workdir = runner.workdir(name)
     step = rng.randint(2, STEPS - 2)
     proc = runner.start(workdir)
@@ -201,33 +234,42 @@ def scenario_sigterm(runner, reference, rng, name: str, reference_dir: str,
     stopped_at = last_logged(workdir)
     saved = committed(workdir)[-1:] == [stopped_at] and "preemption notice" in err
     r = _rerun(runner, workdir, reference, stopped_at)
-    return {"recovered": proc.returncode == 143 and saved and r["rerun_ok"],
-            "steps_lost": r["steps_lost"], "redone": stopped_at - r["resumed_from"],
-            "identical": r["identical"],
-            "detail": f"SIGTERM after step {stopped_at}, exit {proc.returncode}"}
+    return {
+        "recovered": proc.returncode == 143 and saved and r["rerun_ok"],
+        "steps_lost": r["steps_lost"],
+        "redone": stopped_at - r["resumed_from"],
+        "identical": r["identical"],
+        "detail": f"SIGTERM after step {stopped_at}, exit {proc.returncode}",
+    }
 
 
-def scenario_kill_during_save(runner, reference, rng, name: str, reference_dir: str,
-                              trial: int) -> dict:
+def scenario_kill_during_save(
+    runner, reference, rng, name: str, reference_dir: str, trial: int
+) -> dict:
     workdir = runner.workdir(name)
     step = EVERY * rng.randint(2, STEPS // EVERY - 1)
     proc = runner.start(workdir, {"MOEJAX_FAULT_KILL_IN_SAVE": str(step)})
     proc.communicate()
     names = os.listdir(os.path.join(workdir, "checkpoints"))
     half_written = step not in committed(workdir) and any(
-        n.startswith(f"{step}.orbax-checkpoint-tmp") for n in names)
+        n.startswith(f"{step}.orbax-checkpoint-tmp") for n in names
+    )
     intact = (committed(workdir) or [0])[-1]
     r = _rerun(runner, workdir, reference, intact)
     reported = f"checkpoint step(s) [{step}] were not completely written" in r["rerun_out"]
-    return {"recovered": proc.returncode == -signal.SIGKILL and half_written and reported
-            and r["rerun_ok"], "steps_lost": r["steps_lost"],
-            "redone": step - r["resumed_from"],  # killed right after logging `step`
-            "identical": r["identical"],
-            "detail": f"killed saving step {step}; resumed from {r['resumed_from']}"}
+    return {
+        "recovered": proc.returncode == -signal.SIGKILL
+        and half_written
+        and reported
+        and r["rerun_ok"],
+        "steps_lost": r["steps_lost"],
+        "redone": step - r["resumed_from"],  # killed right after logging `step`
+        "identical": r["identical"],
+        "detail": f"killed saving step {step}; resumed from {r['resumed_from']}",
+    }
 
 
-def scenario_nan_skip(runner, reference, rng, name: str, reference_dir: str,
-                      trial: int) -> dict:
+def scenario_nan_skip(runner, reference, rng, name: str, reference_dir: str, trial: int) -> dict:
     workdir = runner.workdir(name)
     bad = sorted(rng.sample(range(2, STEPS + 1), 2))
     rc, out, err = runner.run(workdir, {"MOEJAX_FAULT_NAN_STEPS": ",".join(map(str, bad))})
@@ -236,41 +278,52 @@ def scenario_nan_skip(runner, reference, rng, name: str, reference_dir: str,
     unchanged = all(rows[s]["train/param_norm"] == rows[s - 1]["train/param_norm"] for s in bad)
     before = {s: v for s, v in losses(workdir).items() if s < bad[0]}
     identical = unchanged and before == {s: reference[s] for s in before}
-    return {"recovered": rc == 0 and flagged == bad and committed(workdir)[-1:] == [STEPS],
-            "steps_lost": STEPS - (committed(workdir) or [0])[-1], "redone": 0,
-            "identical": identical,
-            "detail": f"NaN at steps {bad}: skipped {flagged}"}
+    return {
+        "recovered": rc == 0 and flagged == bad and committed(workdir)[-1:] == [STEPS],
+        "steps_lost": STEPS - (committed(workdir) or [0])[-1],
+        "redone": 0,
+        "identical": identical,
+        "detail": f"NaN at steps {bad}: skipped {flagged}",
+    }
 
 
-def scenario_nan_stop(runner, reference, rng, name: str, reference_dir: str,
-                      trial: int) -> dict:
+def scenario_nan_stop(runner, reference, rng, name: str, reference_dir: str, trial: int) -> dict:
     workdir = runner.workdir(name)
     first = rng.randint(EVERY + 1, STEPS - MAX_BAD)
     bad = list(range(first, first + MAX_BAD))
     rc, _, err = runner.run(workdir, {"MOEJAX_FAULT_NAN_STEPS": ",".join(map(str, bad))})
     good = [s for s in committed(workdir) if s < first]
     kept = committed(workdir) == good and bool(good)
-    message = (f"{MAX_BAD} consecutive non-finite steps ({first} to {bad[-1]}" in err
-               and f"last good checkpoint, step {good[-1] if good else None}, is kept" in err)
+    message = (
+        f"{MAX_BAD} consecutive non-finite steps ({first} to {bad[-1]}" in err
+        and f"last good checkpoint, step {good[-1] if good else None}, is kept" in err
+    )
     r = _rerun(runner, workdir, reference, good[-1] if good else 0)  # the fault has passed
-    return {"recovered": rc == 1 and kept and message and r["rerun_ok"],
-            "steps_lost": r["steps_lost"], "redone": bad[-1] - r["resumed_from"],
-            "identical": r["identical"],
-            "detail": f"NaN at steps {bad}: stopped, kept step {good[-1] if good else None}"}
+    return {
+        "recovered": rc == 1 and kept and message and r["rerun_ok"],
+        "steps_lost": r["steps_lost"],
+        "redone": bad[-1] - r["resumed_from"],
+        "identical": r["identical"],
+        "detail": f"NaN at steps {bad}: stopped, kept step {good[-1] if good else None}",
+    }
 
 
 # The fault table's rotation: the state corruptions (not the data-iterator one).
-CORRUPTIONS = {name: CHECKPOINT_CORRUPTIONS[name]
-               for name in ("truncated arrays", "deleted manifest", "truncated tree metadata")}
+CORRUPTIONS = {
+    name: CHECKPOINT_CORRUPTIONS[name]
+    for name in ("truncated arrays", "deleted manifest", "truncated tree metadata")
+}
 
 
 def _snapshot(root: str) -> dict[str, int]:
-    return {os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n))
-            for d, _, names in os.walk(root) for n in names}
+    return {
+        os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n))
+        for d, _, names in os.walk(root)
+        for n in names
+    }
 
 
-def scenario_corrupt(runner, reference, rng, name: str, reference_dir: str,
-                     trial: int) -> dict:
+def scenario_corrupt(runner, reference, rng, name: str, reference_dir: str, trial: int) -> dict:
     workdir = runner.workdir(name)
     shutil.copytree(reference_dir, workdir)
     kind = list(CORRUPTIONS)[trial % len(CORRUPTIONS)]
@@ -285,9 +338,13 @@ def scenario_corrupt(runner, reference, rng, name: str, reference_dir: str,
         os.rename(move.group(1), move.group(2))
     intact = (committed(workdir) or [0])[-1]
     r = _rerun(runner, workdir, reference, intact)
-    return {"recovered": rc == 1 and named and untouched and bool(move) and r["rerun_ok"],
-            "steps_lost": r["steps_lost"], "redone": step - r["resumed_from"],
-            "identical": r["identical"], "detail": f"{kind} at step {step}"}
+    return {
+        "recovered": rc == 1 and named and untouched and bool(move) and r["rerun_ok"],
+        "steps_lost": r["steps_lost"],
+        "redone": step - r["resumed_from"],
+        "identical": r["identical"],
+        "detail": f"{kind} at step {step}",
+    }
 
 
 SCENARIOS = ["sigkill", "sigterm", "kill_during_save", "nan_skip", "nan_stop", "corrupt"]
@@ -301,19 +358,24 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="default: a temporary directory")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--jobs", type=int, default=2, help="trials run at a time")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated subset of {SCENARIOS}")
+    p.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}"
+    )
     args = p.parse_args(argv)
     chosen = [s for s in args.scenarios.split(",") if s]
     unknown = sorted(set(chosen) - set(SCENARIOS))
     if unknown or args.trials < 1:
-        p.error(f"unknown scenario(s) {unknown}; choose from {SCENARIOS}" if unknown
-                else "--trials must be >= 1")
+        p.error(
+            f"unknown scenario(s) {unknown}; choose from {SCENARIOS}"
+            if unknown
+            else "--trials must be >= 1"
+        )
 
     root = args.workdir or tempfile.mkdtemp(prefix="moejax-faults-")
     os.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
     from moejax.data import build_corpus  # the one corpus every run reads
+
     runner = Runner(root)
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the table or the JSON alone
         build_corpus(runner.data_dir, max_bytes_per_domain=CORPUS_BYTES)
@@ -336,31 +398,49 @@ def main(argv=None) -> int:
     results = []
     for name in chosen:
         trials = [done[(name, t)] for t in range(args.trials)]
-        results.append({
-            "scenario": name, "trials": len(trials),
-            "recovered": sum(t["recovered"] for t in trials),
-            "steps_lost": max(t["steps_lost"] for t in trials),
-            "identical": sum(t["identical"] for t in trials),
-            "redone": max(t["redone"] for t in trials),
-            "details": [t["detail"] for t in trials],
-        })
+        results.append(
+            {
+                "scenario": name,
+                "trials": len(trials),
+                "recovered": sum(t["recovered"] for t in trials),
+                "steps_lost": max(t["steps_lost"] for t in trials),
+                "identical": sum(t["identical"] for t in trials),
+                "redone": max(t["redone"] for t in trials),
+                "details": [t["detail"] for t in trials],
+            }
+        )
     seconds = time.perf_counter() - t0
     if not args.keep and not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
 
-    ok = all(r["recovered"] == r["trials"] == r["identical"] and r["steps_lost"] == 0
-             for r in results)
+    ok = all(
+        r["recovered"] == r["trials"] == r["identical"] and r["steps_lost"] == 0 for r in results
+    )
     if args.json:
-        print(json.dumps({"scenarios": results, "steps": STEPS, "checkpoint_every": EVERY,
-                          "seconds": round(seconds, 1), "all_recovered": ok}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "scenarios": results,
+                    "steps": STEPS,
+                    "checkpoint_every": EVERY,
+                    "seconds": round(seconds, 1),
+                    "all_recovered": ok,
+                },
+                indent=2,
+            )
+        )
     else:
         print("| scenario | trials | recovered | steps lost | identical | redone (max) |")
         print("| --- | --- | --- | --- | --- | --- |")
         for r in results:
-            print(f"| {r['scenario']} | {r['trials']} | {r['recovered']}/{r['trials']} | "
-                  f"{r['steps_lost']} | {r['identical']}/{r['trials']} | {r['redone']} |")
-        print(f"\n{STEPS} steps, checkpoints every {EVERY}; {seconds:.0f} s; "
-              + ("every scenario recovered, nothing lost." if ok else "FAILURES above."))
+            print(
+                f"| {r['scenario']} | {r['trials']} | {r['recovered']}/{r['trials']} | "
+                f"{r['steps_lost']} | {r['identical']}/{r['trials']} | {r['redone']} |"
+            )
+        print(
+            f"\n{STEPS} steps, checkpoints every {EVERY}; {seconds:.0f} s; "
+            + ("every scenario recovered, nothing lost." if ok else "FAILURES above.")
+        )
         for r in results:
             for d in r["details"]:
                 print(f"  {r['scenario']}: {d}")

@@ -22,6 +22,7 @@ parameters.
    standard deviation of the mean accuracy over seeds), printed as a markdown table and
    written to `<workdir>/results.json`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ from moejax.models.transformer import Transformer  # noqa: E402
 from moejax.train.checkpoint import Checkpointer  # noqa: E402
 from moejax.train.trainer import train  # noqa: E402
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      "mole_multitask.py")
+CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mole_multitask.py"
+)
 
 
 def _config(arg: str):
@@ -102,10 +104,11 @@ def accuracy(workdir: str, per_task: int, seed: int) -> dict[str, float]:
     if model.lora is not None and model.lora.method == "xlora":  # two passes: no cache
         out = _greedy_without_cache(model, variables, prompts, tasks.MAX_ANSWER + 1)
     else:
-        out = np.asarray(generate(model, variables, prompts, tasks.MAX_ANSWER + 1,
-                                  eos_id=tasks.EOS_ID))
+        out = np.asarray(
+            generate(model, variables, prompts, tasks.MAX_ANSWER + 1, eos_id=tasks.EOS_ID)
+        )
     right: dict[str, list[bool]] = {t: [] for t in tasks.TASKS}
-    for (task, _, answer), ids in zip(examples, out[:, prompts.shape[1]:]):
+    for (task, _, answer), ids in zip(examples, out[:, prompts.shape[1] :]):
         right[task].append(tasks.decode_answer(ids) == answer)
     return {t: float(np.mean(v)) for t, v in right.items()}
 
@@ -115,10 +118,21 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = [f"{100 * r['accuracy'][t]:.1f}" for t in tasks.TASKS]
-        lines.append("| " + " | ".join([r["name"], r["matched_to"] or "-", str(r["rank"]),
-                                        str(r["params"]), *acc,
-                                        f"{100 * r['mean']:.1f}",
-                                        f"{100 * r['sd']:.1f}"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["name"],
+                    r["matched_to"] or "-",
+                    str(r["rank"]),
+                    str(r["params"]),
+                    *acc,
+                    f"{100 * r['mean']:.1f}",
+                    f"{100 * r['sd']:.1f}",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -167,20 +181,32 @@ def main(argv=None) -> dict:
             for seed in range(args.seeds):
                 config = finetune_config(variant, rank, seed)
                 run_dir = os.path.join(workdir, name if seed == 0 else f"{name}_s{seed}")
-                log(f"[{name} seed {seed}] fine-tuning {config.train.steps} steps "
-                    f"({trainable_count(config)} trainable params)")
+                log(
+                    f"[{name} seed {seed}] fine-tuning {config.train.steps} steps "
+                    f"({trainable_count(config)} trainable params)"
+                )
                 seconds = _run(config, run_dir, log)
                 per_seed.append(accuracy(run_dir, per_task, config.data.seed))
-                log(f"[{name} seed {seed}] ({seconds:.0f} s) " + " ".join(
-                    f"{t}={100 * a:.1f}%" for t, a in per_seed[-1].items()))
+                log(
+                    f"[{name} seed {seed}] ({seconds:.0f} s) "
+                    + " ".join(f"{t}={100 * a:.1f}%" for t, a in per_seed[-1].items())
+                )
             done[name] = per_seed
         per_seed = done[name]
         acc = {t: float(np.mean([a[t] for a in per_seed])) for t in tasks.TASKS}
         means = [float(np.mean(list(a.values()))) for a in per_seed]
-        rows.append({"name": name, "matched_to": matched_to, "rank": rank,
-                     "params": trainable_count(finetune_config(variant, rank)),
-                     "accuracy": acc, "mean": float(np.mean(means)),
-                     "sd": float(np.std(means)), "seeds": len(per_seed)})
+        rows.append(
+            {
+                "name": name,
+                "matched_to": matched_to,
+                "rank": rank,
+                "params": trainable_count(finetune_config(variant, rank)),
+                "accuracy": acc,
+                "mean": float(np.mean(means)),
+                "sd": float(np.std(means)),
+                "seeds": len(per_seed),
+            }
+        )
 
     for variant in names:
         evaluate(variant, variant, args.rank, "")
@@ -193,8 +219,10 @@ def main(argv=None) -> dict:
 
     table = markdown(rows)
     total = time.perf_counter() - t_start
-    log(f"\nExact-match accuracy (%) on {per_task} held-out examples per task, "
-        f"greedy decoding, mean of {args.seeds} seed(s); total {total:.0f} s\n")
+    log(
+        f"\nExact-match accuracy (%) on {per_task} held-out examples per task, "
+        f"greedy decoding, mean of {args.seeds} seed(s); total {total:.0f} s\n"
+    )
     log(table)
     result = {"rows": rows, "per_task": per_task, "seconds": total, "table": table}
     with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -9,6 +9,7 @@ any, then trains each in `<workdir>/<variant>` and prints a table of final metri
         --workdir=runs/granularity --metrics=eval/loss,train/moe/load_cv
     python experiments/sweep.py ... --dry-run     # list the variants and their commands
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ def variants(config_path: str, sweep: str, arg: str | None = None):
     module = load_config_file(config_path)
     fn = getattr(module, f"sweep_{sweep}", None)
     if fn is None:
-        names = sorted(n[len("sweep_"):] for n in dir(module) if n.startswith("sweep_"))
+        names = sorted(n[len("sweep_") :] for n in dir(module) if n.startswith("sweep_"))
         raise SystemExit(f"{config_path} has no sweep_{sweep}; its sweeps are {names}.")
     collected: list[dict] = []
     fn(lambda **overrides: collected.append(overrides))
@@ -58,10 +59,13 @@ def main(argv=None) -> int:
     for name, overrides, config in runs:
         workdir = os.path.join(args.workdir, name)
         flags = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
-        print(f"== {name}: python -m moejax.train --config={args.config} {flags} "
-              f"--workdir={workdir}", flush=True)
+        print(
+            f"== {name}: python -m moejax.train --config={args.config} {flags} --workdir={workdir}",
+            flush=True,
+        )
         if not args.dry_run:
             from moejax.train.trainer import train
+
             results[name] = train(config, workdir)
     if results:
         metrics = args.metrics.split(",")

@@ -13,6 +13,7 @@ P + max_new_tokens positions. A model with adapters (`Transformer(..., lora=cfg)
 with them. Returns int32 `[B, P + max_new_tokens]`; with `eos_id`, a row
 that produced it keeps emitting `eos_id`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,6 +34,7 @@ def init_cache(model: Transformer, variables: dict, batch: int, max_len: int) ->
     def make(v):
         _, state = decoder.apply(v, jnp.zeros((batch, max_len), jnp.int32), mutable=["cache"])
         return state["cache"]
+
     shapes = jax.eval_shape(make, _without_cache(variables))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
@@ -41,8 +43,9 @@ def _without_cache(variables: dict) -> dict:
     return {k: v for k, v in variables.items() if k != "cache"}
 
 
-def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float,
-                  top_p: float) -> jax.Array:
+def sample_logits(
+    logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_p: float
+) -> jax.Array:
     """Greedy (`temperature == 0`) or a sample from softmax(logits / temperature) restricted
     to the smallest set of tokens whose probability reaches `top_p`."""
     if temperature == 0.0:
@@ -59,15 +62,22 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float,
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model_cfg: ModelConfig, moe_cfg: MoEConfig, lora_cfg: LoRAConfig | None,
-              max_new_tokens: int, temperature: float, top_p: float):
+def _compiled(
+    model_cfg: ModelConfig,
+    moe_cfg: MoEConfig,
+    lora_cfg: LoRAConfig | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+):
     decoder = Transformer(model_cfg, moe_cfg, decode=True, lora=lora_cfg)
 
     def step(variables, cache, tokens_BxL, start):
         b, length = tokens_BxL.shape
         positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (b, length))
-        (logits, _), state = decoder.apply({**variables, "cache": cache}, tokens_BxL,
-                                           positions_BxL=positions, mutable=["cache"])
+        (logits, _), state = decoder.apply(
+            {**variables, "cache": cache}, tokens_BxL, positions_BxL=positions, mutable=["cache"]
+        )
         return logits[:, -1], state["cache"]
 
     def run(variables, prompt_BxP, rng, eos_id):
@@ -93,9 +103,17 @@ def _compiled(model_cfg: ModelConfig, moe_cfg: MoEConfig, lora_cfg: LoRAConfig |
     return jax.jit(run)
 
 
-def generate(model: Transformer, variables: dict, prompt_BxP, max_new_tokens: int, *,
-             temperature: float = 0.0, top_p: float = 1.0, rng: jax.Array | None = None,
-             eos_id: int = -1) -> jax.Array:
+def generate(
+    model: Transformer,
+    variables: dict,
+    prompt_BxP,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    rng: jax.Array | None = None,
+    eos_id: int = -1,
+) -> jax.Array:
     """Prompt `[B, P]` -> `[B, P + max_new_tokens]` tokens (see the module docstring).
     `eos_id = -1`: never stop early."""
     if max_new_tokens < 1:
@@ -105,7 +123,9 @@ def generate(model: Transformer, variables: dict, prompt_BxP, max_new_tokens: in
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(...).")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    run = _compiled(model.model, model.moe, model.lora, int(max_new_tokens),
-                    float(temperature), float(top_p))
-    return run(_without_cache(variables), jnp.asarray(prompt_BxP, jnp.int32), rng,
-               jnp.int32(eos_id))
+    run = _compiled(
+        model.model, model.moe, model.lora, int(max_new_tokens), float(temperature), float(top_p)
+    )
+    return run(
+        _without_cache(variables), jnp.asarray(prompt_BxP, jnp.int32), rng, jnp.int32(eos_id)
+    )

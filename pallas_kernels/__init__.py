@@ -9,6 +9,7 @@ references. Every kernel module sits beside the reference it is tested against:
   `permute_kernels.py`; `triton_combine.py` is the jax-triton combine kernel.
 - `backend.py`: backend names and the platform default; `reference.py`: the ground truth.
 """
+
 from pallas_kernels.backend import BACKENDS, resolve_backend
 from pallas_kernels.gmm import gmm, tgmm
 from pallas_kernels.permute import permute, unpermute_combine
@@ -19,6 +20,15 @@ from pallas_kernels.reference import (
     unpermute_combine_reference,
 )
 
-__all__ = ["BACKENDS", "gmm", "gmm_reference", "permute", "permute_reference",
-           "resolve_backend", "tgmm", "tgmm_reference", "unpermute_combine",
-           "unpermute_combine_reference"]
+__all__ = [
+    "BACKENDS",
+    "gmm",
+    "gmm_reference",
+    "permute",
+    "permute_reference",
+    "resolve_backend",
+    "tgmm",
+    "tgmm_reference",
+    "unpermute_combine",
+    "unpermute_combine_reference",
+]

@@ -19,6 +19,7 @@
 9.x: wgmma is Hopper's), ``pallas_gpu`` on other GPUs; on CPU it picks
 ``mosaic_tpu`` in interpret mode (there is no compiled Pallas lowering for CPU).
 """
+
 from __future__ import annotations
 
 import jax
@@ -54,7 +55,8 @@ def resolve_backend(backend: str | None = "auto") -> str:
     if backend == "mosaic_gpu" and on_gpu and not is_hopper(compute_capability()):
         raise ValueError(
             f"backend='mosaic_gpu' needs a Hopper GPU (compute capability 9.x, for wgmma); this "
-            f"device reports {compute_capability() or 'none'}: use 'pallas_gpu' or 'auto'")
+            f"device reports {compute_capability() or 'none'}: use 'pallas_gpu' or 'auto'"
+        )
     return backend
 
 
@@ -63,6 +65,8 @@ def resolve_interpret(interpret: bool | None) -> bool:
     if interpret is None:
         return platform() == "cpu"
     if not interpret and platform() == "cpu":
-        raise ValueError("Pallas kernels have no CPU lowering: pass interpret=True (or None) "
-                         "to run them in interpret mode on CPU.")
+        raise ValueError(
+            "Pallas kernels have no CPU lowering: pass interpret=True (or None) "
+            "to run them in interpret mode on CPU."
+        )
     return bool(interpret)

@@ -18,6 +18,7 @@ CPU. Tiles come from the table in `pallas_kernels.tiling` unless `tiling=(tm, tk
 given. The pure-JAX ground truth is
 `pallas_kernels.reference.gmm_reference` / `tgmm_reference`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,6 +36,7 @@ from pallas_kernels.tiling import Tiling, check_tiling, choose_tiling, is_triton
 
 class _Opts(NamedTuple):
     """Static options of one call (hashable: the nondiff argument of the custom_vjps)."""
+
     out_dtype: jnp.dtype
     tiling: Tiling | None  # None: from the tile table
     backend: str
@@ -52,24 +54,32 @@ def _plan(opts: _Opts, dtype, m: int, k: int, n: int, num_groups: int, op: str):
     backend = _kernel_backend(opts.backend)
     itemsize = jnp.dtype(dtype).itemsize
     if backend == "mosaic_gpu":
-        tiling = opts.tiling or choose_tiling(m, k, n, num_groups, itemsize, backend,
-                                              opts.interpret, op=op)
-        if mosaic_gpu_supports(op, dtype, k, n, tiling, transpose_rhs=opts.transpose_rhs,
-                               interpret=opts.interpret):
+        tiling = opts.tiling or choose_tiling(
+            m, k, n, num_groups, itemsize, backend, opts.interpret, op=op
+        )
+        if mosaic_gpu_supports(
+            op, dtype, k, n, tiling, transpose_rhs=opts.transpose_rhs, interpret=opts.interpret
+        ):
             return backend, tiling
         backend = "pallas_gpu"
     # A given tiling that a Mosaic block cannot use here (the backward gmm contracts over N,
     # which its tn need not divide) falls back to the table.
     given = opts.tiling
-    if given is not None and (backend == "pallas_gpu" and is_triton_tiling(given) or
-                              backend == "mosaic_tpu" and k % given.tk == 0):
+    if given is not None and (
+        backend == "pallas_gpu"
+        and is_triton_tiling(given)
+        or backend == "mosaic_tpu"
+        and k % given.tk == 0
+    ):
         return backend, given
     return backend, choose_tiling(m, k, n, num_groups, itemsize, backend, opts.interpret)
 
 
-KERNELS = {"mosaic_tpu": (gmm_mosaic_tpu, tgmm_mosaic_tpu),
-           "mosaic_gpu": (gmm_mosaic_gpu, tgmm_mosaic_gpu),
-           "pallas_gpu": (gmm_pallas_gpu, tgmm_pallas_gpu)}
+KERNELS = {
+    "mosaic_tpu": (gmm_mosaic_tpu, tgmm_mosaic_tpu),
+    "mosaic_gpu": (gmm_mosaic_gpu, tgmm_mosaic_gpu),
+    "pallas_gpu": (gmm_pallas_gpu, tgmm_pallas_gpu),
+}
 
 
 def _gmm_call(lhs, rhs, group_sizes, opts: _Opts):
@@ -78,8 +88,15 @@ def _gmm_call(lhs, rhs, group_sizes, opts: _Opts):
     if m == 0:
         return jnp.zeros((0, n), opts.out_dtype)
     backend, tiling = _plan(opts, lhs.dtype, m, k, n, num_groups, "gmm")
-    return KERNELS[backend][0](lhs, rhs, group_sizes, tiling=tiling, out_dtype=opts.out_dtype,
-                               interpret=opts.interpret, transpose_rhs=opts.transpose_rhs)
+    return KERNELS[backend][0](
+        lhs,
+        rhs,
+        group_sizes,
+        tiling=tiling,
+        out_dtype=opts.out_dtype,
+        interpret=opts.interpret,
+        transpose_rhs=opts.transpose_rhs,
+    )
 
 
 def _tgmm_call(lhs, grad, group_sizes, opts: _Opts):
@@ -87,8 +104,15 @@ def _tgmm_call(lhs, grad, group_sizes, opts: _Opts):
     if m == 0:
         return jnp.zeros((num_groups, k, n), opts.out_dtype)
     backend, tiling = _plan(opts, lhs.dtype, m, k, n, num_groups, "tgmm")
-    return KERNELS[backend][1](lhs, grad, group_sizes, tiling=tiling, out_dtype=opts.out_dtype,
-                               num_groups=num_groups, interpret=opts.interpret)
+    return KERNELS[backend][1](
+        lhs,
+        grad,
+        group_sizes,
+        tiling=tiling,
+        out_dtype=opts.out_dtype,
+        num_groups=num_groups,
+        interpret=opts.interpret,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -107,9 +131,12 @@ def _gmm_bwd(opts, res, dy):
     lhs, rhs, group_sizes = res
     dy = dy.astype(lhs.dtype)
     swapped = opts.tiling and Tiling(opts.tiling.tm, opts.tiling.tn, opts.tiling.tk)
-    d_lhs = _gmm(dy, rhs, group_sizes,
-                 opts._replace(out_dtype=lhs.dtype, tiling=swapped,
-                               transpose_rhs=not opts.transpose_rhs))
+    d_lhs = _gmm(
+        dy,
+        rhs,
+        group_sizes,
+        opts._replace(out_dtype=lhs.dtype, tiling=swapped, transpose_rhs=not opts.transpose_rhs),
+    )
     plain = opts._replace(out_dtype=rhs.dtype, transpose_rhs=False)
     if opts.transpose_rhs:
         d_rhs = _tgmm(dy, lhs, group_sizes, plain._replace(tiling=swapped))
@@ -134,8 +161,9 @@ def _tgmm_bwd(opts, res, dz):
     lhs, grad, group_sizes = res
     dz = dz.astype(lhs.dtype)
     plain = opts._replace(tiling=None)  # operand shapes differ from the call's: use the table
-    d_lhs = _gmm(grad, dz, group_sizes,
-                 plain._replace(out_dtype=lhs.dtype, transpose_rhs=True))  # dy @ dz[g]^T
+    d_lhs = _gmm(
+        grad, dz, group_sizes, plain._replace(out_dtype=lhs.dtype, transpose_rhs=True)
+    )  # dy @ dz[g]^T
     d_grad = _gmm(lhs, dz, group_sizes, plain._replace(out_dtype=grad.dtype))
     return d_lhs, d_grad, None
 
@@ -153,8 +181,9 @@ def _check_group_sizes(group_sizes, num_groups: int | None) -> jax.Array:
     return group_sizes.astype(jnp.int32)
 
 
-def _opts(a, b, preferred_element_type, tiling, backend, interpret, k,
-          transpose_rhs=False) -> _Opts:
+def _opts(
+    a, b, preferred_element_type, tiling, backend, interpret, k, transpose_rhs=False
+) -> _Opts:
     backend = resolve_backend(backend)
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(a, b))
     if tiling is not None:
@@ -162,9 +191,17 @@ def _opts(a, b, preferred_element_type, tiling, backend, interpret, k,
     return _Opts(out_dtype, tiling, backend, resolve_interpret(interpret), transpose_rhs)
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-        preferred_element_type=None, tiling=None, interpret: bool | None = False,
-        backend: str | None = "auto", transpose_rhs: bool = False) -> jax.Array:
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    tiling=None,
+    interpret: bool | None = False,
+    backend: str | None = "auto",
+    transpose_rhs: bool = False,
+) -> jax.Array:
     """Grouped matmul `[M, K] x [G, K, N] -> [M, N]`; see the module docstring.
 
     preferred_element_type: output dtype (default: the operands' dtype); accumulation is
@@ -178,20 +215,37 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
         raise ValueError(f"lhs must be [M, K]; got shape {lhs.shape}")
     layout, k_axis = ("[G, N, K]", 2) if transpose_rhs else ("[G, K, N]", 1)
     if rhs.ndim != 3 or rhs.shape[k_axis] != lhs.shape[1]:
-        raise ValueError(f"rhs must be {layout} with K = lhs.shape[1] = {lhs.shape[1]}; "
-                         f"got shape {rhs.shape}")
+        raise ValueError(
+            f"rhs must be {layout} with K = lhs.shape[1] = {lhs.shape[1]}; got shape {rhs.shape}"
+        )
     if lhs.dtype != rhs.dtype:
-        raise ValueError(f"lhs and rhs must have the same dtype; got lhs {lhs.dtype} and "
-                         f"rhs {rhs.dtype}")
+        raise ValueError(
+            f"lhs and rhs must have the same dtype; got lhs {lhs.dtype} and rhs {rhs.dtype}"
+        )
     group_sizes = _check_group_sizes(group_sizes, rhs.shape[0])
-    opts = _opts(lhs, rhs, preferred_element_type, tiling, backend, interpret, lhs.shape[1],
-                 bool(transpose_rhs))
+    opts = _opts(
+        lhs,
+        rhs,
+        preferred_element_type,
+        tiling,
+        backend,
+        interpret,
+        lhs.shape[1],
+        bool(transpose_rhs),
+    )
     return _gmm(lhs, rhs, group_sizes, opts)
 
 
-def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
-         preferred_element_type=None, tiling=None, interpret: bool | None = False,
-         backend: str | None = "auto") -> jax.Array:
+def tgmm(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    tiling=None,
+    interpret: bool | None = False,
+    backend: str | None = "auto",
+) -> jax.Array:
     """Per-group `lhs^T @ grad`: `[M, K], [M, N] -> [G, K, N]` (the weight gradient of gmm).
 
     Same options as `gmm`; `tiling=(tm, tk, tn)` tiles rows, K and N.
@@ -199,11 +253,13 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be [M, K]; got shape {lhs.shape}")
     if grad.ndim != 2 or grad.shape[0] != lhs.shape[0]:
-        raise ValueError(f"grad must be [M, N] with M = lhs.shape[0] = {lhs.shape[0]}; "
-                         f"got shape {grad.shape}")
+        raise ValueError(
+            f"grad must be [M, N] with M = lhs.shape[0] = {lhs.shape[0]}; got shape {grad.shape}"
+        )
     if lhs.dtype != grad.dtype:
-        raise ValueError(f"lhs and grad must have the same dtype; got lhs {lhs.dtype} and "
-                         f"grad {grad.dtype}")
+        raise ValueError(
+            f"lhs and grad must have the same dtype; got lhs {lhs.dtype} and grad {grad.dtype}"
+        )
     group_sizes = _check_group_sizes(group_sizes, None)
     opts = _opts(lhs, grad, preferred_element_type, tiling, backend, interpret, lhs.shape[1])
     return _tgmm(lhs, grad, group_sizes, opts)

@@ -25,6 +25,7 @@ Measured on an H200 (README): tgmm 2.2-3.2x the same-FLOP dense matmul's time (M
 rewritten in tgmm's form (not re-run on a GPU since; tests/pallas_kernels/
 test_triton_modules.py runs the verifier on every kernel here without a GPU).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,8 +40,22 @@ from pallas_kernels.tiling import Tiling, cdiv, group_bounds, make_work_items
 COMPILER_PARAMS = plt.CompilerParams(num_warps=4, num_stages=3)
 
 
-def _gmm_kernel(group_ref, mtile_ref, lo_ref, hi_ref, real_ref, count_ref, lhs_ref, rhs_ref,
-                out_ref, *, tiling: Tiling, k: int, n: int, transpose_rhs: bool):
+def _gmm_kernel(
+    group_ref,
+    mtile_ref,
+    lo_ref,
+    hi_ref,
+    real_ref,
+    count_ref,
+    lhs_ref,
+    rhs_ref,
+    out_ref,
+    *,
+    tiling: Tiling,
+    k: int,
+    n: int,
+    transpose_rhs: bool,
+):
     tm, tk, tn = tiling
     i, j = pl.program_id(0), pl.program_id(1)
 
@@ -53,26 +68,37 @@ def _gmm_kernel(group_ref, mtile_ref, lo_ref, hi_ref, real_ref, count_ref, lhs_r
 
         def step(kb, acc):
             k_ok = kb * tk + jnp.arange(tk) < k
-            x = plt.load(lhs_ref.at[pl.ds(row0, tm), pl.ds(kb * tk, tk)],
-                         mask=row_ok[:, None] & k_ok[None, :], other=0)
+            x = plt.load(
+                lhs_ref.at[pl.ds(row0, tm), pl.ds(kb * tk, tk)],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0,
+            )
             if transpose_rhs:  # rhs is [G, N, K]: load the [tn, tk] tile and transpose it
-                w = plt.load(rhs_ref.at[g, pl.ds(j * tn, tn), pl.ds(kb * tk, tk)],
-                             mask=col_ok[:, None] & k_ok[None, :], other=0).T
+                w = plt.load(
+                    rhs_ref.at[g, pl.ds(j * tn, tn), pl.ds(kb * tk, tk)],
+                    mask=col_ok[:, None] & k_ok[None, :],
+                    other=0,
+                ).T
             else:
-                w = plt.load(rhs_ref.at[g, pl.ds(kb * tk, tk), pl.ds(j * tn, tn)],
-                             mask=k_ok[:, None] & col_ok[None, :], other=0)
+                w = plt.load(
+                    rhs_ref.at[g, pl.ds(kb * tk, tk), pl.ds(j * tn, tn)],
+                    mask=k_ok[:, None] & col_ok[None, :],
+                    other=0,
+                )
             return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
         # real is 0 or 1: an int32 trip count from a loaded value, the form the Triton
         # lowering accepts (a `jnp.where` of two Python ints failed to verify on jax 0.11.2)
         steps = real_ref[i] * cdiv(k, tk)
         acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((tm, tn), jnp.float32))
-        plt.store(out_ref.at[pl.ds(row0, tm), pl.ds(j * tn, tn)], acc.astype(out_ref.dtype),
-                  mask=row_ok[:, None] & col_ok[None, :])
+        plt.store(
+            out_ref.at[pl.ds(row0, tm), pl.ds(j * tn, tn)],
+            acc.astype(out_ref.dtype),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
 
 
-def _tgmm_kernel(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, tiling: Tiling, k: int,
-                 n: int):
+def _tgmm_kernel(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, tiling: Tiling, k: int, n: int):
     tm, tk, tn = tiling
     g, kb, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start, end = start_ref[g], end_ref[g]
@@ -82,22 +108,37 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, tiling: Tili
     def step(t, acc):
         row0 = start + t * tm
         row_ok = row0 + jnp.arange(tm) < end
-        x = plt.load(lhs_ref.at[pl.ds(row0, tm), pl.ds(kb * tk, tk)],
-                     mask=row_ok[:, None] & k_ok[None, :], other=0)
-        dy = plt.load(grad_ref.at[pl.ds(row0, tm), pl.ds(j * tn, tn)],
-                      mask=row_ok[:, None] & col_ok[None, :], other=0)
+        x = plt.load(
+            lhs_ref.at[pl.ds(row0, tm), pl.ds(kb * tk, tk)],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0,
+        )
+        dy = plt.load(
+            grad_ref.at[pl.ds(row0, tm), pl.ds(j * tn, tn)],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0,
+        )
         return acc + jnp.dot(x.T, dy, preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(0, (end - start + tm - 1) // tm, step,
-                            jnp.zeros((tk, tn), jnp.float32))
-    plt.store(out_ref.at[g, pl.ds(kb * tk, tk), pl.ds(j * tn, tn)], acc.astype(out_ref.dtype),
-              mask=k_ok[:, None] & col_ok[None, :])
+    acc = jax.lax.fori_loop(0, (end - start + tm - 1) // tm, step, jnp.zeros((tk, tn), jnp.float32))
+    plt.store(
+        out_ref.at[g, pl.ds(kb * tk, tk), pl.ds(j * tn, tn)],
+        acc.astype(out_ref.dtype),
+        mask=k_ok[:, None] & col_ok[None, :],
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "interpret",
-                                             "transpose_rhs"))
-def gmm_pallas_gpu(lhs, rhs, group_sizes, *, tiling: Tiling, out_dtype, interpret: bool,
-                   transpose_rhs: bool = False):
+@functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "interpret", "transpose_rhs"))
+def gmm_pallas_gpu(
+    lhs,
+    rhs,
+    group_sizes,
+    *,
+    tiling: Tiling,
+    out_dtype,
+    interpret: bool,
+    transpose_rhs: bool = False,
+):
     """`[M, K] x [G, K, N] -> [M, N]` (rhs `[G, N, K]` if `transpose_rhs`); see the module
     docstring. Checked inputs only."""
     (m, k), n = lhs.shape, rhs.shape[1 if transpose_rhs else 2]
@@ -106,13 +147,16 @@ def gmm_pallas_gpu(lhs, rhs, group_sizes, *, tiling: Tiling, out_dtype, interpre
         functools.partial(_gmm_kernel, tiling=tiling, k=k, n=n, transpose_rhs=transpose_rhs),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(items.group.shape[0], cdiv(n, tiling.tn)),
-        compiler_params=COMPILER_PARAMS, interpret=interpret, name="moejax_gmm_gpu",
+        compiler_params=COMPILER_PARAMS,
+        interpret=interpret,
+        name="moejax_gmm_gpu",
     )(*items, lhs, rhs)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "num_groups", "interpret"))
-def tgmm_pallas_gpu(lhs, grad, group_sizes, *, tiling: Tiling, out_dtype, num_groups: int,
-                    interpret: bool):
+def tgmm_pallas_gpu(
+    lhs, grad, group_sizes, *, tiling: Tiling, out_dtype, num_groups: int, interpret: bool
+):
     """Per-group `lhs^T @ grad -> [G, K, N]`; see the module docstring. Checked inputs only."""
     (m, k), n = lhs.shape, grad.shape[1]
     starts, ends = group_bounds(group_sizes, m)
@@ -120,5 +164,7 @@ def tgmm_pallas_gpu(lhs, grad, group_sizes, *, tiling: Tiling, out_dtype, num_gr
         functools.partial(_tgmm_kernel, tiling=tiling, k=k, n=n),
         out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
         grid=(num_groups, cdiv(k, tiling.tk), cdiv(n, tiling.tn)),
-        compiler_params=COMPILER_PARAMS, interpret=interpret, name="moejax_tgmm_gpu",
+        compiler_params=COMPILER_PARAMS,
+        interpret=interpret,
+        name="moejax_tgmm_gpu",
     )(starts, ends, lhs, grad)

@@ -34,6 +34,7 @@ tgmm and `transpose_rhs` are tested on a GPU only). Measured on an H200 (README)
 1.25x and tgmm 1.15x / 1.36x the time of a dense matmul of the same FLOPs at the
 DeepSeek-like / Mixtral-like shapes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,8 +59,16 @@ WG = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 INTERPRET_TRANSPOSES = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
-def mosaic_gpu_supports(op: str, dtype, k: int, n: int, tiling: Tiling, *,
-                        transpose_rhs: bool = False, interpret: bool = False) -> bool:
+def mosaic_gpu_supports(
+    op: str,
+    dtype,
+    k: int,
+    n: int,
+    tiling: Tiling,
+    *,
+    transpose_rhs: bool = False,
+    interpret: bool = False,
+) -> bool:
     """Whether these kernels take a call: 16-bit operands, tiles of multiples of 64, and K a
     multiple of `tk` and N of `tn` (gmm: K is contracted in blocks of tk; tgmm: the output
     `[G, K, N]` is cut in K x N tiles). `op` is "gmm" or "tgmm"."""
@@ -92,24 +101,52 @@ def _pad_rows(x: jax.Array, tm: int) -> jax.Array:
     return jnp.pad(x, ((0, pad), (0, 0))) if pad else x
 
 
-def _store_rows(o_smem, out_ref, first: jax.Array, count: jax.Array, row0: jax.Array,
-                col0: jax.Array, max_rows: int, tn: int):
+def _store_rows(
+    o_smem,
+    out_ref,
+    first: jax.Array,
+    count: jax.Array,
+    row0: jax.Array,
+    col0: jax.Array,
+    max_rows: int,
+    tn: int,
+):
     """Copies rows `[first, first + count)` of `o_smem` to `out_ref[row0 + first + ...,
     col0:col0 + tn]` as power-of-two slabs (TMA copies have static shapes)."""
     offset, size = first, 1 << (max_rows.bit_length() - 1)
     while size:
+
         @pl.when(count & size != 0)
         def _slab(offset=offset, size=size):
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(offset, size)],
-                                    out_ref.at[pl.ds(row0 + offset, size), pl.ds(col0, tn)])
+            plgpu.copy_smem_to_gmem(
+                o_smem.at[pl.ds(offset, size)],
+                out_ref.at[pl.ds(row0 + offset, size), pl.ds(col0, tn)],
+            )
+
         offset = offset + (count & size)
         size //= 2
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _gmm_body(count_ref, group_ref, mtile_ref, lo_ref, hi_ref, real_ref, lhs_ref, rhs_ref,
-              out_ref, *, tiling: Tiling, m: int, k: int, n: int, num_items: int,
-              transpose_rhs: bool, stages: int):
+def _gmm_body(
+    count_ref,
+    group_ref,
+    mtile_ref,
+    lo_ref,
+    hi_ref,
+    real_ref,
+    lhs_ref,
+    rhs_ref,
+    out_ref,
+    *,
+    tiling: Tiling,
+    m: int,
+    k: int,
+    n: int,
+    num_items: int,
+    transpose_rhs: bool,
+    stages: int,
+):
     tm, tk, tn = tiling
     tiles_n = n // tn
 
@@ -124,17 +161,24 @@ def _gmm_body(count_ref, group_ref, mtile_ref, lo_ref, hi_ref, real_ref, lhs_ref
 
             def matmul(acc_ref):
                 def step(_, x_smem, w_smem):
-                    plgpu.wgmma(acc_ref, x_smem, w_smem.transpose((1, 0)) if transpose_rhs
-                                else w_smem)
+                    plgpu.wgmma(
+                        acc_ref, x_smem, w_smem.transpose((1, 0)) if transpose_rhs else w_smem
+                    )
 
                 w_block = (tn, tk) if transpose_rhs else (tk, tn)
                 pipeline = plgpu.emit_pipeline(
-                    step, grid=(k // tk,), max_concurrent_steps=stages,
+                    step,
+                    grid=(k // tk,),
+                    max_concurrent_steps=stages,
                     in_specs=[
                         plgpu.BlockSpec((tm, tk), lambda kb: (row_tile, kb), delay_release=1),
-                        plgpu.BlockSpec(w_block, (lambda kb: (j, kb)) if transpose_rhs
-                                        else (lambda kb: (kb, j)), delay_release=1),
-                    ])
+                        plgpu.BlockSpec(
+                            w_block,
+                            (lambda kb: (j, kb)) if transpose_rhs else (lambda kb: (kb, j)),
+                            delay_release=1,
+                        ),
+                    ],
+                )
 
                 @pl.when(real_ref[item] == 1)  # tail items keep the zero accumulator
                 def _run():
@@ -155,8 +199,19 @@ def _gmm_body(count_ref, group_ref, mtile_ref, lo_ref, hi_ref, real_ref, lhs_ref
             pl.run_scoped(store, plgpu.SMEM((tm, tn), out_ref.dtype))
 
 
-def _tgmm_body(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, tiling: Tiling, k: int,
-               n: int, num_groups: int, stages: int):
+def _tgmm_body(
+    start_ref,
+    end_ref,
+    lhs_ref,
+    grad_ref,
+    out_ref,
+    *,
+    tiling: Tiling,
+    k: int,
+    n: int,
+    num_groups: int,
+    stages: int,
+):
     tm, tk, tn = tiling
     tiles_k, tiles_n = k // tk, n // tn
 
@@ -175,7 +230,8 @@ def _tgmm_body(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, tiling: Tiling
                 @pl.when((r == 0) | (r == blocks - 1))  # blocks shared with another group
                 def _mask():
                     rows = plgpu.layout_cast(
-                        jax.lax.broadcasted_iota(jnp.int32, (tm, tk), 0), plgpu.Layout.WGMMA)
+                        jax.lax.broadcasted_iota(jnp.int32, (tm, tk), 0), plgpu.Layout.WGMMA
+                    )
                     rows = rows + (first + r) * tm
                     keep = ((rows >= start) & (rows < end)).astype(x_smem.dtype)
                     x_smem[...] = x_smem[...] * keep
@@ -186,11 +242,14 @@ def _tgmm_body(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, tiling: Tiling
             @pl.when(blocks > 0)
             def _run():
                 plgpu.emit_pipeline(
-                    step, grid=(blocks,), max_concurrent_steps=stages,
+                    step,
+                    grid=(blocks,),
+                    max_concurrent_steps=stages,
                     in_specs=[
                         plgpu.BlockSpec((tm, tk), lambda r: (first + r, kt), delay_release=1),
                         plgpu.BlockSpec((tm, tn), lambda r: (first + r, j), delay_release=1),
-                    ])(lhs_ref, grad_ref)
+                    ],
+                )(lhs_ref, grad_ref)
 
             return acc_ref[...]
 
@@ -207,36 +266,77 @@ def _tgmm_body(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, tiling: Tiling
 
 def _launch(body, out_type: jax.ShapeDtypeStruct, interpret: bool):
     """The persistent kernel: one program per SM (`INTERPRET_SMS` in interpret mode)."""
-    return plgpu.kernel(body, out_type=out_type, grid=(_num_programs(interpret),),
-                        grid_names=("sm",), compiler_params=WG,
-                        interpret=_interpret_params(interpret))
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(_num_programs(interpret),),
+        grid_names=("sm",),
+        compiler_params=WG,
+        interpret=_interpret_params(interpret),
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "interpret",
-                                             "transpose_rhs", "stages"))
-def gmm_mosaic_gpu(lhs, rhs, group_sizes, *, tiling: Tiling, out_dtype, interpret: bool,
-                   transpose_rhs: bool = False, stages: int = GMM_STAGES):
+@functools.partial(
+    jax.jit, static_argnames=("tiling", "out_dtype", "interpret", "transpose_rhs", "stages")
+)
+def gmm_mosaic_gpu(
+    lhs,
+    rhs,
+    group_sizes,
+    *,
+    tiling: Tiling,
+    out_dtype,
+    interpret: bool,
+    transpose_rhs: bool = False,
+    stages: int = GMM_STAGES,
+):
     """`[M, K] x [G, K, N] -> [M, N]` (rhs `[G, N, K]` if `transpose_rhs`); see the module
     docstring. Checked inputs that `mosaic_gpu_supports("gmm", ...)` accepts only."""
     (m, k), n = lhs.shape, rhs.shape[1 if transpose_rhs else 2]
     items = make_work_items(group_sizes, m, tiling.tm, cover_tail=True, visit_empty_groups=False)
-    body = functools.partial(_gmm_body, tiling=tiling, m=m, k=k, n=n,
-                             num_items=items.group.shape[0], transpose_rhs=transpose_rhs,
-                             stages=stages)
+    body = functools.partial(
+        _gmm_body,
+        tiling=tiling,
+        m=m,
+        k=k,
+        n=n,
+        num_items=items.group.shape[0],
+        transpose_rhs=transpose_rhs,
+        stages=stages,
+    )
     kernel = _launch(body, jax.ShapeDtypeStruct((m, n), out_dtype), interpret)
-    return kernel(items.count, items.group, items.m_tile, items.lo, items.hi, items.real,
-                  _pad_rows(lhs, tiling.tm), rhs)
+    return kernel(
+        items.count,
+        items.group,
+        items.m_tile,
+        items.lo,
+        items.hi,
+        items.real,
+        _pad_rows(lhs, tiling.tm),
+        rhs,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "num_groups", "interpret",
-                                             "stages"))
-def tgmm_mosaic_gpu(lhs, grad, group_sizes, *, tiling: Tiling, out_dtype, num_groups: int,
-                    interpret: bool, stages: int = TGMM_STAGES):
+@functools.partial(
+    jax.jit, static_argnames=("tiling", "out_dtype", "num_groups", "interpret", "stages")
+)
+def tgmm_mosaic_gpu(
+    lhs,
+    grad,
+    group_sizes,
+    *,
+    tiling: Tiling,
+    out_dtype,
+    num_groups: int,
+    interpret: bool,
+    stages: int = TGMM_STAGES,
+):
     """Per-group `lhs^T @ grad -> [G, K, N]`; see the module docstring. Checked inputs that
     `mosaic_gpu_supports("tgmm", ...)` accepts only."""
     (m, k), n = lhs.shape, grad.shape[1]
     starts, ends = group_bounds(group_sizes, m)
-    body = functools.partial(_tgmm_body, tiling=tiling, k=k, n=n, num_groups=num_groups,
-                             stages=stages)
+    body = functools.partial(
+        _tgmm_body, tiling=tiling, k=k, n=n, num_groups=num_groups, stages=stages
+    )
     kernel = _launch(body, jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), interpret)
     return kernel(starts, ends, _pad_rows(lhs, tiling.tm), _pad_rows(grad, tiling.tm))

@@ -18,6 +18,7 @@ block `[g_i, k, j]` stays resident while step i adds `lhs[tile_i]^T @ grad[tile_
 outside `[lo_i, hi_i)` masked to zero); it is written at the group's last item. Empty groups
 have one item with an empty mask, so their gradient is written as zeros.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,9 +38,22 @@ def _row_mask(m_tile, lo, hi, tm: int, shape) -> jax.Array:
     return (rows >= lo) & (rows < hi)
 
 
-def _gmm_kernel(group_ref, mtile_ref, lo_ref, hi_ref, real_ref, count_ref,  # scalar prefetch
-                lhs_ref, rhs_ref, out_ref, acc_ref, *, tm: int, tiles_k: int,
-                transpose_rhs: bool):
+def _gmm_kernel(
+    group_ref,
+    mtile_ref,
+    lo_ref,
+    hi_ref,
+    real_ref,
+    count_ref,  # scalar prefetch
+    lhs_ref,
+    rhs_ref,
+    out_ref,
+    acc_ref,
+    *,
+    tm: int,
+    tiles_k: int,
+    transpose_rhs: bool,
+):
     i, k = pl.program_id(1), pl.program_id(2)
     live = i < count_ref[0]
 
@@ -50,9 +64,12 @@ def _gmm_kernel(group_ref, mtile_ref, lo_ref, hi_ref, real_ref, count_ref,  # sc
     @pl.when(live & (real_ref[i] == 1))
     def _accumulate():
         contract = 1 if transpose_rhs else 0  # rhs block [tn, tk] or [tk, tn]
-        acc_ref[...] += jax.lax.dot_general(lhs_ref[...], rhs_ref[...],
-                                            (((1,), (contract,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
+        acc_ref[...] += jax.lax.dot_general(
+            lhs_ref[...],
+            rhs_ref[...],
+            (((1,), (contract,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
 
     store = live & (k == tiles_k - 1)
     first = (i == 0) | (mtile_ref[jnp.maximum(i - 1, 0)] != mtile_ref[i])
@@ -64,12 +81,26 @@ def _gmm_kernel(group_ref, mtile_ref, lo_ref, hi_ref, real_ref, count_ref,  # sc
 
     @pl.when(store & jnp.logical_not(first))
     def _store_again():
-        out_ref[...] = jnp.where(mask, acc_ref[...],
-                                 out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
+        out_ref[...] = jnp.where(mask, acc_ref[...], out_ref[...].astype(jnp.float32)).astype(
+            out_ref.dtype
+        )
 
 
-def _tgmm_kernel(group_ref, mtile_ref, lo_ref, hi_ref, real_ref, count_ref,
-                 lhs_ref, grad_ref, out_ref, acc_ref, *, tm: int, num_items: int):
+def _tgmm_kernel(
+    group_ref,
+    mtile_ref,
+    lo_ref,
+    hi_ref,
+    real_ref,
+    count_ref,
+    lhs_ref,
+    grad_ref,
+    out_ref,
+    acc_ref,
+    *,
+    tm: int,
+    num_items: int,
+):
     del real_ref  # tgmm has no tail items
     i = pl.program_id(2)
     count = count_ref[0]
@@ -87,8 +118,9 @@ def _tgmm_kernel(group_ref, mtile_ref, lo_ref, hi_ref, real_ref, count_ref,
         x, dy = lhs_ref[...], grad_ref[...]
         x = jnp.where(_row_mask(mtile_ref[i], lo_ref[i], hi_ref[i], tm, x.shape), x, 0)
         dy = jnp.where(_row_mask(mtile_ref[i], lo_ref[i], hi_ref[i], tm, dy.shape), dy, 0)
-        acc_ref[...] += jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
+        acc_ref[...] += jax.lax.dot_general(
+            x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
 
     @pl.when(live & last)
     def _store():
@@ -99,10 +131,17 @@ def _prefetch(items):
     return (items.group, items.m_tile, items.lo, items.hi, items.real, items.count)
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "interpret",
-                                             "transpose_rhs"))
-def gmm_mosaic_tpu(lhs, rhs, group_sizes, *, tiling: Tiling, out_dtype, interpret: bool,
-                   transpose_rhs: bool = False):
+@functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "interpret", "transpose_rhs"))
+def gmm_mosaic_tpu(
+    lhs,
+    rhs,
+    group_sizes,
+    *,
+    tiling: Tiling,
+    out_dtype,
+    interpret: bool,
+    transpose_rhs: bool = False,
+):
     """`[M, K] x [G, K, N] -> [M, N]` (rhs `[G, N, K]` if `transpose_rhs`); see the module
     docstring. Checked inputs only."""
     (m, k), n = lhs.shape, rhs.shape[1 if transpose_rhs else 2]
@@ -128,25 +167,35 @@ def gmm_mosaic_tpu(lhs, rhs, group_sizes, *, tiling: Tiling, out_dtype, interpre
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=6,
         grid=(cdiv(n, tn), num_items, tiles_k),
-        in_specs=[pl.BlockSpec((tm, tk), lhs_map),
-                  pl.BlockSpec((None, tn, tk) if transpose_rhs else (None, tk, tn), rhs_map)],
+        in_specs=[
+            pl.BlockSpec((tm, tk), lhs_map),
+            pl.BlockSpec((None, tn, tk) if transpose_rhs else (None, tk, tn), rhs_map),
+        ],
         out_specs=pl.BlockSpec((tm, tn), out_map),
-        scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)])
-    cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
-                           bytes_accessed=lhs.nbytes + rhs.nbytes
-                           + m * n * jnp.dtype(out_dtype).itemsize)
+        scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
+    )
+    cost = pl.CostEstimate(
+        flops=2 * m * k * n,
+        transcendentals=0,
+        bytes_accessed=lhs.nbytes + rhs.nbytes + m * n * jnp.dtype(out_dtype).itemsize,
+    )
     return pl.pallas_call(
         functools.partial(_gmm_kernel, tm=tm, tiles_k=tiles_k, transpose_rhs=transpose_rhs),
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=(_PARALLEL, _ARBITRARY, _ARBITRARY)),
-        cost_estimate=cost, interpret=interpret, name="moejax_gmm",
+            dimension_semantics=(_PARALLEL, _ARBITRARY, _ARBITRARY)
+        ),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="moejax_gmm",
     )(*_prefetch(items), lhs, rhs)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "num_groups", "interpret"))
-def tgmm_mosaic_tpu(lhs, grad, group_sizes, *, tiling: Tiling, out_dtype, num_groups: int,
-                    interpret: bool):
+def tgmm_mosaic_tpu(
+    lhs, grad, group_sizes, *, tiling: Tiling, out_dtype, num_groups: int, interpret: bool
+):
     """Per-group `lhs^T @ grad -> [G, K, N]`; see the module docstring. Checked inputs only."""
     (m, k), n = lhs.shape, grad.shape[1]
     tm, tk, tn = tiling
@@ -167,14 +216,23 @@ def tgmm_mosaic_tpu(lhs, grad, group_sizes, *, tiling: Tiling, out_dtype, num_gr
         grid=(cdiv(k, tk), cdiv(n, tn), num_items),
         in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((tm, tn), grad_map)],
         out_specs=pl.BlockSpec((None, tk, tn), out_map),
-        scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)])
-    cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
-                           bytes_accessed=lhs.nbytes + grad.nbytes
-                           + num_groups * k * n * jnp.dtype(out_dtype).itemsize)
+        scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
+    )
+    cost = pl.CostEstimate(
+        flops=2 * m * k * n,
+        transcendentals=0,
+        bytes_accessed=lhs.nbytes
+        + grad.nbytes
+        + num_groups * k * n * jnp.dtype(out_dtype).itemsize,
+    )
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, num_items=num_items),
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=(_PARALLEL, _PARALLEL, _ARBITRARY)),
-        cost_estimate=cost, interpret=interpret, name="moejax_tgmm",
+            dimension_semantics=(_PARALLEL, _PARALLEL, _ARBITRARY)
+        ),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="moejax_tgmm",
     )(*_prefetch(items), lhs, grad)

@@ -14,6 +14,7 @@ Each is built from the row kernels of `permute_kernels.py` and is the other's tr
   with a per-row scale; d weights: `dw[t, j] = <y_sorted[inverse[t*k + j]], g[t]>` (XLA).
 Pure-JAX ground truth: `pallas_kernels.reference.permute_reference` / `unpermute_combine_reference`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,6 +45,7 @@ def _gather(x, src, scale, opts: _Opts):
 def _combine(y, idx, weights, opts: _Opts):
     if opts.backend == "jax_triton":
         from pallas_kernels.triton_combine import combine_rows_triton
+
         return combine_rows_triton(y, idx, weights)
     fn = combine_rows_tpu if opts.backend == "mosaic_tpu" else combine_rows_gpu
     return fn(y, idx.astype(jnp.int32), weights.astype(jnp.float32), interpret=opts.interpret)
@@ -73,8 +75,12 @@ def _unpermute_combine(y_sorted, order, inverse, weights, opts):
 
 
 def _unpermute_fwd(y_sorted, order, inverse, weights, opts):
-    return _unpermute_combine(y_sorted, order, inverse, weights, opts), \
-        (y_sorted, order, inverse, weights)
+    return _unpermute_combine(y_sorted, order, inverse, weights, opts), (
+        y_sorted,
+        order,
+        inverse,
+        weights,
+    )
 
 
 def _unpermute_bwd(opts, res, g):
@@ -92,12 +98,21 @@ _unpermute_combine.defvjp(_unpermute_fwd, _unpermute_bwd)
 def _check_plan(order, inverse, rows: int, name: str) -> None:
     for arg, value in (("order", order), ("inverse", inverse)):
         if value.shape != (rows,) or not jnp.issubdtype(value.dtype, jnp.integer):
-            raise ValueError(f"{name}: {arg} must be an integer vector of shape [T*k]=[{rows}]; "
-                             f"got {value.dtype}{list(value.shape)}")
+            raise ValueError(
+                f"{name}: {arg} must be an integer vector of shape [T*k]=[{rows}]; "
+                f"got {value.dtype}{list(value.shape)}"
+            )
 
 
-def permute(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int, *,
-            backend: str | None = "auto", interpret: bool | None = False) -> jax.Array:
+def permute(
+    x: jax.Array,
+    order: jax.Array,
+    inverse: jax.Array,
+    k: int,
+    *,
+    backend: str | None = "auto",
+    interpret: bool | None = False,
+) -> jax.Array:
     """`[T, d] -> [T*k, d]` in expert order; see the module docstring.
 
     backend: as for `pallas_kernels.gmm`; interpret: run in Pallas interpret mode (required
@@ -110,16 +125,25 @@ def permute(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int, *,
     return _permute(x, order.astype(jnp.int32), inverse.astype(jnp.int32), k, opts)
 
 
-def unpermute_combine(y_sorted: jax.Array, order: jax.Array, inverse: jax.Array,
-                      weights: jax.Array, *, backend: str | None = "auto",
-                      interpret: bool | None = False) -> jax.Array:
+def unpermute_combine(
+    y_sorted: jax.Array,
+    order: jax.Array,
+    inverse: jax.Array,
+    weights: jax.Array,
+    *,
+    backend: str | None = "auto",
+    interpret: bool | None = False,
+) -> jax.Array:
     """`[T*k, d] -> [T, d]`, weighted sum of each token's k expert outputs."""
     if weights.ndim != 2:
         raise ValueError(f"unpermute_combine: weights must be [T, k]; got shape {weights.shape}")
     if y_sorted.ndim != 2 or y_sorted.shape[0] != weights.size:
-        raise ValueError(f"unpermute_combine: y_sorted must be [T*k, d]=[{weights.size}, d]; "
-                         f"got shape {y_sorted.shape}")
+        raise ValueError(
+            f"unpermute_combine: y_sorted must be [T*k, d]=[{weights.size}, d]; "
+            f"got shape {y_sorted.shape}"
+        )
     _check_plan(order, inverse, weights.size, "unpermute_combine")
     opts = _Opts(resolve_backend(backend), resolve_interpret(interpret))
-    return _unpermute_combine(y_sorted, order.astype(jnp.int32), inverse.astype(jnp.int32),
-                              weights, opts)
+    return _unpermute_combine(
+        y_sorted, order.astype(jnp.int32), inverse.astype(jnp.int32), weights, opts
+    )

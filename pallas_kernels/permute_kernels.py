@@ -19,6 +19,7 @@ Two lowerings of each:
 - Pallas GPU (Triton lowering): one program per output row, indices read from refs, the row
   loaded with a column mask (Triton blocks are powers of two).
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,12 +58,17 @@ def _combine_kernel_tpu(idx_ref, w_ref, y_ref, out_ref, acc_ref, *, k: int):
 def gather_rows_tpu(x, src, scale, *, interpret: bool):
     (t, d), m = x.shape, src.shape[0]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(m,),
+        num_scalar_prefetch=2,
+        grid=(m,),
         in_specs=[pl.BlockSpec((None, 1, d), lambda r, src, scale: (src[r], 0, 0))],
-        out_specs=pl.BlockSpec((None, 1, d), lambda r, src, scale: (r, 0, 0)))
+        out_specs=pl.BlockSpec((None, 1, d), lambda r, src, scale: (r, 0, 0)),
+    )
     out = pl.pallas_call(
-        _gather_kernel_tpu, out_shape=jax.ShapeDtypeStruct((m, 1, d), x.dtype),
-        grid_spec=grid_spec, interpret=interpret, name="moejax_gather_rows",
+        _gather_kernel_tpu,
+        out_shape=jax.ShapeDtypeStruct((m, 1, d), x.dtype),
+        grid_spec=grid_spec,
+        interpret=interpret,
+        name="moejax_gather_rows",
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
     )(src, scale, x.reshape(t, 1, d))
     return out.reshape(m, d)
@@ -72,14 +78,18 @@ def gather_rows_tpu(x, src, scale, *, interpret: bool):
 def combine_rows_tpu(y, idx, weights, *, interpret: bool):
     (m, d), (t, k) = y.shape, idx.shape
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(t, k),
+        num_scalar_prefetch=2,
+        grid=(t, k),
         in_specs=[pl.BlockSpec((None, 1, d), lambda i, j, idx, w: (idx[i * k + j], 0, 0))],
         out_specs=pl.BlockSpec((None, 1, d), lambda i, j, idx, w: (i, 0, 0)),
-        scratch_shapes=[pltpu.VMEM((1, d), jnp.float32)])
+        scratch_shapes=[pltpu.VMEM((1, d), jnp.float32)],
+    )
     out = pl.pallas_call(
         functools.partial(_combine_kernel_tpu, k=k),
-        out_shape=jax.ShapeDtypeStruct((t, 1, d), y.dtype), grid_spec=grid_spec,
-        interpret=interpret, name="moejax_combine_rows",
+        out_shape=jax.ShapeDtypeStruct((t, 1, d), y.dtype),
+        grid_spec=grid_spec,
+        interpret=interpret,
+        name="moejax_combine_rows",
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
     )(idx.reshape(-1), weights.reshape(-1), y.reshape(m, 1, d))
     return out.reshape(t, d)
@@ -97,8 +107,11 @@ def _gather_kernel_gpu(src_ref, scale_ref, x_ref, out_ref, *, d: int):
     r = pl.program_id(0)
     width, col_ok = _columns(d)
     row = plt.load(x_ref.at[src_ref[r], pl.ds(0, width)], mask=col_ok, other=0)
-    plt.store(out_ref.at[r, pl.ds(0, width)],
-              (row.astype(jnp.float32) * scale_ref[r]).astype(out_ref.dtype), mask=col_ok)
+    plt.store(
+        out_ref.at[r, pl.ds(0, width)],
+        (row.astype(jnp.float32) * scale_ref[r]).astype(out_ref.dtype),
+        mask=col_ok,
+    )
 
 
 def _combine_kernel_gpu(idx_ref, w_ref, y_ref, out_ref, *, k: int, d: int):
@@ -115,16 +128,23 @@ def _combine_kernel_gpu(idx_ref, w_ref, y_ref, out_ref, *, k: int, d: int):
 def gather_rows_gpu(x, src, scale, *, interpret: bool):
     d, m = x.shape[1], src.shape[0]
     return pl.pallas_call(
-        functools.partial(_gather_kernel_gpu, d=d), grid=(m,),
-        out_shape=jax.ShapeDtypeStruct((m, d), x.dtype), compiler_params=COMPILER_PARAMS,
-        interpret=interpret, name="moejax_gather_rows_gpu")(src, scale, x)
+        functools.partial(_gather_kernel_gpu, d=d),
+        grid=(m,),
+        out_shape=jax.ShapeDtypeStruct((m, d), x.dtype),
+        compiler_params=COMPILER_PARAMS,
+        interpret=interpret,
+        name="moejax_gather_rows_gpu",
+    )(src, scale, x)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def combine_rows_gpu(y, idx, weights, *, interpret: bool):
     (t, k), d = idx.shape, y.shape[1]
     return pl.pallas_call(
-        functools.partial(_combine_kernel_gpu, k=k, d=d), grid=(t,),
-        out_shape=jax.ShapeDtypeStruct((t, d), y.dtype), compiler_params=COMPILER_PARAMS,
-        interpret=interpret, name="moejax_combine_rows_gpu",
+        functools.partial(_combine_kernel_gpu, k=k, d=d),
+        grid=(t,),
+        out_shape=jax.ShapeDtypeStruct((t, d), y.dtype),
+        compiler_params=COMPILER_PARAMS,
+        interpret=interpret,
+        name="moejax_combine_rows_gpu",
     )(idx.reshape(-1), weights.reshape(-1), y)

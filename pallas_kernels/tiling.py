@@ -37,6 +37,7 @@ gets one item with an empty mask, so `tgmm` writes its zero gradient. The list h
 static length `cdiv(M, tm) + G`, an upper bound; the items past `count` repeat the last
 real one (same blocks, so no new copies) and are skipped by the kernels.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -73,8 +74,16 @@ def _mosaic_gpu_tiling(m: int, k: int, n: int, interpret: bool, op: str) -> Tili
     return Tiling(tm, 64, fit(n))
 
 
-def choose_tiling(m: int, k: int, n: int, num_groups: int, itemsize: int, backend: str,
-                  interpret: bool = False, op: str = "gmm") -> Tiling:
+def choose_tiling(
+    m: int,
+    k: int,
+    n: int,
+    num_groups: int,
+    itemsize: int,
+    backend: str,
+    interpret: bool = False,
+    op: str = "gmm",
+) -> Tiling:
     """The table above: (tm, tk, tn) for an `[M, K] x [G, K, N]` grouped matmul (`op` "gmm")
     or its weight gradient (`op` "tgmm"; only `mosaic_gpu` tiles that one differently)."""
     if backend == "mosaic_gpu":
@@ -107,14 +116,20 @@ def check_tiling(tiling, k: int, backend: str) -> Tiling:
     if min(tiling) <= 0:
         raise ValueError(f"tiling={tuple(tiling)} must be positive")
     if backend == "mosaic_tpu" and k % tiling.tk:
-        raise ValueError(f"tiling tk={tiling.tk} must divide K={k} for the mosaic_tpu kernels "
-                         "(a partial contraction block would add garbage)")
+        raise ValueError(
+            f"tiling tk={tiling.tk} must divide K={k} for the mosaic_tpu kernels "
+            "(a partial contraction block would add garbage)"
+        )
     if backend == "mosaic_gpu" and any(t % 64 for t in tiling):
-        raise ValueError(f"tiling={tuple(tiling)}: the mosaic_gpu kernels need multiples of 64 "
-                         "(wgmma steps of 64 rows, 128-byte swizzled 16-bit tiles)")
+        raise ValueError(
+            f"tiling={tuple(tiling)}: the mosaic_gpu kernels need multiples of 64 "
+            "(wgmma steps of 64 rows, 128-byte swizzled 16-bit tiles)"
+        )
     if backend == "pallas_gpu" and not is_triton_tiling(tiling):
-        raise ValueError(f"tiling={tuple(tiling)}: the pallas_gpu kernels need powers of two "
-                         ">= 16 (Triton block shapes)")
+        raise ValueError(
+            f"tiling={tuple(tiling)}: the pallas_gpu kernels need powers of two "
+            ">= 16 (Triton block shapes)"
+        )
     return tiling
 
 
@@ -125,6 +140,7 @@ class WorkItems(NamedTuple):
     m_tile: its row tile; lo, hi: the rows it masks in; real: 0 for tail items (zero fill);
     count: `[1]`, how many items are real.
     """
+
     group: jax.Array
     m_tile: jax.Array
     lo: jax.Array
@@ -140,8 +156,9 @@ def group_bounds(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
     return starts, ends
 
 
-def make_work_items(group_sizes: jax.Array, m: int, tm: int, *, cover_tail: bool,
-                    visit_empty_groups: bool) -> WorkItems:
+def make_work_items(
+    group_sizes: jax.Array, m: int, tm: int, *, cover_tail: bool, visit_empty_groups: bool
+) -> WorkItems:
     """O(G + M / tm) integer work, no matmuls; see the module docstring."""
     num_groups = group_sizes.shape[0]
     tiles_m = cdiv(m, tm)
@@ -156,11 +173,14 @@ def make_work_items(group_sizes: jax.Array, m: int, tm: int, *, cover_tail: bool
     counts = jnp.where(ends > starts, last - first + 1, can_be_empty.astype(jnp.int32))
     item_ends = jnp.cumsum(counts)
     count = item_ends[-1]
-    i = jnp.minimum(jnp.arange(tiles_m + num_groups, dtype=jnp.int32),
-                    jnp.maximum(count - 1, 0))
+    i = jnp.minimum(jnp.arange(tiles_m + num_groups, dtype=jnp.int32), jnp.maximum(count - 1, 0))
     g = jnp.minimum(jnp.searchsorted(item_ends, i, side="right"), starts.shape[0] - 1)
     m_tile = first[g] + i - (item_ends[g] - counts[g])
-    return WorkItems(group=jnp.minimum(g, num_groups - 1).astype(jnp.int32),
-                     m_tile=m_tile.astype(jnp.int32), lo=starts[g], hi=ends[g],
-                     real=(g < num_groups).astype(jnp.int32),
-                     count=count.reshape(1).astype(jnp.int32))
+    return WorkItems(
+        group=jnp.minimum(g, num_groups - 1).astype(jnp.int32),
+        m_tile=m_tile.astype(jnp.int32),
+        lo=starts[g],
+        hi=ends[g],
+        real=(g < num_groups).astype(jnp.int32),
+        count=count.reshape(1).astype(jnp.int32),
+    )

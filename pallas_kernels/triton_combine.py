@@ -12,6 +12,7 @@ permute's backward pass.
 `triton_available()` says why and the tests skip. Checked on an H200 (jax 0.11.2, jax-triton
 0.3.1, triton 3.6.0): equal to the pure-JAX combine (tests/pallas_kernels).
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,8 +42,9 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def combine_kernel(y_ptr, idx_ptr, w_ptr, out_ptr, d: tl.constexpr, k: tl.constexpr,
-                       block_d: tl.constexpr):
+    def combine_kernel(
+        y_ptr, idx_ptr, w_ptr, out_ptr, d: tl.constexpr, k: tl.constexpr, block_d: tl.constexpr
+    ):
         t = tl.program_id(0)
         cols = tl.program_id(1) * block_d + tl.arange(0, block_d)
         ok = cols < d
@@ -52,8 +54,7 @@ def _kernel():
             w = tl.load(w_ptr + t * k + j)
             y = tl.load(y_ptr + row * d + cols, mask=ok, other=0.0)
             acc += y.to(tl.float32) * w
-        tl.store(out_ptr + t.to(tl.int64) * d + cols, acc.to(out_ptr.dtype.element_ty),
-                 mask=ok)
+        tl.store(out_ptr + t.to(tl.int64) * d + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     return combine_kernel
 
@@ -67,6 +68,13 @@ def combine_rows_triton(y: jax.Array, idx: jax.Array, weights: jax.Array) -> jax
     (t, k), d = idx.shape, y.shape[1]
     block_d = min(BLOCK_D, 1 << (d - 1).bit_length())
     return jax_triton.triton_call(
-        y, idx.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(jnp.float32),
-        kernel=_kernel(), out_shape=jax.ShapeDtypeStruct((t, d), y.dtype),
-        grid=(t, -(-d // block_d)), d=d, k=k, block_d=block_d)
+        y,
+        idx.reshape(-1).astype(jnp.int32),
+        weights.reshape(-1).astype(jnp.float32),
+        kernel=_kernel(),
+        out_shape=jax.ShapeDtypeStruct((t, d), y.dtype),
+        grid=(t, -(-d // block_d)),
+        d=d,
+        k=k,
+        block_d=block_d,
+    )

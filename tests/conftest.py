@@ -1,4 +1,5 @@
 """Shared test fixtures: CPU only, a tiny offline corpus, and tiny experiment configs."""
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,6 +11,7 @@ from testing_utils import TEST_CORPUS_BYTES_PER_DOMAIN, make_tiny_config  # noqa
 @pytest.fixture(scope="session")
 def tiny_corpus_dir(tmp_path_factory) -> str:
     from moejax.data import build_corpus
+
     data_dir = str(tmp_path_factory.mktemp("tiny_tfds"))
     build_corpus(data_dir, max_bytes_per_domain=TEST_CORPUS_BYTES_PER_DOMAIN)
     return data_dir
@@ -19,6 +21,8 @@ def tiny_corpus_dir(tmp_path_factory) -> str:
 def tiny_config(tiny_corpus_dir):
     """`tiny_config(name="deepseekmoe", **overrides)`: a config small enough to train in
     seconds; overrides use dotted names, e.g. `**{"train.steps": 5}`."""
+
     def make(name: str = "deepseekmoe", **overrides):
         return make_tiny_config(tiny_corpus_dir, name, **overrides)
+
     return make

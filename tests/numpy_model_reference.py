@@ -12,6 +12,7 @@ The reference is written from the equations, not from the moejax code:
 Layer i is found in the stacked params by the layout the config documents: `first_k_dense`
 dense layers, then periods of `moe_every` layers whose last one is MoE.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # ----------------------------------------------------------------------------- building blocks
+
 
 def rmsnorm(x, scale, eps):
     x = np.asarray(x, np.float64)
@@ -30,7 +32,7 @@ def rope(x_BLHD, positions_BL, theta):
     """Rotate-half RoPE as complex rotation of the pairs (i, i + D/2) by pos * theta^(-2i/D)."""
     d = x_BLHD.shape[-1]
     inv_freq = theta ** (-np.arange(d // 2, dtype=np.float64) * 2.0 / d)
-    z = x_BLHD[..., : d // 2] + 1j * x_BLHD[..., d // 2:]
+    z = x_BLHD[..., : d // 2] + 1j * x_BLHD[..., d // 2 :]
     z = z * np.exp(1j * positions_BL[:, :, None, None] * inv_freq)
     return np.concatenate([z.real, z.imag], axis=-1)
 
@@ -56,8 +58,9 @@ def attention(x_BLD, p, segment_ids_BL, positions_BL, theta):
         for h in range(num_heads):
             kv = h // group  # query head h reads kv head h // (H / K)
             for t in range(length):
-                allowed = [s for s in range(t + 1)
-                           if segment_ids_BL[bi, s] == segment_ids_BL[bi, t]]
+                allowed = [
+                    s for s in range(t + 1) if segment_ids_BL[bi, s] == segment_ids_BL[bi, t]
+                ]
                 scores = np.array([q[bi, t, h] @ k[bi, s, kv] for s in allowed]) / np.sqrt(hd)
                 w = np.exp(scores - scores.max())
                 w /= w.sum()
@@ -87,15 +90,20 @@ def moe_ffn(x_TD, p, top_k, renormalize, mask_T):
     load = counts / (n * top_k)
     mean_prob = (probs * mask_T[:, None]).sum(0) / n
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    stats = {"load": load, "balance_loss": num_experts * np.sum(load * mean_prob),
-             "z_loss": np.sum(lse ** 2 * mask_T) / n}
+    stats = {
+        "load": load,
+        "balance_loss": num_experts * np.sum(load * mean_prob),
+        "z_loss": np.sum(lse**2 * mask_T) / n,
+    }
     return y, stats
 
 
 # ----------------------------------------------------------------------------- whole model
 
+
 def layer_params(params, m, i):
     """(params of layer i as float64 arrays, is_moe) from the stacked (scanned) tree."""
+
     def take(tree, *idx):
         return jax.tree.map(lambda a: np.asarray(a, np.float64)[idx], tree)
 
@@ -116,8 +124,11 @@ def forward(params, m, moe, tokens, segment_ids=None, positions=None):
     tokens = np.asarray(tokens)
     b, length = tokens.shape
     seg = np.ones((b, length), np.int64) if segment_ids is None else np.asarray(segment_ids)
-    pos = (np.broadcast_to(np.arange(length), (b, length)) if positions is None
-           else np.asarray(positions)).astype(np.float64)
+    pos = (
+        np.broadcast_to(np.arange(length), (b, length))
+        if positions is None
+        else np.asarray(positions)
+    ).astype(np.float64)
     emb = np.asarray(params["embedding"], np.float64)
     x = emb[tokens]
     stats = []
@@ -128,8 +139,13 @@ def forward(params, m, moe, tokens, segment_ids=None, positions=None):
         x = x + attention(h, p["attn"], seg, pos, m.rope_theta)
         h = rmsnorm(x, p["ffn_norm"]["scale"], m.norm_eps)
         if is_moe:
-            y, s = moe_ffn(h.reshape(b * length, -1), p["moe"], moe.top_k, moe.renormalize,
-                           (seg > 0).reshape(-1).astype(np.float64))
+            y, s = moe_ffn(
+                h.reshape(b * length, -1),
+                p["moe"],
+                moe.top_k,
+                moe.renormalize,
+                (seg > 0).reshape(-1).astype(np.float64),
+            )
             x = x + y.reshape(x.shape)
             stats.append(s)
         else:
@@ -140,6 +156,7 @@ def forward(params, m, moe, tokens, segment_ids=None, positions=None):
 
 
 # ----------------------------------------------------------------------------- test helpers
+
 
 def abstract_variables(model, batch=1, length=8):
     """Boxed (nn.Partitioned) ShapeDtypeStructs of `model.init`, with no compile."""
@@ -177,8 +194,10 @@ def fast_jit(fn, **kw):
     backend optimisation level 0 cut a 5-layer MoE train step from ~8 s to ~1.5 s of compile.
     """
     if jax.default_backend() == "cpu":
-        kw["compiler_options"] = {"xla_backend_optimization_level": 0,
-                                  "xla_cpu_use_fusion_emitters": False}
+        kw["compiler_options"] = {
+            "xla_backend_optimization_level": 0,
+            "xla_cpu_use_fusion_emitters": False,
+        }
     return jax.jit(fn, **kw)
 
 

@@ -1,4 +1,5 @@
 """Helpers shared by test modules (importable thanks to `pythonpath = tests` in pytest.ini)."""
+
 import pathlib
 
 from moejax.config.files import load_config_file
@@ -20,10 +21,22 @@ def make_tiny_config(data_dir: str, name: str = "deepseekmoe", **overrides):
     c.model.update(d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, num_layers=2)
     if c.model.moe_every:
         c.moe.update(num_experts=4, top_k=2, d_expert=16, gmm_tile=16)
-    c.data.update(data_dir=data_dir, max_bytes_per_domain=TEST_CORPUS_BYTES_PER_DOMAIN,
-                  seq_len=32, global_batch_size=4)
-    c.train.update(steps=10, warmup_steps=2, log_every=1, eval_every=0, eval_batches=2,
-                   checkpoint_every=5, async_checkpoint=False, peak_tflops=1.0)
+    c.data.update(
+        data_dir=data_dir,
+        max_bytes_per_domain=TEST_CORPUS_BYTES_PER_DOMAIN,
+        seq_len=32,
+        global_batch_size=4,
+    )
+    c.train.update(
+        steps=10,
+        warmup_steps=2,
+        log_every=1,
+        eval_every=0,
+        eval_batches=2,
+        checkpoint_every=5,
+        async_checkpoint=False,
+        peak_tflops=1.0,
+    )
     for key, value in overrides.items():
         section, field = key.split(".", 1)
         c[section][field] = value
@@ -45,6 +58,7 @@ def cli_flags(config, name: str = "deepseekmoe") -> list[str]:
 def rel_err(got, want) -> float:
     """max |got - want| / max |want|, in float64 (the kernel tests' error measure)."""
     import numpy as np
+
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
@@ -52,4 +66,5 @@ def rel_err(got, want) -> float:
 def f32(*arrays):
     """The arrays cast to float32 (references computed from low-precision operands)."""
     import jax.numpy as jnp
+
     return [jnp.asarray(a, jnp.float32) for a in arrays]

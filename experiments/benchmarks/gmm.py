@@ -37,6 +37,7 @@ run, and why). On GPU each timed sample runs `--inner` calls back to back (defau
 reports the time per call, so host dispatch overhead is not counted; an implementation whose
 one call would make the repeats outlast `--impl-budget-s` is timed once (`timed_once`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,11 +61,21 @@ from experiments.benchmarks.timing import back_to_back, device_name, measure  # 
 from moejax.moe import grouped_matmul  # noqa: E402
 
 TOKENS = 16384
-FULL = {"deepseek": dict(tokens=TOKENS, top_k=6, k=2048, n=1408, g=64),
-        "mixtral": dict(tokens=TOKENS, top_k=2, k=4096, n=14336, g=8)}
+FULL = {
+    "deepseek": dict(tokens=TOKENS, top_k=6, k=2048, n=1408, g=64),
+    "mixtral": dict(tokens=TOKENS, top_k=2, k=4096, n=14336, g=8),
+}
 SMALL_DIV = {"tokens": 16, "k": 4, "n": 4}
-IMPLS = ("dense", "ragged_dot", "tile_loop", "pallas", "pallas_triton", "megablox", "tokamax",
-         "torch_grouped_mm")
+IMPLS = (
+    "dense",
+    "ragged_dot",
+    "tile_loop",
+    "pallas",
+    "pallas_triton",
+    "megablox",
+    "tokamax",
+    "torch_grouped_mm",
+)
 EAGER = ("torch_grouped_mm",)  # not JAX: called as is, never jitted
 PALLAS_PLATFORMS = ("gpu", "tpu")  # where `pallas` runs compiled
 MEGABLOX_PLATFORMS = ("tpu",)
@@ -79,11 +90,16 @@ def shapes(which: str, scale: float) -> dict[str, dict]:
     for name, s in FULL.items():
         tokens, k, n = s["tokens"], s["k"], s["n"]
         if which == "small":
-            tokens, k, n = (tokens // SMALL_DIV["tokens"], k // SMALL_DIV["k"],
-                            n // SMALL_DIV["n"])
+            tokens, k, n = (tokens // SMALL_DIV["tokens"], k // SMALL_DIV["k"], n // SMALL_DIV["n"])
         tokens = max(int(tokens / scale), s["g"])
-        out[name] = {"m": tokens * s["top_k"], "k": k, "n": n, "g": s["g"],
-                     "tokens": tokens, "top_k": s["top_k"]}
+        out[name] = {
+            "m": tokens * s["top_k"],
+            "k": k,
+            "n": n,
+            "g": s["g"],
+            "tokens": tokens,
+            "top_k": s["top_k"],
+        }
     return out
 
 
@@ -120,16 +136,24 @@ def _suffix(interpret: bool) -> str:
 def gmm_fns(platform: str, skip: set[str]) -> tuple[dict[str, Callable], dict[str, str]]:
     """name -> f(lhs, rhs, sizes) for the forward; and the reasons for the ones left out."""
     from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox_gmm
-    fns = {"ragged_dot": jax.lax.ragged_dot,
-           "tile_loop": lambda a, b, s: grouped_matmul.gmm(a, b, s, impl="tile_loop")}
+
+    fns = {
+        "ragged_dot": jax.lax.ragged_dot,
+        "tile_loop": lambda a, b, s: grouped_matmul.gmm(a, b, s, impl="tile_loop"),
+    }
     skipped = {}
     p_int, mb_int = platform not in PALLAS_PLATFORMS, platform not in MEGABLOX_PLATFORMS
     fns["pallas" + _suffix(p_int)] = lambda a, b, s: pallas_kernels.gmm(a, b, s, interpret=p_int)
     if platform == "gpu":
         fns["pallas_triton"] = lambda a, b, s: pallas_kernels.gmm(a, b, s, backend="pallas_gpu")
     fns["megablox" + _suffix(mb_int)] = lambda a, b, s: megablox_gmm(
-        a, b, s, preferred_element_type=a.dtype, interpret=mb_int,
-        tiling=megablox_tiling(a.shape[0], a.shape[1], b.shape[2]))
+        a,
+        b,
+        s,
+        preferred_element_type=a.dtype,
+        interpret=mb_int,
+        tiling=megablox_tiling(a.shape[0], a.shape[1], b.shape[2]),
+    )
     tok, reason = (None, "--skip") if "tokamax" in skip else tokamax_ragged_dot()
     if tok is None:
         skipped["tokamax"] = reason
@@ -145,18 +169,27 @@ def tgmm_fns(platform: str, skip: set[str]) -> tuple[dict[str, Callable], dict[s
     def vjp_rhs(fn):
         return lambda a, dy, s, b: jax.vjp(lambda w: fn(a, w, s), b)[1](dy)[0]
 
-    fns = {"ragged_dot": vjp_rhs(jax.lax.ragged_dot),
-           "tile_loop": lambda a, dy, s, b: grouped_matmul.tgmm(a, dy, s)}
+    fns = {
+        "ragged_dot": vjp_rhs(jax.lax.ragged_dot),
+        "tile_loop": lambda a, dy, s, b: grouped_matmul.tgmm(a, dy, s),
+    }
     skipped = {}
     p_int, mb_int = platform not in PALLAS_PLATFORMS, platform not in MEGABLOX_PLATFORMS
     fns["pallas" + _suffix(p_int)] = lambda a, dy, s, b: pallas_kernels.tgmm(
-        a, dy, s, interpret=p_int)
+        a, dy, s, interpret=p_int
+    )
     if platform == "gpu":
-        fns["pallas_triton"] = lambda a, dy, s, b: pallas_kernels.tgmm(a, dy, s,
-                                                                     backend="pallas_gpu")
+        fns["pallas_triton"] = lambda a, dy, s, b: pallas_kernels.tgmm(
+            a, dy, s, backend="pallas_gpu"
+        )
     fns["megablox" + _suffix(mb_int)] = lambda a, dy, s, b: megablox_tgmm(
-        a.T, dy, s, preferred_element_type=a.dtype, interpret=mb_int,
-        tiling=megablox_tiling(a.shape[1], a.shape[0], dy.shape[1]))
+        a.T,
+        dy,
+        s,
+        preferred_element_type=a.dtype,
+        interpret=mb_int,
+        tiling=megablox_tiling(a.shape[1], a.shape[0], dy.shape[1]),
+    )
     tok, reason = (None, "--skip") if "tokamax" in skip else tokamax_ragged_dot()
     if tok is None:
         skipped["tokamax"] = reason
@@ -177,6 +210,7 @@ def _add_torch_peer(op: str, platform: str, skip: set[str], fns: dict, skipped: 
         skipped["torch_grouped_mm"] = "--skip"
         return
     from experiments.benchmarks.torch_gmm_peer import torch_fns
+
     peer, reason = torch_fns()
     if peer is None:
         skipped["torch_grouped_mm"] = reason
@@ -191,14 +225,23 @@ def _add_torch_peer(op: str, platform: str, skip: set[str], fns: dict, skipped: 
 _JITTED: dict[tuple[str, str], Callable] = {}
 
 
-def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped: dict,
-                skip_impls: set[str], interpret_max_gflop: float, inner: int = 1,
-                impl_budget_s: float = float("inf")) -> dict:
+def bench_shape(
+    s: dict,
+    kind: str,
+    dtype,
+    repeats: int,
+    platform: str,
+    skipped: dict,
+    skip_impls: set[str],
+    interpret_max_gflop: float,
+    inner: int = 1,
+    impl_budget_s: float = float("inf"),
+) -> dict:
     """Times gmm and tgmm for one shape and group-size distribution; returns per-op entries."""
     m, k, n, g = s["m"], s["k"], s["n"], s["g"]
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     lhs = jax.random.normal(keys[0], (m, k), dtype)
-    rhs = (jax.random.normal(keys[1], (g, k, n), jnp.float32) / k ** 0.5).astype(dtype)
+    rhs = (jax.random.normal(keys[1], (g, k, n), jnp.float32) / k**0.5).astype(dtype)
     grad = jax.random.normal(keys[2], (m, n), dtype)
     sizes = jnp.asarray(group_sizes(m, g, kind), jnp.int32)
     flops = 2 * m * k * n
@@ -226,7 +269,8 @@ def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped:
             if name.endswith("_interpret") and flops / 1e9 > interpret_max_gflop:
                 skipped[f"{op}/{name}@{s['m']}x{k}x{n}"] = (
                     f"interpret mode: {flops / 1e9:.2g} GFLOP > --interpret-max-gflop "
-                    f"{interpret_max_gflop:g}")
+                    f"{interpret_max_gflop:g}"
+                )
                 continue
             compiled = fn if name in EAGER else _JITTED.setdefault((op, name), jax.jit(fn))
             t0 = time.perf_counter()
@@ -249,9 +293,12 @@ def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped:
         ref = "ragged_dot" if "ragged_dot" in outputs else "tile_loop"  # for max_rel_err
         entries = {}
         for name, t in times.items():
-            entry = {"ms": round(med[name], 3), "ms_min": round(min(t), 3),
-                     "tflops": round(flops / med[name] / 1e9, 4),
-                     "ratio_to_dense": round(med[name] / med["dense"], 3)}
+            entry = {
+                "ms": round(med[name], 3),
+                "ms_min": round(min(t), 3),
+                "tflops": round(flops / med[name] / 1e9, 4),
+                "ratio_to_dense": round(med[name] / med["dense"], 3),
+            }
             if "ragged_dot" in med:
                 entry["ratio_to_ragged_dot"] = round(med[name] / med["ragged_dot"], 4)
             if name in outputs and ref in outputs:
@@ -260,9 +307,13 @@ def bench_shape(s: dict, kind: str, dtype, repeats: int, platform: str, skipped:
                 entry["timed_once"] = True
             entries[name] = entry
         out[op] = entries
-        log(f"{op} {kind} m={m} k={k} n={n} g={g}: " + ", ".join(
-            f"{name} {e['ms']:.1f}ms ({e['ratio_to_dense']:.2f}x dense)"
-            for name, e in entries.items()))
+        log(
+            f"{op} {kind} m={m} k={k} n={n} g={g}: "
+            + ", ".join(
+                f"{name} {e['ms']:.1f}ms ({e['ratio_to_dense']:.2f}x dense)"
+                for name, e in entries.items()
+            )
+        )
     return out
 
 
@@ -270,23 +321,39 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     platform = jax.default_backend()
     dtype = jnp.dtype(args.dtype)
-    report = {"device": device_name(), "jax": jax.__version__, "dtype": args.dtype,
-              "repeats": args.repeats, "inner": args.inner,
-              "shapes": shapes(args.shapes, args.scale),
-              "group_sizes": {"balanced": "M / G each",
-                              "skewed": "Dirichlet(0.3) shares (seed 0)"},
-              "results": {}, "skipped": {}}
+    report = {
+        "device": device_name(),
+        "jax": jax.__version__,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "inner": args.inner,
+        "shapes": shapes(args.shapes, args.scale),
+        "group_sizes": {"balanced": "M / G each", "skewed": "Dirichlet(0.3) shares (seed 0)"},
+        "results": {},
+        "skipped": {},
+    }
     if platform not in PALLAS_PLATFORMS:
-        report["interpret_note"] = (f"no compiled Pallas on {platform}: `pallas_interpret` and "
-                                    "`megablox_interpret` run in Pallas interpret mode, a "
-                                    "correctness tool; their times are not kernel speed")
+        report["interpret_note"] = (
+            f"no compiled Pallas on {platform}: `pallas_interpret` and "
+            "`megablox_interpret` run in Pallas interpret mode, a "
+            "correctness tool; their times are not kernel speed"
+        )
     skip_impls = {n for n in args.skip.split(",") if n}
     for name, s in report["shapes"].items():
         report["results"][name] = {}
         for kind in args.groups.split(","):
             report["results"][name][kind] = bench_shape(
-                s, kind, dtype, args.repeats, platform, report["skipped"], skip_impls,
-                args.interpret_max_gflop, args.inner, args.impl_budget_s)
+                s,
+                kind,
+                dtype,
+                args.repeats,
+                platform,
+                report["skipped"],
+                skip_impls,
+                args.interpret_max_gflop,
+                args.inner,
+                args.impl_budget_s,
+            )
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
     return report
 
@@ -297,35 +364,52 @@ def format_table(report: dict) -> str:
     for name, s, res in sections:
         for kind, ops in res.items():
             for op, entries in ops.items():
-                lines.append(f"{name} {kind} {op} (m={s['m']} k={s['k']} n={s['n']} "
-                             f"g={s['g']})")
+                lines.append(f"{name} {kind} {op} (m={s['m']} k={s['k']} n={s['n']} g={s['g']})")
                 for impl, e in entries.items():
-                    lines.append(f"  {impl:<20}{e['ms']:>10.2f} ms{e['tflops']:>9.4f} TFLOP/s"
-                                 f"{e['ratio_to_dense']:>8.2f}x dense"
-                                 f"  err {e.get('max_rel_err', float('nan')):.2g}")
+                    lines.append(
+                        f"  {impl:<20}{e['ms']:>10.2f} ms{e['tflops']:>9.4f} TFLOP/s"
+                        f"{e['ratio_to_dense']:>8.2f}x dense"
+                        f"  err {e.get('max_rel_err', float('nan')):.2g}"
+                    )
     lines.append(f"skipped: {report['skipped']}")
     return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     on_cpu = jax.default_backend() == "cpu"
     p.add_argument("--shapes", choices=("small", "full"), default="small" if on_cpu else "full")
     p.add_argument("--scale", type=float, default=1.0, help="divide tokens by this as well")
     p.add_argument("--groups", default="balanced,skewed", help="comma list: balanced,skewed")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   default="float32" if on_cpu else "bfloat16")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32" if on_cpu else "bfloat16"
+    )
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--inner", type=int, default=1 if on_cpu else 10,
-                   help="calls per timed sample (back to back, blocked on the last)")
-    p.add_argument("--impl-budget-s", type=float, default=30.0,
-                   help="time an implementation once if its repeats would take longer")
-    p.add_argument("--interpret-max-gflop", type=float, default=0.5,
-                   help="time interpret-mode kernels only on shapes up to this many GFLOP")
-    p.add_argument("--skip", default="",
-                   help="comma list of implementations not to time, out of "
-                        + ",".join(IMPLS[1:]))
+    p.add_argument(
+        "--inner",
+        type=int,
+        default=1 if on_cpu else 10,
+        help="calls per timed sample (back to back, blocked on the last)",
+    )
+    p.add_argument(
+        "--impl-budget-s",
+        type=float,
+        default=30.0,
+        help="time an implementation once if its repeats would take longer",
+    )
+    p.add_argument(
+        "--interpret-max-gflop",
+        type=float,
+        default=0.5,
+        help="time interpret-mode kernels only on shapes up to this many GFLOP",
+    )
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma list of implementations not to time, out of " + ",".join(IMPLS[1:]),
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
     bad = [g for g in args.groups.split(",") if g not in ("balanced", "skewed")]

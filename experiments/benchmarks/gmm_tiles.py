@@ -11,6 +11,7 @@ dense matmul of the same FLOPs measured in the same process, and checks each res
 Prints one JSON object: `device`, `results[shape][op]` = list of {`tiling`, `stages`, `ms`,
 `ratio_to_dense`, `max_rel_err`} sorted by time, and `best[shape][op]`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ def sweep(name: str, spec: dict, repeats: int, inner: int) -> dict:
     m, k, n, g = spec["tokens"] * spec["top_k"], spec["k"], spec["n"], spec["g"]
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     lhs = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
-    rhs = (jax.random.normal(keys[1], (g, k, n)) / k ** 0.5).astype(jnp.bfloat16)
+    rhs = (jax.random.normal(keys[1], (g, k, n)) / k**0.5).astype(jnp.bfloat16)
     grad = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
     sizes = jnp.asarray(group_sizes(m, g, "balanced"), jnp.int32)
     out = {}
@@ -61,36 +62,59 @@ def sweep(name: str, spec: dict, repeats: int, inner: int) -> dict:
             dense_ms = ms_per_call(dense, (lhs, grad), repeats, inner)
             want = jax.vjp(lambda w: jax.lax.ragged_dot(lhs, w, sizes), rhs)[1](grad)[0]
         rows = []
-        for tiles in (GMM_TILES if op == "gmm" else TGMM_TILES):
+        for tiles in GMM_TILES if op == "gmm" else TGMM_TILES:
             tiling = Tiling(*tiles)
             if not mgpu.mosaic_gpu_supports(op, jnp.bfloat16, k, n, tiling):
                 continue
             for stages in STAGES:
                 if op == "gmm":
-                    fn = functools.partial(mgpu.gmm_mosaic_gpu, tiling=tiling, stages=stages,
-                                           out_dtype=jnp.bfloat16, interpret=False)
+                    fn = functools.partial(
+                        mgpu.gmm_mosaic_gpu,
+                        tiling=tiling,
+                        stages=stages,
+                        out_dtype=jnp.bfloat16,
+                        interpret=False,
+                    )
                     args = (lhs, rhs, sizes)
                 else:
-                    fn = functools.partial(mgpu.tgmm_mosaic_gpu, tiling=tiling, stages=stages,
-                                           out_dtype=jnp.bfloat16, num_groups=g,
-                                           interpret=False)
+                    fn = functools.partial(
+                        mgpu.tgmm_mosaic_gpu,
+                        tiling=tiling,
+                        stages=stages,
+                        out_dtype=jnp.bfloat16,
+                        num_groups=g,
+                        interpret=False,
+                    )
                     args = (lhs, grad, sizes)
                 try:
                     got = jax.block_until_ready(fn(*args))
                 except Exception as e:  # noqa: BLE001 -- e.g. over the shared memory
-                    rows.append({"tiling": tiles, "stages": stages,
-                                 "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                    rows.append(
+                        {
+                            "tiling": tiles,
+                            "stages": stages,
+                            "error": f"{type(e).__name__}: {str(e)[:160]}",
+                        }
+                    )
                     continue
                 ms = ms_per_call(fn, args, repeats, inner)
-                rows.append({"tiling": tiles, "stages": stages, "ms": round(ms, 4),
-                             "ratio_to_dense": round(ms / dense_ms, 3),
-                             "max_rel_err": float(f"{rel_err(got, want):.3g}")})
-                print(f"[tiles] {name} {op} {tiles} stages {stages}: {ms:.3f} ms "
-                      f"({ms / dense_ms:.2f}x dense {dense_ms:.3f} ms)", file=sys.stderr,
-                      flush=True)
+                rows.append(
+                    {
+                        "tiling": tiles,
+                        "stages": stages,
+                        "ms": round(ms, 4),
+                        "ratio_to_dense": round(ms / dense_ms, 3),
+                        "max_rel_err": float(f"{rel_err(got, want):.3g}"),
+                    }
+                )
+                print(
+                    f"[tiles] {name} {op} {tiles} stages {stages}: {ms:.3f} ms "
+                    f"({ms / dense_ms:.2f}x dense {dense_ms:.3f} ms)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         rows.sort(key=lambda r: r.get("ms", float("inf")))
-        out[op] = {"dense_ms": round(dense_ms, 4), "m": m, "k": k, "n": n, "g": g,
-                   "runs": rows}
+        out[op] = {"dense_ms": round(dense_ms, 4), "m": m, "k": k, "n": n, "g": g, "runs": rows}
     return out
 
 

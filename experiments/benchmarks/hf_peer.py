@@ -13,6 +13,7 @@ T*k*d*2f floats, 48 GiB at the default shape).
 Needs `pip install -e '.[hf]'` (torch pinned to the 2.13.0 CPU wheel); `moe_layer.py` imports
 this module only when torch and transformers import.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -32,11 +33,19 @@ def versions() -> dict[str, str]:
 
 def _config(shape, experts_impl: str) -> DeepseekV3Config:
     return DeepseekV3Config(
-        hidden_size=shape.d_model, intermediate_size=shape.dense_width,
-        moe_intermediate_size=shape.d_expert, n_routed_experts=shape.experts,
-        num_experts_per_tok=shape.top_k, n_shared_experts=shape.shared, n_group=1, topk_group=1,
-        norm_topk_prob=True, routed_scaling_factor=1.0, num_hidden_layers=1,
-        experts_implementation=experts_impl)
+        hidden_size=shape.d_model,
+        intermediate_size=shape.dense_width,
+        moe_intermediate_size=shape.d_expert,
+        n_routed_experts=shape.experts,
+        num_experts_per_tok=shape.top_k,
+        n_shared_experts=shape.shared,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        num_hidden_layers=1,
+        experts_implementation=experts_impl,
+    )
 
 
 def _init(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -60,6 +69,7 @@ def _fwd_bwd_step(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None
         x.grad = None
         loss = module(x).float().square().sum()
         loss.backward()
+
     return step
 
 
@@ -73,22 +83,32 @@ def build_steps(shape, *, experts_impls=("grouped_mm",), threads: int = 2, seed:
     torch.manual_seed(seed)
     dtype = DTYPES[shape.dtype]
     x = torch.randn(shape.batch, shape.seq_len, shape.d_model).to(dtype).requires_grad_(True)
-    steps, info = {}, {**versions(), "threads": torch.get_num_threads(),
-                       "experts_implementations": list(experts_impls),
-                       "note": "DeepSeek-V3 sigmoid router (no aux loss), loss sum(y**2), "
-                               "grads w.r.t. params and x"}
+    steps, info = (
+        {},
+        {
+            **versions(),
+            "threads": torch.get_num_threads(),
+            "experts_implementations": list(experts_impls),
+            "note": "DeepSeek-V3 sigmoid router (no aux loss), loss sum(y**2), "
+            "grads w.r.t. params and x",
+        },
+    )
     for i, impl in enumerate(experts_impls):
         moe = _init(DeepseekV3MoE(_config(shape, impl)), dtype)
-        steps["hf_deepseek_v3_moe" if i == 0 else f"hf_deepseek_v3_moe_{impl}"] = (
-            _fwd_bwd_step(moe, x))
+        steps["hf_deepseek_v3_moe" if i == 0 else f"hf_deepseek_v3_moe_{impl}"] = _fwd_bwd_step(
+            moe, x
+        )
         if i == 0:
             with torch.no_grad():  # the router returns (logits,) weights, ids: take the ints
                 out = moe.gate(x.detach().reshape(-1, shape.d_model))
                 ids = next(o for o in out if not o.is_floating_point())
             counts = torch.bincount(ids.reshape(-1), minlength=shape.experts).double()
-            info["expert_load"] = {"max_over_mean": round(float(counts.max() / counts.mean()), 4),
-                                   "min_over_mean": round(float(counts.min() / counts.mean()), 4)}
-    dense = _init(DeepseekV3MLP(_config(shape, "eager"), intermediate_size=shape.dense_width),
-                  dtype)
+            info["expert_load"] = {
+                "max_over_mean": round(float(counts.max() / counts.mean()), 4),
+                "min_over_mean": round(float(counts.min() / counts.mean()), 4),
+            }
+    dense = _init(
+        DeepseekV3MLP(_config(shape, "eager"), intermediate_size=shape.dense_width), dtype
+    )
     steps["torch_dense_mlp"] = _fwd_bwd_step(dense, x)
     return steps, info

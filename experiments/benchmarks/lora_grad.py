@@ -8,6 +8,7 @@ temporary memory as XLA reports it.
 
     python experiments/benchmarks/lora_grad.py [--d_model 256 --layers 4 --seq 128 --batch 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,36 +37,50 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20)
     a = p.parse_args(argv)
     c = default_config()
-    c.model.update(d_model=a.d_model, num_layers=a.layers, num_heads=4, num_kv_heads=4,
-                   d_ff=4 * a.d_model, moe_every=0)
+    c.model.update(
+        d_model=a.d_model,
+        num_layers=a.layers,
+        num_heads=4,
+        num_kv_heads=4,
+        d_ff=4 * a.d_model,
+        moe_every=0,
+    )
     c.data.update(seq_len=a.seq, global_batch_size=a.batch)
     c.lora.update(method="lora", targets="attn.wq,attn.wv", rank=8)
     s = validate(c)
     exp = build_experiment(s, make_mesh(s.mesh))
-    full = jax.jit(functools.partial(train_step, model=exp.model, tx=exp.tx,
-                                     adapters_only=False))
-    partitioned = jax.jit(functools.partial(train_step, model=exp.model, tx=exp.tx,
-                                            adapters_only=True))
+    full = jax.jit(functools.partial(train_step, model=exp.model, tx=exp.tx, adapters_only=False))
+    partitioned = jax.jit(
+        functools.partial(train_step, model=exp.model, tx=exp.tx, adapters_only=True)
+    )
     rng = np.random.default_rng(0)
     shape = (a.batch, a.seq)
-    batch = {"inputs": rng.integers(0, 259, shape, dtype=np.int32),
-             "targets": rng.integers(0, 259, shape, dtype=np.int32),
-             "segment_ids": np.ones(shape, np.int32),
-             "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), shape).copy(),
-             "domains": np.zeros(shape, np.int32), "loss_mask": np.ones(shape, np.float32)}
+    batch = {
+        "inputs": rng.integers(0, 259, shape, dtype=np.int32),
+        "targets": rng.integers(0, 259, shape, dtype=np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), shape).copy(),
+        "domains": np.zeros(shape, np.int32),
+        "loss_mask": np.ones(shape, np.float32),
+    }
     state = exp.init_fn(jax.random.PRNGKey(0))
     fns = {"partitioned": partitioned, "full": full}
     for name, fn in fns.items():
         mem = fn.lower(state, batch).compile().memory_analysis()
         temp = getattr(mem, "temp_size_in_bytes", None)
-        print(f"{name}: compiled; temporary memory {temp / 2**20:.2f} MiB" if temp is not None
-              else f"{name}: compiled")
+        print(
+            f"{name}: compiled; temporary memory {temp / 2**20:.2f} MiB"
+            if temp is not None
+            else f"{name}: compiled"
+        )
     steps = {n: (lambda f=f: jax.block_until_ready(f(state, batch))) for n, f in fns.items()}
     times = measure(steps, a.repeats)
     for n, t in times.items():
         print(f"{n}: median {np.median(t):.2f} ms/step over {len(t)} repeats")
-    print(f"device: {jax.devices()[0].device_kind}; d_model {a.d_model}, {a.layers} layers, "
-          f"seq {a.seq}, batch {a.batch}, LoRA r=8 on attn.wq,attn.wv")
+    print(
+        f"device: {jax.devices()[0].device_kind}; d_model {a.d_model}, {a.layers} layers, "
+        f"seq {a.seq}, batch {a.batch}, LoRA r=8 on attn.wq,attn.wv"
+    )
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ Peer (when torch and transformers import, `pip install -e '.[hf]'`): Hugging Fac
 OpenMP threads suffer more than XLA's pool when other processes load the cores, so read the
 HF numbers from a quiet machine, or at least from `ms_min`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,12 +119,16 @@ class Shape:
         return 3 * self.tokens * fwd / 1e9
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "seq_len": self.seq_len,
-                "dense_width": self.dense_width,
-                "gflop_fwd_bwd": {
-                    "moe_active": sig(self.gflop(self.top_k + self.shared)),
-                    "dense_mlp": sig(self.gflop(self.top_k + self.shared, router=False)),
-                    "dense_reference": sig(self.gflop(self.experts + self.shared))}}
+        return {
+            **dataclasses.asdict(self),
+            "seq_len": self.seq_len,
+            "dense_width": self.dense_width,
+            "gflop_fwd_bwd": {
+                "moe_active": sig(self.gflop(self.top_k + self.shared)),
+                "dense_mlp": sig(self.gflop(self.top_k + self.shared, router=False)),
+                "dense_reference": sig(self.gflop(self.experts + self.shared)),
+            },
+        }
 
 
 def log(msg: str) -> None:
@@ -131,9 +136,15 @@ def log(msg: str) -> None:
 
 
 def moe_config(shape: Shape, dispatcher: str) -> MoEConfig:
-    return MoEConfig(num_experts=shape.experts, top_k=shape.top_k, d_expert=shape.d_expert,
-                     n_shared=shape.shared, dispatcher=dispatcher, gmm_tile=shape.gmm_tile,
-                     gmm_impl=shape.gmm_impl)
+    return MoEConfig(
+        num_experts=shape.experts,
+        top_k=shape.top_k,
+        d_expert=shape.d_expert,
+        n_shared=shape.shared,
+        dispatcher=dispatcher,
+        gmm_tile=shape.gmm_tile,
+        gmm_impl=shape.gmm_impl,
+    )
 
 
 def model_config(shape: Shape) -> ModelConfig:
@@ -153,6 +164,7 @@ def moe_loss(layer: MoELayer) -> Callable:
     def loss(params, x):
         y, _, aux, metrics, _ = layer.apply({"params": params}, x)
         return jnp.sum(jnp.square(y.astype(jnp.float32))) + sum(aux.values()), metrics
+
     return loss
 
 
@@ -160,6 +172,7 @@ def dense_loss(mlp: DenseMLP) -> Callable:
     def loss(params, x):
         y = mlp.apply({"params": params}, x)
         return jnp.sum(jnp.square(y.astype(jnp.float32))), {}
+
     return loss
 
 
@@ -179,11 +192,14 @@ def experts_only_step(shape: Shape, params, x, impl: str):
 
     def loss(w, xs, group_sizes):
         expert_fn = swiglu_expert_fn(w["w_gate"], w["w_up"], w["w_down"], jnp.dtype(shape.dtype))
-        y = expert_fn(xs, lambda lhs, rhs: gmm(lhs, rhs, group_sizes, impl=impl,
-                                                tile=shape.gmm_tile))
+        y = expert_fn(
+            xs, lambda lhs, rhs: gmm(lhs, rhs, group_sizes, impl=impl, tile=shape.gmm_tile)
+        )
         return jnp.sum(jnp.square(y.astype(jnp.float32)))
-    return compile_step(jax.value_and_grad(loss, argnums=(0, 1)), params["experts"], x_sorted,
-                        sizes)
+
+    return compile_step(
+        jax.value_and_grad(loss, argnums=(0, 1)), params["experts"], x_sorted, sizes
+    )
 
 
 def ragged_impl(dispatcher: str, shape: Shape) -> str | None:
@@ -196,18 +212,22 @@ def ragged_impl(dispatcher: str, shape: Shape) -> str | None:
     return None
 
 
-def reference_skip_reason(shape: Shape, dense_call_s: float, repeats: int,
-                          budget_s: float) -> str | None:
+def reference_skip_reason(
+    shape: Shape, dense_call_s: float, repeats: int, budget_s: float
+) -> str | None:
     """Why `dense_reference` is too slow to time (None if it fits the budget), predicted from
     the dense MLP's time per call and the FLOP ratio (E + n_shared) / (k + n_shared)."""
-    ratio = shape.gflop(shape.experts + shape.shared) / shape.gflop(shape.top_k + shape.shared,
-                                                                    router=False)
+    ratio = shape.gflop(shape.experts + shape.shared) / shape.gflop(
+        shape.top_k + shape.shared, router=False
+    )
     calls = repeats + 2  # warm-up, timed repeats, and about one more for compiling
     predicted = calls * dense_call_s * ratio
     if predicted <= budget_s:
         return None
-    return (f"predicted {predicted:.0f}s for {calls} fwd+bwd calls ({ratio:.1f}x the dense MLP "
-            f"FLOPs) > --reference-budget-s {budget_s:g}")
+    return (
+        f"predicted {predicted:.0f}s for {calls} fwd+bwd calls ({ratio:.1f}x the dense MLP "
+        f"FLOPs) > --reference-budget-s {budget_s:g}"
+    )
 
 
 def load_hf_peer():
@@ -226,13 +246,22 @@ def pallas_skip_reason(shape: Shape, max_rows: int) -> str | None:
     rows = shape.tokens * shape.top_k
     if jax.default_backend() != "cpu" or rows <= max_rows:
         return None
-    return (f"interpret mode on CPU (no compiled Pallas): {rows} rows > "
-            f"--pallas-interpret-max-rows {max_rows}")
+    return (
+        f"interpret mode on CPU (no compiled Pallas): {rows} rows > "
+        f"--pallas-interpret-max-rows {max_rows}"
+    )
 
 
-def run(shape: Shape, dispatchers: list[str], repeats: int, skip: set[str],
-        reference_budget_s: float, hf_impls: list[str], torch_threads: int,
-        pallas_interpret_max_rows: int = 4096) -> dict:
+def run(
+    shape: Shape,
+    dispatchers: list[str],
+    repeats: int,
+    skip: set[str],
+    reference_budget_s: float,
+    hf_impls: list[str],
+    torch_threads: int,
+    pallas_interpret_max_rows: int = 4096,
+) -> dict:
     t_start = time.perf_counter()
     key_x, key_init, key_dense = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(key_x, (shape.batch, shape.seq_len, shape.d_model)).astype(shape.dtype)
@@ -247,11 +276,14 @@ def run(shape: Shape, dispatchers: list[str], repeats: int, skip: set[str],
         if keep_metrics:  # ((loss, metrics), grads) of a MoE fwd+bwd; drop the grads
             metrics[name] = jax.device_get(out[0][1])
         steps[name] = step
-        log(f"{name}: compiled in {compile_s[name]:.1f}s, "
-            f"first call {first_call_s[name] * 1e3:.1f}ms")
+        log(
+            f"{name}: compiled in {compile_s[name]:.1f}s, "
+            f"first call {first_call_s[name] * 1e3:.1f}ms"
+        )
 
-    mlp = DenseMLP(shape.dense_width, model.init_std, model.init_std, model.dtype,
-                   model.param_dtype)
+    mlp = DenseMLP(
+        shape.dense_width, model.init_std, model.init_std, model.dtype, model.param_dtype
+    )
     dense_params = nn.unbox(jax.jit(mlp.init)(key_dense, x))["params"]
     add("dense_mlp", compile_step(fwd_bwd(dense_loss(mlp)), dense_params, x))
     t0 = time.perf_counter()
@@ -293,8 +325,9 @@ def run(shape: Shape, dispatchers: list[str], repeats: int, skip: set[str],
             hf_info["reason"] = reason
         else:
             try:
-                hf_steps, info = hf_peer.build_steps(shape, experts_impls=hf_impls,
-                                                     threads=torch_threads)
+                hf_steps, info = hf_peer.build_steps(
+                    shape, experts_impls=hf_impls, threads=torch_threads
+                )
                 hf_info = {"available": True, **info}
                 for name, step in hf_steps.items():
                     add(name, (step, 0.0))
@@ -313,26 +346,38 @@ def run(shape: Shape, dispatchers: list[str], repeats: int, skip: set[str],
     return report
 
 
-def assemble(shape: Shape, times: dict[str, list[float]], compile_s: dict[str, float],
-             first_call_s: dict[str, float], metrics: dict[str, dict], hf_info: dict,
-             repeats: int) -> dict:
+def assemble(
+    shape: Shape,
+    times: dict[str, list[float]],
+    compile_s: dict[str, float],
+    first_call_s: dict[str, float],
+    metrics: dict[str, dict],
+    hf_info: dict,
+    repeats: int,
+) -> dict:
     """The JSON report from the per-case times (ms) and each MoE case's warm-up metrics."""
     res = {}
     dense = summary(times["dense_mlp"])
-    res["dense_mlp"] = {**dense, "compile_s": round(compile_s["dense_mlp"], 2),
-                        "active_gflop_per_s": round(shape.gflop(
-                            shape.top_k + shape.shared, router=False) / dense["ms"] * 1e3, 2)}
+    res["dense_mlp"] = {
+        **dense,
+        "compile_s": round(compile_s["dense_mlp"], 2),
+        "active_gflop_per_s": round(
+            shape.gflop(shape.top_k + shape.shared, router=False) / dense["ms"] * 1e3, 2
+        ),
+    }
     routing = None
     for name, m in metrics.items():
         s = summary(times[name])
         paired = statistics.median(a / b for a, b in zip(times[name], times["dense_mlp"]))
-        entry = {**s, "ratio_to_dense": sig(s["ms"] / dense["ms"]),
-                 "ratio_to_dense_min": sig(s["ms_min"] / dense["ms_min"]),
-                 "ratio_to_dense_paired": sig(paired),
-                 "compile_s": round(compile_s[name], 2),
-                 "active_gflop_per_s": round(shape.gflop(shape.top_k + shape.shared)
-                                             / s["ms"] * 1e3, 2),
-                 "dropped_fraction": round(float(m["dropped_fraction"]), 6)}
+        entry = {
+            **s,
+            "ratio_to_dense": sig(s["ms"] / dense["ms"]),
+            "ratio_to_dense_min": sig(s["ms_min"] / dense["ms_min"]),
+            "ratio_to_dense_paired": sig(paired),
+            "compile_s": round(compile_s[name], 2),
+            "active_gflop_per_s": round(shape.gflop(shape.top_k + shape.shared) / s["ms"] * 1e3, 2),
+            "dropped_fraction": round(float(m["dropped_fraction"]), 6),
+        }
         if f"{name}/fwd" in times:
             fwd = summary(times[f"{name}/fwd"])
             entry.update(fwd_ms=fwd["ms"], fwd_ms_min=fwd["ms_min"])
@@ -341,44 +386,61 @@ def assemble(shape: Shape, times: dict[str, list[float]], compile_s: dict[str, f
             entry["gmm_impl"] = impl
             if f"experts/{impl}" in times:
                 ex = summary(times[f"experts/{impl}"])
-                entry.update(experts_ms=ex["ms"], experts_ms_min=ex["ms_min"],
-                             experts_share=sig(ex["ms"] / s["ms"]))
+                entry.update(
+                    experts_ms=ex["ms"],
+                    experts_ms_min=ex["ms_min"],
+                    experts_share=sig(ex["ms"] / s["ms"]),
+                )
         res[name] = entry
         if routing is None:
             load = np.asarray(m["load"], np.float64)
-            routing = {"router": moe_config(shape, name).router,
-                       "max_over_mean": sig(float(load.max() / load.mean())),
-                       "min_over_mean": sig(float(load.min() / load.mean())),
-                       "cv": sig(float(load.std() / load.mean()))}
-    report = {"device": device_name(), "jax": jax.__version__, "flax": flax.__version__,
-              "shape": shape.as_dict(), "repeats": repeats,
-              "loss": "sum(y**2) + router aux losses; grads w.r.t. params and x",
-              "auto_plan": dict(zip(("dispatcher", "gmm_impl"), AUTO_PLAN.get(
-                  jax.default_backend(), AUTO_PLAN["cpu"]))),
-              "routing": routing, "results": res}
+            routing = {
+                "router": moe_config(shape, name).router,
+                "max_over_mean": sig(float(load.max() / load.mean())),
+                "min_over_mean": sig(float(load.min() / load.mean())),
+                "cv": sig(float(load.std() / load.mean())),
+            }
+    report = {
+        "device": device_name(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "shape": shape.as_dict(),
+        "repeats": repeats,
+        "loss": "sum(y**2) + router aux losses; grads w.r.t. params and x",
+        "auto_plan": dict(
+            zip(("dispatcher", "gmm_impl"), AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"]))
+        ),
+        "routing": routing,
+        "results": res,
+    }
     if hf_info.get("available") and "hf_deepseek_v3_moe" in times:
         tdense = summary(times["torch_dense_mlp"])
         res["torch_dense_mlp"] = tdense
         for name in [n for n in times if n.startswith("hf_deepseek_v3_moe")]:
             s = summary(times[name])
-            res[name] = {**s, "ratio_to_own_dense": sig(s["ms"] / tdense["ms"]),
-                         "ratio_to_own_dense_min": sig(s["ms_min"] / tdense["ms_min"]),
-                         "first_call_ms": round(first_call_s[name] * 1e3, 1)}
+            res[name] = {
+                **s,
+                "ratio_to_own_dense": sig(s["ms"] / tdense["ms"]),
+                "ratio_to_own_dense_min": sig(s["ms_min"] / tdense["ms_min"]),
+                "first_call_ms": round(first_call_s[name] * 1e3, 1),
+            }
         hf_info["jax_dense_vs_torch_dense"] = sig(dense["ms"] / tdense["ms"])
         if "auto" in res:
             hf = res["hf_deepseek_v3_moe"]
             report["auto_vs_hf"] = sig(res["auto"]["ms"] / hf["ms"])
             report["auto_vs_hf_min"] = sig(res["auto"]["ms_min"] / hf["ms_min"])
-            report["auto_vs_hf_paired"] = sig(statistics.median(
-                a / b for a, b in zip(times["auto"], times["hf_deepseek_v3_moe"])))
+            report["auto_vs_hf_paired"] = sig(
+                statistics.median(a / b for a, b in zip(times["auto"], times["hf_deepseek_v3_moe"]))
+            )
     report["hf"] = hf_info
     return report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = Shape()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tokens", type=int, default=d.tokens)
     p.add_argument("--batch", type=int, default=d.batch, help="x is [batch, tokens / batch, d]")
     p.add_argument("--d-model", type=int, default=d.d_model)
@@ -386,30 +448,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d-expert", type=int, default=d.d_expert)
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--shared", type=int, default=d.shared)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
-                   help="compute dtype; parameters stay float32")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=d.dtype,
+        help="compute dtype; parameters stay float32",
+    )
     p.add_argument("--gmm-tile", type=int, default=d.gmm_tile)
-    p.add_argument("--gmm-impl", default=d.gmm_impl,
-                   help="moe.gmm_impl for the `ragged` dispatcher: auto|tile_loop|ragged_dot")
+    p.add_argument(
+        "--gmm-impl",
+        default=d.gmm_impl,
+        help="moe.gmm_impl for the `ragged` dispatcher: auto|tile_loop|ragged_dot",
+    )
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--dispatchers", default=",".join(DISPATCHERS),
-                   help="comma list out of " + ",".join(DISPATCHERS))
-    p.add_argument("--skip", default="",
-                   help="comma list of dispatchers and/or " + ",".join(OPTIONAL))
-    p.add_argument("--reference-budget-s", type=float, default=60.0,
-                   help="run dense_reference only if its predicted time fits (inf: always)")
-    p.add_argument("--pallas-interpret-max-rows", type=int, default=4096,
-                   help="on CPU, time the pallas dispatcher (interpret mode) only up to this "
-                        "many tokens x top_k rows")
-    p.add_argument("--hf-impl", default="grouped_mm",
-                   help="comma list of transformers experts_implementation for the HF peer "
-                        "(grouped_mm|eager|batched_mm); the first is `hf_deepseek_v3_moe`")
-    p.add_argument("--torch-threads", type=int, default=os.cpu_count(),
-                   help="torch.set_num_threads for the HF peer (JAX uses every core)")
+    p.add_argument(
+        "--dispatchers",
+        default=",".join(DISPATCHERS),
+        help="comma list out of " + ",".join(DISPATCHERS),
+    )
+    p.add_argument(
+        "--skip", default="", help="comma list of dispatchers and/or " + ",".join(OPTIONAL)
+    )
+    p.add_argument(
+        "--reference-budget-s",
+        type=float,
+        default=60.0,
+        help="run dense_reference only if its predicted time fits (inf: always)",
+    )
+    p.add_argument(
+        "--pallas-interpret-max-rows",
+        type=int,
+        default=4096,
+        help="on CPU, time the pallas dispatcher (interpret mode) only up to this "
+        "many tokens x top_k rows",
+    )
+    p.add_argument(
+        "--hf-impl",
+        default="grouped_mm",
+        help="comma list of transformers experts_implementation for the HF peer "
+        "(grouped_mm|eager|batched_mm); the first is `hf_deepseek_v3_moe`",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=os.cpu_count(),
+        help="torch.set_num_threads for the HF peer (JAX uses every core)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
-    for flag, names, allowed in [("--dispatchers", args.dispatchers, DISPATCHERS),
-                                 ("--skip", args.skip, (*DISPATCHERS, *OPTIONAL))]:
+    for flag, names, allowed in [
+        ("--dispatchers", args.dispatchers, DISPATCHERS),
+        ("--skip", args.skip, (*DISPATCHERS, *OPTIONAL)),
+    ]:
         unknown = [n for n in names.split(",") if n and n not in allowed]
         if unknown:
             p.error(f"{flag}: unknown {unknown}; choose from {','.join(allowed)}")
@@ -420,15 +510,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    shape = Shape(tokens=args.tokens, batch=args.batch, d_model=args.d_model,
-                  experts=args.experts, d_expert=args.d_expert, top_k=args.top_k,
-                  shared=args.shared, dtype=args.dtype, gmm_tile=args.gmm_tile,
-                  gmm_impl=args.gmm_impl)
+    shape = Shape(
+        tokens=args.tokens,
+        batch=args.batch,
+        d_model=args.d_model,
+        experts=args.experts,
+        d_expert=args.d_expert,
+        top_k=args.top_k,
+        shared=args.shared,
+        dtype=args.dtype,
+        gmm_tile=args.gmm_tile,
+        gmm_impl=args.gmm_impl,
+    )
     log(f"shape {shape}; device {device_name()}")
-    report = run(shape, [n for n in args.dispatchers.split(",") if n], args.repeats,
-                 {n for n in args.skip.split(",") if n}, args.reference_budget_s,
-                 [n for n in args.hf_impl.split(",") if n], args.torch_threads,
-                 args.pallas_interpret_max_rows)
+    report = run(
+        shape,
+        [n for n in args.dispatchers.split(",") if n],
+        args.repeats,
+        {n for n in args.skip.split(",") if n},
+        args.reference_budget_s,
+        [n for n in args.hf_impl.split(",") if n],
+        args.torch_threads,
+        args.pallas_interpret_max_rows,
+    )
     if args.json:
         print(json.dumps(report))
     else:
@@ -437,12 +541,16 @@ def main(argv=None) -> dict:
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{report['device']}, jax {report['jax']}, shape {report['shape']}",
-             f"{'case':<24}{'ms':>10}{'ms_min':>10}{'x dense':>9}{'fwd ms':>9}{'experts ms':>11}"]
+    lines = [
+        f"{report['device']}, jax {report['jax']}, shape {report['shape']}",
+        f"{'case':<24}{'ms':>10}{'ms_min':>10}{'x dense':>9}{'fwd ms':>9}{'experts ms':>11}",
+    ]
     for name, r in report["results"].items():
         ratio = r.get("ratio_to_dense", r.get("ratio_to_own_dense", math.nan))
-        lines.append(f"{name:<24}{r['ms']:>10.1f}{r['ms_min']:>10.1f}{ratio:>9.2f}"
-                     f"{r.get('fwd_ms', math.nan):>9.1f}{r.get('experts_ms', math.nan):>11.1f}")
+        lines.append(
+            f"{name:<24}{r['ms']:>10.1f}{r['ms_min']:>10.1f}{ratio:>9.2f}"
+            f"{r.get('fwd_ms', math.nan):>9.1f}{r.get('experts_ms', math.nan):>11.1f}"
+        )
     for key in ("routing", "auto_vs_hf", "skipped", "hf"):
         if key in report:
             lines.append(f"{key}: {report[key]}")

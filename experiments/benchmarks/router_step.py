@@ -25,6 +25,7 @@ so the step is timed with the trained router (`restored_step` in the JSON).
 `_paired` (median of the per-repeat ratios: the estimate that best survives load from other
 processes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,22 @@ CASES = {  # case -> (config file, overrides)
     "softmax_topk": ("gshard.py", {}),
     "gru": ("rmoe.py", {}),
     "top_p": ("top_p.py", {}),
-    "gru+top_p": ("rmoe.py", {"moe.selection": "top_p", "moe.top_k": 8, "moe.top_p": 0.4,
-                              "moe.renormalize": False}),
+    "gru+top_p": (
+        "rmoe.py",
+        {"moe.selection": "top_p", "moe.top_k": 8, "moe.top_p": 0.4, "moe.renormalize": False},
+    ),
     # DeepSeek-V3 routing at the same shape: 4 groups of 2, top-2 groups, bias update.
-    "sigmoid_bias": ("gshard.py", {"moe.router": "sigmoid_bias", "moe.n_group": 4,
-                                   "moe.topk_group": 2, "moe.balance_coef": 0.0,
-                                   "moe.z_loss_coef": 0.0, "moe.seq_balance_coef": 1e-4}),
+    "sigmoid_bias": (
+        "gshard.py",
+        {
+            "moe.router": "sigmoid_bias",
+            "moe.n_group": 4,
+            "moe.topk_group": 2,
+            "moe.balance_coef": 0.0,
+            "moe.z_loss_coef": 0.0,
+            "moe.seq_balance_coef": 1e-4,
+        },
+    ),
 }
 
 
@@ -83,12 +94,18 @@ def fixed_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str
     tokens = rng.integers(3, min(vocab, 259), size=(batch, seq_len + 1)).astype(np.int32)
     half = seq_len // 2
     segment_ids = np.where(np.arange(seq_len) < half, 1, 2).astype(np.int32)
-    positions = np.where(np.arange(seq_len) < half, np.arange(seq_len),
-                         np.arange(seq_len) - half).astype(np.int32)
+    positions = np.where(
+        np.arange(seq_len) < half, np.arange(seq_len), np.arange(seq_len) - half
+    ).astype(np.int32)
     rows = lambda a: np.broadcast_to(a, (batch, seq_len)).copy()  # noqa: E731
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": rows(segment_ids),
-            "positions": rows(positions), "loss_mask": np.ones((batch, seq_len), np.float32),
-            "domains": np.zeros((batch, seq_len), np.int32)}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": rows(segment_ids),
+        "positions": rows(positions),
+        "loss_mask": np.ones((batch, seq_len), np.float32),
+        "domains": np.zeros((batch, seq_len), np.int32),
+    }
 
 
 def initial_state(case: str, exp, runs: str | None):
@@ -106,8 +123,7 @@ def initial_state(case: str, exp, runs: str | None):
     return state, step
 
 
-def run(cases: list[str], batch: int, seq_len: int, repeats: int,
-        runs: str | None = None) -> dict:
+def run(cases: list[str], batch: int, seq_len: int, repeats: int, runs: str | None = None) -> dict:
     t_start = time.perf_counter()
     steps, compile_s, experts, restored = {}, {}, {}, {}
     for case in cases:
@@ -126,43 +142,63 @@ def run(cases: list[str], batch: int, seq_len: int, repeats: int,
         def step(exp=exp, data=data, holder=holder):
             holder["state"], m = exp.step_fn(holder["state"], data)
             jax.block_until_ready(m)
+
         steps[case] = step
-        log(f"{case}: compiled and ran one step in {compile_s[case]:.1f}s, "
+        log(
+            f"{case}: compiled and ran one step in {compile_s[case]:.1f}s, "
             f"{experts[case]:.2f} experts/token"
-            + (f" (restored step {restored[case]})" if restored[case] else " (random init)"))
+            + (f" (restored step {restored[case]})" if restored[case] else " (random init)")
+        )
     times = measure(steps, repeats, log)
     tokens = batch * seq_len
     base = times.get(BASELINE)
     results = {}
     for case in cases:
         s = summary(times[case])
-        entry = {**s, "compile_s": round(compile_s[case], 2),
-                 "tokens_per_s": round(tokens / s["ms"] * 1e3, 1),
-                 "experts_per_token": round(experts[case], 3), "restored_step": restored[case]}
+        entry = {
+            **s,
+            "compile_s": round(compile_s[case], 2),
+            "tokens_per_s": round(tokens / s["ms"] * 1e3, 1),
+            "experts_per_token": round(experts[case], 3),
+            "restored_step": restored[case],
+        }
         if base:
             b = summary(base)
             entry.update(
                 ratio_to_softmax_topk=sig(s["ms"] / b["ms"]),
                 ratio_to_softmax_topk_min=sig(s["ms_min"] / b["ms_min"]),
-                ratio_to_softmax_topk_paired=sig(statistics.median(
-                    a / c for a, c in zip(times[case], base))))
+                ratio_to_softmax_topk_paired=sig(
+                    statistics.median(a / c for a, c in zip(times[case], base))
+                ),
+            )
         results[case] = entry
-    return {"benchmark": "router_step", "device": device_name(), "jax": jax.__version__,
-            "shape": {"batch": batch, "seq_len": seq_len, "repeats": repeats,
-                      "model": "tiny (configs/gshard.py shape: d 128, 4 layers, 8 x 320)"},
-            "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
+    return {
+        "benchmark": "router_step",
+        "device": device_name(),
+        "jax": jax.__version__,
+        "shape": {
+            "batch": batch,
+            "seq_len": seq_len,
+            "repeats": repeats,
+            "model": "tiny (configs/gshard.py shape: d 128, 4 layers, 8 x 320)",
+        },
+        "results": results,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--cases", default=",".join(CASES),
-                   help=f"comma-separated subset of {list(CASES)}")
+    p.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}"
+    )
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--runs", default=None,
-                   help="restore each case from DIR/<config name> (trained routers)")
+    p.add_argument(
+        "--runs", default=None, help="restore each case from DIR/<config name> (trained routers)"
+    )
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in args.cases if c not in CASES]
@@ -179,9 +215,11 @@ def main(argv=None) -> dict:
         print(json.dumps(report, indent=2))
     else:
         for case, r in report["results"].items():
-            print(f"{case:14s} {r['ms']:9.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
-                  f"x{r.get('ratio_to_softmax_topk', float('nan')):.3f} vs softmax_topk  "
-                  f"{r['experts_per_token']:.2f} experts/token")
+            print(
+                f"{case:14s} {r['ms']:9.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
+                f"x{r.get('ratio_to_softmax_topk', float('nan')):.3f} vs softmax_topk  "
+                f"{r['experts_per_token']:.2f} experts/token"
+            )
     return report
 
 

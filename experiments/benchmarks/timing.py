@@ -4,6 +4,7 @@ Repeats are interleaved and rotated across the cases (repeat r runs every case o
 from case r), so load from other processes hits every case alike; ratios are then taken
 within one process, never against numbers from another run.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,9 @@ from typing import Callable
 import jax
 
 
-def measure(steps: dict[str, Callable], repeats: int,
-            log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+def measure(
+    steps: dict[str, Callable], repeats: int, log: Callable[[str], None] | None = None
+) -> dict[str, list[float]]:
     """Milliseconds per call of every case, repeats interleaved and rotated."""
     names = list(steps)
     times = {n: [] for n in names}
@@ -26,18 +28,22 @@ def measure(steps: dict[str, Callable], repeats: int,
             steps[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)
         if log is not None:
-            log(f"repeat {r + 1}/{repeats}: " + ", ".join(
-                f"{n}={times[n][-1]:.1f}ms" for n in names))
+            log(
+                f"repeat {r + 1}/{repeats}: "
+                + ", ".join(f"{n}={times[n][-1]:.1f}ms" for n in names)
+            )
     return times
 
 
 def back_to_back(fn: Callable, args: tuple, inner: int) -> Callable[[], None]:
     """One timed sample for `measure`: `inner` calls back to back, blocked on the last (divide
     the sample by `inner` for the time per call; on GPU this keeps host dispatch out)."""
+
     def step():
         for _ in range(inner - 1):
             fn(*args)
         jax.block_until_ready(fn(*args))
+
     return step
 
 
@@ -52,5 +58,7 @@ def summary(samples: list[float]) -> dict:
 
 def device_name() -> str:
     dev = jax.devices()[0]
-    return (f"{dev.platform} ({dev.device_kind}, {len(jax.devices())} device(s), "
-            f"{os.cpu_count()} host cores)")
+    return (
+        f"{dev.platform} ({dev.device_kind}, {len(jax.devices())} device(s), "
+        f"{os.cpu_count()} host cores)"
+    )

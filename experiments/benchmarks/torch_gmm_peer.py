@@ -9,6 +9,7 @@ gmm: `_grouped_mm(lhs[M, K], rhs[G, K, N], offs)`; tgmm (ragged K):
 `_grouped_mm(lhs^T[K, M], grad[M, N], offs) -> [G, K, N]`; `offs` are the groups' end rows.
 Layouts the kernel refuses are made contiguous once, outside the timed call.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,9 +51,12 @@ def torch_fns():
                 out = call(a, b, offs)
             cache[key] = (a, b, offs)
             return jax.numpy.from_dlpack(out)
+
         return fn
 
-    return {"gmm": make("gmm", lambda lhs, rhs, sizes: (to_torch(lhs), to_torch(rhs),
-                                                        offsets(sizes))),
-            "tgmm": make("tgmm", lambda lhs, grad, sizes: (to_torch(lhs).t(), to_torch(grad),
-                                                           offsets(sizes)))}, None
+    return {
+        "gmm": make("gmm", lambda lhs, rhs, sizes: (to_torch(lhs), to_torch(rhs), offsets(sizes))),
+        "tgmm": make(
+            "tgmm", lambda lhs, grad, sizes: (to_torch(lhs).t(), to_torch(grad), offsets(sizes))
+        ),
+    }, None

@@ -3,6 +3,7 @@
 Imports are lazy: section dataclasses in each package import `moejax.config.sections`, and
 `moejax.config.base` imports those packages back.
 """
+
 import importlib
 
 _EXPORTS = {

@@ -6,6 +6,7 @@
 Each default fixes the type of its key; unknown keys and unparsable values raise a
 `ConfigError` that lists the valid keys.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -24,15 +25,17 @@ def _parse(key: str, text: str, default):
         return type(default)(text)
     except ValueError:
         raise ConfigError(
-            f"config arg {key}={text!r} must be a {type(default).__name__}.") from None
+            f"config arg {key}={text!r} must be a {type(default).__name__}."
+        ) from None
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     values = dict(defaults)
     for item in filter(None, (arg or "").split(",")):
         if "=" not in item:
-            raise ConfigError(f"config arg {item!r} must look like key=value; valid keys: "
-                              f"{sorted(defaults)}.")
+            raise ConfigError(
+                f"config arg {item!r} must look like key=value; valid keys: {sorted(defaults)}."
+            )
         key, text = item.split("=", 1)
         if key not in defaults:
             raise ConfigError(f"unknown config arg {key!r}; valid keys: {sorted(defaults)}.")

@@ -1,5 +1,6 @@
 """The default config tree: one section per package, defaults taken from the section
 dataclasses so there is a single source of truth for every field and its default."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """Config files (`configs/*.py`) are plain modules loaded by path: configs/ is not a package."""
+
 from __future__ import annotations
 
 import importlib.util

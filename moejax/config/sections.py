@@ -5,6 +5,7 @@ section (`ModelConfig`, `MoEConfig`, `TrainConfig`, `MeshConfig`, `DataConfig`),
 Lists become tuples and dicts become tuples of pairs so every section is hashable and can be
 a static argument of `jax.jit` or an attribute of a Flax module.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,10 +31,20 @@ def to_plain(value: Any) -> Any:
 
 
 # Field annotation (a string under `from __future__ import annotations`) -> accepted types.
-_ACCEPTED = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str,
-             "tuple": (tuple, list)}
-_ARTICLE = {"int": "an int", "float": "a float", "bool": "a bool (true/false)",
-            "str": "a string", "tuple": "a list"}
+_ACCEPTED = {
+    "int": numbers.Integral,
+    "float": numbers.Real,
+    "bool": bool,
+    "str": str,
+    "tuple": (tuple, list),
+}
+_ARTICLE = {
+    "int": "an int",
+    "float": "a float",
+    "bool": "a bool (true/false)",
+    "str": "a string",
+    "tuple": "a list",
+}
 
 
 def check_field_type(section: str, name: str, annotation: str, value: Any) -> None:
@@ -46,7 +57,8 @@ def check_field_type(section: str, name: str, annotation: str, value: Any) -> No
         return
     raise ConfigError(
         f"config.{section}.{name}={value!r} must be {_ARTICLE[annotation]}, not "
-        f"{type(value).__name__}; set --config.{section}.{name} to {_ARTICLE[annotation]}.")
+        f"{type(value).__name__}; set --config.{section}.{name} to {_ARTICLE[annotation]}."
+    )
 
 
 def section_from_mapping(cls: type[T], mapping: Any, section: str) -> T:
@@ -60,7 +72,8 @@ def section_from_mapping(cls: type[T], mapping: Any, section: str) -> T:
     if unknown:
         raise ConfigError(
             f"config.{section} has unknown field(s) {unknown}; valid fields are {sorted(names)}. "
-            f"Fix the spelling in the config file or the --config.{section}.<field> flag.")
+            f"Fix the spelling in the config file or the --config.{section}.<field> flag."
+        )
     for field in dataclasses.fields(cls):
         if field.name in mapping:
             check_field_type(section, field.name, str(field.type), mapping[field.name])

@@ -3,6 +3,7 @@
 Returns the frozen section dataclasses (`Sections`); raises `ConfigError` with one message
 that names the offending field, its value and the fix.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,312 +53,461 @@ def _require(ok: bool, message: str) -> None:
 def _check_model(m: ModelConfig) -> None:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
         _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive.")
-    _require(m.head_dim >= 0,
-             f"model.head_dim={m.head_dim} must be >= 0 (0 = model.d_model // model.num_heads).")
+    _require(
+        m.head_dim >= 0,
+        f"model.head_dim={m.head_dim} must be >= 0 (0 = model.d_model // model.num_heads).",
+    )
     for name in ("rope_theta", "norm_eps", "init_std"):
         _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive.")
-    _require(m.head_dim > 0 or m.d_model % m.num_heads == 0,
-             f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
-             f"change one of them or set model.head_dim explicitly.")
-    _require(m.num_heads % m.num_kv_heads == 0,
-             f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads="
-             f"{m.num_kv_heads} (grouped-query attention shares each kv head by a whole group).")
-    _require(m.attention in ATTENTIONS,
-             f"model.attention={m.attention!r} must be one of {ATTENTIONS} (grouped-query or "
-             f"DeepSeek's multi-head latent attention).")
-    for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                 "v_head_dim"):  # MLA sizes: never negative, used only with attention='mla'
+    _require(
+        m.head_dim > 0 or m.d_model % m.num_heads == 0,
+        f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+        f"change one of them or set model.head_dim explicitly.",
+    )
+    _require(
+        m.num_heads % m.num_kv_heads == 0,
+        f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads="
+        f"{m.num_kv_heads} (grouped-query attention shares each kv head by a whole group).",
+    )
+    _require(
+        m.attention in ATTENTIONS,
+        f"model.attention={m.attention!r} must be one of {ATTENTIONS} (grouped-query or "
+        f"DeepSeek's multi-head latent attention).",
+    )
+    for name in (
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+    ):  # MLA sizes: never negative, used only with attention='mla'
         _require(getattr(m, name) >= 0, f"model.{name}={getattr(m, name)} must be >= 0.")
     if m.attention == "mla":
         _check_mla(m)
     else:
-        _require(m.resolved_head_dim % 2 == 0,
-                 f"head dim {m.resolved_head_dim} must be even for rotary embeddings; "
-                 f"set model.head_dim to an even number.")
-    _require(0 <= m.first_k_dense <= m.num_layers,
-             f"model.first_k_dense={m.first_k_dense} must be in [0, model.num_layers="
-             f"{m.num_layers}].")
+        _require(
+            m.resolved_head_dim % 2 == 0,
+            f"head dim {m.resolved_head_dim} must be even for rotary embeddings; "
+            f"set model.head_dim to an even number.",
+        )
+    _require(
+        0 <= m.first_k_dense <= m.num_layers,
+        f"model.first_k_dense={m.first_k_dense} must be in [0, model.num_layers={m.num_layers}].",
+    )
     _require(m.moe_every >= 0, f"model.moe_every={m.moe_every} must be >= 0 (0 = no MoE).")
     if m.moe_every:
         rest = m.num_layers - m.first_k_dense
-        _require(rest % m.moe_every == 0,
-                 f"model.num_layers - model.first_k_dense = {rest} layers must be a multiple of "
-                 f"model.moe_every={m.moe_every} (each period ends with one MoE layer); "
-                 f"change num_layers, first_k_dense or moe_every.")
+        _require(
+            rest % m.moe_every == 0,
+            f"model.num_layers - model.first_k_dense = {rest} layers must be a multiple of "
+            f"model.moe_every={m.moe_every} (each period ends with one MoE layer); "
+            f"change num_layers, first_k_dense or moe_every.",
+        )
     _require(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {DTYPES}.")
-    _require(m.param_dtype in DTYPES,
-             f"model.param_dtype={m.param_dtype!r} must be one of {DTYPES}.")
-    _require(m.remat in REMAT_POLICIES,
-             f"model.remat={m.remat!r} must be one of {REMAT_POLICIES}.")
+    _require(
+        m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r} must be one of {DTYPES}."
+    )
+    _require(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} must be one of {REMAT_POLICIES}.")
 
 
 def _check_mla(m: ModelConfig) -> None:
     for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
-        _require(getattr(m, name) > 0,
-                 f"model.{name}={getattr(m, name)} must be positive with model.attention='mla' "
-                 f"(DeepSeek-V3 uses kv_lora_rank=512, qk_rope_head_dim=64, v_head_dim=128).")
-    _require(m.qk_rope_head_dim % 2 == 0,
-             f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for rotary embeddings.")
-    _require(not m.attention_bias,
-             "model.attention_bias=True applies to model.attention='gqa' only (Qwen2's q/k/v "
-             "biases); MLA has no biases here.")
+        _require(
+            getattr(m, name) > 0,
+            f"model.{name}={getattr(m, name)} must be positive with model.attention='mla' "
+            f"(DeepSeek-V3 uses kv_lora_rank=512, qk_rope_head_dim=64, v_head_dim=128).",
+        )
+    _require(
+        m.qk_rope_head_dim % 2 == 0,
+        f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for rotary embeddings.",
+    )
+    _require(
+        not m.attention_bias,
+        "model.attention_bias=True applies to model.attention='gqa' only (Qwen2's q/k/v "
+        "biases); MLA has no biases here.",
+    )
 
 
 def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
     if m.num_moe_layers == 0:
         return
     _require(moe.num_experts >= 1, f"moe.num_experts={moe.num_experts} must be >= 1.")
-    _require(1 <= moe.top_k <= moe.num_experts,
-             f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}; "
-             f"lower top_k or add experts.")
+    _require(
+        1 <= moe.top_k <= moe.num_experts,
+        f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}; "
+        f"lower top_k or add experts.",
+    )
     _require(moe.d_expert > 0, f"moe.d_expert={moe.d_expert} must be positive.")
     _require(moe.n_shared >= 0, f"moe.n_shared={moe.n_shared} must be >= 0.")
-    _require(moe.d_shared >= 0,
-             f"moe.d_shared={moe.d_shared} must be >= 0 (0 = n_shared * d_expert).")
-    _require(moe.n_shared > 0 or not (moe.d_shared or moe.shared_gate),
-             f"moe.d_shared={moe.d_shared} / moe.shared_gate={moe.shared_gate} configure the "
-             f"shared expert, but moe.n_shared=0 turns it off; set moe.n_shared=1.")
-    _require(moe.router in ROUTERS,
-             f"moe.router={moe.router!r} is not a registered router; choose one of "
-             f"{sorted(ROUTERS)}.")
-    _require(moe.dispatcher in DISPATCHERS,
-             f"moe.dispatcher={moe.dispatcher!r} is unknown; choose one of {sorted(DISPATCHERS)}.")
-    _require(moe.gmm_impl in IMPLS + ("auto",),
-             f"moe.gmm_impl={moe.gmm_impl!r} must be one of {('auto',) + IMPLS}.")
-    _require(moe.kernel_backend in ("auto",) + KERNEL_BACKENDS,
-             f"moe.kernel_backend={moe.kernel_backend!r} must be one of "
-             f"{('auto',) + KERNEL_BACKENDS}.")
+    _require(
+        moe.d_shared >= 0, f"moe.d_shared={moe.d_shared} must be >= 0 (0 = n_shared * d_expert)."
+    )
+    _require(
+        moe.n_shared > 0 or not (moe.d_shared or moe.shared_gate),
+        f"moe.d_shared={moe.d_shared} / moe.shared_gate={moe.shared_gate} configure the "
+        f"shared expert, but moe.n_shared=0 turns it off; set moe.n_shared=1.",
+    )
+    _require(
+        moe.router in ROUTERS,
+        f"moe.router={moe.router!r} is not a registered router; choose one of {sorted(ROUTERS)}.",
+    )
+    _require(
+        moe.dispatcher in DISPATCHERS,
+        f"moe.dispatcher={moe.dispatcher!r} is unknown; choose one of {sorted(DISPATCHERS)}.",
+    )
+    _require(
+        moe.gmm_impl in IMPLS + ("auto",),
+        f"moe.gmm_impl={moe.gmm_impl!r} must be one of {('auto',) + IMPLS}.",
+    )
+    _require(
+        moe.kernel_backend in ("auto",) + KERNEL_BACKENDS,
+        f"moe.kernel_backend={moe.kernel_backend!r} must be one of {('auto',) + KERNEL_BACKENDS}.",
+    )
     _require(moe.gmm_tile > 0, f"moe.gmm_tile={moe.gmm_tile} must be positive.")
-    _require(moe.capacity_factor > 0,
-             f"moe.capacity_factor={moe.capacity_factor} must be > 0 (1.0 = exactly the "
-             f"balanced load; GShard uses 1.25-2.0).")
-    for name in ("balance_coef", "device_balance_coef", "seq_balance_coef", "z_loss_coef",
-                 "entropy_coef"):
+    _require(
+        moe.capacity_factor > 0,
+        f"moe.capacity_factor={moe.capacity_factor} must be > 0 (1.0 = exactly the "
+        f"balanced load; GShard uses 1.25-2.0).",
+    )
+    for name in (
+        "balance_coef",
+        "device_balance_coef",
+        "seq_balance_coef",
+        "z_loss_coef",
+        "entropy_coef",
+    ):
         value = getattr(moe, name)
         _require(value >= 0, f"moe.{name}={value} must be >= 0 (0 turns that loss off).")
-    _require(moe.balance_devices >= 0,
-             f"moe.balance_devices={moe.balance_devices} must be >= 0 (0 = the size of the "
-             f"expert mesh axis).")
-    _require(moe.ep_capacity_factor >= 0,
-             f"moe.ep_capacity_factor={moe.ep_capacity_factor} must be >= 0 (0 = dropless "
-             f"exchange buffers for expert_parallel/fssdp; c > 0 keeps ceil(c T k / mesh.expert) "
-             f"rows per destination and drops the rest).")
-    _require(moe.ep_exchange in EP_EXCHANGES,
-             f"moe.ep_exchange={moe.ep_exchange!r} must be one of {EP_EXCHANGES} ('ragged' "
-             f"needs a backend that lowers jax.lax.ragged_all_to_all: GPU or TPU, not CPU).")
-    _require(moe.fssdp_slots >= 0,
-             f"moe.fssdp_slots={moe.fssdp_slots} must be >= 0 (replica slots per device for "
-             f"the fssdp dispatcher; 0 = plain expert parallelism).")
+    _require(
+        moe.balance_devices >= 0,
+        f"moe.balance_devices={moe.balance_devices} must be >= 0 (0 = the size of the "
+        f"expert mesh axis).",
+    )
+    _require(
+        moe.ep_capacity_factor >= 0,
+        f"moe.ep_capacity_factor={moe.ep_capacity_factor} must be >= 0 (0 = dropless "
+        f"exchange buffers for expert_parallel/fssdp; c > 0 keeps ceil(c T k / mesh.expert) "
+        f"rows per destination and drops the rest).",
+    )
+    _require(
+        moe.ep_exchange in EP_EXCHANGES,
+        f"moe.ep_exchange={moe.ep_exchange!r} must be one of {EP_EXCHANGES} ('ragged' "
+        f"needs a backend that lowers jax.lax.ragged_all_to_all: GPU or TPU, not CPU).",
+    )
+    _require(
+        moe.fssdp_slots >= 0,
+        f"moe.fssdp_slots={moe.fssdp_slots} must be >= 0 (replica slots per device for "
+        f"the fssdp dispatcher; 0 = plain expert parallelism).",
+    )
     _check_router(moe)
     _check_sigmoid_bias(moe)
 
 
 def _check_sigmoid_bias(moe: MoEConfig) -> None:
     """DeepSeek-V3's group-limited routing settings (only the sigmoid_bias rule has them)."""
-    _require(moe.group_mask in GROUP_MASK_FILL,
-             f"moe.group_mask={moe.group_mask!r} must be one of {sorted(GROUP_MASK_FILL)} "
-             f"('zero': transformers 4.x DeepseekV3MoE; 'neg_inf': DeepSeek's inference code "
-             f"and transformers 5.x).")
-    _require(moe.bias_update_rate >= 0,
-             f"moe.bias_update_rate={moe.bias_update_rate} must be >= 0 (DeepSeek-V3's gamma, "
-             f"0.001; 0 freezes the bias).")
+    _require(
+        moe.group_mask in GROUP_MASK_FILL,
+        f"moe.group_mask={moe.group_mask!r} must be one of {sorted(GROUP_MASK_FILL)} "
+        f"('zero': transformers 4.x DeepseekV3MoE; 'neg_inf': DeepSeek's inference code "
+        f"and transformers 5.x).",
+    )
+    _require(
+        moe.bias_update_rate >= 0,
+        f"moe.bias_update_rate={moe.bias_update_rate} must be >= 0 (DeepSeek-V3's gamma, "
+        f"0.001; 0 freezes the bias).",
+    )
     if selection_rule(moe) != "sigmoid_bias":
         for name, default in (("n_group", 1), ("topk_group", 1), ("routed_scaling_factor", 1.0)):
             value = getattr(moe, name)
-            _require(value == default,
-                     f"moe.{name}={value} only applies to the sigmoid_bias selection rule "
-                     f"(DeepSeek-V3); set moe.router='sigmoid_bias' (or moe.selection="
-                     f"'sigmoid_bias' with moe.router='gru'), or leave moe.{name}={default}.")
+            _require(
+                value == default,
+                f"moe.{name}={value} only applies to the sigmoid_bias selection rule "
+                f"(DeepSeek-V3); set moe.router='sigmoid_bias' (or moe.selection="
+                f"'sigmoid_bias' with moe.router='gru'), or leave moe.{name}={default}.",
+            )
         return
     e, g = moe.num_experts, moe.n_group
-    _require(g >= 1 and e % g == 0,
-             f"moe.num_experts={e} is not divisible by moe.n_group={g}; the experts form "
-             f"n_group equal groups, so choose n_group among the divisors of num_experts "
-             f"(1 = no group limit).")
-    _require(1 <= moe.topk_group <= g,
-             f"moe.topk_group={moe.topk_group} must be between 1 and moe.n_group={g} (the "
-             f"number of expert groups each token may select from).")
-    _require(moe.top_k <= moe.topk_group * (e // g),
-             f"moe.top_k={moe.top_k} is more than the {moe.topk_group * (e // g)} experts in "
-             f"moe.topk_group={moe.topk_group} groups of {e // g} (moe.num_experts / "
-             f"moe.n_group); raise topk_group or lower top_k.")
-    _require(moe.routed_scaling_factor > 0,
-             f"moe.routed_scaling_factor={moe.routed_scaling_factor} must be > 0 (DeepSeek-V3 "
-             f"uses 2.5; 1.0 leaves the weights as they are).")
+    _require(
+        g >= 1 and e % g == 0,
+        f"moe.num_experts={e} is not divisible by moe.n_group={g}; the experts form "
+        f"n_group equal groups, so choose n_group among the divisors of num_experts "
+        f"(1 = no group limit).",
+    )
+    _require(
+        1 <= moe.topk_group <= g,
+        f"moe.topk_group={moe.topk_group} must be between 1 and moe.n_group={g} (the "
+        f"number of expert groups each token may select from).",
+    )
+    _require(
+        moe.top_k <= moe.topk_group * (e // g),
+        f"moe.top_k={moe.top_k} is more than the {moe.topk_group * (e // g)} experts in "
+        f"moe.topk_group={moe.topk_group} groups of {e // g} (moe.num_experts / "
+        f"moe.n_group); raise topk_group or lower top_k.",
+    )
+    _require(
+        moe.routed_scaling_factor > 0,
+        f"moe.routed_scaling_factor={moe.routed_scaling_factor} must be > 0 (DeepSeek-V3 "
+        f"uses 2.5; 1.0 leaves the weights as they are).",
+    )
 
 
 def _check_router(moe: MoEConfig) -> None:
     if moe.router == "gru":
-        _require(moe.selection in ("",) + tuple(SELECTIONS),
-                 f"moe.selection={moe.selection!r} is not a selection rule; choose one of "
-                 f"{sorted(SELECTIONS)} (or '' for softmax_topk).")
+        _require(
+            moe.selection in ("",) + tuple(SELECTIONS),
+            f"moe.selection={moe.selection!r} is not a selection rule; choose one of "
+            f"{sorted(SELECTIONS)} (or '' for softmax_topk).",
+        )
     else:
-        _require(moe.selection in ("", moe.router),
-                 f"moe.selection={moe.selection!r} only applies to moe.router='gru' (whose "
-                 f"recurrent logits can go through any rule); moe.router={moe.router!r} "
-                 f"selects by its own name. Set moe.router={moe.selection!r} instead, or "
-                 f"leave moe.selection empty.")
+        _require(
+            moe.selection in ("", moe.router),
+            f"moe.selection={moe.selection!r} only applies to moe.router='gru' (whose "
+            f"recurrent logits can go through any rule); moe.router={moe.router!r} "
+            f"selects by its own name. Set moe.router={moe.selection!r} instead, or "
+            f"leave moe.selection empty.",
+        )
     _require(moe.gru_dim > 0, f"moe.gru_dim={moe.gru_dim} must be positive (RMoE uses 128).")
-    _require(0.0 < moe.top_p <= 1.0,
-             f"moe.top_p={moe.top_p} must be in (0, 1]: each token takes the fewest experts "
-             f"whose probabilities sum to at least top_p (the paper uses 0.4).")
+    _require(
+        0.0 < moe.top_p <= 1.0,
+        f"moe.top_p={moe.top_p} must be in (0, 1]: each token takes the fewest experts "
+        f"whose probabilities sum to at least top_p (the paper uses 0.4).",
+    )
 
 
 def _check_lora(lo: LoRAConfig) -> None:
-    for name, options in (("method", LORA_METHODS), ("router", LORA_ROUTERS),
-                          ("dispatcher", LORA_DISPATCHERS), ("scaling", LORA_SCALINGS)):
-        _require(getattr(lo, name) in options,
-                 f"lora.{name}={getattr(lo, name)!r} must be one of {options}.")
+    for name, options in (
+        ("method", LORA_METHODS),
+        ("router", LORA_ROUTERS),
+        ("dispatcher", LORA_DISPATCHERS),
+        ("scaling", LORA_SCALINGS),
+    ):
+        _require(
+            getattr(lo, name) in options,
+            f"lora.{name}={getattr(lo, name)!r} must be one of {options}.",
+        )
     for name in ("rank", "num_experts", "top_k"):
         _require(getattr(lo, name) > 0, f"lora.{name}={getattr(lo, name)} must be positive.")
     _require(lo.alpha > 0, f"lora.alpha={lo.alpha} must be positive (scale alpha / rank).")
     slots = lo.num_experts * lo.rank if lo.method == "flylora" else lo.num_experts
-    _require(lo.top_k <= slots,
-             f"lora.top_k={lo.top_k} must be <= lora.num_experts={lo.num_experts}"
-             + (" * lora.rank (FlyLoRA activates ranks)." if lo.method == "flylora" else "."))
+    _require(
+        lo.top_k <= slots,
+        f"lora.top_k={lo.top_k} must be <= lora.num_experts={lo.num_experts}"
+        + (" * lora.rank (FlyLoRA activates ranks)." if lo.method == "flylora" else "."),
+    )
     patterns = [p.strip() for p in lo.targets.split(",") if p.strip()]
-    _require(bool(patterns) and all("." in p for p in patterns),
-             f"lora.targets={lo.targets!r} must be comma-separated '<module>.<param>' "
-             f"patterns such as 'attn.wq,attn.wv' or 'attn.*,mlp.*'.")
-    _require(not (lo.base_checkpoint and lo.base_hf),
-             f"lora.base_checkpoint={lo.base_checkpoint!r} and lora.base_hf={lo.base_hf!r} "
-             f"both name a base model; set only one of them.")
+    _require(
+        bool(patterns) and all("." in p for p in patterns),
+        f"lora.targets={lo.targets!r} must be comma-separated '<module>.<param>' "
+        f"patterns such as 'attn.wq,attn.wv' or 'attn.*,mlp.*'.",
+    )
+    _require(
+        not (lo.base_checkpoint and lo.base_hf),
+        f"lora.base_checkpoint={lo.base_checkpoint!r} and lora.base_hf={lo.base_hf!r} "
+        f"both name a base model; set only one of them.",
+    )
     for name in ("base_checkpoint", "base_hf"):
-        _require(lo.method != "none" or not getattr(lo, name),
-                 f"lora.{name}={getattr(lo, name)!r} is set but lora.method='none' trains the "
-                 f"whole model; set lora.method (e.g. 'lora') or clear lora.{name}.")
-    for name in ("balance_coef", "z_loss_coef", "entropy_coef", "cv_coef", "bias_update_rate",
-                 "sora_lambda"):
-        _require(getattr(lo, name) >= 0,
-                 f"lora.{name}={getattr(lo, name)} must be >= 0 (0 turns it off).")
-    _require(lo.routed_scale > 0, f"lora.routed_scale={lo.routed_scale} must be positive "
-             f"(SMoRA: top_k, so the gates sum to k).")
+        _require(
+            lo.method != "none" or not getattr(lo, name),
+            f"lora.{name}={getattr(lo, name)!r} is set but lora.method='none' trains the "
+            f"whole model; set lora.method (e.g. 'lora') or clear lora.{name}.",
+        )
+    for name in (
+        "balance_coef",
+        "z_loss_coef",
+        "entropy_coef",
+        "cv_coef",
+        "bias_update_rate",
+        "sora_lambda",
+    ):
+        _require(
+            getattr(lo, name) >= 0,
+            f"lora.{name}={getattr(lo, name)} must be >= 0 (0 turns it off).",
+        )
+    _require(
+        lo.routed_scale > 0,
+        f"lora.routed_scale={lo.routed_scale} must be positive "
+        f"(SMoRA: top_k, so the gates sum to k).",
+    )
     _require(0.0 < lo.top_p <= 1.0, f"lora.top_p={lo.top_p} must be in (0, 1] (DynMoLE: 0.75).")
-    _require(1 <= lo.min_experts <= lo.num_experts,
-             f"lora.min_experts={lo.min_experts} must be in [1, lora.num_experts="
-             f"{lo.num_experts}] (DynMoLE: 2).")
-    _require(0.0 <= lo.entropy_threshold <= 1.0,
-             f"lora.entropy_threshold={lo.entropy_threshold} must be in [0, 1]: it is compared "
-             f"with the normalised Tsallis entropy (DynMoLE: 0.9).")
-    _require(lo.tsallis_q > 0 and lo.tsallis_q != 1.0,
-             f"lora.tsallis_q={lo.tsallis_q} must be positive and != 1 (DynMoLE: 1.1; q = 1 "
-             f"is the Shannon limit, not a Tsallis index).")
-    _require(0.0 <= lo.flylora_density <= 1.0,
-             f"lora.flylora_density={lo.flylora_density} must be in [0, 1] (0 = top_k / "
-             f"(num_experts * rank), FlyLoRA's default).")
-    _require(lo.xlora_temperature > 0,
-             f"lora.xlora_temperature={lo.xlora_temperature} must be positive.")
-    _require(0 <= lo.xlora_top_k <= lo.num_experts,
-             f"lora.xlora_top_k={lo.xlora_top_k} must be in [0, lora.num_experts="
-             f"{lo.num_experts}] (0 keeps every scaling).")
+    _require(
+        1 <= lo.min_experts <= lo.num_experts,
+        f"lora.min_experts={lo.min_experts} must be in [1, lora.num_experts="
+        f"{lo.num_experts}] (DynMoLE: 2).",
+    )
+    _require(
+        0.0 <= lo.entropy_threshold <= 1.0,
+        f"lora.entropy_threshold={lo.entropy_threshold} must be in [0, 1]: it is compared "
+        f"with the normalised Tsallis entropy (DynMoLE: 0.9).",
+    )
+    _require(
+        lo.tsallis_q > 0 and lo.tsallis_q != 1.0,
+        f"lora.tsallis_q={lo.tsallis_q} must be positive and != 1 (DynMoLE: 1.1; q = 1 "
+        f"is the Shannon limit, not a Tsallis index).",
+    )
+    _require(
+        0.0 <= lo.flylora_density <= 1.0,
+        f"lora.flylora_density={lo.flylora_density} must be in [0, 1] (0 = top_k / "
+        f"(num_experts * rank), FlyLoRA's default).",
+    )
+    _require(
+        lo.xlora_temperature > 0, f"lora.xlora_temperature={lo.xlora_temperature} must be positive."
+    )
+    _require(
+        0 <= lo.xlora_top_k <= lo.num_experts,
+        f"lora.xlora_top_k={lo.xlora_top_k} must be in [0, lora.num_experts="
+        f"{lo.num_experts}] (0 keeps every scaling).",
+    )
     try:
         counts = lo.expert_counts
     except ValueError:
         counts = (0,)
-    _require(all(c >= lo.top_k for c in counts),
-             f"lora.layer_experts={lo.layer_experts!r} must be comma-separated expert counts, "
-             f"each >= lora.top_k={lo.top_k} (MoLA: '2,4,6,8'), or empty.")
-    _require(not counts or lo.method == "moe" or lo.method == "none",
-             f"lora.layer_experts={lo.layer_experts!r} needs lora.method='moe' (MoLA routes "
-             f"each layer's experts); method={lo.method!r}.")
-    _require(not lo.shared_a or lo.dispatcher == "rank",
-             f"lora.shared_a=True (HydraLoRA) needs lora.dispatcher='rank': the MoE "
-             f"dispatchers compute experts with their own A; got {lo.dispatcher!r}.")
-    _require(lo.dispatcher == "rank" or lo.method in ("moe", "mixlora", "none"),
-             f"lora.dispatcher={lo.dispatcher!r} dispatches routed experts, which only "
-             f"lora.method='moe' has; use 'rank' for method={lo.method!r}.")
-    _require(lo.method != "mixlora" or (lo.router == "softmax_topk" and lo.renormalize
-                                        and lo.dispatcher != "rank"),
-             f"lora.method='mixlora' routes with lora.router='softmax_topk', renormalize=True "
-             f"(the FFN is the weighted mean of its experts) and a MoE dispatcher "
-             f"(lora.dispatcher='auto'); got router={lo.router!r}, renormalize="
-             f"{lo.renormalize}, dispatcher={lo.dispatcher!r}.")
-    _require(not lo.renormalize or lo.router != "dynmole" or lo.method != "moe",
-             "lora.renormalize=True does not apply to lora.router='dynmole' (DynMoLE keeps the "
-             "raw probabilities); set lora.renormalize=False.")
+    _require(
+        all(c >= lo.top_k for c in counts),
+        f"lora.layer_experts={lo.layer_experts!r} must be comma-separated expert counts, "
+        f"each >= lora.top_k={lo.top_k} (MoLA: '2,4,6,8'), or empty.",
+    )
+    _require(
+        not counts or lo.method == "moe" or lo.method == "none",
+        f"lora.layer_experts={lo.layer_experts!r} needs lora.method='moe' (MoLA routes "
+        f"each layer's experts); method={lo.method!r}.",
+    )
+    _require(
+        not lo.shared_a or lo.dispatcher == "rank",
+        f"lora.shared_a=True (HydraLoRA) needs lora.dispatcher='rank': the MoE "
+        f"dispatchers compute experts with their own A; got {lo.dispatcher!r}.",
+    )
+    _require(
+        lo.dispatcher == "rank" or lo.method in ("moe", "mixlora", "none"),
+        f"lora.dispatcher={lo.dispatcher!r} dispatches routed experts, which only "
+        f"lora.method='moe' has; use 'rank' for method={lo.method!r}.",
+    )
+    _require(
+        lo.method != "mixlora"
+        or (lo.router == "softmax_topk" and lo.renormalize and lo.dispatcher != "rank"),
+        f"lora.method='mixlora' routes with lora.router='softmax_topk', renormalize=True "
+        f"(the FFN is the weighted mean of its experts) and a MoE dispatcher "
+        f"(lora.dispatcher='auto'); got router={lo.router!r}, renormalize="
+        f"{lo.renormalize}, dispatcher={lo.dispatcher!r}.",
+    )
+    _require(
+        not lo.renormalize or lo.router != "dynmole" or lo.method != "moe",
+        "lora.renormalize=True does not apply to lora.router='dynmole' (DynMoLE keeps the "
+        "raw probabilities); set lora.renormalize=False.",
+    )
 
 
 def _check_lora_model(lo: LoRAConfig, m: ModelConfig) -> None:
     if lo.method == "none":
         return
-    _require(m.attention != "mla" or not any(p.startswith("attn.") for p in lo.targets.split(",")),
-             f"lora.targets={lo.targets!r} adapts attention projections, which "
-             f"model.attention='mla' does not support; target 'mlp.*' / 'shared.*' only.")
-    _require(not lo.expert_counts or (not m.scan_layers and m.moe_every in (0, 1)),
-             f"lora.layer_experts={lo.layer_experts!r} (MoLA) gives layers different expert "
-             f"counts, hence shapes: set model.scan_layers=False (and model.moe_every 0 or 1; "
-             f"got scan_layers={m.scan_layers}, moe_every={m.moe_every}).")
-    _require(lo.method != "xlora" or lo.dispatcher == "rank",
-             "lora.method='xlora' mixes every adapter with its scaling: lora.dispatcher='rank'.")
+    _require(
+        m.attention != "mla" or not any(p.startswith("attn.") for p in lo.targets.split(",")),
+        f"lora.targets={lo.targets!r} adapts attention projections, which "
+        f"model.attention='mla' does not support; target 'mlp.*' / 'shared.*' only.",
+    )
+    _require(
+        not lo.expert_counts or (not m.scan_layers and m.moe_every in (0, 1)),
+        f"lora.layer_experts={lo.layer_experts!r} (MoLA) gives layers different expert "
+        f"counts, hence shapes: set model.scan_layers=False (and model.moe_every 0 or 1; "
+        f"got scan_layers={m.scan_layers}, moe_every={m.moe_every}).",
+    )
+    _require(
+        lo.method != "xlora" or lo.dispatcher == "rank",
+        "lora.method='xlora' mixes every adapter with its scaling: lora.dispatcher='rank'.",
+    )
 
 
 def _check_train(t: TrainConfig) -> None:
     _require(t.steps > 0, f"train.steps={t.steps} must be positive.")
     _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be positive.")
-    _require(0 <= t.warmup_steps <= t.steps,
-             f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}].")
-    _require(0 <= t.min_lr_ratio <= 1,
-             f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1].")
+    _require(
+        0 <= t.warmup_steps <= t.steps,
+        f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}].",
+    )
+    _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1].")
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0.")
     for name in ("b1", "b2"):
-        _require(0 <= getattr(t, name) < 1,
-                 f"train.{name}={getattr(t, name)} must be in [0, 1) (Adam's moment decay; "
-                 f"0.9 and 0.95 are usual).")
+        _require(
+            0 <= getattr(t, name) < 1,
+            f"train.{name}={getattr(t, name)} must be in [0, 1) (Adam's moment decay; "
+            f"0.9 and 0.95 are usual).",
+        )
     _require(t.eps > 0, f"train.eps={t.eps} must be positive (Adam's denominator floor).")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = no clipping).")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1.")
     _require(t.seed >= 0, f"train.seed={t.seed} must be >= 0.")
     _require(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1.")
-    _require(t.eval_every >= 0,
-             f"train.eval_every={t.eval_every} must be >= 0 (0 turns periodic evaluation off).")
-    _require(t.eval_batches >= 0,
-             f"train.eval_batches={t.eval_batches} must be >= 0 (0 = the whole split).")
-    _require(t.checkpoint_every >= 1,
-             f"train.checkpoint_every={t.checkpoint_every} must be >= 1.")
-    _require(t.keep_checkpoints >= 1,
-             f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1.")
-    _require(t.peak_tflops >= 0,
-             f"train.peak_tflops={t.peak_tflops} must be >= 0 (0 = look the device up).")
-    _require(t.max_bad_steps >= 1,
-             f"train.max_bad_steps={t.max_bad_steps} must be >= 1 (consecutive non-finite "
-             f"steps before the run stops; set train.abort_on_nan=False never to stop).")
-    _require(t.dead_expert_logs >= 0,
-             f"train.dead_expert_logs={t.dead_expert_logs} must be >= 0 (0 turns the dead "
-             f"expert warning off).")
-    _require(0 <= t.max_dropped_fraction <= 1,
-             f"train.max_dropped_fraction={t.max_dropped_fraction} must be in [0, 1] (1 turns "
-             f"the warning off).")
+    _require(
+        t.eval_every >= 0,
+        f"train.eval_every={t.eval_every} must be >= 0 (0 turns periodic evaluation off).",
+    )
+    _require(
+        t.eval_batches >= 0,
+        f"train.eval_batches={t.eval_batches} must be >= 0 (0 = the whole split).",
+    )
+    _require(t.checkpoint_every >= 1, f"train.checkpoint_every={t.checkpoint_every} must be >= 1.")
+    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1.")
+    _require(
+        t.peak_tflops >= 0,
+        f"train.peak_tflops={t.peak_tflops} must be >= 0 (0 = look the device up).",
+    )
+    _require(
+        t.max_bad_steps >= 1,
+        f"train.max_bad_steps={t.max_bad_steps} must be >= 1 (consecutive non-finite "
+        f"steps before the run stops; set train.abort_on_nan=False never to stop).",
+    )
+    _require(
+        t.dead_expert_logs >= 0,
+        f"train.dead_expert_logs={t.dead_expert_logs} must be >= 0 (0 turns the dead "
+        f"expert warning off).",
+    )
+    _require(
+        0 <= t.max_dropped_fraction <= 1,
+        f"train.max_dropped_fraction={t.max_dropped_fraction} must be in [0, 1] (1 turns "
+        f"the warning off).",
+    )
     _require(t.max_load_cv > 0, f"train.max_load_cv={t.max_load_cv} must be positive.")
 
 
 def _check_mesh_rules(mesh: MeshConfig) -> None:
     for rule in mesh.rules:
         ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
-        _require(ok, f"mesh.rules entry {rule!r} must be a (logical_axis, mesh_axes) pair, "
-                     f"e.g. ('embed', 'fsdp').")
+        _require(
+            ok,
+            f"mesh.rules entry {rule!r} must be a (logical_axis, mesh_axes) pair, "
+            f"e.g. ('embed', 'fsdp').",
+        )
         axes = rule[1]
         axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
         unknown = [a for a in axes if a not in MESH_AXES]
-        _require(not unknown,
-                 f"mesh.rules maps {rule[0]!r} to unknown mesh axis {unknown[:1]}; mesh axes "
-                 f"are {MESH_AXES} (or None to replicate).")
+        _require(
+            not unknown,
+            f"mesh.rules maps {rule[0]!r} to unknown mesh axis {unknown[:1]}; mesh axes "
+            f"are {MESH_AXES} (or None to replicate).",
+        )
 
 
-def _check_batching(d: DataConfig, t: TrainConfig, mesh: MeshConfig, sizes: dict[str, int],
-                    num_processes: int) -> None:
+def _check_batching(
+    d: DataConfig, t: TrainConfig, mesh: MeshConfig, sizes: dict[str, int], num_processes: int
+) -> None:
     per_step = d.global_batch_size
-    _require(per_step % t.grad_accum == 0,
-             f"data.global_batch_size={per_step} is not divisible by train.grad_accum="
-             f"{t.grad_accum}; make the batch a multiple of the number of micro-batches.")
+    _require(
+        per_step % t.grad_accum == 0,
+        f"data.global_batch_size={per_step} is not divisible by train.grad_accum="
+        f"{t.grad_accum}; make the batch a multiple of the number of micro-batches.",
+    )
     micro = per_step // t.grad_accum
     axes = batch_mesh_axes(mesh.rules)
     dp = math.prod(sizes[a] for a in axes)
-    _require(micro % dp == 0,
-             f"the micro-batch of {micro} rows (data.global_batch_size / train.grad_accum) must "
-             f"divide over the {dp} data-parallel devices (mesh axes {'*'.join(axes)} of the "
-             f"'batch' rule); change data.global_batch_size or the mesh.")
-    _require(per_step % num_processes == 0,
-             f"data.global_batch_size={per_step} must divide over {num_processes} processes.")
+    _require(
+        micro % dp == 0,
+        f"the micro-batch of {micro} rows (data.global_batch_size / train.grad_accum) must "
+        f"divide over the {dp} data-parallel devices (mesh axes {'*'.join(axes)} of the "
+        f"'batch' rule); change data.global_batch_size or the mesh.",
+    )
+    _require(
+        per_step % num_processes == 0,
+        f"data.global_batch_size={per_step} must divide over {num_processes} processes.",
+    )
 
 
 def _check_expert_parallel(s: Sections, sizes: dict[str, int]) -> None:
@@ -366,17 +516,21 @@ def _check_expert_parallel(s: Sections, sizes: dict[str, int]) -> None:
     if moe.dispatcher not in ("expert_parallel", "fssdp"):
         return
     others = moe.num_experts - moe.num_experts // sizes["expert"]
-    _require(moe.dispatcher != "fssdp" or moe.fssdp_slots <= others,
-             f"moe.fssdp_slots={moe.fssdp_slots} is more than the {others} experts a device "
-             f"does not own (moe.num_experts - moe.num_experts / mesh.expert); extra slots "
-             f"could never be filled. Lower moe.fssdp_slots.")
+    _require(
+        moe.dispatcher != "fssdp" or moe.fssdp_slots <= others,
+        f"moe.fssdp_slots={moe.fssdp_slots} is more than the {others} experts a device "
+        f"does not own (moe.num_experts - moe.num_experts / mesh.expert); extra slots "
+        f"could never be filled. Lower moe.fssdp_slots.",
+    )
     shards = math.prod(sizes[a] for a in ("data", "fsdp", "expert"))
     tokens = s.data.global_batch_size // s.train.grad_accum * s.data.seq_len
-    _require(tokens % shards == 0,
-             f"moe.dispatcher={moe.dispatcher!r} splits the {tokens} tokens of a micro-batch "
-             f"(data.global_batch_size / train.grad_accum * data.seq_len) over mesh.data * "
-             f"mesh.fsdp * mesh.expert = {shards} devices, which does not divide them; change "
-             f"the batch, the sequence length or the mesh.")
+    _require(
+        tokens % shards == 0,
+        f"moe.dispatcher={moe.dispatcher!r} splits the {tokens} tokens of a micro-batch "
+        f"(data.global_batch_size / train.grad_accum * data.seq_len) over mesh.data * "
+        f"mesh.fsdp * mesh.expert = {shards} devices, which does not divide them; change "
+        f"the batch, the sequence length or the mesh.",
+    )
 
 
 def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
@@ -385,19 +539,27 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
     _check_moe(moe, model)
 
 
-def validate(config, *, num_devices: int | None = None,
-             num_processes: int | None = None) -> Sections:
+def validate(
+    config, *, num_devices: int | None = None, num_processes: int | None = None
+) -> Sections:
     """Checks the whole tree; `num_devices` defaults to `jax.device_count()`."""
     # Sections added after a run was written (e.g. `lora`) default when absent.
     missing = [s for s in SECTIONS if s not in config and s not in OPTIONAL_SECTIONS]
-    _require(not missing, f"config is missing section(s) {missing}; start from "
-             f"moejax.config.default_config() or one of configs/*.py.")
+    _require(
+        not missing,
+        f"config is missing section(s) {missing}; start from "
+        f"moejax.config.default_config() or one of configs/*.py.",
+    )
     unknown = [s for s in config.keys() if s not in SECTIONS]
-    _require(not unknown, f"config has unknown section(s) {unknown}; valid sections are "
-             f"{list(SECTIONS)}.")
+    _require(
+        not unknown,
+        f"config has unknown section(s) {unknown}; valid sections are {list(SECTIONS)}.",
+    )
     try:
-        built = {name: cls.from_mapping(config[name] if name in config else {})
-                 for name, cls in SECTIONS.items()}
+        built = {
+            name: cls.from_mapping(config[name] if name in config else {})
+            for name, cls in SECTIONS.items()
+        }
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     s = Sections(**built)
@@ -406,29 +568,36 @@ def validate(config, *, num_devices: int | None = None,
     _check_train(s.train)
     _check_lora(s.lora)
     _check_lora_model(s.lora, s.model)
-    _require(s.data.dataset not in ("moejax_corpus", "multitask")
-             or s.model.vocab_size >= BYTE_VOCAB,
-             f"model.vocab_size={s.model.vocab_size} is smaller than the byte tokenizer's "
-             f"{BYTE_VOCAB} ids; set model.vocab_size >= {BYTE_VOCAB}.")
+    _require(
+        s.data.dataset not in ("moejax_corpus", "multitask") or s.model.vocab_size >= BYTE_VOCAB,
+        f"model.vocab_size={s.model.vocab_size} is smaller than the byte tokenizer's "
+        f"{BYTE_VOCAB} ids; set model.vocab_size >= {BYTE_VOCAB}.",
+    )
     if num_devices is None or num_processes is None:
         import jax
+
         num_devices = jax.device_count() if num_devices is None else num_devices
         num_processes = jax.process_count() if num_processes is None else num_processes
     _check_mesh_rules(s.mesh)
     sizes = resolve_mesh_shape(s.mesh, num_devices)
     if s.model.num_moe_layers:
-        _require(s.moe.num_experts % sizes["expert"] == 0,
-                 f"moe.num_experts={s.moe.num_experts} is not divisible by mesh.expert="
-                 f"{sizes['expert']}; each expert-parallel device must own a whole number of "
-                 f"experts: choose mesh.expert among the divisors of moe.num_experts (or "
-                 f"change moe.num_experts).")
+        _require(
+            s.moe.num_experts % sizes["expert"] == 0,
+            f"moe.num_experts={s.moe.num_experts} is not divisible by mesh.expert="
+            f"{sizes['expert']}; each expert-parallel device must own a whole number of "
+            f"experts: choose mesh.expert among the divisors of moe.num_experts (or "
+            f"change moe.num_experts).",
+        )
         _check_expert_parallel(s, sizes)
         if not s.moe.balance_devices:  # the device-level loss's D: the expert axis' devices
-            s = dataclasses.replace(s, moe=dataclasses.replace(
-                s.moe, balance_devices=sizes["expert"]))
-        _require(s.moe.num_experts % s.moe.balance_devices == 0,
-                 f"moe.num_experts={s.moe.num_experts} is not divisible by "
-                 f"moe.balance_devices={s.moe.balance_devices}; the device-level balance loss "
-                 f"needs equal groups of experts (0 = mesh.expert).")
+            s = dataclasses.replace(
+                s, moe=dataclasses.replace(s.moe, balance_devices=sizes["expert"])
+            )
+        _require(
+            s.moe.num_experts % s.moe.balance_devices == 0,
+            f"moe.num_experts={s.moe.num_experts} is not divisible by "
+            f"moe.balance_devices={s.moe.balance_devices}; the device-level balance loss "
+            f"needs equal groups of experts (0 = mesh.expert).",
+        )
     _check_batching(s.data, s.train, s.mesh, sizes, num_processes)
     return s

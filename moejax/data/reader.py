@@ -21,140 +21,145 @@ from moejax.data.tokenizer import ByteTokenizer
 
 
 class DataError(ValueError):
-  """The data section of the config points at data that cannot be read."""
+    """The data section of the config points at data that cannot be read."""
 
 
 class DocumentReader:
-  """Random access to the documents of one split, tokenized on demand."""
+    """Random access to the documents of one split, tokenized on demand."""
 
-  def __init__(self, source: Any, text_key: str, domain_key: str | None, name: str):
-    self._source = source
-    self._text_key = text_key
-    self._domain_key = domain_key
-    self._tokenizer = ByteTokenizer()
-    self.name = name  # "<dataset>/<split>", for messages
+    def __init__(self, source: Any, text_key: str, domain_key: str | None, name: str):
+        self._source = source
+        self._text_key = text_key
+        self._domain_key = domain_key
+        self._tokenizer = ByteTokenizer()
+        self.name = name  # "<dataset>/<split>", for messages
 
-  def __len__(self) -> int:
-    return len(self._source)
+    def __len__(self) -> int:
+        return len(self._source)
 
-  def record(self, index: int) -> tuple[bytes, int]:
-    """The raw text bytes and domain id (0 without a domain feature) of document `index`."""
-    example = self._source[int(index)]
-    text = example[self._text_key]
-    if isinstance(text, str):
-      text = text.encode("utf-8")
-    domain = int(example[self._domain_key]) if self._domain_key else 0
-    return bytes(text), domain
+    def record(self, index: int) -> tuple[bytes, int]:
+        """The raw text bytes and domain id (0 without a domain feature) of document `index`."""
+        example = self._source[int(index)]
+        text = example[self._text_key]
+        if isinstance(text, str):
+            text = text.encode("utf-8")
+        domain = int(example[self._domain_key]) if self._domain_key else 0
+        return bytes(text), domain
 
-  def tokens(self, index: int) -> tuple[np.ndarray, int]:
-    """Token ids (BOS, bytes + 3, EOS) and the domain id of document `index`."""
-    text, domain = self.record(index)
-    return self._tokenizer.encode_bytes(text), domain
+    def tokens(self, index: int) -> tuple[np.ndarray, int]:
+        """Token ids (BOS, bytes + 3, EOS) and the domain id of document `index`."""
+        text, domain = self.record(index)
+        return self._tokenizer.encode_bytes(text), domain
 
 
 def _split_field(cfg: DataConfig, split: str) -> str:
-  if split == cfg.train_split:
-    return "data.train_split"
-  if split == cfg.eval_split:
-    return "data.eval_split"
-  return "split"
+    if split == cfg.train_split:
+        return "data.train_split"
+    if split == cfg.eval_split:
+        return "data.eval_split"
+    return "split"
 
 
 def open_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
-  """The prepared tfds builder that `cfg` names; builds moejax_corpus if needed."""
-  data_dir = cfg.resolved_data_dir
-  if cfg.dataset == DEFAULT_DATASET:
+    """The prepared tfds builder that `cfg` names; builds moejax_corpus if needed."""
+    data_dir = cfg.resolved_data_dir
+    if cfg.dataset == DEFAULT_DATASET:
+        try:
+            return corpus_builder.build_corpus(data_dir, cfg.max_bytes_per_domain)
+        except OSError as e:
+            raise DataError(
+                f"data.data_dir={data_dir!r}: cannot build {DEFAULT_DATASET} there ({e}). "
+                f"Set --config.data.data_dir (or ${DATA_DIR_ENV}) to a writable directory."
+            ) from e
+        except Exception as e:
+            path = corpus_builder.prepared_dir(data_dir, cfg.max_bytes_per_domain)
+            if not os.path.isdir(path):
+                raise  # failed while building, not while reading: a bug, show it as it is
+            raise DataError(
+                f"data.data_dir={data_dir!r}: the prepared {DEFAULT_DATASET} at {path} cannot be "
+                f"read ({type(e).__name__}: {e}). Delete {path} and rerun to rebuild it."
+            ) from e
     try:
-      return corpus_builder.build_corpus(data_dir, cfg.max_bytes_per_domain)
-    except OSError as e:
-      raise DataError(
-          f"data.data_dir={data_dir!r}: cannot build {DEFAULT_DATASET} there ({e}). "
-          f"Set --config.data.data_dir (or ${DATA_DIR_ENV}) to a writable directory."
-      ) from e
-    except Exception as e:  # pylint: disable=broad-except
-      path = corpus_builder.prepared_dir(data_dir, cfg.max_bytes_per_domain)
-      if not os.path.isdir(path):
-        raise  # failed while building, not while reading: a bug, show it as it is
-      raise DataError(
-          f"data.data_dir={data_dir!r}: the prepared {DEFAULT_DATASET} at {path} cannot be "
-          f"read ({type(e).__name__}: {e}). Delete {path} and rerun to rebuild it."
-      ) from e
-  try:
-    builder = tfds.builder(cfg.dataset, data_dir=data_dir)
-  except tfds.core.DatasetNotFoundError as e:
-    raise DataError(
-        f"data.dataset={cfg.dataset!r} is not a registered tensorflow-datasets dataset "
-        f"and is not prepared in data.data_dir={data_dir!r}. Use {DEFAULT_DATASET!r} (built "
-        "offline) or the name of a dataset prepared in data.data_dir."
-    ) from e
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataError(
-        f"data.data_dir={data_dir!r}: the prepared {cfg.dataset!r} there cannot be read "
-        f"({type(e).__name__}: {e}). Prepare it again, or point --config.data.data_dir at "
-        "an intact copy."
-    ) from e
-  if not builder.is_prepared():
-    raise DataError(
-        f"data.dataset={cfg.dataset!r} is not prepared in data.data_dir={data_dir!r} "
-        f"(looked for {builder.data_dir}). Prepare it there in array_record format, e.g. "
-        f"`tfds build {cfg.dataset} --data_dir={data_dir} --file_format=array_record`, or "
-        "point --config.data.data_dir at the directory that holds it."
-    )
-  return builder
+        builder = tfds.builder(cfg.dataset, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError as e:
+        raise DataError(
+            f"data.dataset={cfg.dataset!r} is not a registered tensorflow-datasets dataset "
+            f"and is not prepared in data.data_dir={data_dir!r}. Use {DEFAULT_DATASET!r} (built "
+            "offline) or the name of a dataset prepared in data.data_dir."
+        ) from e
+    except Exception as e:
+        raise DataError(
+            f"data.data_dir={data_dir!r}: the prepared {cfg.dataset!r} there cannot be read "
+            f"({type(e).__name__}: {e}). Prepare it again, or point --config.data.data_dir at "
+            "an intact copy."
+        ) from e
+    if not builder.is_prepared():
+        raise DataError(
+            f"data.dataset={cfg.dataset!r} is not prepared in data.data_dir={data_dir!r} "
+            f"(looked for {builder.data_dir}). Prepare it there in array_record format, e.g. "
+            f"`tfds build {cfg.dataset} --data_dir={data_dir} --file_format=array_record`, or "
+            "point --config.data.data_dir at the directory that holds it."
+        )
+    return builder
 
 
 def open_split(cfg: DataConfig, split: str) -> DocumentReader:
-  """A reader for `split` of the dataset `cfg` names; raises DataError naming the field."""
-  if cfg.dataset == tasks.DATASET:
-    raise DataError(f"data.dataset={tasks.DATASET!r} is generated, not read: use "
-                    f"make_batches (moejax.data.tasks).")
-  builder = open_builder(cfg)
-  available = list(builder.info.splits.keys())
-  if split not in available:
-    raise DataError(
-        f"{_split_field(cfg, split)}={split!r} is not a split of {cfg.dataset!r}; "
-        f"available splits: {available}."
-    )
-  features = builder.info.features
-  if cfg.text_key not in features:
-    raise DataError(
-        f"data.text_key={cfg.text_key!r} is not a feature of {cfg.dataset!r}; "
-        f"features: {sorted(features.keys())}."
-    )
-  domain_key = cfg.domain_key if cfg.domain_key in features else None
-  try:
-    source = builder.as_data_source(split=split)
-    reader = DocumentReader(source, cfg.text_key, domain_key, f"{cfg.dataset}/{split}")
-    if len(reader):
-      reader.record(0)  # fail here, with the fix, rather than mid-training
-  except NotImplementedError as e:  # prepared as tfrecord: no random access
-    raise DataError(
-        f"data.dataset={cfg.dataset!r} in data.data_dir={cfg.resolved_data_dir!r} is not "
-        "stored as array_record, which random access needs. Re-prepare it with "
-        f"--file_format=array_record. ({e})"
-    ) from e
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataError(
-        f"data.data_dir={cfg.resolved_data_dir!r}: the prepared files of {cfg.dataset!r} at "
-        f"{builder.data_dir} cannot be read ({type(e).__name__}: {e}). They are corrupt or "
-        f"incomplete: delete {builder.data_dir} and rerun"
-        + (" to rebuild it." if cfg.dataset == DEFAULT_DATASET else ", after preparing it again.")
-    ) from e
-  return reader
+    """A reader for `split` of the dataset `cfg` names; raises DataError naming the field."""
+    if cfg.dataset == tasks.DATASET:
+        raise DataError(
+            f"data.dataset={tasks.DATASET!r} is generated, not read: use "
+            f"make_batches (moejax.data.tasks)."
+        )
+    builder = open_builder(cfg)
+    available = list(builder.info.splits.keys())
+    if split not in available:
+        raise DataError(
+            f"{_split_field(cfg, split)}={split!r} is not a split of {cfg.dataset!r}; "
+            f"available splits: {available}."
+        )
+    features = builder.info.features
+    if cfg.text_key not in features:
+        raise DataError(
+            f"data.text_key={cfg.text_key!r} is not a feature of {cfg.dataset!r}; "
+            f"features: {sorted(features.keys())}."
+        )
+    domain_key = cfg.domain_key if cfg.domain_key in features else None
+    try:
+        source = builder.as_data_source(split=split)
+        reader = DocumentReader(source, cfg.text_key, domain_key, f"{cfg.dataset}/{split}")
+        if len(reader):
+            reader.record(0)  # fail here, with the fix, rather than mid-training
+    except NotImplementedError as e:  # prepared as tfrecord: no random access
+        raise DataError(
+            f"data.dataset={cfg.dataset!r} in data.data_dir={cfg.resolved_data_dir!r} is not "
+            "stored as array_record, which random access needs. Re-prepare it with "
+            f"--file_format=array_record. ({e})"
+        ) from e
+    except Exception as e:
+        raise DataError(
+            f"data.data_dir={cfg.resolved_data_dir!r}: the prepared files of {cfg.dataset!r} at "
+            f"{builder.data_dir} cannot be read ({type(e).__name__}: {e}). They are corrupt or "
+            f"incomplete: delete {builder.data_dir} and rerun"
+            + (
+                " to rebuild it."
+                if cfg.dataset == DEFAULT_DATASET
+                else ", after preparing it again."
+            )
+        ) from e
+    return reader
 
 
 def describe(cfg: DataConfig) -> dict[str, dict]:
-  """Documents and text bytes per split (and per domain for moejax_corpus), for logging.
+    """Documents and text bytes per split (and per domain for moejax_corpus), for logging.
 
-  The moejax corpus stores these counts at build time; for other datasets documents are
-  counted from the split metadata and bytes are None (counting them means reading it all).
-  """
-  if cfg.dataset == tasks.DATASET:
-    return tasks.describe()
-  builder = open_builder(cfg)
-  out: dict[str, dict] = {}
-  for split, info in builder.info.splits.items():
-    stats = builder.info.metadata.get("stats", {}) if builder.info.metadata else {}
-    out[split] = stats.get(split) or {"documents": info.num_examples, "bytes": None}
-  return out
-
+    The moejax corpus stores these counts at build time; for other datasets documents are
+    counted from the split metadata and bytes are None (counting them means reading it all).
+    """
+    if cfg.dataset == tasks.DATASET:
+        return tasks.describe()
+    builder = open_builder(cfg)
+    out: dict[str, dict] = {}
+    for split, info in builder.info.splits.items():
+        stats = builder.info.metadata.get("stats", {}) if builder.info.metadata else {}
+        out[split] = stats.get(split) or {"documents": info.num_examples, "bytes": None}
+    return out

@@ -25,35 +25,33 @@ DEFAULT_VALIDATION_FRACTION = 0.05
 
 
 def source_key(doc_id: str) -> str:
-  """The source file of a document: its id up to the chunk suffix `#<i>`."""
-  return doc_id.rsplit("#", 1)[0]
+    """The source file of a document: its id up to the chunk suffix `#<i>`."""
+    return doc_id.rsplit("#", 1)[0]
 
 
 def split_documents(
     docs: Sequence[Document],
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
 ) -> dict[str, list[Document]]:
-  """Partitions `docs` into {"train": [...], "validation": [...]}, keeping their order."""
-  if not 0.0 < validation_fraction < 1.0:
-    raise ValueError(
-        f"validation_fraction must be in (0, 1), got {validation_fraction}."
-    )
-  held_out: set[str] = set()
-  for domain in DOMAINS:
-    sizes: dict[str, int] = {}
-    for d in docs:
-      if d.domain == domain:
-        key = source_key(d.doc_id)
-        sizes[key] = sizes.get(key, 0) + len(d.text.encode("utf-8"))
-    total, taken = sum(sizes.values()), 0
-    # Lowest hash first: exactly the sources below the threshold, then the top-up.
-    for i, key in enumerate(sorted(sizes, key=lambda k: (stable_fraction(k), k))):
-      below = stable_fraction(key) < validation_fraction
-      if i == len(sizes) - 1 or not (below or taken < validation_fraction * total):
-        break
-      held_out.add(key)
-      taken += sizes[key]
-  out: dict[str, list[Document]] = {TRAIN: [], VALIDATION: []}
-  for doc in docs:
-    out[VALIDATION if source_key(doc.doc_id) in held_out else TRAIN].append(doc)
-  return out
+    """Partitions `docs` into {"train": [...], "validation": [...]}, keeping their order."""
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
+    held_out: set[str] = set()
+    for domain in DOMAINS:
+        sizes: dict[str, int] = {}
+        for d in docs:
+            if d.domain == domain:
+                key = source_key(d.doc_id)
+                sizes[key] = sizes.get(key, 0) + len(d.text.encode("utf-8"))
+        total, taken = sum(sizes.values()), 0
+        # Lowest hash first: exactly the sources below the threshold, then the top-up.
+        for i, key in enumerate(sorted(sizes, key=lambda k: (stable_fraction(k), k))):
+            below = stable_fraction(key) < validation_fraction
+            if i == len(sizes) - 1 or not (below or taken < validation_fraction * total):
+                break
+            held_out.add(key)
+            taken += sizes[key]
+    out: dict[str, list[Document]] = {TRAIN: [], VALIDATION: []}
+    for doc in docs:
+        out[VALIDATION if source_key(doc.doc_id) in held_out else TRAIN].append(doc)
+    return out

@@ -17,6 +17,7 @@ non-trainable `{"router_bias": ...}` (`e_score_correction_bias`), in the scanned
 (`moejax.models.transformer.unscan_params` gives the per-layer one). Needs only JAX and
 `safetensors`; torch and transformers are needed by the parity tests, not here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,10 @@ from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
 
-TOP_LEVEL = (("model.embed_tokens.weight", "params/embedding"),
-             ("model.norm.weight", "params/final_norm/scale"))
+TOP_LEVEL = (
+    ("model.embed_tokens.weight", "params/embedding"),
+    ("model.norm.weight", "params/final_norm/scale"),
+)
 LM_HEAD = "lm_head.weight"
 
 
@@ -69,9 +72,14 @@ def _extra_keys(keys: set[str], used: set[str], num_layers: int) -> list[str]:
     return sorted(out)
 
 
-def from_pretrained(path: str, *, adapter: str | None = None, dtype: str = "float32",
-                    param_dtype: str = "float32",
-                    **model_overrides) -> tuple[Transformer, dict[str, Any]]:
+def from_pretrained(
+    path: str,
+    *,
+    adapter: str | None = None,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    **model_overrides,
+) -> tuple[Transformer, dict[str, Any]]:
     """(Transformer, variables) equal to the HF checkpoint in `path` (see the module doc).
 
     `adapter`: a peft LoRA adapter directory applied on top (the model then carries the
@@ -81,18 +89,26 @@ def from_pretrained(path: str, *, adapter: str | None = None, dtype: str = "floa
     """
     if adapter is not None:
         from moejax.hf.peft import load_adapter
-        model, variables = from_pretrained(path, dtype=dtype, param_dtype=param_dtype,
-                                           **model_overrides)
+
+        model, variables = from_pretrained(
+            path, dtype=dtype, param_dtype=param_dtype, **model_overrides
+        )
         return load_adapter(model, variables, adapter)
     hf = read_config(path)
     arch, m, moe = from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, **model_overrides)
     if not m.scan_layers:
-        raise ConfigError("from_pretrained builds the scanned layout; convert with "
-                          "moejax.models.transformer.unscan_params afterwards.")
+        raise ConfigError(
+            "from_pretrained builds the scanned layout; convert with "
+            "moejax.models.transformer.unscan_params afterwards."
+        )
     model = Transformer(m, moe)
     reader = TensorReader(path)
-    asm = Assembler(abstract_variables(model), m, arch,
-                    interleaved_rope=arch is DEEPSEEK_V3 and hf.get("rope_interleave", True))
+    asm = Assembler(
+        abstract_variables(model),
+        m,
+        arch,
+        interleaved_rope=arch is DEEPSEEK_V3 and hf.get("rope_interleave", True),
+    )
     used = load_layers(reader, asm, m, arch)
     keys = reader.keys()
     top = TOP_LEVEL + (() if m.tie_embeddings else ((LM_HEAD, "params/lm_head"),))
@@ -109,13 +125,21 @@ def from_pretrained(path: str, *, adapter: str | None = None, dtype: str = "floa
     if extra or missing:
         raise ConfigError(
             f"{path} ({arch.name}) does not match the model its config describes: "
-            + (f"unused checkpoint tensors {extra[:8]}{' ...' if len(extra) > 8 else ''}; "
-               if extra else "")
-            + (f"moejax variables not in the checkpoint {missing[:8]}" if missing else ""))
+            + (
+                f"unused checkpoint tensors {extra[:8]}{' ...' if len(extra) > 8 else ''}; "
+                if extra
+                else ""
+            )
+            + (f"moejax variables not in the checkpoint {missing[:8]}" if missing else "")
+        )
     pdt = jnp.dtype(param_dtype)
     variables = flax.traverse_util.unflatten_dict(
-        {k: jnp.asarray(v, pdt if k.startswith("params/") else jnp.float32)
-         for k, v in asm.arrays.items()}, sep="/")
+        {
+            k: jnp.asarray(v, pdt if k.startswith("params/") else jnp.float32)
+            for k, v in asm.arrays.items()
+        },
+        sep="/",
+    )
     return model, variables
 
 
@@ -125,21 +149,27 @@ def save_pretrained(model: Transformer, variables: dict[str, Any], path: str) ->
     Returns the architecture chosen; raises ConfigError naming the settings no supported
     architecture expresses."""
     from safetensors.numpy import save_file
+
     m: ModelConfig = model.model
     moe: MoEConfig = model.moe
     if not m.scan_layers:
         raise ConfigError("save_pretrained reads the scanned layout (model.scan_layers=True).")
     arch, hf = choose_architecture(m, moe)
-    flat = {k: np.asarray(v) for k, v in
-            flax.traverse_util.flatten_dict(nn.unbox(dict(variables)), sep="/").items()}
+    flat = {
+        k: np.asarray(v)
+        for k, v in flax.traverse_util.flatten_dict(nn.unbox(dict(variables)), sep="/").items()
+    }
     tensors = export_layers(flat, m, arch, interleaved_rope=arch is DEEPSEEK_V3)
     for name, key in TOP_LEVEL:
         tensors[name] = np.asarray(flat[key], np.float32)
     if not m.tie_embeddings:
         tensors[LM_HEAD] = np.asarray(flat["params/lm_head"], np.float32).T
     os.makedirs(path, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+        os.path.join(path, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     return arch
@@ -150,12 +180,16 @@ def configs_as_dict(model: Transformer) -> dict[str, dict]:
     return {"model": dataclasses.asdict(model.model), "moe": dataclasses.asdict(model.moe)}
 
 
-def save_adapter(model: Transformer, variables: dict[str, Any], path: str,
-                 base_model_name_or_path: str | None = None) -> dict:
+def save_adapter(
+    model: Transformer,
+    variables: dict[str, Any],
+    path: str,
+    base_model_name_or_path: str | None = None,
+) -> dict:
     """Writes moejax plain-LoRA adapters in peft's format (`moejax.hf.peft.save_adapter`)."""
     from moejax.hf.peft import save_adapter as save
+
     return save(model, variables, path, base_model_name_or_path)
 
 
-__all__ = ["from_pretrained", "save_pretrained", "save_adapter", "read_config",
-           "configs_as_dict"]
+__all__ = ["from_pretrained", "save_pretrained", "save_adapter", "read_config", "configs_as_dict"]

@@ -15,6 +15,7 @@ parameter is `W.T` reshaped (HF linear weights are `[out, in]`), `n_in` being ho
 leading moejax dims form the input (export: reshape to `[prod(shape[:n_in]), -1]`, then
 transpose); `n_in = 0` is a plain reshape (norm scales, biases).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,38 +26,84 @@ from moejax.config.sections import ConfigError
 # Keys that do not change the function the checkpoint computes (generation defaults, token
 # ids, bookkeeping, training-only settings such as dropout and router jitter).
 IGNORED = (
-    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache",
-    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
-    "max_position_embeddings", "output_router_logits", "attention_dropout", "_name_or_path",
-    "id2label", "label2id", "tokenizer_class", "return_dict", "output_hidden_states",
-    "output_attentions", "is_encoder_decoder", "tie_encoder_decoder", "chunk_size_feed_forward",
-    "problem_type", "task_specific_params", "finetuning_task", "prefix", "sep_token_id",
-    "decoder_start_token_id", "pruned_heads", "torchscript", "use_bfloat16", "tf_legacy_loss",
-    "quantization_config_applied", "auto_map", "pretraining_tp",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "max_position_embeddings",
+    "output_router_logits",
+    "attention_dropout",
+    "_name_or_path",
+    "id2label",
+    "label2id",
+    "tokenizer_class",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "is_encoder_decoder",
+    "tie_encoder_decoder",
+    "chunk_size_feed_forward",
+    "problem_type",
+    "task_specific_params",
+    "finetuning_task",
+    "prefix",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "pruned_heads",
+    "torchscript",
+    "use_bfloat16",
+    "tf_legacy_loss",
+    "quantization_config_applied",
+    "auto_map",
+    "pretraining_tp",
 )
 
-NORMS = (("input_layernorm.weight", "attn_norm/scale", 0),
-         ("post_attention_layernorm.weight", "ffn_norm/scale", 0))
-GQA = (("self_attn.q_proj.weight", "attn/wq", 1), ("self_attn.k_proj.weight", "attn/wk", 1),
-       ("self_attn.v_proj.weight", "attn/wv", 1), ("self_attn.o_proj.weight", "attn/wo", 2))
-GQA_BIAS = (("self_attn.q_proj.bias", "attn/bq", 0), ("self_attn.k_proj.bias", "attn/bk", 0),
-            ("self_attn.v_proj.bias", "attn/bv", 0))
-MLA_Q_LORA = (("self_attn.q_a_proj.weight", "attn/wq_a", 1),
-              ("self_attn.q_a_layernorm.weight", "attn/q_norm/scale", 0),
-              ("self_attn.q_b_proj.weight", "attn/wq_b", 1))
+NORMS = (
+    ("input_layernorm.weight", "attn_norm/scale", 0),
+    ("post_attention_layernorm.weight", "ffn_norm/scale", 0),
+)
+GQA = (
+    ("self_attn.q_proj.weight", "attn/wq", 1),
+    ("self_attn.k_proj.weight", "attn/wk", 1),
+    ("self_attn.v_proj.weight", "attn/wv", 1),
+    ("self_attn.o_proj.weight", "attn/wo", 2),
+)
+GQA_BIAS = (
+    ("self_attn.q_proj.bias", "attn/bq", 0),
+    ("self_attn.k_proj.bias", "attn/bk", 0),
+    ("self_attn.v_proj.bias", "attn/bv", 0),
+)
+MLA_Q_LORA = (
+    ("self_attn.q_a_proj.weight", "attn/wq_a", 1),
+    ("self_attn.q_a_layernorm.weight", "attn/q_norm/scale", 0),
+    ("self_attn.q_b_proj.weight", "attn/wq_b", 1),
+)
 MLA_Q = (("self_attn.q_proj.weight", "attn/wq", 1),)
-MLA_KV = (("self_attn.kv_a_proj_with_mqa.weight", "attn/wkv_a", 1),
-          ("self_attn.kv_a_layernorm.weight", "attn/kv_norm/scale", 0),
-          ("self_attn.kv_b_proj.weight", "attn/wkv_b", 1),
-          ("self_attn.o_proj.weight", "attn/wo", 2))
-DENSE_MLP = (("mlp.gate_proj.weight", "mlp/w_gate", 1), ("mlp.up_proj.weight", "mlp/w_up", 1),
-             ("mlp.down_proj.weight", "mlp/w_down", 1))
+MLA_KV = (
+    ("self_attn.kv_a_proj_with_mqa.weight", "attn/wkv_a", 1),
+    ("self_attn.kv_a_layernorm.weight", "attn/kv_norm/scale", 0),
+    ("self_attn.kv_b_proj.weight", "attn/wkv_b", 1),
+    ("self_attn.o_proj.weight", "attn/wo", 2),
+)
+DENSE_MLP = (
+    ("mlp.gate_proj.weight", "mlp/w_gate", 1),
+    ("mlp.up_proj.weight", "mlp/w_up", 1),
+    ("mlp.down_proj.weight", "mlp/w_down", 1),
+)
 
 
 def shared_rows(prefix: str):
-    return ((f"{prefix}.gate_proj.weight", "moe/shared/w_gate", 1),
-            (f"{prefix}.up_proj.weight", "moe/shared/w_up", 1),
-            (f"{prefix}.down_proj.weight", "moe/shared/w_down", 1))
+    return (
+        (f"{prefix}.gate_proj.weight", "moe/shared/w_gate", 1),
+        (f"{prefix}.up_proj.weight", "moe/shared/w_up", 1),
+        (f"{prefix}.down_proj.weight", "moe/shared/w_down", 1),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +116,7 @@ class Architecture:
     `block_sparse_moe`); legacy_expert: per-expert module names (gate, up, down); router_bias:
     the HF buffer holding the selection bias (DeepSeek-V3).
     """
+
     name: str
     model_type: str
     keys: dict[str, tuple[str, Callable[[Any], Any]]]
@@ -104,65 +152,114 @@ COMMON_KEYS = {
 COMMON_REQUIRED = {"hidden_act": ("silu",), "rope_scaling": (None,)}
 
 LLAMA = Architecture(
-    "LlamaForCausalLM", "llama",
+    "LlamaForCausalLM",
+    "llama",
     keys={**COMMON_KEYS, "head_dim": ("model.head_dim", _zero_if_none)},
     required={**COMMON_REQUIRED, "attention_bias": (False,), "mlp_bias": (False,)},
-    constants={"model.moe_every": 0})
+    constants={"model.moe_every": 0},
+)
 
 MIXTRAL = Architecture(
-    "MixtralForCausalLM", "mixtral",
-    keys={**COMMON_KEYS, "head_dim": ("model.head_dim", _zero_if_none),
-          "intermediate_size": ("moe.d_expert", _same),
-          "num_local_experts": ("moe.num_experts", _same),
-          "num_experts_per_tok": ("moe.top_k", _same),
-          "router_aux_loss_coef": ("moe.balance_coef", _same)},
+    "MixtralForCausalLM",
+    "mixtral",
+    keys={
+        **COMMON_KEYS,
+        "head_dim": ("model.head_dim", _zero_if_none),
+        "intermediate_size": ("moe.d_expert", _same),
+        "num_local_experts": ("moe.num_experts", _same),
+        "num_experts_per_tok": ("moe.top_k", _same),
+        "router_aux_loss_coef": ("moe.balance_coef", _same),
+    },
     required={**COMMON_REQUIRED, "sliding_window": (None,)},
     ignored=("router_jitter_noise",),
-    constants={"model.moe_every": 1, "moe.router": "softmax_topk", "moe.renormalize": True,
-               "moe.z_loss_coef": 0.0},
-    moe_prefixes=("mlp", "block_sparse_moe"), legacy_expert=("w1", "w3", "w2"))
+    constants={
+        "model.moe_every": 1,
+        "moe.router": "softmax_topk",
+        "moe.renormalize": True,
+        "moe.z_loss_coef": 0.0,
+    },
+    moe_prefixes=("mlp", "block_sparse_moe"),
+    legacy_expert=("w1", "w3", "w2"),
+)
 
 QWEN2_MOE = Architecture(
-    "Qwen2MoeForCausalLM", "qwen2_moe",
-    keys={**COMMON_KEYS, "num_experts": ("moe.num_experts", _same),
-          "num_experts_per_tok": ("moe.top_k", _same),
-          "moe_intermediate_size": ("moe.d_expert", _same),
-          "shared_expert_intermediate_size": ("moe.d_shared", _same),
-          "norm_topk_prob": ("moe.renormalize", _same),
-          "qkv_bias": ("model.attention_bias", _same),
-          "router_aux_loss_coef": ("moe.balance_coef", _same)},
+    "Qwen2MoeForCausalLM",
+    "qwen2_moe",
+    keys={
+        **COMMON_KEYS,
+        "num_experts": ("moe.num_experts", _same),
+        "num_experts_per_tok": ("moe.top_k", _same),
+        "moe_intermediate_size": ("moe.d_expert", _same),
+        "shared_expert_intermediate_size": ("moe.d_shared", _same),
+        "norm_topk_prob": ("moe.renormalize", _same),
+        "qkv_bias": ("model.attention_bias", _same),
+        "router_aux_loss_coef": ("moe.balance_coef", _same),
+    },
     required={**COMMON_REQUIRED, "use_sliding_window": (False,)},
-    ignored=("sliding_window", "max_window_layers", "layer_types", "decoder_sparse_step",
-             "mlp_only_layers"),
-    constants={"moe.router": "softmax_topk", "moe.n_shared": 1, "moe.shared_gate": True,
-               "moe.z_loss_coef": 0.0},
+    ignored=(
+        "sliding_window",
+        "max_window_layers",
+        "layer_types",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+    ),
+    constants={
+        "moe.router": "softmax_topk",
+        "moe.n_shared": 1,
+        "moe.shared_gate": True,
+        "moe.z_loss_coef": 0.0,
+    },
     shared_prefix="mlp.shared_expert",
-    extra_moe_rows=(("mlp.shared_expert_gate.weight", "moe/shared_gate", 1),))
+    extra_moe_rows=(("mlp.shared_expert_gate.weight", "moe/shared_gate", 1),),
+)
 
 DEEPSEEK_V3 = Architecture(
-    "DeepseekV3ForCausalLM", "deepseek_v3",
-    keys={**COMMON_KEYS, "n_routed_experts": ("moe.num_experts", _same),
-          "num_experts_per_tok": ("moe.top_k", _same),
-          "moe_intermediate_size": ("moe.d_expert", _same),
-          "n_shared_experts": ("moe.n_shared", _zero_if_none),
-          "norm_topk_prob": ("moe.renormalize", _same),
-          "routed_scaling_factor": ("moe.routed_scaling_factor", _same),
-          "n_group": ("moe.n_group", _same), "topk_group": ("moe.topk_group", _same),
-          "q_lora_rank": ("model.q_lora_rank", _zero_if_none),
-          "kv_lora_rank": ("model.kv_lora_rank", _same),
-          "qk_nope_head_dim": ("model.qk_nope_head_dim", _same),
-          "qk_rope_head_dim": ("model.qk_rope_head_dim", _same),
-          "v_head_dim": ("model.v_head_dim", _same)},
+    "DeepseekV3ForCausalLM",
+    "deepseek_v3",
+    keys={
+        **COMMON_KEYS,
+        "n_routed_experts": ("moe.num_experts", _same),
+        "num_experts_per_tok": ("moe.top_k", _same),
+        "moe_intermediate_size": ("moe.d_expert", _same),
+        "n_shared_experts": ("moe.n_shared", _zero_if_none),
+        "norm_topk_prob": ("moe.renormalize", _same),
+        "routed_scaling_factor": ("moe.routed_scaling_factor", _same),
+        "n_group": ("moe.n_group", _same),
+        "topk_group": ("moe.topk_group", _same),
+        "q_lora_rank": ("model.q_lora_rank", _zero_if_none),
+        "kv_lora_rank": ("model.kv_lora_rank", _same),
+        "qk_nope_head_dim": ("model.qk_nope_head_dim", _same),
+        "qk_rope_head_dim": ("model.qk_rope_head_dim", _same),
+        "v_head_dim": ("model.v_head_dim", _same),
+    },
     required={**COMMON_REQUIRED, "attention_bias": (False,)},
     # head_dim / qk_head_dim are derived from the MLA dims; the multi-token-prediction module
     # (num_nextn_predict_layers) is not part of the causal LM's forward pass.
-    ignored=("head_dim", "qk_head_dim", "num_nextn_predict_layers", "num_mtp_layers",
-             "first_k_dense_replace", "rope_interleave", "ep_size", "moe_layer_freq",
-             "topk_method", "scoring_func", "aux_loss_alpha", "seq_aux"),
+    ignored=(
+        "head_dim",
+        "qk_head_dim",
+        "num_nextn_predict_layers",
+        "num_mtp_layers",
+        "first_k_dense_replace",
+        "rope_interleave",
+        "ep_size",
+        "moe_layer_freq",
+        "topk_method",
+        "scoring_func",
+        "aux_loss_alpha",
+        "seq_aux",
+    ),
     # transformers 5.x masks the dropped groups with -inf (as DeepSeek's inference code).
-    constants={"model.attention": "mla", "moe.router": "sigmoid_bias",
-               "moe.group_mask": "neg_inf", "moe.balance_coef": 0.0, "moe.z_loss_coef": 0.0},
-    shared_prefix="mlp.shared_experts", router_bias="mlp.gate.e_score_correction_bias")
+    constants={
+        "model.attention": "mla",
+        "moe.router": "sigmoid_bias",
+        "moe.group_mask": "neg_inf",
+        "moe.balance_coef": 0.0,
+        "moe.z_loss_coef": 0.0,
+    },
+    shared_prefix="mlp.shared_experts",
+    router_bias="mlp.gate.e_score_correction_bias",
+)
 
 ARCHITECTURES = {a.name: a for a in (LLAMA, MIXTRAL, QWEN2_MOE, DEEPSEEK_V3)}
 
@@ -175,7 +272,8 @@ def architecture_of(hf: dict) -> Architecture:
     if len(names) != 1 or not known:
         raise ConfigError(
             f"config.json architectures={names} (model_type={hf.get('model_type')!r}): "
-            f"unsupported architecture; moejax.hf reads exactly one of {sorted(ARCHITECTURES)}.")
+            f"unsupported architecture; moejax.hf reads exactly one of {sorted(ARCHITECTURES)}."
+        )
     return ARCHITECTURES[known[0]]
 
 
@@ -190,8 +288,9 @@ def hf_moe_layers(arch: Architecture, hf: dict) -> list[bool]:
         k = hf.get("first_k_dense_replace", 0) or 0
         return [i >= k for i in range(n)]
     step, only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
-    return [i not in only and hf.get("num_experts", 0) > 0 and (i + 1) % step == 0
-            for i in range(n)]
+    return [
+        i not in only and hf.get("num_experts", 0) > 0 and (i + 1) % step == 0 for i in range(n)
+    ]
 
 
 def fit_layout(moe_layers: list[bool]) -> tuple[int, int]:
@@ -203,11 +302,11 @@ def fit_layout(moe_layers: list[bool]) -> tuple[int, int]:
         for every in range(1, n - k + 1):
             if (n - k) % every:
                 continue
-            if all(moe_layers[i] == (i >= k and (i - k) % every == every - 1)
-                   for i in range(n)):
+            if all(moe_layers[i] == (i >= k and (i - k) % every == every - 1) for i in range(n)):
                 return k, every
     where = [i for i, m in enumerate(moe_layers) if m]
     raise ConfigError(
         f"MoE blocks at layers {where} of {n} (from mlp_only_layers / decoder_sparse_step / "
         f"first_k_dense_replace) are not `first_k_dense` dense layers followed by periods of "
-        f"`moe_every` layers ending in MoE, the only layouts moejax stacks.")
+        f"`moe_every` layers ending in MoE, the only layouts moejax stacks."
+    )

@@ -14,6 +14,7 @@ Fine-tune with
 The trainer resumes from step 0, so the config must keep the model and moe sections and
 the optimizer's structure (`train.grad_clip` on or off as at conversion: on by default).
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,10 @@ def convert(hf_dir: str, workdir: str) -> dict:
     """Converts `hf_dir` into `workdir` (see the module docstring); returns the config."""
     model, variables = from_pretrained(hf_dir)
     if not set(variables) <= {"params", BIAS_COLLECTION}:
-        raise ValueError(f"{hf_dir}: variables {sorted(variables)} are not all part of the "
-                         f"train state (params, {BIAS_COLLECTION}); nothing was written.")
+        raise ValueError(
+            f"{hf_dir}: variables {sorted(variables)} are not all part of the "
+            f"train state (params, {BIAS_COLLECTION}); nothing was written."
+        )
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=3, save_every=1, async_save=False)
     if ckpt.latest_step() is not None:
@@ -66,11 +69,13 @@ def convert(hf_dir: str, workdir: str) -> dict:
     for name, values in sections.items():
         config[name].update(values)
     params = variables["params"]
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=make_optimizer(TrainConfig()).init(params),
-                       router_bias=variables.get(BIAS_COLLECTION))
-    ckpt.save(0, state, extra={"config": config.to_dict(), "converted_from": hf_dir},
-              force=True)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=make_optimizer(TrainConfig()).init(params),
+        router_bias=variables.get(BIAS_COLLECTION),
+    )
+    ckpt.save(0, state, extra={"config": config.to_dict(), "converted_from": hf_dir}, force=True)
     ckpt.close()
     with open(os.path.join(workdir, "model.json"), "w") as f:
         json.dump(sections, f, indent=2, sort_keys=True)
@@ -91,8 +96,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     convert(flags.FLAGS["from"].value, _WORKDIR.value)
-    print(f"wrote {_WORKDIR.value}: fine-tune with python -m moejax.train "
-          f"--config={os.path.join(_WORKDIR.value, 'config.py')} --workdir={_WORKDIR.value}")
+    print(
+        f"wrote {_WORKDIR.value}: fine-tune with python -m moejax.train "
+        f"--config={os.path.join(_WORKDIR.value, 'config.py')} --workdir={_WORKDIR.value}"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Scanned stacks (`moejax.models.transformer`): the first `first_k_dense` layers a
 `dense_layers[i]`; the rest are `moe_layers[p]` (`moe_every = 1`) or, per period p of
 `moe_every` layers, `moe_periods/dense[p, r]` then `moe_periods/moe_block[p]`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,10 +72,13 @@ def from_hf_config(hf: dict, **overrides) -> tuple[Architecture, ModelConfig, Mo
             unknown.append(key)
     if unknown or problems:
         raise ConfigError(
-            f"{arch.name} config.json: " + "; ".join(
+            f"{arch.name} config.json: "
+            + "; ".join(
                 ([f"unsupported key(s) {sorted(unknown)}"] if unknown else [])
-                + ([f"unsupported value(s): {', '.join(problems)}"] if problems else []))
-            + ". moejax.hf would compute a different function, so nothing was loaded.")
+                + ([f"unsupported value(s): {', '.join(problems)}"] if problems else [])
+            )
+            + ". moejax.hf would compute a different function, so nothing was loaded."
+        )
     first_k, every = fit_layout(hf_moe_layers(arch, hf))
     sections["model"].update(first_k_dense=first_k, moe_every=every)
     for target, value in arch.constants.items():
@@ -87,7 +91,8 @@ def from_hf_config(hf: dict, **overrides) -> tuple[Architecture, ModelConfig, Mo
         if missing:
             raise ConfigError(
                 f"{arch.name} with MoE layers needs the DeepSeek-V3 `sigmoid_bias` router and "
-                f"its MoEConfig fields {missing}, which this moejax does not have yet.")
+                f"its MoEConfig fields {missing}, which this moejax does not have yet."
+            )
     try:
         model = ModelConfig(**{**sections["model"], **overrides})
         moe = MoEConfig(**sections["moe"])
@@ -104,20 +109,68 @@ def _fields(cls) -> set[str]:
 # Fields that change what a model computes; every other field (dtypes, remat, dispatch,
 # initialisation, losses) is free when exporting.
 MODEL_FUNCTION_FIELDS = (
-    "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
-    "first_k_dense", "moe_every", "rope_theta", "norm_eps", "tie_embeddings", "attention",
-    "attention_bias", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-    "v_head_dim")
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "d_ff",
+    "first_k_dense",
+    "moe_every",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+    "attention",
+    "attention_bias",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+)
 MOE_FUNCTION_FIELDS = (
-    "num_experts", "top_k", "d_expert", "n_shared", "d_shared", "shared_gate", "router",
-    "selection", "renormalize", "n_group", "topk_group", "routed_scaling_factor", "group_mask")
+    "num_experts",
+    "top_k",
+    "d_expert",
+    "n_shared",
+    "d_shared",
+    "shared_gate",
+    "router",
+    "selection",
+    "renormalize",
+    "n_group",
+    "topk_group",
+    "routed_scaling_factor",
+    "group_mask",
+)
 UNUSED_BY = {  # fields that do not matter for an architecture (so are not checked)
-    "LlamaForCausalLM": {"first_k_dense", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-                         "qk_rope_head_dim", "v_head_dim"},
-    "MixtralForCausalLM": {"d_ff", "first_k_dense", "q_lora_rank", "kv_lora_rank",
-                           "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"},
-    "Qwen2MoeForCausalLM": {"first_k_dense", "moe_every", "q_lora_rank", "kv_lora_rank",
-                            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"},
+    "LlamaForCausalLM": {
+        "first_k_dense",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+    },
+    "MixtralForCausalLM": {
+        "d_ff",
+        "first_k_dense",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+    },
+    "Qwen2MoeForCausalLM": {
+        "first_k_dense",
+        "moe_every",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+    },
     "DeepseekV3ForCausalLM": {"num_kv_heads", "head_dim", "first_k_dense", "moe_every"},
 }
 
@@ -127,9 +180,13 @@ def to_hf_config(arch: Architecture, model: ModelConfig, moe: MoEConfig) -> dict
     computes something `arch` cannot express (the round trip is then checked field by field:
     reading the dict back must give the same function fields)."""
     values = {"model": dataclasses.asdict(model), "moe": dataclasses.asdict(moe)}
-    hf: dict = {"architectures": [arch.name], "model_type": arch.model_type,
-                "hidden_act": "silu", "dtype": "float32",
-                "rope_parameters": {"rope_theta": model.rope_theta, "rope_type": "default"}}
+    hf: dict = {
+        "architectures": [arch.name],
+        "model_type": arch.model_type,
+        "hidden_act": "silu",
+        "dtype": "float32",
+        "rope_parameters": {"rope_theta": model.rope_theta, "rope_type": "default"},
+    }
     for key, (target, _) in arch.keys.items():
         if key == "rope_theta":
             continue
@@ -146,16 +203,28 @@ def to_hf_config(arch: Architecture, model: ModelConfig, moe: MoEConfig) -> dict
             hf[key] = accepted[0]
     n = model.num_layers
     if arch is QWEN2_MOE:
-        hf.update(decoder_sparse_step=max(model.moe_every, 1),
-                  mlp_only_layers=list(range(model.first_k_dense)))
+        hf.update(
+            decoder_sparse_step=max(model.moe_every, 1),
+            mlp_only_layers=list(range(model.first_k_dense)),
+        )
         if not model.num_moe_layers:
             hf.update(num_experts=0, mlp_only_layers=list(range(n)))
     if arch is DEEPSEEK_V3:
-        hf.update(first_k_dense_replace=n - model.num_moe_layers, rope_interleave=True,
-                  num_nextn_predict_layers=0, num_key_value_heads=model.num_heads)
+        hf.update(
+            first_k_dense_replace=n - model.num_moe_layers,
+            rope_interleave=True,
+            num_nextn_predict_layers=0,
+            num_key_value_heads=model.num_heads,
+        )
         if not model.num_moe_layers:
-            hf.update(n_routed_experts=1, num_experts_per_tok=1, n_group=1, topk_group=1,
-                      moe_intermediate_size=1, n_shared_experts=0)
+            hf.update(
+                n_routed_experts=1,
+                num_experts_per_tok=1,
+                n_group=1,
+                topk_group=1,
+                moe_intermediate_size=1,
+                n_shared_experts=0,
+            )
     _check_round_trip(arch, hf, model, moe)
     return hf
 
@@ -166,11 +235,17 @@ def _check_round_trip(arch: Architecture, hf: dict, model: ModelConfig, moe: MoE
     except ConfigError as e:
         raise ConfigError(f"cannot export as {arch.name}: {e}") from None
     skip = UNUSED_BY[arch.name]
-    diffs = [f"model.{f}={getattr(model, f)!r}" for f in MODEL_FUNCTION_FIELDS
-             if f not in skip and getattr(model, f) != getattr(back_m, f)]
+    diffs = [
+        f"model.{f}={getattr(model, f)!r}"
+        for f in MODEL_FUNCTION_FIELDS
+        if f not in skip and getattr(model, f) != getattr(back_m, f)
+    ]
     if model.num_moe_layers:
-        diffs += [f"moe.{f}={getattr(moe, f)!r}" for f in MOE_FUNCTION_FIELDS
-                  if hasattr(moe, f) and getattr(moe, f) != getattr(back_moe, f, None)]
+        diffs += [
+            f"moe.{f}={getattr(moe, f)!r}"
+            for f in MOE_FUNCTION_FIELDS
+            if hasattr(moe, f) and getattr(moe, f) != getattr(back_moe, f, None)
+        ]
     if diffs:
         raise ConfigError(f"{arch.name} cannot express {', '.join(diffs)}.")
 
@@ -189,8 +264,11 @@ def choose_architecture(model: ModelConfig, moe: MoEConfig) -> tuple[Architectur
             return arch, to_hf_config(arch, model, moe)
         except ConfigError as e:
             reasons.append(str(e))
-    raise ConfigError("no Hugging Face architecture expresses this model: " + " | ".join(reasons)
-                      + f" (supported: {sorted(ARCHITECTURES)}).")
+    raise ConfigError(
+        "no Hugging Face architecture expresses this model: "
+        + " | ".join(reasons)
+        + f" (supported: {sorted(ARCHITECTURES)})."
+    )
 
 
 __all__ = ["layer_slot", "from_hf_config", "to_hf_config", "choose_architecture", "MIXTRAL"]

@@ -7,6 +7,7 @@ is left over. Routed experts are read from either layout: transformers 5.x fused
 (`experts.{e}.gate_proj.weight [I, d]`, ...; Mixtral's legacy `w1/w3/w2`). Export writes the
 per-expert layout, which transformers 4.x and 5.x both load.
 """
+
 from __future__ import annotations
 
 import glob
@@ -37,6 +38,7 @@ def _safetensors():
     try:
         import safetensors  # noqa: F401
         from safetensors import safe_open
+
         return safe_open
     except ImportError as e:
         raise ImportError("moejax.hf needs safetensors: pip install -e '.[hf]'") from e
@@ -55,8 +57,10 @@ class TensorReader:
         else:
             files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
-            raise FileNotFoundError(f"{path} holds no *.safetensors file (moejax.hf does not "
-                                    f"read pytorch_model.bin; re-save with safetensors).")
+            raise FileNotFoundError(
+                f"{path} holds no *.safetensors file (moejax.hf does not "
+                f"read pytorch_model.bin; re-save with safetensors)."
+            )
         self.file_of: dict[str, str] = {}
         for name in files:
             with safe_open(name, framework="flax") as f:
@@ -102,8 +106,13 @@ def _permute(m: ModelConfig, path: str, value: np.ndarray, inverse: bool) -> np.
 class Assembler:
     """Fills the flat moejax variable dict {"collection/path": array} layer by layer."""
 
-    def __init__(self, flat_shapes: dict[str, tuple[int, ...]], m: ModelConfig,
-                 arch: Architecture, interleaved_rope: bool):
+    def __init__(
+        self,
+        flat_shapes: dict[str, tuple[int, ...]],
+        m: ModelConfig,
+        arch: Architecture,
+        interleaved_rope: bool,
+    ):
         self.arrays = {k: np.zeros(s, np.float32) for k, s in flat_shapes.items()}
         self.filled: dict[str, int] = {}
         self.m, self.arch, self.interleaved = m, arch, interleaved_rope
@@ -112,19 +121,18 @@ class Assembler:
         if key not in self.arrays:
             raise ConfigError(f"{source} maps to {key}, which this model does not have.")
         target = self.arrays[key]
-        sub = target.shape[len(idx):]
+        sub = target.shape[len(idx) :]
         if value.size != int(np.prod(sub)):
             raise ConfigError(f"{source} has shape {value.shape}; {key} needs {sub}.")
         target[idx] = value.reshape(sub)
         self.filled[key] = self.filled.get(key, 0) + 1
 
-    def put_linear(self, stack: str, path: str, idx, weight: np.ndarray, n_in: int,
-                   source: str):
+    def put_linear(self, stack: str, path: str, idx, weight: np.ndarray, n_in: int, source: str):
         """An HF `[out, in]` weight (n_in > 0) or vector (n_in = 0) -> params/stack/path."""
         value = weight.T if n_in else weight
         key = f"params/{stack}/{path}"
         if key in self.arrays:
-            sub = self.arrays[key].shape[len(idx):]
+            sub = self.arrays[key].shape[len(idx) :]
             if value.size == int(np.prod(sub)):
                 value = value.reshape(sub)
         if self.interleaved:
@@ -161,11 +169,14 @@ def load_layers(reader: TensorReader, asm: Assembler, m: ModelConfig, arch: Arch
             continue
         prefix = next((p for p in arch.moe_prefixes if f"{pre}{p}.gate.weight" in keys), None)
         if prefix is None:
-            raise ConfigError(f"layer {i} should be MoE but the checkpoint has no "
-                              f"{pre}{arch.moe_prefixes[0]}.gate.weight.")
+            raise ConfigError(
+                f"layer {i} should be MoE but the checkpoint has no "
+                f"{pre}{arch.moe_prefixes[0]}.gate.weight."
+            )
         p = f"{pre}{prefix}"
-        asm.put_linear(stack, "moe/router/kernel", idx, take(f"{p}.gate.weight"), 1,
-                       f"{p}.gate.weight")
+        asm.put_linear(
+            stack, "moe/router/kernel", idx, take(f"{p}.gate.weight"), 1, f"{p}.gate.weight"
+        )
         _load_experts(keys, take, asm, f"params/{stack}/moe/experts", idx, p, arch)
         if arch.shared_prefix:
             for suffix, path, n_in in _shared_rows(arch):
@@ -173,8 +184,12 @@ def load_layers(reader: TensorReader, asm: Assembler, m: ModelConfig, arch: Arch
         for suffix, path, n_in in arch.extra_moe_rows:
             asm.put_linear(stack, path, idx, take(pre + suffix), n_in, pre + suffix)
         if arch.router_bias and pre + arch.router_bias in keys:
-            asm.put(f"router_bias/{stack}/moe/router/bias", idx, take(pre + arch.router_bias),
-                    pre + arch.router_bias)
+            asm.put(
+                f"router_bias/{stack}/moe/router/bias",
+                idx,
+                take(pre + arch.router_bias),
+                pre + arch.router_bias,
+            )
     return used
 
 
@@ -197,13 +212,13 @@ def _load_experts(keys, take, asm: Assembler, base: str, idx, p: str, arch: Arch
         names = [f"{p}.experts.{e}.{hf_name}.weight" for e in range(num)]
         absent = [n for n in names if n not in keys]
         if absent:
-            raise ConfigError(f"checkpoint has neither {p}.experts.gate_up_proj nor "
-                              f"{absent[0]}.")
+            raise ConfigError(f"checkpoint has neither {p}.experts.gate_up_proj nor {absent[0]}.")
         asm.put(f"{base}/{name}", idx, np.stack([take(n).T for n in names]), names[0])
 
 
-def export_layers(flat: dict[str, np.ndarray], m: ModelConfig, arch: Architecture,
-                  interleaved_rope: bool) -> dict[str, np.ndarray]:
+def export_layers(
+    flat: dict[str, np.ndarray], m: ModelConfig, arch: Architecture, interleaved_rope: bool
+) -> dict[str, np.ndarray]:
     """The inverse of `load_layers`: {hf tensor name: array}, experts one module each."""
     out: dict[str, np.ndarray] = {}
 
@@ -226,8 +241,10 @@ def export_layers(flat: dict[str, np.ndarray], m: ModelConfig, arch: Architectur
         p = f"{pre}{arch.moe_prefixes[-1]}"
         base = f"params/{stack}/moe"
         out[f"{p}.gate.weight"] = linear(f"{base}/router/kernel", idx, 1, "moe/router/kernel")
-        experts = {n: np.asarray(flat[f"{base}/experts/{n}"][idx], np.float32)
-                   for n in ("w_gate", "w_up", "w_down")}
+        experts = {
+            n: np.asarray(flat[f"{base}/experts/{n}"][idx], np.float32)
+            for n in ("w_gate", "w_up", "w_down")
+        }
         for e in range(experts["w_gate"].shape[0]):
             for name, hf_name in zip(("w_gate", "w_up", "w_down"), arch.legacy_expert):
                 out[f"{p}.experts.{e}.{hf_name}.weight"] = experts[name][e].T

@@ -15,6 +15,7 @@ d_in = d and d_out = H * D in (head, dim) order). Every adapter leaf therefore h
 component starting with `lora_` (`is_adapter_path`), and the base parameters keep exactly
 the names and shapes of the model without adapters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,9 @@ def is_target(cfg: LoRAConfig | None, module: str, param: str) -> bool:
 def lora_scale(cfg: LoRAConfig) -> float:
     """s = alpha / n, n = r ("rank"), top_k r ("active", SMoRA) or E r ("total", FlyLoRA);
     sqrt(n) with `rslora`."""
-    n = {"rank": cfg.rank, "active": cfg.top_k * cfg.rank,
-         "total": cfg.num_experts * cfg.rank}[cfg.scaling]
+    n = {"rank": cfg.rank, "active": cfg.top_k * cfg.rank, "total": cfg.num_experts * cfg.rank}[
+        cfg.scaling
+    ]
     return cfg.alpha / (math.sqrt(n) if cfg.rslora else n)
 
 
@@ -95,6 +97,7 @@ class LoRAAdapter(nn.Module):
     (FlyLoRA, `lora_bias`), `gate[r]` (SoRA). `gates[T, E]` are X-LoRA's scalings (given by
     the model's classifier); other methods make their own.
     """
+
     cfg: LoRAConfig
     d_out: int
     dtype: str = "float32"
@@ -106,22 +109,29 @@ class LoRAAdapter(nn.Module):
         from moejax.moe.dispatch import dispatch
         from moejax.moe.experts import ExpertFn
         from moejax.moe.routers import LinearRouter
+
         cfg, d_in, lead = self.cfg, x.shape[-1], x.shape[:-1]
         e, r = cfg.num_experts, cfg.rank
         pdt, dt = jnp.dtype(self.param_dtype), jnp.dtype(self.dtype)
         shape_a = (1 if cfg.shared_a else e, d_in, r)
-        axes_a, axes_b = ("lora_experts", "lora_in", "lora_rank"), ("lora_experts", "lora_rank",
-                                                                      "lora_out")
+        axes_a, axes_b = (
+            ("lora_experts", "lora_in", "lora_rank"),
+            ("lora_experts", "lora_rank", "lora_out"),
+        )
         if cfg.method == "flylora":
             density = cfg.flylora_density or cfg.top_k / (e * r)
             init = nn.with_logical_partitioning(
-                lambda: sparse_random_a(self.make_rng("params"), shape_a, density, pdt), axes_a)
+                lambda: sparse_random_a(self.make_rng("params"), shape_a, density, pdt), axes_a
+            )
             a = self.variable(FROZEN_COLLECTION, "a", init).value
         else:
-            a = self.param("a", nn.with_logical_partitioning(_uniform_fan_in, axes_a), shape_a,
-                           pdt)
-        b = self.param("b", nn.with_logical_partitioning(nn.initializers.zeros, axes_b),
-                       (e, r, self.d_out), pdt)
+            a = self.param("a", nn.with_logical_partitioning(_uniform_fan_in, axes_a), shape_a, pdt)
+        b = self.param(
+            "b",
+            nn.with_logical_partitioning(nn.initializers.zeros, axes_b),
+            (e, r, self.d_out),
+            pdt,
+        )
         x2 = x.reshape(-1, d_in).astype(dt)
         a, b = a.astype(dt), b.astype(dt)
         # h = A x for every expert: [T, E_a, r] (one matmul over the concatenated ranks).
@@ -131,16 +141,25 @@ class LoRAAdapter(nn.Module):
         mask = collect.context().get("token_mask")
         mask = None if mask is None or mask.size != x2.shape[0] else mask.reshape(-1)
         if cfg.method == "moe":
-            routing = LinearRouter(router_config(cfg, e), param_dtype=self.param_dtype,
-                                   rule=functools.partial(dynmole, lo=cfg)
-                                   if cfg.router == "dynmole" else None,
-                                   bias_collection=BIAS_COLLECTION, expert_axis="lora_experts",
-                                   name="router")(x2, mask_T=mask)
+            routing = LinearRouter(
+                router_config(cfg, e),
+                param_dtype=self.param_dtype,
+                rule=functools.partial(dynmole, lo=cfg) if cfg.router == "dynmole" else None,
+                bias_collection=BIAS_COLLECTION,
+                expert_axis="lora_experts",
+                name="router",
+            )(x2, mask_T=mask)
         elif cfg.method == "flylora":
-            bias = self.variable(BIAS_COLLECTION, "bias", nn.with_logical_partitioning(
-                jnp.zeros, ("lora_experts",)), (e * r,), jnp.float32).value
-            routing = flylora(jax.lax.stop_gradient(h.reshape(h.shape[0], -1)), bias,
-                              cfg.top_k, mask)
+            bias = self.variable(
+                BIAS_COLLECTION,
+                "bias",
+                nn.with_logical_partitioning(jnp.zeros, ("lora_experts",)),
+                (e * r,),
+                jnp.float32,
+            ).value
+            routing = flylora(
+                jax.lax.stop_gradient(h.reshape(h.shape[0], -1)), bias, cfg.top_k, mask
+            )
         if routing is not None:
             gates = dense_gates(routing, e * r if cfg.method == "flylora" else e)
             aux = dict(routing.aux_losses)
@@ -148,11 +167,16 @@ class LoRAAdapter(nn.Module):
                 aux["cv_squared"] = cfg.cv_coef * cv_squared_loss(gates)
             # The load goes where the bias is: the router's scope (moe) or this one.
             path = self.scope.path + (("router",) if cfg.method == "moe" else ())
-            collect.report(path, aux, routing.metrics,
-                           routing.metrics["load"] if has_bias(cfg) else None)
+            collect.report(
+                path, aux, routing.metrics, routing.metrics["load"] if has_bias(cfg) else None
+            )
         if cfg.method == "sora":  # SoRA's gate on the ranks (moejax.lora.sora)
-            h = h * self.param("gate", nn.with_logical_partitioning(
-                nn.initializers.ones, ("lora_rank",)), (r,), pdt).astype(dt)
+            h = h * self.param(
+                "gate",
+                nn.with_logical_partitioning(nn.initializers.ones, ("lora_rank",)),
+                (r,),
+                pdt,
+            ).astype(dt)
         if routing is not None and cfg.dispatcher != "rank" and cfg.method == "moe":
             fn = ExpertFn(lambda w, xs, mm: mm(mm(xs, w["a"]), w["b"]), {"a": a, "b": b})
             y, _ = dispatch(x2, routing, fn, router_config(cfg, e))
@@ -177,8 +201,15 @@ def mix_ranks(h: jax.Array, gates: jax.Array | None, b: jax.Array) -> jax.Array:
     return h.reshape(h.shape[0], e * r) @ b.reshape(e * r, d_out)
 
 
-def lora_delta(module: nn.Module, cfg: LoRAConfig | None, param: str, x: jax.Array,
-               out_shape: Sequence[int], dtype: str, param_dtype: str) -> jax.Array | None:
+def lora_delta(
+    module: nn.Module,
+    cfg: LoRAConfig | None,
+    param: str,
+    x: jax.Array,
+    out_shape: Sequence[int],
+    dtype: str,
+    param_dtype: str,
+) -> jax.Array | None:
     """The adapter output `[..., *out_shape]` for `module.param` if it is targeted, else None.
 
     `x[..., d_in]` is the projection's input with its input axes flattened. Call inside the
@@ -206,6 +237,7 @@ def split_tree(params: Any, selected: Callable[[tuple], bool]) -> tuple[dict, di
     """`params -> (the leaves whose key path satisfies `selected`, the others)`, two nested
     dicts of whatever leaves `params` holds; `join_trees` puts them back together."""
     from flax import traverse_util
+
     parts: tuple[dict, dict] = ({}, {})
     for path, leaf in traverse_util.flatten_dict(params).items():
         parts[0 if selected(path) else 1][path] = leaf
@@ -215,6 +247,7 @@ def split_tree(params: Any, selected: Callable[[tuple], bool]) -> tuple[dict, di
 def join_trees(*trees: Any) -> dict:
     """The union of nested dicts with disjoint leaves (the inverse of `split_tree`)."""
     from flax import traverse_util
+
     flat = {}
     for tree in trees:
         flat.update(traverse_util.flatten_dict(tree))

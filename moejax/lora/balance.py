@@ -13,6 +13,7 @@ optimizer step, outside the gradient, like `moejax.train.router_bias` for the Mo
 Each adapter reports its `load[E]` (c / sum c, same signs) under the scope path of its
 bias (`moejax.lora.collect`), stacked over scanned layers exactly as the bias is.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -36,7 +37,9 @@ def update_lora_bias(lora_bias: Any, loads: dict[str, jax.Array], rate: float) -
     for key, bias in flat.items():
         path = "/".join(key[:-1])
         if path not in loads or loads[path].shape != bias.shape:
-            raise ValueError(f"lora_bias {'/'.join(key)} of shape {bias.shape} has no load of "
-                             f"that shape among the adapters' reports {sorted(loads)}.")
+            raise ValueError(
+                f"lora_bias {'/'.join(key)} of shape {bias.shape} has no load of "
+                f"that shape among the adapters' reports {sorted(loads)}."
+            )
         out[key] = sign_rule(bias, loads[path], rate).astype(bias.dtype)
     return traverse_util.unflatten_dict(out)

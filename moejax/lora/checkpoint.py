@@ -19,6 +19,7 @@ hash of the element index (exact on every platform), computed on device in float
 fingerprints match within a relative 1e-5 of sum |x|, which absorbs reduction order across
 devices but not a changed weight.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,8 @@ def base_source(lora: LoRAConfig, workdir: str) -> dict[str, str]:
 
 def _field(source: dict) -> str:
     return {"moejax": "lora.base_checkpoint", "hf": "lora.base_hf"}.get(
-        source["kind"], "the run's own base")
+        source["kind"], "the run's own base"
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -90,15 +92,17 @@ def check_fingerprint(saved: dict, current: dict, source: dict, step: int) -> No
         else:
             a, b = np.asarray(saved[key][1]), np.asarray(current[key][1])
             if np.any(np.abs(a - b) > FINGERPRINT_RTOL * (abs(a[1]) + 1e-30)):
-                problem = (f"'{key}' holds other values (fingerprint {b.tolist()}, saved "
-                           f"{a.tolist()})")
+                problem = (
+                    f"'{key}' holds other values (fingerprint {b.tolist()}, saved {a.tolist()})"
+                )
         if problem:
             break
     if problem:
         raise BaseModelError(
             f"The base model at {_field(source)}={source['path']!r} is not the one this "
             f"adapter run was trained on (checkpoint step {step}): {problem}. Resume with the "
-            f"original base, or pass a new --workdir to train adapters on this base.")
+            f"original base, or pass a new --workdir to train adapters on this base."
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,18 +119,28 @@ def _check_shapes(abstract: Any, loaded: Any, source: dict) -> None:
             raise BaseModelError(
                 f"{_field(source)}={source['path']!r} does not match the model config: "
                 f"{where} 'params/{key}' but {other}. Use the model section the base was "
-                f"trained with.")
+                f"trained with."
+            )
         if tuple(np.shape(want[key])) != tuple(np.shape(got[key])):
             raise BaseModelError(
                 f"{_field(source)}={source['path']!r} does not match the model config: "
                 f"'params/{key}' has shape {tuple(np.shape(got[key]))} in the base but "
                 f"{tuple(np.shape(want[key]))} in the model. Use the model section the base "
-                f"was trained with.")
+                f"was trained with."
+            )
 
 
 # Model fields that change the function without changing any parameter shape.
-SAME_FUNCTION_FIELDS = ("rope_theta", "norm_eps", "attention", "attention_bias",
-                        "tie_embeddings", "num_heads", "num_kv_heads", "head_dim")
+SAME_FUNCTION_FIELDS = (
+    "rope_theta",
+    "norm_eps",
+    "attention",
+    "attention_bias",
+    "tie_embeddings",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+)
 
 
 def _check_run_config(source: dict, model_cfg) -> None:
@@ -141,7 +155,8 @@ def _check_run_config(source: dict, model_cfg) -> None:
             raise BaseModelError(
                 f"{_field(source)}={source['path']!r} was trained with model.{name}="
                 f"{saved[name]!r} but this config has model.{name}="
-                f"{getattr(model_cfg, name)!r}; set --config.model.{name}={saved[name]!r}.")
+                f"{getattr(model_cfg, name)!r}; set --config.model.{name}={saved[name]!r}."
+            )
 
 
 def _load_moejax(source: dict, abstract_base: Any, abstract_bias: Any, model_cfg=None) -> dict:
@@ -153,20 +168,24 @@ def _load_moejax(source: dict, abstract_base: Any, abstract_bias: Any, model_cfg
         if step is None:
             raise BaseModelError(
                 f"{_field(source)}={path!r} holds no checkpoint (looked in {ckpt.directory}). "
-                f"Point it at a finished moejax run directory (or a moejax.hf.convert one).")
+                f"Point it at a finished moejax run directory (or a moejax.hf.convert one)."
+            )
         extra = ckpt.read_extra(step) or {}
         if "base" in extra:
             raise BaseModelError(
                 f"{_field(source)}={path!r} is an adapter run: its checkpoints hold adapters "
-                f"only. Point it at the run that trained the base ({extra['base']['path']}).")
+                f"only. Point it at the run that trained the base ({extra['base']['path']})."
+            )
         try:
-            out = ckpt.restore_subtrees({"params": abstract_base, "router_bias": abstract_bias},
-                                        step)
+            out = ckpt.restore_subtrees(
+                {"params": abstract_base, "router_bias": abstract_bias}, step
+            )
         except CheckpointMismatchError as e:
             if model_cfg is None or model_cfg.scan_layers:
                 raise BaseModelError(
                     f"{_field(source)}={path!r} does not match the model config: {e} Use the "
-                    f"model section the base was trained with.") from e
+                    f"model section the base was trained with."
+                ) from e
             out = _restore_unrolled(ckpt, step, abstract_base, abstract_bias, source, e)
         out["step"] = step
         return out
@@ -174,45 +193,65 @@ def _load_moejax(source: dict, abstract_base: Any, abstract_bias: Any, model_cfg
         ckpt.close()
 
 
-def _restore_unrolled(ckpt: Checkpointer, step: int, abstract_base: Any, abstract_bias: Any,
-                      source: dict, error: Exception) -> dict:
+def _restore_unrolled(
+    ckpt: Checkpointer,
+    step: int,
+    abstract_base: Any,
+    abstract_bias: Any,
+    source: dict,
+    error: Exception,
+) -> dict:
     """A base trained with scanned layers, for a model with unrolled ones (MoLA): restored in
     the scanned layout, unscanned, and placed like `abstract_base`."""
     try:
-        out = ckpt.restore_subtrees({"params": scanned_abstract(abstract_base),
-                                     "router_bias": abstract_bias}, step)
+        out = ckpt.restore_subtrees(
+            {"params": scanned_abstract(abstract_base), "router_bias": abstract_bias}, step
+        )
     except CheckpointMismatchError:
         raise BaseModelError(
             f"{_field(source)}={source['path']!r} does not match the model config: {error} "
-            f"Use the model section the base was trained with.") from error
+            f"Use the model section the base was trained with."
+        ) from error
     params = unscan_params(out["params"])
-    out["params"] = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params,
-                                 abstract_base)
+    out["params"] = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract_base)
     return out
 
 
 def _load_hf(source: dict, abstract_base: Any, model_cfg) -> dict:
     from moejax.hf import from_pretrained
+
     path = source["path"]
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise BaseModelError(f"lora.base_hf={path!r} has no config.json; point it at a "
-                             f"Hugging Face model directory.")
-    hf_model, variables = from_pretrained(path, dtype=model_cfg.dtype,
-                                          param_dtype=model_cfg.param_dtype)
-    for name in ("attention", "num_heads", "num_kv_heads", "resolved_head_dim", "rope_theta",
-                 "norm_eps", "tie_embeddings", "attention_bias"):
+        raise BaseModelError(
+            f"lora.base_hf={path!r} has no config.json; point it at a Hugging Face model directory."
+        )
+    hf_model, variables = from_pretrained(
+        path, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype
+    )
+    for name in (
+        "attention",
+        "num_heads",
+        "num_kv_heads",
+        "resolved_head_dim",
+        "rope_theta",
+        "norm_eps",
+        "tie_embeddings",
+        "attention_bias",
+    ):
         a, b = getattr(hf_model.model, name), getattr(model_cfg, name)
         if a != b:
-            raise BaseModelError(f"lora.base_hf={path!r} has {name}={a!r} but the config has "
-                                 f"model.{name.replace('resolved_', '')}={b!r}; set it to "
-                                 f"{a!r}.")
+            raise BaseModelError(
+                f"lora.base_hf={path!r} has {name}={a!r} but the config has "
+                f"model.{name.replace('resolved_', '')}={b!r}; set it to "
+                f"{a!r}."
+            )
     _check_shapes(abstract_base, variables["params"], source)
-    return {"params": variables["params"], "router_bias": variables.get("router_bias"),
-            "step": 0}
+    return {"params": variables["params"], "router_bias": variables.get("router_bias"), "step": 0}
 
 
-def load_base(lora: LoRAConfig, workdir: str, abstract_params: Any, abstract_bias: Any,
-              model_cfg) -> tuple[dict, dict]:
+def load_base(
+    lora: LoRAConfig, workdir: str, abstract_params: Any, abstract_bias: Any, model_cfg
+) -> tuple[dict, dict]:
     """`(base, source)`: base = {"params", "router_bias", "step"}, the base params placed like
     the (adapter-free part of the) abstract params, which carry shardings."""
     source = base_source(lora, workdir)
@@ -228,7 +267,8 @@ def load_base(lora: LoRAConfig, workdir: str, abstract_params: Any, abstract_bia
             raise BaseModelError(
                 f"{_field(source)}={source['path']!r} does not exist. Adapter checkpoints hold "
                 f"adapters only and need the base they were trained on: restore that "
-                f"directory, or point {_field(source)} at it.")
+                f"directory, or point {_field(source)} at it."
+            )
         base = _load_moejax(source, abstract_base, abstract_bias, model_cfg)
     source["step"] = base["step"]
     return base, source
@@ -259,8 +299,12 @@ def with_base(adapters: Any, base_params: Any) -> Any:
 
 
 def base_extra(source: dict, fp: dict) -> dict:
-    return {"kind": source["kind"], "path": source["path"], "step": source.get("step", 0),
-            "fingerprint": fp}
+    return {
+        "kind": source["kind"],
+        "path": source["path"],
+        "step": source.get("step", 0),
+        "fingerprint": fp,
+    }
 
 
 def load_adapted(workdir: str, step: int | None = None):
@@ -271,17 +315,22 @@ def load_adapted(workdir: str, step: int | None = None):
     from moejax.config import validate
     from moejax.models.transformer import Transformer
     from moejax.moe.selection import BIAS_COLLECTION
+
     with open(os.path.join(workdir, "config.json")) as f:
         config = json.load(f)
     s = validate(config)
     if s.lora.method == "none":
         raise ConfigError(f"{workdir} is not an adapter run (lora.method='none').")
     model = Transformer(s.model, s.moe, lora=s.lora)
-    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                       jnp.zeros((1, 1), jnp.int32)))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        abstract)
+    abstract = nn.unbox(
+        jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    )
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        ),
+        abstract,
+    )
     bias = abstract.get(BIAS_COLLECTION)
     base, source = load_base(s.lora, workdir, abstract["params"], bias, s.model)
     with Checkpointer(workdir, async_save=False) as ckpt:
@@ -290,15 +339,22 @@ def load_adapted(workdir: str, step: int | None = None):
             raise CheckpointError(f"{workdir} holds no checkpoint.")
         extra = ckpt.read_extra(step) or {}
         if "base" not in extra:
-            raise CheckpointError(f"{workdir} step {step} has no base reference; it was not "
-                                  f"written by an adapter run.")
-        check_fingerprint(extra["base"]["fingerprint"], fingerprint(base["params"]), source,
-                          step)
+            raise CheckpointError(
+                f"{workdir} step {step} has no base reference; it was not "
+                f"written by an adapter run."
+            )
+        check_fingerprint(extra["base"]["fingerprint"], fingerprint(base["params"]), source, step)
         # Non-trainable adapter state (sign-rule biases, FlyLoRA's frozen A) rides in
         # TrainState.lora_state.
         lora_state = {k: abstract[k] for k in LORA_COLLECTIONS if k in abstract} or None
-        got = ckpt.restore_subtrees({"params": adapter_part(abstract["params"]),
-                                     "router_bias": bias, "lora_state": lora_state}, step)
+        got = ckpt.restore_subtrees(
+            {
+                "params": adapter_part(abstract["params"]),
+                "router_bias": bias,
+                "lora_state": lora_state,
+            },
+            step,
+        )
     variables = {"params": with_base(got["params"], base["params"])}
     if got["router_bias"] is not None:
         variables[BIAS_COLLECTION] = got["router_bias"]

@@ -13,6 +13,7 @@ The block's context holds `token_mask` (real tokens, [B, L]) for the routers' lo
 scope path ("/"-joined): the path of its variables in the `lora_bias` collection, for the
 sign-rule update (`moejax.lora.balance`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,6 +55,8 @@ def report(path: tuple[str, ...], aux: dict, metrics: dict, load=None) -> None:
 def block_outputs(scope: dict[str, Any]) -> dict[str, Any]:
     """The block's adapter outputs: summed aux losses (`lora_<name>`), metrics averaged over
     the block's adapters, and the loads by path."""
-    return {"aux": {f"lora_{k}": v for k, v in scope["aux"].items()},
-            "metrics": {k: sum(v) / len(v) for k, v in scope["metrics"].items()},
-            "load": dict(scope["load"])}
+    return {
+        "aux": {f"lora_{k}": v for k, v in scope["aux"].items()},
+        "metrics": {k: sum(v) / len(v) for k, v in scope["metrics"].items()},
+        "load": dict(scope["load"]),
+    }

@@ -1,4 +1,5 @@
 """`LoRAConfig`: the `config.lora` section (low-rank adapters and mixtures of LoRA experts)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,7 @@ class LoRAConfig:
     runs checkpoint the adapters and their optimizer state only, with a fingerprint of the
     base that is checked on resume (`moejax.lora.checkpoint`).
     """
+
     method: str = "none"
     targets: str = "attn.wq,attn.wv"
     rank: int = 8  # rank r of each expert (SMoRA's rank_partition, FlyLoRA: 1)

@@ -11,6 +11,7 @@ adapters computes what the adapted model computes, at the base's cost.
 Only static adapters merge: a method whose update does not depend on the input (plain LoRA,
 rsLoRA: one expert, no router). Routed mixtures are refused with an error naming the method.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,7 +33,8 @@ def check_mergeable(cfg: LoRAConfig) -> None:
             f"lora.method={cfg.method!r} (lora.num_experts={cfg.num_experts}) routes tokens "
             f"to adapters per input, which no single merged weight expresses; only static "
             f"methods {STATIC_METHODS} with one expert merge. Run the adapted model "
-            f"(Transformer(..., lora=cfg)) for inference instead.")
+            f"(Transformer(..., lora=cfg)) for inference instead."
+        )
 
 
 def merge(params: Any, cfg: LoRAConfig) -> dict:
@@ -40,24 +42,37 @@ def merge(params: Any, cfg: LoRAConfig) -> dict:
     check_mergeable(cfg)
     scale = lora_scale(cfg)
     flat = traverse_util.flatten_dict(params)
-    out = {k: v for k, v in flat.items() if not any(
-        isinstance(p, str) and p.startswith(ADAPTER_PREFIX) for p in k)}
+    out = {
+        k: v
+        for k, v in flat.items()
+        if not any(isinstance(p, str) and p.startswith(ADAPTER_PREFIX) for p in k)
+    }
     for key in flat:
         if len(key) < 2 or key[-1] != "a" or not key[-2].startswith(ADAPTER_PREFIX):
             continue
-        parent, name = key[:-2], key[-2][len(ADAPTER_PREFIX):]
+        parent, name = key[:-2], key[-2][len(ADAPTER_PREFIX) :]
         leaves = {k[-1] for k in flat if k[:-1] == key[:-1]}
         if leaves != {"a", "b"}:
-            raise ConfigError(f"adapter {'/'.join(key[:-1])} holds {sorted(leaves)}, not the "
-                              f"plain LoRA pair (a, b); it cannot be merged.")
+            raise ConfigError(
+                f"adapter {'/'.join(key[:-1])} holds {sorted(leaves)}, not the "
+                f"plain LoRA pair (a, b); it cannot be merged."
+            )
         w = flat[parent + (name,)]
         a, b = flat[key], flat[key[:-1] + ("b",)]
         lead = a.shape[:-3]  # scanned layer axes
         if a.shape[-3] != 1:
-            raise ConfigError(f"adapter {'/'.join(key[:-1])} has {a.shape[-3]} experts; only "
-                              f"one merges.")
-        delta = jnp.einsum("...ir,...ro->...io", a[..., 0, :, :].astype(jnp.float32),
-                           b[..., 0, :, :].astype(jnp.float32)) * scale
-        out[parent + (name,)] = (w.astype(jnp.float32) + delta.reshape(lead + w.shape[len(
-            lead):])).astype(w.dtype)
+            raise ConfigError(
+                f"adapter {'/'.join(key[:-1])} has {a.shape[-3]} experts; only one merges."
+            )
+        delta = (
+            jnp.einsum(
+                "...ir,...ro->...io",
+                a[..., 0, :, :].astype(jnp.float32),
+                b[..., 0, :, :].astype(jnp.float32),
+            )
+            * scale
+        )
+        out[parent + (name,)] = (
+            w.astype(jnp.float32) + delta.reshape(lead + w.shape[len(lead) :])
+        ).astype(w.dtype)
     return traverse_util.unflatten_dict(out)

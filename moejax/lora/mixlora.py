@@ -18,6 +18,7 @@ Parameters (children of the MLP, contract of `moejax.lora.adapter`): `lora_route
 (kernel [d, E]), `lora_w_gate`, `lora_w_up`, `lora_w_down`, each `a[E, d_in, r]`,
 `b[E, r, d_out]`.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -32,6 +33,7 @@ from moejax.lora.routing import router_config
 class ExpertLoRAWeights(nn.Module):
     """`a[E, d_in, r]` (uniform +-1/sqrt(d_in)) and `b[E, r, d_out]` (zeros) of one
     projection's E experts."""
+
     num_experts: int
     rank: int
     d_in: int
@@ -41,35 +43,55 @@ class ExpertLoRAWeights(nn.Module):
     @nn.compact
     def __call__(self):
         from moejax.lora.adapter import _uniform_fan_in
+
         e, r, pdt = self.num_experts, self.rank, jnp.dtype(self.param_dtype)
-        a = self.param("a", nn.with_logical_partitioning(
-            _uniform_fan_in, ("lora_experts", "lora_in", "lora_rank")), (e, self.d_in, r), pdt)
-        b = self.param("b", nn.with_logical_partitioning(
-            nn.initializers.zeros, ("lora_experts", "lora_rank", "lora_out")),
-            (e, r, self.d_out), pdt)
+        a = self.param(
+            "a",
+            nn.with_logical_partitioning(_uniform_fan_in, ("lora_experts", "lora_in", "lora_rank")),
+            (e, self.d_in, r),
+            pdt,
+        )
+        b = self.param(
+            "b",
+            nn.with_logical_partitioning(
+                nn.initializers.zeros, ("lora_experts", "lora_rank", "lora_out")
+            ),
+            (e, r, self.d_out),
+            pdt,
+        )
         return a, b
 
 
-def mixlora_mlp(module: nn.Module, cfg: LoRAConfig, x: jax.Array, w_gate: jax.Array,
-                w_up: jax.Array, w_down: jax.Array, dtype) -> jax.Array:
+def mixlora_mlp(
+    module: nn.Module,
+    cfg: LoRAConfig,
+    x: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    dtype,
+) -> jax.Array:
     """The MixLoRA FFN of `x[..., d]` (module docstring); call in the MLP's compact method
     with its (frozen) weights already cast to the compute `dtype`."""
     from moejax.lora.adapter import lora_scale
     from moejax.moe.dispatch import dispatch
     from moejax.moe.experts import ExpertFn
     from moejax.moe.routers import LinearRouter
+
     lead, d, f = x.shape[:-1], x.shape[-1], w_gate.shape[-1]
     e, s = cfg.num_experts, lora_scale(cfg)
     moe_cfg = router_config(cfg, e)
     x = x.astype(dtype)
     x2 = x.reshape(-1, d)
-    routing = LinearRouter(moe_cfg, param_dtype=module.param_dtype, expert_axis="lora_experts",
-                           name="lora_router")(x2)
+    routing = LinearRouter(
+        moe_cfg, param_dtype=module.param_dtype, expert_axis="lora_experts", name="lora_router"
+    )(x2)
     collect.report(module.scope.path + ("lora_router",), routing.aux_losses, routing.metrics)
     weights = {}
     for name, d_in, d_out in (("gate", d, f), ("up", d, f), ("down", f, d)):
-        a, b = ExpertLoRAWeights(e, cfg.rank, d_in, d_out, module.param_dtype,
-                                 name=f"lora_w_{name}")()
+        a, b = ExpertLoRAWeights(
+            e, cfg.rank, d_in, d_out, module.param_dtype, name=f"lora_w_{name}"
+        )()
         weights[f"a_{name}"], weights[f"b_{name}"] = a.astype(dtype), b.astype(dtype)
     # The base FFN exactly as moejax.models.layers.DenseMLP computes it (same shapes, same
     # ops), so zero-initialised adapters give its output bit for bit.
@@ -77,10 +99,11 @@ def mixlora_mlp(module: nn.Module, cfg: LoRAConfig, x: jax.Array, w_gate: jax.Ar
     y0 = (nn.silu(g0) * u0) @ w_down
 
     def fn(w, rows, mm):
-        xi, g, u = rows[..., :d], rows[..., d:d + f], rows[..., d + f:]
+        xi, g, u = rows[..., :d], rows[..., d : d + f], rows[..., d + f :]
         h0 = nn.silu(g) * u
-        h = (nn.silu(g + s * mm(mm(xi, w["a_gate"]), w["b_gate"]))
-             * (u + s * mm(mm(xi, w["a_up"]), w["b_up"])))
+        h = nn.silu(g + s * mm(mm(xi, w["a_gate"]), w["b_gate"])) * (
+            u + s * mm(mm(xi, w["a_up"]), w["b_up"])
+        )
         return (h - h0) @ w_down + s * mm(mm(h, w["a_down"]), w["b_down"])
 
     rows = jnp.concatenate([x2, g0.reshape(-1, f), u0.reshape(-1, f)], axis=-1)

@@ -24,6 +24,7 @@ sigmoid, the balance/z losses and routing metrics), so there is one routing impl
   coefficient of variation of the experts' importance (summed gate weights over tokens).
 - `dense_gates`: Routing -> g[T, E] (zeros for the experts a token does not use).
 """
+
 from __future__ import annotations
 
 import jax
@@ -40,12 +41,19 @@ def router_config(lo: LoRAConfig, num_experts: int) -> MoEConfig:
     """The MoE section an adapter's router and dispatcher run with."""
     dynmole_rule = lo.router == "dynmole"
     return MoEConfig(
-        num_experts=num_experts, top_k=num_experts if dynmole_rule else lo.top_k,
-        d_expert=lo.rank, router="top_p" if dynmole_rule else lo.router,
-        renormalize=lo.renormalize, balance_coef=lo.balance_coef, z_loss_coef=lo.z_loss_coef,
-        entropy_coef=0.0 if dynmole_rule else lo.entropy_coef, top_p=lo.top_p,
-        routed_scaling_factor=lo.routed_scale, bias_update_rate=lo.bias_update_rate,
-        dispatcher="dense_reference" if lo.dispatcher == "rank" else lo.dispatcher)
+        num_experts=num_experts,
+        top_k=num_experts if dynmole_rule else lo.top_k,
+        d_expert=lo.rank,
+        router="top_p" if dynmole_rule else lo.router,
+        renormalize=lo.renormalize,
+        balance_coef=lo.balance_coef,
+        z_loss_coef=lo.z_loss_coef,
+        entropy_coef=0.0 if dynmole_rule else lo.entropy_coef,
+        top_p=lo.top_p,
+        routed_scaling_factor=lo.routed_scale,
+        bias_update_rate=lo.bias_update_rate,
+        dispatcher="dense_reference" if lo.dispatcher == "rank" else lo.dispatcher,
+    )
 
 
 def tsallis_entropy(probs: jax.Array, q: float) -> jax.Array:
@@ -53,18 +61,26 @@ def tsallis_entropy(probs: jax.Array, q: float) -> jax.Array:
     (1 - E^(1-q)) / (q - 1), reached by the uniform distribution."""
     p = probs.astype(jnp.float32)
     e = p.shape[-1]
-    s = (1.0 - jnp.sum(p ** q, axis=-1)) / (q - 1.0)
+    s = (1.0 - jnp.sum(p**q, axis=-1)) / (q - 1.0)
     return s, (1.0 - e ** (1.0 - q)) / (q - 1.0)
 
 
-def dynmole(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None,
-            seq_len: int | None = None, *, lo: LoRAConfig) -> Selection:
+def dynmole(
+    logits: jax.Array,
+    mask: jax.Array | None,
+    cfg: MoEConfig,
+    bias=None,
+    seq_len: int | None = None,
+    *,
+    lo: LoRAConfig,
+) -> Selection:
     """DynMoLE's hybrid rule (module docstring); a `LinearRouter` rule, E static slots."""
     del bias
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     sorted_p, ids = jax.lax.top_k(probs, probs.shape[-1])
     keep = (jnp.cumsum(sorted_p, axis=-1) <= lo.top_p) | (
-        jnp.arange(probs.shape[-1]) < lo.min_experts)
+        jnp.arange(probs.shape[-1]) < lo.min_experts
+    )
     entropy, max_entropy = tsallis_entropy(probs, lo.tsallis_q)
     entropy = entropy / max_entropy
     keep = keep | (entropy > lo.entropy_threshold)[:, None]
@@ -74,12 +90,12 @@ def dynmole(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None
     aux = dict(sel.aux_losses)
     if lo.entropy_coef:
         aux["entropy"] = lo.entropy_coef * mean_entropy
-    return Selection(sel.expert_ids, sel.weights, aux,
-                     {**sel.metrics, "tsallis_entropy": mean_entropy})
+    return Selection(
+        sel.expert_ids, sel.weights, aux, {**sel.metrics, "tsallis_entropy": mean_entropy}
+    )
 
 
-def flylora(y: jax.Array, bias: jax.Array, top_k: int,
-            mask: jax.Array | None = None) -> Routing:
+def flylora(y: jax.Array, bias: jax.Array, top_k: int, mask: jax.Array | None = None) -> Routing:
     """FlyLoRA's implicit routing of `y = A x` [T, R] (module docstring): binary gates;
     padding tokens (`mask` 0) still get their ranks but are not counted in the load."""
     choice = jnp.abs(y.astype(jnp.float32) + bias.astype(jnp.float32))
@@ -88,8 +104,9 @@ def flylora(y: jax.Array, bias: jax.Array, top_k: int,
     scores = jax.nn.softmax(choice, axis=-1)  # only for the logged statistics
     load = expert_load(ids, y.shape[-1], mask)
     metrics = routing_metrics(scores, ids, weights, mask, load=load)
-    return Routing(expert_ids=ids.astype(jnp.int32), combine_weights=weights, aux_losses={},
-                   metrics=metrics)
+    return Routing(
+        expert_ids=ids.astype(jnp.int32), combine_weights=weights, aux_losses={}, metrics=metrics
+    )
 
 
 def dense_gates(routing: Routing, num_experts: int) -> jax.Array:
@@ -97,7 +114,8 @@ def dense_gates(routing: Routing, num_experts: int) -> jax.Array:
     t = routing.expert_ids.shape[0]
     g = jnp.zeros((t, num_experts), jnp.float32)
     return g.at[jnp.arange(t)[:, None], routing.expert_ids].add(
-        routing.combine_weights.astype(jnp.float32))
+        routing.combine_weights.astype(jnp.float32)
+    )
 
 
 def cv_squared_loss(gates: jax.Array) -> jax.Array:

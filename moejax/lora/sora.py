@@ -10,6 +10,7 @@ learning rate, lambda `lora.sora_lambda`):
 
 so ranks whose gate reaches 0 stop contributing; after training `prune` drops them.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,7 +35,8 @@ def _is_gate(path) -> bool:
 def proximal_step(params: Any, threshold) -> Any:
     """Soft-thresholds every SoRA gate of `params` (other leaves unchanged)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: soft_threshold(x, threshold).astype(x.dtype) if _is_gate(p) else x, params)
+        lambda p, x: soft_threshold(x, threshold).astype(x.dtype) if _is_gate(p) else x, params
+    )
 
 
 def prune(params: Any) -> tuple[Any, dict[str, int]]:

@@ -11,6 +11,7 @@ train step and the tests all see the same split.
 dicts of any leaves (arrays, ShapeDtypeStructs, boxed `nn.Partitioned`): the train step
 differentiates with respect to `trainable` only.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -49,8 +50,10 @@ def is_trainable(path: Sequence[Any]) -> bool:
 def labels(params: Any) -> Any:
     """A tree like `params` with "trainable" / "frozen" at each leaf (optax.multi_transform)."""
     import jax
+
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: TRAINABLE if is_trainable(path) else FROZEN, params)
+        lambda path, _: TRAINABLE if is_trainable(path) else FROZEN, params
+    )
 
 
 def partition(params: Any) -> tuple[dict, dict]:
@@ -66,5 +69,6 @@ def combine(trainable: Any, frozen: Any) -> dict:
 def count(params: Any) -> int:
     """Number of trainable scalars in `params`."""
     import math
+
     flat = traverse_util.flatten_dict(params)
     return sum(math.prod(getattr(v, "shape", ())) for k, v in flat.items() if is_trainable(k))

@@ -9,6 +9,7 @@ layer (peft's default, `layerwise_scalings=False`). With `xlora_top_k` only the 
 scalings of a token are kept (the others are 0, not renormalised: peft's `top_k_lora`
 without `enable_softmax_topk`). The second pass runs every adapter with its scaling.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ from moejax.lora.config import LoRAConfig
 class XLoRAClassifier(nn.Module):
     """`h[B, L, d] -> scalings[B, L, E]` (module docstring); lives at model level under
     `lora_xlora_classifier`, so it is an adapter leaf like the experts."""
+
     cfg: LoRAConfig
     param_dtype: str = "float32"
 
@@ -28,10 +30,15 @@ class XLoRAClassifier(nn.Module):
     def __call__(self, hidden: jax.Array) -> jax.Array:
         cfg = self.cfg
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None))
-        w = self.param("kernel", init, (hidden.shape[-1], cfg.num_experts),
-                       jnp.dtype(self.param_dtype))
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-                          (cfg.num_experts,), jnp.dtype(self.param_dtype))
+        w = self.param(
+            "kernel", init, (hidden.shape[-1], cfg.num_experts), jnp.dtype(self.param_dtype)
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+            (cfg.num_experts,),
+            jnp.dtype(self.param_dtype),
+        )
         logits = hidden.astype(jnp.float32) @ w.astype(jnp.float32) + bias.astype(jnp.float32)
         scalings = jax.nn.softmax(logits / cfg.xlora_temperature, axis=-1)
         if cfg.xlora_top_k:

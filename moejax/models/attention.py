@@ -13,6 +13,7 @@ be prefilled in one call and tokens then appended one at a time. The cache is cr
 the length of the input of the first call (`moejax.generate.init_cache`); packing is not
 supported while decoding (every row is one sequence starting at slot 0).
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -42,8 +43,10 @@ def cached(module: nn.Module, entries: dict[str, jax.Array]):
     nothing is written: `(entries, None)` and the caller uses its ordinary causal mask.
     """
     created = not module.has_variable("cache", "index")
-    slots = {name: module.variable("cache", name, jnp.zeros, a.shape, a.dtype)
-             for name, a in entries.items()}
+    slots = {
+        name: module.variable("cache", name, jnp.zeros, a.shape, a.dtype)
+        for name, a in entries.items()
+    }
     index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     if created:
         return entries, None
@@ -52,7 +55,8 @@ def cached(module: nn.Module, entries: dict[str, jax.Array]):
     full = {}
     for name, a in entries.items():
         slots[name].value = jax.lax.dynamic_update_slice_in_dim(
-            slots[name].value, a.astype(slots[name].value.dtype), start, axis=1)
+            slots[name].value, a.astype(slots[name].value.dtype), start, axis=1
+        )
         full[name] = slots[name].value
     index.value = start + length
     size = next(iter(full.values())).shape[1]
@@ -67,8 +71,9 @@ class Attention(nn.Module):
     lora: LoRAConfig | None = None  # adapters on the targeted projections (moejax.lora)
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
-                 positions_BxL: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array
+    ) -> jax.Array:
         cfg = self.cfg
         d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
@@ -79,12 +84,18 @@ class Attention(nn.Module):
         wo = logical_param(self, "wo", (h, hd, d), ("heads", "kv", "embed"), out_std, pdt)
         x = x_BxLxD.astype(dt)
         adapt = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        q = add_delta(jnp.einsum("bld,dhk->blhk", x, wq.astype(dt)),
-                      lora_delta(self, self.lora, "wq", x, (h, hd), **adapt))
-        k = add_delta(jnp.einsum("bld,dhk->blhk", x, wk.astype(dt)),
-                      lora_delta(self, self.lora, "wk", x, (kvh, hd), **adapt))
-        v = add_delta(jnp.einsum("bld,dhk->blhk", x, wv.astype(dt)),
-                      lora_delta(self, self.lora, "wv", x, (kvh, hd), **adapt))
+        q = add_delta(
+            jnp.einsum("bld,dhk->blhk", x, wq.astype(dt)),
+            lora_delta(self, self.lora, "wq", x, (h, hd), **adapt),
+        )
+        k = add_delta(
+            jnp.einsum("bld,dhk->blhk", x, wk.astype(dt)),
+            lora_delta(self, self.lora, "wk", x, (kvh, hd), **adapt),
+        )
+        v = add_delta(
+            jnp.einsum("bld,dhk->blhk", x, wv.astype(dt)),
+            lora_delta(self, self.lora, "wv", x, (kvh, hd), **adapt),
+        )
         if cfg.attention_bias:  # Qwen2: q/k/v biases, zero-initialised
             init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
             q = q + self.param("bq", init, (h, hd), pdt).astype(dt)

@@ -1,4 +1,5 @@
 """`ModelConfig`: the `config.model` section (the Transformer's shape and numerics)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ class ModelConfig:
     the key is one head shared by all heads), value dim `v_head_dim`; `num_kv_heads` and
     `head_dim` are unused there.
     """
+
     vocab_size: int = 259
     d_model: int = 256
     num_layers: int = 4

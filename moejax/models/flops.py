@@ -9,6 +9,7 @@ the PaLM estimate (Chowdhery et al., 2022, appendix B): 6 * N_active (forward + 
 every matmul weight, embeddings lookups excluded) + 12 * L * H * Q * S for attention scores
 and values (H heads of size Q over a context of S tokens; causal masking not discounted).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,11 @@ def attention_params(model: ModelConfig) -> int:
         qk = model.qk_nope_head_dim + model.qk_rope_head_dim
         rq, rkv = model.q_lora_rank, model.kv_lora_rank
         q = (d * rq + rq + rq * h * qk) if rq else d * h * qk
-        kv = d * (rkv + model.qk_rope_head_dim) + rkv + rkv * h * (
-            model.qk_nope_head_dim + model.v_head_dim)
+        kv = (
+            d * (rkv + model.qk_rope_head_dim)
+            + rkv
+            + rkv * h * (model.qk_nope_head_dim + model.v_head_dim)
+        )
         return q + kv + h * model.v_head_dim * d
     hd, kvh = model.resolved_head_dim, model.num_kv_heads
     bias = (h + 2 * kvh) * hd if model.attention_bias else 0
@@ -55,8 +59,9 @@ def attention_width(model: ModelConfig) -> float:
     return model.resolved_head_dim
 
 
-def count_params(model: ModelConfig, moe: MoEConfig,
-                 experts_per_token: float | None = None) -> ParamCounts:
+def count_params(
+    model: ModelConfig, moe: MoEConfig, experts_per_token: float | None = None
+) -> ParamCounts:
     """`experts_per_token`: the measured mean (top-p routing) in place of `top_k` for the
     active count."""
     d = model.d_model
@@ -85,8 +90,9 @@ def count_params(model: ModelConfig, moe: MoEConfig,
     return ParamCounts(total=total, active=active, embedding=embedding, routed_expert=expert)
 
 
-def train_flops_per_token(model: ModelConfig, moe: MoEConfig, seq_len: int,
-                          experts_per_token: float | None = None) -> float:
+def train_flops_per_token(
+    model: ModelConfig, moe: MoEConfig, seq_len: int, experts_per_token: float | None = None
+) -> float:
     counts = count_params(model, moe, experts_per_token)
     attention = 12 * model.num_layers * model.num_heads * attention_width(model) * seq_len
     return 6.0 * counts.active_matmul + attention

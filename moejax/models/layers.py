@@ -4,6 +4,7 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `voca
 that `moejax.sharding` maps to mesh axes; no module here names a mesh axis.
 Parameters are stored in `param_dtype` and cast to the compute `dtype` at use.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -21,8 +22,9 @@ def dtype_of(name: str):
     return jnp.dtype(name)
 
 
-def logical_param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str],
-                  std: float, param_dtype) -> jax.Array:
+def logical_param(
+    module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], std: float, param_dtype
+) -> jax.Array:
     """A normal(std)-initialised parameter with logical axis names (`axes`, one per dim)."""
     init = nn.with_logical_partitioning(nn.initializers.normal(stddev=std), tuple(axes))
     return module.param(name, init, tuple(shape), param_dtype)
@@ -30,6 +32,7 @@ def logical_param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequ
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich, 2019): x / rms(x) * scale, in float32."""
+
     eps: float = 1e-6
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -54,7 +57,7 @@ def rotary_embedding(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: floa
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x = x_BxLxHxD.astype(jnp.float32)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxLxHxD.dtype)
 
@@ -66,6 +69,7 @@ class DenseMLP(nn.Module):
     Also the DeepSeekMoE shared experts: n_shared experts of width f_e are one MLP of width
     n_shared * f_e.
     """
+
     width: int
     init_std: float = 0.02
     out_std: float = 0.02
@@ -82,14 +86,20 @@ class DenseMLP(nn.Module):
         w_up = logical_param(self, "w_up", (d, f), ("embed", "mlp"), std, pdt)
         w_down = logical_param(self, "w_down", (f, d), ("mlp", "embed"), out_std, pdt)
         x = x.astype(dt)
-        if self.lora is not None and self.lora.method == "mixlora" and is_target(
-                self.lora, self.name, "w_gate"):  # the FFN becomes MixLoRA's MoE
-            return mixlora_mlp(self, self.lora, x, w_gate.astype(dt), w_up.astype(dt),
-                               w_down.astype(dt), dt)
+        if (
+            self.lora is not None
+            and self.lora.method == "mixlora"
+            and is_target(self.lora, self.name, "w_gate")
+        ):  # the FFN becomes MixLoRA's MoE
+            return mixlora_mlp(
+                self, self.lora, x, w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt), dt
+            )
         adapt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = add_delta(x @ w_gate.astype(dt), lora_delta(self, self.lora, "w_gate", x, (f,),
-                                                           **adapt))
+        gate = add_delta(
+            x @ w_gate.astype(dt), lora_delta(self, self.lora, "w_gate", x, (f,), **adapt)
+        )
         up = add_delta(x @ w_up.astype(dt), lora_delta(self, self.lora, "w_up", x, (f,), **adapt))
         h = nn.silu(gate) * up
-        return add_delta(h @ w_down.astype(dt),
-                         lora_delta(self, self.lora, "w_down", h, (d,), **adapt))
+        return add_delta(
+            h @ w_down.astype(dt), lora_delta(self, self.lora, "w_down", h, (d,), **adapt)
+        )

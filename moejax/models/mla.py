@@ -17,6 +17,7 @@ flag. The two latent norms use eps 1e-6 as DeepSeek's code does (not `model.norm
 With `decode=True` the cache holds `c_kv` and `k_rope` only: (r_kv + d_rope) numbers per
 token and layer instead of 2 * H * d_head.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -36,8 +37,9 @@ class MLAttention(nn.Module):
     lora: object = None  # adapters are not applied to MLA's projections (validation says so)
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
-                 positions_BxL: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array
+    ) -> jax.Array:
         cfg = self.cfg
         d, h = cfg.d_model, cfg.num_heads
         nope, rope, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -49,16 +51,17 @@ class MLAttention(nn.Module):
 
         if rq:
             wq_a = logical_param(self, "wq_a", (d, rq), ("embed", "kv"), std, pdt)
-            wq_b = logical_param(self, "wq_b", (rq, h, nope + rope), ("kv", "heads", "kv"),
-                                 std, pdt)
+            wq_b = logical_param(
+                self, "wq_b", (rq, h, nope + rope), ("kv", "heads", "kv"), std, pdt
+            )
             q_latent = RMSNorm(**norm, name="q_norm")(x @ wq_a.astype(dt))
             q = jnp.einsum("blr,rhk->blhk", q_latent, wq_b.astype(dt))
         else:
-            wq = logical_param(self, "wq", (d, h, nope + rope), ("embed", "heads", "kv"), std,
-                               pdt)
+            wq = logical_param(self, "wq", (d, h, nope + rope), ("embed", "heads", "kv"), std, pdt)
             q = jnp.einsum("bld,dhk->blhk", x, wq.astype(dt))
         q = jnp.concatenate(
-            [q[..., :nope], rotary_embedding(q[..., nope:], positions_BxL, cfg.rope_theta)], -1)
+            [q[..., :nope], rotary_embedding(q[..., nope:], positions_BxL, cfg.rope_theta)], -1
+        )
 
         wkv_a = logical_param(self, "wkv_a", (d, rkv + rope), ("embed", "kv"), std, pdt)
         kv = x @ wkv_a.astype(dt)
@@ -72,13 +75,13 @@ class MLAttention(nn.Module):
         if mask is None:
             mask = attention_mask(segment_ids_BxL)
 
-        wkv_b = logical_param(self, "wkv_b", (rkv, h, nope + dv), ("kv", "heads", "kv"), std,
-                              pdt)
+        wkv_b = logical_param(self, "wkv_b", (rkv, h, nope + dv), ("kv", "heads", "kv"), std, pdt)
         kv_h = jnp.einsum("bsr,rhk->bshk", latent, wkv_b.astype(dt))
         k_nope, v = kv_h[..., :nope], kv_h[..., nope:]
         scale = (nope + rope) ** -0.5
-        scores = (jnp.einsum("blhk,bshk->bhls", q[..., :nope], k_nope)
-                  + jnp.einsum("blhk,bsk->bhls", q[..., nope:], k_rope))
+        scores = jnp.einsum("blhk,bshk->bhls", q[..., :nope], k_nope) + jnp.einsum(
+            "blhk,bsk->bhls", q[..., nope:], k_rope
+        )
         scores = jnp.where(mask, scores.astype(jnp.float32) * scale, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bhls,bshk->blhk", probs, v)

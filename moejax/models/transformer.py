@@ -27,6 +27,7 @@ of `moejax.lora.balance`). Adapters report these through `moejax.lora.collect`, 
 block opens around its body. With `lora.method="xlora"` the stacks run twice: once without
 adapters (X-LoRA's scaling pass), then with the classifier's scalings.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -82,13 +83,14 @@ class Block(nn.Module):
         h = RMSNorm(**norm, name="ffn_norm")(x)
         if self.moe is None:
             out_std = m.init_std / (2 * m.num_layers) ** 0.5
-            y = DenseMLP(m.d_ff, m.init_std, out_std, m.dtype, m.param_dtype, self.lora,
-                         name="mlp")(h)
+            y = DenseMLP(
+                m.d_ff, m.init_std, out_std, m.dtype, m.param_dtype, self.lora, name="mlp"
+            )(h)
             outputs = ({}, {}, {})
         else:
-            y, router_state, aux, metrics, per_token = MoELayer(self.moe, m, self.lora,
-                                                                name="moe")(
-                h, router_state, segment_ids > 0, shared_router)
+            y, router_state, aux, metrics, per_token = MoELayer(self.moe, m, self.lora, name="moe")(
+                h, router_state, segment_ids > 0, shared_router
+            )
             outputs = (aux, metrics, per_token)
         return (x + y.astype(x.dtype), router_state), outputs
 
@@ -102,13 +104,26 @@ def _block_cls(model: ModelConfig):
 def _scan(cls, length: int):
     # Every collection (params, a router's non-trainable state, the decoding cache) is
     # stacked along the layer axis.
-    return nn.scan(cls, variable_axes={True: 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast,), length=length,
-                   metadata_params={nn.PARTITION_NAME: "layers"})
+    return nn.scan(
+        cls,
+        variable_axes={True: 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
 
 
-def _stack(cls, length: int, model: ModelConfig, moe: MoEConfig | None, name: str,
-           decode: bool = False, lora: LoRAConfig | None = None, first_layer: int = 0):
+def _stack(
+    cls,
+    length: int,
+    model: ModelConfig,
+    moe: MoEConfig | None,
+    name: str,
+    decode: bool = False,
+    lora: LoRAConfig | None = None,
+    first_layer: int = 0,
+):
     """`length` blocks as one scanned module `name`, or (`scan_layers=False`) a loop over
     modules `name_0 .. name_{length-1}`; either way `(carry, ctx) -> (carry, stacked outputs)`.
     Must be called inside a compact method (the loop's modules bind to the caller).
@@ -117,9 +132,16 @@ def _stack(cls, length: int, model: ModelConfig, moe: MoEConfig | None, name: st
     own paths) are merged rather than stacked."""
     if model.scan_layers:
         return _scan(cls, length)(model, moe, decode, lora, name=name)
-    blocks = [cls(model, moe, decode,
-                  lora if lora is None else lora.for_layer(first_layer + i, model.num_layers),
-                  name=f"{name}_{i}") for i in range(length)]
+    blocks = [
+        cls(
+            model,
+            moe,
+            decode,
+            lora if lora is None else lora.for_layer(first_layer + i, model.num_layers),
+            name=f"{name}_{i}",
+        )
+        for i in range(length)
+    ]
 
     def run(carry, ctx):
         outputs, loads = [], {}
@@ -129,6 +151,7 @@ def _stack(cls, length: int, model: ModelConfig, moe: MoEConfig | None, name: st
             outputs.append(out[:-1] + ({**out[-1], "load": {}},))
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
         return carry, stacked[:-1] + ({**stacked[-1], "load": loads},)
+
     return run
 
 
@@ -164,12 +187,14 @@ def scanned_abstract(abstract: Any) -> Any:
     for stack, layers in groups.items():
         ordered = [layers[i] for i in range(len(layers))]
         out[stack] = jax.tree.map(
-            lambda *xs: jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype), *ordered)
+            lambda *xs: jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype), *ordered
+        )
     return out
 
 
 class MoEPeriod(nn.Module):
     """`moe_every - 1` dense blocks followed by one MoE block: the unit of the MoE scan."""
+
     model: ModelConfig
     moe: MoEConfig
     decode: bool = False
@@ -178,17 +203,25 @@ class MoEPeriod(nn.Module):
     @nn.compact
     def __call__(self, carry, ctx):
         block = _block_cls(self.model)
-        carry, dense_out = _stack(block, self.model.moe_every - 1, self.model, None, "dense",
-                                  self.decode, self.lora)(carry, ctx)
-        carry, out = block(self.model, self.moe, self.decode, self.lora,
-                           name="moe_block")(carry, ctx)
+        carry, dense_out = _stack(
+            block, self.model.moe_every - 1, self.model, None, "dense", self.decode, self.lora
+        )(carry, ctx)
+        carry, out = block(self.model, self.moe, self.decode, self.lora, name="moe_block")(
+            carry, ctx
+        )
         # The dense blocks' adapter losses and metrics join the MoE block's.
         inner, lora_out = dense_out[-1], out[-1]
         lora_out = {
-            "aux": {k: lora_out["aux"].get(k, 0.0) + jnp.sum(inner["aux"].get(k, 0.0))
-                    for k in set(lora_out["aux"]) | set(inner["aux"])},
-            "metrics": {k: (v + jnp.sum(inner["metrics"][k])) / (1 + inner["metrics"][k].size)
-                        if k in inner["metrics"] else v for k, v in lora_out["metrics"].items()},
+            "aux": {
+                k: lora_out["aux"].get(k, 0.0) + jnp.sum(inner["aux"].get(k, 0.0))
+                for k in set(lora_out["aux"]) | set(inner["aux"])
+            },
+            "metrics": {
+                k: (v + jnp.sum(inner["metrics"][k])) / (1 + inner["metrics"][k].size)
+                if k in inner["metrics"]
+                else v
+                for k, v in lora_out["metrics"].items()
+            },
             "load": {**inner["load"], **lora_out["load"]},
         }
         return carry, out[:-1] + (lora_out,)
@@ -201,8 +234,12 @@ class Transformer(nn.Module):
     lora: LoRAConfig | None = None  # low-rank adapters (moejax.lora); None or "none": off
 
     @nn.compact
-    def __call__(self, inputs_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
-                 positions_BxL: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    def __call__(
+        self,
+        inputs_BxL: jax.Array,
+        segment_ids_BxL: jax.Array | None = None,
+        positions_BxL: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, Any]]:
         m = self.model
         b, length = inputs_BxL.shape
         if segment_ids_BxL is None:
@@ -213,8 +250,9 @@ class Transformer(nn.Module):
         # Untied: unit-variance rows (the first RMSNorm rescales them anyway). Tied: the table
         # is also the output projection, so it starts at init_std to keep logits O(1).
         embed_std = m.init_std if m.tie_embeddings else 1.0
-        embedding = logical_param(self, "embedding", (m.vocab_size, m.d_model),
-                                  ("vocab", "embed"), embed_std, pdt)
+        embedding = logical_param(
+            self, "embedding", (m.vocab_size, m.d_model), ("vocab", "embed"), embed_std, pdt
+        )
         x = jnp.take(embedding, inputs_BxL, axis=0).astype(dt)
         router_state, shared_router = None, None
         if m.num_moe_layers:
@@ -224,16 +262,46 @@ class Transformer(nn.Module):
         stacks = []  # (stack, whether its blocks are MoE)
         num_dense_prefix = m.num_layers if m.moe_every == 0 else m.first_k_dense
         if num_dense_prefix:
-            stacks.append((_stack(block, num_dense_prefix, m, None, "dense_layers",
-                                  self.decode, self.lora), False))
+            stacks.append(
+                (
+                    _stack(
+                        block, num_dense_prefix, m, None, "dense_layers", self.decode, self.lora
+                    ),
+                    False,
+                )
+            )
         if m.num_moe_layers:
             if m.moe_every == 1:
-                stacks.append((_stack(block, m.num_moe_layers, m, self.moe, "moe_layers",
-                                      self.decode, self.lora, first_layer=m.first_k_dense),
-                               True))
+                stacks.append(
+                    (
+                        _stack(
+                            block,
+                            m.num_moe_layers,
+                            m,
+                            self.moe,
+                            "moe_layers",
+                            self.decode,
+                            self.lora,
+                            first_layer=m.first_k_dense,
+                        ),
+                        True,
+                    )
+                )
             else:
-                stacks.append((_stack(MoEPeriod, m.num_moe_layers, m, self.moe, "moe_periods",
-                                      self.decode, self.lora), True))
+                stacks.append(
+                    (
+                        _stack(
+                            MoEPeriod,
+                            m.num_moe_layers,
+                            m,
+                            self.moe,
+                            "moe_periods",
+                            self.decode,
+                            self.lora,
+                        ),
+                        True,
+                    )
+                )
         final_norm = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")
 
         def run(scalings):
@@ -245,18 +313,24 @@ class Transformer(nn.Module):
                 lora_outs.append(out[-1])
                 if is_moe:
                     moe_out = out[:-1]
-            return (final_norm(nn.with_logical_constraint(carry[0], ACTIVATION_AXES)), moe_out,
-                    lora_outs)
+            return (
+                final_norm(nn.with_logical_constraint(carry[0], ACTIVATION_AXES)),
+                moe_out,
+                lora_outs,
+            )
 
         xlora = self.lora is not None and self.lora.method == "xlora"
         if xlora and self.decode:
-            raise ValueError("lora.method='xlora' runs the model twice per call, which the "
-                             "decoding cache does not support; merge or drop the adapters "
-                             "to decode.")
+            raise ValueError(
+                "lora.method='xlora' runs the model twice per call, which the "
+                "decoding cache does not support; merge or drop the adapters "
+                "to decode."
+            )
         if xlora:  # X-LoRA: a pass without adapters (scalings 0) feeds the classifier
             hidden, _, _ = run(jnp.zeros((b, length, self.lora.num_experts), jnp.float32))
             scalings = XLoRAClassifier(self.lora, m.param_dtype, name="lora_xlora_classifier")(
-                jax.lax.stop_gradient(hidden))
+                jax.lax.stop_gradient(hidden)
+            )
         h, (aux, metrics, per_token), lora_outs = run(scalings if xlora else None)
         aux = dict(aux)
         lora_metrics, lora_load = {}, {}
@@ -270,11 +344,18 @@ class Transformer(nn.Module):
         if m.tie_embeddings:
             logits = h @ embedding.astype(dt).T
         else:
-            head = logical_param(self, "lm_head", (m.d_model, m.vocab_size), ("embed", "vocab"),
-                                 m.init_std, pdt)
+            head = logical_param(
+                self, "lm_head", (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std, pdt
+            )
             logits = h @ head.astype(dt)
         aux_losses = {name: jnp.sum(v) for name, v in aux.items()}
         aux_loss = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
-        extras = {"aux_loss": aux_loss, "aux_losses": aux_losses, "moe_metrics": metrics,
-                  "routing": per_token, "lora_metrics": lora_metrics, "lora_load": lora_load}
+        extras = {
+            "aux_loss": aux_loss,
+            "aux_losses": aux_losses,
+            "moe_metrics": metrics,
+            "routing": per_token,
+            "lora_metrics": lora_metrics,
+            "lora_load": lora_load,
+        }
         return logits.astype(jnp.float32), extras

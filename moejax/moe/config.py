@@ -1,4 +1,5 @@
 """`MoEConfig`: the `config.moe` section (routing, experts and dispatch)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ class MoEConfig:
     (0 = the size of the `expert` mesh axis, filled in by validation);
     `seq_balance_coef` is DeepSeek-V3's sequence-wise alpha (eq. 17-20), per row of the batch.
     """
+
     num_experts: int = 8
     top_k: int = 2
     d_expert: int = 512

@@ -30,6 +30,7 @@ same y (up to float error and, for `capacity_einsum` only, dropped assignments):
   the holders, and the replicas' gradients summed back to the owners by its transpose.
   `expert_parallel` is `fssdp` with no slots.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,9 @@ def _combine(y_TxKxD: jax.Array, weights_TxK: jax.Array) -> jax.Array:
     return jnp.einsum("tkd,tk->td", y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
 
 
-def dense_reference(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
-                    cfg: MoEConfig) -> tuple[jax.Array, Metrics]:
+def dense_reference(
+    x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig
+) -> tuple[jax.Array, Metrics]:
     t = x.shape[0]
     gates = jnp.zeros((t, cfg.num_experts), routing.combine_weights.dtype)
     gates = gates.at[jnp.arange(t)[:, None], routing.expert_ids].add(routing.combine_weights)
@@ -82,8 +84,9 @@ def capacity(num_tokens: int, cfg: MoEConfig, slots: int | None = None) -> int:
     return max(1, math.ceil(cfg.capacity_factor * num_tokens * k / cfg.num_experts))
 
 
-def capacity_einsum(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
-                    cfg: MoEConfig) -> tuple[jax.Array, Metrics]:
+def capacity_einsum(
+    x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig
+) -> tuple[jax.Array, Metrics]:
     t, d = x.shape
     e, k = cfg.num_experts, routing.expert_ids.shape[1]
     c = capacity(t, cfg, k)
@@ -108,27 +111,31 @@ def capacity_einsum(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
     return _combine(y, weights), {"dropped_fraction": dropped.astype(jnp.float32)}
 
 
-def ragged(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
-           gmm_impl: str | None = None) -> tuple[jax.Array, Metrics]:
+def ragged(
+    x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig, gmm_impl: str | None = None
+) -> tuple[jax.Array, Metrics]:
     t, k = routing.expert_ids.shape
     impl = gmm_impl or resolve_gmm_impl(cfg.gmm_impl)
     # Unused slots (zero weight) go past the last group: no FLOPs for padding tokens or the
     # empty slots of top-p routing.
-    order, inverse, sizes = sort_by_expert(routing.expert_ids, cfg.num_experts,
-                                           routing.combine_weights > 0)
+    order, inverse, sizes = sort_by_expert(
+        routing.expert_ids, cfg.num_experts, routing.combine_weights > 0
+    )
     x_sorted = permute(x, order, inverse, k)
     out = expert_fn(x_sorted, lambda lhs, w: gmm(lhs, w, sizes, impl=impl, tile=cfg.gmm_tile))
     y = unpermute(out, order, inverse).reshape(t, k, -1)
     return _combine(y, routing.combine_weights), {}
 
 
-def pallas(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
-           gmm_impl: str | None = None) -> tuple[jax.Array, Metrics]:
+def pallas(
+    x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig, gmm_impl: str | None = None
+) -> tuple[jax.Array, Metrics]:
     del gmm_impl  # the grouped matmul is pallas_kernels.gmm; tiles come from its table
     k = routing.expert_ids.shape[1]
     kw = {"backend": cfg.kernel_backend, "interpret": jax.default_backend() == "cpu"}
-    order, inverse, sizes = sort_by_expert(routing.expert_ids, cfg.num_experts,
-                                           routing.combine_weights > 0)
+    order, inverse, sizes = sort_by_expert(
+        routing.expert_ids, cfg.num_experts, routing.combine_weights > 0
+    )
     x_sorted = pallas_kernels.permute(x, order, inverse, k, **kw)
     out = expert_fn(x_sorted, lambda lhs, w: pallas_kernels.gmm(lhs, w, sizes, **kw))
     y = pallas_kernels.unpermute_combine(out, order, inverse, routing.combine_weights, **kw)
@@ -143,16 +150,20 @@ def resolve_gmm_impl(name: str) -> str:
     return _platform_plan()[1] if name == "auto" else name
 
 
-def expert_parallel(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
-                    gmm_impl: str | None = None) -> tuple[jax.Array, Metrics]:
-    return sharded_dispatch(x, routing, expert_fn, cfg, 0,
-                            gmm_impl or resolve_gmm_impl(cfg.gmm_impl))
+def expert_parallel(
+    x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig, gmm_impl: str | None = None
+) -> tuple[jax.Array, Metrics]:
+    return sharded_dispatch(
+        x, routing, expert_fn, cfg, 0, gmm_impl or resolve_gmm_impl(cfg.gmm_impl)
+    )
 
 
-def fssdp(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
-          gmm_impl: str | None = None) -> tuple[jax.Array, Metrics]:
-    return sharded_dispatch(x, routing, expert_fn, cfg, cfg.fssdp_slots,
-                            gmm_impl or resolve_gmm_impl(cfg.gmm_impl))
+def fssdp(
+    x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig, gmm_impl: str | None = None
+) -> tuple[jax.Array, Metrics]:
+    return sharded_dispatch(
+        x, routing, expert_fn, cfg, cfg.fssdp_slots, gmm_impl or resolve_gmm_impl(cfg.gmm_impl)
+    )
 
 
 def auto(x, routing, expert_fn, cfg):
@@ -171,8 +182,9 @@ DISPATCHERS: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
 }
 
 
-def dispatch(x: jax.Array, routing: Routing, expert_fn: ExpertFn,
-             cfg: MoEConfig) -> tuple[jax.Array, Metrics]:
+def dispatch(
+    x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig
+) -> tuple[jax.Array, Metrics]:
     """Runs the dispatcher named by `cfg.dispatcher`; every plan reports `dropped_fraction`."""
     y, metrics = DISPATCHERS[cfg.dispatcher](x, routing, expert_fn, cfg)
     metrics.setdefault("dropped_fraction", jnp.zeros((), jnp.float32))

@@ -58,6 +58,7 @@ the trainer sets it around its compiled steps). With no mesh, no `expert` axis, 
 count the token axes do not divide (e.g. a model's init on a dummy batch), the same plan runs
 locally with P = 1 and no collectives.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,6 +85,7 @@ EP_EXCHANGES = ("auto", "padded", "ragged")
 class _Group:
     """The expert-parallel group as seen from one device: its axis name (None = no
     collectives), its size P, and the mesh axes the metrics reduce over."""
+
     axis: str | None
     size: int
     metric_axes: tuple[str, ...]
@@ -111,11 +113,18 @@ class _Group:
         starts = jnp.arange(p, dtype=jnp.int32) * b
         recv_sizes = self.all_to_all(send_sizes.astype(jnp.int32))
         # Every operand varies over the axis like `flat` (shard_map's vma check).
-        output, starts, sizes, offsets = (vary_like(a, flat) for a in (
-            jnp.full_like(flat, fill), starts, send_sizes.astype(jnp.int32),
-            jnp.full((p,), self.index() * b, jnp.int32)))
-        out = jax.lax.ragged_all_to_all(flat, output, starts, sizes, offsets,
-                                        vary_like(recv_sizes, flat), axis_name=self.axis)
+        output, starts, sizes, offsets = (
+            vary_like(a, flat)
+            for a in (
+                jnp.full_like(flat, fill),
+                starts,
+                send_sizes.astype(jnp.int32),
+                jnp.full((p,), self.index() * b, jnp.int32),
+            )
+        )
+        out = jax.lax.ragged_all_to_all(
+            flat, output, starts, sizes, offsets, vary_like(recv_sizes, flat), axis_name=self.axis
+        )
         return out.reshape(buf.shape)
 
     def psum(self, x):
@@ -147,6 +156,7 @@ def _sparse_all_gather(weights: Any, slot_expert: jax.Array, grp: _Group, e_loca
     def one(w):
         send = jnp.where(mine.reshape(mine.shape + (1,) * (w.ndim - 1)), w[idx], 0)
         return jnp.sum(grp.all_to_all(send), axis=0)  # [P sources, S, ...] -> [S, ...]
+
     return jax.tree.map(one, weights)
 
 
@@ -161,8 +171,9 @@ def _local_compute(weights, slot_expert, rows, sizes, order, inverse, fn, grp, s
     return unpermute(out, order, inverse)
 
 
-def _plan(x, ids, combine, weights, *, fn, cfg: MoEConfig, grp: _Group,
-          slots: int, mm_kw: tuple[str, int]):
+def _plan(
+    x, ids, combine, weights, *, fn, cfg: MoEConfig, grp: _Group, slots: int, mm_kw: tuple[str, int]
+):
     """The per-device body (see the module docstring); returns (y[T, d], metrics)."""
     t, d = x.shape
     k = ids.shape[1]
@@ -187,8 +198,9 @@ def _plan(x, ids, combine, weights, *, fn, cfg: MoEConfig, grp: _Group,
     chunk = rank * num_holders[flat] // jnp.maximum(load[flat], 1)
     dest = holder_order[flat, jnp.minimum(chunk, p - 1)]
     owner = owners(e, p)[flat]
-    group = jnp.where(dest == owner, flat - owner * e_local,
-                      e_local + replica_slot(slot_expert, e)[dest, flat])
+    group = jnp.where(
+        dest == owner, flat - owner * e_local, e_local + replica_slot(slot_expert, e)[dest, flat]
+    )
     dest = jnp.where(used, dest, p)
 
     # 4. Pack per-destination buffers [P, B] sorted by (destination, group).
@@ -249,28 +261,41 @@ def _context_mesh(num_tokens: int):
     return mesh if num_tokens % shards == 0 else None
 
 
-def sharded_dispatch(x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig,
-                     slots: int, gmm_impl: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sharded_dispatch(
+    x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig, slots: int, gmm_impl: str
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The EP/FSSDP plan over the context mesh (locally when there is none)."""
     mm_kw = (gmm_impl, cfg.gmm_tile)  # hashable: a static argument of jax.checkpoint
     mesh = _context_mesh(x.shape[0])
     if mesh is None:
         grp = _Group(None, 1, ())
-        return _plan(x, routing.expert_ids, routing.combine_weights, expert_fn.weights,
-                     fn=expert_fn.fn, cfg=cfg, grp=grp, slots=0, mm_kw=mm_kw)
+        return _plan(
+            x,
+            routing.expert_ids,
+            routing.combine_weights,
+            expert_fn.weights,
+            fn=expert_fn.fn,
+            cfg=cfg,
+            grp=grp,
+            slots=0,
+            mm_kw=mm_kw,
+        )
     p = mesh.shape[EXPERT_AXIS]
     token_axes = tuple(a for a in TOKEN_AXES if a in mesh.axis_names)
-    ragged = cfg.ep_exchange == "ragged" or (cfg.ep_exchange == "auto"
-                                             and jax.default_backend() in ("gpu", "tpu"))
+    ragged = cfg.ep_exchange == "ragged" or (
+        cfg.ep_exchange == "auto" and jax.default_backend() in ("gpu", "tpu")
+    )
     grp = _Group(EXPERT_AXIS, p, token_axes, ragged)  # metrics: tensor-axis peers are copies
     slots = slots if p > 1 else 0
 
     def body(x, ids, combine, weights):
         # Only `expert_fn.fn` is used inside: the weights come in sharded as `weights`.
-        return _plan(x, ids, combine, weights, fn=expert_fn.fn, cfg=cfg, grp=grp, slots=slots,
-                     mm_kw=mm_kw)
+        return _plan(
+            x, ids, combine, weights, fn=expert_fn.fn, cfg=cfg, grp=grp, slots=slots, mm_kw=mm_kw
+        )
 
     tokens = P(token_axes)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, P(EXPERT_AXIS)),
-                       out_specs=(tokens, P()))
+    fn = jax.shard_map(
+        body, mesh=mesh, in_specs=(tokens, tokens, tokens, P(EXPERT_AXIS)), out_specs=(tokens, P())
+    )
     return fn(x, routing.expert_ids, routing.combine_weights, expert_fn.weights)

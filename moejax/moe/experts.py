@@ -10,6 +10,7 @@ An `ExpertFn` keeps its weights apart from its math (`fn(weights, x_plan, mm)`, 
 leaf stacked `[E, ...]` along axis 0) so sharded dispatchers (`expert_parallel`, `fssdp`) can
 pass them into `shard_map` with their own specs and call `fn` on their local experts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ class ExpertFn:
     Calling it, `expert_fn(x_plan, mm)`, runs `fn` on all E experts; a dispatcher that holds
     only some experts slices `weights` along axis 0 and calls `fn` itself.
     """
+
     fn: Callable[[Any, jax.Array, MatmulFn], jax.Array]
     weights: Any
 
@@ -38,13 +40,16 @@ class ExpertFn:
         return self.fn(self.weights, x, mm)
 
 
-def swiglu_expert_fn(w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-                     dtype=jnp.float32) -> ExpertFn:
+def swiglu_expert_fn(
+    w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, dtype=jnp.float32
+) -> ExpertFn:
     """SwiGLU over a dispatch plan: silu(mm(x, W_gate)) * mm(x, W_up), then mm(., W_down)."""
+
     def fn(w, x: jax.Array, mm: MatmulFn) -> jax.Array:
         x = x.astype(dtype)
         h = nn.silu(mm(x, w["w_gate"].astype(dtype))) * mm(x, w["w_up"].astype(dtype))
         return mm(h, w["w_down"].astype(dtype))
+
     return ExpertFn(fn, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
 
 
@@ -61,10 +66,13 @@ class RoutedExperts(nn.Module):
     def __call__(self) -> ExpertFn:
         e, d, f = self.num_experts, self.d_model, self.d_expert
         pdt = dtype_of(self.param_dtype)
-        w_gate = logical_param(self, "w_gate", (e, d, f), ("expert", "embed", "mlp"),
-                               self.init_std, pdt)
-        w_up = logical_param(self, "w_up", (e, d, f), ("expert", "embed", "mlp"),
-                             self.init_std, pdt)
-        w_down = logical_param(self, "w_down", (e, f, d), ("expert", "mlp", "embed"),
-                               self.out_std, pdt)
+        w_gate = logical_param(
+            self, "w_gate", (e, d, f), ("expert", "embed", "mlp"), self.init_std, pdt
+        )
+        w_up = logical_param(
+            self, "w_up", (e, d, f), ("expert", "embed", "mlp"), self.init_std, pdt
+        )
+        w_down = logical_param(
+            self, "w_down", (e, f, d), ("expert", "mlp", "embed"), self.out_std, pdt
+        )
         return swiglu_expert_fn(w_gate, w_up, w_down, dtype_of(self.dtype))

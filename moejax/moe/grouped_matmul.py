@@ -22,6 +22,7 @@ Two implementations, chosen by name:
 Shapes: M rows (tokens x top-k, sorted by expert), K input features, N output features,
 G groups (experts). `group_sizes` is int32 and sums to at most M.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,6 +41,7 @@ class TilePlan(NamedTuple):
     group[t]: the group of tile t; start[t]: its first row; rows[t]: its valid rows (<= tile);
     count: how many tiles are real (the rest are padding and never executed).
     """
+
     group: jax.Array
     start: jax.Array
     rows: jax.Array
@@ -123,8 +125,9 @@ def _gmm_loop(lhs, rhs, group_sizes, tile, out_dtype):
         w = jax.lax.dynamic_index_in_dim(rhs, plan.group[t], axis=0, keepdims=False)
         y = jnp.dot(x, w, preferred_element_type=jnp.float32)
         old = jax.lax.dynamic_slice_in_dim(out, lo, tile, axis=0)
-        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask[:, None], y, old), lo,
-                                                   axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(
+            out, jnp.where(mask[:, None], y, old), lo, axis=0
+        )
 
     # The carry is float32 whatever the operands: XLA:CPU copied a bfloat16 carry on every
     # iteration instead of updating it in place (measured 448 ms vs 84 ms for one forward).
@@ -146,8 +149,9 @@ def _tgmm_loop(lhs, grad, group_sizes, tile, out_dtype):
         x = jax.lax.dynamic_slice_in_dim(lhs, lo, tile, axis=0)
         dy = jax.lax.dynamic_slice_in_dim(grad, lo, tile, axis=0)
         dy = jnp.where(mask[:, None], dy, jnp.zeros((), dy.dtype))
-        contrib = jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.float32)
+        contrib = jax.lax.dot_general(
+            x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
         g = plan.group[t]
         cur = jax.lax.dynamic_index_in_dim(acc, g, axis=0, keepdims=True)
         return jax.lax.dynamic_update_index_in_dim(acc, cur + contrib[None], g, axis=0)
@@ -176,15 +180,23 @@ def _gmm_bwd(tile, res, grad):
 _gmm_tile_loop.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-        impl: str = "tile_loop", tile: int = DEFAULT_TILE) -> jax.Array:
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    impl: str = "tile_loop",
+    tile: int = DEFAULT_TILE,
+) -> jax.Array:
     """Grouped matmul `[M, K] x [G, K, N] -> [M, N]`; see the module docstring."""
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
         raise ValueError(
-            f"gmm expects lhs [M, K] and rhs [G, K, N]; got {lhs.shape} and {rhs.shape}")
+            f"gmm expects lhs [M, K] and rhs [G, K, N]; got {lhs.shape} and {rhs.shape}"
+        )
     if group_sizes.shape != (rhs.shape[0],):
         raise ValueError(
-            f"group_sizes must have shape [G]={rhs.shape[:1]}, got {group_sizes.shape}")
+            f"group_sizes must have shape [G]={rhs.shape[:1]}, got {group_sizes.shape}"
+        )
     group_sizes = group_sizes.astype(jnp.int32)
     if lhs.shape[0] == 0:
         return jnp.zeros((0, rhs.shape[2]), jnp.result_type(lhs, rhs))
@@ -195,7 +207,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     raise ValueError(f"unknown grouped-matmul impl {impl!r}; choose one of {IMPLS}")
 
 
-def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
-         tile: int = DEFAULT_TILE) -> jax.Array:
+def tgmm(
+    lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile: int = DEFAULT_TILE
+) -> jax.Array:
     """Per-group `lhs.T @ grad` -> `[G, K, N]` (the weight gradient of `gmm`)."""
     return _tgmm_loop(lhs, grad, group_sizes.astype(jnp.int32), tile, jnp.result_type(lhs, grad))

@@ -28,6 +28,7 @@ the input and the hidden products:
 Weights start at N(0, init_std^2) like the reference code; biases at zero. Everything in
 the router runs in float32.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,6 +49,7 @@ class GRUCell(nn.Module):
     """Holds the GRU parameters and returns them, so one cell created at the model level can
     be handed to every scanned layer: `w_i[h, 3h]`, `w_h[h, 3h]`, `b_i[3h]`, `b_h[3h]`, the
     three column blocks being the r, z and n gates."""
+
     hidden: int
     init_std: float = 0.02
     param_dtype: str = "float32"
@@ -55,11 +57,14 @@ class GRUCell(nn.Module):
     @nn.compact
     def __call__(self) -> CellParams:
         h, pdt = self.hidden, dtype_of(self.param_dtype)
-        params = {name: logical_param(self, name, (h, 3 * h), (None, None), self.init_std, pdt)
-                  for name in ("w_i", "w_h")}
+        params = {
+            name: logical_param(self, name, (h, 3 * h), (None, None), self.init_std, pdt)
+            for name in ("w_i", "w_h")
+        }
         for name in ("b_i", "b_h"):
-            params[name] = self.param(name, nn.with_logical_partitioning(
-                nn.initializers.zeros, (None,)), (3 * h,), pdt)
+            params[name] = self.param(
+                name, nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (3 * h,), pdt
+            )
         return params
 
 
@@ -80,28 +85,44 @@ class GRURouter(nn.Module):
     """RMoE router (see the module docstring). `state` is h_{i-1}[T, gru_dim] (None = zeros);
     the returned Routing carries h_i. Without a `shared` cell (a layer used on its own, or
     `gru_shared=False`) the router owns one."""
+
     cfg: MoEConfig
     init_std: float = 0.02
     param_dtype: str = "float32"
 
     @nn.compact
-    def __call__(self, x_TxD: jax.Array, state=None, mask_T: jax.Array | None = None,
-                 shared: Any = None, seq_len: int | None = None) -> Routing:
+    def __call__(
+        self,
+        x_TxD: jax.Array,
+        state=None,
+        mask_T: jax.Array | None = None,
+        shared: Any = None,
+        seq_len: int | None = None,
+    ) -> Routing:
         cfg, h, pdt = self.cfg, self.cfg.gru_dim, dtype_of(self.param_dtype)
-        w1 = logical_param(self, "proj", (x_TxD.shape[-1], h), ("embed", None), self.init_std,
-                           pdt)
+        w1 = logical_param(self, "proj", (x_TxD.shape[-1], h), ("embed", None), self.init_std, pdt)
         u = x_TxD.astype(jnp.float32) @ w1.astype(jnp.float32)
-        cell = shared if shared is not None else GRUCell(h, self.init_std, self.param_dtype,
-                                                         name="gru")()
+        cell = (
+            shared
+            if shared is not None
+            else GRUCell(h, self.init_std, self.param_dtype, name="gru")()
+        )
         if state is None:
             state = jnp.zeros((x_TxD.shape[0], h), jnp.float32)
         if cfg.gru_detach:
             state = jax.lax.stop_gradient(state)
         new_state = gru_cell(cell, u, state.astype(jnp.float32))
-        w2 = logical_param(self, "kernel", (h, cfg.num_experts), (None, "expert"), self.init_std,
-                           pdt)
+        w2 = logical_param(
+            self, "kernel", (h, cfg.num_experts), (None, "expert"), self.init_std, pdt
+        )
         logits = new_state @ w2.astype(jnp.float32)
-        sel = SELECTIONS[selection_rule(cfg)](logits, mask_T, cfg, selection_bias(self, cfg),
-                                              seq_len)
-        return Routing(expert_ids=sel.expert_ids, combine_weights=sel.weights,
-                       aux_losses=sel.aux_losses, metrics=sel.metrics, state=new_state)
+        sel = SELECTIONS[selection_rule(cfg)](
+            logits, mask_T, cfg, selection_bias(self, cfg), seq_len
+        )
+        return Routing(
+            expert_ids=sel.expert_ids,
+            combine_weights=sel.weights,
+            aux_losses=sel.aux_losses,
+            metrics=sel.metrics,
+            state=new_state,
+        )

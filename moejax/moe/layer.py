@@ -9,6 +9,7 @@ Input `x[B, L, d]` is flattened to T = B*L tokens for routing and dispatch. Retu
 output, the router state for the next MoE layer, the weighted aux losses, the metrics, and
 per-token routing decisions `[B, L]` for analysis (`top1_expert`, `experts_per_token`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,31 +40,54 @@ class MoELayer(nn.Module):
     lora: LoRAConfig | None = None  # adapters on the shared experts' projections ("shared.*")
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, router_state: Any = None,
-                 mask_BxL: jax.Array | None = None, shared_router: Any = None):
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        router_state: Any = None,
+        mask_BxL: jax.Array | None = None,
+        shared_router: Any = None,
+    ):
         cfg, m = self.cfg, self.model
         b, length, d = x_BxLxD.shape
         x = x_BxLxD.reshape(b * length, d)
         mask = None if mask_BxL is None else mask_BxL.reshape(b * length)
         out_std = m.init_std / (2 * m.num_layers) ** 0.5
-        routing = ROUTERS[cfg.router](cfg, init_std=m.init_std, param_dtype=m.param_dtype,
-                                      name="router")(x, router_state, mask, shared_router, length)
-        expert_fn = RoutedExperts(cfg.num_experts, d, cfg.d_expert, m.init_std, out_std,
-                                  m.dtype, m.param_dtype, name="experts")()
+        routing = ROUTERS[cfg.router](
+            cfg, init_std=m.init_std, param_dtype=m.param_dtype, name="router"
+        )(x, router_state, mask, shared_router, length)
+        expert_fn = RoutedExperts(
+            cfg.num_experts,
+            d,
+            cfg.d_expert,
+            m.init_std,
+            out_std,
+            m.dtype,
+            m.param_dtype,
+            name="experts",
+        )()
         y, dispatch_metrics = dispatch(x, routing, expert_fn, cfg)
         if cfg.n_shared:
-            shared = DenseMLP(shared_width(cfg), m.init_std, out_std, m.dtype, m.param_dtype,
-                              self.lora, name="shared")(x)
+            shared = DenseMLP(
+                shared_width(cfg),
+                m.init_std,
+                out_std,
+                m.dtype,
+                m.param_dtype,
+                self.lora,
+                name="shared",
+            )(x)
             if cfg.shared_gate:  # Qwen2-MoE: sigmoid(x . w_gate) scales the shared output
-                w = logical_param(self, "shared_gate", (d,), ("embed",), m.init_std,
-                                  dtype_of(m.param_dtype))
+                w = logical_param(
+                    self, "shared_gate", (d,), ("embed",), m.init_std, dtype_of(m.param_dtype)
+                )
                 dt = dtype_of(m.dtype)
                 shared = jax.nn.sigmoid(x.astype(dt) @ w.astype(dt))[:, None] * shared
             y = y + shared
         metrics = {**routing.metrics, **dispatch_metrics}
         per_token = {
             "top1_expert": routing.expert_ids[:, 0].reshape(b, length),
-            "experts_per_token": jnp.sum(routing.combine_weights > 0, axis=-1,
-                                         dtype=jnp.int32).reshape(b, length),
+            "experts_per_token": jnp.sum(
+                routing.combine_weights > 0, axis=-1, dtype=jnp.int32
+            ).reshape(b, length),
         }
         return y.reshape(b, length, d), routing.state, routing.aux_losses, metrics, per_token

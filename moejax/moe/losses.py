@@ -4,6 +4,7 @@ All functions take router probabilities `probs[T, E]` or logits, the selected
 `expert_ids[T, k]`, and an optional `mask[T]` (1 for real tokens, 0 for padding) so padded
 positions of packed batches do not count.
 """
+
 from __future__ import annotations
 
 import jax
@@ -14,8 +15,12 @@ def _mask(t: int, mask: jax.Array | None) -> jax.Array:
     return jnp.ones((t,), jnp.float32) if mask is None else mask.astype(jnp.float32)
 
 
-def expert_load(expert_ids: jax.Array, num_experts: int, mask: jax.Array | None = None,
-                weights: jax.Array | None = None) -> jax.Array:
+def expert_load(
+    expert_ids: jax.Array,
+    num_experts: int,
+    mask: jax.Array | None = None,
+    weights: jax.Array | None = None,
+) -> jax.Array:
     """Fraction of the (token, choice) assignments that go to each expert: [E], sums to 1.
 
     `weights[T, k]` (optional) excludes slots with zero combine weight (top-p padding).
@@ -28,9 +33,12 @@ def expert_load(expert_ids: jax.Array, num_experts: int, mask: jax.Array | None 
     return counts / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def balance_statistics(probs: jax.Array, expert_ids: jax.Array,
-                       mask: jax.Array | None = None,
-                       weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def balance_statistics(
+    probs: jax.Array,
+    expert_ids: jax.Array,
+    mask: jax.Array | None = None,
+    weights: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """The two factors of every balance loss below: `f[E]`, the fraction of the (token,
     slot) assignments sent to each expert (`expert_load`), and `P[E]`, each expert's mean
     router probability over the real tokens."""
@@ -41,9 +49,12 @@ def balance_statistics(probs: jax.Array, expert_ids: jax.Array,
     return f, p
 
 
-def switch_balance_loss(probs: jax.Array, expert_ids: jax.Array,
-                        mask: jax.Array | None = None,
-                        weights: jax.Array | None = None) -> jax.Array:
+def switch_balance_loss(
+    probs: jax.Array,
+    expert_ids: jax.Array,
+    mask: jax.Array | None = None,
+    weights: jax.Array | None = None,
+) -> jax.Array:
     """Switch Transformer load-balance loss (Fedus et al., 2021, eq. 4), top-k form.
 
     L = E * sum_i f_i * P_i, where f_i is the fraction of the T*k assignments sent to expert
@@ -67,17 +78,23 @@ def device_balance_loss(f: jax.Array, p: jax.Array, num_devices: int) -> jax.Arr
     """
     e = f.shape[-1]
     if num_devices < 1 or e % num_devices:
-        raise ValueError(f"device_balance_loss: {e} experts do not split into num_devices="
-                         f"{num_devices} equal groups; set moe.balance_devices to a divisor "
-                         f"of moe.num_experts (0 = mesh.expert, filled in by validate).")
+        raise ValueError(
+            f"device_balance_loss: {e} experts do not split into num_devices="
+            f"{num_devices} equal groups; set moe.balance_devices to a divisor "
+            f"of moe.num_experts (0 = mesh.expert, filled in by validate)."
+        )
     f_dev = jnp.mean((e * f).reshape(num_devices, e // num_devices), axis=-1)
     p_dev = jnp.sum(p.reshape(num_devices, e // num_devices), axis=-1)
     return jnp.sum(f_dev * p_dev)
 
 
-def sequence_balance_loss(probs: jax.Array, expert_ids: jax.Array, seq_len: int,
-                          mask: jax.Array | None = None,
-                          weights: jax.Array | None = None) -> jax.Array:
+def sequence_balance_loss(
+    probs: jax.Array,
+    expert_ids: jax.Array,
+    seq_len: int,
+    mask: jax.Array | None = None,
+    weights: jax.Array | None = None,
+) -> jax.Array:
     """DeepSeek-V3's complementary sequence-wise balance loss without its alpha (Liu et al.,
     2024, arXiv 2412.19437, eq. 17-20), averaged over the sequences.
 
@@ -89,13 +106,15 @@ def sequence_balance_loss(probs: jax.Array, expert_ids: jax.Array, seq_len: int,
     """
     t, e = probs.shape
     if t % seq_len:
-        raise ValueError(f"sequence_balance_loss: {t} tokens are not whole sequences of "
-                         f"seq_len={seq_len}.")
+        raise ValueError(
+            f"sequence_balance_loss: {t} tokens are not whole sequences of seq_len={seq_len}."
+        )
     n = t // seq_len
     m = _mask(t, mask).reshape(n, seq_len)
     w = None if weights is None else weights.reshape(n, seq_len, -1)
-    per_seq = jax.vmap(switch_balance_loss)(probs.reshape(n, seq_len, e),
-                                            expert_ids.reshape(n, seq_len, -1), m, w)
+    per_seq = jax.vmap(switch_balance_loss)(
+        probs.reshape(n, seq_len, e), expert_ids.reshape(n, seq_len, -1), m, w
+    )
     real = (jnp.sum(m, axis=-1) > 0).astype(jnp.float32)
     return jnp.sum(per_seq * real) / jnp.maximum(jnp.sum(real), 1.0)
 
@@ -120,9 +139,14 @@ def coefficient_of_variation(load: jax.Array) -> jax.Array:
     return jnp.std(load) / jnp.maximum(jnp.mean(load), 1e-9)
 
 
-def routing_metrics(probs: jax.Array, expert_ids: jax.Array, weights: jax.Array,
-                    mask: jax.Array | None = None, load: jax.Array | None = None,
-                    entropy: jax.Array | None = None) -> dict[str, jax.Array]:
+def routing_metrics(
+    probs: jax.Array,
+    expert_ids: jax.Array,
+    weights: jax.Array,
+    mask: jax.Array | None = None,
+    load: jax.Array | None = None,
+    entropy: jax.Array | None = None,
+) -> dict[str, jax.Array]:
     """Per-layer statistics every router reports: load [E], load CV, entropy, experts/token
     (mean, and `experts_per_token_hist[j]`: the fraction of tokens that use j experts,
     j = 0..k). `load` (`expert_load`) and `entropy` (`router_entropy`) may be passed in when

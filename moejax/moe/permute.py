@@ -8,6 +8,7 @@ Autodiff would transpose these gathers into scatter-adds, which XLA:CPU runs sev
 slower than gathers; since `order` is a permutation, both transposes are gathers too:
 d x[t] = sum_j g[inverse[t*k + j]] and d y_sorted = g[order].
 """
+
 from __future__ import annotations
 
 import functools

@@ -21,6 +21,7 @@ Everything here is integer/float arithmetic on [P, E] arrays, run identically on
 device of the group (same inputs, same ops), so all devices agree on the placement
 without another collective.
 """
+
 from __future__ import annotations
 
 import jax
@@ -60,7 +61,8 @@ def greedy_placement(load: jax.Array, num_devices: int, slots: int) -> jax.Array
         slot = slots - free[d_star]
         hold = hold.at[d_star, e_star].set(hold[d_star, e_star] | take)
         slot_expert = slot_expert.at[d_star, jnp.minimum(slot, slots - 1)].set(
-            jnp.where(take, e_star, slot_expert[d_star, jnp.minimum(slot, slots - 1)]))
+            jnp.where(take, e_star, slot_expert[d_star, jnp.minimum(slot, slots - 1)])
+        )
         free = free.at[d_star].add(-take.astype(jnp.int32))
         return hold, slot_expert, free, done | ~take
 
@@ -77,7 +79,8 @@ def holders(slot_expert: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Ar
     dev = jnp.arange(p, dtype=jnp.int32)
     replica = jnp.zeros((p, num_experts + 1), jnp.bool_)
     replica = replica.at[dev[:, None], jnp.where(slot_expert < 0, num_experts, slot_expert)].set(
-        True)[:, :num_experts]
+        True
+    )[:, :num_experts]
     is_owner = owner[None, :] == dev[:, None]  # [P, E]
     key = jnp.where(is_owner, 0, jnp.where(replica, 1 + dev[:, None], 2 * p + 1))  # [P, E]
     order = jnp.argsort(key.T, axis=1, stable=True).astype(jnp.int32)  # [E, P]

@@ -18,6 +18,7 @@ passes L of its `x[B, L, d]`), for the sequence-wise balance loss. `shared` hold
 model-level router parameters (RMoE's shared GRU cell), passed by the Transformer; None
 elsewhere.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -41,6 +42,7 @@ class LinearRouter(nn.Module):
     DynMoLE's rule) and `bias_collection` names the bias's collection (LoRA routers keep
     theirs apart from the MoE layers', in `lora_bias`, and name their expert axis
     `lora_experts`, which the sharding rules replicate, via `expert_axis`)."""
+
     cfg: MoEConfig
     init_std: float = 0.02
     param_dtype: str = "float32"
@@ -49,17 +51,34 @@ class LinearRouter(nn.Module):
     expert_axis: str = "expert"
 
     @nn.compact
-    def __call__(self, x_TxD: jax.Array, state=None, mask_T: jax.Array | None = None,
-                 shared: Any = None, seq_len: int | None = None) -> Routing:
+    def __call__(
+        self,
+        x_TxD: jax.Array,
+        state=None,
+        mask_T: jax.Array | None = None,
+        shared: Any = None,
+        seq_len: int | None = None,
+    ) -> Routing:
         cfg = self.cfg
-        w = logical_param(self, "kernel", (x_TxD.shape[-1], cfg.num_experts),
-                          ("embed", self.expert_axis), self.init_std, dtype_of(self.param_dtype))
+        w = logical_param(
+            self,
+            "kernel",
+            (x_TxD.shape[-1], cfg.num_experts),
+            ("embed", self.expert_axis),
+            self.init_std,
+            dtype_of(self.param_dtype),
+        )
         logits = x_TxD.astype(jnp.float32) @ w.astype(jnp.float32)
         rule = self.rule or SELECTIONS[selection_rule(cfg)]
         bias = selection_bias(self, cfg, self.bias_collection, self.expert_axis)
         sel = rule(logits, mask_T, cfg, bias, seq_len)
-        return Routing(expert_ids=sel.expert_ids, combine_weights=sel.weights,
-                       aux_losses=sel.aux_losses, metrics=sel.metrics, state=state)
+        return Routing(
+            expert_ids=sel.expert_ids,
+            combine_weights=sel.weights,
+            aux_losses=sel.aux_losses,
+            metrics=sel.metrics,
+            state=state,
+        )
 
 
 ROUTERS = {

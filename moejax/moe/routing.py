@@ -1,4 +1,5 @@
 """`Routing`: what a router decides for a flat batch of T tokens, as a pytree."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,6 +17,7 @@ class Routing:
     the training loss; metrics: name -> array, logged; state: the router's recurrent state
     carried to the next MoE layer (None for stateless routers).
     """
+
     expert_ids: jax.Array
     combine_weights: jax.Array
     aux_losses: dict[str, jax.Array]

@@ -38,6 +38,7 @@ DeepSeekMoE's device-level loss (`device_balance_coef`), DeepSeek-V3's sequence-
 (`seq_balance_coef`), ST-MoE z-loss (`z_loss_coef`) and router entropy (`entropy_coef`);
 see `moejax.moe.losses`.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,10 @@ def top_p_mask(sorted_probs: jax.Array, p: float) -> jax.Array:
     """
     # Exclusive running sum with `before[0]` exactly 0, so crafted dyadic probabilities
     # compare exactly.
-    before = jnp.concatenate([jnp.zeros_like(sorted_probs[..., :1]),
-                              jnp.cumsum(sorted_probs[..., :-1], axis=-1)], axis=-1)
+    before = jnp.concatenate(
+        [jnp.zeros_like(sorted_probs[..., :1]), jnp.cumsum(sorted_probs[..., :-1], axis=-1)],
+        axis=-1,
+    )
     return before < p
 
 
@@ -88,14 +91,21 @@ def _finish(cfg: MoEConfig, logits, probs, ids, weights, mask, seq_len) -> Selec
     balance = probs.shape[-1] * jnp.sum(f * p)
     z = router_z_loss(logits, mask)
     entropy = router_entropy(probs, mask)
-    terms = (("balance", cfg.balance_coef, lambda: balance),
-             ("device_balance", cfg.device_balance_coef,
-              lambda: device_balance_loss(f, p, cfg.balance_devices)),
-             ("seq_balance", cfg.seq_balance_coef,
-              lambda: sequence_balance_loss(probs, ids, seq_len or probs.shape[0], mask,
-                                            weights)),
-             ("z_loss", cfg.z_loss_coef, lambda: z),
-             ("entropy", cfg.entropy_coef, lambda: entropy))
+    terms = (
+        ("balance", cfg.balance_coef, lambda: balance),
+        (
+            "device_balance",
+            cfg.device_balance_coef,
+            lambda: device_balance_loss(f, p, cfg.balance_devices),
+        ),
+        (
+            "seq_balance",
+            cfg.seq_balance_coef,
+            lambda: sequence_balance_loss(probs, ids, seq_len or probs.shape[0], mask, weights),
+        ),
+        ("z_loss", cfg.z_loss_coef, lambda: z),
+        ("entropy", cfg.entropy_coef, lambda: entropy),
+    )
     aux = {name: coef * value() for name, coef, value in terms if coef}
     metrics = routing_metrics(probs, ids, weights, mask, load=f, entropy=entropy)
     metrics.update(balance_loss=balance, z_loss=z)
@@ -104,12 +114,14 @@ def _finish(cfg: MoEConfig, logits, probs, ids, weights, mask, seq_len) -> Selec
 
 def _no_bias(bias, rule: str) -> None:
     if bias is not None:
-        raise ValueError(f"the {rule} selection rule takes no per-expert bias; only "
-                         f"{BIASED_RULES} do.")
+        raise ValueError(
+            f"the {rule} selection rule takes no per-expert bias; only {BIASED_RULES} do."
+        )
 
 
-def softmax_topk(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None,
-                 seq_len: int | None = None) -> Selection:
+def softmax_topk(
+    logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None, seq_len: int | None = None
+) -> Selection:
     _no_bias(bias, "softmax_topk")
     probs = jax.nn.softmax(logits, axis=-1)
     weights, ids = jax.lax.top_k(probs, cfg.top_k)
@@ -118,8 +130,9 @@ def softmax_topk(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias
     return _finish(cfg, logits, probs, ids, weights, mask, seq_len)
 
 
-def top_p(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None,
-          seq_len: int | None = None) -> Selection:
+def top_p(
+    logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None, seq_len: int | None = None
+) -> Selection:
     _no_bias(bias, "top_p")
     probs = jax.nn.softmax(logits, axis=-1)
     sorted_probs, ids = jax.lax.top_k(probs, routing_slots(cfg))  # ties: lower id first
@@ -142,8 +155,13 @@ def limit_groups(choice: jax.Array, n_group: int, topk_group: int, fill: float) 
 GROUP_MASK_FILL = {"zero": 0.0, "neg_inf": -jnp.inf}
 
 
-def sigmoid_bias(logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig,
-                 bias: jax.Array | None = None, seq_len: int | None = None) -> Selection:
+def sigmoid_bias(
+    logits: jax.Array,
+    mask: jax.Array | None,
+    cfg: MoEConfig,
+    bias: jax.Array | None = None,
+    seq_len: int | None = None,
+) -> Selection:
     """DeepSeek-V3 routing (module docstring); `bias[E]` (None = zeros) steers the choice."""
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
@@ -173,8 +191,12 @@ def routing_slots(cfg: MoEConfig) -> int:
     return cfg.top_k
 
 
-def selection_bias(module: nn.Module, cfg: MoEConfig, collection: str = BIAS_COLLECTION,
-                   expert_axis: str = "expert") -> jax.Array | None:
+def selection_bias(
+    module: nn.Module,
+    cfg: MoEConfig,
+    collection: str = BIAS_COLLECTION,
+    expert_axis: str = "expert",
+) -> jax.Array | None:
     """The per-expert bias `[E]` (float32, zeros at init) of a router whose rule takes one:
     the variable "bias" of the non-trainable `router_bias` collection, in `module`'s scope
     (the router), so the Transformer's layer scan stacks it like the parameters. None for the

@@ -1,4 +1,5 @@
 """`MeshConfig`: the `config.mesh` section (mesh shape and logical-axis rules)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,7 @@ DEFAULT_RULES = (
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh over (data, fsdp, expert, tensor); one size may be -1 ("the rest")."""
+
     data: int = -1
     fsdp: int = 1
     expert: int = 1

@@ -6,6 +6,7 @@ they find in the context (`jax.sharding.get_abstract_mesh()` at trace time), so 
 never receives a mesh. `jax.set_mesh` may only be entered outside `jax.jit`, so the trainer
 wraps its compiled steps with this instead of setting the mesh inside them.
 """
+
 from __future__ import annotations
 
 import jax

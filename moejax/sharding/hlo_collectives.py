@@ -18,22 +18,43 @@ per-device shard shapes):
               all-reduce 2(n-1)/n * bytes, all-to-all (n-1)/n * bytes, collective-permute
               bytes.
 """
+
 from __future__ import annotations
 
 import math
 import re
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
-               "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1,
-               "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
+DTYPE_BYTES = {
+    "pred": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "s32": 4,
+    "u32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "bf16": 2,
+    "f16": 2,
+    "f32": 4,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
-_CALLEES = re.compile(r"\b(body|calls|branch_computations|true_computation|"
-                      r"false_computation)=\{?([%\w.\-,\s]+)\}?")
+_CALLEES = re.compile(
+    r"\b(body|calls|branch_computations|true_computation|"
+    r"false_computation)=\{?([%\w.\-,\s]+)\}?"
+)
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=")
 # XLA's mesh-axes form: replica_groups=mesh['axis_0'=2,'axis_1'=4][, device_ids=(..)] {'axis_0'}
@@ -145,13 +166,14 @@ def collective_bytes(hlo: str) -> dict:
             if not m:
                 continue
             op = m.group(4)
-            kind = op[:-len("-start")] if op.endswith("-start") else op
+            kind = op[: -len("-start")] if op.endswith("-start") else op
             if kind not in KINDS:
                 continue
             result, rest = m.group(3), m.group(5)
             operands = _operands(rest)
             operand_bytes = shape_bytes(operands) or sum(
-                shape_bytes(shapes.get(name, "")) for name in _OPERAND.findall(operands))
+                shape_bytes(shapes.get(name, "")) for name in _OPERAND.findall(operands)
+            )
             result_bytes = shape_bytes(result)
             if op.endswith("-start"):  # async results are tuples (operands, results, ...)
                 gathered = result_bytes - operand_bytes
@@ -161,7 +183,8 @@ def collective_bytes(hlo: str) -> dict:
                 size = max(operand_bytes, result_bytes)
             n = _group_size(rest)
             factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}.get(
-                kind, (n - 1) / n)
+                kind, (n - 1) / n
+            )
             times = mult[name]
             out[kind]["count"] += times
             out[kind]["bytes"] += times * size

@@ -1,4 +1,5 @@
 """`make_mesh`: a `jax.sharding.Mesh` over the axes (data, fsdp, expert, tensor)."""
+
 from __future__ import annotations
 
 import math
@@ -25,12 +26,14 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
         if num_devices % fixed:
             raise ConfigError(
                 f"mesh: the fixed axis sizes multiply to {fixed}, which does not divide the "
-                f"{num_devices} devices; change mesh.{'/'.join(MESH_AXES)}.")
+                f"{num_devices} devices; change mesh.{'/'.join(MESH_AXES)}."
+            )
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
         raise ConfigError(
             f"mesh shape {sizes} uses {math.prod(sizes.values())} devices but "
-            f"{num_devices} are available; set one axis to -1 or fix the sizes.")
+            f"{num_devices} are available; set one axis to -1 or fix the sizes."
+        )
     return sizes
 
 
@@ -65,11 +68,13 @@ def device_grid(cfg: MeshConfig, devices) -> np.ndarray:
             raise ConfigError(
                 f"mesh.data={sizes['data']} must be a multiple of the {groups} slices the "
                 f"devices span: the data axis crosses slices (DCN), the others stay inside "
-                f"one. Set mesh.data to a multiple of {groups}.")
+                f"one. Set mesh.data to a multiple of {groups}."
+            )
         inner = (sizes["data"] // groups,) + shape[1:]
         outer = (groups,) + (1,) * (len(shape) - 1)
-        return mesh_utils.create_hybrid_device_mesh(inner, outer, devices=devices,
-                                                    process_is_granule=by_process)
+        return mesh_utils.create_hybrid_device_mesh(
+            inner, outer, devices=devices, process_is_granule=by_process
+        )
     try:
         return mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # CPU / unusual topologies: plain row-major order.

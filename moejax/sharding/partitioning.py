@@ -5,6 +5,7 @@ maps an abstract (eval_shape) boxed tree through the config's rules to shardings
 flax's examples/lm1b. Optimizer states built from boxed params carry the same boxes, so the
 same call places them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,17 +28,18 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
 def activation_rules(mesh: Mesh, rules):
     """While tracing: `nn.with_logical_constraint` in model code resolves through `rules`
     on `mesh` (inside jit, so the abstract mesh; outside this context it is a no-op)."""
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(
-            list(rules)):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(rules)):
         yield
 
 
 def under_rules(fn, mesh: Mesh, rules):
     """`fn` traced inside `activation_rules(mesh, rules)` (wrap before `jax.jit`)."""
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with activation_rules(mesh, rules):
             return fn(*args, **kwargs)
+
     return wrapped
 
 
@@ -49,8 +51,7 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
 def shard_batch(batch: dict, mesh: Mesh, rules) -> dict:
     """Process-local NumPy batch -> global jax.Arrays split over the batch axes."""
     sharding = batch_sharding(mesh, rules)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def check_divisible(abstract_boxed: Any, mesh: Mesh, rules) -> None:
@@ -75,4 +76,5 @@ def check_divisible(abstract_boxed: Any, mesh: Mesh, rules) -> None:
                 raise ConfigError(
                     f"parameter {where} has a dimension of {dim} that the mesh axes {names} "
                     f"(size {size}) do not divide; change the mesh sizes (config.mesh), the "
-                    f"model size, or map that logical axis to None in config.mesh.rules.")
+                    f"model size, or map that logical axis to None in config.mesh.rules."
+                )

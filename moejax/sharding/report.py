@@ -19,6 +19,7 @@ is initialised or run), and prints JSON:
 `collective_report(config)` returns the same dict (tests, notebooks). MaxText's AOT
 compile for a target topology is the model: find the bytes and memory without the hardware.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,9 @@ def abstract_batch(s, mesh):
     rows = s.data.global_batch_size // s.train.grad_accum * s.train.grad_accum
     example = PackedRows.empty(rows, s.data.seq_len + 1).to_batch()
     sharding = batch_sharding(mesh, s.mesh.rules)
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
-            for k, v in example.items()}
+    return {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in example.items()
+    }
 
 
 def _memory_analysis(compiled) -> dict[str, int]:
@@ -63,9 +65,13 @@ def _memory_analysis(compiled) -> dict[str, int]:
         return {}
     if stats is None:
         return {}
-    fields = {"argument_bytes": "argument_size_in_bytes", "output_bytes": "output_size_in_bytes",
-              "alias_bytes": "alias_size_in_bytes", "temp_bytes": "temp_size_in_bytes",
-              "generated_code_bytes": "generated_code_size_in_bytes"}
+    fields = {
+        "argument_bytes": "argument_size_in_bytes",
+        "output_bytes": "output_size_in_bytes",
+        "alias_bytes": "alias_size_in_bytes",
+        "temp_bytes": "temp_size_in_bytes",
+        "generated_code_bytes": "generated_code_size_in_bytes",
+    }
     return {k: int(getattr(stats, v)) for k, v in fields.items() if hasattr(stats, v)}
 
 
@@ -80,22 +86,29 @@ def collective_report(config, devices=None) -> dict:
     compiled = exp.step_fn.lower(exp.abstract_state, abstract_batch(s, mesh)).compile()
     collectives = collective_bytes(compiled.as_text())
     unknown = collectives.pop("unknown_trip_count_loops")
-    memory = {"params_bytes": _shard_bytes(exp.abstract_state.params),
-              "opt_state_bytes": _shard_bytes(exp.abstract_state.opt_state)}
+    memory = {
+        "params_bytes": _shard_bytes(exp.abstract_state.params),
+        "opt_state_bytes": _shard_bytes(exp.abstract_state.opt_state),
+    }
     memory.update(_memory_analysis(compiled))
     return {
         "devices": len(devices),
         "platform": devices[0].platform,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "dispatcher": s.moe.dispatcher if s.model.num_moe_layers else None,
-        "num_params": int(sum(np.prod(x.shape, dtype=np.int64)
-                              for x in jax.tree.leaves(exp.abstract_state.params))),
+        "num_params": int(
+            sum(
+                np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(exp.abstract_state.params)
+            )
+        ),
         "collectives": collectives,
         "total_bytes": sum(v["bytes"] for v in collectives.values()),
         "total_wire_bytes": sum(v["wire_bytes"] for v in collectives.values()),
         "memory": memory,
-        "notes": {"bytes": "per device per train step; see moejax.sharding.hlo_collectives",
-                  "loops_without_trip_count": unknown},
+        "notes": {
+            "bytes": "per device per train step; see moejax.sharding.hlo_collectives",
+            "loops_without_trip_count": unknown,
+        },
     }
 
 
@@ -122,8 +135,13 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                    lock_config=True)
-    flags.DEFINE_string("strategy", "", "Optional preset of moejax.sharding.strategies "
-                        "(data, fsdp, fsdp_tp, ep, fssdp), applied before the report.")
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/*.py[:arg]).", lock_config=True
+    )
+    flags.DEFINE_string(
+        "strategy",
+        "",
+        "Optional preset of moejax.sharding.strategies "
+        "(data, fsdp, fsdp_tp, ep, fssdp), applied before the report.",
+    )
     app.run(main)

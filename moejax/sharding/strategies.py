@@ -18,6 +18,7 @@ as flags, e.g. FSDP with 2-way tensor parallelism on any number of devices:
 The `expert_parallel` and `fssdp` dispatchers live in `moejax.moe.dispatch`; a strategy
 whose dispatcher is not registered there is listed by `available()` only once it is.
 """
+
 from __future__ import annotations
 
 from moejax.config.sections import ConfigError
@@ -37,16 +38,20 @@ def available() -> list[str]:
     """The strategies whose dispatcher (if they name one) is registered."""
     from moejax.moe.dispatch import DISPATCHERS
 
-    return [name for name, preset in STRATEGIES.items()
-            if preset.get("moe", {}).get("dispatcher", "auto") in DISPATCHERS]
+    return [
+        name
+        for name, preset in STRATEGIES.items()
+        if preset.get("moe", {}).get("dispatcher", "auto") in DISPATCHERS
+    ]
 
 
 def apply_strategy(config, name: str, **mesh_sizes: int):
     """Sets `config`'s mesh (and dispatcher) to the preset `name`, in place; `mesh_sizes`
     override single axes (e.g. `tensor=4`). Returns `config`."""
     if name not in STRATEGIES:
-        raise ConfigError(f"sharding strategy {name!r} is unknown; choose one of "
-                          f"{sorted(STRATEGIES)}.")
+        raise ConfigError(
+            f"sharding strategy {name!r} is unknown; choose one of {sorted(STRATEGIES)}."
+        )
     preset = STRATEGIES[name]
     config.mesh.update({**preset["mesh"], **mesh_sizes})
     if "moe" in preset:

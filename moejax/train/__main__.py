@@ -11,6 +11,7 @@ input is wrong (config, workdir, dataset, checkpoint) or the run stopped on non-
 steps; 143 (128 + SIGTERM) after a preemption notice, once the final checkpoint is saved.
 Rerunning the same command resumes from the latest complete checkpoint.
 """
+
 import sys
 
 from absl import app, flags, logging
@@ -25,15 +26,18 @@ from moejax.train.preemption import Preempted
 from moejax.train.preflight import WorkdirError
 from moejax.train.trainer import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py[:arg]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics.")
-_COORDINATOR = flags.DEFINE_string("coordinator", None,
-                                   "host:port of process 0 for a multi-process run.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0 for a multi-process run."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Initialise jax.distributed with auto-detection (TPU, SLURM).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Initialise jax.distributed with auto-detection (TPU, SLURM)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors whose message names the problem and the fix: printed alone, without a traceback.
@@ -46,8 +50,9 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
-        initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                   auto=_DISTRIBUTED.value)
+        initialize(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
+        )
         train(_CONFIG.value, _WORKDIR.value)
     except Preempted as e:
         print(f"moejax: stopped: {e}", file=sys.stderr, flush=True)

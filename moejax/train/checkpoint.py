@@ -276,8 +276,11 @@ class Checkpointer:
         absent = _absent_none_fields(abstract, metadata[_STATE])
         restore_item = abstract
         if absent:
-            restore_item = {f.name: getattr(abstract, f.name)
-                            for f in dataclasses.fields(abstract) if f.name not in absent}
+            restore_item = {
+                f.name: getattr(abstract, f.name)
+                for f in dataclasses.fields(abstract)
+                if f.name not in absent
+            }
         args = {_STATE: ocp.args.StandardRestore(restore_item)}
         for name in (_DATA, _EXTRA):
             if name in items:
@@ -303,12 +306,14 @@ class Checkpointer:
             return None
         if _EXTRA not in set(self._manager.item_metadata(step).keys()):
             return None
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            **{_EXTRA: ocp.args.JsonRestore()}))
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()})
+        )
         return restored[_EXTRA]
 
-    def restore_subtrees(self, targets: dict[str, PyTree], step: int | None = None
-                         ) -> dict[str, PyTree]:
+    def restore_subtrees(
+        self, targets: dict[str, PyTree], step: int | None = None
+    ) -> dict[str, PyTree]:
         """Only the top-level entries `targets` names of a step's state (e.g. `params` of a
         TrainState), each onto its target's layout; nothing else is read. An entry that is
         None in `targets` is restored only if saved (None otherwise). Raises
@@ -322,7 +327,8 @@ class Checkpointer:
             metadata = self._manager.item_metadata(step)[_STATE]
         except Exception as e:
             raise CorruptCheckpointError(
-                _unreadable_message(step_dir, step, self.all_steps(), e)) from e
+                _unreadable_message(step_dir, step, self.all_steps(), e)
+            ) from e
         saved = metadata.tree if metadata is not None else {}
         item = {}
         for name, target in targets.items():
@@ -330,8 +336,8 @@ class Checkpointer:
                 if target is None:
                     continue
                 raise CheckpointMismatchError(
-                    f"Checkpoint {step_dir} has no '{name}' in its state (it has "
-                    f"{sorted(saved)}).")
+                    f"Checkpoint {step_dir} has no '{name}' in its state (it has {sorted(saved)})."
+                )
             if target is None:
                 continue
             abstract = jax.tree.map(_abstract_leaf, target)
@@ -342,12 +348,18 @@ class Checkpointer:
         try:  # a partial read of the state item alone (the manager restores whole items)
             restore_args = ocp.checkpoint_utils.construct_restore_args(item)
             with ocp.PyTreeCheckpointer() as reader:
-                out = dict(reader.restore(
-                    os.path.join(step_dir, _STATE), args=ocp.args.PyTreeRestore(
-                        item, restore_args=restore_args, partial_restore=True)))
+                out = dict(
+                    reader.restore(
+                        os.path.join(step_dir, _STATE),
+                        args=ocp.args.PyTreeRestore(
+                            item, restore_args=restore_args, partial_restore=True
+                        ),
+                    )
+                )
         except Exception as e:
             raise CorruptCheckpointError(
-                _unreadable_message(step_dir, step, self.all_steps(), e)) from e
+                _unreadable_message(step_dir, step, self.all_steps(), e)
+            ) from e
         return {name: out.get(name) for name in targets}
 
     def restore_or_init(
@@ -369,9 +381,11 @@ class Checkpointer:
         interrupted = [s for s in self.interrupted_steps() if step is None or s > step]
         if interrupted and log is not None:
             resume = f"resuming from step {step}" if step is not None else "starting fresh"
-            log(f"checkpoint step(s) {interrupted} were not completely written (the run "
+            log(
+                f"checkpoint step(s) {interrupted} were not completely written (the run "
                 f"stopped during the save): ignoring their temporary files in "
-                f"{self.directory}, {resume}.")
+                f"{self.directory}, {resume}."
+            )
         if step is None:
             return init_fn(), None, 0
         try:
@@ -381,20 +395,26 @@ class Checkpointer:
             aside = os.path.join(os.path.dirname(self.directory), f"corrupt-checkpoint-{step}")
             move = f"`mv {self.step_dir(step)} {aside}`"
             if earlier:
-                fix = (f"To resume from the previous complete checkpoint, step {earlier[-1]}, "
-                       f"move the damaged one out of the way ({move}) and rerun")
+                fix = (
+                    f"To resume from the previous complete checkpoint, step {earlier[-1]}, "
+                    f"move the damaged one out of the way ({move}) and rerun"
+                )
             else:
-                fix = (f"There is no earlier checkpoint: move the damaged one out of the way "
-                       f"({move}) and rerun to start fresh")
+                fix = (
+                    f"There is no earlier checkpoint: move the damaged one out of the way "
+                    f"({move}) and rerun to start fresh"
+                )
             raise CorruptCheckpointError(
                 f"Checkpoint step {step} ({self.step_dir(step)}) is unreadable or corrupt; "
                 f"nothing was changed on disk. {fix}. Cause: "
-                f"{_describe(e.__cause__) if e.__cause__ else e}") from e
+                f"{_describe(e.__cause__) if e.__cause__ else e}"
+            ) from e
         except CheckpointMismatchError as e:
             raise CheckpointMismatchError(
                 f"{e} The checkpoints in {self.directory} were written by a different model "
                 f"or optimizer config: resume with that config, or pass a new --workdir to "
-                f"start a separate run (nothing was changed on disk).") from e
+                f"start a separate run (nothing was changed on disk)."
+            ) from e
         return state, data_state, step
 
 
@@ -408,8 +428,11 @@ def _absent_none_fields(abstract: PyTree, state_metadata: Any) -> list[str]:
     saved = state_metadata.tree
     if not isinstance(saved, dict):
         return []
-    return [f.name for f in dataclasses.fields(abstract)
-            if getattr(abstract, f.name) is None and f.name not in saved]
+    return [
+        f.name
+        for f in dataclasses.fields(abstract)
+        if getattr(abstract, f.name) is None and f.name not in saved
+    ]
 
 
 def _abstract_leaf(x: Any) -> Any:

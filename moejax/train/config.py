@@ -1,4 +1,5 @@
 """`TrainConfig`: the `config.train` section (optimisation, logging, evaluation, checkpoints)."""
+
 from __future__ import annotations
 
 import dataclasses

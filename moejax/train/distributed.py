@@ -17,6 +17,7 @@ On CPU the cross-process collectives go through gloo
 (`jax_cpu_collectives_implementation`), which must be set before initialisation; it is
 harmless on GPU and TPU, whose collectives do not use it.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,36 +49,51 @@ def _as_int(value, what: str) -> int | None:
         raise ConfigError(f"{what}={value!r} must be an integer.") from None
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, auto: bool = False) -> bool:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = False,
+) -> bool:
     """Joins a multi-process job when asked (arguments first, then the environment);
     returns whether it did. With nothing given (and `auto` False) it is a no-op."""
     coordinator = coordinator or _env(ENV_COORDINATOR)
-    num_processes = _as_int(num_processes if num_processes is not None
-                            else _env(ENV_NUM_PROCESSES), "--num_processes")
-    process_id = _as_int(process_id if process_id is not None else _env(ENV_PROCESS_ID),
-                         "--process_id")
+    num_processes = _as_int(
+        num_processes if num_processes is not None else _env(ENV_NUM_PROCESSES), "--num_processes"
+    )
+    process_id = _as_int(
+        process_id if process_id is not None else _env(ENV_PROCESS_ID), "--process_id"
+    )
     auto = auto or os.environ.get("MOEJAX_DISTRIBUTED", "") not in ("", "0")
     if not (coordinator or num_processes or process_id is not None or auto):
         return False
     if not auto:
-        missing = [name for name, v in (("--coordinator", coordinator),
-                                        ("--num_processes", num_processes),
-                                        ("--process_id", process_id)) if v is None]
+        missing = [
+            name
+            for name, v in (
+                ("--coordinator", coordinator),
+                ("--num_processes", num_processes),
+                ("--process_id", process_id),
+            )
+            if v is None
+        ]
         if missing:
             raise ConfigError(
                 f"a multi-process run needs --coordinator, --num_processes and --process_id "
                 f"(or MOEJAX_COORDINATOR, MOEJAX_NUM_PROCESSES, MOEJAX_PROCESS_ID); missing "
-                f"{', '.join(missing)}. On TPU pods and SLURM use --distributed instead.")
+                f"{', '.join(missing)}. On TPU pods and SLURM use --distributed instead."
+            )
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ConfigError(f"--process_id={process_id} must be in [0, --num_processes="
-                              f"{num_processes}).")
+            raise ConfigError(
+                f"--process_id={process_id} must be in [0, --num_processes={num_processes})."
+            )
     try:  # a JAX whose CPU collectives need no choice may not have the option
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, KeyError, ValueError):
         pass
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
     return True
 
 
@@ -91,10 +107,9 @@ def gather_data_states(state: dict) -> dict:
     blob = np.frombuffer(json.dumps(state, sort_keys=True).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([blob.size], np.int32)).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:blob.size] = blob
+    padded[: blob.size] = blob
     rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return {"per_process": [json.loads(bytes(row[:n]).decode())
-                            for row, n in zip(rows, sizes)]}
+    return {"per_process": [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]}
 
 
 def local_data_state(state: dict | None) -> dict | None:
@@ -106,5 +121,6 @@ def local_data_state(state: dict | None) -> dict | None:
         raise ConfigError(
             f"the checkpoint holds the data positions of {len(per_process)} processes but "
             f"this run has {jax.process_count()}; resume with the same number of processes "
-            f"(the mesh shape may change).")
+            f"(the mesh shape may change)."
+        )
     return per_process[jax.process_index()]

@@ -29,6 +29,7 @@ Testing hooks (environment variables read by the trainer; nothing in a config en
 
 `experiments/faults.py` and `tests/train/test_faults.py` use them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,6 +69,7 @@ def keep_if_finite(finite: jax.Array, updated: Any, previous: Any) -> Any:
 @dataclasses.dataclass(frozen=True)
 class FaultHooks:
     """The testing hooks of the module docstring; empty unless their variables are set."""
+
     nan_steps: tuple[int, ...] = ()
     kill_in_save_step: int | None = None
 
@@ -83,7 +85,8 @@ class FaultHooks:
             raise ValueError(
                 f"{NAN_STEPS_ENV}={nan!r} / {KILL_IN_SAVE_ENV}={kill!r}: these testing hooks "
                 f"take step numbers (e.g. {NAN_STEPS_ENV}=3,4); unset them for a normal "
-                f"run.") from None
+                f"run."
+            ) from None
         return cls(nan_steps, kill_step)
 
     def describe(self) -> str:
@@ -145,14 +148,19 @@ class BadStepGuard:
         first = step - self.streak + 1
         losses = [float(x) for x in self.streak_losses]
         if self.skip:
-            return (f"{self.streak} consecutive non-finite steps ({first} to {step}, losses "
-                    f"{losses}; train.max_bad_steps={self.max_bad_steps}): their updates were "
-                    f"skipped and the run stops here")
-        return (f"non-finite loss or gradients at step {step} (loss {losses[-1]}) and "
-                f"train.skip_non_finite=False, so the parameters are no longer finite")
+            return (
+                f"{self.streak} consecutive non-finite steps ({first} to {step}, losses "
+                f"{losses}; train.max_bad_steps={self.max_bad_steps}): their updates were "
+                f"skipped and the run stops here"
+            )
+        return (
+            f"non-finite loss or gradients at step {step} (loss {losses[-1]}) and "
+            f"train.skip_non_finite=False, so the parameters are no longer finite"
+        )
 
-    def observe_all(self, steps: Sequence[int], flags: Sequence[Any],
-                    losses: Sequence[Any]) -> str | None:
+    def observe_all(
+        self, steps: Sequence[int], flags: Sequence[Any], losses: Sequence[Any]
+    ) -> str | None:
         """`observe` over a list of steps; returns the first stop reason."""
         for step, flag, loss in zip(steps, flags, losses):
             reason = self.observe(int(step), bool(np.asarray(flag) > 0), float(loss))
@@ -161,11 +169,16 @@ class BadStepGuard:
         return None
 
     def stop_message(self, reason: str, latest_checkpoint: int | None, workdir: str) -> str:
-        kept = (f"The last good checkpoint, step {latest_checkpoint}, is kept in {workdir}; "
-                f"rerunning the same command resumes from it"
-                if latest_checkpoint is not None else "No checkpoint was written yet")
-        return (f"{reason}. {kept}. Lower train.learning_rate, enable train.grad_clip, or "
-                f"inspect the batches of those steps.")
+        kept = (
+            f"The last good checkpoint, step {latest_checkpoint}, is kept in {workdir}; "
+            f"rerunning the same command resumes from it"
+            if latest_checkpoint is not None
+            else "No checkpoint was written yet"
+        )
+        return (
+            f"{reason}. {kept}. Lower train.learning_rate, enable train.grad_clip, or "
+            f"inspect the batches of those steps."
+        )
 
 
 # --- Checkpoint damage, for the fault tests and experiments/faults.py ---------------------

@@ -5,6 +5,7 @@ per GPU for NVIDIA). CPUs have no fixed peak: we measure one by timing a float32
 start-up, so MFU on CPU reads as "fraction of what this machine's BLAS reaches".
 `train.peak_tflops > 0` overrides both.
 """
+
 from __future__ import annotations
 
 import time

@@ -5,6 +5,7 @@ optimizer: `optax.multi_transform` sends the leaves `moejax.lora.trainable.is_tr
 accepts to AdamW and every other leaf to `optax.set_to_zero()`, which keeps no state, so the
 optimizer state holds moments for the adapters only (clipping sees the adapters' norm only).
 """
+
 from __future__ import annotations
 
 import jax
@@ -16,15 +17,19 @@ from moejax.train.config import TrainConfig
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     """0 -> peak linearly over `warmup_steps`, then cosine to `peak * min_lr_ratio`."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
         decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
-        end_value=cfg.learning_rate * cfg.min_lr_ratio)
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+    )
 
 
 def decay_mask(params):
     """True for weights that get weight decay: everything but RMSNorm scales, biases (names
     starting with `b_`, e.g. the GRU router's) and SoRA's rank gates (`lora_*/gate`, which
     have their own L1 proximal step)."""
+
     def keep(path, _):
         # The last dict key names the weight (boxed params add a trailing `.value` attr).
         names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
@@ -32,6 +37,7 @@ def decay_mask(params):
             return True
         sora_gate = names[-1] == "gate" and any(n.startswith("lora_") for n in names)
         return not (names[-1] == "scale" or names[-1].startswith("b_") or sora_gate)
+
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -39,20 +45,34 @@ def drop_masked_boxes(opt_state):
     """Optimizer state initialised from boxed params keeps the logical-axis boxes of frozen
     leaves around optax's empty `MaskedNode`s; drop those boxes (they hold no array)."""
     import flax.linen as nn
+
     is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
-    return jax.tree.map(lambda x: x.value if is_box(x) and isinstance(x.value, optax.MaskedNode)
-                        else x, opt_state, is_leaf=is_box)
+    return jax.tree.map(
+        lambda x: x.value if is_box(x) and isinstance(x.value, optax.MaskedNode) else x,
+        opt_state,
+        is_leaf=is_box,
+    )
 
 
 def make_optimizer(cfg: TrainConfig, adapters_only: bool = False) -> optax.GradientTransformation:
     parts = []
     if cfg.grad_clip:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(
+            learning_rate_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
     tx = optax.chain(*parts)
     if not adapters_only:
         return tx
     from moejax.lora import trainable
-    return optax.multi_transform({trainable.TRAINABLE: tx, trainable.FROZEN: optax.set_to_zero()},
-                                 trainable.labels)
+
+    return optax.multi_transform(
+        {trainable.TRAINABLE: tx, trainable.FROZEN: optax.set_to_zero()}, trainable.labels
+    )

@@ -17,6 +17,7 @@ class installs no handler of its own (it would replace JAX's).
 The previous handler is restored on exit. Handlers can only be installed from the main
 thread; elsewhere (a notebook worker thread) the watcher watches nothing and says so.
 """
+
 from __future__ import annotations
 
 import signal
@@ -71,6 +72,7 @@ class PreemptionWatcher:
         """Whether to checkpoint `step` and stop (every host gets the same answer)."""
         if self.multi_process:
             from jax.experimental import multihost_utils
+
             if multihost_utils.reached_preemption_sync_point(step):
                 self.received = self.signum
                 return True

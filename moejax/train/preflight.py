@@ -14,6 +14,7 @@ A checkpoint whose arrays do not match the model (shape mismatch) is caught by t
 Checkpointer's restore, which compares shapes from the checkpoint's metadata before reading
 any array; `python -m moejax.train` prints these errors as one message.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,8 @@ def check_workdir(workdir: str) -> str:
         raise WorkdirError(
             f"--workdir={workdir!r} cannot be written ({type(e).__name__}: "
             f"{e.strerror or e}). Pass a --workdir on a writable disk with free space, or fix "
-            f"the permissions of {path}; nothing was started.") from e
+            f"the permissions of {path}; nothing was started."
+        ) from e
     return path
 
 
@@ -59,7 +61,8 @@ def check_resume_config(workdir: str, config_dict: dict) -> None:
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"{path} cannot be read ({e}), so this workdir's run cannot be checked against "
-            f"the config. Restore that file from a copy, or pass a new --workdir.") from e
+            f"the config. Restore that file from a copy, or pass a new --workdir."
+        ) from e
     for section in ("model", "moe"):
         for key, value in config_dict[section].items():
             old = saved.get(section, {}).get(key)
@@ -67,7 +70,8 @@ def check_resume_config(workdir: str, config_dict: dict) -> None:
                 raise ConfigError(
                     f"{workdir} holds checkpoints of a run with {section}.{key}={old!r}, but "
                     f"this config has {value!r}. Resume with the same {section} settings, or "
-                    f"pass a new --workdir to start a separate run (nothing was changed).")
+                    f"pass a new --workdir to start a separate run (nothing was changed)."
+                )
 
 
 def check_vocabulary(batch: dict[str, np.ndarray], vocab_size: int, dataset: str) -> None:
@@ -77,7 +81,8 @@ def check_vocabulary(batch: dict[str, np.ndarray], vocab_size: int, dataset: str
         raise DataError(
             f"data.dataset={dataset!r} produces token id {largest}, but model.vocab_size="
             f"{vocab_size} has ids 0..{vocab_size - 1}. Set --config.model.vocab_size to at "
-            f"least {largest + 1} (the tokenizer's vocabulary), or use a dataset whose ids fit.")
+            f"least {largest + 1} (the tokenizer's vocabulary), or use a dataset whose ids fit."
+        )
 
 
 def open_train_data(s) -> PackedBatches:
@@ -98,7 +103,8 @@ def resume_data(batches: PackedBatches, data_state: dict | None, checkpoint_step
         raise ConfigError(
             f"checkpoint step {checkpoint_step} has no data-iterator state, so the run cannot "
             f"continue with the batches it would have seen. Resume from a checkpoint written "
-            f"by moejax.train, or pass a new --workdir.")
+            f"by moejax.train, or pass a new --workdir."
+        )
     try:
         batches.set_state(data_state)
     except ValueError as e:

@@ -16,6 +16,7 @@ The collection holds one leaf per MoE-layer stack: `[num_moe_layers, E]` with sc
 or one `[E]` per layer (`<stack>_<i>`) with `model.scan_layers=False`; the `moe/*` metrics
 have a leading MoE-layer axis in the same layer order.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,7 @@ from moejax.moe.selection import BIAS_COLLECTION
 LOG_FULL_BIAS_MAX_EXPERTS = 16  # log the bias vector itself up to this many experts
 
 
-def model_variables(params: Any, router_bias: Any = None,
-                    lora_state: Any = None) -> dict[str, Any]:
+def model_variables(params: Any, router_bias: Any = None, lora_state: Any = None) -> dict[str, Any]:
     """The `variables` of `Transformer.apply`: params, plus the router bias when the model
     has one (None = it has none), plus the adapters' non-trainable collections
     (`lora_state`: collection name -> tree, see `moejax.lora.adapter.COLLECTIONS`)."""
@@ -60,15 +60,16 @@ def _layers_of(router_bias: Any) -> tuple[jax.Array, Any]:
         out = [None] * len(leaves)
         start = 0
         for i, leaf, r in zip(order, leaves, rows):
-            out[i] = array[start:start + r.shape[0]].reshape(leaf.shape).astype(leaf.dtype)
+            out[i] = array[start : start + r.shape[0]].reshape(leaf.shape).astype(leaf.dtype)
             start += r.shape[0]
         return jax.tree_util.tree_unflatten(treedef, out)
 
     return stacked, unstack
 
 
-def update_router_bias(router_bias: Any, load_LxE: jax.Array,
-                       rate: float) -> tuple[Any, dict[str, jax.Array]]:
+def update_router_bias(
+    router_bias: Any, load_LxE: jax.Array, rate: float
+) -> tuple[Any, dict[str, jax.Array]]:
     """One bias update (module docstring) from the step's per-layer `load[num_moe_layers, E]`.
 
     Returns the new collection and its metrics: `moe/router_bias_abs_mean` (per layer) and,
@@ -79,8 +80,10 @@ def update_router_bias(router_bias: Any, load_LxE: jax.Array,
         return None, {}
     bias, unstack = _layers_of(router_bias)
     if bias.shape != load_LxE.shape:
-        raise ValueError(f"router bias of shape {bias.shape} (MoE layers, experts) does not "
-                         f"match the load metric of shape {load_LxE.shape}.")
+        raise ValueError(
+            f"router bias of shape {bias.shape} (MoE layers, experts) does not "
+            f"match the load metric of shape {load_LxE.shape}."
+        )
     if rate:
         load = jax.lax.stop_gradient(load_LxE.astype(jnp.float32))
         bias = bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)

@@ -17,6 +17,7 @@ episode is one line, not one per log step. Warnings are strings for the trainer 
 `counts` tallies them per kind. Layers are numbered among the MoE layers (as in the
 `moe/<name>/layer<i>` metrics).
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,9 +28,7 @@ import numpy as np
 
 
 class RouterHealth:
-
-    def __init__(self, *, dead_expert_logs: int, max_dropped_fraction: float,
-                 max_load_cv: float):
+    def __init__(self, *, dead_expert_logs: int, max_dropped_fraction: float, max_load_cv: float):
         self.dead_expert_logs = dead_expert_logs
         self.max_dropped_fraction = max_dropped_fraction
         self.max_load_cv = max_load_cv
@@ -50,34 +49,50 @@ class RouterHealth:
             self._dead_runs = np.where(load == 0, self._dead_runs + 1, 0)
             for layer in range(load.shape[0]):
                 dead = np.flatnonzero(self._dead_runs[layer] >= self.dead_expert_logs)
-                self._update(("dead", layer), len(dead) > 0, warnings, step,
-                             f"MoE layer {layer}: expert(s) {dead.tolist()} received no tokens "
-                             f"in the last {self.dead_expert_logs} logged intervals "
-                             f"(train.dead_expert_logs); a dead expert gets no gradient. Raise "
-                             f"moe.balance_coef or use a bias-balanced router.")
+                self._update(
+                    ("dead", layer),
+                    len(dead) > 0,
+                    warnings,
+                    step,
+                    f"MoE layer {layer}: expert(s) {dead.tolist()} received no tokens "
+                    f"in the last {self.dead_expert_logs} logged intervals "
+                    f"(train.dead_expert_logs); a dead expert gets no gradient. Raise "
+                    f"moe.balance_coef or use a bias-balanced router.",
+                )
         if "moe/dropped_fraction" in rows[0]:
-            dropped = np.mean([np.asarray(m["moe/dropped_fraction"], np.float64)
-                               for m in rows], axis=0).reshape(-1)
+            dropped = np.mean(
+                [np.asarray(m["moe/dropped_fraction"], np.float64) for m in rows], axis=0
+            ).reshape(-1)
             for layer, frac in enumerate(dropped):
-                self._update(("dropped", layer), frac > self.max_dropped_fraction, warnings,
-                             step, f"MoE layer {layer}: {frac:.1%} of the expert assignments "
-                             f"were dropped (> train.max_dropped_fraction="
-                             f"{self.max_dropped_fraction}); raise moe.capacity_factor or use a "
-                             f"dropless dispatcher (moe.dispatcher='ragged').")
+                self._update(
+                    ("dropped", layer),
+                    frac > self.max_dropped_fraction,
+                    warnings,
+                    step,
+                    f"MoE layer {layer}: {frac:.1%} of the expert assignments "
+                    f"were dropped (> train.max_dropped_fraction="
+                    f"{self.max_dropped_fraction}); raise moe.capacity_factor or use a "
+                    f"dropless dispatcher (moe.dispatcher='ragged').",
+                )
         if "moe/load_cv" in rows[0]:
-            cv = np.mean([np.asarray(m["moe/load_cv"], np.float64) for m in rows],
-                         axis=0).reshape(-1)
+            cv = np.mean([np.asarray(m["moe/load_cv"], np.float64) for m in rows], axis=0).reshape(
+                -1
+            )
             for layer, value in enumerate(cv):
                 bad = not np.isfinite(value) or value > self.max_load_cv
-                self._update(("load_cv", layer), bad, warnings, step,
-                             f"MoE layer {layer}: expert load CV {value:.3g} "
-                             f"(> train.max_load_cv={self.max_load_cv}): the router is "
-                             f"collapsing onto few experts. Raise moe.balance_coef or lower "
-                             f"train.learning_rate.")
+                self._update(
+                    ("load_cv", layer),
+                    bad,
+                    warnings,
+                    step,
+                    f"MoE layer {layer}: expert load CV {value:.3g} "
+                    f"(> train.max_load_cv={self.max_load_cv}): the router is "
+                    f"collapsing onto few experts. Raise moe.balance_coef or lower "
+                    f"train.learning_rate.",
+                )
         return warnings
 
-    def _update(self, key: tuple, bad: bool, warnings: list[str], step: int,
-                message: str) -> None:
+    def _update(self, key: tuple, bad: bool, warnings: list[str], step: int, message: str) -> None:
         if bad and key not in self._active:
             self._active.add(key)
             self.counts[key[0]] += 1

@@ -7,6 +7,7 @@ a router that keeps reshuffling tokens late in training wastes what the experts 
 The comparison covers loss tokens only (`top1_expert = -1` elsewhere) and starts at the
 second evaluation of a process (the previous assignment is not checkpointed).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -23,6 +23,7 @@ their non-trainable collections in `TrainState.lora_state`: the balancing biases
 sign rule (`moejax.lora.balance`) and SoRA's gates take their proximal step
 (`moejax.lora.sora`) after the optimizer step.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -61,12 +62,17 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def forward(model, params, batch: Batch, router_bias=None, lora_state=None):
-    return model.apply(model_variables(params, router_bias, lora_state), batch["inputs"],
-                       batch["segment_ids"], batch["positions"])
+    return model.apply(
+        model_variables(params, router_bias, lora_state),
+        batch["inputs"],
+        batch["segment_ids"],
+        batch["positions"],
+    )
 
 
-def _micro_loss(params, batch: Batch, model, total_tokens, num_micro: int, router_bias=None,
-                lora_state=None):
+def _micro_loss(
+    params, batch: Batch, model, total_tokens, num_micro: int, router_bias=None, lora_state=None
+):
     logits, extras = forward(model, params, batch, router_bias, lora_state)
     mask = batch["loss_mask"].astype(jnp.float32)
     ce_sum = jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask)
@@ -83,9 +89,17 @@ def _split(params, adapters_only: bool):
     return trainable_lib.partition(params)
 
 
-def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
-               grad_accum: int = 1, schedule=None, skip_non_finite: bool = True,
-               adapters_only: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model,
+    tx: optax.GradientTransformation,
+    grad_accum: int = 1,
+    schedule=None,
+    skip_non_finite: bool = True,
+    adapters_only: bool = False,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     train_p, frozen_p = _split(state.params, adapters_only)
 
@@ -95,16 +109,18 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     if grad_accum == 1:
-        (loss, (ce_sum, extras)), grads = grad_fn(train_p, batch, model, total_tokens, 1,
-                                                   state.router_bias, state.lora_state)
+        (loss, (ce_sum, extras)), grads = grad_fn(
+            train_p, batch, model, total_tokens, 1, state.router_bias, state.lora_state
+        )
     else:
         micro = jax.tree.map(
-            lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+            lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch
+        )
 
         def body(acc, mb):
-            (loss, (ce_sum, extras)), grads = grad_fn(train_p, mb, model, total_tokens,
-                                                      grad_accum, state.router_bias,
-                                                      state.lora_state)
+            (loss, (ce_sum, extras)), grads = grad_fn(
+                train_p, mb, model, total_tokens, grad_accum, state.router_bias, state.lora_state
+            )
             acc = jax.tree.map(jnp.add, acc, (loss, ce_sum, grads))
             return acc, extras
 
@@ -125,8 +141,9 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
         new_train_p = sora.proximal_step(new_train_p, lr * lora.sora_lambda)
     finite = faults.all_finite(loss, grads)
     if skip_non_finite:
-        new_train_p, opt_state = faults.keep_if_finite(finite, (new_train_p, opt_state),
-                                                       (train_p, state.opt_state))
+        new_train_p, opt_state = faults.keep_if_finite(
+            finite, (new_train_p, opt_state), (train_p, state.opt_state)
+        )
     params = trainable_lib.combine(new_train_p, frozen_p) if adapters_only else new_train_p
     metrics = {
         "loss": loss,
@@ -145,23 +162,31 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
     metrics.update({f"lora/{k}": v for k, v in extras.get("lora_metrics", {}).items()})
     lora_state = state.lora_state
     if lora_state is not None and BIAS_COLLECTION in lora_state:
-        new_bias = update_lora_bias(lora_state[BIAS_COLLECTION], extras["lora_load"],
-                                    lora.bias_update_rate)
+        new_bias = update_lora_bias(
+            lora_state[BIAS_COLLECTION], extras["lora_load"], lora.bias_update_rate
+        )
         if skip_non_finite:
             new_bias = faults.keep_if_finite(finite, new_bias, lora_state[BIAS_COLLECTION])
         lora_state = {**lora_state, BIAS_COLLECTION: new_bias}
     router_bias, bias_metrics = update_router_bias(
-        state.router_bias, extras["moe_metrics"].get("load"), model.moe.bias_update_rate)
+        state.router_bias, extras["moe_metrics"].get("load"), model.moe.bias_update_rate
+    )
     metrics.update(bias_metrics)
     if skip_non_finite and router_bias is not None:  # a skipped step moves nothing
         router_bias = faults.keep_if_finite(finite, router_bias, state.router_bias)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           router_bias=router_bias, lora_state=lora_state)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        router_bias=router_bias,
+        lora_state=lora_state,
+    )
     return new_state, metrics
 
 
-def eval_step(params, batch: Batch, *, model, num_domains: int,
-              router_bias=None, lora_state=None) -> dict[str, jax.Array]:
+def eval_step(
+    params, batch: Batch, *, model, num_domains: int, router_bias=None, lora_state=None
+) -> dict[str, jax.Array]:
     """Sums, so batches add up: cross-entropy and token counts, overall and per data domain,
     and (MoE models) the experts used per token, per MoE layer and domain.
 

@@ -13,6 +13,7 @@ skipped inside the jitted step and the run stops after `train.max_bad_steps` in 
 never checkpointing a non-finite step (`faults.py`); router health is checked at each log
 step (`router_health.py`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -145,6 +146,7 @@ def _eval_batches(s: Sections):
         done = batch is None
         if jax.process_count() > 1:  # stop only once every process has run out
             from jax.experimental import multihost_utils
+
             done = bool(np.all(multihost_utils.process_allgather(np.array(done))))
         if done:
             return
@@ -152,8 +154,15 @@ def _eval_batches(s: Sections):
         i += 1
 
 
-def evaluate(eval_fn, params, s: Sections, mesh, stability: RoutingStability | None = None,
-             router_bias: Any = None, lora_state: Any = None) -> dict[str, float]:
+def evaluate(
+    eval_fn,
+    params,
+    s: Sections,
+    mesh,
+    stability: RoutingStability | None = None,
+    router_bias: Any = None,
+    lora_state: Any = None,
+) -> dict[str, float]:
     """Loss over the validation batches (overall, per domain), MoE metrics, experts per token
     per domain, and with `stability` the fraction of tokens whose first-choice expert changed
     since the previous call. `router_bias`: the state's router bias collection, if any."""
@@ -171,12 +180,17 @@ def evaluate(eval_fn, params, s: Sections, mesh, stability: RoutingStability | N
         return {}
     n = float(totals["batches"])
     loss = float(totals["ce_sum"] / max(totals["tokens"], 1.0))
-    result = {"eval/loss": loss, "eval/bits_per_byte": loss / math.log(2),
-              "eval/tokens": float(totals["tokens"]), "eval/aux_loss": totals["aux_loss_sum"] / n}
+    result = {
+        "eval/loss": loss,
+        "eval/bits_per_byte": loss / math.log(2),
+        "eval/tokens": float(totals["tokens"]),
+        "eval/aux_loss": totals["aux_loss_sum"] / n,
+    }
     for d, name in enumerate(DOMAINS):
         if totals["domain_tokens"][d] > 0:
             result[f"eval/loss/{name}"] = float(
-                totals["domain_ce_sum"][d] / totals["domain_tokens"][d])
+                totals["domain_ce_sum"][d] / totals["domain_tokens"][d]
+            )
     moe = {k: v / n for k, v in totals.items() if k.startswith("moe/")}
     if stability is not None and top1:
         moe.update(stability.update(np.concatenate(top1, axis=1)))
@@ -185,8 +199,9 @@ def evaluate(eval_fn, params, s: Sections, mesh, stability: RoutingStability | N
         per_domain = totals["domain_experts_sum"] / np.maximum(totals["domain_tokens"], 1.0)
         for d, name in enumerate(DOMAINS):
             if totals["domain_tokens"][d] > 0:
-                result.update(_flatten_metrics(
-                    "eval/", {f"moe/experts_per_token/{name}": per_domain[:, d]}))
+                result.update(
+                    _flatten_metrics("eval/", {f"moe/experts_per_token/{name}": per_domain[:, d]})
+                )
     return result
 
 
@@ -197,6 +212,7 @@ def evaluate(eval_fn, params, s: Sections, mesh, stability: RoutingStability | N
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """Everything compiled for one config on one mesh (also handy in notebooks and tests)."""
+
     model: Transformer
     tx: Any
     schedule: Any
@@ -219,10 +235,13 @@ def build_experiment(s: Sections, mesh) -> Experiment:
         variables = model.init(rng, dummy)
         params = variables["params"]
         lora_state = {k: variables[k] for k in LORA_COLLECTIONS if k in variables}
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=drop_masked_boxes(tx.init(params)),
-                          router_bias=variables.get(BIAS_COLLECTION),
-                          lora_state=lora_state or None)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=drop_masked_boxes(tx.init(params)),
+            router_bias=variables.get(BIAS_COLLECTION),
+            lora_state=lora_state or None,
+        )
 
     # Sharding: abstract boxed state -> logical specs -> NamedShardings -> jit(init).
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
@@ -230,22 +249,42 @@ def build_experiment(s: Sections, mesh) -> Experiment:
     state_shardings = logical_shardings(abstract_boxed, mesh, s.mesh.rules)
     abstract_state = jax.tree.map(
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-        nn.unbox(abstract_boxed), state_shardings)
+        nn.unbox(abstract_boxed),
+        state_shardings,
+    )
     init_fn = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=state_shardings)
     # The steps run under the activation rules and with `mesh` as the context mesh: the
     # expert_parallel and fssdp dispatchers shard_map over it (init runs without: the dummy
     # batch is one row).
-    step = functools.partial(train_step, model=model, tx=tx, grad_accum=s.train.grad_accum,
-                             schedule=schedule, skip_non_finite=s.train.skip_non_finite,
-                             adapters_only=adapters_only)
-    step_fn = InMesh(jax.jit(under_rules(step, mesh, s.mesh.rules),
-                             out_shardings=(state_shardings, None), donate_argnums=(0,)), mesh)
+    step = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        grad_accum=s.train.grad_accum,
+        schedule=schedule,
+        skip_non_finite=s.train.skip_non_finite,
+        adapters_only=adapters_only,
+    )
+    step_fn = InMesh(
+        jax.jit(
+            under_rules(step, mesh, s.mesh.rules),
+            out_shardings=(state_shardings, None),
+            donate_argnums=(0,),
+        ),
+        mesh,
+    )
     # Replicated outputs: every process can read the per-token `top1_expert` of the batch.
     evaluate_ = functools.partial(eval_step, model=model, num_domains=len(DOMAINS))
-    eval_fn = InMesh(jax.jit(under_rules(evaluate_, mesh, s.mesh.rules),
-                             out_shardings=NamedSharding(mesh, PartitionSpec())), mesh)
-    return Experiment(model, tx, schedule, mesh, state_shardings, abstract_state, init_fn,
-                      step_fn, eval_fn)
+    eval_fn = InMesh(
+        jax.jit(
+            under_rules(evaluate_, mesh, s.mesh.rules),
+            out_shardings=NamedSharding(mesh, PartitionSpec()),
+        ),
+        mesh,
+    )
+    return Experiment(
+        model, tx, schedule, mesh, state_shardings, abstract_state, init_fn, step_fn, eval_fn
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -270,8 +309,9 @@ def _saved_state(state: TrainState, adapter_run: bool) -> TrainState:
     return state.replace(params=lora_ckpt.adapter_part(state.params)) if adapter_run else state
 
 
-def _restore_adapter_run(s: Sections, workdir: str, exp: Experiment, rng, ckpt: Checkpointer,
-                         notes: list[str]):
+def _restore_adapter_run(
+    s: Sections, workdir: str, exp: Experiment, rng, ckpt: Checkpointer, notes: list[str]
+):
     """Loads the frozen base (`moejax.lora.checkpoint`), then resumes the adapters from the
     latest checkpoint (checking that the base is the one they were trained on) or
     initialises them. Returns (full state, data state, start step, base reference)."""
@@ -281,8 +321,9 @@ def _restore_adapter_run(s: Sections, workdir: str, exp: Experiment, rng, ckpt: 
         fresh = exp.init_fn(rng)
         lora_ckpt.save_own_base(workdir, fresh.params, fresh.router_bias)
         del fresh
-    base, source = lora_ckpt.load_base(s.lora, workdir, abstract.params, abstract.router_bias,
-                                       s.model)
+    base, source = lora_ckpt.load_base(
+        s.lora, workdir, abstract.params, abstract.router_bias, s.model
+    )
     fp = lora_ckpt.fingerprint(base["params"])
 
     def init():
@@ -297,12 +338,15 @@ def _restore_adapter_run(s: Sections, workdir: str, exp: Experiment, rng, ckpt: 
         if "base" not in extra:
             raise lora_ckpt.BaseModelError(
                 f"{ckpt.step_dir(start_step)} has no base reference; it was not written by an "
-                f"adapter run. Pass a new --workdir.")
+                f"adapter run. Pass a new --workdir."
+            )
         lora_ckpt.check_fingerprint(extra["base"]["fingerprint"], fp, source, start_step)
     n_train = trainable_lib.count(abstract.params)
     n_base = sum(x.size for x in jax.tree.leaves(base["params"]))
-    notes.append(f"adapters: {n_train} trainable params ({100 * n_train / n_base:.3f}% of the "
-                 f"{n_base / 1e6:.2f}M frozen base from {source['kind']}: {source['path']})")
+    notes.append(
+        f"adapters: {n_train} trainable params ({100 * n_train / n_base:.3f}% of the "
+        f"{n_base / 1e6:.2f}M frozen base from {source['kind']}: {source['path']})"
+    )
     state = state.replace(params=lora_ckpt.with_base(state.params, base["params"]))
     return state, data_state, start_step, lora_ckpt.base_extra(source, fp)
 
@@ -334,15 +378,21 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
 
     # Checkpoint: resume from the latest complete step in the workdir, or initialise.
     notes: list[str] = []
-    ckpt = Checkpointer(workdir, keep=s.train.keep_checkpoints,
-                        save_every=s.train.checkpoint_every, async_save=s.train.async_checkpoint)
+    ckpt = Checkpointer(
+        workdir,
+        keep=s.train.keep_checkpoints,
+        save_every=s.train.checkpoint_every,
+        async_save=s.train.async_checkpoint,
+    )
     adapter_run = s.lora.method != "none"
     if adapter_run:  # adapters checkpointed apart from their frozen base
         state, data_state, start_step, base_ref = _restore_adapter_run(
-            s, workdir, exp, rng, ckpt, notes)
+            s, workdir, exp, rng, ckpt, notes
+        )
     else:
         state, data_state, start_step = ckpt.restore_or_init(
-            lambda: exp.init_fn(rng), exp.abstract_state, log=notes.append)
+            lambda: exp.init_fn(rng), exp.abstract_state, log=notes.append
+        )
     if start_step == 0:
         if is_main:
             _write_config(workdir, config_dict)
@@ -355,16 +405,24 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
     peak, peak_source = device_peak_tflops(s.train.peak_tflops)
     writers = make_writers(workdir, s.train.steps, start_step, is_main)
     log = writers.log_line
-    log(f"moejax: {jax.device_count()} x {jax.devices()[0].device_kind} "
-        f"({jax.process_count()} process(es)); mesh {dict(mesh.shape)}")
-    log(f"params: total {counts.total / 1e6:.2f}M, active per token {counts.active / 1e6:.2f}M "
+    log(
+        f"moejax: {jax.device_count()} x {jax.devices()[0].device_kind} "
+        f"({jax.process_count()} process(es)); mesh {dict(mesh.shape)}"
+    )
+    log(
+        f"params: total {counts.total / 1e6:.2f}M, active per token {counts.active / 1e6:.2f}M "
         f"({counts.active_matmul / 1e6:.2f}M in matmuls); "
         f"{flops_per_token / 1e6:.1f} MFLOP/token (train); peak {peak:.3g} TFLOP/s "
-        f"per device ({peak_source})")
+        f"per device ({peak_source})"
+    )
     try:
         stats = describe(s.data)
-        log("data: " + "; ".join(f"{k}: {v.get('documents')} docs, {v.get('bytes')} bytes"
-                                 for k, v in stats.items()))
+        log(
+            "data: "
+            + "; ".join(
+                f"{k}: {v.get('documents')} docs, {v.get('bytes')} bytes" for k, v in stats.items()
+            )
+        )
     except Exception as e:  # describe is informational only
         log(f"data: (no description: {e})")
     if hooks.describe():
@@ -373,16 +431,23 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
         log(note)
     log(("resuming from step %d" % start_step) if start_step else f"workdir: {workdir}")
     if start_step >= s.train.steps:
-        log(f"{workdir} already holds step {start_step} >= train.steps={s.train.steps}: nothing "
-            f"to train. Raise --config.train.steps to continue, or use a new workdir.")
+        log(
+            f"{workdir} already holds step {start_step} >= train.steps={s.train.steps}: nothing "
+            f"to train. Raise --config.train.steps to continue, or use a new workdir."
+        )
 
     batch_tokens = s.data.global_batch_size * s.data.seq_len
     throughput = _Throughput(flops_per_token, jax.device_count(), peak)
-    guard = BadStepGuard(skip=s.train.skip_non_finite, abort=s.train.abort_on_nan,
-                         max_bad_steps=s.train.max_bad_steps)
-    health = RouterHealth(dead_expert_logs=s.train.dead_expert_logs,
-                          max_dropped_fraction=s.train.max_dropped_fraction,
-                          max_load_cv=s.train.max_load_cv)
+    guard = BadStepGuard(
+        skip=s.train.skip_non_finite,
+        abort=s.train.abort_on_nan,
+        max_bad_steps=s.train.max_bad_steps,
+    )
+    health = RouterHealth(
+        dead_expert_logs=s.train.dead_expert_logs,
+        max_dropped_fraction=s.train.max_dropped_fraction,
+        max_load_cv=s.train.max_load_cv,
+    )
 
     # Loop.
     stability = RoutingStability()
@@ -412,9 +477,10 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
             first_logged = pending[0][0]
             pending = []
             last = fetched[-1]
-            out = _flatten_metrics("train/", {k: v for k, v in last.items()
-                                              if k not in ("loss", "learning_rate",
-                                                           "nonfinite")})
+            out = _flatten_metrics(
+                "train/",
+                {k: v for k, v in last.items() if k not in ("loss", "learning_rate", "nonfinite")},
+            )
             losses = np.array([float(m["loss"]) for m in fetched])
             bad = np.array([float(m["nonfinite"]) > 0 for m in fetched])
             out["train/loss"] = float(np.mean(losses[~bad])) if (~bad).any() else math.nan
@@ -424,35 +490,56 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
             writers.write(step, out)
             final.update(out)
             if bad.any():
-                log(f"skipped the update of {int(bad.sum())} non-finite step(s) among "
-                    f"steps {first_logged}-{step} ({guard.total} in this run so far)")
+                log(
+                    f"skipped the update of {int(bad.sum())} non-finite step(s) among "
+                    f"steps {first_logged}-{step} ({guard.total} in this run so far)"
+                )
             for warning in health.observe(step, fetched):
                 log(f"WARNING {warning}")
         if s.train.eval_every and (step % s.train.eval_every == 0 or step == s.train.steps):
-            result = evaluate(exp.eval_fn, state.params, s, mesh, stability,
-                              router_bias=state.router_bias, lora_state=state.lora_state)
+            result = evaluate(
+                exp.eval_fn,
+                state.params,
+                s,
+                mesh,
+                stability,
+                router_bias=state.router_bias,
+                lora_state=state.lora_state,
+            )
             if result:
                 writers.write(step, result)
-                log(f"eval @ {step}: loss {result['eval/loss']:.4f} "
-                    f"({result['eval/bits_per_byte']:.3f} bits/byte) " + " ".join(
-                        f"{d}={result[f'eval/loss/{d}']:.3f}" for d in DOMAINS
-                        if f"eval/loss/{d}" in result) + _routing_summary(result))
+                log(
+                    f"eval @ {step}: loss {result['eval/loss']:.4f} "
+                    f"({result['eval/bits_per_byte']:.3f} bits/byte) "
+                    + " ".join(
+                        f"{d}={result[f'eval/loss/{d}']:.3f}"
+                        for d in DOMAINS
+                        if f"eval/loss/{d}" in result
+                    )
+                    + _routing_summary(result)
+                )
                 final.update(result)
             throughput.reset()  # evaluation time is not training throughput
         if save_now and guard.streak:
-            log(f"not checkpointing step {step}: its loss or gradients were non-finite; "
-                f"the latest checkpoint stays step {ckpt.latest_step()}")
-        elif save_now and ckpt.save(step, _saved_state(state, adapter_run),
-                                    data_state=gather_data_states(train_batches.get_state()),
-                                    extra={"config": config_dict,
-                                           **({"base": base_ref} if adapter_run else {})},
-                                    force=last_step or preempted):
+            log(
+                f"not checkpointing step {step}: its loss or gradients were non-finite; "
+                f"the latest checkpoint stays step {ckpt.latest_step()}"
+            )
+        elif save_now and ckpt.save(
+            step,
+            _saved_state(state, adapter_run),
+            data_state=gather_data_states(train_batches.get_state()),
+            extra={"config": config_dict, **({"base": base_ref} if adapter_run else {})},
+            force=last_step or preempted,
+        ):
             hooks.after_save_started(step)
         if preempted:
             ckpt.wait()  # the save is on disk
-            message = (f"preemption notice (signal {watcher.received}) after step {step}: "
-                       f"the latest checkpoint, step {ckpt.latest_step()}, is on disk in "
-                       f"{ckpt.directory}; rerun the same command to resume.")
+            message = (
+                f"preemption notice (signal {watcher.received}) after step {step}: "
+                f"the latest checkpoint, step {ckpt.latest_step()}, is on disk in "
+                f"{ckpt.directory}; rerun the same command to resume."
+            )
             ckpt.close()
             log(message)
             writers.flush()

@@ -209,8 +209,12 @@ class TensorBoardWriter:
 DEFAULT_CONSOLE_FIELDS = {"loss": "loss", "tokens_per_sec": "tok/s", "lr": "lr"}
 # What the trainer shows: exact names, so evaluation results (logged on their own line by
 # the trainer) do not print a second, ambiguous "loss" line.
-TRAINER_CONSOLE_FIELDS = {"train/loss": "loss", "perf/tokens_per_sec": "tok/s",
-                          "perf/mfu": "mfu", "train/lr": "lr"}
+TRAINER_CONSOLE_FIELDS = {
+    "train/loss": "loss",
+    "perf/tokens_per_sec": "tok/s",
+    "perf/mfu": "mfu",
+    "train/lr": "lr",
+}
 
 
 class ConsoleProgress:

@@ -4,6 +4,7 @@ rejected by `validate` (before anything is compiled) with a message naming the f
 Values are set on a plain dict copy of configs/deepseekmoe.py (tiny size), so values of the
 wrong type reach `validate` the way a hand-written dict or a loose config file would.
 """
+
 import dataclasses
 
 import pytest
@@ -160,8 +161,7 @@ def _config_with(field: str, value) -> dict:
     return config
 
 
-@pytest.mark.parametrize("field,value,message", BAD,
-                         ids=[f"{f}={v!r}" for f, v, _ in BAD])
+@pytest.mark.parametrize("field,value,message", BAD, ids=[f"{f}={v!r}" for f, v, _ in BAD])
 def test_bad_value_is_rejected_naming_the_field(field, value, message):
     with pytest.raises(ConfigError) as err:
         validate(_config_with(field, value), num_devices=1, num_processes=1)
@@ -171,7 +171,6 @@ def test_bad_value_is_rejected_naming_the_field(field, value, message):
 
 def test_the_table_covers_every_field():
     covered = {field for field, _, _ in BAD}
-    every = {f"{name}.{f.name}" for name, cls in SECTIONS.items()
-             for f in dataclasses.fields(cls)}
+    every = {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     assert every - covered == set()
     assert len(BAD) >= 25

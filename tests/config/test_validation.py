@@ -1,4 +1,5 @@
 """Every config builds; bad configs are rejected before compiling, each with its own message."""
+
 import os
 import re
 import subprocess
@@ -48,14 +49,17 @@ def test_default_config_is_valid():
 BAD_SIGMOID_BIAS = [  # configs/deepseek_v3.py: 16 experts, top-4, 4 groups, top-2 groups
     ({"n_group": 3}, "moe.num_experts=16 is not divisible by moe.n_group=3"),
     ({"topk_group": 5}, "moe.topk_group=5 must be between 1 and moe.n_group=4"),
-    ({"topk_group": 1, "top_k": 5}, "moe.top_k=5 is more than the 4 experts in "
-     "moe.topk_group=1 groups of 4"),
+    (
+        {"topk_group": 1, "top_k": 5},
+        "moe.top_k=5 is more than the 4 experts in moe.topk_group=1 groups of 4",
+    ),
     ({"routed_scaling_factor": 0.0}, "moe.routed_scaling_factor=0.0 must be > 0"),
 ]
 
 
-@pytest.mark.parametrize("overrides,message", BAD_SIGMOID_BIAS,
-                         ids=[",".join(b[0]) for b in BAD_SIGMOID_BIAS])
+@pytest.mark.parametrize(
+    "overrides,message", BAD_SIGMOID_BIAS, ids=[",".join(b[0]) for b in BAD_SIGMOID_BIAS]
+)
 def test_bad_sigmoid_bias_config_is_rejected_with_its_own_message(overrides, message):
     config = load_config_module("deepseek_v3").get_config()
     config.moe.update(overrides)
@@ -136,10 +140,22 @@ def test_parse_arg_types_and_errors():
 
 
 def test_cli_rejects_bad_config_before_compiling(tmp_path):
-    cmd = [sys.executable, "-m", "moejax.train", "--config=configs/dense.py",
-           "--config.model.num_heads=3", f"--workdir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "moejax.train",
+        "--config=configs/dense.py",
+        "--config.model.num_heads=3",
+        f"--workdir={tmp_path}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode != 0
     assert "model.num_heads=3" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
@@ -148,6 +164,9 @@ def test_cli_rejects_bad_config_before_compiling(tmp_path):
 def test_lora_base_sources_are_exclusive():
     config = default_config()
     config.lora.update(method="lora", base_checkpoint="runs/base", base_hf="hf/llama")
-    with pytest.raises(ConfigError, match=r"lora.base_checkpoint='runs/base' and "
-                                          r"lora.base_hf='hf/llama' both name a base model"):
+    with pytest.raises(
+        ConfigError,
+        match=r"lora.base_checkpoint='runs/base' and "
+        r"lora.base_hf='hf/llama' both name a base model",
+    ):
         validate(config, num_devices=1, num_processes=1)

@@ -9,39 +9,50 @@ from moejax.data import DataConfig
 
 
 def test_defaults():
-  cfg = DataConfig()
-  assert (cfg.dataset, cfg.seq_len, cfg.global_batch_size, cfg.max_bytes_per_domain) == (
-      "moejax_corpus", 256, 16, 4_000_000)
-  assert (cfg.train_split, cfg.eval_split, cfg.shuffle, cfg.data_dir) == (
-      "train", "validation", True, "")
-  with pytest.raises(dataclasses.FrozenInstanceError):
-    cfg.seq_len = 8  # type: ignore[misc]
+    cfg = DataConfig()
+    assert (cfg.dataset, cfg.seq_len, cfg.global_batch_size, cfg.max_bytes_per_domain) == (
+        "moejax_corpus",
+        256,
+        16,
+        4_000_000,
+    )
+    assert (cfg.train_split, cfg.eval_split, cfg.shuffle, cfg.data_dir) == (
+        "train",
+        "validation",
+        True,
+        "",
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seq_len = 8  # type: ignore[misc]
 
 
 def test_from_mapping_accepts_dict_and_config_dict():
-  assert DataConfig.from_mapping({"seq_len": 32, "seed": 4}) == DataConfig(seq_len=32, seed=4)
-  section = ml_collections.ConfigDict({"seq_len": 64, "global_batch_size": 8})
-  assert DataConfig.from_mapping(section) == DataConfig(seq_len=64, global_batch_size=8)
-  frozen = ml_collections.FrozenConfigDict(section)
-  assert DataConfig.from_mapping(frozen) == DataConfig(seq_len=64, global_batch_size=8)
+    assert DataConfig.from_mapping({"seq_len": 32, "seed": 4}) == DataConfig(seq_len=32, seed=4)
+    section = ml_collections.ConfigDict({"seq_len": 64, "global_batch_size": 8})
+    assert DataConfig.from_mapping(section) == DataConfig(seq_len=64, global_batch_size=8)
+    frozen = ml_collections.FrozenConfigDict(section)
+    assert DataConfig.from_mapping(frozen) == DataConfig(seq_len=64, global_batch_size=8)
 
 
 def test_unknown_key_names_it_and_lists_valid_ones():
-  with pytest.raises(ValueError) as e:
-    DataConfig.from_mapping({"seq_length": 32})
-  assert "data.seq_length" in str(e.value)
-  assert "seq_len" in str(e.value) and "global_batch_size" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        DataConfig.from_mapping({"seq_length": 32})
+    assert "data.seq_length" in str(e.value)
+    assert "seq_len" in str(e.value) and "global_batch_size" in str(e.value)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"seq_len": 0}, "data.seq_len"),
-    ({"global_batch_size": -1}, "data.global_batch_size"),
-    ({"seq_len": "256"}, "data.seq_len"),
-    ({"shuffle": 1}, "data.shuffle"),
-    ({"seq_len": True}, "data.seq_len"),
-    ({"dataset": ""}, "data.dataset"),
-    ({"seed": -1}, "data.seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"seq_len": 0}, "data.seq_len"),
+        ({"global_batch_size": -1}, "data.global_batch_size"),
+        ({"seq_len": "256"}, "data.seq_len"),
+        ({"shuffle": 1}, "data.shuffle"),
+        ({"seq_len": True}, "data.seq_len"),
+        ({"dataset": ""}, "data.dataset"),
+        ({"seed": -1}, "data.seed"),
+    ],
+)
 def test_invalid_values_name_the_field(kwargs, field):
-  with pytest.raises((TypeError, ValueError), match=field):
-    DataConfig(**kwargs)
+    with pytest.raises((TypeError, ValueError), match=field):
+        DataConfig(**kwargs)

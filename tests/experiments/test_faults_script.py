@@ -1,5 +1,6 @@
 """`experiments/faults.py`: its tiny config is valid, and one scenario runs end to end and
 reports the documented JSON (`scenarios`: scenario, trials, recovered, steps_lost, identical)."""
+
 import importlib.util
 import json
 import os
@@ -20,7 +21,7 @@ def test_tiny_flags_make_a_valid_config_with_the_stated_schedule(tmp_path):
     flags = faults_script.tiny_flags(str(tmp_path))
     config = load_config_module("deepseekmoe").get_config()
     for flag in flags[1:]:
-        key, value = flag[len("--config."):].split("=", 1)
+        key, value = flag[len("--config.") :].split("=", 1)
         section, field = key.split(".")
         old = config[section][field]
         config[section][field] = type(old)(value) if not isinstance(old, bool) else value == "True"
@@ -31,13 +32,33 @@ def test_tiny_flags_make_a_valid_config_with_the_stated_schedule(tmp_path):
 
 
 def test_nan_skip_scenario_end_to_end_json(tmp_path):
-    cmd = [sys.executable, str(SCRIPT), "--trials", "1", "--scenarios", "nan_skip", "--json",
-           "--workdir", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--trials",
+        "1",
+        "--scenarios",
+        "nan_skip",
+        "--json",
+        "--workdir",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     report = json.loads(proc.stdout)  # stdout is the one JSON object
     [row] = report["scenarios"]
-    assert {k: row[k] for k in ("scenario", "trials", "recovered", "steps_lost", "identical")} \
-        == {"scenario": "nan_skip", "trials": 1, "recovered": 1, "steps_lost": 0, "identical": 1}
+    assert {k: row[k] for k in ("scenario", "trials", "recovered", "steps_lost", "identical")} == {
+        "scenario": "nan_skip",
+        "trials": 1,
+        "recovered": 1,
+        "steps_lost": 0,
+        "identical": 1,
+    }
     assert report["all_recovered"] is True

@@ -1,4 +1,5 @@
 """`experiments/benchmarks/gmm.py` runs end to end at a tiny scale and reports sane JSON."""
+
 import json
 import math
 import os
@@ -15,10 +16,27 @@ SCRIPT = REPO / "experiments" / "benchmarks" / "gmm.py"
 @pytest.fixture(scope="module")
 def report():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    args = ["--json", "--scale", "64", "--repeats", "1", "--groups", "skewed",
-            "--skip", "megablox,tokamax", "--interpret-max-gflop", "0.2"]
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    args = [
+        "--json",
+        "--scale",
+        "64",
+        "--repeats",
+        "1",
+        "--groups",
+        "skewed",
+        "--skip",
+        "megablox,tokamax",
+        "--interpret-max-gflop",
+        "0.2",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 

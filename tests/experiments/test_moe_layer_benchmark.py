@@ -1,4 +1,5 @@
 """`experiments/benchmarks/moe_layer.py` runs end to end at a tiny shape and reports sane JSON."""
+
 import importlib.util
 import json
 import math
@@ -14,8 +15,26 @@ from moejax.moe.dispatch import DISPATCHERS
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "experiments" / "benchmarks" / "moe_layer.py"
-TINY = ["--tokens", "256", "--batch", "2", "--d-model", "32", "--experts", "8",
-        "--d-expert", "16", "--top-k", "2", "--shared", "1", "--gmm-tile", "16", "--repeats", "1"]
+TINY = [
+    "--tokens",
+    "256",
+    "--batch",
+    "2",
+    "--d-model",
+    "32",
+    "--experts",
+    "8",
+    "--d-expert",
+    "16",
+    "--top-k",
+    "2",
+    "--shared",
+    "1",
+    "--gmm-tile",
+    "16",
+    "--repeats",
+    "1",
+]
 HF_INSTALLED = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 
 
@@ -23,8 +42,14 @@ HF_INSTALLED = all(importlib.util.find_spec(m) for m in ("torch", "transformers"
 def run():
     """One run of the CLI: every dispatcher and the breakdown (the HF peer is tested apart)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", *TINY, "--skip", "hf"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--json", *TINY, "--skip", "hf"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout), proc.stderr  # the whole stdout is one JSON object
 
@@ -73,10 +98,22 @@ def test_report_ratios_including_the_hf_peer(bench):
     e = 8
     shape = bench.Shape(tokens=64, batch=1, experts=e, top_k=2, shared=1)
     metrics = {"dropped_fraction": np.float32(0.0), "load": np.full((e,), 1.0 / e)}
-    times = {"dense_mlp": [2.0, 4.0, 3.0], "auto": [4.0, 5.0, 3.0], "auto/fwd": [1.0] * 3,
-             "hf_deepseek_v3_moe": [8.0, 9.0, 10.0], "torch_dense_mlp": [2.0, 3.0, 4.0]}
-    report = bench.assemble(shape, times, {"dense_mlp": 1.0, "auto": 2.0},
-                            {"hf_deepseek_v3_moe": 0.5}, {"auto": metrics}, {"available": True}, 3)
+    times = {
+        "dense_mlp": [2.0, 4.0, 3.0],
+        "auto": [4.0, 5.0, 3.0],
+        "auto/fwd": [1.0] * 3,
+        "hf_deepseek_v3_moe": [8.0, 9.0, 10.0],
+        "torch_dense_mlp": [2.0, 3.0, 4.0],
+    }
+    report = bench.assemble(
+        shape,
+        times,
+        {"dense_mlp": 1.0, "auto": 2.0},
+        {"hf_deepseek_v3_moe": 0.5},
+        {"auto": metrics},
+        {"available": True},
+        3,
+    )
     res = report["results"]
     assert res["auto"]["ms"] == 4.0 and res["auto"]["ms_min"] == 3.0
     assert res["auto"]["ratio_to_dense"] == pytest.approx(4.0 / 3.0, rel=1e-3)
@@ -92,6 +129,7 @@ def test_report_ratios_including_the_hf_peer(bench):
 @pytest.mark.skipif(not HF_INSTALLED, reason="needs the hf extra (torch, transformers)")
 def test_hf_peer_steps_run(bench):
     from experiments.benchmarks import hf_peer  # noqa: F401  (the path moe_layer uses)
+
     shape = bench.Shape(tokens=64, batch=2, d_model=16, experts=4, d_expert=8, top_k=2, shared=1)
     steps, info = hf_peer.build_steps(shape, threads=1)
     assert set(steps) == {"hf_deepseek_v3_moe", "torch_dense_mlp"}

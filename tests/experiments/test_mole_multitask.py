@@ -1,5 +1,6 @@
 """The multi-task LoRA experiment runs end to end in quick mode: base pretraining, adapter
 runs through moejax.train, greedy exact-match accuracy per task, and the table."""
+
 import importlib.util
 import json
 
@@ -7,15 +8,22 @@ from testing_utils import REPO
 
 from moejax.data import tasks
 
-spec = importlib.util.spec_from_file_location("mole_multitask",
-                                              REPO / "experiments" / "mole_multitask.py")
+spec = importlib.util.spec_from_file_location(
+    "mole_multitask", REPO / "experiments" / "mole_multitask.py"
+)
 experiment = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(experiment)
 
 
 def test_quick_mode_prints_per_task_accuracies(tiny_corpus_dir, tmp_path, capsys):
-    result = experiment.main(["--quick", f"--workdir={tmp_path}", "--variants=lora,rslora",
-                              f"--data_dir={tiny_corpus_dir}"])
+    result = experiment.main(
+        [
+            "--quick",
+            f"--workdir={tmp_path}",
+            "--variants=lora,rslora",
+            f"--data_dir={tiny_corpus_dir}",
+        ]
+    )
     out = capsys.readouterr().out
     header = "| method | matched to | rank | trainable params | " + " | ".join(tasks.TASKS)
     assert header in out
@@ -29,4 +37,3 @@ def test_quick_mode_prints_per_task_accuracies(tiny_corpus_dir, tmp_path, capsys
         assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())
         assert f"| {row['name']} |" in out
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == result["rows"]
-

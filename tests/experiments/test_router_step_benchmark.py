@@ -1,5 +1,6 @@
 """`experiments/benchmarks/router_step.py` runs end to end at a tiny shape and reports sane JSON,
 from random init and from a checkpointed run (`--runs`)."""
+
 import importlib.util
 import json
 import os
@@ -20,8 +21,14 @@ TINY = ["--batch", "2", "--seq-len", "16", "--repeats", "2"]
 
 def _run(*args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", *TINY, *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--json", *TINY, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout), proc.stderr
 

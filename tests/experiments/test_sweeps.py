@@ -1,4 +1,5 @@
 """Every sweep defined beside a config yields distinct, valid configs."""
+
 import importlib.util
 import os
 
@@ -16,7 +17,7 @@ SWEEPS = []
 for name in sorted(os.listdir(REPO / "configs")):
     if name.endswith(".py"):
         module = load_config_file(REPO / "configs" / name)
-        SWEEPS += [(name, n[len("sweep_"):]) for n in dir(module) if n.startswith("sweep_")]
+        SWEEPS += [(name, n[len("sweep_") :]) for n in dir(module) if n.startswith("sweep_")]
 
 
 def test_there_are_sweeps():

@@ -5,6 +5,7 @@ Tiny random models are built from configs on CPU (no downloads) and re-initialis
 larger weights (std 0.2, norm scales 1 +- 0.1) so attention and routing are far from
 uniform and a wrong RoPE layout or expert order would show.
 """
+
 import json
 import os
 
@@ -13,7 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="HF parity tests need torch: pip install -e '.[hf]'")
 transformers = pytest.importorskip(
-    "transformers", reason="HF parity tests need transformers: pip install -e '.[hf]'")
+    "transformers", reason="HF parity tests need transformers: pip install -e '.[hf]'"
+)
 pytest.importorskip("safetensors", reason="moejax.hf needs safetensors: pip install -e '.[hf]'")
 
 import jax  # noqa: E402
@@ -26,40 +28,103 @@ from moejax.models.transformer import Transformer  # noqa: E402
 
 TOL = 1e-4
 SMALL = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
-MLA = dict(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
-           num_key_value_heads=4)
+MLA = dict(
+    kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4
+)
 
 CONFIGS = {
-    "llama_tied_gqa": ("LlamaConfig", dict(SMALL, intermediate_size=48, num_key_value_heads=2,
-                                           tie_word_embeddings=True)),
-    "mixtral_top2": ("MixtralConfig", dict(SMALL, intermediate_size=24, num_key_value_heads=2,
-                                           num_local_experts=4, num_experts_per_tok=2)),
+    "llama_tied_gqa": (
+        "LlamaConfig",
+        dict(SMALL, intermediate_size=48, num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "mixtral_top2": (
+        "MixtralConfig",
+        dict(
+            SMALL,
+            intermediate_size=24,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
+    ),
     # decoder_sparse_step=2: layer 0 dense, layer 1 MoE (moejax: one period of moe_every=2).
-    "qwen2_moe_gate_norm_off": ("Qwen2MoeConfig", dict(
-        SMALL, intermediate_size=48, num_key_value_heads=2, num_experts=4,
-        num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-        norm_topk_prob=False, decoder_sparse_step=2)),
-    "qwen2_moe_mlp_only_norm_on": ("Qwen2MoeConfig", dict(
-        SMALL, num_hidden_layers=3, intermediate_size=48, num_key_value_heads=2,
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-        shared_expert_intermediate_size=24, norm_topk_prob=True, mlp_only_layers=[0],
-        tie_word_embeddings=True)),
+    "qwen2_moe_gate_norm_off": (
+        "Qwen2MoeConfig",
+        dict(
+            SMALL,
+            intermediate_size=48,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            norm_topk_prob=False,
+            decoder_sparse_step=2,
+        ),
+    ),
+    "qwen2_moe_mlp_only_norm_on": (
+        "Qwen2MoeConfig",
+        dict(
+            SMALL,
+            num_hidden_layers=3,
+            intermediate_size=48,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            tie_word_embeddings=True,
+        ),
+    ),
     # DeepSeek-V3 with every layer dense: MLA alone (q compression, interleaved RoPE) ...
-    "deepseek_v3_mla_qlora": ("DeepseekV3Config", dict(
-        SMALL, **MLA, intermediate_size=48, q_lora_rank=16, first_k_dense_replace=2,
-        rope_interleave=True)),
+    "deepseek_v3_mla_qlora": (
+        "DeepseekV3Config",
+        dict(
+            SMALL,
+            **MLA,
+            intermediate_size=48,
+            q_lora_rank=16,
+            first_k_dense_replace=2,
+            rope_interleave=True,
+        ),
+    ),
     # ... and without q compression, rotate-half RoPE, tied embeddings.
-    "deepseek_v3_mla_no_qlora": ("DeepseekV3Config", dict(
-        SMALL, **MLA, intermediate_size=48, q_lora_rank=None, first_k_dense_replace=2,
-        rope_interleave=False, tie_word_embeddings=True)),
+    "deepseek_v3_mla_no_qlora": (
+        "DeepseekV3Config",
+        dict(
+            SMALL,
+            **MLA,
+            intermediate_size=48,
+            q_lora_rank=None,
+            first_k_dense_replace=2,
+            rope_interleave=False,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 MOE_GROUPS = {  # DeepSeek-V3 MoE layers: the sigmoid_bias router
     # first_k_dense_replace > 0, n_group > 1, routed_scaling_factor != 1, shared experts.
-    "deepseek_v3_moe_groups": ("DeepseekV3Config", dict(
-        SMALL, **MLA, num_hidden_layers=3, intermediate_size=48, q_lora_rank=16,
-        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
-        topk_group=2, moe_intermediate_size=16, n_shared_experts=1, routed_scaling_factor=2.5,
-        norm_topk_prob=True)),
+    "deepseek_v3_moe_groups": (
+        "DeepseekV3Config",
+        dict(
+            SMALL,
+            **MLA,
+            num_hidden_layers=3,
+            intermediate_size=48,
+            q_lora_rank=16,
+            first_k_dense_replace=1,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        ),
+    ),
 }
 ALL = {**CONFIGS, **MOE_GROUPS}
 
@@ -74,8 +139,9 @@ def build_hf(name, seed=0):
             if p.ndim > 1:
                 p.normal_(0.0, 0.2)
             else:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in key else
-                        0.2 * torch.randn_like(p))
+                p.copy_(
+                    1.0 + 0.1 * torch.randn_like(p) if "norm" in key else 0.2 * torch.randn_like(p)
+                )
         for key, b in model.named_buffers():
             if key.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn_like(b))
@@ -119,6 +185,7 @@ def test_fused_expert_layout_and_shards(name, tmp_path):
     """transformers 5.x in-memory layout (experts.gate_up_proj [E, 2I, d]) written as is, in
     several safetensors shards with an index."""
     from safetensors.torch import save_file
+
     model = build_hf(name, seed=1)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     assert any(k.endswith("experts.gate_up_proj") for k in state)
@@ -160,14 +227,31 @@ def test_export_of_a_moejax_initialised_model(tmp_path):
     transformers as the same function."""
     from moejax.models.config import ModelConfig
     from moejax.moe.config import MoEConfig
-    m = ModelConfig(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    d_ff=48, attention_bias=True, init_std=0.2)
-    moe = MoEConfig(num_experts=4, top_k=2, d_expert=16, n_shared=1, d_shared=24,
-                    shared_gate=True, renormalize=False)
+
+    m = ModelConfig(
+        vocab_size=96,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        d_ff=48,
+        attention_bias=True,
+        init_std=0.2,
+    )
+    moe = MoEConfig(
+        num_experts=4,
+        top_k=2,
+        d_expert=16,
+        n_shared=1,
+        d_shared=24,
+        shared_gate=True,
+        renormalize=False,
+    )
     model = Transformer(m, moe)
     variables = jax.tree.map(lambda a: a + 0.1, model.init(jax.random.PRNGKey(3), IDS))
     variables = {"params": jax.tree.map(np.asarray, dict(variables))["params"]}
     import flax.linen as nn
+
     variables = nn.unbox(variables)
     want = np.asarray(model.apply(variables, jnp.asarray(IDS))[0])
     assert mhf.save_pretrained(model, variables, str(tmp_path)).name == "Qwen2MoeForCausalLM"
@@ -175,16 +259,23 @@ def test_export_of_a_moejax_initialised_model(tmp_path):
     assert np.abs(hf_logits(back, IDS) - want).max() < TOL
 
 
-@pytest.mark.parametrize("name", ["mixtral_top2", "qwen2_moe_gate_norm_off",
-                                  "deepseek_v3_mla_qlora", "deepseek_v3_moe_groups"])
+@pytest.mark.parametrize(
+    "name",
+    ["mixtral_top2", "qwen2_moe_gate_norm_off", "deepseek_v3_mla_qlora", "deepseek_v3_moe_groups"],
+)
 def test_greedy_generate_matches_hf(name, tmp_path):
     model = build_hf(name, seed=4)
     model.save_pretrained(tmp_path)
     mj_model, variables = mhf.from_pretrained(str(tmp_path))
     prompt = IDS[:, :5]
     with torch.no_grad():
-        want = model.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False,
-                              eos_token_id=None, pad_token_id=0).numpy()
+        want = model.generate(
+            torch.tensor(prompt),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).numpy()
     got = np.asarray(generate(mj_model, variables, prompt, 20))
     np.testing.assert_array_equal(got, want)
 
@@ -206,8 +297,14 @@ def test_unsupported_architecture_key_and_value_are_named(saved, tmp_path):
     _write(tmp_path, {**config, "attention_sink_size": 4})
     with pytest.raises(ConfigError, match=r"unsupported key\(s\) \['attention_sink_size'\]"):
         mhf.from_pretrained(str(tmp_path))
-    _write(tmp_path, {**config, "hidden_act": "gelu",
-                      "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4}})
+    _write(
+        tmp_path,
+        {
+            **config,
+            "hidden_act": "gelu",
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4},
+        },
+    )
     with pytest.raises(ConfigError, match="hidden_act='gelu'.*rope_type='yarn'"):
         mhf.from_pretrained(str(tmp_path))
     _write(tmp_path, {**config, "num_local_experts": 8})  # tensors no longer match
@@ -222,6 +319,7 @@ def test_convert_writes_a_workdir_the_trainer_fine_tunes(tmp_path, tiny_config):
     from moejax.train.optimizer import make_optimizer
     from moejax.train.step import TrainState
     from moejax.train.trainer import train
+
     hf_dir = tmp_path / "hf"
     config = transformers.MixtralConfig(**dict(CONFIGS["mixtral_top2"][1], vocab_size=260))
     torch.manual_seed(0)
@@ -229,20 +327,32 @@ def test_convert_writes_a_workdir_the_trainer_fine_tunes(tmp_path, tiny_config):
     workdir = tmp_path / "run"
     convert(str(hf_dir), str(workdir))
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("converted", workdir / "config.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
     base = tiny_config("dense")
     c.data.update(base.data.to_dict())
-    c.train.update(steps=2, warmup_steps=0, learning_rate=1e-4, log_every=1, eval_every=0,
-                   checkpoint_every=1, async_checkpoint=False, peak_tflops=1.0)
+    c.train.update(
+        steps=2,
+        warmup_steps=0,
+        learning_rate=1e-4,
+        log_every=1,
+        eval_every=0,
+        checkpoint_every=1,
+        async_checkpoint=False,
+        peak_tflops=1.0,
+    )
     metrics = train(c, str(workdir))
     assert metrics["step"] == 2 and np.isfinite(metrics["train/loss"])
     _, variables = mhf.from_pretrained(str(hf_dir))
     params = variables["params"]
-    target = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=make_optimizer(TrainConfig()).init(params))
+    target = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=make_optimizer(TrainConfig()).init(params),
+    )
     with Checkpointer(str(workdir)) as ckpt:
         assert ckpt.all_steps() == [0, 1, 2]
         restored = ckpt.restore(2, target=target)[0]
@@ -257,14 +367,18 @@ def test_convert_keeps_deepseek_v3_router_bias_in_the_train_state(tmp_path):
     from moejax.train.config import TrainConfig
     from moejax.train.optimizer import make_optimizer
     from moejax.train.step import TrainState
+
     model = build_hf("deepseek_v3_moe_groups")
     model.save_pretrained(tmp_path / "hf")
     convert(str(tmp_path / "hf"), str(tmp_path / "run"))
     _, variables = mhf.from_pretrained(str(tmp_path / "hf"))
     params = variables["params"]
-    target = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=make_optimizer(TrainConfig()).init(params),
-                        router_bias=variables["router_bias"])
+    target = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=make_optimizer(TrainConfig()).init(params),
+        router_bias=variables["router_bias"],
+    )
     with Checkpointer(str(tmp_path / "run")) as ckpt:
         restored = ckpt.restore(0, target=target)[0]
     want = [b.numpy() for k, b in model.named_buffers() if k.endswith("e_score_correction_bias")]

@@ -1,5 +1,6 @@
 """peft LoRA adapters both ways: transformers + peft and moejax give the same logits (float32,
 CPU, within 1e-4) for a random adapter on a tiny random Llama; unsupported options raise."""
+
 import json
 
 import numpy as np
@@ -19,15 +20,20 @@ from moejax.lora.config import LoRAConfig  # noqa: E402
 
 TOL = 1e-4
 IDS = np.random.default_rng(0).integers(0, 96, (2, 9))
-LLAMA = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-             num_hidden_layers=2, intermediate_size=48)
+LLAMA = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    intermediate_size=48,
+)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.LlamaConfig(**LLAMA)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**LLAMA)).eval()
     with torch.no_grad():
         for key, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * 0.2 if p.ndim > 1 else 1.0 + 0.1 * torch.randn_like(p))
@@ -48,9 +54,13 @@ def _logits(model):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_adapter_imports_with_the_same_logits(base, tmp_path, rslora):
     torch.manual_seed(1)
-    config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, init_lora_weights=False,
-                             target_modules=["q_proj", "v_proj", "o_proj", "down_proj",
-                                             "gate_proj"])
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=rslora,
+        init_lora_weights=False,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "gate_proj"],
+    )
     hf = peft.get_peft_model(_hf_base(base), config).eval()
     with torch.no_grad():  # random A and B, large enough to move the logits
         for key, p in hf.named_parameters():
@@ -70,13 +80,19 @@ def test_moejax_adapter_exports_to_peft(base, tmp_path):
     lora = LoRAConfig(method="lora", targets="attn.wq,attn.wk,mlp.w_up", rank=3, alpha=5.0)
     model = plain.clone(lora=lora)
     import flax.linen as nn
+
     fresh = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.asarray(IDS)))["params"]
     leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
     keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-    adapters = jax.tree_util.tree_unflatten(treedef, [
-        0.3 * jax.random.normal(k, x.shape) if is_adapter_path(p) else None
-        for k, (p, x) in zip(keys, leaves)])
+    adapters = jax.tree_util.tree_unflatten(
+        treedef,
+        [
+            0.3 * jax.random.normal(k, x.shape) if is_adapter_path(p) else None
+            for k, (p, x) in zip(keys, leaves)
+        ],
+    )
     from moejax.lora.adapter import join_adapters, split_adapters
+
     params = join_adapters(variables["params"], split_adapters(adapters)[1])
     want = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(IDS))[0])
     mhf.save_adapter(model, {"params": params}, str(tmp_path))
@@ -86,11 +102,20 @@ def test_moejax_adapter_exports_to_peft(base, tmp_path):
     assert np.abs(_logits(hf) - want).max() < TOL
 
 
-@pytest.mark.parametrize("option,value", [
-    ("use_dora", True), ("bias", "all"), ("modules_to_save", ["lm_head"]),
-    ("rank_pattern", {"q_proj": 8}), ("alpha_pattern", {"q_proj": 2}),
-    ("layers_to_transform", [0]), ("fan_in_fan_out", True), ("peft_type", "IA3"),
-    ("some_future_option", {"enabled": True})])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("use_dora", True),
+        ("bias", "all"),
+        ("modules_to_save", ["lm_head"]),
+        ("rank_pattern", {"q_proj": 8}),
+        ("alpha_pattern", {"q_proj": 2}),
+        ("layers_to_transform", [0]),
+        ("fan_in_fan_out", True),
+        ("peft_type", "IA3"),
+        ("some_future_option", {"enabled": True}),
+    ],
+)
 def test_unsupported_peft_options_are_named(base, tmp_path, option, value):
     torch.manual_seed(1)
     hf = peft.get_peft_model(_hf_base(base), peft.LoraConfig(r=2, target_modules=["q_proj"]))
@@ -112,17 +137,22 @@ def test_hf_directory_as_the_base_of_an_adapter_run(base, tmp_path):
 
     from moejax.lora.checkpoint import BaseModelError, fingerprint, load_base
     from moejax.models.transformer import Transformer
+
     plain, variables = mhf.from_pretrained(str(base))
     lora = LoRAConfig(method="lora", targets="attn.*", rank=2, base_hf=str(base))
     model = Transformer(plain.model, plain.moe, lora=lora)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                            nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                                    jnp.asarray(IDS))))
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+        nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.asarray(IDS))),
+    )
     loaded, source = load_base(lora, str(tmp_path), abstract["params"], None, plain.model)
     assert source["kind"] == "hf" and source["path"] == str(base)
     assert fingerprint(loaded["params"]) == fingerprint(variables["params"])
     other = dataclasses.replace(plain.model, num_kv_heads=4)
-    with pytest.raises(BaseModelError, match=r"num_kv_heads=2 but the config has "
-                                             r"model.num_kv_heads=4"):
+    with pytest.raises(
+        BaseModelError,
+        match=r"num_kv_heads=2 but the config has "
+        r"model.num_kv_heads=4",
+    ):
         load_base(lora, str(tmp_path), abstract["params"], None, other)

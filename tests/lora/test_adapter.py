@@ -1,6 +1,7 @@
 """Plain LoRA on the model's projections: zero-initialised adapters reproduce the base model
 exactly, and a random adapter equals the base projection with the merged weight
 W + s * A B (float64 NumPy), for attention (q/k/v/o) and the SwiGLU MLP."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,9 @@ from moejax.models.layers import DenseMLP
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
 
-MODEL = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    d_ff=48, moe_every=2)
+MODEL = ModelConfig(
+    vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, moe_every=2
+)
 MOE = MoEConfig(num_experts=4, top_k=2, d_expert=16, n_shared=1, dispatcher="ragged")
 TOKENS = jnp.arange(24).reshape(2, 12) % 64
 
@@ -25,17 +27,19 @@ def _randomise_b(params, seed=1):
     """Adapters with non-zero B (a trained adapter), base untouched."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    out = [jax.random.normal(k, x.shape, x.dtype) * 0.1
-           if is_adapter_path(p) and p[-1].key == "b" else x
-           for k, (p, x) in zip(keys, leaves)]
+    out = [
+        jax.random.normal(k, x.shape, x.dtype) * 0.1
+        if is_adapter_path(p) and p[-1].key == "b"
+        else x
+        for k, (p, x) in zip(keys, leaves)
+    ]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
 @pytest.mark.parametrize("targets", ["attn.wq,attn.wv", "attn.*,mlp.*,shared.*"])
 def test_zero_initialised_adapters_give_the_base_logits_exactly(targets):
     lora = LoRAConfig(method="lora", targets=targets, rank=4)
-    variables = nn.unbox(Transformer(MODEL, MOE, lora=lora).init(jax.random.PRNGKey(0),
-                                                                 TOKENS))
+    variables = nn.unbox(Transformer(MODEL, MOE, lora=lora).init(jax.random.PRNGKey(0), TOKENS))
     base, adapters = split_adapters(variables["params"])
     assert adapters, "no adapter was created"
     want, _ = Transformer(MODEL, MOE).apply({"params": base}, TOKENS)
@@ -54,22 +58,21 @@ def _merged(w, ab, scale):
 def test_random_adapter_equals_the_merged_projection(rslora):
     jax.config.update("jax_enable_x64", True)
     try:
-        lora = LoRAConfig(method="lora", targets="attn.*,mlp.*", rank=3, alpha=6.0,
-                          rslora=rslora)
+        lora = LoRAConfig(method="lora", targets="attn.*,mlp.*", rank=3, alpha=6.0, rslora=rslora)
         scale = lora_scale(lora)
         assert scale == (6.0 / np.sqrt(3) if rslora else 2.0)
         m = ModelConfig(**{**MODEL.__dict__, "dtype": "float64", "param_dtype": "float64"})
         x = jax.random.normal(jax.random.PRNGKey(2), (2, 12, 32), jnp.float64)
         seg = jnp.ones((2, 12), jnp.int32)
         pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
-        cases = [(Attention(m, lora=lora, name="attn"), (x, seg, pos)),
-                 (DenseMLP(48, dtype="float64", param_dtype="float64", lora=lora, name="mlp"),
-                  (x,))]
+        cases = [
+            (Attention(m, lora=lora, name="attn"), (x, seg, pos)),
+            (DenseMLP(48, dtype="float64", param_dtype="float64", lora=lora, name="mlp"), (x,)),
+        ]
         for module, args in cases:
             params = _randomise_b(nn.unbox(module.init(jax.random.PRNGKey(3), *args))["params"])
             base, adapters = split_adapters(params)
-            merged = {name: _merged(w, adapters[f"lora_{name}"], scale)
-                      for name, w in base.items()}
+            merged = {name: _merged(w, adapters[f"lora_{name}"], scale) for name, w in base.items()}
             plain = module.clone(lora=None)
             want = plain.apply({"params": merged}, *args)
             got = module.apply({"params": params}, *args)

@@ -1,5 +1,6 @@
 """Adapter runs through moejax.train: the checkpoint holds adapters only with a reference to
 the base, resume is exact, and a changed, missing or mis-shaped base is refused."""
+
 import json
 import os
 import shutil
@@ -23,22 +24,38 @@ from moejax.train.writers import read_jsonl
 
 
 def _losses(workdir):
-    return {r["step"]: r["train/loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if "train/loss" in r}
+    return {
+        r["step"]: r["train/loss"]
+        for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if "train/loss" in r
+    }
 
 
 def _adapter_config(data_dir, base_dir, **overrides):
-    return make_tiny_config(data_dir, "dense", **{
-        "train.steps": 4, "train.checkpoint_every": 2, "train.learning_rate": 1e-2,
-        "lora.method": "lora", "lora.targets": "attn.*,mlp.*", "lora.rank": 2,
-        "lora.base_checkpoint": base_dir, **overrides})
+    return make_tiny_config(
+        data_dir,
+        "dense",
+        **{
+            "train.steps": 4,
+            "train.checkpoint_every": 2,
+            "train.learning_rate": 1e-2,
+            "lora.method": "lora",
+            "lora.targets": "attn.*,mlp.*",
+            "lora.rank": 2,
+            "lora.base_checkpoint": base_dir,
+            **overrides,
+        },
+    )
 
 
 def _write_base(config, run_dir, step):
     """A base run's checkpoint (its params at `step`), as moejax.train leaves it."""
     s = validate(config)
-    params = nn.unbox(jax.jit(Transformer(s.model, s.moe).init)(
-        jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    params = nn.unbox(
+        jax.jit(Transformer(s.model, s.moe).init)(
+            jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
+        )
+    )["params"]
     params = jax.tree.map(lambda x: x + 0.01, params)  # not the adapter run's own init
     with Checkpointer(run_dir, async_save=False, save_every=1) as ckpt:
         ckpt.save(step, {"step": jnp.asarray(step), "params": params}, force=True)
@@ -66,10 +83,26 @@ def test_checkpoint_holds_adapters_and_a_base_reference(runs):
     # The adapted model: the base run's params, bit for bit, plus the adapters.
     model, variables = load_adapted(adapted)
     with Checkpointer(base) as ckpt:
-        want = traverse_util.flatten_dict(jax.device_get(ckpt.restore_subtrees(
-            {"params": jax.tree.map(np.asarray, traverse_util.unflatten_dict(
-                {k: v for k, v in traverse_util.flatten_dict(variables["params"]).items()
-                 if not is_adapter_path(k)}))})["params"]))
+        want = traverse_util.flatten_dict(
+            jax.device_get(
+                ckpt.restore_subtrees(
+                    {
+                        "params": jax.tree.map(
+                            np.asarray,
+                            traverse_util.unflatten_dict(
+                                {
+                                    k: v
+                                    for k, v in traverse_util.flatten_dict(
+                                        variables["params"]
+                                    ).items()
+                                    if not is_adapter_path(k)
+                                }
+                            ),
+                        )
+                    }
+                )["params"]
+            )
+        )
     got = traverse_util.flatten_dict(jax.device_get(variables["params"]))
     for key, value in want.items():
         np.testing.assert_array_equal(got[key], value)
@@ -80,8 +113,9 @@ def test_resume_is_exact(runs):
     data_dir, root, base, adapted = runs
     resumed = str(root / "resumed")
     os.makedirs(os.path.join(resumed, "checkpoints"))
-    shutil.copytree(os.path.join(adapted, "checkpoints", "2"),
-                    os.path.join(resumed, "checkpoints", "2"))
+    shutil.copytree(
+        os.path.join(adapted, "checkpoints", "2"), os.path.join(resumed, "checkpoints", "2")
+    )
     shutil.copy(os.path.join(adapted, "config.json"), resumed)
     train(_adapter_config(data_dir, base), resumed)
     a, b = _losses(adapted), _losses(resumed)
@@ -95,14 +129,17 @@ def test_a_changed_or_missing_base_is_refused(runs):
     with Checkpointer(changed, async_save=False, save_every=1) as ckpt:
         target = jax.tree.map(np.asarray, load_adapted(adapted)[1]["params"])
         base_params = traverse_util.unflatten_dict(
-            {k: v for k, v in traverse_util.flatten_dict(target).items()
-             if not is_adapter_path(k)})
+            {k: v for k, v in traverse_util.flatten_dict(target).items() if not is_adapter_path(k)}
+        )
         params = ckpt.restore_subtrees({"params": base_params})["params"]
         params["final_norm"]["scale"] = params["final_norm"]["scale"] + 0.01
         ckpt.save(3, {"params": params}, force=True)
     config = _adapter_config(data_dir, changed, **{"train.steps": 6})
-    with pytest.raises(BaseModelError, match=r"not the one this adapter run was trained on.*"
-                                             r"final_norm/scale"):
+    with pytest.raises(
+        BaseModelError,
+        match=r"not the one this adapter run was trained on.*"
+        r"final_norm/scale",
+    ):
         train(config, adapted)
     missing = _adapter_config(data_dir, str(root / "nowhere"), **{"train.steps": 6})
     with pytest.raises(BaseModelError, match=r"lora.base_checkpoint=.*nowhere.* does not exist"):
@@ -113,17 +150,23 @@ def test_a_changed_or_missing_base_is_refused(runs):
 def test_a_base_of_another_shape_is_named(runs, tmp_path):
     data_dir, _, base, _ = runs
     config = _adapter_config(data_dir, base, **{"model.d_ff": 96})
-    with pytest.raises(BaseModelError, match=r"does not match the model config.*w_down' the "
-                                             r"checkpoint has shape \(2, 64, 32\) but the "
-                                             r"target has shape \(2, 96, 32\)"):
+    with pytest.raises(
+        BaseModelError,
+        match=r"does not match the model config.*w_down' the "
+        r"checkpoint has shape \(2, 64, 32\) but the "
+        r"target has shape \(2, 96, 32\)",
+    ):
         train(config, str(tmp_path / "run"))
 
 
 def test_a_base_trained_with_another_rope_theta_is_named(runs, tmp_path):
     data_dir, _, base, _ = runs
     config = _adapter_config(data_dir, base, **{"model.rope_theta": 500.0})
-    with pytest.raises(BaseModelError, match=r"was trained with model.rope_theta=10000.0 but "
-                                             r"this config has model.rope_theta=500.0"):
+    with pytest.raises(
+        BaseModelError,
+        match=r"was trained with model.rope_theta=10000.0 but "
+        r"this config has model.rope_theta=500.0",
+    ):
         train(config, str(tmp_path / "run"))
 
 
@@ -133,16 +176,20 @@ def test_a_scanned_base_loads_into_unrolled_layers(runs):
     from moejax.lora.adapter import split_adapters
     from moejax.lora.checkpoint import load_base
     from moejax.models.transformer import scanned_abstract, unscan_params
+
     data_dir, _, base, _ = runs
     config = _adapter_config(data_dir, base, **{"model.scan_layers": False})
     s = validate(config)
     model = Transformer(s.model, s.moe, lora=s.lora)
-    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                       jnp.zeros((1, 8), jnp.int32)))["params"]
+    abstract = nn.unbox(
+        jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    )["params"]
     abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(
-                                           jax.devices()[0])), abstract)
+        lambda a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        ),
+        abstract,
+    )
     loaded, _ = load_base(s.lora, str(base), abstract, None, s.model)
     with Checkpointer(base, async_save=False) as ckpt:
         saved = ckpt.restore_subtrees({"params": scanned_abstract(split_adapters(abstract)[0])}, 2)

@@ -1,5 +1,6 @@
 """Adapter-only training: the step moves only adapter leaves (base bit-identical) and equals
 AdamW on the adapters alone; the optimizer state holds adapters only; merged == adapted."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,9 +24,18 @@ from moejax.train.trainer import build_experiment
 
 def _sections(name="dense", **overrides):
     """A tiny config; the corpus is not read (batches are made up here)."""
-    config = make_tiny_config("", name, **{
-        "lora.method": "lora", "lora.targets": "attn.*,mlp.*,shared.*", "lora.rank": 2,
-        "train.warmup_steps": 0, "train.learning_rate": 1e-2, **overrides})
+    config = make_tiny_config(
+        "",
+        name,
+        **{
+            "lora.method": "lora",
+            "lora.targets": "attn.*,mlp.*,shared.*",
+            "lora.rank": 2,
+            "train.warmup_steps": 0,
+            "train.learning_rate": 1e-2,
+            **overrides,
+        },
+    )
     return validate(config)
 
 
@@ -37,18 +47,23 @@ def _experiment(name="dense", **overrides):
 @pytest.fixture(scope="module")
 def moe_experiment():
     """One DeepSeekMoE layer (attention and shared experts adapted): short to compile."""
-    return _experiment("deepseekmoe", **{"model.num_layers": 1, "model.first_k_dense": 0,
-                                         "lora.targets": "attn.wq,shared.*"})
+    return _experiment(
+        "deepseekmoe",
+        **{"model.num_layers": 1, "model.first_k_dense": 0, "lora.targets": "attn.wq,shared.*"},
+    )
 
 
 def _batch(s, seed=0):
     rng = np.random.default_rng(seed)
     shape = (s.data.global_batch_size, s.data.seq_len)
-    return {"inputs": rng.integers(0, 259, shape, dtype=np.int32),
-            "targets": rng.integers(0, 259, shape, dtype=np.int32),
-            "segment_ids": np.ones(shape, np.int32),
-            "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
-            "domains": np.zeros(shape, np.int32), "loss_mask": np.ones(shape, np.float32)}
+    return {
+        "inputs": rng.integers(0, 259, shape, dtype=np.int32),
+        "targets": rng.integers(0, 259, shape, dtype=np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+        "domains": np.zeros(shape, np.int32),
+        "loss_mask": np.ones(shape, np.float32),
+    }
 
 
 def test_a_step_moves_only_adapters_and_equals_adamw_on_the_adapters(moe_experiment):
@@ -59,11 +74,20 @@ def test_a_step_moves_only_adapters_and_equals_adamw_on_the_adapters(moe_experim
     # Reference: gradients of the loss w.r.t. the trainable leaves, AdamW (the same chain)
     # on the trainable partition alone.
     train_p, frozen_p = trainable.partition(before)
+
     def loss(tp):
-        return _micro_loss(trainable.combine(tp, frozen_p), batch, exp.model,
-                           float(batch["loss_mask"].sum()), 1, state.router_bias)[0]
+        return _micro_loss(
+            trainable.combine(tp, frozen_p),
+            batch,
+            exp.model,
+            float(batch["loss_mask"].sum()),
+            1,
+            state.router_bias,
+        )[0]
+
     grads = jax.jit(jax.grad(loss))(train_p)
     from moejax.train.optimizer import make_optimizer
+
     tx = make_optimizer(s.train)
     updates, _ = tx.update(grads, tx.init(train_p), train_p)
     want = optax.apply_updates(train_p, updates)
@@ -115,14 +139,17 @@ def test_frozen_adapter_leaves_are_not_trained(monkeypatch):
         same = np.array_equal(old, after[key])
         assert same == (key[-1] != "b"), key
     assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim) == 2 * sum(
-        v.size for k, v in before.items() if k[-1] == "b")
+        v.size for k, v in before.items() if k[-1] == "b"
+    )
 
 
 def _randomise(params, seed=1):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    out = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) if is_adapter_path(p) else x
-           for k, (p, x) in zip(keys, leaves)]
+    out = [
+        x + 0.1 * jax.random.normal(k, x.shape, x.dtype) if is_adapter_path(p) else x
+        for k, (p, x) in zip(keys, leaves)
+    ]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -139,13 +166,16 @@ def test_merged_model_gives_the_adapted_logits():
     assert jax.tree.structure(merged) == jax.tree.structure(base)
     plain_apply = jax.jit(plain.apply)
     got, _ = plain_apply({"params": merged}, tokens)
-    assert np.abs(np.asarray(adapted) - np.asarray(plain_apply({"params": base}, tokens)[0])
-                  ).max() > 1e-2
+    assert (
+        np.abs(np.asarray(adapted) - np.asarray(plain_apply({"params": base}, tokens)[0])).max()
+        > 1e-2
+    )
     np.testing.assert_allclose(np.asarray(got), np.asarray(adapted), atol=2e-5, rtol=2e-5)
     # Greedy decoding with the adapters (KV cache) equals decoding the merged model.
     np.testing.assert_array_equal(
         np.asarray(generate(model, {"params": params}, tokens[:, :4], 6)),
-        np.asarray(generate(plain, {"params": merged}, tokens[:, :4], 6)))
+        np.asarray(generate(plain, {"params": merged}, tokens[:, :4], 6)),
+    )
 
 
 def test_router_variants_do_not_merge():

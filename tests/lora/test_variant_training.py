@@ -2,6 +2,7 @@
 steps with finite losses, the adapters' routing metrics and losses in the step metrics.
 FlyLoRA's frozen A comes out of training bit-identical while B and the balancing bias move
 (read back from the run's checkpoint)."""
+
 import jax
 import numpy as np
 import pytest
@@ -17,10 +18,18 @@ from moejax.train.trainer import build_experiment, train
 SHRINK = {  # the tiny test model (tests/testing_utils.py), one layer, two adapted projections
     # Unrolled layers and one adapted projection compile faster (the numerics of every
     # projection are tested in test_variants.py).
-    "model": dict(d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, num_layers=1,
-                  scan_layers=False),
-    "train": dict(steps=2, warmup_steps=1, log_every=1, eval_every=0, checkpoint_every=2,
-                  async_checkpoint=False, peak_tflops=1.0),
+    "model": dict(
+        d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, num_layers=1, scan_layers=False
+    ),
+    "train": dict(
+        steps=2,
+        warmup_steps=1,
+        log_every=1,
+        eval_every=0,
+        checkpoint_every=2,
+        async_checkpoint=False,
+        peak_tflops=1.0,
+    ),
     "lora": dict(targets="mlp.*"),
 }
 
@@ -30,8 +39,7 @@ def variant_config(name: str, data_dir: str, **lora):
     for section, values in SHRINK.items():
         c[section].update(values)
     c.lora.update(lora)
-    c.data.update(data_dir=data_dir, seq_len=32, global_batch_size=4,
-                  max_bytes_per_domain=200_000)
+    c.data.update(data_dir=data_dir, seq_len=32, global_batch_size=4, max_bytes_per_domain=200_000)
     return c
 
 
@@ -43,7 +51,8 @@ def test_variant_trains_two_steps(name, tiny_corpus_dir, tmp_path):
     if VARIANTS[name]["method"] in ("moe", "mixlora"):  # routing losses/metrics reach the step
         assert metrics["train/lora/experts_per_token"] > 0
         assert any(k.startswith("train/aux/lora_") for k in metrics) == bool(
-            VARIANTS[name].get("balance_coef") or VARIANTS[name].get("cv_coef"))
+            VARIANTS[name].get("balance_coef") or VARIANTS[name].get("cv_coef")
+        )
     if name == "flylora":
         check_flylora_a_stayed_frozen(config, tmp_path / "run")
 
@@ -59,8 +68,7 @@ def check_flylora_a_stayed_frozen(config, workdir):
     a0, a1 = init.lora_state["lora_frozen"], state.lora_state["lora_frozen"]
     jax.tree.map(np.testing.assert_array_equal, a1, a0)
     assert all(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(state.lora_state["lora_bias"]))
-    b = [x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
-         if p[-1].key == "b"]
+    b = [x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0] if p[-1].key == "b"]
     assert b and all(np.any(np.asarray(x) != 0) for x in b)
     # The finished run loads for inference with its frozen A and bias (load_adapted).
     _, variables = load_adapted(str(workdir))

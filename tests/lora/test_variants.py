@@ -6,6 +6,7 @@ unit gates are plain LoRA of rank r; zero-initialised adapters leave the model's
 exactly as the base model's; the sign-rule bias update and SoRA's proximal step and pruning
 match hand-computed values.
 """
+
 import dataclasses
 
 import flax.linen as nn
@@ -26,7 +27,8 @@ from moejax.moe.config import MoEConfig
 
 D_IN, D_OUT, T = 8, 6, 10
 SMALL = {  # fewer experts than the papers, same rules
-    "mola": dict(num_experts=4), "loramoe": dict(num_experts=3, top_k=3),
+    "mola": dict(num_experts=4),
+    "loramoe": dict(num_experts=3, top_k=3),
     "smora": dict(num_experts=6, top_k=3, routed_scale=3.0),
     "flylora": dict(num_experts=6, top_k=2, alpha=12.0),
     "dynmole": dict(num_experts=4, top_k=4),
@@ -34,8 +36,9 @@ SMALL = {  # fewer experts than the papers, same rules
 
 
 def variant(name: str, **extra) -> LoRAConfig:
-    return LoRAConfig(**{**VARIANTS[name], "rank": VARIANTS[name].get("rank", 2),
-                         **SMALL.get(name, {}), **extra})
+    return LoRAConfig(
+        **{**VARIANTS[name], "rank": VARIANTS[name].get("rank", 2), **SMALL.get(name, {}), **extra}
+    )
 
 
 @pytest.fixture()
@@ -83,18 +86,18 @@ def reference_gates(cfg: LoRAConfig, v, x, h, gates_in):
     logits = x @ np.asarray(v["params"]["router"]["kernel"], np.float64)
     if cfg.router == "sigmoid_bias":
         s = 1 / (1 + np.exp(-logits))
-        mask = _topk_mask(s + np.asarray(v["lora_bias"]["router"]["bias"], np.float64),
-                          cfg.top_k)
+        mask = _topk_mask(s + np.asarray(v["lora_bias"]["router"]["bias"], np.float64), cfg.top_k)
         g = np.where(mask, s, 0.0)
         return g / g.sum(-1, keepdims=True) * cfg.routed_scale
     probs = _softmax(logits)
     if cfg.router == "dynmole":
         order = np.argsort(-probs, axis=-1)
         sorted_p = np.take_along_axis(probs, order, -1)
-        keep = (np.cumsum(sorted_p, -1) <= cfg.top_p) | (np.arange(e := probs.shape[-1])
-                                                          < cfg.min_experts)
+        keep = (np.cumsum(sorted_p, -1) <= cfg.top_p) | (
+            np.arange(e := probs.shape[-1]) < cfg.min_experts
+        )
         q = cfg.tsallis_q
-        tsallis = (1 - (probs ** q).sum(-1)) / (q - 1) / ((1 - e ** (1 - q)) / (q - 1))
+        tsallis = (1 - (probs**q).sum(-1)) / (q - 1) / ((1 - e ** (1 - q)) / (q - 1))
         keep |= (tsallis > cfg.entropy_threshold)[:, None]
         mask = np.zeros_like(keep)
         np.put_along_axis(mask, order, keep, -1)
@@ -155,8 +158,9 @@ def test_mixlora_equals_the_numpy_reference(x64):
     plain = DenseMLP(f, dtype="float64", param_dtype="float64", name="mlp")
     # Zero B: the base FFN plus expert differences that are 0 up to XLA fusing silu
     # differently in two places (~1 ulp of the base, see moejax.lora.mixlora).
-    np.testing.assert_allclose(apply({"params": params}, x), plain.apply({"params": base}, x),
-                               rtol=1e-13, atol=1e-18)
+    np.testing.assert_allclose(
+        apply({"params": params}, x), plain.apply({"params": base}, x), rtol=1e-13, atol=1e-18
+    )
     params = _randomise({"params": params})["params"]
     got = np.asarray(apply({"params": params}, x)).reshape(-1, D_IN)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
@@ -168,12 +172,14 @@ def test_mixlora_equals_the_numpy_reference(x64):
 
     def lora(name, h, e):
         return h @ p[name]["a"][e] @ p[name]["b"][e] * s
+
     want = np.zeros_like(xs)
     silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
     for e in range(cfg.num_experts):
-        h = (silu(xs @ p["w_gate"] + lora("lora_w_gate", xs, e))
-             * (xs @ p["w_up"] + lora("lora_w_up", xs, e)))
-        want += w[:, e:e + 1] * (h @ p["w_down"] + lora("lora_w_down", h, e))
+        h = silu(xs @ p["w_gate"] + lora("lora_w_gate", xs, e)) * (
+            xs @ p["w_up"] + lora("lora_w_up", xs, e)
+        )
+        want += w[:, e : e + 1] * (h @ p["w_down"] + lora("lora_w_down", h, e))
     assert (w > 0).sum(-1).max() == 2
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
@@ -192,23 +198,23 @@ def test_flylora_has_no_trainable_router_and_a_frozen_a():
 def test_rank_wise_experts_with_unit_gates_equal_plain_lora(kind, x64):
     r = 4
     x = jax.random.normal(jax.random.PRNGKey(2), (T, D_IN), jnp.float64)
-    plain = LoRAAdapter(LoRAConfig(method="lora", rank=r, alpha=8.0), D_OUT, "float64",
-                        "float64")
+    plain = LoRAAdapter(LoRAConfig(method="lora", rank=r, alpha=8.0), D_OUT, "float64", "float64")
     if kind == "static":  # E = r static experts of rank 1: g = 1, s = alpha / (E * 1)
         cfg = LoRAConfig(method="lora", num_experts=r, rank=1, alpha=8.0, scaling="total")
     else:  # every rank active: top_k = R, binary gates
-        cfg = LoRAConfig(method="flylora", num_experts=r, rank=1, top_k=r, alpha=8.0,
-                         scaling="total")
+        cfg = LoRAConfig(
+            method="flylora", num_experts=r, rank=1, top_k=r, alpha=8.0, scaling="total"
+        )
     wise = LoRAAdapter(cfg, D_OUT, "float64", "float64")
     v = _randomise(nn.unbox(wise.init(jax.random.PRNGKey(3), x)))
     a = v["params"]["a"] if kind == "static" else v["lora_frozen"]["a"]
     plain_v = {"params": {"a": a[:, :, 0].T[None], "b": v["params"]["b"][:, 0][None]}}
-    np.testing.assert_allclose(wise.apply(v, x), plain.apply(plain_v, x), rtol=1e-12,
-                               atol=1e-12)
+    np.testing.assert_allclose(wise.apply(v, x), plain.apply(plain_v, x), rtol=1e-12, atol=1e-12)
 
 
-MODEL = ModelConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
-                    d_ff=24, moe_every=0)
+MODEL = ModelConfig(
+    vocab_size=64, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1, d_ff=24, moe_every=0
+)
 TOKENS = jnp.arange(16).reshape(2, 8) % 64
 
 
@@ -236,14 +242,18 @@ def test_zero_initialised_adapters_give_the_base_logits(name):
 def test_mola_gives_each_layer_its_expert_count():
     cfg = variant("mola", layer_experts="2,4,6,8")
     m = dataclasses.replace(MODEL, num_layers=4, scan_layers=False)
-    params = jax.eval_shape(Transformer(m, MoEConfig(), lora=cfg).init, jax.random.PRNGKey(0),
-                            TOKENS)["params"]
-    counts = [nn.unbox(params[f"dense_layers_{i}"]["attn"]["lora_wq"]["b"]).shape[0]
-              for i in range(4)]
+    params = jax.eval_shape(
+        Transformer(m, MoEConfig(), lora=cfg).init, jax.random.PRNGKey(0), TOKENS
+    )["params"]
+    counts = [
+        nn.unbox(params[f"dense_layers_{i}"]["attn"]["lora_wq"]["b"]).shape[0] for i in range(4)
+    ]
     assert counts == [2, 4, 6, 8]
     # Adapter routers name their expert axis lora_experts (replicated), not the MoE's expert.
     assert params["dense_layers_0"]["attn"]["lora_wq"]["router"]["kernel"].names == (
-        "embed", "lora_experts")
+        "embed",
+        "lora_experts",
+    )
 
 
 def test_sign_rule_against_hand_computed_values():
@@ -254,19 +264,25 @@ def test_sign_rule_against_hand_computed_values():
     np.testing.assert_allclose(sign_rule(bias, load, 0.1), want, atol=1e-7)
     tree = {"dense_layers": {"attn": {"lora_wq": {"router": {"bias": bias}}}}}
     new = update_lora_bias(tree, {"dense_layers/attn/lora_wq/router": load}, 0.1)
-    np.testing.assert_allclose(new["dense_layers"]["attn"]["lora_wq"]["router"]["bias"], want,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        new["dense_layers"]["attn"]["lora_wq"]["router"]["bias"], want, atol=1e-7
+    )
     with pytest.raises(ValueError, match="no load"):
         update_lora_bias(tree, {}, 0.1)
 
 
 def test_sora_proximal_step_and_prune():
     gate = jnp.array([0.5, -0.05, 0.02, -0.3])
-    params = {"mlp": {"lora_w_up": {"a": jnp.ones((1, 3, 4)), "b": jnp.ones((1, 4, 2)),
-                                    "gate": gate}, "w_up": jnp.full((3, 2), 0.07)}}
+    params = {
+        "mlp": {
+            "lora_w_up": {"a": jnp.ones((1, 3, 4)), "b": jnp.ones((1, 4, 2)), "gate": gate},
+            "w_up": jnp.full((3, 2), 0.07),
+        }
+    }
     stepped = sora.proximal_step(params, 0.1)
-    np.testing.assert_allclose(stepped["mlp"]["lora_w_up"]["gate"], [0.4, 0.0, 0.0, -0.2],
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        stepped["mlp"]["lora_w_up"]["gate"], [0.4, 0.0, 0.0, -0.2], atol=1e-7
+    )
     np.testing.assert_array_equal(stepped["mlp"]["w_up"], params["mlp"]["w_up"])
     cfg = LoRAConfig(method="sora", rank=4, alpha=4.0)
     module = LoRAAdapter(cfg, 5)
@@ -276,5 +292,6 @@ def test_sora_proximal_step_and_prune():
     pruned, ranks = sora.prune({"lora_w": v["params"]})
     assert ranks == {"lora_w": 2}
     small = LoRAAdapter(dataclasses.replace(cfg, rank=2, alpha=2.0), 5)  # same s = alpha / r
-    np.testing.assert_allclose(small.apply({"params": pruned["lora_w"]}, x),
-                               module.apply(v, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        small.apply({"params": pruned["lora_w"]}, x), module.apply(v, x), rtol=1e-5, atol=1e-6
+    )

@@ -40,8 +40,9 @@ def test_attention_matches_numpy_gqa(attn):
     got = apply(variables, x, seg, pos)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.unbox(variables)["params"])
     assert p["wq"].shape == (16, 4, 4) and p["wk"].shape == (16, 2, 4)
-    want = ref.attention(np.asarray(x, np.float64), p, np.asarray(seg), np.asarray(pos),
-                         CFG.rope_theta)
+    want = ref.attention(
+        np.asarray(x, np.float64), p, np.asarray(seg), np.asarray(pos), CFG.rope_theta
+    )
     assert np.abs(want).mean() > 0.1  # the reference is not trivially small
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -50,8 +51,9 @@ def test_attention_init_uses_scaled_output_std(attn):
     variables = attn
     p = nn.unbox(variables)["params"]
     np.testing.assert_allclose(np.std(p["wq"]), CFG.init_std, rtol=0.15)
-    np.testing.assert_allclose(np.std(p["wo"]), CFG.init_std / (2 * CFG.num_layers) ** 0.5,
-                               rtol=0.15)
+    np.testing.assert_allclose(
+        np.std(p["wo"]), CFG.init_std / (2 * CFG.num_layers) ** 0.5, rtol=0.15
+    )
     assert tuple(nn.get_partition_spec(variables)["params"]["wq"]) == ("embed", "heads", "kv")
 
 
@@ -69,11 +71,9 @@ def test_attention_is_invariant_to_shifting_all_positions(attn):
 def test_attention_mask_is_causal_and_per_segment():
     seg = jnp.asarray([[1, 1, 2, 2, 0]])
     mask = np.asarray(attention_mask(seg))[0, 0]
-    want = np.array([[1, 0, 0, 0, 0],
-                     [1, 1, 0, 0, 0],
-                     [0, 0, 1, 0, 0],
-                     [0, 0, 1, 1, 0],
-                     [0, 0, 0, 0, 1]], bool)
+    want = np.array(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], bool
+    )
     np.testing.assert_array_equal(mask, want)
 
 
@@ -84,8 +84,7 @@ def test_rope_matches_complex_rotation_and_preserves_norms():
     got = np.asarray(rotary_embedding(jnp.asarray(x), jnp.asarray(pos), 10_000.0))
     want = ref.rope(x.astype(np.float64), pos.astype(np.float64), 10_000.0)
     np.testing.assert_allclose(got, want, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
     zero = rotary_embedding(jnp.asarray(x), jnp.zeros((2, 6), jnp.int32), 10_000.0)
     np.testing.assert_array_equal(zero, x)  # position 0 is the identity
 
@@ -107,7 +106,7 @@ def test_rope_scores_depend_only_on_relative_position():
             np.testing.assert_allclose(score(m + shift, n + shift), base, atol=1e-4)
     # Closed form: <R(m) q, R(n) k> = sum_i Re[(q_i + i q_i') conj(k_i + i k_i') e^{i(m-n)w_i}].
     qn, kn = np.asarray(q, np.float64)[0, 0, 0], np.asarray(k, np.float64)[0, 0, 0]
-    zq, zk = qn[: d // 2] + 1j * qn[d // 2:], kn[: d // 2] + 1j * kn[d // 2:]
+    zq, zk = qn[: d // 2] + 1j * qn[d // 2 :], kn[: d // 2] + 1j * kn[d // 2 :]
     w = 10_000.0 ** (-np.arange(d // 2) * 2.0 / d)
     for delta in (0, 1, 4, -6):
         want = np.sum((zq * np.conj(zk) * np.exp(1j * delta * w)).real)

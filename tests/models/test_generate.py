@@ -2,6 +2,7 @@
 
 HF token-for-token parity is in tests/hf; these run without torch.
 """
+
 import dataclasses
 
 import jax
@@ -14,13 +15,28 @@ from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
 
-BASE = ModelConfig(vocab_size=40, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,
-                   d_ff=48, first_k_dense=1, init_std=0.3)
+BASE = ModelConfig(
+    vocab_size=40,
+    d_model=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    d_ff=48,
+    first_k_dense=1,
+    init_std=0.3,
+)
 MOE = MoEConfig(num_experts=4, top_k=2, d_expert=16, n_shared=1, d_shared=8, shared_gate=True)
 MODELS = {
     "gqa_bias": dataclasses.replace(BASE, attention_bias=True),
-    "mla": dataclasses.replace(BASE, attention="mla", q_lora_rank=8, kv_lora_rank=8,
-                               qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6),
+    "mla": dataclasses.replace(
+        BASE,
+        attention="mla",
+        q_lora_rank=8,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+    ),
 }
 
 
@@ -29,6 +45,7 @@ def _model(name):
     prompt = np.random.default_rng(0).integers(0, 40, (2, 4))
     variables = model.init(jax.random.PRNGKey(1), jnp.asarray(prompt))
     import flax.linen as nn
+
     return model, nn.unbox(variables), prompt
 
 
@@ -45,10 +62,15 @@ def test_cached_decoding_equals_full_forward(name):
     decoder = model.clone(decode=True)
     cache = init_cache(model, variables, 2, 10)
     pos = jnp.arange(10)[None].repeat(2, 0)
-    (first, _), state = decoder.apply({**variables, "cache": cache}, tokens[:, :7],
-                                      positions_BxL=pos[:, :7], mutable=["cache"])
-    (rest, _), _ = decoder.apply({**variables, "cache": state["cache"]}, tokens[:, 7:],
-                                 positions_BxL=pos[:, 7:], mutable=["cache"])
+    (first, _), state = decoder.apply(
+        {**variables, "cache": cache}, tokens[:, :7], positions_BxL=pos[:, :7], mutable=["cache"]
+    )
+    (rest, _), _ = decoder.apply(
+        {**variables, "cache": state["cache"]},
+        tokens[:, 7:],
+        positions_BxL=pos[:, 7:],
+        mutable=["cache"],
+    )
     np.testing.assert_allclose(np.concatenate([first, rest], 1), full, atol=2e-5)
 
 
@@ -69,14 +91,13 @@ def test_sampling_top_p_and_temperature():
     assert set(draws) == {0, 1}  # 0.5 < 0.7 <= 0.8: the nucleus is the first two tokens
     np.testing.assert_allclose(np.mean(draws == 0), 0.5 / 0.8, atol=0.03)
     draws = np.asarray(sample_logits(logits, keys, 1.0, 1.0))
-    np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000,
-                               [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    np.testing.assert_allclose(
+        np.bincount(draws, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03
+    )
     np.testing.assert_array_equal(sample_logits(logits[:2], keys, 0.0, 1.0), [0, 0])
     model, variables, prompt = _model("gqa_bias")
-    a = generate(model, variables, prompt, 5, temperature=0.8, top_p=0.9,
-                 rng=jax.random.PRNGKey(3))
-    b = generate(model, variables, prompt, 5, temperature=0.8, top_p=0.9,
-                 rng=jax.random.PRNGKey(3))
+    a = generate(model, variables, prompt, 5, temperature=0.8, top_p=0.9, rng=jax.random.PRNGKey(3))
+    b = generate(model, variables, prompt, 5, temperature=0.8, top_p=0.9, rng=jax.random.PRNGKey(3))
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="needs rng"):
         generate(model, variables, prompt, 5, temperature=0.8)

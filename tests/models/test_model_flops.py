@@ -1,4 +1,5 @@
 """`count_params` / `train_flops_per_token` against the initialised parameter tree."""
+
 import dataclasses
 
 import flax.linen as nn
@@ -11,18 +12,20 @@ from moejax.models.flops import count_params, train_flops_per_token
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
 
-BASE = ModelConfig(vocab_size=50, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2,
-                   d_ff=24)
+BASE = ModelConfig(vocab_size=50, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=24)
 MOE = MoEConfig(num_experts=4, top_k=2, d_expert=8, dispatcher="ragged")
 
 CONFIGS = {
     "dense": (dataclasses.replace(BASE, moe_every=0), MOE),
     "moe_shared": (BASE, dataclasses.replace(MOE, n_shared=2)),
-    "tied_top1_mqa": (dataclasses.replace(BASE, tie_embeddings=True, num_kv_heads=1),
-                      dataclasses.replace(MOE, top_k=1)),
+    "tied_top1_mqa": (
+        dataclasses.replace(BASE, tie_embeddings=True, num_kv_heads=1),
+        dataclasses.replace(MOE, top_k=1),
+    ),
     "first_k_dense_every2_head_dim": (
         dataclasses.replace(BASE, num_layers=5, first_k_dense=1, moe_every=2, head_dim=6),
-        dataclasses.replace(MOE, n_shared=1)),
+        dataclasses.replace(MOE, n_shared=1),
+    ),
     "all_experts_active": (BASE, dataclasses.replace(MOE, top_k=4)),
 }
 
@@ -40,8 +43,11 @@ def test_counts_match_initialised_tree(name):
     n_moe, d = m.num_moe_layers, m.d_model
     inactive = (moe.num_experts - moe.top_k) * 3 * d * moe.d_expert * n_moe
     assert counts.active == counts.total - inactive
-    expert_leaves = [v for path, v in jax.tree_util.tree_leaves_with_path(params)
-                     if any(getattr(p, "key", None) == "experts" for p in path)]
+    expert_leaves = [
+        v
+        for path, v in jax.tree_util.tree_leaves_with_path(params)
+        if any(getattr(p, "key", None) == "experts" for p in path)
+    ]
     assert ref.tree_size(expert_leaves) == counts.routed_expert * moe.num_experts * n_moe
     assert counts.embedding == (0 if m.tie_embeddings else m.vocab_size * d)
     # PaLM: 6 * (matmul params a token uses) + 12 L H Q S; the input table is a lookup
@@ -73,5 +79,7 @@ def test_moe_active_count_by_hand():
     measured = count_params(m, moe, experts_per_token=1.5)
     assert measured.total == counts.total
     assert measured.active == 2 * (per_layer_fixed + 1.5 * expert) + 800 + 800 + 16
-    assert train_flops_per_token(m, moe, 10) - train_flops_per_token(
-        m, moe, 10, experts_per_token=1.5) == 6 * 2 * 0.5 * expert
+    assert (
+        train_flops_per_token(m, moe, 10) - train_flops_per_token(m, moe, 10, experts_per_token=1.5)
+        == 6 * 2 * 0.5 * expert
+    )

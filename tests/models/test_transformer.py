@@ -6,6 +6,7 @@ equivalence, and the aux-loss bookkeeping. Most tests share one 5-layer model wh
 (1 dense layer, then 2 periods of [dense, MoE]) runs all three layer scans; every jit-compiled
 function is cached per config so the suite compiles each variant once per worker.
 """
+
 import dataclasses
 import functools
 
@@ -22,12 +23,38 @@ from moejax.moe.config import MoEConfig
 from moejax.sharding.config import DEFAULT_RULES
 
 B, L = 3, 8
-MODEL = ModelConfig(vocab_size=32, d_model=16, num_layers=5, num_heads=4, num_kv_heads=2,
-                    d_ff=32, first_k_dense=1, moe_every=2)
-MOE = MoEConfig(num_experts=4, top_k=2, d_expert=8, n_shared=1, renormalize=False,
-                balance_coef=0.1, z_loss_coef=0.01, dispatcher="ragged", gmm_tile=4)
-DENSE = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2,
-                    head_dim=6, d_ff=32, moe_every=0, tie_embeddings=True)
+MODEL = ModelConfig(
+    vocab_size=32,
+    d_model=16,
+    num_layers=5,
+    num_heads=4,
+    num_kv_heads=2,
+    d_ff=32,
+    first_k_dense=1,
+    moe_every=2,
+)
+MOE = MoEConfig(
+    num_experts=4,
+    top_k=2,
+    d_expert=8,
+    n_shared=1,
+    renormalize=False,
+    balance_coef=0.1,
+    z_loss_coef=0.01,
+    dispatcher="ragged",
+    gmm_tile=4,
+)
+DENSE = ModelConfig(
+    vocab_size=32,
+    d_model=16,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=6,
+    d_ff=32,
+    moe_every=0,
+    tie_embeddings=True,
+)
 
 
 def with_dispatcher(name, **kw):
@@ -37,8 +64,10 @@ def with_dispatcher(name, **kw):
 def params_for(m: ModelConfig, moe: MoEConfig):
     # The dispatcher, remat and compute dtype do not change the parameter tree, so every
     # variant of one layout gets the very same parameters.
-    return _params(dataclasses.replace(m, remat="none", dtype="float32"),
-                   dataclasses.replace(moe, dispatcher="ragged", capacity_factor=1.0))
+    return _params(
+        dataclasses.replace(m, remat="none", dtype="float32"),
+        dataclasses.replace(moe, dispatcher="ragged", capacity_factor=1.0),
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,11 +132,13 @@ def packed_batch():
 def assert_trees_close(a, b, rtol, atol):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 # ----------------------------------------------------------------------------- numerics
+
 
 def test_moe_model_matches_numpy_reference():
     tokens, seg, pos = packed_batch()
@@ -118,8 +149,9 @@ def test_moe_model_matches_numpy_reference():
     metrics = extras["moe_metrics"]
     assert len(stats) == MODEL.num_moe_layers == 2
     for name in ("load", "balance_loss", "z_loss"):
-        np.testing.assert_allclose(metrics[name], np.stack([s[name] for s in stats]),
-                                   rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            metrics[name], np.stack([s[name] for s in stats]), rtol=1e-4, atol=1e-6, err_msg=name
+        )
     assert np.isfinite(float(loss))
 
 
@@ -133,6 +165,7 @@ def test_dense_tied_model_matches_numpy_reference():
 
 
 # ----------------------------------------------------------------------------- causality
+
 
 @functools.lru_cache(maxsize=None)
 def influence_fn(m, moe):
@@ -168,13 +201,14 @@ def test_logits_do_not_depend_on_future_tokens_or_other_rows(dispatcher):
     # Discrete routing changes are invisible to gradients: perturb the future directly.
     t = 3
     changed = tokens.copy()
-    changed[:, t + 1:] = np.random.default_rng(3).integers(0, MODEL.vocab_size, (B, L - t - 1))
+    changed[:, t + 1 :] = np.random.default_rng(3).integers(0, MODEL.vocab_size, (B, L - t - 1))
     logits2, _ = influence_fn(MODEL, moe)(params, changed)
     np.testing.assert_allclose(logits2[:, : t + 1], logits[:, : t + 1], rtol=0, atol=1e-6)
-    assert np.max(np.abs(logits2[:, t + 1:] - logits[:, t + 1:])) > 1e-2
+    assert np.max(np.abs(logits2[:, t + 1 :] - logits[:, t + 1 :])) > 1e-2
 
 
 # ----------------------------------------------------------------------------- packing
+
 
 @pytest.mark.parametrize("m", [DENSE, MODEL], ids=["dense", "moe_ragged"])
 def test_packed_segments_equal_separate_rows_and_ignore_padding(m):
@@ -189,14 +223,16 @@ def test_packed_segments_equal_separate_rows_and_ignore_padding(m):
     repadded[seg == 0] = (repadded[seg == 0] + 11) % m.vocab_size
     _, logits2, extras2, _ = run(m, MOE, repadded, seg, pos)
     real = seg > 0
-    np.testing.assert_allclose(np.asarray(logits2)[real], np.asarray(logits)[real],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(logits2)[real], np.asarray(logits)[real], rtol=1e-5, atol=1e-5
+    )
     assert np.max(np.abs(np.asarray(logits2)[~real] - np.asarray(logits)[~real])) > 1e-2
     routing, routing2 = extras.pop("routing"), extras2.pop("routing")
     assert_trees_close(extras2, extras, rtol=1e-5, atol=1e-6)
     for name in routing:  # per-token decisions: real tokens unchanged; padding uses 0 experts
-        np.testing.assert_array_equal(np.asarray(routing2[name])[:, real],
-                                      np.asarray(routing[name])[:, real])
+        np.testing.assert_array_equal(
+            np.asarray(routing2[name])[:, real], np.asarray(routing[name])[:, real]
+        )
     if routing:
         np.testing.assert_array_equal(np.asarray(routing["experts_per_token"])[:, ~real], 0)
 
@@ -204,12 +240,25 @@ def test_packed_segments_equal_separate_rows_and_ignore_padding(m):
 # ----------------------------------------------------------------------------- layout
 
 LAYOUTS = [  # (num_layers, first_k_dense, moe_every)
-    (3, 0, 0), (2, 2, 1), (3, 0, 1), (3, 1, 1), (4, 0, 2), (5, 1, 2), (3, 0, 3), (4, 1, 3)]
+    (3, 0, 0),
+    (2, 2, 1),
+    (3, 0, 1),
+    (3, 1, 1),
+    (4, 0, 2),
+    (5, 1, 2),
+    (3, 0, 3),
+    (4, 1, 3),
+]
 UNSTACKED_NAMES = {
-    "wq": ("embed", "heads", "kv"), "wk": ("embed", "heads", "kv"),
-    "wv": ("embed", "heads", "kv"), "wo": ("heads", "kv", "embed"), "scale": ("norm",),
-    "kernel": ("embed", "expert"), "embedding": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab")}
+    "wq": ("embed", "heads", "kv"),
+    "wk": ("embed", "heads", "kv"),
+    "wv": ("embed", "heads", "kv"),
+    "wo": ("heads", "kv", "embed"),
+    "scale": ("norm",),
+    "kernel": ("embed", "expert"),
+    "embedding": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+}
 
 
 def _expected_names(path):
@@ -228,15 +277,18 @@ def _stack_depth(path):
 
 
 def _count_layers(params, leaf_name, unstacked_ndim):
-    return sum(int(np.prod(v.shape[: v.ndim - unstacked_ndim]))
-               for path, v in jax.tree_util.tree_leaves_with_path(params)
-               if path[-1].key == leaf_name and path[-2].key in ("attn", "router", "mlp"))
+    return sum(
+        int(np.prod(v.shape[: v.ndim - unstacked_ndim]))
+        for path, v in jax.tree_util.tree_leaves_with_path(params)
+        if path[-1].key == leaf_name and path[-2].key in ("attn", "router", "mlp")
+    )
 
 
 @pytest.mark.parametrize("num_layers,first_k_dense,moe_every", LAYOUTS)
 def test_layer_layout_and_logical_axis_names(num_layers, first_k_dense, moe_every):
-    m = dataclasses.replace(MODEL, num_layers=num_layers, first_k_dense=first_k_dense,
-                            moe_every=moe_every)
+    m = dataclasses.replace(
+        MODEL, num_layers=num_layers, first_k_dense=first_k_dense, moe_every=moe_every
+    )
     model = Transformer(m, MOE)
     boxed = ref.abstract_variables(model, B, L)
     _, extras = jax.eval_shape(model.apply, boxed, jax.ShapeDtypeStruct((B, L), jnp.int32))
@@ -259,7 +311,8 @@ def test_layer_layout_and_logical_axis_names(num_layers, first_k_dense, moe_ever
 
     rules = {name for name, _ in DEFAULT_RULES}
     leaves = jax.tree_util.tree_leaves_with_path(
-        boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
     assert len(leaves) == len(jax.tree.leaves(params))
     for path, box in leaves:
         where = jax.tree_util.keystr(path)
@@ -275,11 +328,13 @@ def test_layer_layout_and_logical_axis_names(num_layers, first_k_dense, moe_ever
 
 
 def test_real_init_gives_distinct_layers_and_documented_scales():
-    m = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    d_ff=64, moe_every=1)
+    m = ModelConfig(
+        vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, moe_every=1
+    )
     moe = MoEConfig(num_experts=4, top_k=2, d_expert=16, dispatcher="ragged")
-    variables = ref.fast_jit(Transformer(m, moe).init)(jax.random.PRNGKey(0),
-                                                  jnp.zeros((1, 4), jnp.int32))
+    variables = ref.fast_jit(Transformer(m, moe).init)(
+        jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)
+    )
     p = nn.unbox(variables)["params"]
     layers = p["moe_layers"]
     for path, v in jax.tree_util.tree_leaves_with_path(layers):
@@ -297,14 +352,17 @@ def test_real_init_gives_distinct_layers_and_documented_scales():
 
 # ----------------------------------------------------------------------------- equivalences
 
+
 def test_dispatchers_give_same_logits_and_grads():
     tokens = tokens_for(2)
     loss, logits, extras, grads = run(MODEL, with_dispatcher("dense_reference"), tokens)
     experts = grads["moe_periods"]["moe_block"]["moe"]
     for path, g in jax.tree_util.tree_leaves_with_path(experts):  # the MoE gets real signal
         assert np.max(np.abs(g)) > 1e-4, jax.tree_util.keystr(path)
-    for name, extra in [("ragged", {}), ("capacity_einsum",
-                                         dict(capacity_factor=float(MOE.num_experts)))]:
+    for name, extra in [
+        ("ragged", {}),
+        ("capacity_einsum", dict(capacity_factor=float(MOE.num_experts))),
+    ]:
         loss2, logits2, extras2, grads2 = run(MODEL, with_dispatcher(name, **extra), tokens)
         np.testing.assert_allclose(logits2, logits, rtol=1e-5, atol=1e-5, err_msg=name)
         np.testing.assert_allclose(loss2, loss, rtol=1e-6, err_msg=name)
@@ -343,12 +401,14 @@ def test_scanned_unscanned_and_remat_stacks_are_one_function(moe):
 
     flat = dataclasses.replace(MODEL, scan_layers=False)
     params = unscan_params(params_for(MODEL, moe))
-    want_tree = jax.tree.structure(nn.unbox(ref.abstract_variables(Transformer(flat, moe)))[
-        "params"])
+    want_tree = jax.tree.structure(
+        nn.unbox(ref.abstract_variables(Transformer(flat, moe)))["params"]
+    )
     assert jax.tree.structure(params) == want_tree
     assert "moe_periods_1" in params and "dense_0" in params["moe_periods_1"]
     (loss_u, (logits_u, extras_u)), grads_u = loss_and_grad_fn(flat, moe)(
-        params, *_args(MODEL, moe, tokens)[1:])
+        params, *_args(MODEL, moe, tokens)[1:]
+    )
     np.testing.assert_allclose(loss_u, loss, rtol=1e-6)
     np.testing.assert_allclose(logits_u, logits, rtol=1e-5, atol=1e-6)
     assert_trees_close(extras_u, extras, rtol=1e-5, atol=1e-6)
@@ -377,28 +437,39 @@ def test_bfloat16_compute_with_float32_params():
 
 # ----------------------------------------------------------------------------- aux losses
 
+
 def test_aux_loss_is_weighted_sum_over_layers():
     tokens, seg, pos = packed_batch()
     _, _, extras, _ = run(MODEL, MOE, tokens, seg, pos)
     mm = extras["moe_metrics"]
-    want = np.sum(MOE.balance_coef * np.asarray(mm["balance_loss"], np.float64)
-                  + MOE.z_loss_coef * np.asarray(mm["z_loss"], np.float64))
+    want = np.sum(
+        MOE.balance_coef * np.asarray(mm["balance_loss"], np.float64)
+        + MOE.z_loss_coef * np.asarray(mm["z_loss"], np.float64)
+    )
     np.testing.assert_allclose(extras["aux_loss"], want, rtol=1e-6)
-    np.testing.assert_allclose(extras["aux_losses"]["balance"],
-                               MOE.balance_coef * np.sum(mm["balance_loss"]), rtol=1e-6)
-    np.testing.assert_allclose(extras["aux_losses"]["z_loss"],
-                               MOE.z_loss_coef * np.sum(mm["z_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        extras["aux_losses"]["balance"], MOE.balance_coef * np.sum(mm["balance_loss"]), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        extras["aux_losses"]["z_loss"], MOE.z_loss_coef * np.sum(mm["z_loss"]), rtol=1e-6
+    )
     # A zero coefficient removes its term (and only that term).
     moe = dataclasses.replace(MOE, balance_coef=0.0)
     _, extras0 = ref.fast_jit(Transformer(MODEL, moe).apply)(
-        {"params": params_for(MODEL, MOE)}, jnp.asarray(tokens), jnp.asarray(seg),
-        jnp.asarray(pos))
+        {"params": params_for(MODEL, MOE)}, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos)
+    )
     assert set(extras0["aux_losses"]) == {"z_loss"}
     np.testing.assert_allclose(extras0["aux_loss"], extras["aux_losses"]["z_loss"], rtol=1e-6)
 
 
-SIGMOID_MOE = dataclasses.replace(MOE, router="sigmoid_bias", n_group=2, topk_group=1,
-                                  routed_scaling_factor=2.0, seq_balance_coef=0.01)
+SIGMOID_MOE = dataclasses.replace(
+    MOE,
+    router="sigmoid_bias",
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.0,
+    seq_balance_coef=0.01,
+)
 
 
 def test_router_bias_collection_is_stacked_used_and_required():
@@ -407,13 +478,26 @@ def test_router_bias_collection_is_stacked_used_and_required():
     tokens = jnp.asarray(tokens_for(6))
     params = params_for(MODEL, SIGMOID_MOE)
     shape = (MODEL.num_moe_layers, SIGMOID_MOE.num_experts)
-    bias = {"moe_periods": {"moe_block": {"moe": {"router": {"bias": jnp.asarray(
-        np.random.default_rng(0).normal(size=shape) * 0.2, jnp.float32)}}}}}
+    bias = {
+        "moe_periods": {
+            "moe_block": {
+                "moe": {
+                    "router": {
+                        "bias": jnp.asarray(
+                            np.random.default_rng(0).normal(size=shape) * 0.2, jnp.float32
+                        )
+                    }
+                }
+            }
+        }
+    }
     abstract = ref.abstract_variables(Transformer(MODEL, SIGMOID_MOE))
     assert jax.tree.map(lambda a: a.shape, nn.unbox(abstract["router_bias"])) == jax.tree.map(
-        lambda a: a.shape, bias)
+        lambda a: a.shape, bias
+    )
     assert nn.get_partition_spec(abstract)["router_bias"]["moe_periods"]["moe_block"]["moe"][
-        "router"]["bias"] == jax.sharding.PartitionSpec("layers", "expert")
+        "router"
+    ]["bias"] == jax.sharding.PartitionSpec("layers", "expert")
 
     @functools.lru_cache(maxsize=None)
     def apply_fn(m):
@@ -425,11 +509,14 @@ def test_router_bias_collection_is_stacked_used_and_required():
     logits = logits_of(MODEL, {"params": params, "router_bias": bias})
     zero = logits_of(MODEL, {"params": params, "router_bias": jax.tree.map(jnp.zeros_like, bias)})
     assert np.max(np.abs(np.asarray(logits) - np.asarray(zero))) > 1e-3  # the bias routes
-    remat = logits_of(dataclasses.replace(MODEL, remat="full"),
-                      {"params": params, "router_bias": bias})
+    remat = logits_of(
+        dataclasses.replace(MODEL, remat="full"), {"params": params, "router_bias": bias}
+    )
     np.testing.assert_allclose(remat, logits, rtol=1e-5, atol=1e-6)
-    flat = logits_of(dataclasses.replace(MODEL, scan_layers=False),
-                     {"params": unscan_params(params), "router_bias": unscan_params(bias)})
+    flat = logits_of(
+        dataclasses.replace(MODEL, scan_layers=False),
+        {"params": unscan_params(params), "router_bias": unscan_params(bias)},
+    )
     np.testing.assert_allclose(flat, logits, rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="router_bias"):
         Transformer(MODEL, SIGMOID_MOE).apply({"params": params}, tokens)

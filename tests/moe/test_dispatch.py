@@ -1,4 +1,5 @@
 """Every dispatcher equals `dense_reference` in values and gradients; capacity drops exactly."""
+
 import dataclasses
 
 import jax
@@ -16,8 +17,10 @@ E, K, D, F, T = 6, 2, 8, 5, 40
 
 def swiglu_params(rng, e, d, f, scale=1.0):
     """Random stacked SwiGLU weights (W_gate, W_up: [e, d, f], W_down: [e, f, d])."""
-    return tuple(jnp.asarray(rng.normal(size=s) * scale, jnp.float32)
-                 for s in [(e, d, f), (e, d, f), (e, f, d)])
+    return tuple(
+        jnp.asarray(rng.normal(size=s) * scale, jnp.float32)
+        for s in [(e, d, f), (e, d, f), (e, f, d)]
+    )
 
 
 def make_inputs(seed=0, weights=None):
@@ -32,8 +35,9 @@ def make_inputs(seed=0, weights=None):
 
 
 def run(name, x, params, ids, w, **cfg_overrides):
-    cfg = MoEConfig(num_experts=E, top_k=K, d_expert=F, dispatcher=name, gmm_tile=4,
-                    **cfg_overrides)
+    cfg = MoEConfig(
+        num_experts=E, top_k=K, d_expert=F, dispatcher=name, gmm_tile=4, **cfg_overrides
+    )
     routing = Routing(expert_ids=ids, combine_weights=w, aux_losses={}, metrics={})
     return dispatch(x, routing, swiglu_expert_fn(*params), cfg)
 
@@ -79,8 +83,9 @@ def test_capacity_drops_counted_exactly():
     # Priority is choice-major: expert 0 keeps tokens 0,1 (drops 2,3,4), expert 1 keeps 5,6
     # (drops 7), expert 2 keeps tokens 0,1 of the second choices (drops 6 more).
     t, e = 8, 4
-    cfg = MoEConfig(num_experts=e, top_k=2, d_expert=3, capacity_factor=0.5,
-                    dispatcher="capacity_einsum")
+    cfg = MoEConfig(
+        num_experts=e, top_k=2, d_expert=3, capacity_factor=0.5, dispatcher="capacity_einsum"
+    )
     assert capacity(t, cfg) == 2
     first = np.array([0, 0, 0, 0, 0, 1, 1, 1])
     ids = jnp.asarray(np.stack([first, np.full(t, 2)], axis=1), jnp.int32)
@@ -96,16 +101,21 @@ def test_capacity_drops_counted_exactly():
     kept[[0, 1, 5, 6], 0] = True
     kept[[0, 1], 1] = True
     ref_routing = dataclasses.replace(routing, combine_weights=w * kept)
-    want, _ = dispatch(x, ref_routing, swiglu_expert_fn(*params),
-                       dataclasses.replace(cfg, dispatcher="dense_reference"))
+    want, _ = dispatch(
+        x,
+        ref_routing,
+        swiglu_expert_fn(*params),
+        dataclasses.replace(cfg, dispatcher="dense_reference"),
+    )
     np.testing.assert_allclose(y, want, atol=1e-5)
     assert np.all(np.asarray(y)[[2, 3, 4]] == 0)  # both choices dropped -> zero output
 
 
 def test_zero_weight_slots_are_not_counted_as_drops():
     t, e = 4, 2
-    cfg = MoEConfig(num_experts=e, top_k=2, d_expert=3, capacity_factor=0.5,
-                    dispatcher="capacity_einsum")
+    cfg = MoEConfig(
+        num_experts=e, top_k=2, d_expert=3, capacity_factor=0.5, dispatcher="capacity_einsum"
+    )
     ids = jnp.asarray([[0, 1]] * t, jnp.int32)
     w = jnp.asarray([[1.0, 0.0]] * t, jnp.float32)  # second slot unused (top-p padding)
     x = jnp.ones((t, 4), jnp.float32)
@@ -120,8 +130,9 @@ def test_zero_weight_slots_take_no_capacity():
     # Tokens 0 and 1 are padding (all-zero weights); without care they would fill expert 0's
     # capacity of 2 before the real tokens 2 and 3 arrive.
     t, e = 4, 2
-    cfg = MoEConfig(num_experts=e, top_k=2, d_expert=3, capacity_factor=0.5,
-                    dispatcher="capacity_einsum")
+    cfg = MoEConfig(
+        num_experts=e, top_k=2, d_expert=3, capacity_factor=0.5, dispatcher="capacity_einsum"
+    )
     ids = jnp.asarray([[0, 1]] * t, jnp.int32)
     w = jnp.asarray([[0.0, 0.0], [0.0, 0.0], [0.7, 0.3], [0.6, 0.4]], jnp.float32)
     rng = np.random.default_rng(4)
@@ -129,7 +140,11 @@ def test_zero_weight_slots_take_no_capacity():
     params = swiglu_params(rng, e, 4, 3)
     routing = Routing(expert_ids=ids, combine_weights=w, aux_losses={}, metrics={})
     y, metrics = dispatch(x, routing, swiglu_expert_fn(*params), cfg)
-    want, _ = dispatch(x, routing, swiglu_expert_fn(*params),
-                       dataclasses.replace(cfg, dispatcher="dense_reference"))
+    want, _ = dispatch(
+        x,
+        routing,
+        swiglu_expert_fn(*params),
+        dataclasses.replace(cfg, dispatcher="dense_reference"),
+    )
     assert float(metrics["dropped_fraction"]) == 0.0
     np.testing.assert_allclose(y, want, atol=1e-5)

@@ -6,6 +6,7 @@ drops exactly what overflows.
 One subprocess (the XLA flag that creates 8 CPU devices must be set before JAX starts) runs
 every case and prints JSON; the tests below read it.
 """
+
 import json
 import os
 import subprocess
@@ -136,13 +137,23 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def result():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 @pytest.mark.parametrize("case", ["expert_parallel", "fssdp", "fssdp_remat", "fssdp_ragged"])

@@ -1,4 +1,5 @@
 """Grouped matmul against float64 NumPy: values, empty/unaligned groups, tails, gradients."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ def numpy_gmm(lhs, rhs, sizes):
     out = np.zeros((lhs.shape[0], rhs.shape[2]))
     start = 0
     for g, n in enumerate(np.asarray(sizes)):
-        out[start:start + n] = lhs[start:start + n] @ rhs[g]
+        out[start : start + n] = lhs[start : start + n] @ rhs[g]
         start += n
     return out
 
@@ -23,7 +24,7 @@ def numpy_tgmm(lhs, grad, sizes):
     out = np.zeros((len(sizes), lhs.shape[1], grad.shape[1]))
     start = 0
     for g, n in enumerate(np.asarray(sizes)):
-        out[g] = lhs[start:start + n].T @ grad[start:start + n]
+        out[g] = lhs[start : start + n].T @ grad[start : start + n]
         start += n
     return out
 
@@ -47,10 +48,9 @@ def test_gmm_matches_numpy(sizes, m, tile):
     want = numpy_gmm(lhs, rhs, sizes)
     got = jax.jit(lambda a, b, s: gmm(a, b, s, tile=tile))(lhs, rhs, sizes)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    assert np.all(np.asarray(got)[sizes.sum():] == 0)
+    assert np.all(np.asarray(got)[sizes.sum() :] == 0)
     np.testing.assert_allclose(gmm_reference(lhs, rhs, sizes), want, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(gmm(lhs, rhs, sizes, impl="ragged_dot"), want, atol=1e-4,
-                               rtol=1e-4)
+    np.testing.assert_allclose(gmm(lhs, rhs, sizes, impl="ragged_dot"), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("sizes,m,tile", CASES)
@@ -90,7 +90,7 @@ def test_tile_plan_covers_each_group_exactly():
     assert n == 2 + 0 + 5 + 1
     rows = np.zeros(25, int)
     for t in range(n):
-        rows[int(plan.start[t]):int(plan.start[t]) + int(plan.rows[t])] += 1
+        rows[int(plan.start[t]) : int(plan.start[t]) + int(plan.rows[t])] += 1
         assert int(plan.rows[t]) > 0
     np.testing.assert_array_equal(rows, np.ones(25))
     np.testing.assert_array_equal(np.asarray(plan.group[:n]), [0, 0, 2, 2, 2, 2, 2, 3])

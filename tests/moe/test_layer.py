@@ -1,4 +1,5 @@
 """MoE layer: routers + experts + shared experts compose as the equations say."""
+
 import dataclasses
 
 import flax.linen as nn
@@ -12,8 +13,7 @@ from moejax.moe.config import MoEConfig
 from moejax.moe.layer import MoELayer
 
 MODEL = ModelConfig(d_model=16, num_layers=2, num_heads=2, num_kv_heads=2, d_ff=32)
-MOE = MoEConfig(num_experts=4, top_k=2, d_expert=8, n_shared=2, dispatcher="ragged",
-                gmm_tile=4)
+MOE = MoEConfig(num_experts=4, top_k=2, d_expert=8, n_shared=2, dispatcher="ragged", gmm_tile=4)
 
 
 def test_shared_experts_add_exactly_their_mlp():
@@ -23,10 +23,12 @@ def test_shared_experts_add_exactly_their_mlp():
     y, _, _, _, _ = layer.apply(variables, x)
     params = nn.unbox(variables)["params"]
     routed_only = MoELayer(dataclasses.replace(MOE, n_shared=0), MODEL)
-    y0, _, _, _, _ = routed_only.apply({"params": {k: v for k, v in params.items()
-                                                if k != "shared"}}, x)
-    shared = DenseMLP(MOE.n_shared * MOE.d_expert).apply({"params": params["shared"]},
-                                                           x.reshape(10, 16))
+    y0, _, _, _, _ = routed_only.apply(
+        {"params": {k: v for k, v in params.items() if k != "shared"}}, x
+    )
+    shared = DenseMLP(MOE.n_shared * MOE.d_expert).apply(
+        {"params": params["shared"]}, x.reshape(10, 16)
+    )
     np.testing.assert_allclose(y - y0, shared.reshape(2, 5, 16), atol=1e-5)
     assert params["shared"]["w_gate"].shape == (16, MOE.n_shared * MOE.d_expert)
 

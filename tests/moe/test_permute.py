@@ -1,4 +1,5 @@
 """Sorted-dispatch permutations: values and custom (gather-only) gradients vs autodiff."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,5 +37,6 @@ def test_permute_and_unpermute_gradients_match_autodiff():
     np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-5, atol=1e-6)
     # Unpermute undoes the sort: each (token, choice) row gets its token back.
     xs = permute(x, order, inverse, k)
-    np.testing.assert_array_equal(unpermute(xs, order, inverse).reshape(t, k, d),
-                                  jnp.broadcast_to(x[:, None], (t, k, d)))
+    np.testing.assert_array_equal(
+        unpermute(xs, order, inverse).reshape(t, k, d), jnp.broadcast_to(x[:, None], (t, k, d))
+    )

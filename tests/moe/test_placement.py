@@ -1,4 +1,5 @@
 """FSSDP's greedy replica placement and the holders' token split, against hand-worked cases."""
+
 import jax.numpy as jnp
 import numpy as np
 

@@ -2,6 +2,7 @@
 hand-written float64 NumPy recurrence over layers (and its gradient path), and every router
 through every dispatcher equal to `dense_reference`. DeepSeek-V3's sigmoid_bias rule has its
 own references in test_sigmoid_bias.py."""
+
 import dataclasses
 import itertools
 
@@ -34,9 +35,19 @@ def minimal_prefix(probs: np.ndarray, p: float) -> int:
     return len(s)
 
 
-@pytest.mark.parametrize("p, want", [
-    (0.4, [1, 0, 0, 0]), (0.5, [1, 0, 0, 0]), (0.6, [1, 1, 0, 0]), (0.75, [1, 1, 0, 0]),
-    (0.8, [1, 1, 1, 0]), (0.875, [1, 1, 1, 0]), (0.9, [1, 1, 1, 1]), (1.0, [1, 1, 1, 1])])
+@pytest.mark.parametrize(
+    "p, want",
+    [
+        (0.4, [1, 0, 0, 0]),
+        (0.5, [1, 0, 0, 0]),
+        (0.6, [1, 1, 0, 0]),
+        (0.75, [1, 1, 0, 0]),
+        (0.8, [1, 1, 1, 0]),
+        (0.875, [1, 1, 1, 0]),
+        (0.9, [1, 1, 1, 1]),
+        (1.0, [1, 1, 1, 1]),
+    ],
+)
 def test_top_p_mask_exact_prefix_on_dyadic_probabilities(p, want):
     # Dyadic probabilities sum exactly in float32, so "sum reaches p" is exact at 0.5, 0.75,
     # 0.875 and 1.0: the prefix stops as soon as it reaches p, never one expert later.
@@ -67,19 +78,23 @@ def test_top_p_matches_brute_force_minimal_prefix_and_respects_max_k():
             assert used[t].sum() == n, (p, k, t)
             chosen = np.asarray(sel.expert_ids[t])[used[t]]
             np.testing.assert_array_equal(chosen, np.argsort(-probs[t], kind="stable")[:n])
-            np.testing.assert_allclose(np.asarray(sel.weights[t])[used[t]], probs[t][chosen],
-                                       rtol=1e-6)
+            np.testing.assert_allclose(
+                np.asarray(sel.weights[t])[used[t]], probs[t][chosen], rtol=1e-6
+            )
         count = used.sum(axis=1)
         np.testing.assert_allclose(sel.metrics["experts_per_token"], count.mean(), rtol=1e-6)
         slots = routing_slots(cfg)
         assert sel.weights.shape == (200, slots) and slots <= k
-        np.testing.assert_allclose(sel.metrics["experts_per_token_hist"],
-                                   np.bincount(count, minlength=slots + 1) / len(count),
-                                   atol=1e-7)
+        np.testing.assert_allclose(
+            sel.metrics["experts_per_token_hist"],
+            np.bincount(count, minlength=slots + 1) / len(count),
+            atol=1e-7,
+        )
 
 
-@pytest.mark.parametrize("p, k, want", [(0.4, 8, 4), (0.5, 8, 4), (0.51, 8, 5), (0.4, 3, 3),
-                                        (1.0, 8, 8), (0.01, 8, 1)])
+@pytest.mark.parametrize(
+    "p, k, want", [(0.4, 8, 4), (0.5, 8, 4), (0.51, 8, 5), (0.4, 3, 3), (1.0, 8, 8), (0.01, 8, 1)]
+)
 def test_top_p_slots_are_the_most_any_token_can_need(p, k, want):
     cfg = MoEConfig(num_experts=8, top_k=k, router="top_p", top_p=p)
     assert routing_slots(cfg) == want
@@ -92,8 +107,15 @@ def test_top_p_losses_count_only_used_slots_and_add_entropy():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(T, E)) * 2, jnp.float32)
     mask = jnp.asarray(np.arange(T) < T - 4)  # 4 padding tokens
-    cfg = MoEConfig(num_experts=E, top_k=E, router="top_p", top_p=0.4, balance_coef=1e-2,
-                    z_loss_coef=0.0, entropy_coef=1e-4)
+    cfg = MoEConfig(
+        num_experts=E,
+        top_k=E,
+        router="top_p",
+        top_p=0.4,
+        balance_coef=1e-2,
+        z_loss_coef=0.0,
+        entropy_coef=1e-4,
+    )
     sel = top_p(logits, mask, cfg)
     z = np.asarray(logits, np.float64)
     probs = np.exp(z - z.max(1, keepdims=True))
@@ -130,6 +152,7 @@ def np_gru(cell, u, h):
 class RouterChain(nn.Module):
     """num_layers GRU routers as in the Transformer: a shared cell created once, the state
     carried from layer to layer (h_0 = 0). Returns every layer's Routing."""
+
     cfg: MoEConfig
     num_layers: int
 
@@ -145,8 +168,15 @@ class RouterChain(nn.Module):
 
 
 def gru_cfg(**kw):
-    base = dict(num_experts=E, top_k=2, router="gru", gru_dim=H, renormalize=True,
-                balance_coef=0.0, z_loss_coef=0.0)
+    base = dict(
+        num_experts=E,
+        top_k=2,
+        router="gru",
+        gru_dim=H,
+        renormalize=True,
+        balance_coef=0.0,
+        z_loss_coef=0.0,
+    )
     return MoEConfig(**{**base, **kw})
 
 
@@ -157,7 +187,8 @@ def test_gru_router_matches_numpy_recurrence_over_layers(shared):
     chain = RouterChain(cfg, n)
     params = chain.init(jax.random.PRNGKey(0), xs)["params"]
     params = jax.tree.map(  # non-zero biases, so every term of the cell is exercised
-        lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape), params)
+        lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape), params
+    )
     params = nn.unbox(params)
     routings = chain.apply({"params": params}, xs)
     h = np.zeros((T, H))
@@ -211,8 +242,9 @@ def test_gru_composes_with_every_selection_rule(rule):
         variables = {**variables, "router_bias": {"bias": bias}}
     assert ("router_bias" in variables) == (rule == "sigmoid_bias")
     got = router.apply(variables, x)
-    h = np_gru(params["gru"], np.asarray(x, np.float64) @ np.asarray(params["proj"]),
-               np.zeros((T, H)))
+    h = np_gru(
+        params["gru"], np.asarray(x, np.float64) @ np.asarray(params["proj"]), np.zeros((T, H))
+    )
     logits = jnp.asarray(h @ np.asarray(params["kernel"], np.float64), jnp.float32)
     want = SELECTIONS[rule](logits, None, cfg, bias)
     np.testing.assert_array_equal(got.expert_ids, want.expert_ids)
@@ -227,11 +259,27 @@ ROUTER_CONFIGS = {
     "top_p": dict(router="top_p", top_k=4, top_p=0.5, entropy_coef=1e-4),
     "gru": dict(router="gru", top_k=2, gru_dim=H),
     "gru+top_p": dict(router="gru", selection="top_p", top_k=4, top_p=0.5, gru_dim=H),
-    "sigmoid_bias": dict(router="sigmoid_bias", top_k=3, n_group=3, topk_group=2,
-                         routed_scaling_factor=2.5, z_loss_coef=0.0, seq_balance_coef=1e-2,
-                         device_balance_coef=1e-2, balance_devices=2),
-    "gru+sigmoid_bias": dict(router="gru", selection="sigmoid_bias", top_k=2, gru_dim=H,
-                             n_group=2, topk_group=1, group_mask="neg_inf", renormalize=False),
+    "sigmoid_bias": dict(
+        router="sigmoid_bias",
+        top_k=3,
+        n_group=3,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        z_loss_coef=0.0,
+        seq_balance_coef=1e-2,
+        device_balance_coef=1e-2,
+        balance_devices=2,
+    ),
+    "gru+sigmoid_bias": dict(
+        router="gru",
+        selection="sigmoid_bias",
+        top_k=2,
+        gru_dim=H,
+        n_group=2,
+        topk_group=1,
+        group_mask="neg_inf",
+        renormalize=False,
+    ),
 }
 
 
@@ -239,39 +287,46 @@ ROUTER_CONFIGS = {
 # (top-p's zero-weight slots; GRU state with the sigmoid bias) to keep the suite fast. Their
 # sharded plan is tests/moe/test_expert_parallel.py.
 SHARDED_DISPATCHERS = {"expert_parallel", "fssdp"}
-ROUTER_DISPATCHER_CASES = list(itertools.product(
-    sorted(ROUTER_CONFIGS),
-    sorted(set(DISPATCHERS) - {"dense_reference"} - SHARDED_DISPATCHERS))) + [
-    ("top_p", "fssdp"), ("gru+sigmoid_bias", "expert_parallel")]
+ROUTER_DISPATCHER_CASES = list(
+    itertools.product(
+        sorted(ROUTER_CONFIGS), sorted(set(DISPATCHERS) - {"dense_reference"} - SHARDED_DISPATCHERS)
+    )
+) + [("top_p", "fssdp"), ("gru+sigmoid_bias", "expert_parallel")]
 
 
 @pytest.mark.parametrize("router, dispatcher", ROUTER_DISPATCHER_CASES)
 def test_every_router_through_every_dispatcher_equals_dense_reference(router, dispatcher):
-    base = MoEConfig(num_experts=E, d_expert=5, gmm_tile=4, capacity_factor=float(E),
-                     **ROUTER_CONFIGS[router])
+    base = MoEConfig(
+        num_experts=E, d_expert=5, gmm_tile=4, capacity_factor=float(E), **ROUTER_CONFIGS[router]
+    )
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, T // 2, D)), jnp.float32)
     mask = jnp.asarray(np.random.default_rng(5).uniform(size=(2, T // 2)) > 0.2)
-    state = (jnp.asarray(np.random.default_rng(6).normal(size=(T, H)), jnp.float32)
-             if base.router == "gru" else None)
+    state = (
+        jnp.asarray(np.random.default_rng(6).normal(size=(T, H)), jnp.float32)
+        if base.router == "gru"
+        else None
+    )
     layer_ref = MoELayer(dataclasses.replace(base, dispatcher="dense_reference"), MODEL)
     variables = nn.unbox(layer_ref.init(jax.random.PRNGKey(0), x, state, mask))
     # Non-trainable collections (sigmoid_bias's router bias), made non-zero so they matter.
-    fixed = jax.tree.map(lambda a: jnp.asarray(
-        np.random.default_rng(9).normal(size=a.shape) * 0.1, a.dtype),
-        {k: v for k, v in variables.items() if k != "params"})
+    fixed = jax.tree.map(
+        lambda a: jnp.asarray(np.random.default_rng(9).normal(size=a.shape) * 0.1, a.dtype),
+        {k: v for k, v in variables.items() if k != "params"},
+    )
     assert bool(fixed) == (base.router == "sigmoid_bias" or base.selection == "sigmoid_bias")
     probe = jnp.asarray(np.random.default_rng(7).normal(size=x.shape), jnp.float32)
 
     def run(layer):
         def loss(params):
-            y, new_state, aux, metrics, _ = layer.apply({**fixed, "params": params}, x, state,
-                                                        mask)
+            y, new_state, aux, metrics, _ = layer.apply({**fixed, "params": params}, x, state, mask)
             return jnp.sum(y * probe) + sum(aux.values()), (y, new_state, metrics)
+
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
     (_, (want, want_state, _)), want_grad = run(layer_ref)
     (_, (got, got_state, metrics)), got_grad = run(
-        MoELayer(dataclasses.replace(base, dispatcher=dispatcher), MODEL))
+        MoELayer(dataclasses.replace(base, dispatcher=dispatcher), MODEL)
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert float(metrics["dropped_fraction"]) == 0.0
     if state is not None:
@@ -282,5 +337,4 @@ def test_every_router_through_every_dispatcher_equals_dense_reference(router, di
 
 def test_router_registries_are_fully_tested():
     assert {c["router"] for c in ROUTER_CONFIGS.values()} == set(ROUTERS)
-    assert {c.get("selection") or c["router"] for c in ROUTER_CONFIGS.values()} >= set(
-        SELECTIONS)
+    assert {c.get("selection") or c["router"] for c in ROUTER_CONFIGS.values()} >= set(SELECTIONS)

@@ -1,6 +1,7 @@
 """DeepSeek-V3's sigmoid_bias routing against a float64 NumPy reference and transformers'
 DeepseekV3TopkRouter; the bias steers the selection but never a weight; the aux-loss-free
 bias update (moejax.train.router_bias) moves each bias by exactly +-gamma towards balance."""
+
 import dataclasses
 import importlib.util
 
@@ -26,12 +27,12 @@ def np_sigmoid_bias(logits, bias, cfg: MoEConfig):
         grouped = c.reshape(t, cfg.n_group, e // cfg.n_group)
         top2 = -np.sort(-grouped, axis=-1)[..., :2]
         group_scores = top2.sum(-1)
-        best = np.argsort(-group_scores, axis=-1, kind="stable")[:, :cfg.topk_group]
+        best = np.argsort(-group_scores, axis=-1, kind="stable")[:, : cfg.topk_group]
         keep = np.zeros((t, cfg.n_group), bool)
         np.put_along_axis(keep, best, True, axis=-1)
         fill = 0.0 if cfg.group_mask == "zero" else -np.inf
         c = np.where(keep[:, :, None], grouped, fill).reshape(t, e)
-    ids = np.argsort(-c, axis=-1, kind="stable")[:, :cfg.top_k]
+    ids = np.argsort(-c, axis=-1, kind="stable")[:, : cfg.top_k]
     w = np.take_along_axis(s, ids, axis=-1)
     if cfg.renormalize:
         w = w / (w.sum(-1, keepdims=True) + 1e-20)
@@ -55,11 +56,19 @@ CASES = [  # (n_group, topk_group, top_k, renormalize, routed_scaling_factor)
 
 @pytest.mark.parametrize("group_mask", ["zero", "neg_inf"])
 @pytest.mark.parametrize("n_group, topk_group, top_k, renormalize, scale", CASES)
-def test_sigmoid_bias_equals_numpy_reference(n_group, topk_group, top_k, renormalize, scale,
-                                             group_mask):
-    cfg = MoEConfig(num_experts=E, top_k=top_k, router="sigmoid_bias", n_group=n_group,
-                    topk_group=topk_group, renormalize=renormalize,
-                    routed_scaling_factor=scale, group_mask=group_mask)
+def test_sigmoid_bias_equals_numpy_reference(
+    n_group, topk_group, top_k, renormalize, scale, group_mask
+):
+    cfg = MoEConfig(
+        num_experts=E,
+        top_k=top_k,
+        router="sigmoid_bias",
+        n_group=n_group,
+        topk_group=topk_group,
+        renormalize=renormalize,
+        routed_scaling_factor=scale,
+        group_mask=group_mask,
+    )
     # bias_scale 1.0 makes some choice scores negative, so the two masks differ somewhere.
     for seed, bias_scale in ((0, 0.3), (1, 1.0)):
         logits, bias = random_inputs(seed, bias_scale)
@@ -76,8 +85,9 @@ def test_group_masks_differ_exactly_when_kept_choices_are_negative():
     s = np.array([[0.9, 0.2, 0.5, 0.5]])
     logits = jnp.asarray(np.log(s / (1 - s)), jnp.float32)
     bias = jnp.asarray([0.0, -1.0, -2.0, -2.0])
-    cfg = MoEConfig(num_experts=4, top_k=2, router="sigmoid_bias", n_group=2, topk_group=1,
-                    renormalize=False)
+    cfg = MoEConfig(
+        num_experts=4, top_k=2, router="sigmoid_bias", n_group=2, topk_group=1, renormalize=False
+    )
     zero = sigmoid_bias(logits, None, cfg, bias)
     neg_inf = sigmoid_bias(logits, None, dataclasses.replace(cfg, group_mask="neg_inf"), bias)
     np.testing.assert_array_equal(zero.expert_ids, [[0, 2]])
@@ -87,8 +97,15 @@ def test_group_masks_differ_exactly_when_kept_choices_are_negative():
 
 
 def test_bias_changes_the_selection_but_never_a_weight():
-    cfg = MoEConfig(num_experts=E, top_k=4, router="sigmoid_bias", n_group=4, topk_group=2,
-                    renormalize=False, routed_scaling_factor=2.0)
+    cfg = MoEConfig(
+        num_experts=E,
+        top_k=4,
+        router="sigmoid_bias",
+        n_group=4,
+        topk_group=2,
+        renormalize=False,
+        routed_scaling_factor=2.0,
+    )
     logits, bias = random_inputs(2, 0.5)
     logits = jnp.asarray(logits)
     plain = sigmoid_bias(logits, None, cfg)
@@ -97,8 +114,8 @@ def test_bias_changes_the_selection_but_never_a_weight():
     scores = np.asarray(jax.nn.sigmoid(logits))
     for sel in (plain, biased):  # the weights are the unbiased scores at the chosen ids
         np.testing.assert_allclose(
-            sel.weights, 2.0 * np.take_along_axis(scores, np.asarray(sel.expert_ids), -1),
-            rtol=1e-6)
+            sel.weights, 2.0 * np.take_along_axis(scores, np.asarray(sel.expert_ids), -1), rtol=1e-6
+        )
     # Forcing one expert on every token: it is chosen, with its own (small) score as weight.
     force = jnp.zeros(E).at[5].set(10.0)
     forced = sigmoid_bias(logits, None, cfg, force)
@@ -107,29 +124,39 @@ def test_bias_changes_the_selection_but_never_a_weight():
     # No gradient reaches the bias: it only decides the top-k.
     for renormalize in (False, True):
         c = dataclasses.replace(cfg, renormalize=renormalize)
-        grad = jax.grad(lambda b: jnp.sum(
-            sigmoid_bias(logits, None, c, b).weights * jnp.arange(4.0)))(jnp.asarray(bias))
+        grad = jax.grad(
+            lambda b: jnp.sum(sigmoid_bias(logits, None, c, b).weights * jnp.arange(4.0))
+        )(jnp.asarray(bias))
         np.testing.assert_array_equal(grad, np.zeros(E))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None
-                    or importlib.util.find_spec("transformers") is None,
-                    reason="needs torch and transformers (the `hf` extra) for the reference "
-                    "router")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
+    reason="needs torch and transformers (the `hf` extra) for the reference router",
+)
 @pytest.mark.parametrize("n_group, topk_group, top_k, renormalize, scale", CASES)
-def test_sigmoid_bias_equals_transformers_deepseek_v3_router(n_group, topk_group, top_k,
-                                                             renormalize, scale):
+def test_sigmoid_bias_equals_transformers_deepseek_v3_router(
+    n_group, topk_group, top_k, renormalize, scale
+):
     import torch
     import transformers
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
     if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip(f"transformers {transformers.__version__}: this test drives the 5.x "
-                    f"DeepseekV3TopkRouter, which selects as well as scores")
+        pytest.skip(
+            f"transformers {transformers.__version__}: this test drives the 5.x "
+            f"DeepseekV3TopkRouter, which selects as well as scores"
+        )
     d = 12
-    config = hf.DeepseekV3Config(hidden_size=d, n_routed_experts=E, num_experts_per_tok=top_k,
-                                 n_group=n_group, topk_group=topk_group,
-                                 norm_topk_prob=renormalize, routed_scaling_factor=scale)
+    config = hf.DeepseekV3Config(
+        hidden_size=d,
+        n_routed_experts=E,
+        num_experts_per_tok=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=renormalize,
+        routed_scaling_factor=scale,
+    )
     router = hf.DeepseekV3TopkRouter(config)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(2, T // 2, d)).astype(np.float32)
@@ -138,15 +165,24 @@ def test_sigmoid_bias_equals_transformers_deepseek_v3_router(n_group, topk_group
         router.weight.copy_(torch.from_numpy(kernel.T.copy()))
     # transformers 5.x masks dropped groups with -inf; with choice scores > 0 (a positive
     # bias) "zero" selects the same experts, with a mixed-sign bias only "neg_inf" does.
-    for group_mask, bias in (("neg_inf", rng.normal(size=E) * 0.3),
-                             ("zero", rng.uniform(0.0, 0.3, size=E))):
+    for group_mask, bias in (
+        ("neg_inf", rng.normal(size=E) * 0.3),
+        ("zero", rng.uniform(0.0, 0.3, size=E)),
+    ):
         bias = bias.astype(np.float32)
         with torch.no_grad():
             router.e_score_correction_bias.copy_(torch.from_numpy(bias))
             _, want_w, want_ids = router(torch.from_numpy(x))
-        cfg = MoEConfig(num_experts=E, top_k=top_k, router="sigmoid_bias", n_group=n_group,
-                        topk_group=topk_group, renormalize=renormalize,
-                        routed_scaling_factor=scale, group_mask=group_mask)
+        cfg = MoEConfig(
+            num_experts=E,
+            top_k=top_k,
+            router="sigmoid_bias",
+            n_group=n_group,
+            topk_group=topk_group,
+            renormalize=renormalize,
+            routed_scaling_factor=scale,
+            group_mask=group_mask,
+        )
         logits = jnp.asarray(x.reshape(T, d)) @ jnp.asarray(kernel)
         sel = sigmoid_bias(logits, None, cfg, jnp.asarray(bias))
         # transformers' top-k is unsorted: compare per token, ordered by expert id.
@@ -154,11 +190,15 @@ def test_sigmoid_bias_equals_transformers_deepseek_v3_router(n_group, topk_group
         order = np.argsort(want_ids, axis=-1)
         got_ids, got_w = np.asarray(sel.expert_ids), np.asarray(sel.weights)
         got_order = np.argsort(got_ids, axis=-1)
-        np.testing.assert_array_equal(np.take_along_axis(got_ids, got_order, -1),
-                                      np.take_along_axis(want_ids, order, -1))
-        np.testing.assert_allclose(np.take_along_axis(got_w, got_order, -1),
-                                   np.take_along_axis(want_w, order, -1), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_array_equal(
+            np.take_along_axis(got_ids, got_order, -1), np.take_along_axis(want_ids, order, -1)
+        )
+        np.testing.assert_allclose(
+            np.take_along_axis(got_w, got_order, -1),
+            np.take_along_axis(want_w, order, -1),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 # ----------------------------------------------------------------------------- bias update
@@ -166,21 +206,26 @@ def test_sigmoid_bias_equals_transformers_deepseek_v3_router(n_group, topk_group
 
 def test_bias_update_is_plus_minus_gamma_towards_the_mean_load():
     load = jnp.asarray([[0.5, 0.25, 0.125, 0.125], [0.25, 0.25, 0.25, 0.25]])
-    bias = {"moe_layers": {"moe": {"router": {"bias": jnp.asarray([[0.1, 0.0, 0.0, -0.1],
-                                                                   [0.0, 0.0, 0.0, 0.0]])}}}}
+    bias = {
+        "moe_layers": {
+            "moe": {"router": {"bias": jnp.asarray([[0.1, 0.0, 0.0, -0.1], [0.0, 0.0, 0.0, 0.0]])}}
+        }
+    }
     new, metrics = update_router_bias(bias, load, 0.01)
     got = np.asarray(new["moe_layers"]["moe"]["router"]["bias"])
     g = np.float32(0.01)
     # mean load 0.25: experts 0 is overloaded (-gamma), 2 and 3 underloaded (+gamma), the
     # balanced expert 1 and the balanced layer stay.
     want = np.array([[0.1, 0.0, 0.0, -0.1], [0, 0, 0, 0]], np.float32) + g * np.array(
-        [[-1, 0, 1, 1], [0, 0, 0, 0]], np.float32)
+        [[-1, 0, 1, 1], [0, 0, 0, 0]], np.float32
+    )
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(metrics["moe/router_bias_abs_mean"], np.abs(want).mean(-1))
     np.testing.assert_array_equal(metrics["moe/router_bias"], want)
     same, _ = update_router_bias(bias, load, 0.0)  # gamma = 0 freezes the bias
-    np.testing.assert_array_equal(same["moe_layers"]["moe"]["router"]["bias"],
-                                  bias["moe_layers"]["moe"]["router"]["bias"])
+    np.testing.assert_array_equal(
+        same["moe_layers"]["moe"]["router"]["bias"], bias["moe_layers"]["moe"]["router"]["bias"]
+    )
     assert update_router_bias(None, load, 0.01) == (None, {})
 
 

@@ -1,6 +1,7 @@
 """Pallas `gmm`/`tgmm` (both backends, CPU interpret mode) against the pure-JAX references:
 empty groups, one group holding every row, groups and M not multiples of the tile, rows past
 sum(group_sizes), bf16, gradients, and argument errors."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +40,7 @@ def test_gmm_and_tgmm_match_reference(backend, sizes, m):
     out = gmm(lhs, rhs, sizes, **kw)
     want = gmm_reference(lhs, rhs, sizes)
     assert out.shape == (m, rhs.shape[2]) and out.dtype == jnp.float32
-    assert np.all(np.asarray(out)[int(sizes.sum()):] == 0)  # rows past the total
+    assert np.all(np.asarray(out)[int(sizes.sum()) :] == 0)  # rows past the total
     if int(sizes.sum()):
         assert rel_err(out, want) < 1e-5
     d_rhs = tgmm(lhs, grad, sizes, **kw)
@@ -78,8 +79,9 @@ def test_grad_through_gmm_matches_reference(backend):
     def loss(fn):
         return lambda a, b: jnp.sum(jnp.tanh(fn(a, b)) * probe)
 
-    kernel = lambda a, b: gmm(a, b, sizes, tiling=TILING[backend], interpret=True,  # noqa: E731
-                              backend=backend)
+    def kernel(a, b):
+        return gmm(a, b, sizes, tiling=TILING[backend], interpret=True, backend=backend)
+
     got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1)))(lhs, rhs)
     want = jax.grad(loss(lambda a, b: gmm_reference(a, b, sizes)), argnums=(0, 1))(lhs, rhs)
     for g, w in zip(got, want):
@@ -95,8 +97,9 @@ def test_grad_through_tgmm_matches_reference():
     def loss(fn):
         return lambda a, b: jnp.sum(jnp.sin(fn(a, b)) * probe)
 
-    kernel = lambda a, b: tgmm(a, b, sizes, tiling=(8, 8, 8), interpret=True,  # noqa: E731
-                               backend="mosaic_tpu")
+    def kernel(a, b):
+        return tgmm(a, b, sizes, tiling=(8, 8, 8), interpret=True, backend="mosaic_tpu")
+
     got = jax.grad(loss(kernel), argnums=(0, 1))(lhs, grad)
     want = jax.grad(loss(lambda a, b: tgmm_reference(a, b, sizes)), argnums=(0, 1))(lhs, grad)
     for g, w in zip(got, want):
@@ -106,8 +109,9 @@ def test_grad_through_tgmm_matches_reference():
 def test_work_items_cover_every_row_once():
     sizes = jnp.asarray([5, 0, 17, 3, 0, 9], jnp.int32)
     m, tm = 40, 8
-    items = jax.tree.map(np.asarray, make_work_items(sizes, m, tm, cover_tail=True,
-                                                     visit_empty_groups=False))
+    items = jax.tree.map(
+        np.asarray, make_work_items(sizes, m, tm, cover_tail=True, visit_empty_groups=False)
+    )
     count = int(items.count[0])
     assert items.group.shape == (-(-m // tm) + 6,) and count <= items.group.shape[0]
     covered = np.zeros(m, int)
@@ -120,7 +124,7 @@ def test_work_items_cover_every_row_once():
     # Padding items repeat the last real one, so the kernels keep the same blocks.
     assert np.all(items.m_tile[count:] == items.m_tile[count - 1])
     t_items = make_work_items(sizes, m, tm, cover_tail=False, visit_empty_groups=True)
-    groups = np.asarray(t_items.group[:int(t_items.count[0])])
+    groups = np.asarray(t_items.group[: int(t_items.count[0])])
     assert set(groups) == set(range(6))  # empty groups get an item too
 
 
@@ -166,8 +170,7 @@ def test_transposed_rhs_and_its_gradient_match_reference(backend):
     lhs, _, _ = operands(26, 3, k=16, n=16, seed=8)
     rhs_t = jnp.asarray(np.random.default_rng(9).normal(size=(3, 32, 16)), jnp.float32)  # [G,N,K]
     probe = jnp.asarray(np.random.default_rng(10).normal(size=(26, 32)), jnp.float32)
-    kw = {"tiling": TILING[backend], "interpret": True, "backend": backend,
-          "transpose_rhs": True}
+    kw = {"tiling": TILING[backend], "interpret": True, "backend": backend, "transpose_rhs": True}
 
     def loss(fn):
         return lambda a, b: jnp.sum(jnp.tanh(fn(a, b)) * probe)

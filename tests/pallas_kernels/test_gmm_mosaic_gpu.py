@@ -2,6 +2,7 @@
 references: on CPU in Mosaic GPU interpret mode, on a GPU compiled (there the Triton-lowering
 kernels are checked compiled too). Tiles are multiples of 64, so every case below has groups
 that do not align to them, M not a multiple of them, empty groups and rows past the total."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,13 +17,16 @@ from pallas_kernels.tiling import Tiling, check_tiling, choose_tiling
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
 TILE = Tiling(64, 64, 64)
-CASES = [([70, 0, 50, 60], 200),  # empty group, 20 rows past the total, M % 64 != 0
-         ([0, 0, 130], 130),  # one group holds every row
-         ([0, 0, 0], 64)]  # nothing to compute
+CASES = [
+    ([70, 0, 50, 60], 200),  # empty group, 20 rows past the total, M % 64 != 0
+    ([0, 0, 130], 130),  # one group holds every row
+    ([0, 0, 0], 64),
+]  # nothing to compute
 needs_transposes = pytest.mark.skipif(
     INTERPRET and not INTERPRET_TRANSPOSES,
     reason="jax < 0.11: the Mosaic GPU interpreter reads no transposed shared-memory operand; "
-           "this runs compiled on a GPU")
+    "this runs compiled on a GPU",
+)
 
 
 def operands(m, g, k=64, n=128, seed=0, dtype=jnp.bfloat16):
@@ -31,13 +35,13 @@ def operands(m, g, k=64, n=128, seed=0, dtype=jnp.bfloat16):
     return make(m, k), make(g, k, n), make(m, n)
 
 
-@pytest.mark.parametrize("sizes,m,tiling", [(*case, TILE) for case in CASES]
-                         + [(CASES[0][0], 200, Tiling(192, 64, 128))])  # the GPU's row tile
+@pytest.mark.parametrize(
+    "sizes,m,tiling", [(*case, TILE) for case in CASES] + [(CASES[0][0], 200, Tiling(192, 64, 128))]
+)  # the GPU's row tile
 def test_gmm_kernel_matches_reference(sizes, m, tiling):
     lhs, rhs, _ = operands(m, len(sizes), seed=len(sizes))
     sizes = jnp.asarray(sizes, jnp.int32)
-    out = gmm_mosaic_gpu(lhs, rhs, sizes, tiling=tiling, out_dtype=jnp.float32,
-                         interpret=INTERPRET)
+    out = gmm_mosaic_gpu(lhs, rhs, sizes, tiling=tiling, out_dtype=jnp.float32, interpret=INTERPRET)
     assert out.shape == (m, rhs.shape[2])
     total = int(sizes.sum())
     assert np.all(np.asarray(out)[total:] == 0)  # rows past the total are written as zeros
@@ -50,12 +54,26 @@ def test_gmm_kernel_matches_reference(sizes, m, tiling):
 def test_tgmm_and_transposed_gmm_kernels_match_reference(sizes, m):
     lhs, rhs, grad = operands(m, len(sizes), seed=7)
     sizes = jnp.asarray(sizes, jnp.int32)
-    d_rhs = tgmm_mosaic_gpu(lhs, grad, sizes, tiling=TILE, out_dtype=jnp.float32,
-                            num_groups=len(sizes), interpret=INTERPRET)
+    d_rhs = tgmm_mosaic_gpu(
+        lhs,
+        grad,
+        sizes,
+        tiling=TILE,
+        out_dtype=jnp.float32,
+        num_groups=len(sizes),
+        interpret=INTERPRET,
+    )
     assert np.all(np.asarray(d_rhs)[np.asarray(sizes) == 0] == 0)  # empty groups: zero
     assert rel_err(d_rhs, tgmm_reference(*f32(lhs, grad), sizes)) < 1e-5
-    out = gmm_mosaic_gpu(lhs, jnp.swapaxes(rhs, 1, 2), sizes, tiling=TILE,
-                         out_dtype=jnp.float32, interpret=INTERPRET, transpose_rhs=True)
+    out = gmm_mosaic_gpu(
+        lhs,
+        jnp.swapaxes(rhs, 1, 2),
+        sizes,
+        tiling=TILE,
+        out_dtype=jnp.float32,
+        interpret=INTERPRET,
+        transpose_rhs=True,
+    )
     assert rel_err(out, gmm_reference(*f32(lhs, rhs), sizes)) < 1e-5
 
 
@@ -77,8 +95,7 @@ def test_gmm_bf16_and_its_gradient_through_the_public_api(backend):
         return lambda a, b: jnp.sum(jnp.tanh(fn(a, b).astype(jnp.float32)) * probe)
 
     got = jax.jit(jax.grad(loss(lambda a, b: gmm(a, b, sizes, **kw)), argnums=(0, 1)))(lhs, rhs)
-    want = jax.grad(loss(lambda a, b: gmm_reference(a, b, sizes)), argnums=(0, 1))(
-        *f32(lhs, rhs))
+    want = jax.grad(loss(lambda a, b: gmm_reference(a, b, sizes)), argnums=(0, 1))(*f32(lhs, rhs))
     for got_i, want_i in zip(got, want):
         assert got_i.dtype == jnp.bfloat16 and rel_err(got_i, want_i) < 2e-2
     d_rhs = tgmm(lhs, jnp.asarray(probe, jnp.bfloat16), sizes, **kw)
@@ -106,9 +123,14 @@ def test_mosaic_gpu_takes_16_bit_fitting_calls_and_hands_the_rest_on():
 
 def test_auto_picks_mosaic_gpu_on_hopper_only(monkeypatch):
     from pallas_kernels import backend
+
     monkeypatch.setattr(backend, "platform", lambda: "gpu")
-    for capability, want in [("9.0", "mosaic_gpu"), ("8.0", "pallas_gpu"), ("10.0", "pallas_gpu"),
-                             ("gfx90a", "pallas_gpu")]:
+    for capability, want in [
+        ("9.0", "mosaic_gpu"),
+        ("8.0", "pallas_gpu"),
+        ("10.0", "pallas_gpu"),
+        ("gfx90a", "pallas_gpu"),
+    ]:
         monkeypatch.setattr(backend, "compute_capability", lambda c=capability: c)
         assert backend.resolve_backend("auto") == want, capability
     with pytest.raises(ValueError, match="backend='mosaic_gpu' needs a Hopper GPU.*gfx90a"):

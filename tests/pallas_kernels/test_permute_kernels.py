@@ -1,5 +1,6 @@
 """Fused permute / unpermute+combine kernels (CPU interpret mode) and their VJPs against pure
 JAX; the jax-triton combine against the same reference where a GPU and jax_triton exist."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +30,9 @@ def plan(seed=0):
 
 
 def close(a, b, tol=1e-5):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol, atol=tol
+    )
 
 
 @pytest.mark.parametrize("backend", ["mosaic_tpu", "pallas_gpu"])
@@ -57,10 +59,14 @@ def test_unpermute_combine_and_vjp_match_pure_jax(backend):
     def loss(fn):
         return lambda ys, ww: jnp.sum(jnp.tanh(fn(ys, ww)) * probe)
 
-    got_g = jax.jit(jax.grad(loss(lambda ys, ww: unpermute_combine(ys, order, inverse, ww, **kw)),
-                             argnums=(0, 1)))(y_sorted, w)
-    want_g = jax.grad(loss(lambda ys, ww: unpermute_combine_reference(ys, order, ww)),
-                      argnums=(0, 1))(y_sorted, w)
+    got_g = jax.jit(
+        jax.grad(
+            loss(lambda ys, ww: unpermute_combine(ys, order, inverse, ww, **kw)), argnums=(0, 1)
+        )
+    )(y_sorted, w)
+    want_g = jax.grad(
+        loss(lambda ys, ww: unpermute_combine_reference(ys, order, ww)), argnums=(0, 1)
+    )(y_sorted, w)
     for g, r in zip(got_g, want_g):
         close(g, r)
 
@@ -89,8 +95,7 @@ def test_triton_reports_why_it_cannot_run():
     assert ok or reason  # never silently unavailable
     if not ok:
         with pytest.raises(RuntimeError, match="jax_triton"):
-            combine_rows_triton(jnp.zeros((4, 8)), jnp.zeros((2, 2), jnp.int32),
-                                jnp.ones((2, 2)))
+            combine_rows_triton(jnp.zeros((4, 8)), jnp.zeros((2, 2), jnp.int32), jnp.ones((2, 2)))
 
 
 @pytest.mark.skipif(not triton_available()[0], reason=triton_available()[1] or "available")

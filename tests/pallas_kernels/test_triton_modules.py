@@ -1,5 +1,6 @@
 """The Triton-lowering kernels lower to Triton modules that pass the MLIR verifier, checked
 without a GPU (see triton_module_check.py, run in a subprocess)."""
+
 import os
 import subprocess
 import sys
@@ -9,10 +10,18 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_triton_lowered_kernels_verify():
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, str(HERE / "triton_module_check.py")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]),
+    )
+    run = subprocess.run(
+        [sys.executable, str(HERE / "triton_module_check.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = run.stdout.strip().splitlines()
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert len(lines) == 8 and all(line.endswith(" ok") for line in lines), run.stdout

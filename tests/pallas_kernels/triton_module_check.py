@@ -6,6 +6,7 @@ because it registers the Triton lowering of `pallas_call` for the CPU platform, 
 not leak into the interpret-mode tests. Prints one line per kernel, `name ok|FAILED: why`.
 JAX internals (jax._src.pallas.triton) are used, as the public API lowers only on a GPU.
 """
+
 import itertools
 import sys
 
@@ -31,8 +32,9 @@ def verified(*args, **kwargs):
 
 
 triton_registration.lowering.lower_jaxpr_to_triton_module = verified
-mlir.register_lowering(pallas_call.pallas_call_p, triton_registration.pallas_call_lowering,
-                       platform="cpu")
+mlir.register_lowering(
+    pallas_call.pallas_call_p, triton_registration.pallas_call_lowering, platform="cpu"
+)
 
 m, k, n, g = 200, 96, 160, 4
 sizes = jnp.asarray([50, 0, 90, 40], jnp.int32)
@@ -42,17 +44,25 @@ for dtype, transpose in itertools.product((jnp.float32, jnp.bfloat16), (False, T
     rhs = jnp.zeros((g, n, k) if transpose else (g, k, n), dtype)
     cases[f"gmm {jnp.dtype(dtype).name} transpose_rhs={transpose}"] = (
         lambda a, b, t=tiling, tr=transpose: gmm_pallas_gpu(
-            a, b, sizes, tiling=t, out_dtype=jnp.float32, interpret=False, transpose_rhs=tr),
-        (jnp.zeros((m, k), dtype), rhs))
+            a, b, sizes, tiling=t, out_dtype=jnp.float32, interpret=False, transpose_rhs=tr
+        ),
+        (jnp.zeros((m, k), dtype), rhs),
+    )
     cases[f"tgmm {jnp.dtype(dtype).name}"] = (
-        lambda a, b, t=tiling: tgmm_pallas_gpu(a, b, sizes, tiling=t, out_dtype=jnp.float32,
-                                               num_groups=g, interpret=False),
-        (jnp.zeros((m, k), dtype), jnp.zeros((m, n), dtype)))
+        lambda a, b, t=tiling: tgmm_pallas_gpu(
+            a, b, sizes, tiling=t, out_dtype=jnp.float32, num_groups=g, interpret=False
+        ),
+        (jnp.zeros((m, k), dtype), jnp.zeros((m, n), dtype)),
+    )
 idx = jnp.zeros((50, 2), jnp.int32)
-cases["gather_rows"] = (lambda x, s: gather_rows_gpu(x, s, jnp.ones((100,)), interpret=False),
-                        (jnp.zeros((50, k)), jnp.zeros((100,), jnp.int32)))
-cases["combine_rows"] = (lambda y, w: combine_rows_gpu(y, idx, w, interpret=False),
-                         (jnp.zeros((100, k)), jnp.zeros((50, 2))))
+cases["gather_rows"] = (
+    lambda x, s: gather_rows_gpu(x, s, jnp.ones((100,)), interpret=False),
+    (jnp.zeros((50, k)), jnp.zeros((100,), jnp.int32)),
+)
+cases["combine_rows"] = (
+    lambda y, w: combine_rows_gpu(y, idx, w, interpret=False),
+    (jnp.zeros((100, k)), jnp.zeros((50, 2))),
+)
 for name, (fn, args) in cases.items():
     try:
         jax.jit(fn).lower(*args)

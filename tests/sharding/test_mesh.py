@@ -1,5 +1,6 @@
 """Device grids: one slice keeps mesh_utils' order; devices spanning slices (or processes)
 split the `data` axis across them and keep every other axis inside one."""
+
 import dataclasses
 
 import numpy as np

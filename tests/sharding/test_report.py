@@ -9,6 +9,7 @@
   added parameter byte; with the `fssdp` dispatcher registered, the gathered bytes grow
   with `moe.fssdp_slots` and not with `moe.num_experts`.
 """
+
 import json
 import os
 import subprocess
@@ -101,27 +102,55 @@ print("RESULT" + json.dumps(out))
 
 CASES = {"fsdp_ff64": ["dense", "fsdp"], "fsdp_ff256": ["dense", "fsdp", {"d_ff": 256}]}
 if "fssdp" in DISPATCHERS:  # the FSSDP dispatcher (issue 7, part 3) once it is merged
-    CASES.update({"fssdp_s1_e8": ["deepseekmoe", "fssdp", {}, {"fssdp_slots": 1}],
-                  "fssdp_s2_e8": ["deepseekmoe", "fssdp", {}, {"fssdp_slots": 2}],
-                  "fssdp_s1_e16": ["deepseekmoe", "fssdp", {}, {"fssdp_slots": 1,
-                                                                "num_experts": 16}]})
+    CASES.update(
+        {
+            "fssdp_s1_e8": ["deepseekmoe", "fssdp", {}, {"fssdp_slots": 1}],
+            "fssdp_s2_e8": ["deepseekmoe", "fssdp", {}, {"fssdp_slots": 2}],
+            "fssdp_s1_e16": ["deepseekmoe", "fssdp", {}, {"fssdp_slots": 1, "num_experts": 16}],
+        }
+    )
 
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-       "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+ENV = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+}
 
 
 @pytest.fixture(scope="module")
 def reports():
     cli = subprocess.Popen(
-        [sys.executable, "-m", "moejax.sharding.report", f"--config={REPO}/configs/dense.py",
-         "--strategy=data", "--config.model.d_model=32", "--config.model.num_heads=4",
-         "--config.model.num_kv_heads=2", "--config.model.d_ff=64",
-         "--config.model.num_layers=2", "--config.model.vocab_size=264",
-         "--config.data.seq_len=32", "--config.data.global_batch_size=8"],
-        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "moejax.sharding.report",
+            f"--config={REPO}/configs/dense.py",
+            "--strategy=data",
+            "--config.model.d_model=32",
+            "--config.model.num_heads=4",
+            "--config.model.num_kv_heads=2",
+            "--config.model.d_ff=64",
+            "--config.model.num_layers=2",
+            "--config.model.vocab_size=264",
+            "--config.data.seq_len=32",
+            "--config.data.global_batch_size=8",
+        ],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], cwd=REPO,
-                              env=ENV, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
+            cwd=REPO,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         out, err = cli.communicate(timeout=600)
     finally:
         if cli.poll() is None:
@@ -129,7 +158,7 @@ def reports():
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert cli.returncode == 0, err[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
-    result = json.loads(line[len("RESULT"):])
+    result = json.loads(line[len("RESULT") :])
     result["data"] = json.loads(out)
     return result
 
@@ -140,8 +169,9 @@ def test_data_parallel_all_reduces_the_gradient_bytes(reports):
     grad_bytes = 4 * r["num_params"]
     c = r["collectives"]
     assert grad_bytes <= c["all-reduce"]["bytes"] <= grad_bytes + 64  # + loss/metric scalars
-    assert c["all-reduce"]["wire_bytes"] == pytest.approx(c["all-reduce"]["bytes"] * 2 * 7 / 8,
-                                                          abs=2)
+    assert c["all-reduce"]["wire_bytes"] == pytest.approx(
+        c["all-reduce"]["bytes"] * 2 * 7 / 8, abs=2
+    )
     assert c["all-gather"]["bytes"] == c["all-to-all"]["bytes"] == 0
     m = r["memory"]
     assert m["params_bytes"] == grad_bytes  # replicated
@@ -160,8 +190,9 @@ def test_fsdp_shards_parameters_and_all_gathers_them(reports):
         # Each weight is gathered for the forward and again for the backward pass.
         assert full <= r["collectives"]["all-gather"]["bytes"] <= 2 * full
     added_params = 4 * (large["num_params"] - small["num_params"])  # the wider MLPs
-    added_gather = (large["collectives"]["all-gather"]["bytes"]
-                    - small["collectives"]["all-gather"]["bytes"])
+    added_gather = (
+        large["collectives"]["all-gather"]["bytes"] - small["collectives"]["all-gather"]["bytes"]
+    )
     assert added_gather == pytest.approx(2 * added_params, rel=0.02)
 
 
@@ -170,9 +201,11 @@ def test_fssdp_gather_grows_with_replica_slots_not_experts(reports):
     """The sparse all-gather may be lowered as an all-gather or as an all-to-all of slot
     buffers; the tokens' all-to-all does not depend on the slots or on E, so the sum of the
     two moves with the slots only."""
+
     def moved(key):
         c = reports[key]["collectives"]
         return c["all-gather"]["bytes"] + c["all-to-all"]["bytes"]
+
     assert moved("fssdp_s2_e8") > moved("fssdp_s1_e8")
     # Doubling the experts doubles the expert parameters; FSSDP moves only the slots.
     assert moved("fssdp_s1_e16") < 1.25 * moved("fssdp_s1_e8")

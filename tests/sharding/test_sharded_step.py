@@ -4,6 +4,7 @@ dispatchers once registered) trains 3 steps with the losses of one device, and a
 saved on the FSDP mesh restores onto a 4-device data-parallel mesh with identical
 parameters. Runs in a subprocess so the XLA flag that creates 8 CPU devices is set before
 JAX starts."""
+
 import json
 import os
 import subprocess
@@ -84,22 +85,34 @@ if "fsdp" in layouts:  # 8-way tensor parallelism of 4 heads: an error before co
 print("RESULT" + json.dumps(out))
 """
 
-MOE_LAYOUTS = {"single": [None, {"data": 1}],
-               "expert2_fsdp2": [None, {"data": 2, "fsdp": 2, "expert": 2}]}
+MOE_LAYOUTS = {
+    "single": [None, {"data": 1}],
+    "expert2_fsdp2": [None, {"data": 2, "fsdp": 2, "expert": 2}],
+}
 # Every registered strategy; the expert-parallel ones with data=2, expert=4.
-MOE_LAYOUTS.update({name: [name, {"data": 2} if name in ("ep", "fssdp") else {}]
-                    for name in available()})
+MOE_LAYOUTS.update(
+    {name: [name, {"data": 2} if name in ("ep", "fssdp") else {}] for name in available()}
+)
 
 
 def _run(config_name, data_dir, steps, layouts):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, config_name, data_dir, str(steps),
-                           json.dumps(layouts)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, config_name, data_dir, str(steps), json.dumps(layouts)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +142,17 @@ def test_a_parameter_dimension_the_mesh_does_not_divide_is_a_config_error(moe_re
 
 def test_recurrent_router_state_is_layout_independent(tiny_corpus_dir):
     """RMoE's routing state [tokens, h] is split with the batch; the losses do not move."""
-    result = _run("rmoe", tiny_corpus_dir, 2,
-                  {"single": [None, {"data": 1}], "data8": [None, {"data": 8}],
-                   "fsdp2_tensor2": [None, {"data": 2, "fsdp": 2, "tensor": 2}],
-                   "expert2_fsdp2": [None, {"data": 2, "fsdp": 2, "expert": 2}]})
+    result = _run(
+        "rmoe",
+        tiny_corpus_dir,
+        2,
+        {
+            "single": [None, {"data": 1}],
+            "data8": [None, {"data": 8}],
+            "fsdp2_tensor2": [None, {"data": 2, "fsdp": 2, "tensor": 2}],
+            "expert2_fsdp2": [None, {"data": 2, "fsdp": 2, "expert": 2}],
+        },
+    )
     single = np.array(result.pop("single"))
     assert np.all(np.isfinite(single))
     for name, values in result.items():

@@ -225,8 +225,6 @@ def test_restore_missing_step_lists_available_steps(tmp_path):
             ckpt.restore(7, target=abstract(state))
 
 
-
-
 # Orbax leaves read coroutines of the failed restore behind; their "Event loop is closed"
 # noise is reported by pytest as unraisable exceptions, not by our code.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -355,8 +353,11 @@ def test_checkpoint_from_before_a_new_optional_state_field_still_restores(tmp_pa
     old = OldTrainState(step=jnp.array(4, jnp.int32), params=params, opt_state=opt_state)
     ckpt = Checkpointer(str(tmp_path), save_every=1, async_save=False)
     ckpt.save(4, old, force=True)
-    target = TrainState(step=jnp.array(0, jnp.int32), params={"w": jnp.zeros((2, 3))},
-                        opt_state=optax.adam(1e-3).init({"w": jnp.zeros((2, 3))}))
+    target = TrainState(
+        step=jnp.array(0, jnp.int32),
+        params={"w": jnp.zeros((2, 3))},
+        opt_state=optax.adam(1e-3).init({"w": jnp.zeros((2, 3))}),
+    )
     state, _, _ = ckpt.restore(4, target=target)
     assert isinstance(state, TrainState) and state.router_bias is None
     assert int(state.step) == 4

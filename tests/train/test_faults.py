@@ -1,6 +1,7 @@
 """Numerical faults and damaged checkpoints: non-finite steps are skipped inside the jitted
 step and counted; too many in a row stop the run with the last good checkpoint kept; a
 corrupted checkpoint stops the run before training, names the step, and changes nothing."""
+
 import glob
 import os
 
@@ -19,8 +20,11 @@ from moejax.train.writers import read_jsonl
 
 
 def _rows(workdir) -> dict[int, dict]:
-    return {r["step"]: r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if "train/loss" in r}
+    return {
+        r["step"]: r
+        for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if "train/loss" in r
+    }
 
 
 def _committed(workdir) -> list[int]:
@@ -41,22 +45,28 @@ def test_a_non_finite_step_leaves_params_and_optimizer_state_untouched(tiny_conf
     assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
     assert int(state.step) == 1  # the batch was consumed
     after = jax.device_get(state)
-    for a, b in zip(jax.tree.leaves((after.params, after.opt_state)),
-                    jax.tree.leaves((before.params, before.opt_state))):
+    for a, b in zip(
+        jax.tree.leaves((after.params, after.opt_state)),
+        jax.tree.leaves((before.params, before.opt_state)),
+    ):
         np.testing.assert_array_equal(a, b)
     state, metrics = exp.step_fn(state, jax.tree.map(jnp.asarray, next(batches)))
     assert float(metrics["nonfinite"]) == 0.0 and np.isfinite(float(metrics["loss"]))
     moved = jax.device_get(state.params)
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(moved),
-                                                        jax.tree.leaves(after.params)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(after.params))
+    )
 
 
-def test_injected_nan_steps_are_skipped_then_a_streak_stops_the_run(tiny_config, tmp_path,
-                                                                     monkeypatch, capsys):
+def test_injected_nan_steps_are_skipped_then_a_streak_stops_the_run(
+    tiny_config, tmp_path, monkeypatch, capsys
+):
     # Steps 3 and 5 alone are skipped; 7, 8, 9 in a row reach train.max_bad_steps=3.
     monkeypatch.setenv(NAN_STEPS_ENV, "3,5,7,8,9")
-    config = tiny_config("dense", **{"train.steps": 12, "train.checkpoint_every": 2,
-                                     "train.max_bad_steps": 3})
+    config = tiny_config(
+        "dense", **{"train.steps": 12, "train.checkpoint_every": 2, "train.max_bad_steps": 3}
+    )
     with pytest.raises(NonFiniteError) as info:
         train(config, str(tmp_path))
     out, message = capsys.readouterr().out, str(info.value)
@@ -105,13 +115,17 @@ def _truncate_arrays(step_dir: str) -> None:
 
 
 def _snapshot(root) -> dict[str, int]:
-    return {os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n))
-            for d, _, names in os.walk(root) for n in names}
+    return {
+        os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n))
+        for d, _, names in os.walk(root)
+        for n in names
+    }
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_checkpoint_stops_naming_it_then_resumes_from_the_previous(
-        tiny_config, tmp_path, capsys):
+    tiny_config, tmp_path, capsys
+):
     config = tiny_config("dense", **{"train.steps": 4, "train.checkpoint_every": 2})
     workdir = str(tmp_path / "run")
     train(config, workdir)
@@ -147,11 +161,14 @@ def test_an_interrupted_save_is_reported_and_skipped(tmp_path):
     with Checkpointer(tmp_path, save_every=1, async_save=False) as ckpt:
         assert ckpt.interrupted_steps() == [4]
         restored, data_state, start = ckpt.restore_or_init(
-            lambda: pytest.fail("must resume"), jax.tree.map(jnp.zeros_like, state), notes.append)
+            lambda: pytest.fail("must resume"), jax.tree.map(jnp.zeros_like, state), notes.append
+        )
         assert start == 2 and data_state == {"position": 2}
         np.testing.assert_array_equal(restored["w"], state["w"])
         assert ckpt.save(4, state)  # replaces the temporary directory
         assert ckpt.all_steps() == [2, 4] and ckpt.interrupted_steps() == []
-    assert notes == [f"checkpoint step(s) [4] were not completely written (the run stopped "
-                     f"during the save): ignoring their temporary files in "
-                     f"{tmp_path / 'checkpoints'}, resuming from step 2."]
+    assert notes == [
+        f"checkpoint step(s) [4] were not completely written (the run stopped "
+        f"during the save): ignoring their temporary files in "
+        f"{tmp_path / 'checkpoints'}, resuming from step 2."
+    ]

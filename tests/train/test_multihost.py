@@ -3,6 +3,7 @@ CPU devices each, gloo collectives) train with the losses of one process (this o
 device) on the same global batch, each feeding its own share of the data; their checkpoint
 (written by both) holds the same parameters as the single process's and every process's
 data position."""
+
 import os
 import socket
 import subprocess
@@ -32,15 +33,26 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
 
 
 def _launch(config, workdir, extra=(), env=None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "moejax.train", *cli_flags(config, CONFIG), f"--workdir={workdir}",
-           *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env or _env(2), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "moejax.train",
+        *cli_flags(config, CONFIG),
+        f"--workdir={workdir}",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env or _env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait(procs) -> list[str]:
@@ -64,13 +76,28 @@ def _losses(workdir) -> list[float]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_corpus_dir, tmp_path_factory):
-    config = make_tiny_config(tiny_corpus_dir, CONFIG, **{
-        "train.steps": STEPS, "train.checkpoint_every": STEPS, "train.eval_every": 0,
-        "data.global_batch_size": 8, "mesh.data": -1, "model.num_layers": 1})
+    config = make_tiny_config(
+        tiny_corpus_dir,
+        CONFIG,
+        **{
+            "train.steps": STEPS,
+            "train.checkpoint_every": STEPS,
+            "train.eval_every": 0,
+            "data.global_batch_size": 8,
+            "mesh.data": -1,
+            "model.num_layers": 1,
+        },
+    )
     single, multi = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("multi")
     port = _free_port()
-    procs = [_launch(config, multi, [f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                                     f"--process_id={i}"]) for i in range(2)]
+    procs = [
+        _launch(
+            config,
+            multi,
+            [f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        )
+        for i in range(2)
+    ]
     try:
         train(config, str(single))  # the reference: this process, one device
     finally:
@@ -101,14 +128,18 @@ def test_multi_process_checkpoint_holds_both_data_positions_and_the_same_params(
     assert local_data_state(restored["single"][1]) == restored["single"][1]
     # The union of the two processes' lanes is the single process's set of lanes.
     assert sorted(sum((p["lanes"] for p in per_process), [])) == sorted(
-        restored["single"][1]["lanes"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 jax.device_get(restored["multi"][0].params),
-                 jax.device_get(restored["single"][0].params))
+        restored["single"][1]["lanes"]
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        jax.device_get(restored["multi"][0].params),
+        jax.device_get(restored["single"][0].params),
+    )
 
 
 def test_incomplete_distributed_flags_are_rejected():
     from moejax.config import ConfigError
+
     with pytest.raises(ConfigError, match="missing --process_id"):
         initialize("127.0.0.1:1", num_processes=2)
     with pytest.raises(ConfigError, match="--process_id=2 must be in"):
@@ -131,8 +162,16 @@ print(jax.device_count(), float(jax.jit(jnp.sum)(arr)))
 def test_gloo_collectives_sum_across_processes():
     """The issue's check: 2 processes x 2 devices see 4 devices and sum a 4-way array."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", GLOO_SUM, f"127.0.0.1:{port}", "2", str(i)],
-                              cwd=REPO, env=_env(2), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", GLOO_SUM, f"127.0.0.1:{port}", "2", str(i)],
+            cwd=REPO,
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = _wait(procs)
     assert [o.splitlines()[-1].split() for o in outs] == [["4", "120.0"]] * 2

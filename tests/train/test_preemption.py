@@ -5,6 +5,7 @@ losses of an uninterrupted run, and loses no step past its latest complete check
 Every run is a `python -m moejax.train` process. They share a JAX persistent compilation cache,
 so only the first one compiles (the cached executable is the one a fresh compile produces;
 the reference run compiles it, and the equality checks would catch any difference)."""
+
 import os
 import signal
 import subprocess
@@ -20,8 +21,7 @@ from moejax.train.preemption import Preempted, PreemptionWatcher
 from moejax.train.writers import read_jsonl
 
 STEPS, EVERY = 12, 3
-SETTINGS = {"train.steps": STEPS, "train.checkpoint_every": EVERY,
-            "train.async_checkpoint": True}
+SETTINGS = {"train.steps": STEPS, "train.checkpoint_every": EVERY, "train.async_checkpoint": True}
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -46,11 +46,17 @@ def _last_logged(workdir) -> int:
 
 def _start(config, workdir, cache_dir, env=None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "moejax.train", *cli_flags(config), f"--workdir={workdir}"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache_dir,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(env or {})}
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def _run(config, workdir, cache_dir) -> str:
@@ -99,8 +105,9 @@ def _resume_and_compare(config, workdir, cache_dir, reference) -> str:
     return out
 
 
-def test_sigkill_after_a_chosen_step_then_rerun_is_bit_identical(config, reference, tmp_path,
-                                                                 cache_dir):
+def test_sigkill_after_a_chosen_step_then_rerun_is_bit_identical(
+    config, reference, tmp_path, cache_dir
+):
     workdir = str(tmp_path)
     proc = _start(config, workdir, cache_dir)
     _signal_after(proc, workdir, 8, signal.SIGKILL)
@@ -127,8 +134,9 @@ def test_sigterm_saves_the_current_step_and_exits_143(config, reference, tmp_pat
     assert f"resuming from step {stopped_at}" in out  # no step lost at all
 
 
-def test_sigkill_during_an_async_save_resumes_from_the_previous_step(config, reference,
-                                                                    tmp_path, cache_dir):
+def test_sigkill_during_an_async_save_resumes_from_the_previous_step(
+    config, reference, tmp_path, cache_dir
+):
     workdir = str(tmp_path)
     proc = _start(config, workdir, cache_dir, env={KILL_IN_SAVE_ENV: str(2 * EVERY)})
     proc.communicate(timeout=240)

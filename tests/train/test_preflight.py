@@ -1,6 +1,7 @@
 """Bad input fails before training starts, naming the problem and the fix: an unwritable
 workdir, a missing dataset, token ids that do not fit the model, a checkpoint written by a
 different model (shape mismatch)."""
+
 import os
 import subprocess
 import sys
@@ -21,8 +22,11 @@ from moejax.train.trainer import build_experiment, train
 
 def test_unwritable_workdir_is_named_before_anything_starts(tiny_config, tmp_path):
     (tmp_path / "a_file").write_text("")  # nothing can be created below a file
-    with pytest.raises(WorkdirError, match=r"--workdir=.*a_file/run.* cannot be written.*"
-                                           r"Pass a --workdir on a writable disk"):
+    with pytest.raises(
+        WorkdirError,
+        match=r"--workdir=.*a_file/run.* cannot be written.*"
+        r"Pass a --workdir on a writable disk",
+    ):
         train(tiny_config("dense"), str(tmp_path / "a_file" / "run"))
     assert check_workdir(str(tmp_path / "new")) == str(tmp_path / "new")
     assert os.listdir(tmp_path / "new") == []  # the probe file is removed
@@ -64,10 +68,21 @@ def test_checkpoint_of_another_model_is_refused_naming_shapes(tiny_config, tmp_p
 
 def test_cli_prints_one_message_and_exits_1(tiny_config, tmp_path):
     config = tiny_config("dense", **{"data.dataset": "no_such_corpus"})
-    cmd = [sys.executable, "-m", "moejax.train", *cli_flags(config, "dense"),
-           f"--workdir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "moejax.train",
+        *cli_flags(config, "dense"),
+        f"--workdir={tmp_path}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 1
     assert "moejax: error: DataError: data.dataset='no_such_corpus'" in proc.stderr
     assert "Traceback" not in proc.stderr

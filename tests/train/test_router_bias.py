@@ -1,6 +1,7 @@
 """DeepSeek-V3's auxiliary-loss-free bias in training: after every optimizer step each bias
 moves by exactly +-gamma towards the mean load, it lives in the TrainState, is logged, is
 used by evaluation, and a resumed run restores it and continues exactly."""
+
 import os
 import shutil
 
@@ -16,14 +17,23 @@ GAMMA = 0.01
 
 
 def _rows(workdir):
-    return {r["step"]: r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if "train/loss" in r}
+    return {
+        r["step"]: r
+        for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if "train/loss" in r
+    }
 
 
 def test_bias_moves_by_gamma_each_step_and_resumes_exactly(tiny_config, tmp_path):
-    config = tiny_config("deepseek_v3", **{"train.steps": 4, "train.checkpoint_every": 2,
-                                           "train.eval_every": 4,
-                                           "moe.bias_update_rate": GAMMA})
+    config = tiny_config(
+        "deepseek_v3",
+        **{
+            "train.steps": 4,
+            "train.checkpoint_every": 2,
+            "train.eval_every": 4,
+            "moe.bias_update_rate": GAMMA,
+        },
+    )
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     final = train(config, full)
     assert np.isfinite(final["eval/loss"])  # evaluation ran with the state's bias
@@ -36,14 +46,16 @@ def test_bias_moves_by_gamma_each_step_and_resumes_exactly(tiny_config, tmp_path
         direction = np.sign(load.mean() - load)
         assert np.abs(direction).sum() > 0  # a random init is not exactly balanced
         bias = bias + np.float32(GAMMA) * direction.astype(np.float32)
-        np.testing.assert_array_equal(np.asarray(a[step]["train/moe/router_bias/layer0"],
-                                                 np.float32), bias)
+        np.testing.assert_array_equal(
+            np.asarray(a[step]["train/moe/router_bias/layer0"], np.float32), bias
+        )
         assert a[step]["train/moe/router_bias_abs_mean"] == np.abs(bias).mean()
 
     # Resume from step 2: the bias comes back from the checkpoint, the run continues exactly.
     os.makedirs(os.path.join(resumed, "checkpoints"))
-    shutil.copytree(os.path.join(full, "checkpoints", "2"),
-                    os.path.join(resumed, "checkpoints", "2"))
+    shutil.copytree(
+        os.path.join(full, "checkpoints", "2"), os.path.join(resumed, "checkpoints", "2")
+    )
     shutil.copy(os.path.join(full, "config.json"), resumed)
     train(config, resumed)
     b = _rows(resumed)
@@ -57,4 +69,5 @@ def test_bias_moves_by_gamma_each_step_and_resumes_exactly(tiny_config, tmp_path
         with Checkpointer(workdir, async_save=False) as ckpt:
             state, _, _ = ckpt.restore(4, target=target)
         np.testing.assert_array_equal(
-            state.router_bias["moe_layers"]["moe"]["router"]["bias"], bias[None])
+            state.router_bias["moe_layers"]["moe"]["router"]["bias"], bias[None]
+        )

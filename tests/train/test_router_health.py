@@ -1,4 +1,5 @@
 """Router health warnings: dead experts over K logged intervals, dropped fraction, load CV."""
+
 import numpy as np
 
 from moejax.train.router_health import RouterHealth
@@ -6,13 +7,20 @@ from moejax.train.router_health import RouterHealth
 
 def _interval(load, dropped=0.0, cv=0.2, nonfinite=0.0):
     load = np.asarray(load, np.float32)
-    return [{"moe/load": load, "moe/dropped_fraction": np.full(load.shape[0], dropped),
-             "moe/load_cv": np.full(load.shape[0], cv), "nonfinite": nonfinite}]
+    return [
+        {
+            "moe/load": load,
+            "moe/dropped_fraction": np.full(load.shape[0], dropped),
+            "moe/load_cv": np.full(load.shape[0], cv),
+            "nonfinite": nonfinite,
+        }
+    ]
 
 
 def _health(**kw):
-    return RouterHealth(**{"dead_expert_logs": 2, "max_dropped_fraction": 0.2,
-                           "max_load_cv": 1.0, **kw})
+    return RouterHealth(
+        **{"dead_expert_logs": 2, "max_dropped_fraction": 0.2, "max_load_cv": 1.0, **kw}
+    )
 
 
 def test_dead_expert_warns_after_k_logged_intervals_once_per_episode():

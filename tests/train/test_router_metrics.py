@@ -1,5 +1,6 @@
 """Router metrics in evaluation and training logs: routing stability, experts per token per
 layer and per data domain, for the RMoE and top-p configs."""
+
 import os
 
 import flax.linen as nn
@@ -40,8 +41,13 @@ def test_stability_is_zero_for_the_same_params_and_sees_a_moved_router(tiny_conf
     assert again["eval/moe/top1_changed"] == 0.0
     assert again["eval/moe/top1_changed/layer0"] == 0.0
     moved = jax.tree_util.tree_map_with_path(
-        lambda path, a: a + 0.5 * jax.random.normal(jax.random.PRNGKey(1), a.shape)
-        if "router" in jax.tree_util.keystr(path) else a, nn.unbox(params))
+        lambda path, a: (
+            a + 0.5 * jax.random.normal(jax.random.PRNGKey(1), a.shape)
+            if "router" in jax.tree_util.keystr(path)
+            else a
+        ),
+        nn.unbox(params),
+    )
     changed = evaluate(exp.eval_fn, moved, s, mesh, stab)["eval/moe/top1_changed"]
     assert 0.05 < changed <= 1.0
 
@@ -57,8 +63,9 @@ def test_top_p_run_logs_experts_per_token_by_layer_and_domain(tiny_config, tmp_p
     k = config.moe.top_k
     for r in evals:
         present = [d for d in DOMAINS if f"eval/loss/{d}" in r]
-        assert present and all(f"eval/moe/experts_per_token/{d}" not in r
-                               for d in DOMAINS if d not in present)
+        assert present and all(
+            f"eval/moe/experts_per_token/{d}" not in r for d in DOMAINS if d not in present
+        )
         for d in present:
             assert 1.0 <= r[f"eval/moe/experts_per_token/{d}"] <= k
         assert 1.0 <= r["eval/moe/experts_per_token/layer0"] <= k

@@ -1,5 +1,6 @@
 """Train-step invariants: gradient accumulation equals the full batch; the loss is the
 masked mean cross-entropy plus the aux losses; the schedule has the documented shape."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,9 +31,12 @@ def test_grad_accumulation_equals_full_batch(tiny_config, name):
     s = validate(base, num_devices=1, num_processes=1)
     batch = next(make_batches(s.data, "train"))
     full, m_full = _one_step(base, batch)
-    accum, m_accum = _one_step(tiny_config(name, **{"moe.balance_coef": 0.0,
-                                                     "moe.z_loss_coef": 0.0,
-                                                     "train.grad_accum": 2}), batch)
+    accum, m_accum = _one_step(
+        tiny_config(
+            name, **{"moe.balance_coef": 0.0, "moe.z_loss_coef": 0.0, "train.grad_accum": 2}
+        ),
+        batch,
+    )
     np.testing.assert_allclose(m_accum["loss"], m_full["loss"], rtol=1e-6)
     np.testing.assert_allclose(m_accum["grad_norm"], m_full["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(accum.params), jax.tree.leaves(full.params)):
@@ -45,8 +49,9 @@ def test_loss_is_masked_cross_entropy_plus_aux(tiny_config):
     batch = jax.tree.map(jnp.asarray, next(make_batches(s.data, "train")))
     exp = build_experiment(s, make_mesh(s.mesh))
     state = exp.init_fn(jax.random.PRNGKey(0))
-    logits, extras = exp.model.apply({"params": state.params}, batch["inputs"],
-                                     batch["segment_ids"], batch["positions"])
+    logits, extras = exp.model.apply(
+        {"params": state.params}, batch["inputs"], batch["segment_ids"], batch["positions"]
+    )
     z = np.asarray(logits, np.float64)
     logp = z - z.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -55,7 +60,9 @@ def test_loss_is_masked_cross_entropy_plus_aux(tiny_config):
     want_ce = (nll * mask).sum() / mask.sum()
     np.testing.assert_allclose(
         (np.asarray(token_cross_entropy(logits, batch["targets"])) * mask).sum() / mask.sum(),
-        want_ce, rtol=1e-5)
+        want_ce,
+        rtol=1e-5,
+    )
     _, metrics = exp.step_fn(state, batch)
     np.testing.assert_allclose(metrics["ce_loss"], want_ce, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], want_ce + float(extras["aux_loss"]), rtol=1e-5)
@@ -73,7 +80,10 @@ def test_learning_rate_schedule_shape():
 
 
 def test_weight_decay_skips_norm_scales_only():
-    params = {"attn_norm": {"scale": jnp.ones((2, 4))}, "mlp": {"w_up": jnp.ones((4, 4))},
-              "embedding": jnp.ones((8, 4))}
+    params = {
+        "attn_norm": {"scale": jnp.ones((2, 4))},
+        "mlp": {"w_up": jnp.ones((4, 4))},
+        "embedding": jnp.ones((8, 4)),
+    }
     mask = decay_mask(params)
     assert mask == {"attn_norm": {"scale": False}, "mlp": {"w_up": True}, "embedding": True}

@@ -1,4 +1,5 @@
 """End-to-end training: the loss goes down, resume is exact, runs are protected."""
+
 import json
 import os
 import shutil
@@ -11,13 +12,17 @@ from moejax.train.writers import read_jsonl
 
 
 def _losses(workdir):
-    return {r["step"]: r["train/loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if "train/loss" in r}
+    return {
+        r["step"]: r["train/loss"]
+        for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if "train/loss" in r
+    }
 
 
 def test_thirty_steps_lower_the_loss(tiny_config, tmp_path):
-    config = tiny_config("deepseekmoe", **{"train.steps": 30, "train.learning_rate": 1e-2,
-                                           "train.eval_every": 30})
+    config = tiny_config(
+        "deepseekmoe", **{"train.steps": 30, "train.learning_rate": 1e-2, "train.eval_every": 30}
+    )
     final = train(config, str(tmp_path))
     losses = _losses(str(tmp_path))
     assert sorted(losses) == list(range(1, 31))
@@ -29,8 +34,14 @@ def test_thirty_steps_lower_the_loss(tiny_config, tmp_path):
     last_row = [r for r in rows if "train/loss" in r][-1]
     assert abs(sum(last_row["train/moe/load/layer0"]) - 1.0) < 1e-5
     assert last_row["perf/tokens_per_sec"] > 0 and 0 < last_row["perf/mfu"]
-    for key in ("train/grad_norm", "train/aux/balance", "train/aux/z_loss",
-                "train/moe/load_cv", "train/moe/router_entropy", "train/moe/dropped_fraction"):
+    for key in (
+        "train/grad_norm",
+        "train/aux/balance",
+        "train/aux/z_loss",
+        "train/moe/load_cv",
+        "train/moe/router_entropy",
+        "train/moe/dropped_fraction",
+    ):
         assert key in last_row
     assert os.listdir(os.path.join(tmp_path, "tensorboard"))
     assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["20", "25", "30"]
@@ -42,8 +53,9 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     train(config, full)
     # A run that stopped after step 4: its checkpoint and config, nothing later.
     os.makedirs(os.path.join(resumed, "checkpoints"))
-    shutil.copytree(os.path.join(full, "checkpoints", "4"),
-                    os.path.join(resumed, "checkpoints", "4"))
+    shutil.copytree(
+        os.path.join(full, "checkpoints", "4"), os.path.join(resumed, "checkpoints", "4")
+    )
     shutil.copy(os.path.join(full, "config.json"), resumed)
     train(config, resumed)
     a, b = _losses(full), _losses(resumed)
@@ -62,11 +74,12 @@ def test_resume_with_a_different_model_is_refused(tiny_config, tmp_path):
 
 
 def test_gshard_with_capacity_reports_drops(tiny_config, tmp_path, capsys):
-    config = tiny_config("gshard", **{"train.steps": 2, "moe.dispatcher": "capacity_einsum",
-                                      "moe.capacity_factor": 0.5})
+    config = tiny_config(
+        "gshard",
+        **{"train.steps": 2, "moe.dispatcher": "capacity_einsum", "moe.capacity_factor": 0.5},
+    )
     train(config, str(tmp_path))
-    row = [r for r in read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
-           if "train/loss" in r][-1]
+    row = [r for r in read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if "train/loss" in r][-1]
     # Capacity 0.5 of the balanced load: at least half of the assignments are dropped.
     assert row["train/moe/dropped_fraction"] >= 0.5
     # ... which the router health check reports once per layer (not again at step 2).
@@ -77,8 +90,13 @@ def test_gshard_with_capacity_reports_drops(tiny_config, tmp_path, capsys):
 
 def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    train(tiny_config("dense", **{"train.steps": 2, "train.checkpoint_every": 1,
-                                  "train.async_checkpoint": True}), "runs/rel")
+    train(
+        tiny_config(
+            "dense",
+            **{"train.steps": 2, "train.checkpoint_every": 1, "train.async_checkpoint": True},
+        ),
+        "runs/rel",
+    )
     assert sorted(os.listdir(tmp_path / "runs" / "rel" / "checkpoints")) == ["1", "2"]
 
 
@@ -86,22 +104,39 @@ def test_non_finite_loss_aborts_naming_the_steps(tiny_config, tmp_path):
     # Adam steps have size ~lr whatever the gradient: lr 1e12 overflows float32 activations.
     # Without skipping, the first non-finite step stops the run (tests/train/test_faults.py
     # covers the default, skipping).
-    config = tiny_config("dense", **{"train.steps": 6, "train.learning_rate": 1e12,
-                                     "train.grad_clip": 0.0, "train.warmup_steps": 0,
-                                     "train.log_every": 3, "train.checkpoint_every": 3,
-                                     "train.skip_non_finite": False})
-    with pytest.raises(FloatingPointError,
-                       match=r"non-finite loss or gradients at step 2 .*No checkpoint was "):
+    config = tiny_config(
+        "dense",
+        **{
+            "train.steps": 6,
+            "train.learning_rate": 1e12,
+            "train.grad_clip": 0.0,
+            "train.warmup_steps": 0,
+            "train.log_every": 3,
+            "train.checkpoint_every": 3,
+            "train.skip_non_finite": False,
+        },
+    )
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite loss or gradients at step 2 .*No checkpoint was "
+    ):
         train(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()  # nothing non-finite was saved
 
 
 def test_non_finite_state_is_never_checkpointed(tiny_config, tmp_path):
     # Checkpoints every step, logs every 5: the loss is still checked before each save.
-    config = tiny_config("dense", **{"train.steps": 6, "train.learning_rate": 1e12,
-                                     "train.grad_clip": 0.0, "train.warmup_steps": 0,
-                                     "train.log_every": 5, "train.checkpoint_every": 1,
-                                     "train.skip_non_finite": False})
+    config = tiny_config(
+        "dense",
+        **{
+            "train.steps": 6,
+            "train.learning_rate": 1e12,
+            "train.grad_clip": 0.0,
+            "train.warmup_steps": 0,
+            "train.log_every": 5,
+            "train.checkpoint_every": 1,
+            "train.skip_non_finite": False,
+        },
+    )
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         train(config, str(tmp_path))
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))

@@ -228,7 +228,9 @@ def test_make_writers_writes_every_sink_on_the_main_process(tmp_path, capsys):
 
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [(r["step"], r.get("train/loss"), r.get("eval/loss")) for r in rows] == [
-        (5, 2.5, None), (6, None, 1.125)]
+        (5, 2.5, None),
+        (6, None, 1.125),
+    ]
     assert scalars(read_events(tmp_path / "tensorboard"))["train/loss"] == {5: 2.5}
     out = capsys.readouterr().out
     # The eval value is not printed (1.125: no steps/s or eta figure can contain it).

@@ -8,9 +8,10 @@ state = batches.get_state()                    # JSON; save it with the checkpoi
 
 from moejax.data.config import DataConfig, default_data_dir
 from moejax.data.corpus_builder import MoejaxCorpus, build_corpus
+from moejax.data.errors import DataError
 from moejax.data.packing import PAD_DOMAIN, PackedRows, pack_documents
 from moejax.data.pipeline import PackedBatches, make_batches
-from moejax.data.reader import DataError, describe, open_split
+from moejax.data.reader import describe, open_split
 from moejax.data.sources import DOMAIN_IDS, DOMAINS, Document, collect_documents
 from moejax.data.splits import split_documents
 from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer

@@ -34,11 +34,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 
 from moejax.data import reader as reader_lib
 from moejax.data import tasks
 from moejax.data.config import DataConfig
+from moejax.data.errors import DataError
 from moejax.data.packing import PackedRows, fill_row
 
 STATE_FORMAT = 1
@@ -100,7 +102,7 @@ class PackedBatches:
         self.num_documents = len(reader)
         self.num_lanes = local_batch_size * process_count
         if repeat and self.num_documents < self.num_lanes:
-            raise reader_lib.DataError(
+            raise DataError(
                 f"{reader.name} has {self.num_documents} documents, but data.global_batch_size="
                 f"{self.num_lanes} reads one document stream per row and needs at least that "
                 "many. Lower --config.data.global_batch_size or enlarge the corpus "
@@ -184,11 +186,8 @@ class PackedBatches:
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        import jax  # only when the caller did not say
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
     return process_index, process_count

@@ -17,11 +17,8 @@ import tensorflow_datasets as tfds
 
 from moejax.data import corpus_builder, tasks
 from moejax.data.config import DATA_DIR_ENV, DEFAULT_DATASET, DataConfig
+from moejax.data.errors import DataError
 from moejax.data.tokenizer import ByteTokenizer
-
-
-class DataError(ValueError):
-    """The data section of the config points at data that cannot be read."""
 
 
 class DocumentReader:

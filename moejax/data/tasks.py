@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from moejax.data.config import DataConfig
+from moejax.data.errors import DataError
+from moejax.data.packing import PackedRows
 from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer
 
 DATASET = "multitask"
@@ -128,8 +130,6 @@ class TaskBatches:
         repeat: bool = True,
     ):
         if cfg.seq_len < PROMPT_LEN + MAX_ANSWER:
-            from moejax.data.reader import DataError
-
             raise DataError(
                 f"data.seq_len={cfg.seq_len} is too short for data.dataset="
                 f"'{DATASET}' rows ({PROMPT_LEN + MAX_ANSWER} tokens); set "
@@ -181,8 +181,6 @@ class TaskBatches:
         }
 
     def padding_batch(self) -> dict[str, np.ndarray]:
-        from moejax.data.packing import PackedRows
-
         return PackedRows.empty(self.local_batch_size, self.cfg.seq_len + 1).to_batch()
 
     def get_state(self) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import math
 from moejax.config.base import SECTIONS
 from moejax.config.sections import ConfigError
 from moejax.data.config import DataConfig
+from moejax.data.datasets import dataset_for
+from moejax.data.errors import DataError
 from moejax.lora.config import (
     LORA_DISPATCHERS,
     LORA_METHODS,
@@ -32,7 +34,6 @@ from moejax.train.config import TrainConfig
 from pallas_kernels.backend import BACKENDS as KERNEL_BACKENDS
 
 OPTIONAL_SECTIONS = ("lora",)
-BYTE_VOCAB = 259  # moejax.data.tokenizer.ByteTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -568,10 +569,15 @@ def validate(
     _check_train(s.train)
     _check_lora(s.lora)
     _check_lora_model(s.lora, s.model)
+    try:
+        dataset = dataset_for(s.data.dataset)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     _require(
-        s.data.dataset not in ("moejax_corpus", "multitask") or s.model.vocab_size >= BYTE_VOCAB,
-        f"model.vocab_size={s.model.vocab_size} is smaller than the byte tokenizer's "
-        f"{BYTE_VOCAB} ids; set model.vocab_size >= {BYTE_VOCAB}.",
+        s.model.vocab_size >= dataset.min_vocab_size,
+        f"model.vocab_size={s.model.vocab_size} is smaller than the {dataset.min_vocab_size} "
+        f"token ids of data.dataset={s.data.dataset!r}; set model.vocab_size >= "
+        f"{dataset.min_vocab_size}.",
     )
     if num_devices is None or num_processes is None:
         import jax

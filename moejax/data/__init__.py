@@ -4,20 +4,35 @@ cfg = DataConfig.from_mapping(config.data)
 batches = make_batches(cfg, cfg.train_split)   # this process's share of each batch
 batch = next(batches)                          # dict of NumPy arrays [B, seq_len]
 state = batches.get_state()                    # JSON; save it with the checkpoint
+
+`data.dataset` selects an entry of `DATASETS` (datasets.py), or any other tfds dataset
+prepared in `data.data_dir`.
 """
 
 from moejax.data.config import DataConfig, default_data_dir
 from moejax.data.corpus_builder import MoejaxCorpus, build_corpus
+from moejax.data.datasets import (
+    DATASETS,
+    Batches,
+    Dataset,
+    check_split,
+    dataset_for,
+    describe,
+    make_batches,
+    open_split,
+)
 from moejax.data.errors import DataError
 from moejax.data.packing import PAD_DOMAIN, PackedRows, pack_documents
-from moejax.data.pipeline import PackedBatches, make_batches
-from moejax.data.reader import describe, open_split
+from moejax.data.pipeline import PackedBatches
 from moejax.data.sources import DOMAIN_IDS, DOMAINS, Document, collect_documents
 from moejax.data.splits import split_documents
 from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
 
 __all__ = [
     "BOS_ID",
+    "Batches",
+    "DATASETS",
+    "Dataset",
     "DOMAINS",
     "DOMAIN_IDS",
     "DataConfig",
@@ -32,7 +47,9 @@ __all__ = [
     "PackedRows",
     "VOCAB_SIZE",
     "build_corpus",
+    "check_split",
     "collect_documents",
+    "dataset_for",
     "default_data_dir",
     "describe",
     "make_batches",

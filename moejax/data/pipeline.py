@@ -1,7 +1,8 @@
-"""The deterministic, resumable, per-process input pipeline.
+"""`PackedBatches`: the deterministic, resumable, per-process iterator over packed documents.
 
-`make_batches(cfg, split)` returns `PackedBatches`, an iterator of this process's share of
-each global batch as NumPy arrays (B = global_batch_size // process_count rows, L = seq_len):
+It reads a `reader.DocumentReader` (`datasets.make_batches` opens one for the datasets read
+from disk) and yields this process's share of each global batch as NumPy arrays
+(B = global_batch_size // process_count rows, L = seq_len):
 
     inputs, targets, segment_ids, positions, domains   int32[B, L]
     loss_mask                                          float32[B, L]
@@ -34,14 +35,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import numpy as np
 
-from moejax.data import reader as reader_lib
-from moejax.data import tasks
-from moejax.data.config import DataConfig
 from moejax.data.errors import DataError
 from moejax.data.packing import PackedRows, fill_row
+from moejax.data.reader import DocumentReader
 
 STATE_FORMAT = 1
 
@@ -81,7 +79,7 @@ class PackedBatches:
 
     def __init__(
         self,
-        reader: reader_lib.DocumentReader,
+        reader: DocumentReader,
         *,
         seq_len: int,
         local_batch_size: int,
@@ -183,47 +181,3 @@ class PackedBatches:
         for lane, (epoch, index, offset) in zip(self._lanes, lanes):
             lane.epoch, lane.index, lane.offset = int(epoch), int(index), int(offset)
         self._permutations.clear()
-
-
-def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
-    return process_index, process_count
-
-
-def make_batches(
-    cfg: DataConfig,
-    split: str,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    repeat: bool = True,
-) -> PackedBatches:
-    """This process's iterator over `split`; process info defaults to JAX's.
-
-    `data.dataset="multitask"` gives generated prompt -> answer rows instead of packed
-    documents (`moejax.data.tasks.TaskBatches`, the same interface).
-    """
-    process_index, process_count = _process_info(process_index, process_count)
-    if cfg.global_batch_size % process_count:
-        raise ValueError(
-            f"data.global_batch_size={cfg.global_batch_size} is not divisible by the "
-            f"{process_count} processes; set --config.data.global_batch_size to a multiple "
-            f"of {process_count}."
-        )
-    if cfg.dataset == tasks.DATASET:
-        return tasks.TaskBatches(
-            cfg, split, process_index=process_index, process_count=process_count, repeat=repeat
-        )
-    return PackedBatches(
-        reader_lib.open_split(cfg, split),
-        seq_len=cfg.seq_len,
-        local_batch_size=cfg.global_batch_size // process_count,
-        seed=cfg.seed,
-        shuffle=cfg.shuffle,
-        process_index=process_index,
-        process_count=process_count,
-        repeat=repeat,
-    )

@@ -1,10 +1,12 @@
-"""Opening a dataset split for random access, with errors that say which setting to fix.
+"""Reading a prepared tensorflow-datasets split by index, with errors that name the setting.
 
-`open_split(cfg, split)` returns a `DocumentReader`: `len()` documents, and
-`reader.tokens(i) -> (int32 ids framed by BOS/EOS, domain id)`. The moejax corpus is built
-on first use (offline, seconds); any other tfds dataset must already be prepared in
-`data.data_dir` in array_record format, because the pipeline needs random access (the
-shuffled order is a permutation of indices, and resuming jumps straight to a document).
+`open_corpus_builder(cfg)` opens the moejax corpus (built on first use, offline, seconds)
+and `open_prepared_builder(cfg, alternatives)` any other tfds dataset, which must already
+be prepared in `data.data_dir` in array_record format, because the pipeline needs random
+access (the shuffled order is a permutation of indices, and resuming jumps straight to a
+document). `read_split(builder, cfg, split)` returns a `DocumentReader`: `len()` documents,
+and `reader.tokens(i) -> (int32 ids framed by BOS/EOS, domain id)`; `split_stats(builder)`
+the per-split counts. Which of these a `data.dataset` uses is decided in `datasets.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from moejax.data import corpus_builder, tasks
+from moejax.data import corpus_builder
 from moejax.data.config import DATA_DIR_ENV, DEFAULT_DATASET, DataConfig
 from moejax.data.errors import DataError
 from moejax.data.tokenizer import ByteTokenizer
@@ -57,32 +59,40 @@ def _split_field(cfg: DataConfig, split: str) -> str:
     return "split"
 
 
-def open_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
-    """The prepared tfds builder that `cfg` names; builds moejax_corpus if needed."""
+def open_corpus_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+    """The moejax corpus of `cfg.max_bytes_per_domain` in `data.data_dir`, built if needed."""
     data_dir = cfg.resolved_data_dir
-    if cfg.dataset == DEFAULT_DATASET:
-        try:
-            return corpus_builder.build_corpus(data_dir, cfg.max_bytes_per_domain)
-        except OSError as e:
-            raise DataError(
-                f"data.data_dir={data_dir!r}: cannot build {DEFAULT_DATASET} there ({e}). "
-                f"Set --config.data.data_dir (or ${DATA_DIR_ENV}) to a writable directory."
-            ) from e
-        except Exception as e:
-            path = corpus_builder.prepared_dir(data_dir, cfg.max_bytes_per_domain)
-            if not os.path.isdir(path):
-                raise  # failed while building, not while reading: a bug, show it as it is
-            raise DataError(
-                f"data.data_dir={data_dir!r}: the prepared {DEFAULT_DATASET} at {path} cannot be "
-                f"read ({type(e).__name__}: {e}). Delete {path} and rerun to rebuild it."
-            ) from e
+    try:
+        return corpus_builder.build_corpus(data_dir, cfg.max_bytes_per_domain)
+    except OSError as e:
+        raise DataError(
+            f"data.data_dir={data_dir!r}: cannot build {DEFAULT_DATASET} there ({e}). "
+            f"Set --config.data.data_dir (or ${DATA_DIR_ENV}) to a writable directory."
+        ) from e
+    except Exception as e:
+        path = corpus_builder.prepared_dir(data_dir, cfg.max_bytes_per_domain)
+        if not os.path.isdir(path):
+            raise  # failed while building, not while reading: a bug, show it as it is
+        raise DataError(
+            f"data.data_dir={data_dir!r}: the prepared {DEFAULT_DATASET} at {path} cannot be "
+            f"read ({type(e).__name__}: {e}). Delete {path} and rerun to rebuild it."
+        ) from e
+
+
+def open_prepared_builder(cfg: DataConfig, alternatives: str) -> tfds.core.DatasetBuilder:
+    """The tfds dataset `cfg.dataset` as prepared in `data.data_dir`.
+
+    `alternatives` names the other values of `data.dataset`, for the message when the name
+    is not a tfds dataset.
+    """
+    data_dir = cfg.resolved_data_dir
     try:
         builder = tfds.builder(cfg.dataset, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:
         raise DataError(
             f"data.dataset={cfg.dataset!r} is not a registered tensorflow-datasets dataset "
-            f"and is not prepared in data.data_dir={data_dir!r}. Use {DEFAULT_DATASET!r} (built "
-            "offline) or the name of a dataset prepared in data.data_dir."
+            f"and is not prepared in data.data_dir={data_dir!r}. Use {alternatives} or the "
+            "name of a dataset prepared in data.data_dir."
         ) from e
     except Exception as e:
         raise DataError(
@@ -100,14 +110,11 @@ def open_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def open_split(cfg: DataConfig, split: str) -> DocumentReader:
-    """A reader for `split` of the dataset `cfg` names; raises DataError naming the field."""
-    if cfg.dataset == tasks.DATASET:
-        raise DataError(
-            f"data.dataset={tasks.DATASET!r} is generated, not read: use "
-            f"make_batches (moejax.data.tasks)."
-        )
-    builder = open_builder(cfg)
+def read_split(
+    builder: tfds.core.DatasetBuilder, cfg: DataConfig, split: str, *, rebuilt_on_use: bool
+) -> DocumentReader:
+    """A reader for `split` of `builder` (the dataset `cfg` names); raises DataError naming
+    the field. `rebuilt_on_use`: deleting corrupt files is enough, the next run rebuilds."""
     available = list(builder.info.splits.keys())
     if split not in available:
         raise DataError(
@@ -137,24 +144,17 @@ def open_split(cfg: DataConfig, split: str) -> DocumentReader:
             f"data.data_dir={cfg.resolved_data_dir!r}: the prepared files of {cfg.dataset!r} at "
             f"{builder.data_dir} cannot be read ({type(e).__name__}: {e}). They are corrupt or "
             f"incomplete: delete {builder.data_dir} and rerun"
-            + (
-                " to rebuild it."
-                if cfg.dataset == DEFAULT_DATASET
-                else ", after preparing it again."
-            )
+            + (" to rebuild it." if rebuilt_on_use else ", after preparing it again.")
         ) from e
     return reader
 
 
-def describe(cfg: DataConfig) -> dict[str, dict]:
+def split_stats(builder: tfds.core.DatasetBuilder) -> dict[str, dict]:
     """Documents and text bytes per split (and per domain for moejax_corpus), for logging.
 
     The moejax corpus stores these counts at build time; for other datasets documents are
     counted from the split metadata and bytes are None (counting them means reading it all).
     """
-    if cfg.dataset == tasks.DATASET:
-        return tasks.describe()
-    builder = open_builder(cfg)
     out: dict[str, dict] = {}
     for split, info in builder.info.splits.items():
         stats = builder.info.metadata.get("stats", {}) if builder.info.metadata else {}

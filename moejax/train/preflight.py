@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from moejax.config import ConfigError
-from moejax.data import DataError, make_batches, open_split, tasks
+from moejax.data import DataError, check_split, make_batches
 from moejax.data.pipeline import PackedBatches
 
 
@@ -88,8 +88,8 @@ def check_vocabulary(batch: dict[str, np.ndarray], vocab_size: int, dataset: str
 def open_train_data(s) -> PackedBatches:
     """This process's training iterator, after checking the splits and the vocabulary."""
     batches = make_batches(s.data, s.data.train_split)
-    if s.train.eval_every and s.data.dataset != tasks.DATASET:
-        open_split(s.data, s.data.eval_split)  # fail now, not at the first evaluation
+    if s.train.eval_every:
+        check_split(s.data, s.data.eval_split)  # fail now, not at the first evaluation
     # Peek at the first batch without consuming it: the iterator state is a few ints.
     start = batches.get_state()
     check_vocabulary(next(batches), s.model.vocab_size, s.data.dataset)

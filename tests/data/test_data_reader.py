@@ -1,4 +1,5 @@
-"""Opening data: other tfds text datasets, describe(), and unreadable data dirs."""
+"""Opening data: other tfds text datasets (conftest.MoejaxTestPlainText), describe(), and
+unreadable data dirs."""
 
 import dataclasses
 import os
@@ -6,49 +7,16 @@ import shutil
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
-from etils import epath
 
 from moejax.data import DataConfig, DataError, describe, make_batches
 
-TEXTS = [f"document number {i}: " + "lorem ipsum " * (i % 7) for i in range(40)]
 
-
-class MoejaxTestPlainText(tfds.core.GeneratorBasedBuilder):
-    """A text-only dataset (no domain feature), like most tfds text datasets."""
-
-    VERSION = tfds.core.Version("0.1.0")
-    code_path = epath.Path(__file__)  # see MoejaxCorpus.code_path
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self, features=tfds.features.FeaturesDict({"body": tfds.features.Text()})
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        for i, text in enumerate(TEXTS):
-            yield i, {"body": text}
-
-
-def test_other_tfds_dataset_by_name(tmp_path):
-    builder = MoejaxTestPlainText(data_dir=str(tmp_path), file_format="array_record")
-    builder.download_and_prepare()
-    cfg = DataConfig(
-        dataset="moejax_test_plain_text",
-        data_dir=str(tmp_path),
-        text_key="body",
-        seq_len=32,
-        global_batch_size=2,
-        eval_split="train",
-    )
+def test_other_tfds_dataset_by_name(plain_text_cfg, plain_texts):
+    cfg = plain_text_cfg
     batches = list(make_batches(cfg, "train", process_index=0, process_count=1, repeat=False))
     real = np.concatenate([b["inputs"][b["segment_ids"] != 0] for b in batches])
     assert len(real) + sum(int((b["targets"][:, -1] != 0).sum()) for b in batches) == sum(
-        len(t) + 2 for t in TEXTS
+        len(t) + 2 for t in plain_texts
     )
     assert all((b["domains"][b["segment_ids"] != 0] == 0).all() for b in batches)  # no domain
     assert describe(cfg) == {"train": {"documents": 40, "bytes": None}}

@@ -24,7 +24,7 @@ EXTRAS_REQUIRE = {
         "pytest>=8.0",
         "pytest-xdist>=3.5",
         "ruff==0.17.6",  # pinned: a new release may format differently and fail CI
-        "import-linter>=2.1",  # the dependency contracts in .importlinter
+        "import-linter>=2.1",  # dependency contracts (the architecture issue)
     ],
     "gpu": ["jax[cuda12]>=0.7.0", "jax-triton>=0.3.0"],
     # torch pinned: 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.

@@ -43,9 +43,9 @@ from moejax.config.files import load_config_file  # noqa: E402
 from moejax.data import tasks  # noqa: E402
 from moejax.generate import generate  # noqa: E402
 from moejax.lora import trainable  # noqa: E402
-from moejax.lora.checkpoint import load_adapted  # noqa: E402
 from moejax.lora.variants import VARIANTS  # noqa: E402
 from moejax.models.transformer import Transformer  # noqa: E402
+from moejax.train.adapter_checkpoint import load_adapted  # noqa: E402
 from moejax.train.checkpoint import Checkpointer  # noqa: E402
 from moejax.train.trainer import train  # noqa: E402
 

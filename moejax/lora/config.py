@@ -40,7 +40,7 @@ class LoRAConfig:
     latest checkpoint) or `base_hf` (a Hugging Face directory, `moejax.hf.from_pretrained`);
     with neither, from the run's own initialisation, saved once in `{workdir}/base`. Adapter
     runs checkpoint the adapters and their optimizer state only, with a fingerprint of the
-    base that is checked on resume (`moejax.lora.checkpoint`).
+    base that is checked on resume (`moejax.train.adapter_checkpoint`).
     """
 
     method: str = "none"

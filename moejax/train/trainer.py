@@ -32,7 +32,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.config import Sections, validate
 from moejax.data import DOMAINS, describe, make_batches
-from moejax.lora import checkpoint as lora_ckpt
 from moejax.lora import trainable as trainable_lib
 from moejax.lora.adapter import COLLECTIONS as LORA_COLLECTIONS
 from moejax.models.flops import count_params, train_flops_per_token
@@ -46,6 +45,7 @@ from moejax.sharding.partitioning import (
     shard_batch,
     under_rules,
 )
+from moejax.train import adapter_checkpoint as lora_ckpt
 from moejax.train import preflight
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.distributed import gather_data_states, local_data_state
@@ -312,7 +312,7 @@ def _saved_state(state: TrainState, adapter_run: bool) -> TrainState:
 def _restore_adapter_run(
     s: Sections, workdir: str, exp: Experiment, rng, ckpt: Checkpointer, notes: list[str]
 ):
-    """Loads the frozen base (`moejax.lora.checkpoint`), then resumes the adapters from the
+    """Loads the frozen base (`moejax.train.adapter_checkpoint`), then resumes the adapters from the
     latest checkpoint (checking that the base is the one they were trained on) or
     initialises them. Returns (full state, data state, start step, base reference)."""
     abstract = exp.abstract_state

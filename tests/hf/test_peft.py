@@ -135,8 +135,8 @@ def test_hf_directory_as_the_base_of_an_adapter_run(base, tmp_path):
 
     import flax.linen as nn
 
-    from moejax.lora.checkpoint import BaseModelError, fingerprint, load_base
     from moejax.models.transformer import Transformer
+    from moejax.train.adapter_checkpoint import BaseModelError, fingerprint, load_base
 
     plain, variables = mhf.from_pretrained(str(base))
     lora = LoRAConfig(method="lora", targets="attn.*", rank=2, base_hf=str(base))

@@ -9,9 +9,9 @@ import pytest
 from testing_utils import load_config_module
 
 from moejax.config import validate
-from moejax.lora.checkpoint import adapter_part, load_adapted
 from moejax.lora.variants import VARIANTS
 from moejax.sharding.mesh import make_mesh
+from moejax.train.adapter_checkpoint import adapter_part, load_adapted
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.trainer import build_experiment, train
 

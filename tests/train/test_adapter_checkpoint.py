@@ -15,9 +15,9 @@ from flax import traverse_util
 from testing_utils import make_tiny_config
 
 from moejax.config import validate
-from moejax.lora.adapter import is_adapter_path
-from moejax.lora.checkpoint import BaseModelError, load_adapted
-from moejax.models.transformer import Transformer
+from moejax.lora.adapter import is_adapter_path, split_adapters
+from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
+from moejax.train.adapter_checkpoint import BaseModelError, load_adapted, load_base
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.trainer import train
 from moejax.train.writers import read_jsonl
@@ -173,10 +173,6 @@ def test_a_base_trained_with_another_rope_theta_is_named(runs, tmp_path):
 def test_a_scanned_base_loads_into_unrolled_layers(runs):
     """MoLA unrolls the layers (different expert counts per layer): the base, trained with
     scanned layers, is restored in that layout and unscanned, leaf for leaf."""
-    from moejax.lora.adapter import split_adapters
-    from moejax.lora.checkpoint import load_base
-    from moejax.models.transformer import scanned_abstract, unscan_params
-
     data_dir, _, base, _ = runs
     config = _adapter_config(data_dir, base, **{"model.scan_layers": False})
     s = validate(config)

@@ -26,16 +26,20 @@ import json
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from moejax.config import validate
 from moejax.config.sections import ConfigError
+from moejax.hf import from_pretrained
 from moejax.lora.adapter import COLLECTIONS as LORA_COLLECTIONS
 from moejax.lora.adapter import join_adapters, split_adapters
 from moejax.lora.config import LoRAConfig
-from moejax.models.transformer import scanned_abstract, unscan_params
+from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
+from moejax.moe.selection import BIAS_COLLECTION
 from moejax.train.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 
 BASE_DIR = "base"
@@ -218,8 +222,6 @@ def _restore_unrolled(
 
 
 def _load_hf(source: dict, abstract_base: Any, model_cfg) -> dict:
-    from moejax.hf import from_pretrained
-
     path = source["path"]
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise BaseModelError(
@@ -310,12 +312,6 @@ def base_extra(source: dict, fp: dict) -> dict:
 def load_adapted(workdir: str, step: int | None = None):
     """`(model, variables)` of a finished adapter run: its base (from the source its config
     names, fingerprint checked) with the adapters of checkpoint `step` (default: latest)."""
-    import flax.linen as nn
-
-    from moejax.config import validate
-    from moejax.models.transformer import Transformer
-    from moejax.moe.selection import BIAS_COLLECTION
-
     with open(os.path.join(workdir, "config.json")) as f:
         config = json.load(f)
     s = validate(config)

@@ -47,7 +47,7 @@ from moejax.lora.variants import VARIANTS  # noqa: E402
 from moejax.models.transformer import Transformer  # noqa: E402
 from moejax.train.adapter_checkpoint import load_adapted  # noqa: E402
 from moejax.train.checkpoint import Checkpointer  # noqa: E402
-from moejax.train.trainer import train  # noqa: E402
+from moejax.train.loop import train  # noqa: E402
 
 CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mole_multitask.py"

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             flush=True,
         )
         if not args.dry_run:
-            from moejax.train.trainer import train
+            from moejax.train.loop import train
 
             results[name] = train(config, workdir)
     if results:

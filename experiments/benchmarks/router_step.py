@@ -48,7 +48,7 @@ from moejax.config.files import load_config_file  # noqa: E402
 from moejax.sharding.mesh import make_mesh  # noqa: E402
 from moejax.sharding.partitioning import shard_batch  # noqa: E402
 from moejax.train.checkpoint import Checkpointer  # noqa: E402
-from moejax.train.trainer import build_experiment  # noqa: E402
+from moejax.train.experiment import build_experiment  # noqa: E402
 
 BASELINE = "softmax_topk"
 CASES = {  # case -> (config file, overrides)

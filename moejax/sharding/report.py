@@ -77,7 +77,7 @@ def _memory_analysis(compiled) -> dict[str, int]:
 
 def collective_report(config, devices=None) -> dict:
     """Compiles one train step of `config` on `devices` (default: all) and reports it."""
-    from moejax.train.trainer import build_experiment  # the trainer imports this package
+    from moejax.train.experiment import build_experiment  # the trainer imports this package
 
     devices = list(jax.devices() if devices is None else devices)
     s = validate(config, num_devices=len(devices))

@@ -22,9 +22,9 @@ from moejax.data import DataError
 from moejax.train.checkpoint import CheckpointError
 from moejax.train.distributed import initialize
 from moejax.train.faults import NonFiniteError
+from moejax.train.loop import train
 from moejax.train.preemption import Preempted
 from moejax.train.preflight import WorkdirError
-from moejax.train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py[:arg]).", lock_config=True

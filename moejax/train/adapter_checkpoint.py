@@ -18,12 +18,17 @@ The fingerprint, per base leaf: shape, sum, sum of |x| and a sum weighted by a f
 hash of the element index (exact on every platform), computed on device in float32; two
 fingerprints match within a relative 1e-5 of sum |x|, which absorbs reduction order across
 devices but not a changed weight.
+
+The training loop starts or resumes an adapter run with `restore_adapter_run` (the base,
+then the adapters) and saves `saved_state(state)`; `load_adapted` reads a finished run back
+as `(model, variables)`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -32,15 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from moejax.config import validate
+from moejax.config import Sections, validate
 from moejax.config.sections import ConfigError
 from moejax.hf import from_pretrained
+from moejax.lora import trainable as trainable_lib
 from moejax.lora.adapter import COLLECTIONS as LORA_COLLECTIONS
 from moejax.lora.adapter import join_adapters, split_adapters
 from moejax.lora.config import LoRAConfig
 from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
 from moejax.moe.selection import BIAS_COLLECTION
 from moejax.train.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
+from moejax.train.step import TrainState
 
 BASE_DIR = "base"
 FINGERPRINT_RTOL = 1e-5
@@ -307,6 +314,66 @@ def base_extra(source: dict, fp: dict) -> dict:
         "step": source.get("step", 0),
         "fingerprint": fp,
     }
+
+
+# ----------------------------------------------------------------------------------------
+# The training loop's side: what an adapter run saves, and its restore.
+
+
+def saved_state(state: TrainState, adapter_run: bool) -> TrainState:
+    """What a checkpoint holds: the whole state, or for an adapter run its adapters only."""
+    return state.replace(params=adapter_part(state.params)) if adapter_run else state
+
+
+def restore_adapter_run(
+    s: Sections,
+    workdir: str,
+    init_state: Callable[[], TrainState],
+    abstract_state: TrainState,
+    ckpt: Checkpointer,
+    notes: list[str],
+) -> tuple[TrainState, Any, int, dict]:
+    """Loads the frozen base, then resumes the adapters from the latest checkpoint of `ckpt`
+    (checking that the base is the one they were trained on) or initialises them with
+    `init_state` (a fresh full state, placed like `abstract_state`). Appends what it did
+    to `notes`. Returns (full state, data state, start step, base reference)."""
+    source = base_source(s.lora, workdir)
+    if source["kind"] == "own" and ckpt.latest_step() is None:
+        fresh = init_state()
+        save_own_base(workdir, fresh.params, fresh.router_bias)
+        del fresh
+    base, source = load_base(
+        s.lora, workdir, abstract_state.params, abstract_state.router_bias, s.model
+    )
+    fp = fingerprint(base["params"])
+
+    def init():
+        fresh = init_state()
+        bias = base["router_bias"] if base["router_bias"] is not None else fresh.router_bias
+        return fresh.replace(params=adapter_part(fresh.params), router_bias=bias)
+
+    target = abstract_state.replace(params=adapter_part(abstract_state.params))
+    state, data_state, start_step = ckpt.restore_or_init(init, target, log=notes.append)
+    if start_step:
+        extra = ckpt.read_extra(start_step) or {}
+        if "base" not in extra:
+            raise BaseModelError(
+                f"{ckpt.step_dir(start_step)} has no base reference; it was not written by an "
+                f"adapter run. Pass a new --workdir."
+            )
+        check_fingerprint(extra["base"]["fingerprint"], fp, source, start_step)
+    n_train = trainable_lib.count(abstract_state.params)
+    n_base = sum(x.size for x in jax.tree.leaves(base["params"]))
+    notes.append(
+        f"adapters: {n_train} trainable params ({100 * n_train / n_base:.3f}% of the "
+        f"{n_base / 1e6:.2f}M frozen base from {source['kind']}: {source['path']})"
+    )
+    state = state.replace(params=with_base(state.params, base["params"]))
+    return state, data_state, start_step, base_extra(source, fp)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading a finished adapter run.
 
 
 def load_adapted(workdir: str, step: int | None = None):

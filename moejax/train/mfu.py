@@ -1,5 +1,9 @@
 """Model FLOPs utilisation: achieved training FLOP/s per device over the device's peak.
 
+`Throughput` turns the tokens trained in a logging interval into tokens/s, TFLOP/s per
+device and MFU; `measured_flops_per_token` is the training FLOPs per token from the measured
+experts per token, where routing makes it vary (top-p).
+
 Peaks are dense bf16 matmul TFLOP/s per device from vendor data sheets (per chip for TPUs,
 per GPU for NVIDIA). CPUs have no fixed peak: we measure one by timing a float32 matmul at
 start-up, so MFU on CPU reads as "fraction of what this machine's BLAS reaches".
@@ -9,9 +13,15 @@ start-up, so MFU on CPU reads as "fraction of what this machine's BLAS reaches".
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from moejax.config import Sections
+from moejax.models.flops import train_flops_per_token
+from moejax.moe.selection import selection_rule
 
 # Substring of `device.device_kind` -> peak dense bf16 TFLOP/s per device.
 PEAK_TFLOPS = (
@@ -52,3 +62,39 @@ def device_peak_tflops(configured: float = 0.0, device=None) -> tuple[float, str
     if device.platform == "cpu":
         return measure_matmul_tflops(), "measured float32 matmul"
     return 0.0, f"unknown device {kind!r}; set train.peak_tflops"
+
+
+def measured_flops_per_token(s: Sections, metrics: dict[str, Any]) -> float | None:
+    """Training FLOPs per token from the measured experts per token, where routing makes it
+    vary (top-p); None (the static count) otherwise."""
+    if not s.model.num_moe_layers or selection_rule(s.moe) != "top_p":
+        return None
+    used = float(np.mean(metrics["moe/experts_per_token"]))
+    return train_flops_per_token(s.model, s.moe, s.data.seq_len, experts_per_token=used)
+
+
+class Throughput:
+    """Tokens/s, TFLOP/s per device and MFU over a logging interval."""
+
+    def __init__(self, flops_per_token: float, num_devices: int, peak_tflops: float):
+        self.flops_per_token = flops_per_token
+        self.num_devices = num_devices
+        self.peak = peak_tflops
+        self.reset()
+
+    def reset(self):
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int):
+        self.tokens += tokens
+
+    def read(self, flops_per_token: float | None = None) -> dict[str, float]:
+        """`flops_per_token` overrides the static count (top-p: from measured experts)."""
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        tps = self.tokens / dt
+        tflops = tps * (flops_per_token or self.flops_per_token) / self.num_devices / 1e12
+        out = {"perf/tokens_per_sec": tps, "perf/tflops_per_device": tflops}
+        if self.peak > 0:
+            out["perf/mfu"] = tflops / self.peak
+        self.reset()
+        return out

@@ -12,7 +12,7 @@ import jax
 
 from moejax.sharding.mesh import make_mesh
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.trainer import build_experiment
+from moejax.train.experiment import build_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "experiments" / "benchmarks" / "router_step.py"

@@ -316,9 +316,9 @@ def test_convert_writes_a_workdir_the_trainer_fine_tunes(tmp_path, tiny_config):
     from moejax.hf.convert import convert
     from moejax.train.checkpoint import Checkpointer
     from moejax.train.config import TrainConfig
+    from moejax.train.loop import train
     from moejax.train.optimizer import make_optimizer
     from moejax.train.step import TrainState
-    from moejax.train.trainer import train
 
     hf_dir = tmp_path / "hf"
     config = transformers.MixtralConfig(**dict(CONFIGS["mixtral_top2"][1], vocab_size=260))

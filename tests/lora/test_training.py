@@ -18,8 +18,8 @@ from moejax.lora.config import LoRAConfig
 from moejax.lora.merge import check_mergeable, merge
 from moejax.models.transformer import Transformer
 from moejax.sharding.mesh import make_mesh
+from moejax.train.experiment import build_experiment
 from moejax.train.step import _micro_loss
-from moejax.train.trainer import build_experiment
 
 
 def _sections(name="dense", **overrides):

@@ -13,7 +13,8 @@ from moejax.lora.variants import VARIANTS
 from moejax.sharding.mesh import make_mesh
 from moejax.train.adapter_checkpoint import adapter_part, load_adapted
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.trainer import build_experiment, train
+from moejax.train.experiment import build_experiment
+from moejax.train.loop import train
 
 SHRINK = {  # the tiny test model (tests/testing_utils.py), one layer, two adapted projections
     # Unrolled layers and one adapted projection compile faster (the numerics of every

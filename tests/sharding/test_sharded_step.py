@@ -26,7 +26,7 @@ from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import shard_batch
 from moejax.sharding.strategies import apply_strategy
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.trainer import build_experiment
+from moejax.train.experiment import build_experiment
 
 config_name, data_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 layouts = json.loads(sys.argv[4])  # name -> [strategy or null, {axis: size}]

@@ -19,7 +19,7 @@ from moejax.lora.adapter import is_adapter_path, split_adapters
 from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
 from moejax.train.adapter_checkpoint import BaseModelError, load_adapted, load_base
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.trainer import train
+from moejax.train.loop import train
 from moejax.train.writers import read_jsonl
 
 

@@ -14,8 +14,9 @@ from moejax.config import validate
 from moejax.data import make_batches
 from moejax.sharding.mesh import make_mesh
 from moejax.train.checkpoint import Checkpointer, CorruptCheckpointError
+from moejax.train.experiment import build_experiment
 from moejax.train.faults import NAN_STEPS_ENV, BadStepGuard, FaultHooks, NonFiniteError
-from moejax.train.trainer import build_experiment, train
+from moejax.train.loop import train
 from moejax.train.writers import read_jsonl
 
 

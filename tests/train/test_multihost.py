@@ -18,7 +18,8 @@ from moejax.config import validate
 from moejax.sharding.mesh import make_mesh
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.distributed import initialize, local_data_state
-from moejax.train.trainer import build_experiment, train
+from moejax.train.experiment import build_experiment
+from moejax.train.loop import train
 from moejax.train.writers import read_jsonl
 
 STEPS = 3

@@ -16,8 +16,9 @@ from moejax.config import ConfigError, validate
 from moejax.data import DataError
 from moejax.sharding.mesh import make_mesh
 from moejax.train.checkpoint import Checkpointer, CheckpointMismatchError
+from moejax.train.experiment import build_experiment
+from moejax.train.loop import train
 from moejax.train.preflight import WorkdirError, check_vocabulary, check_workdir
-from moejax.train.trainer import build_experiment, train
 
 
 def test_unwritable_workdir_is_named_before_anything_starts(tiny_config, tmp_path):

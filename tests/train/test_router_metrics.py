@@ -11,8 +11,10 @@ import pytest
 from moejax.config import validate
 from moejax.data import DOMAINS
 from moejax.sharding.mesh import make_mesh
+from moejax.train.evaluation import evaluate
+from moejax.train.experiment import build_experiment
+from moejax.train.loop import train
 from moejax.train.routing_stability import RoutingStability
-from moejax.train.trainer import build_experiment, evaluate, train
 from moejax.train.writers import read_jsonl
 
 

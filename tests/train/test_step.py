@@ -10,9 +10,9 @@ from moejax.config import validate
 from moejax.data import make_batches
 from moejax.sharding.mesh import make_mesh
 from moejax.train.config import TrainConfig
+from moejax.train.experiment import build_experiment
 from moejax.train.optimizer import decay_mask, learning_rate_schedule
 from moejax.train.step import token_cross_entropy
-from moejax.train.trainer import build_experiment
 
 
 def _one_step(config, batch):

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from moejax.config import ConfigError
-from moejax.train.trainer import train
+from moejax.train.loop import train
 from moejax.train.writers import read_jsonl
 
 

@@ -38,8 +38,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moejax.config import validate  # noqa: E402
 from moejax.config.files import load_config_file  # noqa: E402
+from moejax.config.validation import validate  # noqa: E402
 from moejax.data import tasks  # noqa: E402
 from moejax.generate import generate  # noqa: E402
 from moejax.lora import trainable  # noqa: E402

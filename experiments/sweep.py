@@ -19,8 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax.config import validate  # noqa: E402
 from moejax.config.files import load_config_file  # noqa: E402
+from moejax.config.validation import validate  # noqa: E402
 
 
 def variants(config_path: str, sweep: str, arg: str | None = None):

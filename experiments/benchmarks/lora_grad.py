@@ -22,7 +22,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.benchmarks.timing import measure  # noqa: E402
-from moejax.config import default_config, validate  # noqa: E402
+from moejax.config.base import default_config  # noqa: E402
+from moejax.config.validation import validate  # noqa: E402
 from moejax.sharding.mesh import make_mesh  # noqa: E402
 from moejax.train.experiment import build_experiment  # noqa: E402
 from moejax.train.step import train_step  # noqa: E402

@@ -43,8 +43,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.benchmarks.timing import device_name, measure, sig, summary  # noqa: E402
-from moejax.config import validate  # noqa: E402
 from moejax.config.files import load_config_file  # noqa: E402
+from moejax.config.validation import validate  # noqa: E402
 from moejax.sharding.mesh import make_mesh  # noqa: E402
 from moejax.sharding.partitioning import shard_batch  # noqa: E402
 from moejax.train.checkpoint import Checkpointer  # noqa: E402

@@ -1,23 +1,12 @@
-"""Config tree, section dataclasses and the one validation function.
+"""The config tree and its checks, one module each, imported by their own names:
 
-Imports are lazy: section dataclasses in each package import `moejax.config.sections`, and
-`moejax.config.base` imports those packages back.
+    moejax.config.sections    ConfigError and the section-dataclass helpers each package's
+                              `config.py` builds its section with (imports no package)
+    moejax.config.base        default_config(): the tree, one section per package (SECTIONS)
+    moejax.config.validation  validate(config) -> Sections, the one place a config is checked
+    moejax.config.args        parse_arg: typed `key=value` arguments of `get_config(arg)`
+    moejax.config.files       load_config_file: a configs/*.py file by path
+
+This package module re-exports nothing: `sections` is imported by every package and
+`base`/`validation` import every package, so imports point one way only.
 """
-
-import importlib
-
-_EXPORTS = {
-    "SECTIONS": "moejax.config.base",
-    "default_config": "moejax.config.base",
-    "ConfigError": "moejax.config.sections",
-    "Sections": "moejax.config.validation",
-    "validate": "moejax.config.validation",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'moejax.config' has no attribute {name!r}")

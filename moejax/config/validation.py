@@ -549,7 +549,7 @@ def validate(
     _require(
         not missing,
         f"config is missing section(s) {missing}; start from "
-        f"moejax.config.default_config() or one of configs/*.py.",
+        f"moejax.config.base.default_config() or one of configs/*.py.",
     )
     unknown = [s for s in config.keys() if s not in SECTIONS]
     _require(

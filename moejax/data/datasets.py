@@ -5,7 +5,7 @@ built on first use) and `multitask` (generated prompt -> answer rows, `tasks.py`
 name that tensorflow-datasets can parse is a tfds text dataset already prepared in
 `data.data_dir` (`PreparedTfds`). A `Dataset` gives this process's batches of a split, the
 counts of its splits, a check that a split can be read (run before training), and the
-smallest `model.vocab_size` its token ids need (checked by `moejax.config.validate`).
+smallest `model.vocab_size` its token ids need (checked by `moejax.config.validation.validate`).
 Adding a dataset is one `Dataset` subclass and one line in `DATASETS`.
 
 The entry points dispatch on `cfg.dataset` through `dataset_for`, which refuses a name that

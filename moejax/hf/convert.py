@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from moejax.config import default_config
+from moejax.config.base import default_config
 from moejax.hf import configs_as_dict, from_pretrained
 from moejax.moe.selection import BIAS_COLLECTION
 from moejax.train.checkpoint import Checkpointer
@@ -39,7 +39,7 @@ CONFIG_PY = '''"""moejax config of a converted Hugging Face checkpoint (moejax.h
 import json
 import os
 
-from moejax.config import default_config
+from moejax.config.base import default_config
 
 
 def get_config(arg=None):

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from moejax.config.sections import ConfigError
 from moejax.sharding.config import batch_mesh_axes
 
 
@@ -59,8 +60,6 @@ def check_divisible(abstract_boxed: Any, mesh: Mesh, rules) -> None:
 
     Called on the abstract (eval_shape) state, so it fails before anything is compiled.
     """
-    from moejax.config.sections import ConfigError
-
     specs = logical_shardings(abstract_boxed, mesh, rules)
     leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_boxed))
     for (path, leaf), sharding in zip(leaves, jax.tree.leaves(specs)):

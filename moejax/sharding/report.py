@@ -28,7 +28,8 @@ import sys
 import jax
 import numpy as np
 
-from moejax.config import validate
+from moejax.config.sections import ConfigError
+from moejax.config.validation import validate
 from moejax.data.packing import PackedRows
 from moejax.sharding.hlo_collectives import collective_bytes
 from moejax.sharding.mesh import make_mesh
@@ -114,8 +115,6 @@ def collective_report(config, devices=None) -> dict:
 
 def main(argv) -> None:
     from absl import flags
-
-    from moejax.config import ConfigError
 
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments {argv[1:]}")

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from moejax.config import Sections, validate
+from moejax.config.validation import Sections, validate
 from moejax.config.sections import ConfigError
 from moejax.hf import from_pretrained
 from moejax.lora import trainable as trainable_lib

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from moejax.config import Sections
+from moejax.config.validation import Sections
 from moejax.data import DOMAINS, make_batches
 from moejax.sharding.partitioning import shard_batch
 from moejax.train.metric_format import flatten_metrics

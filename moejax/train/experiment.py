@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from moejax.config import Sections
+from moejax.config.validation import Sections
 from moejax.data import DOMAINS
 from moejax.lora.adapter import COLLECTIONS as LORA_COLLECTIONS
 from moejax.models.transformer import Transformer

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import jax
 import numpy as np
 
-from moejax.config import Sections, validate
+from moejax.config.validation import Sections, validate
 from moejax.data import describe
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.sharding.mesh import make_mesh

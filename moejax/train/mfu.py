@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.config import Sections
+from moejax.config.validation import Sections
 from moejax.models.flops import train_flops_per_token
 from moejax.moe.selection import selection_rule
 

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from moejax.config import ConfigError
+from moejax.config.sections import ConfigError
 from moejax.data import DataError, check_split, make_batches
 from moejax.data.pipeline import PackedBatches
 

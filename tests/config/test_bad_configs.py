@@ -10,7 +10,9 @@ import dataclasses
 import pytest
 from testing_utils import load_config_module
 
-from moejax.config import SECTIONS, ConfigError, validate
+from moejax.config.base import SECTIONS
+from moejax.config.sections import ConfigError
+from moejax.config.validation import validate
 
 BAD = [
     # model

@@ -9,7 +9,7 @@ import sys
 
 from testing_utils import REPO, load_config_module
 
-from moejax.config import validate
+from moejax.config.validation import validate
 
 SCRIPT = REPO / "experiments" / "faults.py"
 spec = importlib.util.spec_from_file_location("faults_script", SCRIPT)

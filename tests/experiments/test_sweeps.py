@@ -6,8 +6,8 @@ import os
 import pytest
 from testing_utils import REPO
 
-from moejax.config import validate
 from moejax.config.files import load_config_file
+from moejax.config.validation import validate
 
 spec = importlib.util.spec_from_file_location("sweep_runner", REPO / "experiments" / "sweep.py")
 sweep = importlib.util.module_from_spec(spec)

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import moejax.hf as mhf  # noqa: E402
-from moejax.config import ConfigError  # noqa: E402
+from moejax.config.sections import ConfigError  # noqa: E402
 from moejax.generate import generate  # noqa: E402
 from moejax.models.transformer import Transformer  # noqa: E402
 

@@ -10,7 +10,8 @@ import pytest
 from flax import traverse_util
 from testing_utils import make_tiny_config
 
-from moejax.config import ConfigError, validate
+from moejax.config.sections import ConfigError
+from moejax.config.validation import validate
 from moejax.generate import generate
 from moejax.lora import trainable
 from moejax.lora.adapter import is_adapter_path, split_adapters

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from testing_utils import load_config_module
 
-from moejax.config import validate
+from moejax.config.validation import validate
 from moejax.lora.variants import VARIANTS
 from moejax.sharding.mesh import make_mesh
 from moejax.train.adapter_checkpoint import adapter_part, load_adapted

@@ -20,7 +20,7 @@ SCRIPT = r"""
 import json, sys, tempfile
 import jax, numpy as np
 from testing_utils import TEST_CORPUS_BYTES_PER_DOMAIN, load_config_module
-from moejax.config import validate
+from moejax.config.validation import validate
 from moejax.data import make_batches
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import shard_batch

@@ -14,7 +14,7 @@ import pytest
 from flax import traverse_util
 from testing_utils import make_tiny_config
 
-from moejax.config import validate
+from moejax.config.validation import validate
 from moejax.lora.adapter import is_adapter_path, split_adapters
 from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
 from moejax.train.adapter_checkpoint import BaseModelError, load_adapted, load_base

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from testing_utils import REPO, cli_flags, make_tiny_config
 
-from moejax.config import validate
+from moejax.config.validation import validate
 from moejax.sharding.mesh import make_mesh
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.distributed import initialize, local_data_state
@@ -139,7 +139,7 @@ def test_multi_process_checkpoint_holds_both_data_positions_and_the_same_params(
 
 
 def test_incomplete_distributed_flags_are_rejected():
-    from moejax.config import ConfigError
+    from moejax.config.sections import ConfigError
 
     with pytest.raises(ConfigError, match="missing --process_id"):
         initialize("127.0.0.1:1", num_processes=2)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from testing_utils import REPO, cli_flags
 
-from moejax.config import ConfigError, validate
+from moejax.config.sections import ConfigError
+from moejax.config.validation import validate
 from moejax.data import DataError
 from moejax.sharding.mesh import make_mesh
 from moejax.train.checkpoint import Checkpointer, CheckpointMismatchError

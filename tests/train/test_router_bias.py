@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 
-from moejax.config import validate
+from moejax.config.validation import validate
 from moejax.sharding.mesh import make_mesh
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.experiment import build_experiment

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from moejax.config import validate
+from moejax.config.validation import validate
 from moejax.data import DOMAINS
 from moejax.sharding.mesh import make_mesh
 from moejax.train.evaluation import evaluate

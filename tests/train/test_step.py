@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.config import validate
+from moejax.config.validation import validate
 from moejax.data import make_batches
 from moejax.sharding.mesh import make_mesh
 from moejax.train.config import TrainConfig

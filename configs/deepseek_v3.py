@@ -35,7 +35,7 @@ def get_config(arg=None):
     c = load_config_file(Path(__file__).with_name("deepseekmoe.py")).get_config(arg)
     # DeepSeek's own training/inference code masks the dropped groups with -inf.
     c.moe.update(
-        router="sigmoid_bias",
+        selection="sigmoid_bias",
         renormalize=True,
         group_mask="neg_inf",
         bias_update_rate=1e-3,

@@ -25,7 +25,9 @@ from moejax.config.files import load_config_file
 def get_config(arg=None):
     # gshard.py's model, data, train and mesh (tiny or pod): the same shape and budget
     c = load_config_file(Path(__file__).with_name("gshard.py")).get_config(arg)
-    c.moe.update(router="gru", gru_dim=128, gru_shared=True, gru_detach=False)
+    c.moe.update(
+        scorer="gru", selection="softmax_topk", gru_dim=128, gru_shared=True, gru_detach=False
+    )
     return c
 
 

@@ -28,7 +28,7 @@ def get_config(arg=None):
     # gshard.py's model, data, train and mesh (tiny or pod): the same shape and budget
     c = load_config_file(Path(__file__).with_name("gshard.py")).get_config(arg)
     c.moe.update(
-        router="top_p",
+        selection="top_p",
         top_p=0.4,
         top_k=c.moe.num_experts,
         renormalize=False,

@@ -184,7 +184,7 @@ def experts_only_step(shape: Shape, params, x, impl: str):
     """fwd+bwd of the routed SwiGLU alone over the expert-sorted rows (the grouped matmuls)."""
     cfg = moe_config(shape, "ragged")
     x_flat = x.reshape(shape.tokens, shape.d_model)
-    router = ROUTERS[cfg.router](cfg, param_dtype="float32")
+    router = ROUTERS[cfg.scorer](cfg, param_dtype="float32")
     ids = np.asarray(jax.jit(router.apply)({"params": params["router"]}, x_flat).expert_ids)
     order = np.argsort(ids.reshape(-1), kind="stable")  # the ragged plan's row order
     sizes = jnp.asarray(np.bincount(ids.reshape(-1), minlength=shape.experts), jnp.int32)
@@ -395,7 +395,8 @@ def assemble(
         if routing is None:
             load = np.asarray(m["load"], np.float64)
             routing = {
-                "router": moe_config(shape, name).router,
+                "scorer": moe_config(shape, name).scorer,
+                "selection": moe_config(shape, name).selection,
                 "max_over_mean": sig(float(load.max() / load.mean())),
                 "min_over_mean": sig(float(load.min() / load.mean())),
                 "cv": sig(float(load.std() / load.mean())),

@@ -63,7 +63,7 @@ CASES = {  # case -> (config file, overrides)
     "sigmoid_bias": (
         "gshard.py",
         {
-            "moe.router": "sigmoid_bias",
+            "moe.selection": "sigmoid_bias",
             "moe.n_group": 4,
             "moe.topk_group": 2,
             "moe.balance_coef": 0.0,

@@ -4,6 +4,8 @@
                               `config.py` builds its section with (imports no package)
     moejax.config.base        default_config(): the tree, one section per package (SECTIONS)
     moejax.config.validation  validate(config) -> Sections, the one place a config is checked
+    moejax.config.renames     RENAMES: old field spellings and how they are read (imports no
+                              package)
     moejax.config.args        parse_arg: typed `key=value` arguments of `get_config(arg)`
     moejax.config.files       load_config_file: a configs/*.py file by path
 

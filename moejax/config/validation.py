@@ -1,7 +1,8 @@
 """`validate(config)`: the one place a config is checked, before anything is compiled.
 
-Returns the frozen section dataclasses (`Sections`); raises `ConfigError` with one message
-that names the offending field, its value and the fix.
+Reads old field spellings through `moejax.config.renames`, then returns the frozen section
+dataclasses (`Sections`); raises `ConfigError` with one message that names the offending
+field, its value and the fix.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 import math
 
 from moejax.config.base import SECTIONS
+from moejax.config.renames import apply_renames
 from moejax.config.sections import ConfigError
 from moejax.data.config import DataConfig
 from moejax.data.datasets import dataset_for
@@ -27,7 +29,7 @@ from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.expert_parallel import EP_EXCHANGES
 from moejax.moe.grouped_matmul import IMPLS
 from moejax.moe.routers import ROUTERS
-from moejax.moe.selection import GROUP_MASK_FILL, SELECTIONS, selection_rule
+from moejax.moe.selection import GROUP_MASK_FILL, SELECTIONS
 from moejax.sharding.config import MESH_AXES, MeshConfig, batch_mesh_axes
 from moejax.sharding.mesh import resolve_mesh_shape
 from moejax.train.config import TrainConfig
@@ -149,8 +151,13 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
         f"shared expert, but moe.n_shared=0 turns it off; set moe.n_shared=1.",
     )
     _require(
-        moe.router in ROUTERS,
-        f"moe.router={moe.router!r} is not a registered router; choose one of {sorted(ROUTERS)}.",
+        moe.scorer in ROUTERS,
+        f"moe.scorer={moe.scorer!r} is not a registered scorer; choose one of {sorted(ROUTERS)}.",
+    )
+    _require(
+        moe.selection in SELECTIONS,
+        f"moe.selection={moe.selection!r} is not a selection rule; choose one of "
+        f"{sorted(SELECTIONS)}.",
     )
     _require(
         moe.dispatcher in DISPATCHERS,
@@ -217,14 +224,14 @@ def _check_sigmoid_bias(moe: MoEConfig) -> None:
         f"moe.bias_update_rate={moe.bias_update_rate} must be >= 0 (DeepSeek-V3's gamma, "
         f"0.001; 0 freezes the bias).",
     )
-    if selection_rule(moe) != "sigmoid_bias":
+    if moe.selection != "sigmoid_bias":
         for name, default in (("n_group", 1), ("topk_group", 1), ("routed_scaling_factor", 1.0)):
             value = getattr(moe, name)
             _require(
                 value == default,
                 f"moe.{name}={value} only applies to the sigmoid_bias selection rule "
-                f"(DeepSeek-V3); set moe.router='sigmoid_bias' (or moe.selection="
-                f"'sigmoid_bias' with moe.router='gru'), or leave moe.{name}={default}.",
+                f"(DeepSeek-V3); set moe.selection='sigmoid_bias', or leave "
+                f"moe.{name}={default}.",
             )
         return
     e, g = moe.num_experts, moe.n_group
@@ -253,20 +260,6 @@ def _check_sigmoid_bias(moe: MoEConfig) -> None:
 
 
 def _check_router(moe: MoEConfig) -> None:
-    if moe.router == "gru":
-        _require(
-            moe.selection in ("",) + tuple(SELECTIONS),
-            f"moe.selection={moe.selection!r} is not a selection rule; choose one of "
-            f"{sorted(SELECTIONS)} (or '' for softmax_topk).",
-        )
-    else:
-        _require(
-            moe.selection in ("", moe.router),
-            f"moe.selection={moe.selection!r} only applies to moe.router='gru' (whose "
-            f"recurrent logits can go through any rule); moe.router={moe.router!r} "
-            f"selects by its own name. Set moe.router={moe.selection!r} instead, or "
-            f"leave moe.selection empty.",
-        )
     _require(moe.gru_dim > 0, f"moe.gru_dim={moe.gru_dim} must be positive (RMoE uses 128).")
     _require(
         0.0 < moe.top_p <= 1.0,
@@ -543,7 +536,9 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
 def validate(
     config, *, num_devices: int | None = None, num_processes: int | None = None
 ) -> Sections:
-    """Checks the whole tree; `num_devices` defaults to `jax.device_count()`."""
+    """Checks the whole tree (old field spellings read through `moejax.config.renames`);
+    `num_devices` defaults to `jax.device_count()`."""
+    config = apply_renames(config)
     # Sections added after a run was written (e.g. `lora`) default when absent.
     missing = [s for s in SECTIONS if s not in config and s not in OPTIONAL_SECTIONS]
     _require(

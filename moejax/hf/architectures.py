@@ -174,7 +174,8 @@ MIXTRAL = Architecture(
     ignored=("router_jitter_noise",),
     constants={
         "model.moe_every": 1,
-        "moe.router": "softmax_topk",
+        "moe.scorer": "linear",
+        "moe.selection": "softmax_topk",
         "moe.renormalize": True,
         "moe.z_loss_coef": 0.0,
     },
@@ -204,7 +205,8 @@ QWEN2_MOE = Architecture(
         "mlp_only_layers",
     ),
     constants={
-        "moe.router": "softmax_topk",
+        "moe.scorer": "linear",
+        "moe.selection": "softmax_topk",
         "moe.n_shared": 1,
         "moe.shared_gate": True,
         "moe.z_loss_coef": 0.0,
@@ -252,7 +254,8 @@ DEEPSEEK_V3 = Architecture(
     # transformers 5.x masks the dropped groups with -inf (as DeepSeek's inference code).
     constants={
         "model.attention": "mla",
-        "moe.router": "sigmoid_bias",
+        "moe.scorer": "linear",
+        "moe.selection": "sigmoid_bias",
         "moe.group_mask": "neg_inf",
         "moe.balance_coef": 0.0,
         "moe.z_loss_coef": 0.0,

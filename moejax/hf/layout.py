@@ -86,7 +86,7 @@ def from_hf_config(hf: dict, **overrides) -> tuple[Architecture, ModelConfig, Mo
         sections[section].setdefault(field, value)
     if every == 0:  # no MoE layer: the MoE section does not matter
         sections["moe"] = {}
-    if sections["moe"].get("router") == "sigmoid_bias":
+    if sections["moe"].get("selection") == "sigmoid_bias":
         missing = [f for f in sections["moe"] if f not in _fields(MoEConfig)]
         if missing:
             raise ConfigError(
@@ -136,7 +136,7 @@ MOE_FUNCTION_FIELDS = (
     "n_shared",
     "d_shared",
     "shared_gate",
-    "router",
+    "scorer",
     "selection",
     "renormalize",
     "n_group",

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from typing import Any
 
+from moejax.config.renames import RENAMES
 from moejax.config.sections import section_from_mapping
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class MoEConfig:
     """Mixture-of-Experts layer hyper-parameters.
 
@@ -17,17 +20,19 @@ class MoEConfig:
     `n_shared * d_expert`. Qwen2-MoE's shared expert has its own width (`d_shared`) and a
     scalar sigmoid gate per token (`shared_gate`).
 
-    A router is a scorer (how logits are made) and a selection rule (which experts a token
-    takes, with what weights). `router="softmax_topk"` and `router="top_p"` score with one
-    linear map and select by their name; `router="gru"` scores with RMoE's recurrent GRU and
-    selects by `selection` (see `moejax.moe.routers`). `router="sigmoid_bias"` is DeepSeek-V3's
-    routing (Liu et al., 2024, arXiv 2412.19437, eq. 12-16): sigmoid affinities, a per-expert
-    bias (the non-trainable `router_bias` collection, moved after every optimizer step by
+    A router is a scorer (how logits are made) followed by a selection rule (which experts a
+    token takes, with what weights), two independent fields: `scorer` is a key of
+    `moejax.moe.routers.ROUTERS` ("linear": one linear map; "gru": RMoE's layerwise recurrent
+    GRU, `gru_*`) and `selection` a key of `moejax.moe.selection.SELECTIONS`, so every scorer
+    routes with every rule. `selection="sigmoid_bias"` is DeepSeek-V3's routing (Liu et al.,
+    2024, arXiv 2412.19437, eq. 12-16): sigmoid affinities, a per-expert bias (the
+    non-trainable `router_bias` collection, moved after every optimizer step by
     `bias_update_rate`, the gamma of section 2.1.2) that only decides which experts are
     selected, group-limited selection (`n_group`, `topk_group`; `group_mask` is how the
     experts of the dropped groups are masked: "zero" as transformers 4.x's DeepseekV3MoE,
     "neg_inf" as DeepSeek's own inference code and transformers 5.x's DeepseekV3TopkRouter),
     top-k weight normalisation (`renormalize` = norm_topk_prob) and `routed_scaling_factor`.
+    The old single field `router` is read through `moejax.config.renames`.
 
     Balance losses (all over real tokens only; each off when its coefficient is 0):
     `balance_coef` is DeepSeekMoE's expert-level alpha1 (Dai et al., 2024, arXiv 2401.06066,
@@ -43,8 +48,8 @@ class MoEConfig:
     n_shared: int = 0
     d_shared: int = 0  # width of the shared MLP; 0 = n_shared * d_expert (DeepSeekMoE)
     shared_gate: bool = False  # Qwen2-MoE: shared output times sigmoid(x . w_gate), w_gate [d]
-    router: str = "softmax_topk"  # softmax_topk | top_p | sigmoid_bias | gru
-    selection: str = ""  # selection rule of the gru router; "" = softmax_topk
+    scorer: str = "linear"  # router logits: linear | gru (moejax.moe.routers.ROUTERS)
+    selection: str = "softmax_topk"  # softmax_topk | top_p | sigmoid_bias (SELECTIONS)
     renormalize: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral)
     balance_coef: float = 0.01  # Switch load-balance = DeepSeekMoE expert-level alpha1
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss weight
@@ -77,6 +82,34 @@ class MoEConfig:
     # pallas_gpu|jax_triton (pallas_gpu plus the Triton combine kernel); see
     # pallas_kernels/backend.py
     kernel_backend: str = "auto"
+
+    # Transitional: moejax.lora.routing.router_config still builds MoEConfig(router=...) and
+    # moejax.models.flops reads `.router`. Once they pass `selection=` and read `.scorer`,
+    # delete this __init__ (and init=False above) and the `router` property.
+    def __init__(self, router: str | None = None, **fields: Any) -> None:
+        """Keyword fields, the defaults for the others; `router` is the old single field,
+        read as `scorer` + `selection` by the `moe.router` entry of `moejax.config.renames`."""
+        if router is not None:
+            warnings.warn(
+                "MoEConfig(router=...) is the old spelling of MoEConfig(scorer=..., "
+                "selection=...).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            new = RENAMES["moe.router"].translate(router, {"selection": fields.get("selection")})
+            fields.update({name.split(".", 1)[1]: value for name, value in new.items()})
+        known = dataclasses.fields(self)
+        unknown = sorted(set(fields) - {f.name for f in known})
+        if unknown:
+            raise TypeError(f"MoEConfig got unknown field(s) {unknown}")
+        for f in known:
+            object.__setattr__(self, f.name, fields.get(f.name, f.default))
+
+    @property
+    def router(self) -> str:
+        """The old single field (transitional, see `__init__`): "gru" for the gru scorer,
+        otherwise the selection rule's name."""
+        return "gru" if self.scorer == "gru" else self.selection
 
     @classmethod
     def from_mapping(cls, mapping) -> "MoEConfig":

@@ -8,9 +8,10 @@ At MoE layer i, with hidden states x_i[T, d] and the routing state h_{i-1}[T, h]
     h_i = GRUCell(u_i, h_{i-1})           one cell, input and hidden size h
     logits_i = h_i W2_i                   per-layer projection h -> E
 
-then a selection rule from `moejax.moe.selection` (softmax top-k with renormalisation in
-RMoE; top-p, DeepSeek-V3's sigmoid_bias with its per-expert bias, or any other rule by
-config). The first MoE layer starts from h_0 = 0 (PyTorch's GRUCell without a hidden state).
+then the selection rule `config.moe.selection` from `moejax.moe.selection` (softmax top-k
+with renormalisation in RMoE; top-p, DeepSeek-V3's sigmoid_bias with its per-expert bias, or
+any other rule). This scorer is `config.moe.scorer="gru"`. The first MoE layer starts from
+h_0 = 0 (PyTorch's GRUCell without a hidden state).
 As in the reference code the cell is created once at the model level and shared by every MoE
 layer (`gru_shared=True`; the Transformer passes it in as `shared`); `gru_shared=False`
 gives each layer its own. Gradients flow through the recurrence, so layer i's router is
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 from moejax.models.layers import dtype_of, logical_param
 from moejax.moe.config import MoEConfig
 from moejax.moe.routing import Routing
-from moejax.moe.selection import SELECTIONS, selection_bias, selection_rule
+from moejax.moe.selection import SELECTIONS, selection_bias
 
 CellParams = dict[str, jax.Array]
 
@@ -116,9 +117,7 @@ class GRURouter(nn.Module):
             self, "kernel", (h, cfg.num_experts), (None, "expert"), self.init_std, pdt
         )
         logits = new_state @ w2.astype(jnp.float32)
-        sel = SELECTIONS[selection_rule(cfg)](
-            logits, mask_T, cfg, selection_bias(self, cfg), seq_len
-        )
+        sel = SELECTIONS[cfg.selection](logits, mask_T, cfg, selection_bias(self, cfg), seq_len)
         return Routing(
             expert_ids=sel.expert_ids,
             combine_weights=sel.weights,

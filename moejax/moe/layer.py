@@ -52,7 +52,7 @@ class MoELayer(nn.Module):
         x = x_BxLxD.reshape(b * length, d)
         mask = None if mask_BxL is None else mask_BxL.reshape(b * length)
         out_std = m.init_std / (2 * m.num_layers) ** 0.5
-        routing = ROUTERS[cfg.router](
+        routing = ROUTERS[cfg.scorer](
             cfg, init_std=m.init_std, param_dtype=m.param_dtype, name="router"
         )(x, router_state, mask, shared_router, length)
         expert_fn = RoutedExperts(

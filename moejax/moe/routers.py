@@ -1,18 +1,18 @@
-"""Routers: `(x[T, d], state, mask, shared, seq_len) -> Routing`, registered by name in `ROUTERS`.
+"""Routers: `(x[T, d], state, mask, shared, seq_len) -> Routing`, one per scorer in `ROUTERS`.
 
 A router is a scorer, which turns hidden states into logits `[T, E]` (and may carry a state
-from one MoE layer to the next), followed by a selection rule from `moejax.moe.selection`:
+from one MoE layer to the next), followed by the selection rule `SELECTIONS[cfg.selection]`
+from `moejax.moe.selection` (softmax_topk, top_p, sigmoid_bias). The two are independent
+config fields, `moe.scorer` (a key of `ROUTERS`) and `moe.selection`, so every scorer
+composes with every rule:
 
-- `softmax_topk`: linear scorer `logits = x W_r` (float32) + the `softmax_topk` rule.
-- `top_p`: the same linear scorer + the `top_p` rule (dynamic routing).
-- `sigmoid_bias`: the same linear scorer + DeepSeek-V3's `sigmoid_bias` rule; the router
-  owns the per-expert bias (collection `router_bias`, variable `bias` [E]) beside its
-  `kernel` [d_model, E].
-- `gru`: RMoE's layerwise recurrent scorer (`moejax.moe.gru_router`) + the rule named by
-  `config.moe.selection` (softmax top-k by default), so the recurrence composes with every
-  rule instead of copying it (`selection="sigmoid_bias"` gives the GRU router the bias too).
+- `linear`: `LinearRouter`, logits = x W_r (float32), parameter `kernel` [d_model, E].
+- `gru`: `GRURouter`, RMoE's layerwise recurrent scorer (`moejax.moe.gru_router`).
 
-A new router is one Linen module with the signature of `LinearRouter.__call__` plus one
+A rule that takes a per-expert bias (`sigmoid_bias`, DeepSeek-V3) gets it from the router
+module: collection `router_bias`, variable `bias` [E], beside the scorer's parameters.
+
+A new scorer is one Linen module with the signature of `LinearRouter.__call__` plus one
 entry in `ROUTERS`. `seq_len` is the length of the sequences the T tokens form (the layer
 passes L of its `x[B, L, d]`), for the sequence-wise balance loss. `shared` holds
 model-level router parameters (RMoE's shared GRU cell), passed by the Transformer; None
@@ -31,7 +31,7 @@ from moejax.models.layers import dtype_of, logical_param
 from moejax.moe.config import MoEConfig
 from moejax.moe.gru_router import GRUCell, GRURouter
 from moejax.moe.routing import Routing
-from moejax.moe.selection import BIAS_COLLECTION, SELECTIONS, selection_bias, selection_rule
+from moejax.moe.selection import BIAS_COLLECTION, SELECTIONS, selection_bias
 
 
 class LinearRouter(nn.Module):
@@ -69,7 +69,7 @@ class LinearRouter(nn.Module):
             dtype_of(self.param_dtype),
         )
         logits = x_TxD.astype(jnp.float32) @ w.astype(jnp.float32)
-        rule = self.rule or SELECTIONS[selection_rule(cfg)]
+        rule = self.rule or SELECTIONS[cfg.selection]
         bias = selection_bias(self, cfg, self.bias_collection, self.expert_axis)
         sel = rule(logits, mask_T, cfg, bias, seq_len)
         return Routing(
@@ -81,10 +81,8 @@ class LinearRouter(nn.Module):
         )
 
 
-ROUTERS = {
-    "softmax_topk": LinearRouter,
-    "top_p": LinearRouter,
-    "sigmoid_bias": LinearRouter,
+ROUTERS = {  # scorer name (config.moe.scorer) -> router module
+    "linear": LinearRouter,
     "gru": GRURouter,
 }
 
@@ -92,7 +90,7 @@ ROUTERS = {
 def initial_router_state(cfg: MoEConfig, num_tokens: int) -> Any:
     """The state the first MoE layer's router receives: zeros `[T, gru_dim]` for `gru`
     (PyTorch's GRUCell with no hidden state, as in RMoE), None for stateless routers."""
-    if cfg.router == "gru":
+    if cfg.scorer == "gru":
         return jnp.zeros((num_tokens, cfg.gru_dim), jnp.float32)
     return None
 
@@ -100,6 +98,6 @@ def initial_router_state(cfg: MoEConfig, num_tokens: int) -> Any:
 def shared_router_params(cfg: MoEConfig, init_std: float, param_dtype: str) -> Any:
     """Model-level router parameters, created in the caller's scope (None if the router has
     none): RMoE's GRU cell when `gru_shared`."""
-    if cfg.router == "gru" and cfg.gru_shared:
+    if cfg.scorer == "gru" and cfg.gru_shared:
         return GRUCell(cfg.gru_dim, init_std, param_dtype, name="router_gru")()
     return None

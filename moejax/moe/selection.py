@@ -1,9 +1,10 @@
 """Selection rules: router logits `[T, E]` -> which experts each token takes, and their weights.
 
-A router = a scorer (linear map, RMoE's GRU, ...) + one of these rules, so every scorer
-composes with every rule. Each rule returns `Selection(expert_ids[T, k], weights[T, k],
-aux_losses, metrics)` with a static k; a slot with weight 0 is unused (padding tokens, and
-the slots top-p leaves empty), and the dispatchers skip it.
+A router = a scorer (linear map, RMoE's GRU, ...) + one of these rules, named by
+`config.moe.selection`, so every scorer composes with every rule. Each rule returns
+`Selection(expert_ids[T, k], weights[T, k], aux_losses, metrics)` with a static k; a slot
+with weight 0 is unused (padding tokens, and the slots top-p leaves empty), and the
+dispatchers skip it.
 
 - `softmax_topk`: GShard (Lepikhin et al., 2020), Switch (Fedus et al., 2021), Mixtral (Jiang
   et al., 2024). p = softmax(logits); the k largest p_i; with `renormalize` divided by their
@@ -176,17 +177,10 @@ def sigmoid_bias(
     return _finish(cfg, logits, affinities, ids, weights, mask, seq_len)
 
 
-def selection_rule(cfg: MoEConfig) -> str:
-    """The rule a config selects with: the router's own name, or `selection` for `gru`."""
-    if cfg.router == "gru":
-        return cfg.selection or "softmax_topk"
-    return cfg.router
-
-
 def routing_slots(cfg: MoEConfig) -> int:
     """k of the Routing arrays `[T, k]`: `top_k`, or for top-p min(top_k, ceil(top_p * E))
     (see the module docstring)."""
-    if selection_rule(cfg) == "top_p":
+    if cfg.selection == "top_p":
         return max(1, min(cfg.top_k, math.ceil(cfg.top_p * cfg.num_experts - 1e-9)))
     return cfg.top_k
 
@@ -202,7 +196,7 @@ def selection_bias(
     (the router), so the Transformer's layer scan stacks it like the parameters. None for the
     other rules. Training moves it with `moejax.train.router_bias` (never by gradients).
     LoRA expert routers keep theirs in their own `collection` (`moejax.lora.balance`)."""
-    if selection_rule(cfg) not in BIASED_RULES:
+    if cfg.selection not in BIASED_RULES:
         return None
     init = nn.with_logical_partitioning(jnp.zeros, (expert_axis,))
     return module.variable(collection, "bias", init, (cfg.num_experts,), jnp.float32).value

@@ -121,7 +121,6 @@ def main(argv) -> None:
     config = flags.FLAGS["config"].value
     try:
         if flags.FLAGS["strategy"].value:
-            config.unlock()
             apply_strategy(config, flags.FLAGS["strategy"].value)
         report = collective_report(config)
     except ConfigError as e:
@@ -134,8 +133,12 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file(
-        "config", None, "Config file (configs/*.py[:arg]).", lock_config=True
+    config_flags.DEFINE_config_file(  # as moejax.train: old field spellings are accepted
+        "config",
+        None,
+        "Config file (configs/*.py[:arg]).",
+        lock_config=False,
+        accept_new_attributes=True,
     )
     flags.DEFINE_string(
         "strategy",

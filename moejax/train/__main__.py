@@ -4,7 +4,9 @@ Multi-host: add `--coordinator=HOST:PORT --num_processes=N --process_id=I` to ea
 process's command (or set MOEJAX_COORDINATOR etc.; `--distributed` on TPU pods and SLURM
 lets JAX find them); see moejax/train/distributed.py.
 
-Any field can be overridden: `--config.train.steps=1000 --config.moe.top_k=4`.
+Any field can be overridden: `--config.train.steps=1000 --config.moe.top_k=4`; old field
+spellings (e.g. `--config.moe.router=gru`) are read with a warning that names the new fields
+(moejax.config.renames).
 
 Exit status: 0 when the run reached `train.steps`; 1 with one message on stderr when an
 input is wrong (config, workdir, dataset, checkpoint) or the run stopped on non-finite
@@ -26,8 +28,15 @@ from moejax.train.loop import train
 from moejax.train.preemption import Preempted
 from moejax.train.preflight import WorkdirError
 
+# Overrides may name fields the config does not have: an old spelling such as
+# --config.moe.router=gru is read by moejax.config.renames, and any other unknown field is
+# refused by validate() with the list of valid ones.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py[:arg]).", lock_config=True
+    "config",
+    None,
+    "Config file (configs/*.py[:arg]).",
+    lock_config=False,
+    accept_new_attributes=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics.")
 _COORDINATOR = flags.DEFINE_string(

@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 import jax
 import numpy as np
 
+from moejax.config.renames import apply_renames
 from moejax.config.validation import Sections, validate
 from moejax.data import describe
 from moejax.models.flops import count_params, train_flops_per_token
@@ -299,8 +300,8 @@ def train(config, workdir: str) -> dict[str, float]:
 
 def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]:
     # Config and inputs: validated and checked once, before any compilation.
-    s = validate(config)
-    config_dict = config.to_dict()
+    config_dict = apply_renames(config)  # written to config.json in the new spelling
+    s = validate(config_dict)
     hooks = FaultHooks.from_env()
     workdir = preflight.check_workdir(workdir)
     preflight.check_resume_config(workdir, config_dict)

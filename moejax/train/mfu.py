@@ -21,7 +21,6 @@ import numpy as np
 
 from moejax.config.validation import Sections
 from moejax.models.flops import train_flops_per_token
-from moejax.moe.selection import selection_rule
 
 # Substring of `device.device_kind` -> peak dense bf16 TFLOP/s per device.
 PEAK_TFLOPS = (
@@ -67,7 +66,7 @@ def device_peak_tflops(configured: float = 0.0, device=None) -> tuple[float, str
 def measured_flops_per_token(s: Sections, metrics: dict[str, Any]) -> float | None:
     """Training FLOPs per token from the measured experts per token, where routing makes it
     vary (top-p); None (the static count) otherwise."""
-    if not s.model.num_moe_layers or selection_rule(s.moe) != "top_p":
+    if not s.model.num_moe_layers or s.moe.selection != "top_p":
         return None
     used = float(np.mean(metrics["moe/experts_per_token"]))
     return train_flops_per_token(s.model, s.moe, s.data.seq_len, experts_per_token=used)

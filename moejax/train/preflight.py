@@ -4,7 +4,8 @@
 
   - `check_workdir`: the run directory can be created and written (a probe file is written
     and removed; nothing else is touched);
-  - `check_resume_config`: a workdir holding checkpoints is resumed with the same model;
+  - `check_resume_config`: a workdir holding checkpoints is resumed with the same model
+    (its `config.json` read in today's field names, `moejax.config.renames`);
   - `open_train_data`: the training split opens (a missing or unprepared dataset raises the
     reader's `DataError`, which names the `data.*` field), the evaluation split too when
     evaluation is on, and the token ids of the first batch fit `model.vocab_size`;
@@ -22,6 +23,7 @@ import os
 
 import numpy as np
 
+from moejax.config.renames import apply_renames
 from moejax.config.sections import ConfigError
 from moejax.data import DataError, check_split, make_batches
 from moejax.data.pipeline import PackedBatches
@@ -63,6 +65,7 @@ def check_resume_config(workdir: str, config_dict: dict) -> None:
             f"{path} cannot be read ({e}), so this workdir's run cannot be checked against "
             f"the config. Restore that file from a copy, or pass a new --workdir."
         ) from e
+    saved = apply_renames(saved, source=path)  # a run written with older field names
     for section in ("model", "moe"):
         for key, value in config_dict[section].items():
             old = saved.get(section, {}).get(key)

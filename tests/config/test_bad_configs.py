@@ -46,7 +46,10 @@ BAD = [
     ("moe.top_k", 17, "moe.top_k=17 must be between 1 and moe.num_experts=16"),
     ("moe.d_expert", 0, "moe.d_expert=0 must be positive"),
     ("moe.n_shared", -1, "moe.n_shared=-1 must be >= 0"),
-    ("moe.router", "hash", "moe.router='hash' is not a registered router"),
+    ("moe.scorer", "hash", "moe.scorer='hash' is not a registered scorer"),
+    ("moe.selection", "hash", "moe.selection='hash' is not a selection rule"),
+    ("moe.selection", "", "moe.selection='' is not a selection rule"),  # old "" = gru's default
+    ("moe.router", "hash", "config.moe.router='hash' is an old field"),  # moejax.config.renames
     ("moe.renormalize", 1, "config.moe.renormalize=1 must be a bool"),
     ("moe.balance_coef", -0.1, "moe.balance_coef=-0.1 must be >= 0"),
     ("moe.z_loss_coef", -1.0, "moe.z_loss_coef=-1.0 must be >= 0"),
@@ -57,7 +60,6 @@ BAD = [
     ("moe.d_shared", -1, "moe.d_shared=-1 must be >= 0"),
     ("moe.shared_gate", 1, "config.moe.shared_gate=1 must be a bool"),
     ("moe.kernel_backend", "cuda", "moe.kernel_backend='cuda' must be one of"),
-    ("moe.selection", "top_p", "only applies to moe.router='gru'"),
     ("moe.top_p", 1.5, "moe.top_p=1.5 must be in (0, 1]"),
     ("moe.gru_dim", 0, "moe.gru_dim=0 must be positive"),
     ("moe.gru_shared", "yes", "config.moe.gru_shared='yes' must be a bool"),

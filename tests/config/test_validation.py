@@ -35,7 +35,7 @@ def test_every_config_validates_and_builds(name, size):
     assert n == count_params(s.model, s.moe).total
     # Non-trainable state: DeepSeek-V3's per-expert router bias, [MoE layers, E].
     biases = jax.tree.leaves(nn.unbox(abstract.get("router_bias", {})))
-    if s.moe.router == "sigmoid_bias" and s.model.num_moe_layers:
+    if s.moe.selection == "sigmoid_bias" and s.model.num_moe_layers:
         assert [b.shape for b in biases] == [(s.model.num_moe_layers, s.moe.num_experts)]
     else:
         assert not biases

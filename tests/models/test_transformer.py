@@ -385,8 +385,8 @@ def test_remat_preserves_loss_and_grads(policy):
     assert ("DotsSaveable" in text) == (policy == "dots")
 
 
-GRU_MOE = dataclasses.replace(MOE, router="gru", gru_dim=6)
-TOP_P_MOE = dataclasses.replace(MOE, router="top_p", top_k=4, top_p=0.6, entropy_coef=0.01)
+GRU_MOE = dataclasses.replace(MOE, scorer="gru", gru_dim=6)
+TOP_P_MOE = dataclasses.replace(MOE, selection="top_p", top_k=4, top_p=0.6, entropy_coef=0.01)
 
 
 @pytest.mark.parametrize("moe", [GRU_MOE, TOP_P_MOE], ids=["gru", "top_p"])
@@ -413,7 +413,7 @@ def test_scanned_unscanned_and_remat_stacks_are_one_function(moe):
     np.testing.assert_allclose(logits_u, logits, rtol=1e-5, atol=1e-6)
     assert_trees_close(extras_u, extras, rtol=1e-5, atol=1e-6)
     assert_trees_close(grads_u, unscan_params(grads), rtol=1e-5, atol=1e-6)
-    if moe.router == "gru":  # one shared cell, trained through every MoE layer
+    if moe.scorer == "gru":  # one shared cell, trained through every MoE layer
         assert "router_gru" in grads and np.max(np.abs(grads["router_gru"]["w_h"])) > 1e-5
         assert np.max(np.abs(grads["moe_periods"]["moe_block"]["moe"]["router"]["proj"][0])) > 0
     else:
@@ -464,7 +464,7 @@ def test_aux_loss_is_weighted_sum_over_layers():
 
 SIGMOID_MOE = dataclasses.replace(
     MOE,
-    router="sigmoid_bias",
+    selection="sigmoid_bias",
     n_group=2,
     topk_group=1,
     routed_scaling_factor=2.0,

@@ -143,7 +143,7 @@ def test_sequence_wise_loss_is_deepseek_v3_eq_17_to_20(mask, want):
     cfg = MoEConfig(
         num_experts=4,
         top_k=1,
-        router="sigmoid_bias",
+        selection="sigmoid_bias",
         balance_coef=0.0,
         z_loss_coef=0.0,
         seq_balance_coef=1e-4,
@@ -168,7 +168,7 @@ def test_sigmoid_bias_expert_and_device_losses_use_normalised_affinities():
     cfg = MoEConfig(
         num_experts=4,
         top_k=1,
-        router="sigmoid_bias",
+        selection="sigmoid_bias",
         balance_coef=1.0,
         z_loss_coef=0.0,
         device_balance_coef=1.0,
@@ -184,7 +184,7 @@ def test_sigmoid_bias_expert_and_device_losses_use_normalised_affinities():
         MoEConfig(
             num_experts=4,
             top_k=1,
-            router="sigmoid_bias",
+            selection="sigmoid_bias",
             balance_coef=0.0,
             z_loss_coef=0.0,
             seq_balance_coef=1.0,

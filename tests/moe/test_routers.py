@@ -56,7 +56,7 @@ def test_top_p_mask_exact_prefix_on_dyadic_probabilities(p, want):
 
 
 def test_top_p_ties_take_lower_expert_ids_first_and_p1_takes_all():
-    cfg = MoEConfig(num_experts=4, top_k=4, router="top_p", top_p=0.5)
+    cfg = MoEConfig(num_experts=4, top_k=4, selection="top_p", top_p=0.5)
     logits = jnp.zeros((1, 4))  # four experts at exactly 0.25
     sel = top_p(logits, None, cfg)  # 2 slots: ceil(0.5 * 4)
     np.testing.assert_array_equal(sel.expert_ids[0], [0, 1])
@@ -69,7 +69,7 @@ def test_top_p_matches_brute_force_minimal_prefix_and_respects_max_k():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(200, 8)) * rng.uniform(0.2, 3.0, size=(200, 1))
     for p, k in [(0.4, 8), (0.7, 8), (0.9, 3), (1.0, 8)]:
-        cfg = MoEConfig(num_experts=8, top_k=k, router="top_p", top_p=p)
+        cfg = MoEConfig(num_experts=8, top_k=k, selection="top_p", top_p=p)
         sel = top_p(jnp.asarray(logits, jnp.float32), None, cfg)
         probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
         used = np.asarray(sel.weights) > 0
@@ -96,7 +96,7 @@ def test_top_p_matches_brute_force_minimal_prefix_and_respects_max_k():
     "p, k, want", [(0.4, 8, 4), (0.5, 8, 4), (0.51, 8, 5), (0.4, 3, 3), (1.0, 8, 8), (0.01, 8, 1)]
 )
 def test_top_p_slots_are_the_most_any_token_can_need(p, k, want):
-    cfg = MoEConfig(num_experts=8, top_k=k, router="top_p", top_p=p)
+    cfg = MoEConfig(num_experts=8, top_k=k, selection="top_p", top_p=p)
     assert routing_slots(cfg) == want
     # The bound is reached: near-uniform probabilities need ceil(p * E) experts.
     sel = top_p(jnp.zeros((1, 8)) + jnp.arange(8) * 1e-4, None, cfg)
@@ -110,7 +110,7 @@ def test_top_p_losses_count_only_used_slots_and_add_entropy():
     cfg = MoEConfig(
         num_experts=E,
         top_k=E,
-        router="top_p",
+        selection="top_p",
         top_p=0.4,
         balance_coef=1e-2,
         z_loss_coef=0.0,
@@ -171,7 +171,7 @@ def gru_cfg(**kw):
     base = dict(
         num_experts=E,
         top_k=2,
-        router="gru",
+        scorer="gru",
         gru_dim=H,
         renormalize=True,
         balance_coef=0.0,
@@ -254,13 +254,14 @@ def test_gru_composes_with_every_selection_rule(rule):
 # ----------------------------------------------------------------------------- dispatchers
 
 MODEL = ModelConfig(d_model=D, num_layers=2, init_std=0.3)
-ROUTER_CONFIGS = {
-    "softmax_topk": dict(router="softmax_topk", top_k=2),
-    "top_p": dict(router="top_p", top_k=4, top_p=0.5, entropy_coef=1e-4),
-    "gru": dict(router="gru", top_k=2, gru_dim=H),
-    "gru+top_p": dict(router="gru", selection="top_p", top_k=4, top_p=0.5, gru_dim=H),
+ROUTER_CONFIGS = {  # every scorer with every selection rule
+    "softmax_topk": dict(scorer="linear", selection="softmax_topk", top_k=2),
+    "top_p": dict(scorer="linear", selection="top_p", top_k=4, top_p=0.5, entropy_coef=1e-4),
+    "gru": dict(scorer="gru", selection="softmax_topk", top_k=2, gru_dim=H),
+    "gru+top_p": dict(scorer="gru", selection="top_p", top_k=4, top_p=0.5, gru_dim=H),
     "sigmoid_bias": dict(
-        router="sigmoid_bias",
+        scorer="linear",
+        selection="sigmoid_bias",
         top_k=3,
         n_group=3,
         topk_group=2,
@@ -271,7 +272,7 @@ ROUTER_CONFIGS = {
         balance_devices=2,
     ),
     "gru+sigmoid_bias": dict(
-        router="gru",
+        scorer="gru",
         selection="sigmoid_bias",
         top_k=2,
         gru_dim=H,
@@ -303,7 +304,7 @@ def test_every_router_through_every_dispatcher_equals_dense_reference(router, di
     mask = jnp.asarray(np.random.default_rng(5).uniform(size=(2, T // 2)) > 0.2)
     state = (
         jnp.asarray(np.random.default_rng(6).normal(size=(T, H)), jnp.float32)
-        if base.router == "gru"
+        if base.scorer == "gru"
         else None
     )
     layer_ref = MoELayer(dataclasses.replace(base, dispatcher="dense_reference"), MODEL)
@@ -313,7 +314,7 @@ def test_every_router_through_every_dispatcher_equals_dense_reference(router, di
         lambda a: jnp.asarray(np.random.default_rng(9).normal(size=a.shape) * 0.1, a.dtype),
         {k: v for k, v in variables.items() if k != "params"},
     )
-    assert bool(fixed) == (base.router == "sigmoid_bias" or base.selection == "sigmoid_bias")
+    assert bool(fixed) == (base.selection == "sigmoid_bias")
     probe = jnp.asarray(np.random.default_rng(7).normal(size=x.shape), jnp.float32)
 
     def run(layer):
@@ -336,5 +337,7 @@ def test_every_router_through_every_dispatcher_equals_dense_reference(router, di
 
 
 def test_router_registries_are_fully_tested():
-    assert {c["router"] for c in ROUTER_CONFIGS.values()} == set(ROUTERS)
-    assert {c.get("selection") or c["router"] for c in ROUTER_CONFIGS.values()} >= set(SELECTIONS)
+    assert {c["scorer"] for c in ROUTER_CONFIGS.values()} == set(ROUTERS)
+    assert {c["selection"] for c in ROUTER_CONFIGS.values()} >= set(SELECTIONS)
+    pairs = {(c["scorer"], c["selection"]) for c in ROUTER_CONFIGS.values()}
+    assert pairs == set(itertools.product(ROUTERS, SELECTIONS))  # every scorer, every rule

@@ -62,7 +62,7 @@ def test_sigmoid_bias_equals_numpy_reference(
     cfg = MoEConfig(
         num_experts=E,
         top_k=top_k,
-        router="sigmoid_bias",
+        selection="sigmoid_bias",
         n_group=n_group,
         topk_group=topk_group,
         renormalize=renormalize,
@@ -86,7 +86,7 @@ def test_group_masks_differ_exactly_when_kept_choices_are_negative():
     logits = jnp.asarray(np.log(s / (1 - s)), jnp.float32)
     bias = jnp.asarray([0.0, -1.0, -2.0, -2.0])
     cfg = MoEConfig(
-        num_experts=4, top_k=2, router="sigmoid_bias", n_group=2, topk_group=1, renormalize=False
+        num_experts=4, top_k=2, selection="sigmoid_bias", n_group=2, topk_group=1, renormalize=False
     )
     zero = sigmoid_bias(logits, None, cfg, bias)
     neg_inf = sigmoid_bias(logits, None, dataclasses.replace(cfg, group_mask="neg_inf"), bias)
@@ -100,7 +100,7 @@ def test_bias_changes_the_selection_but_never_a_weight():
     cfg = MoEConfig(
         num_experts=E,
         top_k=4,
-        router="sigmoid_bias",
+        selection="sigmoid_bias",
         n_group=4,
         topk_group=2,
         renormalize=False,
@@ -176,7 +176,7 @@ def test_sigmoid_bias_equals_transformers_deepseek_v3_router(
         cfg = MoEConfig(
             num_experts=E,
             top_k=top_k,
-            router="sigmoid_bias",
+            selection="sigmoid_bias",
             n_group=n_group,
             topk_group=topk_group,
             renormalize=renormalize,
@@ -247,7 +247,7 @@ def test_bias_update_balances_a_skewed_router():
     rng = np.random.default_rng(4)
     skew = np.linspace(2.0, -2.0, 8)
     logits = jnp.asarray(rng.normal(size=(512, 8)) + skew, jnp.float32)
-    cfg = MoEConfig(num_experts=8, top_k=2, router="sigmoid_bias", n_group=4, topk_group=2)
+    cfg = MoEConfig(num_experts=8, top_k=2, selection="sigmoid_bias", n_group=4, topk_group=2)
 
     @jax.jit
     def step(bias):

@@ -1,8 +1,11 @@
 """Bad input fails before training starts, naming the problem and the fix: an unwritable
 workdir, a missing dataset, token ids that do not fit the model, a checkpoint written by a
-different model (shape mismatch)."""
+different model (shape mismatch). A run directory written with an old field spelling
+(`moe.router`) still resumes."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 from testing_utils import REPO, cli_flags
 
+from moejax.config.renames import ConfigDeprecationWarning
 from moejax.config.sections import ConfigError
 from moejax.config.validation import validate
 from moejax.data import DataError
@@ -66,6 +70,32 @@ def test_checkpoint_of_another_model_is_refused_naming_shapes(tiny_config, tmp_p
     assert "pass a new --workdir" in message
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
     assert not (tmp_path / "metrics.jsonl").exists()  # no step was trained
+
+
+def test_run_written_with_the_old_router_field_resumes(tiny_config, tmp_path):
+    """config.json of a run from before `moe.router` became `moe.scorer` + `moe.selection`:
+    the resume check reads it in the new spelling, with a warning naming the new fields."""
+    steps = {"train.steps": 2, "train.checkpoint_every": 2}
+    train(tiny_config("rmoe", **steps), str(tmp_path))
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    assert (saved["moe"]["scorer"], saved["moe"]["selection"]) == ("gru", "softmax_topk")
+    del saved["moe"]["scorer"]
+    saved["moe"].update(router="gru", selection="")  # as the run was written then
+    path.write_text(json.dumps(saved))
+    # Still checked against this config: the old gru run is not a linear-scorer run.
+    with (
+        pytest.warns(ConfigDeprecationWarning),
+        pytest.raises(
+            ConfigError, match=r"run with moe.scorer='gru', but this config has 'linear'"
+        ),
+    ):
+        train(tiny_config("rmoe", **steps, **{"moe.scorer": "linear"}), str(tmp_path))
+    message = f"{path}: config.moe.router='gru' is an old spelling, read as moe.scorer='gru', "
+    with pytest.warns(ConfigDeprecationWarning, match=re.escape(message)):
+        train(tiny_config("rmoe", **{**steps, "train.steps": 4}), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    assert "router" in json.loads(path.read_text())["moe"]  # a resumed run keeps its file
 
 
 def test_cli_prints_one_message_and_exits_1(tiny_config, tmp_path):

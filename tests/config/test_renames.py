@@ -1,0 +1,131 @@
+"""Old config spellings are read through the one table of moejax.config.renames: each
+translation warns once naming the new fields, a removed field is refused naming its
+replacement, and the input config is left as given. (An old run directory resuming is in
+tests/train/test_preflight.py; the command line in test_old_spelling_on_the_command_line.)"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+from testing_utils import REPO, load_config_module
+
+from moejax.config.base import default_config
+from moejax.config.renames import RENAMES, ConfigDeprecationWarning, Rename, apply_renames
+from moejax.config.sections import ConfigError
+from moejax.config.validation import validate
+from moejax.moe.config import MoEConfig
+
+OLD_ROUTERS = [  # (old moe.router, old moe.selection) -> (moe.scorer, moe.selection)
+    ("softmax_topk", "", "linear", "softmax_topk"),
+    ("top_p", "", "linear", "top_p"),
+    ("sigmoid_bias", "", "linear", "sigmoid_bias"),
+    ("top_p", "top_p", "linear", "top_p"),
+    ("gru", "", "gru", "softmax_topk"),
+    ("gru", "top_p", "gru", "top_p"),
+    ("gru", "sigmoid_bias", "gru", "sigmoid_bias"),
+]
+
+
+def _old_config(router: str, selection: str) -> dict:
+    """configs/deepseekmoe.py as a run of before the rename wrote it to config.json."""
+    config = load_config_module("deepseekmoe").get_config().to_dict()
+    for field in ("scorer", "selection"):
+        del config["moe"][field]
+    config["moe"].update(router=router, selection=selection)
+    return config
+
+
+@pytest.mark.parametrize("router,selection,scorer,rule", OLD_ROUTERS)
+def test_old_router_is_read_as_scorer_and_selection_with_one_message(
+    router, selection, scorer, rule
+):
+    config = _old_config(router, selection)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = validate(config, num_devices=1, num_processes=1)
+    assert (s.moe.scorer, s.moe.selection) == (scorer, rule)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ConfigDeprecationWarning)]
+    assert len(messages) == 1
+    assert f"config.moe.router={router!r} is an old spelling" in messages[0]
+    assert f"moe.scorer={scorer!r}, moe.selection={rule!r}" in messages[0]
+    assert f"--config.moe.scorer={scorer} --config.moe.selection={rule}" in messages[0]
+    assert config["moe"]["router"] == router and "scorer" not in config["moe"]  # as given
+
+
+def test_old_router_on_a_configdict_gives_the_new_tree():
+    config = default_config()
+    config.moe.router = "gru"  # an old config file's `c.moe.update(router="gru")`
+    config.moe.selection = "top_p"
+    with pytest.warns(ConfigDeprecationWarning, match="read as moe.scorer='gru'"):
+        tree = apply_renames(config)
+    assert "router" not in tree["moe"]
+    assert (tree["moe"]["scorer"], tree["moe"]["selection"]) == ("gru", "top_p")
+    assert config.moe.router == "gru"  # the ConfigDict is left as given
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new spelling translates silently
+        assert apply_renames(tree) == tree
+
+
+def test_old_router_contradicting_the_selection_is_refused():
+    with pytest.raises(ConfigError, match="contradicts moe.selection='sigmoid_bias'"):
+        validate(_old_config("top_p", "sigmoid_bias"), num_devices=1, num_processes=1)
+
+
+def test_the_table_is_generic_removed_fields_are_refused_naming_the_new_ones():
+    config = default_config().to_dict()
+    config["train"]["total_steps"] = 20
+    config["lora"]["gate"] = "rank"
+    table = {
+        "train.total_steps": Rename(("train.steps",), lambda value, _: {"train.steps": value}),
+        "lora.gate": Rename(("lora.dispatcher",)),  # removed, no translation
+    }
+    with pytest.warns(ConfigDeprecationWarning), pytest.raises(ConfigError) as err:
+        apply_renames(config, source="runs/x/config.json", renames=table)
+    assert str(err.value) == (
+        "runs/x/config.json: config.lora.gate='rank' was removed; set lora.dispatcher instead."
+    )
+    del config["lora"]["gate"]
+    with pytest.warns(ConfigDeprecationWarning, match="config.train.total_steps=20"):
+        tree = apply_renames(config, renames=table)
+    assert tree["train"]["steps"] == 20 and "total_steps" not in tree["train"]
+    assert set(RENAMES) == {"moe.router"}  # the entries this tree has today
+
+
+def test_moe_config_still_takes_the_old_router_keyword():
+    # Transitional (moejax.lora.routing.router_config passes router=, moejax.models.flops
+    # reads .router): the same table entry, a DeprecationWarning.
+    with pytest.warns(DeprecationWarning, match="MoEConfig\\(router=...\\)"):
+        cfg = MoEConfig(num_experts=4, router="top_p")
+    assert cfg == MoEConfig(num_experts=4, selection="top_p") and cfg.router == "top_p"
+    with pytest.warns(DeprecationWarning):
+        gru = MoEConfig(router="gru", selection="sigmoid_bias")
+    assert (gru.scorer, gru.selection, gru.router) == ("gru", "sigmoid_bias", "gru")
+    with pytest.raises(TypeError, match="unknown field"):
+        MoEConfig(routre="gru")
+
+
+def test_old_spelling_on_the_command_line(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "moejax.train",
+        "--config=configs/gshard.py",
+        "--config.moe.router=gru",
+        "--config.model.num_heads=3",  # stops at validation, before anything is compiled
+        f"--workdir={tmp_path}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 1
+    assert "config.moe.router='gru' is an old spelling, read as moe.scorer='gru'" in proc.stderr
+    assert proc.stderr.count("ConfigDeprecationWarning") == 1
+    assert "model.num_heads=3" in proc.stderr  # the config was read on to validation
+    assert not (tmp_path / "checkpoints").exists()

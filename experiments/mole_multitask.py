@@ -43,6 +43,7 @@ from moejax.config.validation import validate  # noqa: E402
 from moejax.data import tasks  # noqa: E402
 from moejax.generate import generate  # noqa: E402
 from moejax.lora import trainable  # noqa: E402
+from moejax.lora.hook import adapters_for  # noqa: E402
 from moejax.lora.variants import VARIANTS  # noqa: E402
 from moejax.models.transformer import Transformer  # noqa: E402
 from moejax.train.adapter_checkpoint import load_adapted  # noqa: E402
@@ -77,7 +78,7 @@ def _run(config, workdir: str, log) -> float:
 
 def trainable_count(config) -> int:
     s = validate(config)
-    model = Transformer(s.model, s.moe, lora=s.lora)
+    model = Transformer(s.model, s.moe, adapters=adapters_for(s.lora))
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
     return trainable.count(nn.unbox(shapes)["params"])
 
@@ -101,7 +102,7 @@ def accuracy(workdir: str, per_task: int, seed: int) -> dict[str, float]:
     model, variables = load_adapted(workdir)
     examples = tasks.eval_examples(seed, per_task)
     prompts = np.stack([tasks.prompt_tokens(t, x) for t, x, _ in examples])
-    if model.lora is not None and model.lora.method == "xlora":  # two passes: no cache
+    if model.adapters is not None and model.adapters.cfg.method == "xlora":  # two passes: no cache
         out = _greedy_without_cache(model, variables, prompts, tasks.MAX_ANSWER + 1)
     else:
         out = np.asarray(

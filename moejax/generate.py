@@ -9,9 +9,10 @@ The prompt is prefilled in one call of the model in decode mode (`Transformer(de
 whose attention layers append to a `cache` collection: keys and values for GQA, the
 compressed latent and rotary key for MLA), then one token per step in a `lax.fori_loop`.
 Every row of the prompt has the same length P (no padding); the cache holds
-P + max_new_tokens positions. A model with adapters (`Transformer(..., lora=cfg)`) decodes
-with them. Returns int32 `[B, P + max_new_tokens]`; with `eos_id`, a row
-that produced it keeps emitting `eos_id`.
+P + max_new_tokens positions. A model with adapters
+(`Transformer(..., adapters=moejax.lora.hook.adapters_for(cfg))`) decodes with them.
+Returns int32 `[B, P + max_new_tokens]`; with `eos_id`, a row that produced it keeps
+emitting `eos_id`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.lora.config import LoRAConfig
 from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
+from moejax.nn.adapter_hook import AdapterHook
 
 
 def init_cache(model: Transformer, variables: dict, batch: int, max_len: int) -> dict:
@@ -65,12 +66,12 @@ def sample_logits(
 def _compiled(
     model_cfg: ModelConfig,
     moe_cfg: MoEConfig,
-    lora_cfg: LoRAConfig | None,
+    adapters: AdapterHook | None,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
 ):
-    decoder = Transformer(model_cfg, moe_cfg, decode=True, lora=lora_cfg)
+    decoder = Transformer(model_cfg, moe_cfg, decode=True, adapters=adapters)
 
     def step(variables, cache, tokens_BxL, start):
         b, length = tokens_BxL.shape
@@ -124,7 +125,12 @@ def generate(
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(...).")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     run = _compiled(
-        model.model, model.moe, model.lora, int(max_new_tokens), float(temperature), float(top_p)
+        model.model,
+        model.moe,
+        model.adapters,
+        int(max_new_tokens),
+        float(temperature),
+        float(top_p),
     )
     return run(
         _without_cache(variables), jnp.asarray(prompt_BxP, jnp.int32), rng, jnp.int32(eos_id)

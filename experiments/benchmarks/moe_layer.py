@@ -73,13 +73,13 @@ import numpy as np  # noqa: E402
 
 from experiments.benchmarks.timing import device_name, measure, sig, summary  # noqa: E402
 from moejax.models.config import ModelConfig  # noqa: E402
-from moejax.models.layers import DenseMLP  # noqa: E402
 from moejax.moe.config import MoEConfig  # noqa: E402
 from moejax.moe.dispatch import AUTO_PLAN, DISPATCHERS, resolve_gmm_impl  # noqa: E402
 from moejax.moe.experts import swiglu_expert_fn  # noqa: E402
 from moejax.moe.grouped_matmul import gmm  # noqa: E402
 from moejax.moe.layer import MoELayer  # noqa: E402
 from moejax.moe.routers import ROUTERS  # noqa: E402
+from moejax.nn.mlp import DenseMLP  # noqa: E402
 
 OPTIONAL = ("dense_reference", "hf", "breakdown")  # what --skip takes besides dispatcher names
 

@@ -27,9 +27,10 @@ import numpy as np
 
 from moejax.config.sections import ConfigError
 from moejax.hf.layout import layer_slot
-from moejax.lora.adapter import ADAPTER_PREFIX
 from moejax.lora.config import LoRAConfig
+from moejax.lora.hook import adapters_for
 from moejax.lora.merge import check_mergeable
+from moejax.lora.targets import ADAPTER_PREFIX
 from moejax.models.transformer import Transformer
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -187,7 +188,7 @@ def load_adapter(
         rslora=bool(cfg.get("use_rslora", False)),
         targets=",".join(f"{mod}.{p}" for mod, p in sorted(found)),
     )
-    adapted = model.clone(lora=lora)
+    adapted = model.clone(adapters=adapters_for(lora))
     from moejax.hf import abstract_variables
 
     shapes = abstract_variables(adapted)
@@ -228,9 +229,12 @@ def save_adapter(
     `peft.PeftModel.from_pretrained(hf_base, path)` loads; returns the adapter config."""
     from safetensors.numpy import save_file
 
-    lora = model.lora
+    lora = None if model.adapters is None else model.adapters.cfg
     if lora is None or lora.method == "none":
-        raise ConfigError("save_adapter needs a model with adapters (Transformer(..., lora=)).")
+        raise ConfigError(
+            "save_adapter needs a model with adapters "
+            "(Transformer(..., adapters=adapters_for(lora_config)))."
+        )
     check_mergeable(lora)
     m = model.model
     if m.attention != "gqa":

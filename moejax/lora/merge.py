@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from moejax.config.sections import ConfigError
-from moejax.lora.adapter import ADAPTER_PREFIX, lora_scale
 from moejax.lora.config import LoRAConfig
+from moejax.lora.targets import ADAPTER_PREFIX
+from moejax.lora.weights import lora_scale
 
 # Methods whose adapters are input-independent weight updates `a[1, d_in, r] b[1, r, d_out]`.
 STATIC_METHODS = ("lora",)
@@ -33,7 +34,7 @@ def check_mergeable(cfg: LoRAConfig) -> None:
             f"lora.method={cfg.method!r} (lora.num_experts={cfg.num_experts}) routes tokens "
             f"to adapters per input, which no single merged weight expresses; only static "
             f"methods {STATIC_METHODS} with one expert merge. Run the adapted model "
-            f"(Transformer(..., lora=cfg)) for inference instead."
+            f"(Transformer(..., adapters=adapters_for(cfg))) for inference instead."
         )
 
 

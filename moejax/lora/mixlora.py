@@ -21,45 +21,20 @@ Parameters (children of the MLP, contract of `moejax.lora.adapter`): `lora_route
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.lora import collect
 from moejax.lora.config import LoRAConfig
+from moejax.lora.method import LoRAMethod, report_routing
 from moejax.lora.routing import router_config
-
-
-class ExpertLoRAWeights(nn.Module):
-    """`a[E, d_in, r]` (uniform +-1/sqrt(d_in)) and `b[E, r, d_out]` (zeros) of one
-    projection's E experts."""
-
-    num_experts: int
-    rank: int
-    d_in: int
-    d_out: int
-    param_dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self):
-        from moejax.lora.adapter import _uniform_fan_in
-
-        e, r, pdt = self.num_experts, self.rank, jnp.dtype(self.param_dtype)
-        a = self.param(
-            "a",
-            nn.with_logical_partitioning(_uniform_fan_in, ("lora_experts", "lora_in", "lora_rank")),
-            (e, self.d_in, r),
-            pdt,
-        )
-        b = self.param(
-            "b",
-            nn.with_logical_partitioning(
-                nn.initializers.zeros, ("lora_experts", "lora_rank", "lora_out")
-            ),
-            (e, r, self.d_out),
-            pdt,
-        )
-        return a, b
+from moejax.lora.targets import is_target
+from moejax.lora.weights import ExpertLoRAWeights, lora_scale
+from moejax.moe.dispatch import dispatch
+from moejax.moe.experts import ExpertFn
+from moejax.moe.routers import LinearRouter
 
 
 def mixlora_mlp(
@@ -73,11 +48,6 @@ def mixlora_mlp(
 ) -> jax.Array:
     """The MixLoRA FFN of `x[..., d]` (module docstring); call in the MLP's compact method
     with its (frozen) weights already cast to the compute `dtype`."""
-    from moejax.lora.adapter import lora_scale
-    from moejax.moe.dispatch import dispatch
-    from moejax.moe.experts import ExpertFn
-    from moejax.moe.routers import LinearRouter
-
     lead, d, f = x.shape[:-1], x.shape[-1], w_gate.shape[-1]
     e, s = cfg.num_experts, lora_scale(cfg)
     moe_cfg = router_config(cfg, e)
@@ -86,15 +56,15 @@ def mixlora_mlp(
     routing = LinearRouter(
         moe_cfg, param_dtype=module.param_dtype, expert_axis="lora_experts", name="lora_router"
     )(x2)
-    collect.report(module.scope.path + ("lora_router",), routing.aux_losses, routing.metrics)
+    report_routing(module, routing, routing.aux_losses)
     weights = {}
     for name, d_in, d_out in (("gate", d, f), ("up", d, f), ("down", f, d)):
         a, b = ExpertLoRAWeights(
             e, cfg.rank, d_in, d_out, module.param_dtype, name=f"lora_w_{name}"
         )()
         weights[f"a_{name}"], weights[f"b_{name}"] = a.astype(dtype), b.astype(dtype)
-    # The base FFN exactly as moejax.models.layers.DenseMLP computes it (same shapes, same
-    # ops), so zero-initialised adapters give its output bit for bit.
+    # The base FFN exactly as moejax.nn.mlp.DenseMLP computes it (same shapes, same ops), so
+    # zero-initialised adapters give its output bit for bit.
     g0, u0 = x @ w_gate, x @ w_up
     y0 = (nn.silu(g0) * u0) @ w_down
 
@@ -109,3 +79,16 @@ def mixlora_mlp(
     rows = jnp.concatenate([x2, g0.reshape(-1, f), u0.reshape(-1, f)], axis=-1)
     delta, _ = dispatch(rows, routing, ExpertFn(fn, weights), moe_cfg)
     return y0 + delta.astype(dtype).reshape(lead + (d,))
+
+
+class MixLoRA(LoRAMethod):
+    """`mixlora`: targeted MLPs become MixLoRA's MoE (module docstring); the attention
+    projections it targets get plain LoRA."""
+
+    def adapter_config(self, cfg: LoRAConfig) -> LoRAConfig:
+        return dataclasses.replace(cfg, method="lora", num_experts=1, top_k=1)
+
+    def replace_mlp(self, module, cfg, x, weights, context, dtype):
+        if not is_target(cfg, module.name, "w_gate"):
+            return None
+        return mixlora_mlp(module, cfg, x, *weights, dtype)

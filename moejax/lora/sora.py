@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from moejax.lora.adapter import is_adapter_path
+from moejax.lora.config import LoRAConfig
+from moejax.lora.method import LoRAMethod
+from moejax.lora.targets import is_adapter_path
 
 
 def soft_threshold(g: jax.Array, threshold) -> jax.Array:
@@ -59,3 +62,18 @@ def prune(params: Any) -> tuple[Any, dict[str, int]]:
         out[module + ("b",)] = np.asarray(flat[module + ("b",)])[:, keep, :]
         ranks["/".join(module)] = int(keep.size)
     return traverse_util.unflatten_dict(out), ranks
+
+
+class SoRA(LoRAMethod):
+    """`sora`: the rank gate `gate[r]` (ones) on h = A x, its proximal step after each
+    optimizer step, and no weight decay on it (the L1 step is its regulariser)."""
+
+    def gate_ranks(self, adapter, h, param_dtype, dtype):
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("lora_rank",))
+        return h * adapter.param("gate", init, (h.shape[-1],), param_dtype).astype(dtype)
+
+    def post_update(self, cfg: LoRAConfig, params: Any, learning_rate) -> Any:
+        return proximal_step(params, learning_rate * cfg.sora_lambda)
+
+    def decays(self, names: list[str]) -> bool:
+        return names[-1] != "gate"

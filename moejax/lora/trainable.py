@@ -14,15 +14,17 @@ differentiates with respect to `trainable` only.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
+import jax
 from flax import traverse_util
 
-from moejax.lora.adapter import is_adapter_path, join_trees, split_tree
+from moejax.lora.targets import is_adapter_path
 
 # (adapter module name or "*", leaf name) pairs that stay frozen although they live inside an
 # adapter module. Variants add theirs, e.g. ("*", "a_frozen") for a fixed random projection.
-FROZEN_ADAPTER_LEAVES: set[tuple[str, str]] = set()
+FROZEN_ADAPTER_LEAVES: frozenset[tuple[str, str]] = frozenset()
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -49,26 +51,14 @@ def is_trainable(path: Sequence[Any]) -> bool:
 
 def labels(params: Any) -> Any:
     """A tree like `params` with "trainable" / "frozen" at each leaf (optax.multi_transform)."""
-    import jax
 
     return jax.tree_util.tree_map_with_path(
         lambda path, _: TRAINABLE if is_trainable(path) else FROZEN, params
     )
 
 
-def partition(params: Any) -> tuple[dict, dict]:
-    """`params -> (trainable, frozen)`, two nested dicts that `combine` joins back."""
-    return split_tree(params, is_trainable)
-
-
-def combine(trainable: Any, frozen: Any) -> dict:
-    """The inverse of `partition`."""
-    return join_trees(frozen, trainable)
-
-
 def count(params: Any) -> int:
     """Number of trainable scalars in `params`."""
-    import math
 
     flat = traverse_util.flatten_dict(params)
     return sum(math.prod(getattr(v, "shape", ())) for k, v in flat.items() if is_trainable(k))

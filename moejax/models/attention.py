@@ -20,10 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.lora.adapter import add_delta, lora_delta
-from moejax.lora.config import LoRAConfig
 from moejax.models.config import ModelConfig
-from moejax.models.layers import dtype_of, logical_param, rotary_embedding
+from moejax.nn.adapter_hook import AdapterContext, AdapterHook, add_delta, projection_delta
+from moejax.nn.params import dtype_of, logical_param
+from moejax.nn.rotary import rotary_embedding
 
 
 def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
@@ -68,11 +68,15 @@ def cached(module: nn.Module, entries: dict[str, jax.Array]):
 class Attention(nn.Module):
     cfg: ModelConfig
     decode: bool = False
-    lora: LoRAConfig | None = None  # adapters on the targeted projections (moejax.lora)
+    adapters: AdapterHook | None = None  # low-rank deltas on the projections (moejax.nn)
 
     @nn.compact
     def __call__(
-        self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array
+        self,
+        x_BxLxD: jax.Array,
+        segment_ids_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        adapter_context: AdapterContext | None = None,
     ) -> jax.Array:
         cfg = self.cfg
         d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -83,18 +87,30 @@ class Attention(nn.Module):
         wv = logical_param(self, "wv", (d, kvh, hd), ("embed", "heads", "kv"), cfg.init_std, pdt)
         wo = logical_param(self, "wo", (h, hd, d), ("heads", "kv", "embed"), out_std, pdt)
         x = x_BxLxD.astype(dt)
-        adapt = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+        def delta(param, inputs, out_shape):
+            return projection_delta(
+                self,
+                self.adapters,
+                param,
+                inputs,
+                out_shape,
+                adapter_context,
+                cfg.dtype,
+                cfg.param_dtype,
+            )
+
         q = add_delta(
             jnp.einsum("bld,dhk->blhk", x, wq.astype(dt)),
-            lora_delta(self, self.lora, "wq", x, (h, hd), **adapt),
+            delta("wq", x, (h, hd)),
         )
         k = add_delta(
             jnp.einsum("bld,dhk->blhk", x, wk.astype(dt)),
-            lora_delta(self, self.lora, "wk", x, (kvh, hd), **adapt),
+            delta("wk", x, (kvh, hd)),
         )
         v = add_delta(
             jnp.einsum("bld,dhk->blhk", x, wv.astype(dt)),
-            lora_delta(self, self.lora, "wv", x, (kvh, hd), **adapt),
+            delta("wv", x, (kvh, hd)),
         )
         if cfg.attention_bias:  # Qwen2: q/k/v biases, zero-initialised
             init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
@@ -112,4 +128,4 @@ class Attention(nn.Module):
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # GQA: kv heads are repeated
         y = jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
         flat = out.reshape(out.shape[:2] + (h * hd,))
-        return add_delta(y, lora_delta(self, self.lora, "wo", flat, (d,), **adapt))
+        return add_delta(y, delta("wo", flat, (d,)))

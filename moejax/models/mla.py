@@ -26,7 +26,9 @@ import jax.numpy as jnp
 
 from moejax.models.attention import attention_mask, cached
 from moejax.models.config import ModelConfig
-from moejax.models.layers import RMSNorm, dtype_of, logical_param, rotary_embedding
+from moejax.nn.norm import RMSNorm
+from moejax.nn.params import dtype_of, logical_param
+from moejax.nn.rotary import rotary_embedding
 
 LATENT_NORM_EPS = 1e-6
 
@@ -34,11 +36,15 @@ LATENT_NORM_EPS = 1e-6
 class MLAttention(nn.Module):
     cfg: ModelConfig
     decode: bool = False
-    lora: object = None  # adapters are not applied to MLA's projections (validation says so)
+    adapters: object = None  # adapters are not applied to MLA's projections (validation says so)
 
     @nn.compact
     def __call__(
-        self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array
+        self,
+        x_BxLxD: jax.Array,
+        segment_ids_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        adapter_context: object = None,
     ) -> jax.Array:
         cfg = self.cfg
         d, h = cfg.d_model, cfg.num_heads

@@ -8,24 +8,25 @@ does not grow with depth: one scan over the `first_k_dense` dense layers, then o
 the MoE part, whose unit is a single MoE block (`moe_every=1`) or a period of
 `moe_every - 1` dense blocks (an inner scan) followed by one MoE block. The scan carry is
 `(x, router_state)` so a recurrent router (RMoE) can pass its state from layer to layer;
-model-level router parameters (RMoE's shared GRU cell) are broadcast to every layer with the
-context. Optional rematerialisation (`model.remat`) wraps each block. `model.scan_layers=False`
-unrolls the same stacks into a Python loop (layers named `<stack>_<i>`; `unscan_params`
-converts scanned parameters to that layout), computing the same function. Attention is GQA
-or DeepSeek's MLA (`model.attention`); `decode=True` gives every attention layer a key/value
-cache in the `cache` collection (`moejax.generate`).
+the per-call inputs every block reads (segment ids, positions, model-level router
+parameters such as RMoE's shared GRU cell, adapter scalings) travel as one `BlockContext`,
+and each block returns a `BlockOutput` (aux losses, metrics, per-token routing), stacked
+over layers by the scan. Optional rematerialisation (`model.remat`) wraps each block.
+`model.scan_layers=False` unrolls the same stacks into a Python loop (layers named
+`<stack>_<i>`; `unscan_params` converts scanned parameters to that layout), computing the
+same function. Attention is GQA or DeepSeek's MLA (`model.attention`); `decode=True` gives
+every attention layer a key/value cache in the `cache` collection (`moejax.generate`).
 
-`apply(variables, inputs[B, L], segment_ids, positions)` takes `variables = {"params": ...}`,
-plus `"router_bias": ...` (stacked per-expert biases [layers, E]) for DeepSeek-V3's
-`sigmoid_bias` routing, and returns float32 logits [B, L, V] and
-`extras`: `aux_loss` (scalar, already weighted), `aux_losses` (name -> scalar summed over
-layers; LoRA expert routers' as `lora_<name>`), `moe_metrics` (name -> array with a leading
-MoE-layer axis), `routing` (per-token decisions `[num_moe_layers, B, L]`: `top1_expert`,
-`experts_per_token`), `lora_metrics` (name -> scalar, the adapter routers' statistics
-averaged over adapters and layers) and `lora_load` (bias path -> load, for the sign rule
-of `moejax.lora.balance`). Adapters report these through `moejax.lora.collect`, which every
-block opens around its body. With `lora.method="xlora"` the stacks run twice: once without
-adapters (X-LoRA's scaling pass), then with the classifier's scalings.
+`apply(variables, inputs[B, L], segment_ids, positions)` takes `variables = {"params": ...}`
+plus the model's non-trainable collections (`moejax.nn.collections`: DeepSeek-V3's
+`router_bias`, the adapters' `lora_bias` / `lora_frozen`), and returns float32 logits
+[B, L, V] and `extras`: `aux_loss` (scalar, already weighted), `aux_losses` (name -> scalar
+summed over layers), `moe_metrics` (name -> array with a leading MoE-layer axis) and
+`routing` (per-token decisions `[num_moe_layers, B, L]`: `top1_expert`,
+`experts_per_token`). Adapters (`adapters`, a `moejax.nn.adapter_hook.AdapterHook`) sow
+their losses, metrics and loads; `moejax.models.side_outputs.apply_model` applies the model
+with those collections mutable and adds them to `extras`. With X-LoRA the hook runs the
+stacks once more to compute its scalings.
 """
 
 from __future__ import annotations
@@ -33,19 +34,20 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax.lora import collect
-from moejax.lora.config import LoRAConfig
-from moejax.lora.xlora import XLoRAClassifier
 from moejax.models.attention import Attention
 from moejax.models.config import ModelConfig
-from moejax.models.layers import DenseMLP, RMSNorm, dtype_of, logical_param
 from moejax.models.mla import MLAttention
 from moejax.moe.config import MoEConfig
 from moejax.moe.layer import MoELayer
 from moejax.moe.routers import initial_router_state, shared_router_params
+from moejax.nn.adapter_hook import AdapterContext, AdapterHook
+from moejax.nn.mlp import DenseMLP
+from moejax.nn.norm import RMSNorm
+from moejax.nn.params import dtype_of, logical_param
 
 ACTIVATION_AXES = ("batch", "length", "act_embed")  # logical names of the residual stream
 SCANNED_STACKS = ("dense_layers", "moe_layers", "moe_periods", "dense")
@@ -57,42 +59,64 @@ REMAT = {
 }
 
 
+@flax.struct.dataclass
+class BlockContext:
+    """What every block of one forward pass reads (broadcast to the scanned layers).
+
+    segment_ids, positions: int32[B, L]; shared_router: model-level router parameters
+    (RMoE's shared GRU cell) or None; scalings: the adapters' per-token scalings [B, L, E]
+    (X-LoRA) or None.
+    """
+
+    segment_ids: jax.Array
+    positions: jax.Array
+    shared_router: Any = None
+    scalings: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class BlockOutput:
+    """What a block returns besides its carry; stacked over layers by the scan. Empty for
+    dense blocks. aux_losses: name -> weighted scalar; metrics: name -> array; per_token:
+    `top1_expert`, `experts_per_token` int32[B, L]."""
+
+    aux_losses: dict[str, jax.Array]
+    metrics: dict[str, jax.Array]
+    per_token: dict[str, jax.Array]
+
+
 class Block(nn.Module):
     model: ModelConfig
     moe: MoEConfig | None = None  # None: dense FFN
     decode: bool = False  # attention keeps a key/value cache (moejax.generate)
-    lora: LoRAConfig | None = None  # adapters on the targeted projections (moejax.lora)
-
-    def __call__(self, carry, ctx):
-        with collect.block_scope(xlora_scalings=ctx[3], token_mask=ctx[0] > 0) as adapters:
-            carry, outputs = self._body(carry, ctx)
-        return carry, outputs + (collect.block_outputs(adapters),)
+    adapters: AdapterHook | None = None  # low-rank adapters (moejax.nn.adapter_hook)
 
     @nn.compact
-    def _body(self, carry, ctx):
+    def __call__(self, carry, ctx: BlockContext):
         x, router_state = carry
         # The residual stream is split over the batch axes only: FSDP then gathers weights
         # rather than partial products (a no-op outside moejax.sharding.activation_rules).
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        segment_ids, positions, shared_router, _ = ctx
+        adapter_ctx = AdapterContext(token_mask=ctx.segment_ids > 0, scalings=ctx.scalings)
         m = self.model
         norm = dict(eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype)
-        attn = ATTENTION[m.attention](m, self.decode, self.lora, name="attn")
-        h = attn(RMSNorm(**norm, name="attn_norm")(x), segment_ids, positions)
+        attn = ATTENTION[m.attention](m, self.decode, self.adapters, name="attn")
+        h = attn(RMSNorm(**norm, name="attn_norm")(x), ctx.segment_ids, ctx.positions, adapter_ctx)
         x = x + h.astype(x.dtype)
         h = RMSNorm(**norm, name="ffn_norm")(x)
         if self.moe is None:
             out_std = m.init_std / (2 * m.num_layers) ** 0.5
             y = DenseMLP(
-                m.d_ff, m.init_std, out_std, m.dtype, m.param_dtype, self.lora, name="mlp"
-            )(h)
-            outputs = ({}, {}, {})
+                m.d_ff, m.init_std, out_std, m.dtype, m.param_dtype, self.adapters, name="mlp"
+            )(h, adapter_ctx)
+            output = BlockOutput({}, {}, {})
         else:
-            y, router_state, aux, metrics, per_token = MoELayer(self.moe, m, self.lora, name="moe")(
-                h, router_state, segment_ids > 0, shared_router
+            moe = MoELayer(self.moe, m, self.adapters, name="moe")(
+                h, router_state, ctx.segment_ids > 0, ctx.shared_router, adapter_ctx
             )
-            outputs = (aux, metrics, per_token)
-        return (x + y.astype(x.dtype), router_state), outputs
+            y, router_state = moe.y, moe.router_state
+            output = BlockOutput(moe.aux_losses, moe.metrics, moe.per_token)
+        return (x + y.astype(x.dtype), router_state), output
 
 
 def _block_cls(model: ModelConfig):
@@ -102,8 +126,8 @@ def _block_cls(model: ModelConfig):
 
 
 def _scan(cls, length: int):
-    # Every collection (params, a router's non-trainable state, the decoding cache) is
-    # stacked along the layer axis.
+    # Every collection (params, non-trainable state, sown side outputs, the decoding cache)
+    # is stacked along the layer axis.
     return nn.scan(
         cls,
         variable_axes={True: 0},
@@ -121,36 +145,33 @@ def _stack(
     moe: MoEConfig | None,
     name: str,
     decode: bool = False,
-    lora: LoRAConfig | None = None,
+    adapters: AdapterHook | None = None,
     first_layer: int = 0,
 ):
     """`length` blocks as one scanned module `name`, or (`scan_layers=False`) a loop over
     modules `name_0 .. name_{length-1}`; either way `(carry, ctx) -> (carry, stacked outputs)`.
     Must be called inside a compact method (the loop's modules bind to the caller).
-    Unrolled blocks get their layer's LoRA config (MoLA's per-layer expert counts;
-    `first_layer` is the model layer of block 0), and their adapter loads (keyed by their
-    own paths) are merged rather than stacked."""
+    Unrolled blocks get their layer's adapter hook (MoLA's per-layer expert counts;
+    `first_layer` is the model layer of block 0)."""
     if model.scan_layers:
-        return _scan(cls, length)(model, moe, decode, lora, name=name)
+        return _scan(cls, length)(model, moe, decode, adapters, name=name)
     blocks = [
         cls(
             model,
             moe,
             decode,
-            lora if lora is None else lora.for_layer(first_layer + i, model.num_layers),
+            None if adapters is None else adapters.for_layer(first_layer + i, model.num_layers),
             name=f"{name}_{i}",
         )
         for i in range(length)
     ]
 
     def run(carry, ctx):
-        outputs, loads = [], {}
+        outputs = []
         for block in blocks:
             carry, out = block(carry, ctx)
-            loads.update(out[-1]["load"])
-            outputs.append(out[:-1] + ({**out[-1], "load": {}},))
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
-        return carry, stacked[:-1] + ({**stacked[-1], "load": loads},)
+            outputs.append(out)
+        return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
 
     return run
 
@@ -198,40 +219,23 @@ class MoEPeriod(nn.Module):
     model: ModelConfig
     moe: MoEConfig
     decode: bool = False
-    lora: LoRAConfig | None = None
+    adapters: AdapterHook | None = None
 
     @nn.compact
-    def __call__(self, carry, ctx):
+    def __call__(self, carry, ctx: BlockContext):
         block = _block_cls(self.model)
-        carry, dense_out = _stack(
-            block, self.model.moe_every - 1, self.model, None, "dense", self.decode, self.lora
-        )(carry, ctx)
-        carry, out = block(self.model, self.moe, self.decode, self.lora, name="moe_block")(
-            carry, ctx
-        )
-        # The dense blocks' adapter losses and metrics join the MoE block's.
-        inner, lora_out = dense_out[-1], out[-1]
-        lora_out = {
-            "aux": {
-                k: lora_out["aux"].get(k, 0.0) + jnp.sum(inner["aux"].get(k, 0.0))
-                for k in set(lora_out["aux"]) | set(inner["aux"])
-            },
-            "metrics": {
-                k: (v + jnp.sum(inner["metrics"][k])) / (1 + inner["metrics"][k].size)
-                if k in inner["metrics"]
-                else v
-                for k, v in lora_out["metrics"].items()
-            },
-            "load": {**inner["load"], **lora_out["load"]},
-        }
-        return carry, out[:-1] + (lora_out,)
+        carry, _ = _stack(
+            block, self.model.moe_every - 1, self.model, None, "dense", self.decode, self.adapters
+        )(carry, ctx)  # dense blocks return empty outputs
+        return block(self.model, self.moe, self.decode, self.adapters, name="moe_block")(carry, ctx)
 
 
 class Transformer(nn.Module):
     model: ModelConfig
     moe: MoEConfig
     decode: bool = False  # keep a key/value cache in the `cache` collection (moejax.generate)
-    lora: LoRAConfig | None = None  # low-rank adapters (moejax.lora); None or "none": off
+    # Low-rank adapters (moejax.lora.hook.adapters_for(config.lora)); None: none.
+    adapters: AdapterHook | None = None
 
     @nn.compact
     def __call__(
@@ -265,82 +269,51 @@ class Transformer(nn.Module):
             stacks.append(
                 (
                     _stack(
-                        block, num_dense_prefix, m, None, "dense_layers", self.decode, self.lora
+                        block, num_dense_prefix, m, None, "dense_layers", self.decode, self.adapters
                     ),
                     False,
                 )
             )
         if m.num_moe_layers:
             if m.moe_every == 1:
-                stacks.append(
-                    (
-                        _stack(
-                            block,
-                            m.num_moe_layers,
-                            m,
-                            self.moe,
-                            "moe_layers",
-                            self.decode,
-                            self.lora,
-                            first_layer=m.first_k_dense,
-                        ),
-                        True,
-                    )
+                moe_stack = _stack(
+                    block,
+                    m.num_moe_layers,
+                    m,
+                    self.moe,
+                    "moe_layers",
+                    self.decode,
+                    self.adapters,
+                    first_layer=m.first_k_dense,
                 )
             else:
-                stacks.append(
-                    (
-                        _stack(
-                            MoEPeriod,
-                            m.num_moe_layers,
-                            m,
-                            self.moe,
-                            "moe_periods",
-                            self.decode,
-                            self.lora,
-                        ),
-                        True,
-                    )
+                moe_stack = _stack(
+                    MoEPeriod,
+                    m.num_moe_layers,
+                    m,
+                    self.moe,
+                    "moe_periods",
+                    self.decode,
+                    self.adapters,
                 )
+            stacks.append((moe_stack, True))
         final_norm = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")
 
         def run(scalings):
-            ctx = (segment_ids_BxL, positions_BxL, shared_router, scalings)
+            ctx = BlockContext(segment_ids_BxL, positions_BxL, shared_router, scalings)
             carry = (x, router_state)
-            moe_out, lora_outs = ({}, {}, {}), []
+            moe_out = BlockOutput({}, {}, {})
             for stack, is_moe in stacks:
                 carry, out = stack(carry, ctx)
-                lora_outs.append(out[-1])
                 if is_moe:
-                    moe_out = out[:-1]
-            return (
-                final_norm(nn.with_logical_constraint(carry[0], ACTIVATION_AXES)),
-                moe_out,
-                lora_outs,
-            )
+                    moe_out = out
+            hidden = final_norm(nn.with_logical_constraint(carry[0], ACTIVATION_AXES))
+            return hidden, moe_out
 
-        xlora = self.lora is not None and self.lora.method == "xlora"
-        if xlora and self.decode:
-            raise ValueError(
-                "lora.method='xlora' runs the model twice per call, which the "
-                "decoding cache does not support; merge or drop the adapters "
-                "to decode."
-            )
-        if xlora:  # X-LoRA: a pass without adapters (scalings 0) feeds the classifier
-            hidden, _, _ = run(jnp.zeros((b, length, self.lora.num_experts), jnp.float32))
-            scalings = XLoRAClassifier(self.lora, m.param_dtype, name="lora_xlora_classifier")(
-                jax.lax.stop_gradient(hidden)
-            )
-        h, (aux, metrics, per_token), lora_outs = run(scalings if xlora else None)
-        aux = dict(aux)
-        lora_metrics, lora_load = {}, {}
-        for out in lora_outs:
-            for k, v in out["aux"].items():
-                aux[k] = jnp.sum(v) + (jnp.sum(aux[k]) if k in aux else 0.0)
-            for k, v in out["metrics"].items():
-                lora_metrics.setdefault(k, []).append(jnp.ravel(v))
-            lora_load.update(out["load"])
-        lora_metrics = {k: jnp.mean(jnp.concatenate(v)) for k, v in lora_metrics.items()}
+        scalings = None
+        if self.adapters is not None:  # X-LoRA: a pass without adapters feeds its classifier
+            scalings = self.adapters.scalings(self, lambda s: run(s)[0], (b, length))
+        h, moe_out = run(scalings)
         if m.tie_embeddings:
             logits = h @ embedding.astype(dt).T
         else:
@@ -348,14 +321,12 @@ class Transformer(nn.Module):
                 self, "lm_head", (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std, pdt
             )
             logits = h @ head.astype(dt)
-        aux_losses = {name: jnp.sum(v) for name, v in aux.items()}
+        aux_losses = {name: jnp.sum(v) for name, v in moe_out.aux_losses.items()}
         aux_loss = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
         extras = {
             "aux_loss": aux_loss,
             "aux_losses": aux_losses,
-            "moe_metrics": metrics,
-            "routing": per_token,
-            "lora_metrics": lora_metrics,
-            "lora_load": lora_load,
+            "moe_metrics": moe_out.metrics,
+            "routing": moe_out.per_token,
         }
         return logits.astype(jnp.float32), extras

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.models.layers import dtype_of, logical_param
+from moejax.nn.params import dtype_of, logical_param
 
 MatmulFn = Callable[[jax.Array, jax.Array], jax.Array]
 

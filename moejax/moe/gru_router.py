@@ -38,10 +38,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.models.layers import dtype_of, logical_param
 from moejax.moe.config import MoEConfig
 from moejax.moe.routing import Routing
-from moejax.moe.selection import SELECTIONS, selection_bias
+from moejax.moe.selection import SELECTIONS, report_bias_load, selection_bias
+from moejax.nn.params import dtype_of, logical_param
 
 CellParams = dict[str, jax.Array]
 
@@ -117,7 +117,9 @@ class GRURouter(nn.Module):
             self, "kernel", (h, cfg.num_experts), (None, "expert"), self.init_std, pdt
         )
         logits = new_state @ w2.astype(jnp.float32)
-        sel = SELECTIONS[cfg.selection](logits, mask_T, cfg, selection_bias(self, cfg), seq_len)
+        bias = selection_bias(self, cfg)
+        sel = SELECTIONS[cfg.selection](logits, mask_T, cfg, bias, seq_len)
+        report_bias_load(self, bias, sel.metrics["load"])
         return Routing(
             expert_ids=sel.expert_ids,
             combine_weights=sel.weights,

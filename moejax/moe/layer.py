@@ -5,9 +5,10 @@ y = sum_{j<k} g_{t,j} E_{e_{t,j}}(x_t) + SharedMLP(x_t)   (DeepSeekMoE, Dai et a
 With `shared_gate` (Qwen2-MoE, Qwen Team, 2024) the shared term is
 `sigmoid(x_t . w_gate) * SharedMLP(x_t)`, and `d_shared` sets its width.
 
-Input `x[B, L, d]` is flattened to T = B*L tokens for routing and dispatch. Returns the layer
-output, the router state for the next MoE layer, the weighted aux losses, the metrics, and
-per-token routing decisions `[B, L]` for analysis (`top1_expert`, `experts_per_token`).
+Input `x[B, L, d]` is flattened to T = B*L tokens for routing and dispatch. Returns an
+`MoEOutput`: the layer output, the router state for the next MoE layer, the weighted aux
+losses, the metrics, and per-token routing decisions `[B, L]` for analysis (`top1_expert`,
+`experts_per_token`).
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax.lora.config import LoRAConfig
-from moejax.models.config import ModelConfig
-from moejax.models.layers import DenseMLP, dtype_of, logical_param
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import dispatch
 from moejax.moe.experts import RoutedExperts
 from moejax.moe.routers import ROUTERS
+from moejax.nn.adapter_hook import AdapterContext, AdapterHook
+from moejax.nn.mlp import DenseMLP
+from moejax.nn.params import dtype_of, logical_param
 
 
 def shared_width(cfg: MoEConfig) -> int:
@@ -34,10 +36,28 @@ def shared_width(cfg: MoEConfig) -> int:
     return cfg.d_shared or cfg.n_shared * cfg.d_expert
 
 
+@flax.struct.dataclass
+class MoEOutput:
+    """What one MoE layer returns.
+
+    y: [B, L, d]; router_state: the state for the next MoE layer's router (None for stateless
+    routers); aux_losses: name -> scalar, already weighted; metrics: name -> array (logged);
+    per_token: `top1_expert` and `experts_per_token`, int32[B, L].
+    """
+
+    y: jax.Array
+    router_state: Any
+    aux_losses: dict[str, jax.Array]
+    metrics: dict[str, jax.Array]
+    per_token: dict[str, jax.Array]
+
+
 class MoELayer(nn.Module):
     cfg: MoEConfig
-    model: ModelConfig
-    lora: LoRAConfig | None = None  # adapters on the shared experts' projections ("shared.*")
+    # The model section (`moejax.models.config.ModelConfig`): its init_std, num_layers, dtype
+    # and param_dtype, read by attribute so that moe/ does not import models/.
+    model: Any
+    adapters: AdapterHook | None = None  # adapters on the shared experts ("shared.*")
 
     @nn.compact
     def __call__(
@@ -46,7 +66,8 @@ class MoELayer(nn.Module):
         router_state: Any = None,
         mask_BxL: jax.Array | None = None,
         shared_router: Any = None,
-    ):
+        adapter_context: AdapterContext | None = None,
+    ) -> MoEOutput:
         cfg, m = self.cfg, self.model
         b, length, d = x_BxLxD.shape
         x = x_BxLxD.reshape(b * length, d)
@@ -73,9 +94,9 @@ class MoELayer(nn.Module):
                 out_std,
                 m.dtype,
                 m.param_dtype,
-                self.lora,
+                self.adapters,
                 name="shared",
-            )(x)
+            )(x, adapter_context)
             if cfg.shared_gate:  # Qwen2-MoE: sigmoid(x . w_gate) scales the shared output
                 w = logical_param(
                     self, "shared_gate", (d,), ("embed",), m.init_std, dtype_of(m.param_dtype)
@@ -83,11 +104,16 @@ class MoELayer(nn.Module):
                 dt = dtype_of(m.dtype)
                 shared = jax.nn.sigmoid(x.astype(dt) @ w.astype(dt))[:, None] * shared
             y = y + shared
-        metrics = {**routing.metrics, **dispatch_metrics}
         per_token = {
             "top1_expert": routing.expert_ids[:, 0].reshape(b, length),
             "experts_per_token": jnp.sum(
                 routing.combine_weights > 0, axis=-1, dtype=jnp.int32
             ).reshape(b, length),
         }
-        return y.reshape(b, length, d), routing.state, routing.aux_losses, metrics, per_token
+        return MoEOutput(
+            y=y.reshape(b, length, d),
+            router_state=routing.state,
+            aux_losses=routing.aux_losses,
+            metrics={**routing.metrics, **dispatch_metrics},
+            per_token=per_token,
+        )

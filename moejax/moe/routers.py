@@ -27,11 +27,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.models.layers import dtype_of, logical_param
 from moejax.moe.config import MoEConfig
 from moejax.moe.gru_router import GRUCell, GRURouter
 from moejax.moe.routing import Routing
-from moejax.moe.selection import BIAS_COLLECTION, SELECTIONS, selection_bias
+from moejax.moe.selection import BIAS_COLLECTION, SELECTIONS, report_bias_load, selection_bias
+from moejax.nn.params import dtype_of, logical_param
 
 
 class LinearRouter(nn.Module):
@@ -72,6 +72,7 @@ class LinearRouter(nn.Module):
         rule = self.rule or SELECTIONS[cfg.selection]
         bias = selection_bias(self, cfg, self.bias_collection, self.expert_axis)
         sel = rule(logits, mask_T, cfg, bias, seq_len)
+        report_bias_load(self, bias, sel.metrics["load"])
         return Routing(
             expert_ids=sel.expert_ids,
             combine_weights=sel.weights,

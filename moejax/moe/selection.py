@@ -58,8 +58,9 @@ from moejax.moe.losses import (
     routing_metrics,
     sequence_balance_loss,
 )
+from moejax.nn.collections import BALANCE_LOAD, ROUTER_BIAS, sow_value
 
-BIAS_COLLECTION = "router_bias"  # non-trainable variables: {"router_bias": {..., "bias": [E]}}
+BIAS_COLLECTION = ROUTER_BIAS  # non-trainable variables: {"router_bias": {..., "bias": [E]}}
 
 
 class Selection(NamedTuple):
@@ -209,3 +210,10 @@ SELECTIONS: dict[str, Rule] = {
     "sigmoid_bias": sigmoid_bias,
 }
 BIASED_RULES = ("sigmoid_bias",)
+
+
+def report_bias_load(module: nn.Module, bias: jax.Array | None, load: jax.Array) -> None:
+    """Sows the step's `load[E]` beside a router's sign-rule bias (`balance_load`, same scope
+    and name as the bias, so the load tree mirrors the bias tree); nothing without a bias."""
+    if bias is not None:
+        sow_value(module, BALANCE_LOAD, "bias", load)

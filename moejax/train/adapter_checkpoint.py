@@ -37,15 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from moejax.config.validation import Sections, validate
 from moejax.config.sections import ConfigError
+from moejax.config.validation import Sections, validate
 from moejax.hf import from_pretrained
 from moejax.lora import trainable as trainable_lib
-from moejax.lora.adapter import COLLECTIONS as LORA_COLLECTIONS
-from moejax.lora.adapter import join_adapters, split_adapters
 from moejax.lora.config import LoRAConfig
+from moejax.lora.hook import adapters_for
+from moejax.lora.targets import is_adapter_path
 from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
-from moejax.moe.selection import BIAS_COLLECTION
+from moejax.nn.collections import ADAPTER_BIAS, ADAPTER_FROZEN, ROUTER_BIAS
+from moejax.nn.trees import join_trees, split_tree
 from moejax.train.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 from moejax.train.step import TrainState
 
@@ -264,7 +265,7 @@ def load_base(
     """`(base, source)`: base = {"params", "router_bias", "step"}, the base params placed like
     the (adapter-free part of the) abstract params, which carry shardings."""
     source = base_source(lora, workdir)
-    abstract_base, _ = split_adapters(abstract_params)
+    _, abstract_base = split_tree(abstract_params, is_adapter_path)
     if source["kind"] == "hf":
         base = _load_hf(source, abstract_base, model_cfg)
         shard = lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding)  # noqa: E731
@@ -285,7 +286,7 @@ def load_base(
 
 def save_own_base(workdir: str, params: Any, router_bias: Any) -> None:
     """Writes a run's own initial base (no pretrained source) to `{workdir}/base`, once."""
-    base, _ = split_adapters(params)
+    _, base = split_tree(params, is_adapter_path)
     state = {"params": base}
     if router_bias is not None:
         state["router_bias"] = router_bias
@@ -300,11 +301,11 @@ def save_own_base(workdir: str, params: Any, router_bias: Any) -> None:
 
 def adapter_part(params: Any) -> Any:
     """The leaves an adapter checkpoint stores: every leaf under a `lora_*` module."""
-    return split_adapters(params)[1]
+    return split_tree(params, is_adapter_path)[0]
 
 
 def with_base(adapters: Any, base_params: Any) -> Any:
-    return join_adapters(base_params, adapters)
+    return join_trees(base_params, adapters)
 
 
 def base_extra(source: dict, fp: dict) -> dict:
@@ -384,7 +385,7 @@ def load_adapted(workdir: str, step: int | None = None):
     s = validate(config)
     if s.lora.method == "none":
         raise ConfigError(f"{workdir} is not an adapter run (lora.method='none').")
-    model = Transformer(s.model, s.moe, lora=s.lora)
+    model = Transformer(s.model, s.moe, adapters=adapters_for(s.lora))
     abstract = nn.unbox(
         jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
     )
@@ -394,7 +395,7 @@ def load_adapted(workdir: str, step: int | None = None):
         ),
         abstract,
     )
-    bias = abstract.get(BIAS_COLLECTION)
+    bias = abstract.get(ROUTER_BIAS)
     base, source = load_base(s.lora, workdir, abstract["params"], bias, s.model)
     with Checkpointer(workdir, async_save=False) as ckpt:
         step = ckpt.latest_step() if step is None else step
@@ -409,7 +410,9 @@ def load_adapted(workdir: str, step: int | None = None):
         check_fingerprint(extra["base"]["fingerprint"], fingerprint(base["params"]), source, step)
         # Non-trainable adapter state (sign-rule biases, FlyLoRA's frozen A) rides in
         # TrainState.lora_state.
-        lora_state = {k: abstract[k] for k in LORA_COLLECTIONS if k in abstract} or None
+        lora_state = {
+            k: abstract[k] for k in (ADAPTER_BIAS, ADAPTER_FROZEN) if k in abstract
+        } or None
         got = ckpt.restore_subtrees(
             {
                 "params": adapter_part(abstract["params"]),
@@ -420,6 +423,6 @@ def load_adapted(workdir: str, step: int | None = None):
         )
     variables = {"params": with_base(got["params"], base["params"])}
     if got["router_bias"] is not None:
-        variables[BIAS_COLLECTION] = got["router_bias"]
+        variables[ROUTER_BIAS] = got["router_bias"]
     variables.update(got.get("lora_state") or {})
     return model, variables

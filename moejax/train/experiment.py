@@ -20,9 +20,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.config.validation import Sections
 from moejax.data import DOMAINS
-from moejax.lora.adapter import COLLECTIONS as LORA_COLLECTIONS
+from moejax.lora.hook import adapters_for
 from moejax.models.transformer import Transformer
-from moejax.moe.selection import BIAS_COLLECTION
+from moejax.nn.collections import ADAPTER_BIAS, ADAPTER_FROZEN, ROUTER_BIAS
 from moejax.sharding.context import InMesh
 from moejax.sharding.partitioning import check_divisible, logical_shardings, under_rules
 from moejax.train.optimizer import drop_masked_boxes, learning_rate_schedule, make_optimizer
@@ -47,7 +47,7 @@ class Experiment:
 def build_experiment(s: Sections, mesh) -> Experiment:
     """The model, optimizer, state shardings and compiled steps of config `s` on `mesh`."""
     adapters_only = s.lora.method != "none"
-    model = Transformer(s.model, s.moe, lora=s.lora if adapters_only else None)
+    model = Transformer(s.model, s.moe, adapters=adapters_for(s.lora) if adapters_only else None)
     tx = make_optimizer(s.train, adapters_only=adapters_only)
     schedule = learning_rate_schedule(s.train)
     dummy = jnp.zeros((1, s.data.seq_len), jnp.int32)
@@ -55,12 +55,12 @@ def build_experiment(s: Sections, mesh) -> Experiment:
     def init_boxed(rng):
         variables = model.init(rng, dummy)
         params = variables["params"]
-        lora_state = {k: variables[k] for k in LORA_COLLECTIONS if k in variables}
+        lora_state = {k: variables[k] for k in (ADAPTER_BIAS, ADAPTER_FROZEN) if k in variables}
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=drop_masked_boxes(tx.init(params)),
-            router_bias=variables.get(BIAS_COLLECTION),
+            router_bias=variables.get(ROUTER_BIAS),
             lora_state=lora_state or None,
         )
 

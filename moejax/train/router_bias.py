@@ -1,4 +1,4 @@
-"""DeepSeek-V3's auxiliary-loss-free load balancing: the per-expert router bias update.
+"""DeepSeek-V3's router bias in the train step: the apply variables and the logged metrics.
 
 Liu et al., 2024, "DeepSeek-V3 Technical Report" (arXiv 2412.19437), section 2.1.2: the
 `sigmoid_bias` rule selects experts by s_{i,t} + b_i (eq. 16) and, at the end of each
@@ -10,7 +10,8 @@ so an overloaded expert (load above the mean) loses gamma and an underloaded one
 `load[E]` is the step's fraction of (real token, slot) assignments per expert (the `load`
 routing metric, `moejax.moe.losses.expert_load`); gamma is `moe.bias_update_rate`. The bias
 is the non-trainable `router_bias` collection, carried in the TrainState beside the params:
-the update runs outside the gradient, after the optimizer step.
+the update runs outside the gradient, after the optimizer step, by the sign rule shared with
+the LoRA experts' biases (`moejax.train.state_rules`).
 
 The collection holds one leaf per MoE-layer stack: `[num_moe_layers, E]` with scanned layers,
 or one `[E]` per layer (`<stack>_<i>`) with `model.scan_layers=False`; the `moe/*` metrics
@@ -25,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from moejax.moe.selection import BIAS_COLLECTION
+from moejax.nn.collections import ROUTER_BIAS as BIAS_COLLECTION
 
 LOG_FULL_BIAS_MAX_EXPERTS = 16  # log the bias vector itself up to this many experts
 
@@ -67,27 +68,13 @@ def _layers_of(router_bias: Any) -> tuple[jax.Array, Any]:
     return stacked, unstack
 
 
-def update_router_bias(
-    router_bias: Any, load_LxE: jax.Array, rate: float
-) -> tuple[Any, dict[str, jax.Array]]:
-    """One bias update (module docstring) from the step's per-layer `load[num_moe_layers, E]`.
-
-    Returns the new collection and its metrics: `moe/router_bias_abs_mean` (per layer) and,
-    for at most `LOG_FULL_BIAS_MAX_EXPERTS` experts, `moe/router_bias` itself. A model
-    without the collection (`router_bias=None`) gets `(None, {})`.
-    """
+def router_bias_metrics(router_bias: Any) -> dict[str, jax.Array]:
+    """`moe/router_bias_abs_mean` (per MoE layer, in layer order) and, for at most
+    `LOG_FULL_BIAS_MAX_EXPERTS` experts, `moe/router_bias` itself; {} without a bias."""
     if router_bias is None:
-        return None, {}
-    bias, unstack = _layers_of(router_bias)
-    if bias.shape != load_LxE.shape:
-        raise ValueError(
-            f"router bias of shape {bias.shape} (MoE layers, experts) does not "
-            f"match the load metric of shape {load_LxE.shape}."
-        )
-    if rate:
-        load = jax.lax.stop_gradient(load_LxE.astype(jnp.float32))
-        bias = bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+        return {}
+    bias, _ = _layers_of(router_bias)
     metrics = {"moe/router_bias_abs_mean": jnp.mean(jnp.abs(bias), axis=-1)}
     if bias.shape[-1] <= LOG_FULL_BIAS_MAX_EXPERTS:
         metrics["moe/router_bias"] = bias
-    return unstack(bias), metrics
+    return metrics

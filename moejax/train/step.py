@@ -11,17 +11,18 @@ reports `nonfinite = 1`. The step uses no randomness: its result depends only on
 and the batch, which is what makes a resumed run bit-identical to an uninterrupted one.
 
 Adapter runs (`adapters_only=True`, `lora.method != "none"`) differentiate with respect to
-the trainable leaves only (`moejax.lora.trainable.partition`): the base parameters enter the
+the trainable leaves only (`moejax.nn.trees.split_tree` by `moejax.lora.trainable.is_trainable`):
+the base parameters enter the
 loss as constants, no gradient buffer of their size is formed, and the new params are the
 updated adapters joined with the very same base arrays (bit-identical by construction). The
 optimizer (`make_optimizer(..., adapters_only=True)`) sees full-structure gradients whose
 frozen leaves are zeros it maps to zero updates; those zeros are dead code that XLA removes.
 
 Models with DeepSeek-V3's router bias carry it in `TrainState.router_bias` (None otherwise);
-it is updated after the optimizer step by `moejax.train.router_bias`. LoRA experts carry
-their non-trainable collections in `TrainState.lora_state`: the balancing biases move by the
-sign rule (`moejax.lora.balance`) and SoRA's gates take their proximal step
-(`moejax.lora.sora`) after the optimizer step.
+LoRA experts carry their non-trainable collections in `TrainState.lora_state`. After the
+optimizer step every collection with a rule in `moejax.train.state_rules.RULES` moves (the
+sign rule, from the loads the routers sow), and the adapters apply their method's own rule
+to the params (`AdapterHook.post_update`, e.g. SoRA's proximal step).
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moejax.lora import sora
-from moejax.lora import trainable as trainable_lib
-from moejax.lora.adapter import BIAS_COLLECTION
-from moejax.lora.balance import update_lora_bias
+from moejax.lora.trainable import is_trainable
+from moejax.models.side_outputs import apply_model
+from moejax.nn.collections import ADAPTER_BIAS, BALANCE_LOAD, ROUTER_BIAS
+from moejax.nn.trees import join_trees, split_tree
 from moejax.train import faults
-from moejax.train.router_bias import model_variables, update_router_bias
+from moejax.train.router_bias import model_variables, router_bias_metrics
+from moejax.train.state_rules import RULES
 
 Batch = dict[str, jax.Array]
 
@@ -62,7 +64,8 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def forward(model, params, batch: Batch, router_bias=None, lora_state=None):
-    return model.apply(
+    return apply_model(
+        model,
         model_variables(params, router_bias, lora_state),
         batch["inputs"],
         batch["segment_ids"],
@@ -86,7 +89,7 @@ def _split(params, adapters_only: bool):
     `adapters_only`."""
     if not adapters_only:
         return params, {}
-    return trainable_lib.partition(params)
+    return split_tree(params, is_trainable)
 
 
 def train_step(
@@ -104,7 +107,7 @@ def train_step(
     train_p, frozen_p = _split(state.params, adapters_only)
 
     def loss_of(tp, *args):
-        return _micro_loss(trainable_lib.combine(tp, frozen_p) if adapters_only else tp, *args)
+        return _micro_loss(join_trees(tp, frozen_p) if adapters_only else tp, *args)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -129,22 +132,21 @@ def train_step(
         extras = jax.tree.map(lambda x: jnp.mean(x, axis=0), extras_all)
 
     if adapters_only:  # frozen leaves: zero gradients, mapped to zero updates and dropped
-        full_grads = trainable_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen_p))
+        full_grads = join_trees(grads, jax.tree.map(jnp.zeros_like, frozen_p))
         updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
-        updates = trainable_lib.partition(updates)[0]
+        updates = split_tree(updates, is_trainable)[0]
     else:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_train_p = optax.apply_updates(train_p, updates)
-    lora = model.lora
-    if lora is not None and lora.method == "sora":  # SoRA's proximal step on the rank gates
+    if model.adapters is not None:  # the adapter method's own rule (SoRA's proximal step)
         lr = schedule(state.step) if schedule is not None else 1.0
-        new_train_p = sora.proximal_step(new_train_p, lr * lora.sora_lambda)
+        new_train_p = model.adapters.post_update(new_train_p, lr)
     finite = faults.all_finite(loss, grads)
     if skip_non_finite:
         new_train_p, opt_state = faults.keep_if_finite(
             finite, (new_train_p, opt_state), (train_p, state.opt_state)
         )
-    params = trainable_lib.combine(new_train_p, frozen_p) if adapters_only else new_train_p
+    params = join_trees(new_train_p, frozen_p) if adapters_only else new_train_p
     metrics = {
         "loss": loss,
         "ce_loss": ce_sum / total_tokens,
@@ -160,20 +162,21 @@ def train_step(
     metrics.update({f"aux/{k}": v for k, v in extras["aux_losses"].items()})
     metrics.update({f"moe/{k}": v for k, v in extras["moe_metrics"].items()})
     metrics.update({f"lora/{k}": v for k, v in extras.get("lora_metrics", {}).items()})
-    lora_state = state.lora_state
-    if lora_state is not None and BIAS_COLLECTION in lora_state:
-        new_bias = update_lora_bias(
-            lora_state[BIAS_COLLECTION], extras["lora_load"], lora.bias_update_rate
-        )
-        if skip_non_finite:
-            new_bias = faults.keep_if_finite(finite, new_bias, lora_state[BIAS_COLLECTION])
-        lora_state = {**lora_state, BIAS_COLLECTION: new_bias}
-    router_bias, bias_metrics = update_router_bias(
-        state.router_bias, extras["moe_metrics"].get("load"), model.moe.bias_update_rate
-    )
-    metrics.update(bias_metrics)
-    if skip_non_finite and router_bias is not None:  # a skipped step moves nothing
-        router_bias = faults.keep_if_finite(finite, router_bias, state.router_bias)
+    # The non-trainable collections after the step: each with a rule moves by it (a skipped
+    # step moves nothing).
+    collections = dict(state.lora_state or {})
+    if state.router_bias is not None:
+        collections[ROUTER_BIAS] = state.router_bias
+    rates = {ROUTER_BIAS: model.moe.bias_update_rate}
+    if model.adapters is not None:
+        rates[ADAPTER_BIAS] = model.adapters.bias_update_rate
+    for name, tree in collections.items():
+        if name in RULES:
+            new = RULES[name](tree, extras[BALANCE_LOAD], rates[name], name)
+            collections[name] = faults.keep_if_finite(finite, new, tree) if skip_non_finite else new
+    router_bias = collections.pop(ROUTER_BIAS, None)
+    lora_state = None if state.lora_state is None else collections
+    metrics.update(router_bias_metrics(router_bias))
     new_state = TrainState(
         step=state.step + 1,
         params=params,

@@ -15,8 +15,9 @@ import jax.numpy as jnp  # noqa: E402
 
 import moejax.hf as mhf  # noqa: E402
 from moejax.config.sections import ConfigError  # noqa: E402
-from moejax.lora.adapter import is_adapter_path  # noqa: E402
 from moejax.lora.config import LoRAConfig  # noqa: E402
+from moejax.lora.hook import adapters_for  # noqa: E402
+from moejax.lora.targets import is_adapter_path  # noqa: E402
 
 TOL = 1e-4
 IDS = np.random.default_rng(0).integers(0, 96, (2, 9))
@@ -78,7 +79,7 @@ def test_peft_adapter_imports_with_the_same_logits(base, tmp_path, rslora):
 def test_moejax_adapter_exports_to_peft(base, tmp_path):
     plain, variables = mhf.from_pretrained(str(base))
     lora = LoRAConfig(method="lora", targets="attn.wq,attn.wk,mlp.w_up", rank=3, alpha=5.0)
-    model = plain.clone(lora=lora)
+    model = plain.clone(adapters=adapters_for(lora))
     import flax.linen as nn
 
     fresh = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.asarray(IDS)))["params"]
@@ -91,14 +92,14 @@ def test_moejax_adapter_exports_to_peft(base, tmp_path):
             for k, (p, x) in zip(keys, leaves)
         ],
     )
-    from moejax.lora.adapter import join_adapters, split_adapters
+    from moejax.nn.trees import join_trees, split_tree
 
-    params = join_adapters(variables["params"], split_adapters(adapters)[1])
+    params = join_trees(variables["params"], split_tree(adapters, is_adapter_path)[0])
     want = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(IDS))[0])
     mhf.save_adapter(model, {"params": params}, str(tmp_path))
     hf = peft.PeftModel.from_pretrained(_hf_base(base), str(tmp_path)).eval()
     n_lora = sum(p.numel() for k, p in hf.named_parameters() if "lora_" in k)
-    assert n_lora == sum(x.size for x in jax.tree.leaves(split_adapters(params)[1]))
+    assert n_lora == sum(x.size for x in jax.tree.leaves(split_tree(params, is_adapter_path)[0]))
     assert np.abs(_logits(hf) - want).max() < TOL
 
 
@@ -140,7 +141,7 @@ def test_hf_directory_as_the_base_of_an_adapter_run(base, tmp_path):
 
     plain, variables = mhf.from_pretrained(str(base))
     lora = LoRAConfig(method="lora", targets="attn.*", rank=2, base_hf=str(base))
-    model = Transformer(plain.model, plain.moe, lora=lora)
+    model = Transformer(plain.model, plain.moe, adapters=adapters_for(lora))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),

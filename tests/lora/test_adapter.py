@@ -8,13 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.lora.adapter import is_adapter_path, lora_scale, split_adapters
 from moejax.lora.config import LoRAConfig
+from moejax.lora.hook import adapters_for
+from moejax.lora.targets import is_adapter_path
+from moejax.lora.weights import lora_scale
 from moejax.models.attention import Attention
 from moejax.models.config import ModelConfig
-from moejax.models.layers import DenseMLP
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
+from moejax.nn.mlp import DenseMLP
+from moejax.nn.trees import split_tree
 
 MODEL = ModelConfig(
     vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, moe_every=2
@@ -39,11 +42,13 @@ def _randomise_b(params, seed=1):
 @pytest.mark.parametrize("targets", ["attn.wq,attn.wv", "attn.*,mlp.*,shared.*"])
 def test_zero_initialised_adapters_give_the_base_logits_exactly(targets):
     lora = LoRAConfig(method="lora", targets=targets, rank=4)
-    variables = nn.unbox(Transformer(MODEL, MOE, lora=lora).init(jax.random.PRNGKey(0), TOKENS))
-    base, adapters = split_adapters(variables["params"])
+    variables = nn.unbox(
+        Transformer(MODEL, MOE, adapters=adapters_for(lora)).init(jax.random.PRNGKey(0), TOKENS)
+    )
+    adapters, base = split_tree(variables["params"], is_adapter_path)
     assert adapters, "no adapter was created"
     want, _ = Transformer(MODEL, MOE).apply({"params": base}, TOKENS)
-    got, _ = Transformer(MODEL, MOE, lora=lora).apply(variables, TOKENS)
+    got, _ = Transformer(MODEL, MOE, adapters=adapters_for(lora)).apply(variables, TOKENS)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -66,14 +71,23 @@ def test_random_adapter_equals_the_merged_projection(rslora):
         seg = jnp.ones((2, 12), jnp.int32)
         pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
         cases = [
-            (Attention(m, lora=lora, name="attn"), (x, seg, pos)),
-            (DenseMLP(48, dtype="float64", param_dtype="float64", lora=lora, name="mlp"), (x,)),
+            (Attention(m, adapters=adapters_for(lora), name="attn"), (x, seg, pos)),
+            (
+                DenseMLP(
+                    48,
+                    dtype="float64",
+                    param_dtype="float64",
+                    adapters=adapters_for(lora),
+                    name="mlp",
+                ),
+                (x,),
+            ),
         ]
         for module, args in cases:
             params = _randomise_b(nn.unbox(module.init(jax.random.PRNGKey(3), *args))["params"])
-            base, adapters = split_adapters(params)
+            adapters, base = split_tree(params, is_adapter_path)
             merged = {name: _merged(w, adapters[f"lora_{name}"], scale) for name, w in base.items()}
-            plain = module.clone(lora=None)
+            plain = module.clone(adapters=None)
             want = plain.apply({"params": merged}, *args)
             got = module.apply({"params": params}, *args)
             assert not np.allclose(got, plain.apply({"params": base}, *args))

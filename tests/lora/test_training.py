@@ -14,10 +14,13 @@ from moejax.config.sections import ConfigError
 from moejax.config.validation import validate
 from moejax.generate import generate
 from moejax.lora import trainable
-from moejax.lora.adapter import is_adapter_path, split_adapters
 from moejax.lora.config import LoRAConfig
+from moejax.lora.hook import adapters_for
 from moejax.lora.merge import check_mergeable, merge
+from moejax.lora.targets import is_adapter_path
+from moejax.lora.trainable import is_trainable
 from moejax.models.transformer import Transformer
+from moejax.nn.trees import join_trees, split_tree
 from moejax.sharding.mesh import make_mesh
 from moejax.train.experiment import build_experiment
 from moejax.train.step import _micro_loss
@@ -74,11 +77,11 @@ def test_a_step_moves_only_adapters_and_equals_adamw_on_the_adapters(moe_experim
     batch = _batch(s)
     # Reference: gradients of the loss w.r.t. the trainable leaves, AdamW (the same chain)
     # on the trainable partition alone.
-    train_p, frozen_p = trainable.partition(before)
+    train_p, frozen_p = split_tree(before, is_trainable)
 
     def loss(tp):
         return _micro_loss(
-            trainable.combine(tp, frozen_p),
+            join_trees(tp, frozen_p),
             batch,
             exp.model,
             float(batch["loss_mask"].sum()),
@@ -107,7 +110,7 @@ def test_a_step_moves_only_adapters_and_equals_adamw_on_the_adapters(moe_experim
         else:  # the base: bit-identical
             np.testing.assert_array_equal(flat_after[key], old, err_msg="/".join(key))
     assert moved == {"a", "b"}  # b from step 1, a once b is non-zero
-    got = trainable.partition(first)[0]
+    got = split_tree(first, is_trainable)[0]
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7, err_msg=str(path))
     assert float(metrics["grad_norm"]) > 0
@@ -116,7 +119,7 @@ def test_a_step_moves_only_adapters_and_equals_adamw_on_the_adapters(moe_experim
 def test_optimizer_state_holds_the_adapters_only(moe_experiment):
     s, exp = moe_experiment
     state = exp.init_fn(jax.random.PRNGKey(0))
-    base, adapters = split_adapters(state.params)
+    adapters, base = split_tree(state.params, is_adapter_path)
     base_shapes = {x.shape for x in jax.tree.leaves(base)}
     adapter_shapes = {x.shape for x in jax.tree.leaves(adapters)}
     assert not base_shapes & adapter_shapes  # so the check below can tell them apart
@@ -157,11 +160,11 @@ def _randomise(params, seed=1):
 def test_merged_model_gives_the_adapted_logits():
     name = "dense"
     s = _sections(name, **{"lora.rslora": True, "lora.alpha": 4.0})
-    model = Transformer(s.model, s.moe, lora=s.lora)
+    model = Transformer(s.model, s.moe, adapters=adapters_for(s.lora))
     tokens = jnp.asarray(_batch(s)["inputs"][:2, :12])
     params = _randomise(nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens))["params"])
     adapted, _ = jax.jit(model.apply)({"params": params}, tokens)
-    base, _ = split_adapters(params)
+    _, base = split_tree(params, is_adapter_path)
     plain = Transformer(s.model, s.moe)
     merged = merge(params, s.lora)
     assert jax.tree.structure(merged) == jax.tree.structure(base)

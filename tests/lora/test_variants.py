@@ -8,6 +8,7 @@ match hand-computed values.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -16,14 +17,20 @@ import numpy as np
 import pytest
 
 from moejax.lora import sora
-from moejax.lora.adapter import LoRAAdapter, lora_scale, split_adapters
-from moejax.lora.balance import sign_rule, update_lora_bias
+from moejax.lora.adapter import LoRAAdapter
 from moejax.lora.config import LoRAConfig
+from moejax.lora.hook import adapters_for
+from moejax.lora.targets import is_adapter_path
 from moejax.lora.variants import MODEL_OVERRIDES, VARIANTS
+from moejax.lora.weights import lora_scale
 from moejax.models.config import ModelConfig
-from moejax.models.layers import DenseMLP
+from moejax.models.side_outputs import apply_model
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
+from moejax.nn.adapter_hook import AdapterContext
+from moejax.nn.mlp import DenseMLP
+from moejax.nn.trees import split_tree
+from moejax.train.state_rules import sign_rule, sign_rule_update
 
 D_IN, D_OUT, T = 8, 6, 10
 SMALL = {  # fewer experts than the papers, same rules
@@ -127,12 +134,13 @@ def test_variant_equals_the_numpy_reference(name, x64):
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (T, D_IN), jnp.float64))
     gates = _softmax(np.asarray(jax.random.normal(jax.random.PRNGKey(4), (T, cfg.num_experts))))
     gates_in = jnp.asarray(gates) if cfg.method == "xlora" else None
-    v = nn.unbox(jax.jit(module.init)(jax.random.PRNGKey(3), x, gates_in))
+    context = AdapterContext(scalings=gates_in)  # X-LoRA's scalings come from the block
+    v = nn.unbox(jax.jit(module.init)(jax.random.PRNGKey(3), x, context))
     apply = jax.jit(module.apply)
     # Zero-initialised B: the delta is exactly 0, so the projection is exactly the base one.
-    np.testing.assert_array_equal(np.asarray(apply(v, x, gates_in)), 0.0)
+    np.testing.assert_array_equal(np.asarray(apply(v, x, context)), 0.0)
     v = _randomise(v)
-    got = np.asarray(apply(v, x, gates_in))
+    got = np.asarray(apply(v, x, context))
     want, g = reference_delta(cfg, v, x, gates)
     assert np.abs(want).max() > 1e-3
     # Router logits and selection run in float32 (moejax.moe.routers), the rest in float64.
@@ -149,10 +157,12 @@ def test_variant_equals_the_numpy_reference(name, x64):
 def test_mixlora_equals_the_numpy_reference(x64):
     cfg = variant("mixlora", num_experts=4)
     f = 12
-    mlp = DenseMLP(f, dtype="float64", param_dtype="float64", lora=cfg, name="mlp")
+    mlp = DenseMLP(
+        f, dtype="float64", param_dtype="float64", adapters=adapters_for(cfg), name="mlp"
+    )
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, D_IN), jnp.float64)
     params = nn.unbox(jax.jit(mlp.init)(jax.random.PRNGKey(3), x))["params"]
-    base, adapters = split_adapters(params)
+    adapters, base = split_tree(params, is_adapter_path)
     assert set(adapters) == {"lora_router", "lora_w_gate", "lora_w_up", "lora_w_down"}
     apply = jax.jit(mlp.apply)
     plain = DenseMLP(f, dtype="float64", param_dtype="float64", name="mlp")
@@ -226,16 +236,16 @@ TOKENS = jnp.arange(16).reshape(2, 8) % 64
 def test_zero_initialised_adapters_give_the_base_logits(name):
     cfg = variant(name, targets="attn.wq,mlp.w_down")
     m = dataclasses.replace(MODEL, **MODEL_OVERRIDES.get(name, {}))
-    model = Transformer(m, MoEConfig(), lora=cfg)
+    model = Transformer(m, MoEConfig(), adapters=adapters_for(cfg))
     variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS))
-    base, adapters = split_adapters(variables["params"])
+    adapters, base = split_tree(variables["params"], is_adapter_path)
     assert adapters
     if name == "xlora":
         assert "lora_xlora_classifier" in adapters
     want, _ = jax.jit(Transformer(m, MoEConfig()).apply)({"params": base}, TOKENS)
-    got, extras = jax.jit(model.apply)(variables, TOKENS)
+    got, extras = jax.jit(functools.partial(apply_model, model))(variables, TOKENS)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    if name == "mola":  # router metrics reach the model's extras
+    if name == "mola":  # router metrics reach the model's extras (sown, collected once)
         assert extras["lora_metrics"]["experts_per_token"] == cfg.top_k
 
 
@@ -243,7 +253,7 @@ def test_mola_gives_each_layer_its_expert_count():
     cfg = variant("mola", layer_experts="2,4,6,8")
     m = dataclasses.replace(MODEL, num_layers=4, scan_layers=False)
     params = jax.eval_shape(
-        Transformer(m, MoEConfig(), lora=cfg).init, jax.random.PRNGKey(0), TOKENS
+        Transformer(m, MoEConfig(), adapters=adapters_for(cfg)).init, jax.random.PRNGKey(0), TOKENS
     )["params"]
     counts = [
         nn.unbox(params[f"dense_layers_{i}"]["attn"]["lora_wq"]["b"]).shape[0] for i in range(4)
@@ -263,12 +273,13 @@ def test_sign_rule_against_hand_computed_values():
     want = [[-0.1, 0.5, -0.5, 0.1], [1.0, 1.0, 1.0, 1.0]]
     np.testing.assert_allclose(sign_rule(bias, load, 0.1), want, atol=1e-7)
     tree = {"dense_layers": {"attn": {"lora_wq": {"router": {"bias": bias}}}}}
-    new = update_lora_bias(tree, {"dense_layers/attn/lora_wq/router": load}, 0.1)
+    loads = {"dense_layers": {"attn": {"lora_wq": {"router": {"bias": load}}}}}
+    new = sign_rule_update(tree, loads, 0.1, "lora_bias")
     np.testing.assert_allclose(
         new["dense_layers"]["attn"]["lora_wq"]["router"]["bias"], want, atol=1e-7
     )
     with pytest.raises(ValueError, match="no load"):
-        update_lora_bias(tree, {}, 0.1)
+        sign_rule_update(tree, {}, 0.1, "lora_bias")
 
 
 def test_sora_proximal_step_and_prune():

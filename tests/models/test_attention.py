@@ -9,7 +9,8 @@ import pytest
 
 from moejax.models.attention import Attention, attention_mask
 from moejax.models.config import ModelConfig
-from moejax.models.layers import RMSNorm, rotary_embedding
+from moejax.nn.norm import RMSNorm
+from moejax.nn.rotary import rotary_embedding
 
 # init_std 0.3 (not 0.02) so attention scores are O(1): a near-uniform softmax would hide
 # mask or head-grouping mistakes under the tolerance.

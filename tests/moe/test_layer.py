@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.models.config import ModelConfig
-from moejax.models.layers import DenseMLP
 from moejax.moe.config import MoEConfig
 from moejax.moe.layer import MoELayer
+from moejax.nn.mlp import DenseMLP
 
 MODEL = ModelConfig(d_model=16, num_layers=2, num_heads=2, num_kv_heads=2, d_ff=32)
 MOE = MoEConfig(num_experts=4, top_k=2, d_expert=8, n_shared=2, dispatcher="ragged", gmm_tile=4)

@@ -12,7 +12,8 @@ import pytest
 
 from moejax.moe.config import MoEConfig
 from moejax.moe.selection import sigmoid_bias
-from moejax.train.router_bias import update_router_bias
+from moejax.train.router_bias import router_bias_metrics
+from moejax.train.state_rules import sign_rule_update
 
 T, E = 64, 16
 
@@ -211,7 +212,9 @@ def test_bias_update_is_plus_minus_gamma_towards_the_mean_load():
             "moe": {"router": {"bias": jnp.asarray([[0.1, 0.0, 0.0, -0.1], [0.0, 0.0, 0.0, 0.0]])}}
         }
     }
-    new, metrics = update_router_bias(bias, load, 0.01)
+    loads = {"moe_layers": {"moe": {"router": {"bias": load}}}}
+    new = sign_rule_update(bias, loads, 0.01, "router_bias")
+    metrics = router_bias_metrics(new)
     got = np.asarray(new["moe_layers"]["moe"]["router"]["bias"])
     g = np.float32(0.01)
     # mean load 0.25: experts 0 is overloaded (-gamma), 2 and 3 underloaded (+gamma), the
@@ -222,11 +225,13 @@ def test_bias_update_is_plus_minus_gamma_towards_the_mean_load():
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(metrics["moe/router_bias_abs_mean"], np.abs(want).mean(-1))
     np.testing.assert_array_equal(metrics["moe/router_bias"], want)
-    same, _ = update_router_bias(bias, load, 0.0)  # gamma = 0 freezes the bias
+    same = sign_rule_update(bias, loads, 0.0, "router_bias")  # gamma = 0 freezes the bias
     np.testing.assert_array_equal(
         same["moe_layers"]["moe"]["router"]["bias"], bias["moe_layers"]["moe"]["router"]["bias"]
     )
-    assert update_router_bias(None, load, 0.01) == (None, {})
+    assert router_bias_metrics(None) == {}
+    with pytest.raises(ValueError, match="no load"):  # a bias without its router's load
+        sign_rule_update(bias, {}, 0.01, "router_bias")
 
 
 def test_bias_update_follows_layer_order_of_unscanned_layers():
@@ -235,10 +240,13 @@ def test_bias_update_follows_layer_order_of_unscanned_layers():
     u = np.random.default_rng(5).uniform(size=(n, 4))
     load = jnp.asarray(u / u.sum(1, keepdims=True), jnp.float32)  # a different load per layer
     tree = {f"moe_layers_{i}": {"moe": {"router": {"bias": jnp.zeros(4)}}} for i in range(n)}
-    new, _ = update_router_bias(tree, load, 1.0)
+    loads = {f"moe_layers_{i}": {"moe": {"router": {"bias": load[i]}}} for i in range(n)}
+    new = sign_rule_update(tree, loads, 1.0, "router_bias")
+    logged = router_bias_metrics(new)["moe/router_bias"]  # rows in layer order
     for i in range(n):
         want = np.sign(np.mean(np.asarray(load[i])) - np.asarray(load[i]))
         np.testing.assert_array_equal(new[f"moe_layers_{i}"]["moe"]["router"]["bias"], want)
+        np.testing.assert_array_equal(logged[i], want)
 
 
 def test_bias_update_balances_a_skewed_router():
@@ -252,7 +260,7 @@ def test_bias_update_balances_a_skewed_router():
     @jax.jit
     def step(bias):
         load = sigmoid_bias(logits, None, cfg, bias["bias"][0]).metrics["load"]
-        return update_router_bias(bias, load[None], 0.01)[0], load
+        return sign_rule_update(bias, {"bias": load[None]}, 0.01, "router_bias"), load
 
     bias = {"bias": jnp.zeros((1, 8))}
     loads = []

@@ -15,8 +15,10 @@ from flax import traverse_util
 from testing_utils import make_tiny_config
 
 from moejax.config.validation import validate
-from moejax.lora.adapter import is_adapter_path, split_adapters
+from moejax.lora.hook import adapters_for
+from moejax.lora.targets import is_adapter_path
 from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
+from moejax.nn.trees import split_tree
 from moejax.train.adapter_checkpoint import BaseModelError, load_adapted, load_base
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.loop import train
@@ -176,7 +178,7 @@ def test_a_scanned_base_loads_into_unrolled_layers(runs):
     data_dir, _, base, _ = runs
     config = _adapter_config(data_dir, base, **{"model.scan_layers": False})
     s = validate(config)
-    model = Transformer(s.model, s.moe, lora=s.lora)
+    model = Transformer(s.model, s.moe, adapters=adapters_for(s.lora))
     abstract = nn.unbox(
         jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
     )["params"]
@@ -188,7 +190,9 @@ def test_a_scanned_base_loads_into_unrolled_layers(runs):
     )
     loaded, _ = load_base(s.lora, str(base), abstract, None, s.model)
     with Checkpointer(base, async_save=False) as ckpt:
-        saved = ckpt.restore_subtrees({"params": scanned_abstract(split_adapters(abstract)[0])}, 2)
+        saved = ckpt.restore_subtrees(
+            {"params": scanned_abstract(split_tree(abstract, is_adapter_path)[1])}, 2
+        )
     assert "dense_layers_0" in loaded["params"] and "dense_layers" not in loaded["params"]
     want = traverse_util.flatten_dict(unscan_params(jax.device_get(saved["params"])))
     got = traverse_util.flatten_dict(jax.device_get(loaded["params"]))

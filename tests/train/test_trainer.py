@@ -6,13 +6,8 @@ import shutil
 
 import pytest
 
-<<<<<<< HEAD
 from moejax.config.sections import ConfigError
 from moejax.train.loop import train
-=======
-from moejax.config.sections import ConfigError
-from moejax.train.trainer import train
->>>>>>> config: no import cycle left to hide: moejax/config/__init__.py re-exports nothing
 from moejax.train.writers import read_jsonl
 
 

@@ -1,0 +1,97 @@
+"""The adapter hook: the one place where a model lets adapters change its projections.
+
+Models and the MoE layer never import an adapter method. Each projection asks the hook for
+a low-rank delta, each SwiGLU MLP asks whether it is replaced, and the Transformer asks for
+per-token scalings before it runs its layers; `AdapterHook` (no adapters) answers "no" to
+all three. `moejax.lora` implements the hook for its registry of LoRA methods; a model gets
+one through its `adapters` field (`Transformer(model, moe, adapters=...)`).
+
+A hook is a frozen (hashable) dataclass, so it can be a field of Linen modules that are
+scanned and rematerialised. Adapters are created as children of the module that calls the
+hook (their names start with `lora_`), and report aux losses, metrics and expert loads by
+`sow` into the collections of `moejax.nn.collections`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class AdapterContext:
+    """What a Transformer block hands to the adapters inside it.
+
+    token_mask: bool[B, L], the real tokens (padding takes no part in routers' losses);
+    scalings: [B, L, E] per-token adapter scalings (X-LoRA's), or None.
+    """
+
+    token_mask: jax.Array | None = None
+    scalings: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterHook:
+    """No adapters: the base model unchanged. Subclasses override what they adapt."""
+
+    def delta(
+        self,
+        module: nn.Module,
+        param: str,
+        x: jax.Array,
+        out_shape: Sequence[int],
+        context: AdapterContext | None,
+        dtype: str,
+        param_dtype: str,
+    ) -> jax.Array | None:
+        """The change `[..., *out_shape]` of projection `module.param` at input `x[..., d_in]`
+        (input axes flattened), or None. Called in the module's compact method."""
+        return None
+
+    def replace_mlp(
+        self,
+        module: nn.Module,
+        x: jax.Array,
+        weights: tuple[jax.Array, jax.Array, jax.Array],
+        context: AdapterContext | None,
+        dtype,
+    ) -> jax.Array | None:
+        """The output of SwiGLU MLP `module` at `x[..., d]` if the adapters replace it
+        (weights `(w_gate, w_up, w_down)` already in the compute dtype), else None."""
+        return None
+
+    def scalings(
+        self, module: nn.Module, run: Callable[[Any], jax.Array], shape: tuple[int, int]
+    ) -> jax.Array | None:
+        """Per-token scalings `[B, L, E]` handed to every block (`AdapterContext.scalings`),
+        or None. `run(scalings)` runs the layers and returns the final hidden state."""
+        return None
+
+    def for_layer(self, layer: int, num_layers: int) -> "AdapterHook":
+        """The hook of model layer `layer` (unrolled layers may differ in shape)."""
+        return self
+
+
+def add_delta(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+    """`y + delta` in `y`'s dtype; `y` when there is no delta."""
+    return y if delta is None else y + delta.astype(y.dtype)
+
+
+def projection_delta(
+    module: nn.Module,
+    hook: AdapterHook | None,
+    param: str,
+    x: jax.Array,
+    out_shape: Sequence[int],
+    context: AdapterContext | None,
+    dtype: str,
+    param_dtype: str,
+) -> jax.Array | None:
+    """`hook.delta(...)`, or None without a hook."""
+    if hook is None:
+        return None
+    return hook.delta(module, param, x, out_shape, context, dtype, param_dtype)

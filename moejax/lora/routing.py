@@ -44,7 +44,7 @@ def router_config(lo: LoRAConfig, num_experts: int) -> MoEConfig:
         num_experts=num_experts,
         top_k=num_experts if dynmole_rule else lo.top_k,
         d_expert=lo.rank,
-        router="top_p" if dynmole_rule else lo.router,
+        selection="top_p" if dynmole_rule else lo.router,
         renormalize=lo.renormalize,
         balance_coef=lo.balance_coef,
         z_loss_coef=lo.z_loss_coef,

@@ -73,7 +73,7 @@ def count_params(
     router = d * moe.num_experts
     gru_cell = 6 * moe.gru_dim * moe.gru_dim + 6 * moe.gru_dim  # w_i, w_h [h, 3h]; b_i, b_h
     model_router = 0
-    if moe.router == "gru":  # RMoE: d -> h and h -> E per layer, plus the GRU cell(s)
+    if moe.scorer == "gru":  # RMoE: d -> h and h -> E per layer, plus the GRU cell(s)
         router = moe.gru_dim * (d + moe.num_experts) + (0 if moe.gru_shared else gru_cell)
         model_router = gru_cell if moe.gru_shared else 0
     n_moe = model.num_moe_layers

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
-from typing import Any
 
-from moejax.config.renames import RENAMES
 from moejax.config.sections import section_from_mapping
 
 
-@dataclasses.dataclass(frozen=True, init=False)
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """Mixture-of-Experts layer hyper-parameters.
 
@@ -82,34 +79,6 @@ class MoEConfig:
     # pallas_gpu|jax_triton (pallas_gpu plus the Triton combine kernel); see
     # pallas_kernels/backend.py
     kernel_backend: str = "auto"
-
-    # Transitional: moejax.lora.routing.router_config still builds MoEConfig(router=...) and
-    # moejax.models.flops reads `.router`. Once they pass `selection=` and read `.scorer`,
-    # delete this __init__ (and init=False above) and the `router` property.
-    def __init__(self, router: str | None = None, **fields: Any) -> None:
-        """Keyword fields, the defaults for the others; `router` is the old single field,
-        read as `scorer` + `selection` by the `moe.router` entry of `moejax.config.renames`."""
-        if router is not None:
-            warnings.warn(
-                "MoEConfig(router=...) is the old spelling of MoEConfig(scorer=..., "
-                "selection=...).",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            new = RENAMES["moe.router"].translate(router, {"selection": fields.get("selection")})
-            fields.update({name.split(".", 1)[1]: value for name, value in new.items()})
-        known = dataclasses.fields(self)
-        unknown = sorted(set(fields) - {f.name for f in known})
-        if unknown:
-            raise TypeError(f"MoEConfig got unknown field(s) {unknown}")
-        for f in known:
-            object.__setattr__(self, f.name, fields.get(f.name, f.default))
-
-    @property
-    def router(self) -> str:
-        """The old single field (transitional, see `__init__`): "gru" for the gru scorer,
-        otherwise the selection rule's name."""
-        return "gru" if self.scorer == "gru" else self.selection
 
     @classmethod
     def from_mapping(cls, mapping) -> "MoEConfig":

@@ -47,9 +47,9 @@ import pytest
 from fixtures.make_old_checkpoints import layout_free_name, leaf_record, read_state
 from flax import traverse_util
 
-from moejax.lora.checkpoint import check_fingerprint, fingerprint, load_adapted
+from moejax.train.adapter_checkpoint import check_fingerprint, fingerprint, load_adapted
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.trainer import train
+from moejax.train.loop import train
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints_v0"
 CASES = ("moe", "sigmoid_bias", "flylora", "smora")

@@ -15,6 +15,8 @@ from moejax.config.base import default_config
 from moejax.config.renames import RENAMES, ConfigDeprecationWarning, Rename, apply_renames
 from moejax.config.sections import ConfigError
 from moejax.config.validation import validate
+from moejax.lora.config import LoRAConfig
+from moejax.lora.routing import router_config
 from moejax.moe.config import MoEConfig
 
 OLD_ROUTERS = [  # (old moe.router, old moe.selection) -> (moe.scorer, moe.selection)
@@ -93,17 +95,17 @@ def test_the_table_is_generic_removed_fields_are_refused_naming_the_new_ones():
     assert set(RENAMES) == {"moe.router"}  # the entries this tree has today
 
 
-def test_moe_config_still_takes_the_old_router_keyword():
-    # Transitional (moejax.lora.routing.router_config passes router=, moejax.models.flops
-    # reads .router): the same table entry, a DeprecationWarning.
-    with pytest.warns(DeprecationWarning, match="MoEConfig\\(router=...\\)"):
-        cfg = MoEConfig(num_experts=4, router="top_p")
-    assert cfg == MoEConfig(num_experts=4, selection="top_p") and cfg.router == "top_p"
-    with pytest.warns(DeprecationWarning):
-        gru = MoEConfig(router="gru", selection="sigmoid_bias")
-    assert (gru.scorer, gru.selection, gru.router) == ("gru", "sigmoid_bias", "gru")
-    with pytest.raises(TypeError, match="unknown field"):
-        MoEConfig(routre="gru")
+def test_sections_take_only_the_new_fields():
+    # Old spellings are translated once, on the config tree (apply_renames); a section built
+    # directly from a mapping in the old spelling is refused naming the field, and the
+    # adapters' router sections are built with the two new fields.
+    with pytest.raises(ConfigError, match=r"config.moe has unknown field\(s\) \['router'\]"):
+        MoEConfig.from_mapping({"router": "gru"})
+    with pytest.raises(TypeError):
+        MoEConfig(router="gru")
+    for lora_router, selection in [("softmax_topk", "softmax_topk"), ("dynmole", "top_p")]:
+        cfg = router_config(LoRAConfig(method="moe", router=lora_router), num_experts=4)
+        assert (cfg.scorer, cfg.selection, cfg.num_experts) == ("linear", selection, 4)
 
 
 def test_old_spelling_on_the_command_line(tmp_path):

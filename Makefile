@@ -26,6 +26,7 @@ train: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache  # contracts in .importlinter
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS) tests

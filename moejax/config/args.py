@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 
 
 def _parse(key: str, text: str, default):

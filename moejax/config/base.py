@@ -7,12 +7,12 @@ import dataclasses
 
 import ml_collections
 
+from moejax.config.train import TrainConfig
 from moejax.data.config import DataConfig
 from moejax.lora.config import LoRAConfig
 from moejax.models.config import ModelConfig
 from moejax.moe.config import MoEConfig
 from moejax.sharding.config import MeshConfig
-from moejax.train.config import TrainConfig
 
 SECTIONS = {
     "model": ModelConfig,

@@ -23,7 +23,7 @@ import dataclasses
 import warnings
 from typing import Any, Callable, Mapping
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 
 
 class ConfigDeprecationWarning(FutureWarning):

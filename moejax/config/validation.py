@@ -12,7 +12,8 @@ import math
 
 from moejax.config.base import SECTIONS
 from moejax.config.renames import apply_renames
-from moejax.config.sections import ConfigError
+from moejax.config.train import TrainConfig
+from moejax.config_section import ConfigError
 from moejax.data.config import DataConfig
 from moejax.data.datasets import dataset_for
 from moejax.data.errors import DataError
@@ -32,7 +33,6 @@ from moejax.moe.routers import ROUTERS
 from moejax.moe.selection import GROUP_MASK_FILL, SELECTIONS
 from moejax.sharding.config import MESH_AXES, MeshConfig, batch_mesh_axes
 from moejax.sharding.mesh import resolve_mesh_shape
-from moejax.train.config import TrainConfig
 from pallas_kernels.backend import BACKENDS as KERNEL_BACKENDS
 
 OPTIONAL_SECTIONS = ("lora",)

@@ -27,14 +27,20 @@ from typing import Any
 
 import flax.linen as nn
 import flax.traverse_util
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
+from moejax.hf import peft
 from moejax.hf.architectures import DEEPSEEK_V3, Architecture
 from moejax.hf.layout import choose_architecture, from_hf_config
-from moejax.hf.weights import Assembler, TensorReader, export_layers, load_layers
+from moejax.hf.weights import (
+    Assembler,
+    TensorReader,
+    abstract_variables,
+    export_layers,
+    load_layers,
+)
 from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
@@ -49,13 +55,6 @@ LM_HEAD = "lm_head.weight"
 def read_config(path: str) -> dict:
     with open(os.path.join(path, "config.json")) as f:
         return json.load(f)
-
-
-def abstract_variables(model: Transformer) -> dict[str, tuple[int, ...]]:
-    """{"collection/path": shape} of the model's variables, without allocating them."""
-    tree = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-    flat = flax.traverse_util.flatten_dict(nn.unbox(tree), sep="/")
-    return {k: tuple(v.shape) for k, v in flat.items()}
 
 
 def _extra_keys(keys: set[str], used: set[str], num_layers: int) -> list[str]:
@@ -88,12 +87,10 @@ def from_pretrained(
     change the function (e.g. `remat="full"`).
     """
     if adapter is not None:
-        from moejax.hf.peft import load_adapter
-
         model, variables = from_pretrained(
             path, dtype=dtype, param_dtype=param_dtype, **model_overrides
         )
-        return load_adapter(model, variables, adapter)
+        return peft.load_adapter(model, variables, adapter)
     hf = read_config(path)
     arch, m, moe = from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, **model_overrides)
     if not m.scan_layers:
@@ -187,9 +184,7 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
 ) -> dict:
     """Writes moejax plain-LoRA adapters in peft's format (`moejax.hf.peft.save_adapter`)."""
-    from moejax.hf.peft import save_adapter as save
-
-    return save(model, variables, path, base_model_name_or_path)
+    return peft.save_adapter(model, variables, path, base_model_name_or_path)
 
 
 __all__ = ["from_pretrained", "save_pretrained", "save_adapter", "read_config", "configs_as_dict"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 
 # Keys that do not change the function the checkpoint computes (generation defaults, token
 # ids, bookkeeping, training-only settings such as dropout and router jitter).

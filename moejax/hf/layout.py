@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax.config.sections import ConfigError
 from moejax.config.validation import validate_model
+from moejax.config_section import ConfigError
 from moejax.hf.architectures import (
     ARCHITECTURES,
     DEEPSEEK_V3,

@@ -25,8 +25,9 @@ import flax.traverse_util
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 from moejax.hf.layout import layer_slot
+from moejax.hf.weights import abstract_variables
 from moejax.lora.config import LoRAConfig
 from moejax.lora.hook import adapters_for
 from moejax.lora.merge import check_mergeable
@@ -189,8 +190,6 @@ def load_adapter(
         targets=",".join(f"{mod}.{p}" for mod, p in sorted(found)),
     )
     adapted = model.clone(adapters=adapters_for(lora))
-    from moejax.hf import abstract_variables
-
     shapes = abstract_variables(adapted)
     flat = {
         k: np.asarray(v)

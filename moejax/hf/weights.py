@@ -14,9 +14,13 @@ import glob
 import json
 import os
 
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 from moejax.hf.architectures import (
     DENSE_MLP,
     GQA,
@@ -30,8 +34,16 @@ from moejax.hf.architectures import (
 )
 from moejax.hf.layout import layer_slot
 from moejax.models.config import ModelConfig
+from moejax.models.transformer import Transformer
 
 LAYER = "model.layers.{i}."
+
+
+def abstract_variables(model: Transformer) -> dict[str, tuple[int, ...]]:
+    """{"collection/path": shape} of the model's variables, without allocating them."""
+    tree = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    flat = flax.traverse_util.flatten_dict(nn.unbox(tree), sep="/")
+    return {k: tuple(v.shape) for k, v in flat.items()}
 
 
 def _safetensors():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax.config.sections import section_from_mapping
+from moejax.config_section import section_from_mapping
 
 # none: no adapter; lora: E static experts (E = 1: plain LoRA); moe: experts routed per token
 # by `router`; flylora: FlyLoRA's implicit router (frozen sparse A); xlora: X-LoRA's

@@ -19,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import traverse_util
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 from moejax.lora.config import LoRAConfig
 from moejax.lora.targets import ADAPTER_PREFIX
 from moejax.lora.weights import lora_scale

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax.config.sections import section_from_mapping
+from moejax.config_section import section_from_mapping
 
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")

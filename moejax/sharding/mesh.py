@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 from moejax.sharding.config import MESH_AXES, MeshConfig
 
 

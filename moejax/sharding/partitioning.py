@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 from moejax.sharding.config import batch_mesh_axes
 
 

@@ -21,7 +21,8 @@ whose dispatcher is not registered there is listed by `available()` only once it
 
 from __future__ import annotations
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
+from moejax.moe.dispatch import DISPATCHERS
 
 _ONE = dict(data=1, fsdp=1, expert=1, tensor=1)
 
@@ -36,8 +37,6 @@ STRATEGIES: dict[str, dict[str, dict]] = {
 
 def available() -> list[str]:
     """The strategies whose dispatcher (if they name one) is registered."""
-    from moejax.moe.dispatch import DISPATCHERS
-
     return [
         name
         for name, preset in STRATEGIES.items()

@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 from moejax.data import DataError
 from moejax.train.checkpoint import CheckpointError
 from moejax.train.distributed import initialize

@@ -6,7 +6,7 @@ non-trainable collections of the TrainState, plus `extra["base"]`: where the bas
 from and a fingerprint of its parameters. The base itself is read, never written, from
 
     lora.base_checkpoint   a moejax run directory: `params` (and `router_bias`) of its
-                           latest checkpoint (a `moejax.train` run or `moejax.hf.convert`)
+                           latest checkpoint (a `moejax.train` run or `moejax.train.convert_hf`)
     lora.base_hf           a Hugging Face directory, via `moejax.hf.from_pretrained`
     neither                the run's own initialisation, written once to `{workdir}/base`
 
@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from moejax.config.sections import ConfigError
 from moejax.config.validation import Sections, validate
+from moejax.config_section import ConfigError
 from moejax.hf import from_pretrained
 from moejax.lora import trainable as trainable_lib
 from moejax.lora.config import LoRAConfig
@@ -180,7 +180,7 @@ def _load_moejax(source: dict, abstract_base: Any, abstract_bias: Any, model_cfg
         if step is None:
             raise BaseModelError(
                 f"{_field(source)}={path!r} holds no checkpoint (looked in {ckpt.directory}). "
-                f"Point it at a finished moejax run directory (or a moejax.hf.convert one)."
+                f"Point it at a finished moejax run directory (or a moejax.train.convert_hf one)."
             )
         extra = ckpt.read_extra(step) or {}
         if "base" in extra:

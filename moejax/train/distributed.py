@@ -26,7 +26,7 @@ import os
 import jax
 import numpy as np
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 
 ENV_COORDINATOR = ("MOEJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS")
 ENV_NUM_PROCESSES = ("MOEJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES")

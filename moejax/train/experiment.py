@@ -3,7 +3,7 @@ schedule, the sharded state's shardings and abstract shapes (the checkpoint rest
 and the jit-compiled init, train and eval steps.
 
 `build_experiment(sections, mesh)` is what the training loop (`loop.py`), the collective
-report (`moejax.sharding.report`), benchmarks and tests compile; the state itself comes
+report (`moejax.train.collective_report`), benchmarks and tests compile; the state itself comes
 from `init_fn` or from a checkpoint restored onto `abstract_state`.
 """
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 import optax
 
-from moejax.train.config import TrainConfig
+from moejax.config.train import TrainConfig
+from moejax.lora import trainable
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -71,8 +72,6 @@ def make_optimizer(cfg: TrainConfig, adapters_only: bool = False) -> optax.Gradi
     tx = optax.chain(*parts)
     if not adapters_only:
         return tx
-    from moejax.lora import trainable
-
     return optax.multi_transform(
         {trainable.TRAINABLE: tx, trainable.FROZEN: optax.set_to_zero()}, trainable.labels
     )

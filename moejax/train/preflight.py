@@ -24,7 +24,7 @@ import os
 import numpy as np
 
 from moejax.config.renames import apply_renames
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 from moejax.data import DataError, check_split, make_batches
 from moejax.data.pipeline import PackedBatches
 

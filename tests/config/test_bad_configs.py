@@ -11,8 +11,8 @@ import pytest
 from testing_utils import load_config_module
 
 from moejax.config.base import SECTIONS
-from moejax.config.sections import ConfigError
 from moejax.config.validation import validate
+from moejax.config_section import ConfigError
 
 BAD = [
     # model

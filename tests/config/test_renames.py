@@ -13,8 +13,8 @@ from testing_utils import REPO, load_config_module
 
 from moejax.config.base import default_config
 from moejax.config.renames import RENAMES, ConfigDeprecationWarning, Rename, apply_renames
-from moejax.config.sections import ConfigError
 from moejax.config.validation import validate
+from moejax.config_section import ConfigError
 from moejax.lora.config import LoRAConfig
 from moejax.lora.routing import router_config
 from moejax.moe.config import MoEConfig

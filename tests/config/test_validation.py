@@ -14,8 +14,8 @@ from testing_utils import REPO, load_config_module
 
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
-from moejax.config.sections import ConfigError
 from moejax.config.validation import validate
+from moejax.config_section import ConfigError
 from moejax.models.flops import count_params
 from moejax.models.transformer import Transformer
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from testing_utils import load_config_module
 
-from moejax.config.sections import ConfigError
 from moejax.config.validation import validate
+from moejax.config_section import ConfigError
 from moejax.data import (
     DATASETS,
     VOCAB_SIZE,

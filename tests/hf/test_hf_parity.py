@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import moejax.hf as mhf  # noqa: E402
-from moejax.config.sections import ConfigError  # noqa: E402
+from moejax.config_section import ConfigError  # noqa: E402
 from moejax.generate import generate  # noqa: E402
 from moejax.models.transformer import Transformer  # noqa: E402
 
@@ -313,9 +313,9 @@ def test_unsupported_architecture_key_and_value_are_named(saved, tmp_path):
 
 
 def test_convert_writes_a_workdir_the_trainer_fine_tunes(tmp_path, tiny_config):
-    from moejax.hf.convert import convert
+    from moejax.config.train import TrainConfig
     from moejax.train.checkpoint import Checkpointer
-    from moejax.train.config import TrainConfig
+    from moejax.train.convert_hf import convert
     from moejax.train.loop import train
     from moejax.train.optimizer import make_optimizer
     from moejax.train.step import TrainState
@@ -362,9 +362,9 @@ def test_convert_writes_a_workdir_the_trainer_fine_tunes(tmp_path, tiny_config):
 
 
 def test_convert_keeps_deepseek_v3_router_bias_in_the_train_state(tmp_path):
-    from moejax.hf.convert import convert
+    from moejax.config.train import TrainConfig
     from moejax.train.checkpoint import Checkpointer
-    from moejax.train.config import TrainConfig
+    from moejax.train.convert_hf import convert
     from moejax.train.optimizer import make_optimizer
     from moejax.train.step import TrainState
 

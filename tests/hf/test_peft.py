@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import moejax.hf as mhf  # noqa: E402
-from moejax.config.sections import ConfigError  # noqa: E402
+from moejax.config_section import ConfigError  # noqa: E402
 from moejax.lora.config import LoRAConfig  # noqa: E402
 from moejax.lora.hook import adapters_for  # noqa: E402
 from moejax.lora.targets import is_adapter_path  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 from flax import traverse_util
 from testing_utils import make_tiny_config
 
-from moejax.config.sections import ConfigError
 from moejax.config.validation import validate
+from moejax.config_section import ConfigError
 from moejax.generate import generate
 from moejax.lora import trainable
 from moejax.lora.config import LoRAConfig

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 from moejax.sharding.config import MeshConfig
 from moejax.sharding.mesh import device_grid
 

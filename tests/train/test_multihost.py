@@ -139,7 +139,7 @@ def test_multi_process_checkpoint_holds_both_data_positions_and_the_same_params(
 
 
 def test_incomplete_distributed_flags_are_rejected():
-    from moejax.config.sections import ConfigError
+    from moejax.config_section import ConfigError
 
     with pytest.raises(ConfigError, match="missing --process_id"):
         initialize("127.0.0.1:1", num_processes=2)

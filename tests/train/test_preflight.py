@@ -16,8 +16,8 @@ import pytest
 from testing_utils import REPO, cli_flags
 
 from moejax.config.renames import ConfigDeprecationWarning
-from moejax.config.sections import ConfigError
 from moejax.config.validation import validate
+from moejax.config_section import ConfigError
 from moejax.data import DataError
 from moejax.sharding.mesh import make_mesh
 from moejax.train.checkpoint import Checkpointer, CheckpointMismatchError

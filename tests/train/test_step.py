@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax.config.train import TrainConfig
 from moejax.config.validation import validate
 from moejax.data import make_batches
 from moejax.sharding.mesh import make_mesh
-from moejax.train.config import TrainConfig
 from moejax.train.experiment import build_experiment
 from moejax.train.optimizer import decay_mask, learning_rate_schedule
 from moejax.train.step import token_cross_entropy

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from moejax.config.sections import ConfigError
+from moejax.config_section import ConfigError
 from moejax.train.loop import train
 from moejax.train.writers import read_jsonl
 

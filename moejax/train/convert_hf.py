@@ -1,4 +1,4 @@
-"""`python -m moejax.hf.convert --from HF_DIR --workdir WORKDIR`: a HF checkpoint as a moejax
+"""`python -m moejax.train.convert_hf --from HF_DIR --workdir WORKDIR`: a HF checkpoint as a moejax
 run directory that `moejax.train` fine-tunes.
 
 Writes into WORKDIR (which must hold no checkpoint yet):
@@ -25,14 +25,14 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from moejax.config.base import default_config
+from moejax.config.train import TrainConfig
 from moejax.hf import configs_as_dict, from_pretrained
 from moejax.moe.selection import BIAS_COLLECTION
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.config import TrainConfig
 from moejax.train.optimizer import make_optimizer
 from moejax.train.step import TrainState
 
-CONFIG_PY = '''"""moejax config of a converted Hugging Face checkpoint (moejax.hf.convert).
+CONFIG_PY = '''"""moejax config of a converted Hugging Face checkpoint (moejax.train.convert_hf).
 
     python -m moejax.train --config={path} --workdir={workdir}
 """
@@ -88,20 +88,19 @@ def convert(hf_dir: str, workdir: str) -> dict:
     return config.to_dict()
 
 
-_FROM = flags.DEFINE_string("from", None, "Hugging Face checkpoint directory.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "moejax run directory to create.")
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    convert(flags.FLAGS["from"].value, _WORKDIR.value)
+    workdir = flags.FLAGS["workdir"].value
+    convert(flags.FLAGS["from"].value, workdir)
     print(
-        f"wrote {_WORKDIR.value}: fine-tune with python -m moejax.train "
-        f"--config={os.path.join(_WORKDIR.value, 'config.py')} --workdir={_WORKDIR.value}"
+        f"wrote {workdir}: fine-tune with python -m moejax.train "
+        f"--config={os.path.join(workdir, 'config.py')} --workdir={workdir}"
     )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined only when run, so importing `convert` defines none
+    flags.DEFINE_string("from", None, "Hugging Face checkpoint directory.")
+    flags.DEFINE_string("workdir", None, "moejax run directory to create.")
     flags.mark_flags_as_required(["from", "workdir"])
     app.run(main)

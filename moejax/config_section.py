@@ -1,4 +1,9 @@
-"""Turning one `ml_collections.ConfigDict` section into the frozen dataclass a module receives.
+"""Turning one `ml_collections.ConfigDict` section into the frozen dataclass a module receives,
+and `ConfigError`, the one error of a bad config.
+
+It imports no moejax package and sits at the bottom of the import graph, beside `moejax.nn`:
+every package builds its section with it, and `moejax.config` (which assembles the sections)
+imports every package.
 
 Modules never see the whole config tree: each package owns a frozen dataclass for its own
 section (`ModelConfig`, `MoEConfig`, `TrainConfig`, `MeshConfig`, `DataConfig`), built here.

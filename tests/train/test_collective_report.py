@@ -79,7 +79,7 @@ def test_hlo_parser_counts_loops_tuples_and_async_ops():
 SCRIPT = r"""
 import json, sys
 from testing_utils import load_config_module
-from moejax.sharding.report import collective_report
+from moejax.train.collective_report import collective_report
 from moejax.sharding.strategies import apply_strategy
 
 def tiny(name, strategy, model=(), moe=()):
@@ -124,7 +124,7 @@ def reports():
         [
             sys.executable,
             "-m",
-            "moejax.sharding.report",
+            "moejax.train.collective_report",
             f"--config={REPO}/configs/dense.py",
             "--strategy=data",
             "--config.model.d_model=32",

@@ -1,7 +1,7 @@
 """The collective report: what one train step moves between devices, and what it holds.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-        python -m moejax.sharding.report --config=configs/deepseekmoe.py --strategy=fsdp
+        python -m moejax.train.collective_report --config=configs/deepseekmoe.py --strategy=fsdp
 
 (or the same mesh as flags: `--config.mesh.data=1 --config.mesh.fsdp=-1`) builds the
 experiment for the config on the current devices (the XLA flag simulates an 8-device pod
@@ -28,13 +28,14 @@ import sys
 import jax
 import numpy as np
 
-from moejax.config.sections import ConfigError
 from moejax.config.validation import validate
+from moejax.config_section import ConfigError
 from moejax.data.packing import PackedRows
 from moejax.sharding.hlo_collectives import collective_bytes
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import batch_sharding
 from moejax.sharding.strategies import apply_strategy
+from moejax.train.experiment import build_experiment
 
 
 def _shard_bytes(tree) -> int:
@@ -78,8 +79,6 @@ def _memory_analysis(compiled) -> dict[str, int]:
 
 def collective_report(config, devices=None) -> dict:
     """Compiles one train step of `config` on `devices` (default: all) and reports it."""
-    from moejax.train.experiment import build_experiment  # the trainer imports this package
-
     devices = list(jax.devices() if devices is None else devices)
     s = validate(config, num_devices=len(devices))
     mesh = make_mesh(s.mesh, devices=devices)

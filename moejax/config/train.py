@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax.config.sections import section_from_mapping
+from moejax.config_section import section_from_mapping
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from moejax.moe.config import MoEConfig
 from moejax.moe.gru_router import GRUCell, GRURouter
 from moejax.moe.routing import Routing
-from moejax.moe.selection import BIAS_COLLECTION, SELECTIONS, report_bias_load, selection_bias
+from moejax.moe.selection import SELECTIONS, report_bias_load, selection_bias
+from moejax.nn.collections import ROUTER_BIAS
 from moejax.nn.params import dtype_of, logical_param
 
 
@@ -47,7 +48,7 @@ class LinearRouter(nn.Module):
     init_std: float = 0.02
     param_dtype: str = "float32"
     rule: Callable | None = None
-    bias_collection: str = BIAS_COLLECTION
+    bias_collection: str = ROUTER_BIAS
     expert_axis: str = "expert"
 
     @nn.compact

@@ -60,8 +60,6 @@ from moejax.moe.losses import (
 )
 from moejax.nn.collections import BALANCE_LOAD, ROUTER_BIAS, sow_value
 
-BIAS_COLLECTION = ROUTER_BIAS  # non-trainable variables: {"router_bias": {..., "bias": [E]}}
-
 
 class Selection(NamedTuple):
     expert_ids: jax.Array  # int32[T, k]
@@ -189,7 +187,7 @@ def routing_slots(cfg: MoEConfig) -> int:
 def selection_bias(
     module: nn.Module,
     cfg: MoEConfig,
-    collection: str = BIAS_COLLECTION,
+    collection: str = ROUTER_BIAS,
     expert_axis: str = "expert",
 ) -> jax.Array | None:
     """The per-expert bias `[E]` (float32, zeros at init) of a router whose rule takes one:

@@ -5,7 +5,7 @@ leaf under a `lora_*` module, trainable or not), their optimizer state, the step
 non-trainable collections of the TrainState, plus `extra["base"]`: where the base comes
 from and a fingerprint of its parameters. The base itself is read, never written, from
 
-    lora.base_checkpoint   a moejax run directory: `params` (and `router_bias`) of its
+    lora.base_checkpoint   a moejax run directory: `params` (and `collections`) of its
                            latest checkpoint (a `moejax.train` run or `moejax.train.convert_hf`)
     lora.base_hf           a Hugging Face directory, via `moejax.hf.from_pretrained`
     neither                the run's own initialisation, written once to `{workdir}/base`
@@ -45,12 +45,14 @@ from moejax.lora.config import LoRAConfig
 from moejax.lora.hook import adapters_for
 from moejax.lora.targets import is_adapter_path
 from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
-from moejax.nn.collections import ADAPTER_BIAS, ADAPTER_FROZEN, ROUTER_BIAS
+from moejax.nn.collections import ADAPTER_BIAS, ADAPTER_FROZEN, NON_TRAINABLE
 from moejax.nn.trees import join_trees, split_tree
 from moejax.train.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
+from moejax.train.state_layouts import COLLECTIONS
 from moejax.train.step import TrainState
 
 BASE_DIR = "base"
+ADAPTER_COLLECTIONS = (ADAPTER_BIAS, ADAPTER_FROZEN)  # the adapters' own, not the base's
 FINGERPRINT_RTOL = 1e-5
 
 
@@ -171,7 +173,7 @@ def _check_run_config(source: dict, model_cfg) -> None:
             )
 
 
-def _load_moejax(source: dict, abstract_base: Any, abstract_bias: Any, model_cfg=None) -> dict:
+def _load_moejax(source: dict, abstract_base: Any, abstract_cols: Any, model_cfg=None) -> dict:
     path = source["path"]
     _check_run_config(source, model_cfg)
     ckpt = Checkpointer(path, async_save=False)
@@ -189,16 +191,14 @@ def _load_moejax(source: dict, abstract_base: Any, abstract_bias: Any, model_cfg
                 f"only. Point it at the run that trained the base ({extra['base']['path']})."
             )
         try:
-            out = ckpt.restore_subtrees(
-                {"params": abstract_base, "router_bias": abstract_bias}, step
-            )
+            out = ckpt.restore_subtrees({"params": abstract_base, COLLECTIONS: abstract_cols}, step)
         except CheckpointMismatchError as e:
             if model_cfg is None or model_cfg.scan_layers:
                 raise BaseModelError(
                     f"{_field(source)}={path!r} does not match the model config: {e} Use the "
                     f"model section the base was trained with."
                 ) from e
-            out = _restore_unrolled(ckpt, step, abstract_base, abstract_bias, source, e)
+            out = _restore_unrolled(ckpt, step, abstract_base, abstract_cols, source, e)
         out["step"] = step
         return out
     finally:
@@ -209,7 +209,7 @@ def _restore_unrolled(
     ckpt: Checkpointer,
     step: int,
     abstract_base: Any,
-    abstract_bias: Any,
+    abstract_cols: Any,
     source: dict,
     error: Exception,
 ) -> dict:
@@ -217,7 +217,7 @@ def _restore_unrolled(
     the scanned layout, unscanned, and placed like `abstract_base`."""
     try:
         out = ckpt.restore_subtrees(
-            {"params": scanned_abstract(abstract_base), "router_bias": abstract_bias}, step
+            {"params": scanned_abstract(abstract_base), COLLECTIONS: abstract_cols}, step
         )
     except CheckpointMismatchError:
         raise BaseModelError(
@@ -256,22 +256,24 @@ def _load_hf(source: dict, abstract_base: Any, model_cfg) -> dict:
                 f"{a!r}."
             )
     _check_shapes(abstract_base, variables["params"], source)
-    return {"params": variables["params"], "router_bias": variables.get("router_bias"), "step": 0}
+    return {"params": variables["params"], COLLECTIONS: base_collections(variables), "step": 0}
 
 
 def load_base(
-    lora: LoRAConfig, workdir: str, abstract_params: Any, abstract_bias: Any, model_cfg
+    lora: LoRAConfig, workdir: str, abstract_params: Any, abstract_cols: Any, model_cfg
 ) -> tuple[dict, dict]:
-    """`(base, source)`: base = {"params", "router_bias", "step"}, the base params placed like
-    the (adapter-free part of the) abstract params, which carry shardings."""
+    """`(base, source)`: base = {"params", "collections", "step"}, the base params (and its
+    non-trainable collections, `base_collections` of the model's) placed like the
+    adapter-free part of the abstract params, which carry shardings."""
+    abstract_cols = base_collections(abstract_cols)
     source = base_source(lora, workdir)
     _, abstract_base = split_tree(abstract_params, is_adapter_path)
     if source["kind"] == "hf":
         base = _load_hf(source, abstract_base, model_cfg)
         shard = lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding)  # noqa: E731
         base["params"] = jax.tree.map(shard, base["params"], abstract_base)
-        if base["router_bias"] is not None and abstract_bias is not None:
-            base["router_bias"] = jax.tree.map(shard, base["router_bias"], abstract_bias)
+        if base[COLLECTIONS] is not None and abstract_cols is not None:
+            base[COLLECTIONS] = jax.tree.map(shard, base[COLLECTIONS], abstract_cols)
     else:
         if not os.path.isdir(source["path"]):
             raise BaseModelError(
@@ -279,17 +281,24 @@ def load_base(
                 f"adapters only and need the base they were trained on: restore that "
                 f"directory, or point {_field(source)} at it."
             )
-        base = _load_moejax(source, abstract_base, abstract_bias, model_cfg)
+        base = _load_moejax(source, abstract_base, abstract_cols, model_cfg)
     source["step"] = base["step"]
     return base, source
 
 
-def save_own_base(workdir: str, params: Any, router_bias: Any) -> None:
+def base_collections(collections: Any) -> Any:
+    """The base model's part of the non-trainable collections (the adapters' own removed);
+    None when nothing is left."""
+    base = {k: v for k, v in (collections or {}).items() if k not in ADAPTER_COLLECTIONS}
+    return base or None
+
+
+def save_own_base(workdir: str, params: Any, collections: Any) -> None:
     """Writes a run's own initial base (no pretrained source) to `{workdir}/base`, once."""
     _, base = split_tree(params, is_adapter_path)
     state = {"params": base}
-    if router_bias is not None:
-        state["router_bias"] = router_bias
+    if base_collections(collections) is not None:
+        state[COLLECTIONS] = base_collections(collections)
     with Checkpointer(os.path.join(workdir, BASE_DIR), async_save=False, save_every=1) as ckpt:
         if ckpt.latest_step() is None:
             ckpt.save(0, state, force=True)
@@ -341,17 +350,17 @@ def restore_adapter_run(
     source = base_source(s.lora, workdir)
     if source["kind"] == "own" and ckpt.latest_step() is None:
         fresh = init_state()
-        save_own_base(workdir, fresh.params, fresh.router_bias)
+        save_own_base(workdir, fresh.params, fresh.collections)
         del fresh
     base, source = load_base(
-        s.lora, workdir, abstract_state.params, abstract_state.router_bias, s.model
+        s.lora, workdir, abstract_state.params, abstract_state.collections, s.model
     )
     fp = fingerprint(base["params"])
 
     def init():
         fresh = init_state()
-        bias = base["router_bias"] if base["router_bias"] is not None else fresh.router_bias
-        return fresh.replace(params=adapter_part(fresh.params), router_bias=bias)
+        collections = {**(fresh.collections or {}), **(base[COLLECTIONS] or {})} or None
+        return fresh.replace(params=adapter_part(fresh.params), collections=collections)
 
     target = abstract_state.replace(params=adapter_part(abstract_state.params))
     state, data_state, start_step = ckpt.restore_or_init(init, target, log=notes.append)
@@ -395,8 +404,8 @@ def load_adapted(workdir: str, step: int | None = None):
         ),
         abstract,
     )
-    bias = abstract.get(ROUTER_BIAS)
-    base, source = load_base(s.lora, workdir, abstract["params"], bias, s.model)
+    abstract_cols = {k: abstract[k] for k in NON_TRAINABLE if k in abstract} or None
+    base, source = load_base(s.lora, workdir, abstract["params"], abstract_cols, s.model)
     with Checkpointer(workdir, async_save=False) as ckpt:
         step = ckpt.latest_step() if step is None else step
         if step is None:
@@ -408,21 +417,11 @@ def load_adapted(workdir: str, step: int | None = None):
                 f"written by an adapter run."
             )
         check_fingerprint(extra["base"]["fingerprint"], fingerprint(base["params"]), source, step)
-        # Non-trainable adapter state (sign-rule biases, FlyLoRA's frozen A) rides in
-        # TrainState.lora_state.
-        lora_state = {
-            k: abstract[k] for k in (ADAPTER_BIAS, ADAPTER_FROZEN) if k in abstract
-        } or None
+        # The non-trainable collections (router bias, sign-rule biases, FlyLoRA's frozen A)
+        # ride in TrainState.collections.
         got = ckpt.restore_subtrees(
-            {
-                "params": adapter_part(abstract["params"]),
-                "router_bias": bias,
-                "lora_state": lora_state,
-            },
-            step,
+            {"params": adapter_part(abstract["params"]), COLLECTIONS: abstract_cols}, step
         )
     variables = {"params": with_base(got["params"], base["params"])}
-    if got["router_bias"] is not None:
-        variables[ROUTER_BIAS] = got["router_bias"]
-    variables.update(got.get("lora_state") or {})
+    variables.update(got[COLLECTIONS] or {})
     return model, variables

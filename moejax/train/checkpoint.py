@@ -49,6 +49,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy, save_decision_policy
 
+from moejax.train import state_layouts
+
 PyTree = Any
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step directories end with this
@@ -267,20 +269,21 @@ class Checkpointer:
                 _unreadable_message(step_dir, step, steps, "it has no 'state' item")
             )
         abstract = jax.tree.map(_abstract_leaf, target)
-        if metadata[_STATE] is not None:  # None when the tree metadata file is missing.
-            _check_matches(abstract, metadata[_STATE].tree, step_dir)
+        # A state written in an older layout (moejax.train.state_layouts) is read onto the
+        # old shape of the target, then regrouped.
+        saved_tree = metadata[_STATE].tree if metadata[_STATE] is not None else None
+        v0 = isinstance(saved_tree, dict) and state_layouts.is_v0(saved_tree)
+        shaped = state_layouts.v0_target(abstract) if v0 else abstract
+        if saved_tree is not None:  # None when the tree metadata file is missing.
+            _check_matches(shaped, saved_tree, step_dir)
 
-        # Fields added to the state later (e.g. TrainState.router_bias) are None for models
-        # without them; checkpoints written before the field existed lack its key, so they
-        # are restored without it and the field keeps its None.
-        absent = _absent_none_fields(abstract, metadata[_STATE])
-        restore_item = abstract
+        # Fields added to the state later are None for models without them; checkpoints
+        # written before the field existed lack its key, so they are restored without it
+        # and the field keeps its None.
+        absent = _absent_none_fields(shaped, saved_tree)
+        restore_item = shaped
         if absent:
-            restore_item = {
-                f.name: getattr(abstract, f.name)
-                for f in dataclasses.fields(abstract)
-                if f.name not in absent
-            }
+            restore_item = {k: v for k, v in _fields(shaped).items() if k not in absent}
         args = {_STATE: ocp.args.StandardRestore(restore_item)}
         for name in (_DATA, _EXTRA):
             if name in items:
@@ -290,7 +293,9 @@ class Checkpointer:
         except Exception as e:
             raise CorruptCheckpointError(_unreadable_message(step_dir, step, steps, e)) from e
         state = restored[_STATE]
-        if absent:
+        if v0:
+            state = state_layouts.from_v0({**_fields(shaped), **state}, abstract)
+        elif absent:
             state = dataclasses.replace(abstract, **state)
         return (
             state,
@@ -330,6 +335,13 @@ class Checkpointer:
                 _unreadable_message(step_dir, step, self.all_steps(), e)
             ) from e
         saved = metadata.tree if metadata is not None else {}
+        if state_layouts.COLLECTIONS in targets and state_layouts.is_v0(saved):
+            # An older layout (moejax.train.state_layouts): the two fields, joined.
+            rest = {k: v for k, v in targets.items() if k != state_layouts.COLLECTIONS}
+            old = state_layouts.split_collections(targets[state_layouts.COLLECTIONS])
+            out = self.restore_subtrees({**rest, **old}, step)
+            joined = state_layouts.join_collections(out["router_bias"], out["lora_state"])
+            return {**{k: out[k] for k in rest}, state_layouts.COLLECTIONS: joined}
         item = {}
         for name, target in targets.items():
             if name not in saved:
@@ -421,18 +433,20 @@ class Checkpointer:
 # --- Helpers -------------------------------------------------------------------------
 
 
-def _absent_none_fields(abstract: PyTree, state_metadata: Any) -> list[str]:
-    """Dataclass fields of the target that are None and missing from the saved tree."""
-    if not dataclasses.is_dataclass(abstract) or state_metadata is None:
+def _fields(tree: Any) -> dict[str, Any]:
+    """The top-level entries of a dataclass or dict state."""
+    if dataclasses.is_dataclass(tree):
+        return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+    return dict(tree)
+
+
+def _absent_none_fields(abstract: PyTree, saved: Any) -> list[str]:
+    """Top-level entries of the target that are None and missing from the saved tree."""
+    if not isinstance(saved, dict) or not (
+        dataclasses.is_dataclass(abstract) or isinstance(abstract, dict)
+    ):
         return []
-    saved = state_metadata.tree
-    if not isinstance(saved, dict):
-        return []
-    return [
-        f.name
-        for f in dataclasses.fields(abstract)
-        if getattr(abstract, f.name) is None and f.name not in saved
-    ]
+    return [k for k, v in _fields(abstract).items() if v is None and k not in saved]
 
 
 def _abstract_leaf(x: Any) -> Any:

@@ -27,7 +27,7 @@ from absl import app, flags
 from moejax.config.base import default_config
 from moejax.config.train import TrainConfig
 from moejax.hf import configs_as_dict, from_pretrained
-from moejax.moe.selection import BIAS_COLLECTION
+from moejax.nn.collections import NON_TRAINABLE
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.optimizer import make_optimizer
 from moejax.train.step import TrainState
@@ -55,10 +55,10 @@ def get_config(arg=None):
 def convert(hf_dir: str, workdir: str) -> dict:
     """Converts `hf_dir` into `workdir` (see the module docstring); returns the config."""
     model, variables = from_pretrained(hf_dir)
-    if not set(variables) <= {"params", BIAS_COLLECTION}:
+    if not set(variables) <= {"params", *NON_TRAINABLE}:
         raise ValueError(
             f"{hf_dir}: variables {sorted(variables)} are not all part of the "
-            f"train state (params, {BIAS_COLLECTION}); nothing was written."
+            f"train state (params, {', '.join(NON_TRAINABLE)}); nothing was written."
         )
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=3, save_every=1, async_save=False)
@@ -73,7 +73,7 @@ def convert(hf_dir: str, workdir: str) -> dict:
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=make_optimizer(TrainConfig()).init(params),
-        router_bias=variables.get(BIAS_COLLECTION),
+        collections={k: v for k, v in variables.items() if k != "params"} or None,
     )
     ckpt.save(0, state, extra={"config": config.to_dict(), "converted_from": hf_dir}, force=True)
     ckpt.close()

@@ -45,19 +45,16 @@ def evaluate(
     s: Sections,
     mesh,
     stability: RoutingStability | None = None,
-    router_bias: Any = None,
-    lora_state: Any = None,
+    collections: Any = None,
 ) -> dict[str, float]:
     """Loss over the validation batches (overall, per domain), MoE metrics, experts per token
     per domain, and with `stability` the fraction of tokens whose first-choice expert changed
-    since the previous call. `router_bias`: the state's router bias collection, if any."""
+    since the previous call. `collections`: the state's non-trainable collections, if any."""
     totals: dict[str, Any] = {}
     top1 = []
-    bias_kw = {} if router_bias is None else {"router_bias": router_bias}
-    if lora_state is not None:
-        bias_kw["lora_state"] = lora_state
+    kw = {} if collections is None else {"collections": collections}
     for batch in _eval_batches(s):
-        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh, s.mesh.rules), **bias_kw))
+        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh, s.mesh.rules), **kw))
         if "top1_expert" in out:
             top1.append(out.pop("top1_expert").reshape(s.model.num_moe_layers, -1))
         totals = out if not totals else jax.tree.map(np.add, totals, out)

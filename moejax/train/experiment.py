@@ -22,7 +22,7 @@ from moejax.config.validation import Sections
 from moejax.data import DOMAINS
 from moejax.lora.hook import adapters_for
 from moejax.models.transformer import Transformer
-from moejax.nn.collections import ADAPTER_BIAS, ADAPTER_FROZEN, ROUTER_BIAS
+from moejax.nn.collections import NON_TRAINABLE
 from moejax.sharding.context import InMesh
 from moejax.sharding.partitioning import check_divisible, logical_shardings, under_rules
 from moejax.train.optimizer import drop_masked_boxes, learning_rate_schedule, make_optimizer
@@ -41,7 +41,7 @@ class Experiment:
     abstract_state: Any  # ShapeDtypeStructs with shardings: the checkpoint restore target
     init_fn: Any  # rng -> TrainState, placed by state_shardings
     step_fn: Any  # (state, batch) -> (state, metrics); donates the state
-    eval_fn: Any  # (params, batch, router_bias=None) -> sums
+    eval_fn: Any  # (params, batch, collections=None) -> sums
 
 
 def build_experiment(s: Sections, mesh) -> Experiment:
@@ -55,13 +55,12 @@ def build_experiment(s: Sections, mesh) -> Experiment:
     def init_boxed(rng):
         variables = model.init(rng, dummy)
         params = variables["params"]
-        lora_state = {k: variables[k] for k in (ADAPTER_BIAS, ADAPTER_FROZEN) if k in variables}
+        collections = {k: variables[k] for k in NON_TRAINABLE if k in variables}
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=drop_masked_boxes(tx.init(params)),
-            router_bias=variables.get(ROUTER_BIAS),
-            lora_state=lora_state or None,
+            collections=collections or None,
         )
 
     # Sharding: abstract boxed state -> logical specs -> NamedShardings -> jit(init).

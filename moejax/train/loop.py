@@ -178,8 +178,7 @@ class _Run:
             self.s,
             self.exp.mesh,
             self.stability,
-            router_bias=state.router_bias,
-            lora_state=state.lora_state,
+            collections=state.collections,
         )
         if result:
             self.writers.write(step, result)

@@ -1,4 +1,4 @@
-"""DeepSeek-V3's router bias in the train step: the apply variables and the logged metrics.
+"""DeepSeek-V3's router bias in the train step: the logged metrics.
 
 Liu et al., 2024, "DeepSeek-V3 Technical Report" (arXiv 2412.19437), section 2.1.2: the
 `sigmoid_bias` rule selects experts by s_{i,t} + b_i (eq. 16) and, at the end of each
@@ -9,7 +9,7 @@ training step, every MoE layer moves its bias towards balance,
 so an overloaded expert (load above the mean) loses gamma and an underloaded one gains it.
 `load[E]` is the step's fraction of (real token, slot) assignments per expert (the `load`
 routing metric, `moejax.moe.losses.expert_load`); gamma is `moe.bias_update_rate`. The bias
-is the non-trainable `router_bias` collection, carried in the TrainState beside the params:
+is the non-trainable `router_bias` collection, carried in `TrainState.collections`:
 the update runs outside the gradient, after the optimizer step, by the sign rule shared with
 the LoRA experts' biases (`moejax.train.state_rules`).
 
@@ -26,20 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from moejax.nn.collections import ROUTER_BIAS as BIAS_COLLECTION
-
 LOG_FULL_BIAS_MAX_EXPERTS = 16  # log the bias vector itself up to this many experts
-
-
-def model_variables(params: Any, router_bias: Any = None, lora_state: Any = None) -> dict[str, Any]:
-    """The `variables` of `Transformer.apply`: params, plus the router bias when the model
-    has one (None = it has none), plus the adapters' non-trainable collections
-    (`lora_state`: collection name -> tree, see `moejax.lora.adapter.COLLECTIONS`)."""
-    variables = {"params": params}
-    if router_bias is not None:
-        variables[BIAS_COLLECTION] = router_bias
-    variables.update(lora_state or {})
-    return variables
 
 
 def _natural_key(path) -> list:

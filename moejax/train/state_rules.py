@@ -12,18 +12,22 @@ experts the same way. Every router with such a bias sows its step's `load[E]` in
 `balance_load` at the bias's own scope and name (`moejax.nn.collections`), so the load tree
 mirrors the bias tree (stacked over scanned layers exactly as the bias is), and
 `sign_rule_update` pairs them leaf by leaf. `RULES` maps each collection to the rule that
-moves it (collections without one, such as `lora_frozen`, never change).
+moves it, `rule(tree, side_outputs, model) -> tree` (the model's side outputs of the step,
+`moejax.models.side_outputs`, and the model, which knows its rates); collections without a
+rule, such as `lora_frozen`, never change. The train step runs the rules over
+`TrainState.collections` with no knowledge of which collection is which.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from moejax.nn.collections import ADAPTER_BIAS, ROUTER_BIAS
+from moejax.nn.collections import ADAPTER_BIAS, BALANCE_LOAD, ROUTER_BIAS
 
 
 def sign_rule(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
@@ -48,5 +52,20 @@ def sign_rule_update(biases: Any, loads: Any, rate: float, collection: str) -> A
     return traverse_util.unflatten_dict(out)
 
 
+@dataclasses.dataclass(frozen=True)
+class SignRule:
+    """The sign rule of one collection, at the rate `rate_of(model)`."""
+
+    collection: str
+    rate_of: Callable[[Any], float]
+
+    def __call__(self, biases: Any, side_outputs: dict[str, Any], model: Any) -> Any:
+        loads = side_outputs[BALANCE_LOAD]
+        return sign_rule_update(biases, loads, self.rate_of(model), self.collection)
+
+
 # Collection -> the post-update rule that moves it (all sign rules today).
-RULES = {ROUTER_BIAS: sign_rule_update, ADAPTER_BIAS: sign_rule_update}
+RULES: dict[str, Callable[[Any, dict[str, Any], Any], Any]] = {
+    ROUTER_BIAS: SignRule(ROUTER_BIAS, lambda model: model.moe.bias_update_rate),
+    ADAPTER_BIAS: SignRule(ADAPTER_BIAS, lambda model: model.adapters.bias_update_rate),
+}

@@ -18,11 +18,12 @@ updated adapters joined with the very same base arrays (bit-identical by constru
 optimizer (`make_optimizer(..., adapters_only=True)`) sees full-structure gradients whose
 frozen leaves are zeros it maps to zero updates; those zeros are dead code that XLA removes.
 
-Models with DeepSeek-V3's router bias carry it in `TrainState.router_bias` (None otherwise);
-LoRA experts carry their non-trainable collections in `TrainState.lora_state`. After the
-optimizer step every collection with a rule in `moejax.train.state_rules.RULES` moves (the
-sign rule, from the loads the routers sow), and the adapters apply their method's own rule
-to the params (`AdapterHook.post_update`, e.g. SoRA's proximal step).
+The model's non-trainable collections (DeepSeek-V3's `router_bias`, the adapters'
+`lora_bias` and `lora_frozen`; `moejax.nn.collections`) ride in one mapping,
+`TrainState.collections` (None when the model has none). After the optimizer step every
+collection with a rule in `moejax.train.state_rules.RULES` moves by it (the sign rule, from
+the loads the routers sow), and the adapters apply their method's own rule to the params
+(`AdapterHook.post_update`, e.g. SoRA's proximal step).
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ import optax
 
 from moejax.lora.trainable import is_trainable
 from moejax.models.side_outputs import apply_model
-from moejax.nn.collections import ADAPTER_BIAS, BALANCE_LOAD, ROUTER_BIAS
+from moejax.nn.collections import ROUTER_BIAS
 from moejax.nn.trees import join_trees, split_tree
 from moejax.train import faults
-from moejax.train.router_bias import model_variables, router_bias_metrics
+from moejax.train.router_bias import router_bias_metrics
 from moejax.train.state_rules import RULES
 
 Batch = dict[str, jax.Array]
@@ -50,10 +51,9 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-    router_bias: Any = None  # the non-trainable "router_bias" collection, if the model has it
-    # The adapters' non-trainable collections ("lora_bias", "lora_frozen"), if any:
-    # collection name -> tree (moejax.lora.adapter.COLLECTIONS).
-    lora_state: Any = None
+    # The model's non-trainable collections, name -> tree (moejax.nn.collections.NON_TRAINABLE
+    # that it has); None when it has none.
+    collections: Any = None
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -63,20 +63,18 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-def forward(model, params, batch: Batch, router_bias=None, lora_state=None):
+def forward(model, params, batch: Batch, collections=None):
     return apply_model(
         model,
-        model_variables(params, router_bias, lora_state),
+        {"params": params, **(collections or {})},
         batch["inputs"],
         batch["segment_ids"],
         batch["positions"],
     )
 
 
-def _micro_loss(
-    params, batch: Batch, model, total_tokens, num_micro: int, router_bias=None, lora_state=None
-):
-    logits, extras = forward(model, params, batch, router_bias, lora_state)
+def _micro_loss(params, batch: Batch, model, total_tokens, num_micro: int, collections=None):
+    logits, extras = forward(model, params, batch, collections)
     mask = batch["loss_mask"].astype(jnp.float32)
     ce_sum = jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask)
     loss = ce_sum / total_tokens + extras["aux_loss"] / num_micro
@@ -113,7 +111,7 @@ def train_step(
 
     if grad_accum == 1:
         (loss, (ce_sum, extras)), grads = grad_fn(
-            train_p, batch, model, total_tokens, 1, state.router_bias, state.lora_state
+            train_p, batch, model, total_tokens, 1, state.collections
         )
     else:
         micro = jax.tree.map(
@@ -122,7 +120,7 @@ def train_step(
 
         def body(acc, mb):
             (loss, (ce_sum, extras)), grads = grad_fn(
-                train_p, mb, model, total_tokens, grad_accum, state.router_bias, state.lora_state
+                train_p, mb, model, total_tokens, grad_accum, state.collections
             )
             acc = jax.tree.map(jnp.add, acc, (loss, ce_sum, grads))
             return acc, extras
@@ -164,31 +162,24 @@ def train_step(
     metrics.update({f"lora/{k}": v for k, v in extras.get("lora_metrics", {}).items()})
     # The non-trainable collections after the step: each with a rule moves by it (a skipped
     # step moves nothing).
-    collections = dict(state.lora_state or {})
-    if state.router_bias is not None:
-        collections[ROUTER_BIAS] = state.router_bias
-    rates = {ROUTER_BIAS: model.moe.bias_update_rate}
-    if model.adapters is not None:
-        rates[ADAPTER_BIAS] = model.adapters.bias_update_rate
-    for name, tree in collections.items():
-        if name in RULES:
-            new = RULES[name](tree, extras[BALANCE_LOAD], rates[name], name)
-            collections[name] = faults.keep_if_finite(finite, new, tree) if skip_non_finite else new
-    router_bias = collections.pop(ROUTER_BIAS, None)
-    lora_state = None if state.lora_state is None else collections
-    metrics.update(router_bias_metrics(router_bias))
+    collections = state.collections
+    if collections is not None:
+        collections = dict(collections)
+        for name, tree in collections.items():
+            if name in RULES:
+                new = RULES[name](tree, extras, model)
+                collections[name] = (
+                    faults.keep_if_finite(finite, new, tree) if skip_non_finite else new
+                )
+        metrics.update(router_bias_metrics(collections.get(ROUTER_BIAS)))
     new_state = TrainState(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        router_bias=router_bias,
-        lora_state=lora_state,
+        step=state.step + 1, params=params, opt_state=opt_state, collections=collections
     )
     return new_state, metrics
 
 
 def eval_step(
-    params, batch: Batch, *, model, num_domains: int, router_bias=None, lora_state=None
+    params, batch: Batch, *, model, num_domains: int, collections=None
 ) -> dict[str, jax.Array]:
     """Sums, so batches add up: cross-entropy and token counts, overall and per data domain,
     and (MoE models) the experts used per token, per MoE layer and domain.
@@ -196,10 +187,9 @@ def eval_step(
     The aux loss and the `moe/*` metrics are per-batch values that the caller averages.
     `top1_expert[num_moe_layers, B, L]` is every loss token's first-choice expert (-1 for
     the others), which the caller compares between evaluations (routing stability).
-    `router_bias`: the model's router bias collection (`TrainState.router_bias`), if any;
-    `lora_state`: its adapters' non-trainable collections (`TrainState.lora_state`).
+    `collections`: the model's non-trainable collections (`TrainState.collections`), if any.
     """
-    logits, extras = forward(model, params, batch, router_bias, lora_state)
+    logits, extras = forward(model, params, batch, collections)
     mask = batch["loss_mask"].astype(jnp.float32)
     ce = token_cross_entropy(logits, batch["targets"]) * mask
     domain_onehot = jax.nn.one_hot(batch["domains"], num_domains, dtype=jnp.float32)

@@ -377,11 +377,11 @@ def test_convert_keeps_deepseek_v3_router_bias_in_the_train_state(tmp_path):
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=make_optimizer(TrainConfig()).init(params),
-        router_bias=variables["router_bias"],
+        collections={"router_bias": variables["router_bias"]},
     )
     with Checkpointer(str(tmp_path / "run")) as ckpt:
         restored = ckpt.restore(0, target=target)[0]
     want = [b.numpy() for k, b in model.named_buffers() if k.endswith("e_score_correction_bias")]
-    got = np.asarray(jax.tree.leaves(restored.router_bias)[0])
+    got = np.asarray(jax.tree.leaves(restored.collections["router_bias"])[0])
     assert got.shape[0] == len(want) and np.abs(got).max() > 0
     np.testing.assert_array_equal(got, np.stack(want))

@@ -86,7 +86,7 @@ def test_a_step_moves_only_adapters_and_equals_adamw_on_the_adapters(moe_experim
             exp.model,
             float(batch["loss_mask"].sum()),
             1,
-            state.router_bias,
+            state.collections,
         )[0]
 
     grads = jax.jit(jax.grad(loss))(train_p)

@@ -63,15 +63,15 @@ def check_flylora_a_stayed_frozen(config, workdir):
     s = validate(config)
     exp = build_experiment(s, make_mesh(s.mesh))
     init = exp.init_fn(jax.random.PRNGKey(s.train.seed))
-    # Adapter runs checkpoint the adapters (and lora_state) apart from the frozen base.
+    # Adapter runs checkpoint the adapters (and the non-trainable collections), not the base.
     target = exp.abstract_state.replace(params=adapter_part(exp.abstract_state.params))
     state, _, _ = Checkpointer(str(workdir)).restore(2, target=target)
-    a0, a1 = init.lora_state["lora_frozen"], state.lora_state["lora_frozen"]
+    a0, a1 = init.collections["lora_frozen"], state.collections["lora_frozen"]
     jax.tree.map(np.testing.assert_array_equal, a1, a0)
-    assert all(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(state.lora_state["lora_bias"]))
+    assert all(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(state.collections["lora_bias"]))
     b = [x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0] if p[-1].key == "b"]
     assert b and all(np.any(np.asarray(x) != 0) for x in b)
     # The finished run loads for inference with its frozen A and bias (load_adapted).
     _, variables = load_adapted(str(workdir))
     for name in ("lora_frozen", "lora_bias"):
-        jax.tree.map(np.testing.assert_array_equal, variables[name], state.lora_state[name])
+        jax.tree.map(np.testing.assert_array_equal, variables[name], state.collections[name])

@@ -339,7 +339,7 @@ def test_restore_onto_another_mesh_and_one_device(tmp_path):
 
 
 def test_checkpoint_from_before_a_new_optional_state_field_still_restores(tmp_path):
-    """TrainState gained `router_bias` (None for most models); older checkpoints lack it."""
+    """TrainState gained `collections` (None for most models); older checkpoints lack it."""
     from moejax.train.step import TrainState
 
     @struct.dataclass
@@ -359,7 +359,7 @@ def test_checkpoint_from_before_a_new_optional_state_field_still_restores(tmp_pa
         opt_state=optax.adam(1e-3).init({"w": jnp.zeros((2, 3))}),
     )
     state, _, _ = ckpt.restore(4, target=target)
-    assert isinstance(state, TrainState) and state.router_bias is None
+    assert isinstance(state, TrainState) and state.collections is None
     assert int(state.step) == 4
     np.testing.assert_array_equal(state.params["w"], params["w"])
     ckpt.close()

@@ -70,5 +70,5 @@ def test_bias_moves_by_gamma_each_step_and_resumes_exactly(tiny_config, tmp_path
         with Checkpointer(workdir, async_save=False) as ckpt:
             state, _, _ = ckpt.restore(4, target=target)
         np.testing.assert_array_equal(
-            state.router_bias["moe_layers"]["moe"]["router"]["bias"], bias[None]
+            state.collections["router_bias"]["moe_layers"]["moe"]["router"]["bias"], bias[None]
         )

@@ -1,0 +1,70 @@
+"""Checkpoint layouts of the training state, and how an older one reads into today's.
+
+Today a checkpoint's `state` item is a `TrainState`: `step`, `params`, `opt_state` and
+`collections`, the one mapping of the model's non-trainable collections (collection name ->
+tree: `router_bias`, `lora_bias`, `lora_frozen`; None when the model has none). Adapter base
+directories (`moejax.train.adapter_checkpoint`) hold `params` and `collections` alike.
+
+Layout v0 (moejax up to commit 3d6c7c8) kept the same trees in two fields: `router_bias`
+(DeepSeek-V3's bias collection, or None) and `lora_state` (the adapters' collections,
+name -> tree, or None). A v0 checkpoint is recognised by those keys; it is restored onto the
+v0 shape of today's target (`v0_target`), leaf for leaf the same arrays, and the result is
+regrouped (`from_v0`). Nothing is converted on disk: an old run directory stays readable by
+the moejax that wrote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from moejax.nn.collections import ROUTER_BIAS
+
+COLLECTIONS = "collections"
+V0_FIELDS = ("router_bias", "lora_state")
+
+
+def is_v0(saved_keys) -> bool:
+    """Whether a state whose top-level keys are `saved_keys` was written in layout v0."""
+    keys = set(saved_keys)
+    return COLLECTIONS not in keys and bool(keys & set(V0_FIELDS))
+
+
+def _fields(tree: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(tree):
+        return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+    return dict(tree)
+
+
+def split_collections(collections: Any) -> dict[str, Any]:
+    """`collections` as the two v0 fields."""
+    rest = dict(collections or {})
+    router_bias = rest.pop(ROUTER_BIAS, None)
+    return {"router_bias": router_bias, "lora_state": rest or None}
+
+
+def join_collections(router_bias: Any, lora_state: Any) -> Any:
+    """The two v0 fields as one `collections` mapping (None when both are empty)."""
+    collections = {} if router_bias is None else {ROUTER_BIAS: router_bias}
+    collections.update(lora_state or {})
+    return collections or None
+
+
+def v0_target(target: Any) -> dict[str, Any]:
+    """A today's state (TrainState or dict with `collections`) in the v0 shape, as a dict."""
+    fields = _fields(target)
+    if COLLECTIONS in fields:
+        fields.update(split_collections(fields.pop(COLLECTIONS)))
+    return fields
+
+
+def from_v0(restored: dict[str, Any], target: Any) -> Any:
+    """A state restored in the v0 shape, regrouped into `target`'s type."""
+    fields = {k: v for k, v in restored.items() if k not in V0_FIELDS}
+    if any(k in restored for k in V0_FIELDS):
+        fields[COLLECTIONS] = join_collections(
+            restored.get("router_bias"), restored.get("lora_state")
+        )
+    if dataclasses.is_dataclass(target):
+        return dataclasses.replace(target, **fields)
+    return fields

@@ -20,12 +20,10 @@ def test_shared_experts_add_exactly_their_mlp():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
     layer = MoELayer(MOE, MODEL)
     variables = layer.init(jax.random.PRNGKey(1), x)
-    y, _, _, _, _ = layer.apply(variables, x)
+    y = layer.apply(variables, x).y
     params = nn.unbox(variables)["params"]
     routed_only = MoELayer(dataclasses.replace(MOE, n_shared=0), MODEL)
-    y0, _, _, _, _ = routed_only.apply(
-        {"params": {k: v for k, v in params.items() if k != "shared"}}, x
-    )
+    y0 = routed_only.apply({"params": {k: v for k, v in params.items() if k != "shared"}}, x).y
     shared = DenseMLP(MOE.n_shared * MOE.d_expert).apply(
         {"params": params["shared"]}, x.reshape(10, 16)
     )
@@ -38,7 +36,8 @@ def test_layer_matches_hand_written_moe():
     cfg = dataclasses.replace(MOE, n_shared=0, renormalize=True)
     layer = MoELayer(cfg, MODEL)
     variables = layer.init(jax.random.PRNGKey(3), x)
-    y, _, aux, metrics, _ = layer.apply(variables, x)
+    out = layer.apply(variables, x)
+    y, aux, metrics = out.y, out.aux_losses, out.metrics
     p = nn.unbox(variables)["params"]
     xt = np.asarray(x[0], np.float64)
     logits = xt @ np.asarray(p["router"]["kernel"], np.float64)

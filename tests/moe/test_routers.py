@@ -319,8 +319,9 @@ def test_every_router_through_every_dispatcher_equals_dense_reference(router, di
 
     def run(layer):
         def loss(params):
-            y, new_state, aux, metrics, _ = layer.apply({**fixed, "params": params}, x, state, mask)
-            return jnp.sum(y * probe) + sum(aux.values()), (y, new_state, metrics)
+            out = layer.apply({**fixed, "params": params}, x, state, mask)
+            loss = jnp.sum(out.y * probe) + sum(out.aux_losses.values())
+            return loss, (out.y, out.router_state, out.metrics)
 
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 

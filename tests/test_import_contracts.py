@@ -1,11 +1,12 @@
 """The dependency rules of CONTRIBUTING.md hold, and the checks that enforce them can fail.
 
-`.importlinter` holds the contracts (packages import only downwards, no cycle between the
-modules of a package), checked by import-linter's `lint-imports`. Each contract is run on
-the tree as it is (kept) and on a copy with one deliberately bad import (broken, naming the
-offending import). Two rules import-linter does not express are checked here with `ast`:
-no function-level import of a moejax module (those exist only to dodge cycles), and the
-bottom package `moejax.nn` imports nothing but jax, flax and the standard library.
+`.importlinter` holds the contracts (packages import only downwards; no cycle between the
+modules of a package; the model and the MoE layer never import `moejax.lora`), checked by
+import-linter's `lint-imports`. Each contract is run on the tree as it is (kept) and on a
+copy with one deliberately bad import (broken, naming the offending import). Two rules
+import-linter does not express are checked here with `ast`: no function-level import of a
+moejax module (those exist only to dodge cycles), and the bottom package `moejax.nn` imports
+nothing but jax, flax and the standard library.
 """
 
 import ast
@@ -51,7 +52,7 @@ def add_import(path: pathlib.Path, line: str) -> None:
 def test_contracts_are_kept():
     result = run_contracts(pathlib.Path(REPO))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Contracts: 2 kept, 0 broken." in result.stdout
+    assert "Contracts: 3 kept, 0 broken." in result.stdout
 
 
 def test_an_upward_import_breaks_the_layers_contract(tmp_path):
@@ -74,6 +75,19 @@ def test_a_cycle_inside_a_package_breaks_the_acyclic_contract(tmp_path):
     result = run_contracts(root)
     assert result.returncode == 1
     assert "No import cycle between the modules of a package BROKEN" in result.stdout
+    assert "Packages import only downwards KEPT" in result.stdout
+
+
+def test_a_model_importing_lora_breaks_the_adapter_hook_contract(tmp_path):
+    root = tree_copy(tmp_path)
+    # models sits above lora in the layers, so only the forbidden contract catches this.
+    add_import(root / "moejax" / "models" / "transformer.py", "import moejax.lora.hook")
+    result = run_contracts(root)
+    assert result.returncode == 1
+    assert "The model and the MoE layer reach adapters only through the hook BROKEN" in (
+        result.stdout
+    )
+    assert "moejax.models.transformer -> moejax.lora.hook" in result.stdout
     assert "Packages import only downwards KEPT" in result.stdout
 
 

@@ -1,6 +1,6 @@
 """Adapter-only step: gradients w.r.t. the adapters only vs w.r.t. every parameter.
 
-Both steps freeze the base through the same optimizer (`make_optimizer(adapters_only=True)`,
+Both steps freeze the base through the same optimizer (`make_optimizer(adapters=...)`,
 moments for adapters only); `partitioned` differentiates w.r.t. the trainable partition
 (what moejax.train does), `full` w.r.t. all params and lets the optimizer zero the base's
 updates. Prints milliseconds per step (interleaved repeats) and the compiled steps' peak

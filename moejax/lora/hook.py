@@ -16,7 +16,7 @@ from moejax.lora.adapter import LoRAAdapter
 from moejax.lora.config import LoRAConfig
 from moejax.lora.method import LoRAMethod
 from moejax.lora.methods import method_of
-from moejax.lora.targets import ADAPTER_PREFIX, is_target
+from moejax.lora.targets import ADAPTER_PREFIX, is_adapter_path, is_target
 from moejax.nn.adapter_hook import AdapterHook
 
 
@@ -61,7 +61,7 @@ class LoRAHook(AdapterHook):
         return self.method.post_update(self.cfg, params, learning_rate)
 
     def decays(self, names: list[str]) -> bool:
-        return self.method.decays(names)
+        return not is_adapter_path(names) or self.method.decays(names)
 
 
 def adapters_for(cfg: LoRAConfig | None) -> LoRAHook | None:

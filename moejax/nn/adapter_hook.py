@@ -75,6 +75,22 @@ class AdapterHook:
         """The hook of model layer `layer` (unrolled layers may differ in shape)."""
         return self
 
+    # The training side: what the optimizer and the train step ask of the adapters.
+    @property
+    def bias_update_rate(self) -> float:
+        """The sign-rule rate of the adapters' balancing biases (`lora_bias`)."""
+        return 0.0
+
+    def post_update(self, params: Any, learning_rate: Any) -> Any:
+        """The trainable params after the optimizer step, moved by the adapters' own rule
+        (e.g. SoRA's proximal step); unchanged by default."""
+        return params
+
+    def decays(self, names: Sequence[str]) -> bool:
+        """Whether the weight at dict path `names` gets weight decay (True by default; the
+        optimizer excludes norm scales and biases itself)."""
+        return True
+
 
 def add_delta(y: jax.Array, delta: jax.Array | None) -> jax.Array:
     """`y + delta` in `y`'s dtype; `y` when there is no delta."""

@@ -48,7 +48,7 @@ def build_experiment(s: Sections, mesh) -> Experiment:
     """The model, optimizer, state shardings and compiled steps of config `s` on `mesh`."""
     adapters_only = s.lora.method != "none"
     model = Transformer(s.model, s.moe, adapters=adapters_for(s.lora) if adapters_only else None)
-    tx = make_optimizer(s.train, adapters_only=adapters_only)
+    tx = make_optimizer(s.train, adapters=model.adapters)
     schedule = learning_rate_schedule(s.train)
     dummy = jnp.zeros((1, s.data.seq_len), jnp.int32)
 

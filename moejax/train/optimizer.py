@@ -1,18 +1,24 @@
 """AdamW with linear warmup + cosine decay, global-norm clipping; no decay on norms or biases.
 
-Adapter runs (`lora.method != "none"`, `adapters_only=True`) freeze the base model through the
-optimizer: `optax.multi_transform` sends the leaves `moejax.lora.trainable.is_trainable`
-accepts to AdamW and every other leaf to `optax.set_to_zero()`, which keeps no state, so the
-optimizer state holds moments for the adapters only (clipping sees the adapters' norm only).
+Adapter runs (`lora.method != "none"`: `make_optimizer(cfg, adapters=model.adapters)`)
+freeze the base model through the optimizer: `optax.multi_transform` sends the leaves
+`moejax.lora.trainable.is_trainable` accepts to AdamW and every other leaf to
+`optax.set_to_zero()`, which keeps no state, so the optimizer state holds moments for the
+adapters only (clipping sees the adapters' norm only). Which adapter weights get weight decay
+is the adapter hook's call (`AdapterHook.decays`).
 """
 
 from __future__ import annotations
 
+import functools
+
+import flax.linen as nn
 import jax
 import optax
 
 from moejax.config.train import TrainConfig
 from moejax.lora import trainable
+from moejax.nn.adapter_hook import AdapterHook
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -26,18 +32,19 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     )
 
 
-def decay_mask(params):
+def decay_mask(params, adapters: AdapterHook | None = None):
     """True for weights that get weight decay: everything but RMSNorm scales, biases (names
-    starting with `b_`, e.g. the GRU router's) and SoRA's rank gates (`lora_*/gate`, which
-    have their own L1 proximal step)."""
+    starting with `b_`, e.g. the GRU router's) and the adapter weights their hook excludes
+    (`AdapterHook.decays`, e.g. SoRA's rank gates, which have their own proximal step)."""
 
     def keep(path, _):
         # The last dict key names the weight (boxed params add a trailing `.value` attr).
         names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
         if not names:
             return True
-        sora_gate = names[-1] == "gate" and any(n.startswith("lora_") for n in names)
-        return not (names[-1] == "scale" or names[-1].startswith("b_") or sora_gate)
+        if names[-1] == "scale" or names[-1].startswith("b_"):
+            return False
+        return adapters is None or adapters.decays(names)
 
     return jax.tree_util.tree_map_with_path(keep, params)
 
@@ -45,8 +52,6 @@ def decay_mask(params):
 def drop_masked_boxes(opt_state):
     """Optimizer state initialised from boxed params keeps the logical-axis boxes of frozen
     leaves around optax's empty `MaskedNode`s; drop those boxes (they hold no array)."""
-    import flax.linen as nn
-
     is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
     return jax.tree.map(
         lambda x: x.value if is_box(x) and isinstance(x.value, optax.MaskedNode) else x,
@@ -55,7 +60,11 @@ def drop_masked_boxes(opt_state):
     )
 
 
-def make_optimizer(cfg: TrainConfig, adapters_only: bool = False) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: TrainConfig, adapters: AdapterHook | None = None
+) -> optax.GradientTransformation:
+    """AdamW (module docstring); with `adapters` (the model's adapter hook) only the adapters
+    train and the base gets zero updates."""
     parts = []
     if cfg.grad_clip:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
@@ -66,11 +75,11 @@ def make_optimizer(cfg: TrainConfig, adapters_only: bool = False) -> optax.Gradi
             b2=cfg.b2,
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            mask=decay_mask,
+            mask=functools.partial(decay_mask, adapters=adapters),
         )
     )
     tx = optax.chain(*parts)
-    if not adapters_only:
+    if adapters is None:
         return tx
     return optax.multi_transform(
         {trainable.TRAINABLE: tx, trainable.FROZEN: optax.set_to_zero()}, trainable.labels

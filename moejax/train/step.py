@@ -15,7 +15,7 @@ the trainable leaves only (`moejax.nn.trees.split_tree` by `moejax.lora.trainabl
 the base parameters enter the
 loss as constants, no gradient buffer of their size is formed, and the new params are the
 updated adapters joined with the very same base arrays (bit-identical by construction). The
-optimizer (`make_optimizer(..., adapters_only=True)`) sees full-structure gradients whose
+optimizer (`make_optimizer(..., adapters=model.adapters)`) sees full-structure gradients whose
 frozen leaves are zeros it maps to zero updates; those zeros are dead code that XLA removes.
 
 The model's non-trainable collections (DeepSeek-V3's `router_bias`, the adapters'

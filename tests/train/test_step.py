@@ -9,6 +9,8 @@ import pytest
 from moejax.config.train import TrainConfig
 from moejax.config.validation import validate
 from moejax.data import make_batches
+from moejax.lora.config import LoRAConfig
+from moejax.lora.hook import adapters_for
 from moejax.sharding.mesh import make_mesh
 from moejax.train.experiment import build_experiment
 from moejax.train.optimizer import decay_mask, learning_rate_schedule
@@ -87,3 +89,17 @@ def test_weight_decay_skips_norm_scales_only():
     }
     mask = decay_mask(params)
     assert mask == {"attn_norm": {"scale": False}, "mlp": {"w_up": True}, "embedding": True}
+
+
+def test_the_adapter_hook_decides_the_decay_of_adapter_weights():
+    params = {
+        "attn": {"wq": jnp.ones((4, 4)), "lora_wq": {"a": jnp.ones((4, 2)), "gate": jnp.ones(2)}},
+        "router": {"gate": jnp.ones((4, 2))},
+    }
+    sora = decay_mask(params, adapters_for(LoRAConfig(method="sora")))
+    assert sora == {
+        "attn": {"wq": True, "lora_wq": {"a": True, "gate": False}},  # SoRA: proximal step
+        "router": {"gate": True},  # not an adapter weight
+    }
+    assert all(jax.tree.leaves(decay_mask(params, adapters_for(LoRAConfig(method="lora")))))
+    assert all(jax.tree.leaves(decay_mask(params)))

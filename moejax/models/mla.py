@@ -9,7 +9,7 @@ Keys and values come from one low-rank latent per token, which is all a decoder 
     o = sum_h softmax(q_h k_h^T / sqrt(d_nope + d_rope)) v_h W_o[h]
     k_h = [k_nope_h | k_rope]  (the decoupled rotary key is shared by all heads)
 
-RoPE is the rotate-half layout of `moejax.models.layers.rotary_embedding`. DeepSeek's
+RoPE is the rotate-half layout of `moejax.nn.rotary.rotary_embedding`. DeepSeek's
 checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ... (`rope_interleave` in
 transformers), which is rotate-half on the de-interleaved channels; `moejax.hf` permutes
 the rotary columns of W_q / W_kv_a on import (and back on export), so the model needs no

@@ -193,8 +193,8 @@ def selection_bias(
     """The per-expert bias `[E]` (float32, zeros at init) of a router whose rule takes one:
     the variable "bias" of the non-trainable `router_bias` collection, in `module`'s scope
     (the router), so the Transformer's layer scan stacks it like the parameters. None for the
-    other rules. Training moves it with `moejax.train.router_bias` (never by gradients).
-    LoRA expert routers keep theirs in their own `collection` (`moejax.lora.balance`)."""
+    other rules. Training moves it by the sign rule of `moejax.train.state_rules` (never by
+    gradients). LoRA expert routers keep theirs in their own `collection` (`lora_bias`)."""
     if cfg.selection not in BIASED_RULES:
         return None
     init = nn.with_logical_partitioning(jnp.zeros, (expert_axis,))

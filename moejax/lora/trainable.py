@@ -7,9 +7,10 @@ variant declares frozen in `FROZEN_ADAPTER_LEAVES` (e.g. FlyLoRA's fixed random 
 variant that keeps a frozen adapter leaf registers its name there, so the optimizer, the
 train step and the tests all see the same split.
 
-`partition(params) -> (trainable, frozen)` and `combine(trainable, frozen)` work on nested
-dicts of any leaves (arrays, ShapeDtypeStructs, boxed `nn.Partitioned`): the train step
-differentiates with respect to `trainable` only.
+The train step splits the params by it with the one tree partition helper
+(`moejax.nn.trees.split_tree` / `join_trees`) and differentiates with respect to the
+trainable part only. Adapter weights that never train and are not params (FlyLoRA's sparse
+random A) live in the non-trainable `lora_frozen` collection instead.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def accuracy(workdir: str, per_task: int, seed: int) -> dict[str, float]:
     model, variables = load_adapted(workdir)
     examples = tasks.eval_examples(seed, per_task)
     prompts = np.stack([tasks.prompt_tokens(t, x) for t, x, _ in examples])
-    if model.adapters is not None and model.adapters.cfg.method == "xlora":  # two passes: no cache
+    if model.adapters is not None and not model.adapters.decodes_with_cache:  # X-LoRA
         out = _greedy_without_cache(model, variables, prompts, tasks.MAX_ANSWER + 1)
     else:
         out = np.asarray(

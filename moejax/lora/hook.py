@@ -51,6 +51,10 @@ class LoRAHook(AdapterHook):
     def for_layer(self, layer: int, num_layers: int) -> "LoRAHook":
         return LoRAHook(self.cfg.for_layer(layer, num_layers))
 
+    @property
+    def decodes_with_cache(self) -> bool:
+        return self.method.decodes_with_cache
+
     # The training side: what the optimizer and the train step ask of the method.
     @property
     def bias_update_rate(self) -> float:

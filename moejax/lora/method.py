@@ -9,7 +9,8 @@ the steps it changes; `moejax.lora.methods.METHODS` registers them by `lora.meth
 - `gate_ranks`: a transform of h = A x before mixing (SoRA's rank gate);
 - `mix`: sum_e g_e h_e B_e (along the rank axis, or through a MoE dispatcher);
 - `adapter_config`: the config of a projection's adapter (MixLoRA: plain LoRA on attention);
-- `replace_mlp`, `scalings`: the model-level hooks (MixLoRA's FFN, X-LoRA's classifier);
+- `replace_mlp`, `scalings`, `decodes_with_cache`: the model-level hooks (MixLoRA's FFN,
+  X-LoRA's classifier, which runs the model twice and so cannot use the decoding cache);
 - `post_update`, `decays`: the training side (SoRA's proximal step, its undecayed gates).
 
 Plain LoRA: Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv
@@ -53,6 +54,8 @@ def report_routing(module: nn.Module, routing: Routing, aux: dict[str, jax.Array
 
 class LoRAMethod:
     """Plain LoRA (module docstring); subclasses override the steps they change."""
+
+    decodes_with_cache = True  # False: the model cannot decode with its key/value cache
 
     def adapter_config(self, cfg: LoRAConfig) -> LoRAConfig:
         return cfg

@@ -52,6 +52,8 @@ class XLoRA(LoRAMethod):
     """`xlora`: gates are the per-token scalings the model hands every block; the model runs
     once without adapters (scalings 0) to compute them (module docstring)."""
 
+    decodes_with_cache = False  # two passes over the whole sequence per call
+
     def gates(self, adapter, cfg, x, h, mask, context):
         scalings = None if context is None else context.scalings
         return (None if scalings is None else scalings.reshape(-1, scalings.shape[-1])), None

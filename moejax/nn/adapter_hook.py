@@ -75,6 +75,12 @@ class AdapterHook:
         """The hook of model layer `layer` (unrolled layers may differ in shape)."""
         return self
 
+    @property
+    def decodes_with_cache(self) -> bool:
+        """Whether the model decodes with its key/value cache (False: the adapters need the
+        whole sequence at every call, as X-LoRA's two passes do)."""
+        return True
+
     # The training side: what the optimizer and the train step ask of the adapters.
     @property
     def bias_update_rate(self) -> float:

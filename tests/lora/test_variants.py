@@ -242,6 +242,8 @@ def test_zero_initialised_adapters_give_the_base_logits(name):
     assert adapters
     if name == "xlora":
         assert "lora_xlora_classifier" in adapters
+    # X-LoRA's two passes cannot use the decoding cache; the hook says so (generate's users).
+    assert model.adapters.decodes_with_cache == (name != "xlora")
     want, _ = jax.jit(Transformer(m, MoEConfig()).apply)({"params": base}, TOKENS)
     got, extras = jax.jit(functools.partial(apply_model, model))(variables, TOKENS)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

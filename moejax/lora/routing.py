@@ -34,7 +34,7 @@ from moejax.lora.config import LoRAConfig
 from moejax.moe.config import MoEConfig
 from moejax.moe.losses import coefficient_of_variation, expert_load, routing_metrics
 from moejax.moe.routing import Routing
-from moejax.moe.selection import Selection, _finish
+from moejax.moe.selection import finish_routing
 
 
 def router_config(lo: LoRAConfig, num_experts: int) -> MoEConfig:
@@ -73,7 +73,7 @@ def dynmole(
     seq_len: int | None = None,
     *,
     lo: LoRAConfig,
-) -> Selection:
+) -> Routing:
     """DynMoLE's hybrid rule (module docstring); a `LinearRouter` rule, E static slots."""
     del bias
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -84,14 +84,14 @@ def dynmole(
     entropy, max_entropy = tsallis_entropy(probs, lo.tsallis_q)
     entropy = entropy / max_entropy
     keep = keep | (entropy > lo.entropy_threshold)[:, None]
-    sel = _finish(cfg, logits, probs, ids, jnp.where(keep, sorted_p, 0.0), mask, seq_len)
+    routing = finish_routing(cfg, logits, probs, ids, jnp.where(keep, sorted_p, 0.0), mask, seq_len)
     m = jnp.ones_like(entropy) if mask is None else mask.astype(jnp.float32)
     mean_entropy = jnp.sum(entropy * m) / jnp.maximum(jnp.sum(m), 1.0)
-    aux = dict(sel.aux_losses)
+    aux = dict(routing.aux_losses)
     if lo.entropy_coef:
         aux["entropy"] = lo.entropy_coef * mean_entropy
-    return Selection(
-        sel.expert_ids, sel.weights, aux, {**sel.metrics, "tsallis_entropy": mean_entropy}
+    return routing.replace(
+        aux_losses=aux, metrics={**routing.metrics, "tsallis_entropy": mean_entropy}
     )
 
 

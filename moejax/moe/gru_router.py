@@ -118,12 +118,6 @@ class GRURouter(nn.Module):
         )
         logits = new_state @ w2.astype(jnp.float32)
         bias = selection_bias(self, cfg)
-        sel = SELECTIONS[cfg.selection](logits, mask_T, cfg, bias, seq_len)
-        report_bias_load(self, bias, sel.metrics["load"])
-        return Routing(
-            expert_ids=sel.expert_ids,
-            combine_weights=sel.weights,
-            aux_losses=sel.aux_losses,
-            metrics=sel.metrics,
-            state=new_state,
-        )
+        routing = SELECTIONS[cfg.selection](logits, mask_T, cfg, bias, seq_len)
+        report_bias_load(self, bias, routing.metrics["load"])
+        return routing.replace(state=new_state)

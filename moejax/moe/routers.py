@@ -72,15 +72,9 @@ class LinearRouter(nn.Module):
         logits = x_TxD.astype(jnp.float32) @ w.astype(jnp.float32)
         rule = self.rule or SELECTIONS[cfg.selection]
         bias = selection_bias(self, cfg, self.bias_collection, self.expert_axis)
-        sel = rule(logits, mask_T, cfg, bias, seq_len)
-        report_bias_load(self, bias, sel.metrics["load"])
-        return Routing(
-            expert_ids=sel.expert_ids,
-            combine_weights=sel.weights,
-            aux_losses=sel.aux_losses,
-            metrics=sel.metrics,
-            state=state,
-        )
+        routing = rule(logits, mask_T, cfg, bias, seq_len)
+        report_bias_load(self, bias, routing.metrics["load"])
+        return routing.replace(state=state)
 
 
 ROUTERS = {  # scorer name (config.moe.scorer) -> router module

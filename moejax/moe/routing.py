@@ -1,4 +1,10 @@
-"""`Routing`: what a router decides for a flat batch of T tokens, as a pytree."""
+"""`Routing`: what a router decides for a flat batch of T tokens, as a pytree.
+
+The one routing record: the selection rules of `moejax.moe.selection` (GShard/Switch
+top-k, top-p dynamic routing, DeepSeek-V3's biased sigmoid; see that module for the
+papers and equations) return it with `state` None, and a router sets its own state on it
+(`Routing.replace(state=...)`); the dispatchers and the LoRA expert gates read it.
+"""
 
 from __future__ import annotations
 

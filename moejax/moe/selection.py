@@ -1,10 +1,12 @@
 """Selection rules: router logits `[T, E]` -> which experts each token takes, and their weights.
 
 A router = a scorer (linear map, RMoE's GRU, ...) + one of these rules, named by
-`config.moe.selection`, so every scorer composes with every rule. Each rule returns
-`Selection(expert_ids[T, k], weights[T, k], aux_losses, metrics)` with a static k; a slot
-with weight 0 is unused (padding tokens, and the slots top-p leaves empty), and the
-dispatchers skip it.
+`config.moe.selection`, so every scorer composes with every rule. Each rule returns the
+router's record itself, `Routing(expert_ids[T, k], combine_weights[T, k], aux_losses,
+metrics)` (`moejax.moe.routing`, state None: the router sets its own) with a static k; a
+slot with weight 0 is unused (padding tokens, and the slots top-p leaves empty), and the
+dispatchers skip it. `finish_routing` builds that record (losses and metrics) from a rule's
+chosen ids and weights, for the rules here and LoRA's DynMoLE rule.
 
 - `softmax_topk`: GShard (Lepikhin et al., 2020), Switch (Fedus et al., 2021), Mixtral (Jiang
   et al., 2024). p = softmax(logits); the k largest p_i; with `renormalize` divided by their
@@ -43,7 +45,7 @@ see `moejax.moe.losses`.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -58,14 +60,8 @@ from moejax.moe.losses import (
     routing_metrics,
     sequence_balance_loss,
 )
+from moejax.moe.routing import Routing
 from moejax.nn.collections import BALANCE_LOAD, ROUTER_BIAS, sow_value
-
-
-class Selection(NamedTuple):
-    expert_ids: jax.Array  # int32[T, k]
-    weights: jax.Array  # float32[T, k]; 0 = slot unused
-    aux_losses: dict[str, jax.Array]  # already multiplied by their coefficients
-    metrics: dict[str, jax.Array]
 
 
 def top_p_mask(sorted_probs: jax.Array, p: float) -> jax.Array:
@@ -84,7 +80,20 @@ def top_p_mask(sorted_probs: jax.Array, p: float) -> jax.Array:
     return before < p
 
 
-def _finish(cfg: MoEConfig, logits, probs, ids, weights, mask, seq_len) -> Selection:
+def finish_routing(
+    cfg: MoEConfig,
+    logits: jax.Array,
+    probs: jax.Array,
+    ids: jax.Array,
+    weights: jax.Array,
+    mask: jax.Array | None,
+    seq_len: int | None,
+) -> Routing:
+    """The `Routing` (state None) of a selection rule's choice: `ids[T, k]` taken with
+    `weights[T, k]` (0 = slot unused) out of `probs[T, E]`, the router's probabilities from
+    `logits[T, E]`. Padding tokens (`mask` 0) get zero weight; the aux losses named by the
+    nonzero coefficients of `cfg` (module docstring) and the routing metrics are computed
+    over the real tokens, `seq_len` as in the rules."""
     if mask is not None:  # padding tokens get zero weight: they take no capacity or compute
         weights = weights * mask[:, None].astype(weights.dtype)
     f, p = balance_statistics(probs, ids, mask, weights)  # shared by the balance losses
@@ -109,7 +118,9 @@ def _finish(cfg: MoEConfig, logits, probs, ids, weights, mask, seq_len) -> Selec
     aux = {name: coef * value() for name, coef, value in terms if coef}
     metrics = routing_metrics(probs, ids, weights, mask, load=f, entropy=entropy)
     metrics.update(balance_loss=balance, z_loss=z)
-    return Selection(ids.astype(jnp.int32), weights, aux, metrics)
+    return Routing(
+        expert_ids=ids.astype(jnp.int32), combine_weights=weights, aux_losses=aux, metrics=metrics
+    )
 
 
 def _no_bias(bias, rule: str) -> None:
@@ -121,23 +132,23 @@ def _no_bias(bias, rule: str) -> None:
 
 def softmax_topk(
     logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None, seq_len: int | None = None
-) -> Selection:
+) -> Routing:
     _no_bias(bias, "softmax_topk")
     probs = jax.nn.softmax(logits, axis=-1)
     weights, ids = jax.lax.top_k(probs, cfg.top_k)
     if cfg.renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return _finish(cfg, logits, probs, ids, weights, mask, seq_len)
+    return finish_routing(cfg, logits, probs, ids, weights, mask, seq_len)
 
 
 def top_p(
     logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None, seq_len: int | None = None
-) -> Selection:
+) -> Routing:
     _no_bias(bias, "top_p")
     probs = jax.nn.softmax(logits, axis=-1)
     sorted_probs, ids = jax.lax.top_k(probs, routing_slots(cfg))  # ties: lower id first
     weights = jnp.where(top_p_mask(sorted_probs, cfg.top_p), sorted_probs, 0.0)
-    return _finish(cfg, logits, probs, ids, weights, mask, seq_len)
+    return finish_routing(cfg, logits, probs, ids, weights, mask, seq_len)
 
 
 def limit_groups(choice: jax.Array, n_group: int, topk_group: int, fill: float) -> jax.Array:
@@ -161,7 +172,7 @@ def sigmoid_bias(
     cfg: MoEConfig,
     bias: jax.Array | None = None,
     seq_len: int | None = None,
-) -> Selection:
+) -> Routing:
     """DeepSeek-V3 routing (module docstring); `bias[E]` (None = zeros) steers the choice."""
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
@@ -173,7 +184,7 @@ def sigmoid_bias(
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
     weights = weights * cfg.routed_scaling_factor
     affinities = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    return _finish(cfg, logits, affinities, ids, weights, mask, seq_len)
+    return finish_routing(cfg, logits, affinities, ids, weights, mask, seq_len)
 
 
 def routing_slots(cfg: MoEConfig) -> int:
@@ -201,7 +212,7 @@ def selection_bias(
     return module.variable(collection, "bias", init, (cfg.num_experts,), jnp.float32).value
 
 
-Rule = Callable[..., Selection]
+Rule = Callable[..., Routing]
 SELECTIONS: dict[str, Rule] = {
     "softmax_topk": softmax_topk,
     "top_p": top_p,

@@ -60,9 +60,9 @@ def test_top_p_ties_take_lower_expert_ids_first_and_p1_takes_all():
     logits = jnp.zeros((1, 4))  # four experts at exactly 0.25
     sel = top_p(logits, None, cfg)  # 2 slots: ceil(0.5 * 4)
     np.testing.assert_array_equal(sel.expert_ids[0], [0, 1])
-    np.testing.assert_allclose(sel.weights[0], [0.25, 0.25])  # not renormalised
+    np.testing.assert_allclose(sel.combine_weights[0], [0.25, 0.25])  # not renormalised
     sel = top_p(logits, None, dataclasses.replace(cfg, top_p=1.0))
-    np.testing.assert_allclose(sel.weights[0], [0.25] * 4)
+    np.testing.assert_allclose(sel.combine_weights[0], [0.25] * 4)
 
 
 def test_top_p_matches_brute_force_minimal_prefix_and_respects_max_k():
@@ -72,19 +72,19 @@ def test_top_p_matches_brute_force_minimal_prefix_and_respects_max_k():
         cfg = MoEConfig(num_experts=8, top_k=k, selection="top_p", top_p=p)
         sel = top_p(jnp.asarray(logits, jnp.float32), None, cfg)
         probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
-        used = np.asarray(sel.weights) > 0
+        used = np.asarray(sel.combine_weights) > 0
         for t in range(logits.shape[0]):
             n = min(minimal_prefix(probs[t], p), k)
             assert used[t].sum() == n, (p, k, t)
             chosen = np.asarray(sel.expert_ids[t])[used[t]]
             np.testing.assert_array_equal(chosen, np.argsort(-probs[t], kind="stable")[:n])
             np.testing.assert_allclose(
-                np.asarray(sel.weights[t])[used[t]], probs[t][chosen], rtol=1e-6
+                np.asarray(sel.combine_weights[t])[used[t]], probs[t][chosen], rtol=1e-6
             )
         count = used.sum(axis=1)
         np.testing.assert_allclose(sel.metrics["experts_per_token"], count.mean(), rtol=1e-6)
         slots = routing_slots(cfg)
-        assert sel.weights.shape == (200, slots) and slots <= k
+        assert sel.combine_weights.shape == (200, slots) and slots <= k
         np.testing.assert_allclose(
             sel.metrics["experts_per_token_hist"],
             np.bincount(count, minlength=slots + 1) / len(count),
@@ -100,7 +100,7 @@ def test_top_p_slots_are_the_most_any_token_can_need(p, k, want):
     assert routing_slots(cfg) == want
     # The bound is reached: near-uniform probabilities need ceil(p * E) experts.
     sel = top_p(jnp.zeros((1, 8)) + jnp.arange(8) * 1e-4, None, cfg)
-    assert int(np.sum(np.asarray(sel.weights) > 0)) == want
+    assert int(np.sum(np.asarray(sel.combine_weights) > 0)) == want
 
 
 def test_top_p_losses_count_only_used_slots_and_add_entropy():
@@ -124,7 +124,7 @@ def test_top_p_losses_count_only_used_slots_and_add_entropy():
     counts = np.zeros(E)
     for t in range(T):
         for j in range(E):
-            if sel.weights[t, j] > 0:
+            if sel.combine_weights[t, j] > 0:
                 counts[int(sel.expert_ids[t, j])] += m[t]
     f = counts / counts.sum()
     pbar = (probs * m[:, None]).sum(0) / m.sum()
@@ -132,7 +132,7 @@ def test_top_p_losses_count_only_used_slots_and_add_entropy():
     np.testing.assert_allclose(sel.aux_losses["balance"], 1e-2 * E * np.sum(f * pbar), rtol=1e-5)
     np.testing.assert_allclose(sel.aux_losses["entropy"], 1e-4 * entropy, rtol=1e-5)
     assert "z_loss" not in sel.aux_losses
-    assert np.all(np.asarray(sel.weights)[~np.asarray(mask)] == 0)
+    assert np.all(np.asarray(sel.combine_weights)[~np.asarray(mask)] == 0)
 
 
 # ----------------------------------------------------------------------------- GRU (RMoE)
@@ -248,7 +248,7 @@ def test_gru_composes_with_every_selection_rule(rule):
     logits = jnp.asarray(h @ np.asarray(params["kernel"], np.float64), jnp.float32)
     want = SELECTIONS[rule](logits, None, cfg, bias)
     np.testing.assert_array_equal(got.expert_ids, want.expert_ids)
-    np.testing.assert_allclose(got.combine_weights, want.weights, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.combine_weights, want.combine_weights, rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- dispatchers

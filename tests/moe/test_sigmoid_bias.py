@@ -76,7 +76,7 @@ def test_sigmoid_bias_equals_numpy_reference(
         sel = sigmoid_bias(jnp.asarray(logits), None, cfg, jnp.asarray(bias))
         ids, w = np_sigmoid_bias(logits, bias, cfg)
         np.testing.assert_array_equal(sel.expert_ids, ids)
-        np.testing.assert_allclose(sel.weights, w, rtol=2e-6, atol=1e-7)
+        np.testing.assert_allclose(sel.combine_weights, w, rtol=2e-6, atol=1e-7)
 
 
 def test_group_masks_differ_exactly_when_kept_choices_are_negative():
@@ -93,8 +93,8 @@ def test_group_masks_differ_exactly_when_kept_choices_are_negative():
     neg_inf = sigmoid_bias(logits, None, dataclasses.replace(cfg, group_mask="neg_inf"), bias)
     np.testing.assert_array_equal(zero.expert_ids, [[0, 2]])
     np.testing.assert_array_equal(neg_inf.expert_ids, [[0, 1]])
-    np.testing.assert_allclose(zero.weights, [[0.9, 0.5]], rtol=1e-6)
-    np.testing.assert_allclose(neg_inf.weights, [[0.9, 0.2]], rtol=1e-6)
+    np.testing.assert_allclose(zero.combine_weights, [[0.9, 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(neg_inf.combine_weights, [[0.9, 0.2]], rtol=1e-6)
 
 
 def test_bias_changes_the_selection_but_never_a_weight():
@@ -115,18 +115,20 @@ def test_bias_changes_the_selection_but_never_a_weight():
     scores = np.asarray(jax.nn.sigmoid(logits))
     for sel in (plain, biased):  # the weights are the unbiased scores at the chosen ids
         np.testing.assert_allclose(
-            sel.weights, 2.0 * np.take_along_axis(scores, np.asarray(sel.expert_ids), -1), rtol=1e-6
+            sel.combine_weights,
+            2.0 * np.take_along_axis(scores, np.asarray(sel.expert_ids), -1),
+            rtol=1e-6,
         )
     # Forcing one expert on every token: it is chosen, with its own (small) score as weight.
     force = jnp.zeros(E).at[5].set(10.0)
     forced = sigmoid_bias(logits, None, cfg, force)
     assert np.all(np.asarray(forced.expert_ids)[:, 0] == 5)
-    np.testing.assert_allclose(forced.weights[:, 0], 2.0 * scores[:, 5], rtol=1e-6)
+    np.testing.assert_allclose(forced.combine_weights[:, 0], 2.0 * scores[:, 5], rtol=1e-6)
     # No gradient reaches the bias: it only decides the top-k.
     for renormalize in (False, True):
         c = dataclasses.replace(cfg, renormalize=renormalize)
         grad = jax.grad(
-            lambda b: jnp.sum(sigmoid_bias(logits, None, c, b).weights * jnp.arange(4.0))
+            lambda b: jnp.sum(sigmoid_bias(logits, None, c, b).combine_weights * jnp.arange(4.0))
         )(jnp.asarray(bias))
         np.testing.assert_array_equal(grad, np.zeros(E))
 
@@ -189,7 +191,7 @@ def test_sigmoid_bias_equals_transformers_deepseek_v3_router(
         # transformers' top-k is unsorted: compare per token, ordered by expert id.
         want_ids, want_w = want_ids.numpy(), want_w.numpy()
         order = np.argsort(want_ids, axis=-1)
-        got_ids, got_w = np.asarray(sel.expert_ids), np.asarray(sel.weights)
+        got_ids, got_w = np.asarray(sel.expert_ids), np.asarray(sel.combine_weights)
         got_order = np.argsort(got_ids, axis=-1)
         np.testing.assert_array_equal(
             np.take_along_axis(got_ids, got_order, -1), np.take_along_axis(want_ids, order, -1)

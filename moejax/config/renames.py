@@ -13,8 +13,11 @@ An entry maps an old dotted field to a `Rename`: `new`, the dotted fields that r
 the old field's section as given (a mapping, old field included) and returns the new fields
 and their values, `{dotted field: value}`; it raises `ConfigError` for a value it cannot
 read. `translate=None` marks a field removed with no translation: a config that still sets
-it is refused with a message naming `new`. This module imports no package (their config
-modules may use the table), so the old values are spelled out here, not looked up.
+it is refused with a message naming `new`. An entry keyed `(dotted field, old value)`
+instead renames one old value of a field that still exists: it applies only when the field
+holds that value (`renamed_value` builds it; e.g. lora.dispatcher='rank' -> 'none'), and
+every other value passes silently. This module imports no package (their config modules
+may use the table), so the old values are spelled out here, not looked up.
 """
 
 from __future__ import annotations
@@ -34,6 +37,17 @@ class ConfigDeprecationWarning(FutureWarning):
 class Rename:
     new: tuple[str, ...]
     translate: Callable[[Any, Mapping[str, Any]], dict[str, Any]] | None = None
+
+
+# An entry's key: an old dotted field ("moe.router"), or (dotted field, old value) for an old
+# value of a field that still exists.
+OldSpelling = str | tuple[str, Any]
+
+
+def renamed_value(field: str, new_value: Any) -> Rename:
+    """The entry of an old value of `field` (a dotted field that still exists), keyed
+    `(field, old value)` in the table: the field is read as `new_value`."""
+    return Rename((field,), lambda _value, _section: {field: new_value})
 
 
 # moe.router used to name a scorer and a selection rule at once (moe.selection only applied
@@ -62,8 +76,10 @@ def _moe_router(value: Any, moe: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-RENAMES: dict[str, Rename] = {
+RENAMES: dict[OldSpelling, Rename] = {
     "moe.router": Rename(("moe.scorer", "moe.selection"), _moe_router),
+    # "rank" named no dispatcher: the LoRA experts mixed by one matmul over their ranks.
+    ("lora.dispatcher", "rank"): renamed_value("lora.dispatcher", "none"),
 }
 
 
@@ -82,34 +98,41 @@ def _shown(values: Mapping[str, Any]) -> str:
 
 
 def apply_renames(
-    config: Any, *, source: str = "config", renames: Mapping[str, Rename] = RENAMES
+    config: Any, *, source: str = "config", renames: Mapping[OldSpelling, Rename] = RENAMES
 ) -> dict[str, Any]:
     """`config` (a ConfigDict or a mapping of sections) as a plain dict in the new spelling.
 
-    Each old field found is replaced by its translation, with one `ConfigDeprecationWarning`
-    naming the new fields; a removed field, or a value its translation cannot read, raises
-    `ConfigError`. `source` names where the config came from in the messages."""
+    Each old field (or old value of a field) found is replaced by its translation, with one
+    `ConfigDeprecationWarning` naming the new fields; a removed field, or a value its
+    translation cannot read, raises `ConfigError`. `source` names where the config came from
+    in the messages."""
     tree = _plain(config)
-    for old, rename in renames.items():
+    for key, rename in renames.items():
+        value_entry = not isinstance(key, str)  # keyed (field, old value)
+        old, old_value = key if value_entry else (key, None)
         section_name, field = old.split(".", 1)
         section = tree.get(section_name)
         if not isinstance(section, dict) or field not in section:
             continue
         value = section[field]
+        if value_entry and (type(value) is not type(old_value) or value != old_value):
+            continue  # the field holds another value, a current one
         if rename.translate is None:
             raise ConfigError(
                 f"{source}: config.{old}={value!r} was removed; set {', '.join(rename.new)} "
                 f"instead."
             )
         new = rename.translate(value, section)
-        del section[field]
+        if old not in new:  # an old value is replaced in place
+            del section[field]
         for name, new_value in new.items():
             target, new_field = name.split(".", 1)
             tree.setdefault(target, {})[new_field] = new_value
         flags = " ".join(f"--config.{name}={new_value}" for name, new_value in new.items())
+        those = "those fields" if len(new) > 1 else "that"
         warnings.warn(
             f"{source}: config.{old}={value!r} is an old spelling, read as {_shown(new)}; set "
-            f"those fields instead (e.g. {flags}).",
+            f"{those} instead (e.g. {flags}).",
             ConfigDeprecationWarning,
             stacklevel=2,
         )

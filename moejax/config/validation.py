@@ -366,18 +366,18 @@ def _check_lora(lo: LoRAConfig) -> None:
         f"each layer's experts); method={lo.method!r}.",
     )
     _require(
-        not lo.shared_a or lo.dispatcher == "rank",
-        f"lora.shared_a=True (HydraLoRA) needs lora.dispatcher='rank': the MoE "
+        not lo.shared_a or lo.dispatcher == "none",
+        f"lora.shared_a=True (HydraLoRA) needs lora.dispatcher='none': the MoE "
         f"dispatchers compute experts with their own A; got {lo.dispatcher!r}.",
     )
     _require(
-        lo.dispatcher == "rank" or lo.method in ("moe", "mixlora", "none"),
+        lo.dispatcher == "none" or lo.method in ("moe", "mixlora", "none"),
         f"lora.dispatcher={lo.dispatcher!r} dispatches routed experts, which only "
-        f"lora.method='moe' has; use 'rank' for method={lo.method!r}.",
+        f"lora.method='moe' has; use 'none' for method={lo.method!r}.",
     )
     _require(
         lo.method != "mixlora"
-        or (lo.router == "softmax_topk" and lo.renormalize and lo.dispatcher != "rank"),
+        or (lo.router == "softmax_topk" and lo.renormalize and lo.dispatcher != "none"),
         f"lora.method='mixlora' routes with lora.router='softmax_topk', renormalize=True "
         f"(the FFN is the weighted mean of its experts) and a MoE dispatcher "
         f"(lora.dispatcher='auto'); got router={lo.router!r}, renormalize="
@@ -405,8 +405,8 @@ def _check_lora_model(lo: LoRAConfig, m: ModelConfig) -> None:
         f"got scan_layers={m.scan_layers}, moe_every={m.moe_every}).",
     )
     _require(
-        lo.method != "xlora" or lo.dispatcher == "rank",
-        "lora.method='xlora' mixes every adapter with its scaling: lora.dispatcher='rank'.",
+        lo.method != "xlora" or lo.dispatcher == "none",
+        "lora.method='xlora' mixes every adapter with its scaling: lora.dispatcher='none'.",
     )
 
 

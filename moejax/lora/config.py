@@ -12,7 +12,8 @@ from moejax.config_section import section_from_mapping
 # MLPs become MixLoRA's MoE of LoRA-adapted FFNs (moejax.lora.mixlora), attention plain LoRA.
 LORA_METHODS = ("none", "lora", "moe", "flylora", "xlora", "sora", "mixlora")
 LORA_ROUTERS = ("softmax_topk", "top_p", "sigmoid_bias", "dynmole")
-LORA_DISPATCHERS = ("rank", "dense_reference", "capacity_einsum", "ragged", "auto")
+# none: no MoE dispatcher, the expert mixture is one matmul over the concatenated ranks.
+LORA_DISPATCHERS = ("none", "dense_reference", "capacity_einsum", "ragged", "auto")
 LORA_SCALINGS = ("rank", "active", "total")
 
 
@@ -33,8 +34,10 @@ class LoRAConfig:
     alpha / (E r) ("total", FlyLoRA); `rslora` takes the square root of that denominator
     (Kalajdzievski, 2023). The gates g come from `method` (see LORA_METHODS); `moe` routes
     with a linear router and `router`: a moejax selection rule (`moejax.moe.selection`) or
-    DynMoLE's Tsallis-entropy rule, and computes the mixture along the rank axis
-    (`dispatcher="rank"`) or by one of moejax's MoE dispatchers on the E experts.
+    DynMoLE's Tsallis-entropy rule, and computes the mixture along the rank axis, one matmul
+    over the concatenated ranks (`dispatcher="none"`, no MoE dispatcher; "rank" is its old
+    spelling, `moejax.config.renames`), or by one of moejax's MoE dispatchers on the E
+    experts.
 
     The frozen base comes from `base_checkpoint` (a moejax run directory: the params of its
     latest checkpoint) or `base_hf` (a Hugging Face directory, `moejax.hf.from_pretrained`);
@@ -57,7 +60,7 @@ class LoRAConfig:
     router: str = "softmax_topk"  # moe: one of LORA_ROUTERS
     renormalize: bool = True  # softmax_topk/sigmoid_bias: top-k weights sum to 1
     routed_scale: float = 1.0  # sigmoid_bias: weights times this (SMoRA: top_k, sum = k)
-    dispatcher: str = "rank"  # one of LORA_DISPATCHERS
+    dispatcher: str = "none"  # one of LORA_DISPATCHERS ("none": mixed along the rank axis)
     balance_coef: float = 0.0  # Switch balance loss weight of the adapter routers
     z_loss_coef: float = 0.0  # ST-MoE z-loss weight of the adapter routers
     entropy_coef: float = 0.0  # mean router entropy weight (DynMoLE: Tsallis, 0.01)

@@ -5,7 +5,7 @@ its own module), one line in `METHODS` and one reference test.
 - `lora`: plain LoRA (Hu et al., 2021, arXiv 2106.09685), E static experts with gate 1.
 - `moe`: experts routed per token by a `moejax.moe.routers.LinearRouter` with a moejax
   selection rule or DynMoLE's (`moejax.lora.routing.dynmole`), mixed along the rank axis
-  (`dispatcher="rank"`) or by one of moejax's MoE dispatchers (MoLA, LLaVA-MoLE, LoRAMoE,
+  (`dispatcher="none"`) or by one of moejax's MoE dispatchers (MoLA, LLaVA-MoLE, LoRAMoE,
   HydraLoRA, SMoRA, DynMoLE; `moejax.lora.variants`).
 - `flylora`: FlyLoRA (Zou et al., 2025, NeurIPS; gfyddha/FlyLoRA): frozen sparse random A
   as the implicit router, top-k of |A x + d| with binary gates, d in `lora_bias`.
@@ -49,7 +49,7 @@ class RoutedLoRA(LoRAMethod):
         return dense_gates(routing, cfg.num_experts), routing
 
     def mix(self, cfg, x, h, gates, routing, a, b):
-        if cfg.dispatcher == "rank":
+        if cfg.dispatcher == "none":
             return super().mix(cfg, x, h, gates, routing, a, b)
         fn = ExpertFn(lambda w, xs, mm: mm(mm(xs, w["a"]), w["b"]), {"a": a, "b": b})
         y, _ = dispatch(x, routing, fn, router_config(cfg, cfg.num_experts))

@@ -52,7 +52,7 @@ def router_config(lo: LoRAConfig, num_experts: int) -> MoEConfig:
         top_p=lo.top_p,
         routed_scaling_factor=lo.routed_scale,
         bias_update_rate=lo.bias_update_rate,
-        dispatcher="dense_reference" if lo.dispatcher == "rank" else lo.dispatcher,
+        dispatcher="dense_reference" if lo.dispatcher == "none" else lo.dispatcher,
     )
 
 

@@ -150,7 +150,7 @@ def test_variant_equals_the_numpy_reference(name, x64):
         assert used.min() >= 2 and used.max() == cfg.num_experts
         assert (used < cfg.num_experts).any()
     if name == "llava_mole":  # dispatched by moejax's ragged plan; the rank axis agrees
-        rank = module.clone(cfg=dataclasses.replace(cfg, dispatcher="rank"))
+        rank = module.clone(cfg=dataclasses.replace(cfg, dispatcher="none"))
         np.testing.assert_allclose(jax.jit(rank.apply)(v, x), got, rtol=2e-6, atol=1e-6)
 
 

@@ -19,11 +19,11 @@ from moejax.data.datasets import dataset_for
 from moejax.data.errors import DataError
 from moejax.lora.config import (
     LORA_DISPATCHERS,
-    LORA_METHODS,
     LORA_ROUTERS,
     LORA_SCALINGS,
     LoRAConfig,
 )
+from moejax.lora.methods import METHODS
 from moejax.models.config import ATTENTIONS, DTYPES, REMAT_POLICIES, ModelConfig
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
@@ -270,7 +270,7 @@ def _check_router(moe: MoEConfig) -> None:
 
 def _check_lora(lo: LoRAConfig) -> None:
     for name, options in (
-        ("method", LORA_METHODS),
+        ("method", ("none", *METHODS)),
         ("router", LORA_ROUTERS),
         ("dispatcher", LORA_DISPATCHERS),
         ("scaling", LORA_SCALINGS),
@@ -282,12 +282,11 @@ def _check_lora(lo: LoRAConfig) -> None:
     for name in ("rank", "num_experts", "top_k"):
         _require(getattr(lo, name) > 0, f"lora.{name}={getattr(lo, name)} must be positive.")
     _require(lo.alpha > 0, f"lora.alpha={lo.alpha} must be positive (scale alpha / rank).")
-    slots = lo.num_experts * lo.rank if lo.method == "flylora" else lo.num_experts
-    _require(
-        lo.top_k <= slots,
-        f"lora.top_k={lo.top_k} must be <= lora.num_experts={lo.num_experts}"
-        + (" * lora.rank (FlyLoRA activates ranks)." if lo.method == "flylora" else "."),
+    method = METHODS.get(lo.method)  # None for "none"
+    slots, spelled = (
+        method.gate_slots(lo) if method else (lo.num_experts, f"lora.num_experts={lo.num_experts}")
     )
+    _require(lo.top_k <= slots, f"lora.top_k={lo.top_k} must be <= {spelled}.")
     patterns = [p.strip() for p in lo.targets.split(",") if p.strip()]
     _require(
         bool(patterns) and all("." in p for p in patterns),
@@ -361,33 +360,12 @@ def _check_lora(lo: LoRAConfig) -> None:
         f"each >= lora.top_k={lo.top_k} (MoLA: '2,4,6,8'), or empty.",
     )
     _require(
-        not counts or lo.method == "moe" or lo.method == "none",
-        f"lora.layer_experts={lo.layer_experts!r} needs lora.method='moe' (MoLA routes "
-        f"each layer's experts); method={lo.method!r}.",
-    )
-    _require(
         not lo.shared_a or lo.dispatcher == "none",
         f"lora.shared_a=True (HydraLoRA) needs lora.dispatcher='none': the MoE "
         f"dispatchers compute experts with their own A; got {lo.dispatcher!r}.",
     )
-    _require(
-        lo.dispatcher == "none" or lo.method in ("moe", "mixlora", "none"),
-        f"lora.dispatcher={lo.dispatcher!r} dispatches routed experts, which only "
-        f"lora.method='moe' has; use 'none' for method={lo.method!r}.",
-    )
-    _require(
-        lo.method != "mixlora"
-        or (lo.router == "softmax_topk" and lo.renormalize and lo.dispatcher != "none"),
-        f"lora.method='mixlora' routes with lora.router='softmax_topk', renormalize=True "
-        f"(the FFN is the weighted mean of its experts) and a MoE dispatcher "
-        f"(lora.dispatcher='auto'); got router={lo.router!r}, renormalize="
-        f"{lo.renormalize}, dispatcher={lo.dispatcher!r}.",
-    )
-    _require(
-        not lo.renormalize or lo.router != "dynmole" or lo.method != "moe",
-        "lora.renormalize=True does not apply to lora.router='dynmole' (DynMoLE keeps the "
-        "raw probabilities); set lora.renormalize=False.",
-    )
+    if method is not None:
+        method.check(lo)  # what this method needs of the section (moejax.lora.methods)
 
 
 def _check_lora_model(lo: LoRAConfig, m: ModelConfig) -> None:
@@ -403,10 +381,6 @@ def _check_lora_model(lo: LoRAConfig, m: ModelConfig) -> None:
         f"lora.layer_experts={lo.layer_experts!r} (MoLA) gives layers different expert "
         f"counts, hence shapes: set model.scan_layers=False (and model.moe_every 0 or 1; "
         f"got scan_layers={m.scan_layers}, moe_every={m.moe_every}).",
-    )
-    _require(
-        lo.method != "xlora" or lo.dispatcher == "none",
-        "lora.method='xlora' mixes every adapter with its scaling: lora.dispatcher='none'.",
     )
 
 

@@ -6,11 +6,6 @@ import dataclasses
 
 from moejax.config_section import section_from_mapping
 
-# none: no adapter; lora: E static experts (E = 1: plain LoRA); moe: experts routed per token
-# by `router`; flylora: FlyLoRA's implicit router (frozen sparse A); xlora: X-LoRA's
-# model-level classifier; sora: SoRA's gated ranks (moejax.lora.sora); mixlora: targeted
-# MLPs become MixLoRA's MoE of LoRA-adapted FFNs (moejax.lora.mixlora), attention plain LoRA.
-LORA_METHODS = ("none", "lora", "moe", "flylora", "xlora", "sora", "mixlora")
 LORA_ROUTERS = ("softmax_topk", "top_p", "sigmoid_bias", "dynmole")
 # none: no MoE dispatcher, the expert mixture is one matmul over the concatenated ranks.
 LORA_DISPATCHERS = ("none", "dense_reference", "capacity_einsum", "ragged", "auto")
@@ -32,7 +27,8 @@ class LoRAConfig:
     with the experts concatenated along the rank axis (R = E r; rank-wise experts are r = 1).
     The scale s is alpha / r (`scaling="rank"`), alpha / (top_k r) ("active", SMoRA) or
     alpha / (E r) ("total", FlyLoRA); `rslora` takes the square root of that denominator
-    (Kalajdzievski, 2023). The gates g come from `method` (see LORA_METHODS); `moe` routes
+    (Kalajdzievski, 2023). The gates g come from `method` ("none": no adapter, or a key of
+    `moejax.lora.methods.METHODS`); `moe` routes
     with a linear router and `router`: a moejax selection rule (`moejax.moe.selection`) or
     DynMoLE's Tsallis-entropy rule, and computes the mixture along the rank axis, one matmul
     over the concatenated ranks (`dispatcher="none"`, no MoE dispatcher; "rank" is its old

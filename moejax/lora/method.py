@@ -11,7 +11,8 @@ the steps it changes; `moejax.lora.methods.METHODS` registers them by `lora.meth
 - `adapter_config`: the config of a projection's adapter (MixLoRA: plain LoRA on attention);
 - `replace_mlp`, `scalings`, `decodes_with_cache`: the model-level hooks (MixLoRA's FFN,
   X-LoRA's classifier, which runs the model twice and so cannot use the decoding cache);
-- `post_update`, `decays`: the training side (SoRA's proximal step, its undecayed gates).
+- `post_update`, `decays`: the training side (SoRA's proximal step, its undecayed gates);
+- `gate_slots`, `check`: what `moejax.config.validation` asks of the method's config.
 
 Plain LoRA: Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv
 2106.09685); E > 1 static experts are summed with gate 1.
@@ -25,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.config_section import ConfigError
 from moejax.lora.config import LoRAConfig
 from moejax.lora.weights import trainable_a
 from moejax.moe.routing import Routing
@@ -42,6 +44,12 @@ def mix_ranks(h: jax.Array, gates: jax.Array | None, b: jax.Array) -> jax.Array:
     return h.reshape(h.shape[0], e * r) @ b.reshape(e * r, d_out)
 
 
+def require(ok: bool, message: str) -> None:
+    """Raises ConfigError(message) unless `ok`."""
+    if not ok:
+        raise ConfigError(message)
+
+
 def report_routing(module: nn.Module, routing: Routing, aux: dict[str, jax.Array]) -> None:
     """Sows an adapter router's weighted aux losses and its scalar metrics (per-expert
     vectors differ in size between adapters and are not reported)."""
@@ -56,6 +64,27 @@ class LoRAMethod:
     """Plain LoRA (module docstring); subclasses override the steps they change."""
 
     decodes_with_cache = True  # False: the model cannot decode with its key/value cache
+
+    def gate_slots(self, cfg: LoRAConfig) -> tuple[int, str]:
+        """How many gates a token's top_k picks from, and that number as the config spells
+        it (for the message when lora.top_k exceeds it)."""
+        return cfg.num_experts, f"lora.num_experts={cfg.num_experts}"
+
+    def check(self, cfg: LoRAConfig) -> None:
+        """Raises ConfigError (naming the field and the fix) for a `lora` section this method
+        cannot run; called by `validate` after the fields' own ranges are checked. The
+        default: static or per-token-gated experts mixed on the rank axis, the same count
+        in every layer."""
+        require(
+            not cfg.expert_counts,
+            f"lora.layer_experts={cfg.layer_experts!r} needs lora.method='moe' (MoLA routes "
+            f"each layer's experts); method={cfg.method!r}.",
+        )
+        require(
+            cfg.dispatcher == "none",
+            f"lora.dispatcher={cfg.dispatcher!r} dispatches routed experts, which only "
+            f"lora.method='moe' has; use 'none' for method={cfg.method!r}.",
+        )
 
     def adapter_config(self, cfg: LoRAConfig) -> LoRAConfig:
         return cfg

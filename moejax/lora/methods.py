@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.lora.config import LoRAConfig
-from moejax.lora.method import LoRAMethod
+from moejax.lora.method import LoRAMethod, require
 from moejax.lora.mixlora import MixLoRA
 from moejax.lora.routing import dense_gates, dynmole, flylora, router_config
 from moejax.lora.sora import SoRA
@@ -35,6 +35,14 @@ from moejax.nn.collections import ADAPTER_BIAS, ADAPTER_FROZEN, BALANCE_LOAD, so
 
 class RoutedLoRA(LoRAMethod):
     """`moe`: a linear router per adapter (its `sigmoid_bias` bias in `lora_bias`)."""
+
+    def check(self, cfg):
+        # Any dispatcher, and MoLA's per-layer expert counts, apply.
+        require(
+            not cfg.renormalize or cfg.router != "dynmole",
+            "lora.renormalize=True does not apply to lora.router='dynmole' (DynMoLE keeps the "
+            "raw probabilities); set lora.renormalize=False.",
+        )
 
     def gates(self, adapter, cfg, x, h, mask, context):
         rule = functools.partial(dynmole, lo=cfg) if cfg.router == "dynmole" else None
@@ -58,6 +66,12 @@ class RoutedLoRA(LoRAMethod):
 
 class FlyLoRA(LoRAMethod):
     """`flylora` (module docstring): A in `lora_frozen`, the bias d in `lora_bias`."""
+
+    def gate_slots(self, cfg):
+        return (
+            cfg.num_experts * cfg.rank,
+            f"lora.num_experts={cfg.num_experts} * lora.rank (FlyLoRA activates ranks)",
+        )
 
     def make_a(self, adapter, cfg, shape, param_dtype):
         density = cfg.flylora_density or cfg.top_k / (cfg.num_experts * cfg.rank)

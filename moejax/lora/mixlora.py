@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.lora.config import LoRAConfig
-from moejax.lora.method import LoRAMethod, report_routing
+from moejax.lora.method import LoRAMethod, report_routing, require
 from moejax.lora.routing import router_config
 from moejax.lora.targets import is_target
 from moejax.lora.weights import ExpertLoRAWeights, lora_scale
@@ -84,6 +84,20 @@ def mixlora_mlp(
 class MixLoRA(LoRAMethod):
     """`mixlora`: targeted MLPs become MixLoRA's MoE (module docstring); the attention
     projections it targets get plain LoRA."""
+
+    def check(self, cfg):
+        require(
+            not cfg.expert_counts,
+            f"lora.layer_experts={cfg.layer_experts!r} needs lora.method='moe' (MoLA routes "
+            f"each layer's experts); method={cfg.method!r}.",
+        )
+        require(
+            cfg.router == "softmax_topk" and cfg.renormalize and cfg.dispatcher != "none",
+            f"lora.method='mixlora' routes with lora.router='softmax_topk', renormalize=True "
+            f"(the FFN is the weighted mean of its experts) and a MoE dispatcher "
+            f"(lora.dispatcher='auto'); got router={cfg.router!r}, renormalize="
+            f"{cfg.renormalize}, dispatcher={cfg.dispatcher!r}.",
+        )
 
     def adapter_config(self, cfg: LoRAConfig) -> LoRAConfig:
         return dataclasses.replace(cfg, method="lora", num_experts=1, top_k=1)

@@ -172,3 +172,48 @@ def test_lora_base_sources_are_exclusive():
         r"lora.base_hf='hf/llama' both name a base model",
     ):
         validate(config, num_devices=1, num_processes=1)
+
+
+# What each LoRA method needs of the `lora` section is its own `check` (moejax.lora.methods);
+# (method and fields, the message, or None for a section the method accepts).
+LORA_METHOD_CHECKS = [
+    (
+        {"method": "flylora", "num_experts": 2, "rank": 2, "top_k": 5},
+        "lora.top_k=5 must be <= lora.num_experts=2 * lora.rank (FlyLoRA activates ranks).",
+    ),
+    ({"method": "flylora", "num_experts": 2, "rank": 2, "top_k": 3}, None),  # 3 of 4 ranks
+    (
+        {"method": "lora", "num_experts": 2, "top_k": 3},
+        "lora.top_k=3 must be <= lora.num_experts=2.",
+    ),
+    (
+        {"method": "lora", "layer_experts": "2,4"},
+        "lora.layer_experts='2,4' needs lora.method='moe' (MoLA routes each layer's experts); "
+        "method='lora'.",
+    ),
+    (
+        {"method": "sora", "dispatcher": "ragged"},
+        "lora.dispatcher='ragged' dispatches routed experts, which only lora.method='moe' "
+        "has; use 'none' for method='sora'.",
+    ),
+    ({"method": "moe", "num_experts": 4, "top_k": 2, "dispatcher": "ragged"}, None),
+    (
+        {"method": "mixlora", "num_experts": 4, "top_k": 2, "dispatcher": "none"},
+        "lora.method='mixlora' routes with lora.router='softmax_topk', renormalize=True",
+    ),
+    (
+        {"method": "moe", "num_experts": 4, "router": "dynmole", "renormalize": True},
+        "lora.renormalize=True does not apply to lora.router='dynmole'",
+    ),
+]
+
+
+@pytest.mark.parametrize("fields,message", LORA_METHOD_CHECKS)
+def test_each_lora_method_checks_what_it_needs(fields, message):
+    config = default_config()
+    config.lora.update(fields)
+    if message is None:
+        assert validate(config, num_devices=1, num_processes=1).lora.method == fields["method"]
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(config, num_devices=1, num_processes=1)

@@ -62,8 +62,16 @@ def sample_logits(
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled(
+@functools.partial(
+    jax.jit,
+    static_argnames=("model_cfg", "moe_cfg", "adapters", "max_new_tokens", "temperature", "top_p"),
+)
+def _generate(
+    variables,
+    prompt_BxP,
+    rng,
+    eos_id,
+    *,
     model_cfg: ModelConfig,
     moe_cfg: MoEConfig,
     adapters: AdapterHook | None,
@@ -71,6 +79,8 @@ def _compiled(
     temperature: float,
     top_p: float,
 ):
+    """The decoding loop, compiled once per model and sampling setting (jit's own cache:
+    the configs and the adapter hook are hashable static arguments)."""
     decoder = Transformer(model_cfg, moe_cfg, decode=True, adapters=adapters)
 
     def step(variables, cache, tokens_BxL, start):
@@ -81,27 +91,24 @@ def _compiled(
         )
         return logits[:, -1], state["cache"]
 
-    def run(variables, prompt_BxP, rng, eos_id):
-        b, p = prompt_BxP.shape
-        cache = init_cache(decoder, variables, b, p + max_new_tokens)
-        logits, cache = step(variables, cache, prompt_BxP, 0)
+    b, p = prompt_BxP.shape
+    cache = init_cache(decoder, variables, b, p + max_new_tokens)
+    logits, cache = step(variables, cache, prompt_BxP, 0)
+    rng, key = jax.random.split(rng)
+    token = sample_logits(logits, key, temperature, top_p)
+    out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(token)
+    done = token == eos_id
+
+    def body(i, carry):
+        cache, token, out, done, rng = carry
+        logits, cache = step(variables, cache, token[:, None], p + i - 1)
         rng, key = jax.random.split(rng)
-        token = sample_logits(logits, key, temperature, top_p)
-        out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(token)
-        done = token == eos_id
+        nxt = sample_logits(logits, key, temperature, top_p)
+        nxt = jnp.where(done, eos_id, nxt)
+        return cache, nxt, out.at[:, i].set(nxt), done | (nxt == eos_id), rng
 
-        def body(i, carry):
-            cache, token, out, done, rng = carry
-            logits, cache = step(variables, cache, token[:, None], p + i - 1)
-            rng, key = jax.random.split(rng)
-            nxt = sample_logits(logits, key, temperature, top_p)
-            nxt = jnp.where(done, eos_id, nxt)
-            return cache, nxt, out.at[:, i].set(nxt), done | (nxt == eos_id), rng
-
-        carry = jax.lax.fori_loop(1, max_new_tokens, body, (cache, token, out, done, rng))
-        return jnp.concatenate([prompt_BxP, carry[2]], axis=1)
-
-    return jax.jit(run)
+    carry = jax.lax.fori_loop(1, max_new_tokens, body, (cache, token, out, done, rng))
+    return jnp.concatenate([prompt_BxP, carry[2]], axis=1)
 
 
 def generate(
@@ -124,14 +131,15 @@ def generate(
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(...).")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    run = _compiled(
-        model.model,
-        model.moe,
-        model.adapters,
-        int(max_new_tokens),
-        float(temperature),
-        float(top_p),
-    )
-    return run(
-        _without_cache(variables), jnp.asarray(prompt_BxP, jnp.int32), rng, jnp.int32(eos_id)
+    return _generate(
+        _without_cache(variables),
+        jnp.asarray(prompt_BxP, jnp.int32),
+        rng,
+        jnp.int32(eos_id),
+        model_cfg=model.model,
+        moe_cfg=model.moe,
+        adapters=model.adapters,
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_p=float(top_p),
     )

@@ -143,3 +143,51 @@ def test_the_function_level_check_sees_nested_imports(tmp_path, source, expected
     path.write_text(source)
     found = [name for node, inside in imports_of(path) for name in module_names(node) if inside]
     assert found == expected
+
+
+def module_level_state(path: pathlib.Path) -> list[str]:
+    """Module-level names bound to a mutable set or list, `global` statements and memoising
+    decorators: state a module would keep between calls."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in tree.body:
+        value = getattr(node, "value", None)
+        names = [
+            getattr(t, "id", "") for t in getattr(node, "targets", [getattr(node, "target", None)])
+        ]
+        if names == ["__all__"]:
+            continue
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and (
+            isinstance(value, (ast.List, ast.Set, ast.ListComp, ast.SetComp))
+            or (isinstance(value, ast.Call) and getattr(value.func, "id", "") in {"set", "list"})
+        ):
+            found.append(f"{path.name}:{node.lineno} module-level mutable container")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            found.append(f"{path.name}:{node.lineno} global {', '.join(node.names)}")
+        for deco in getattr(node, "decorator_list", []):
+            text = ast.unparse(deco)
+            if "lru_cache" in text or text.endswith("cache"):
+                found.append(f"{path.name}:{node.lineno} @{text}")
+    return found
+
+
+def test_no_module_level_mutable_state():
+    # Registries are dicts filled once at import; collected side outputs travel through
+    # `sow` and return values, caches through jax.jit's own static-argument cache.
+    state = [s for path in sorted(PACKAGE.rglob("*.py")) for s in module_level_state(path)]
+    assert state == []
+
+
+def test_the_state_check_sees_what_it_forbids(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text(
+        "import functools\n_SCOPES = []\nSEEN: set = set()\n"
+        "@functools.lru_cache(maxsize=2)\ndef f():\n    global _SCOPES\n"
+    )
+    assert module_level_state(path) == [
+        "m.py:2 module-level mutable container",
+        "m.py:3 module-level mutable container",
+        "m.py:5 @functools.lru_cache(maxsize=2)",
+        "m.py:6 global _SCOPES",
+    ]

@@ -23,13 +23,13 @@ import time
 from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from moejax.data import config as config_lib
 from moejax.data import sources, splits
 
 DEFAULT_MAX_BYTES_PER_DOMAIN = sources.DEFAULT_MAX_BYTES_PER_DOMAIN
-_ANNOUNCED: set[str] = set()  # corpora this process has already reported reusing
 
 
 @dataclasses.dataclass(eq=False)
@@ -164,11 +164,8 @@ def _reuse(data_dir: str, max_bytes_per_domain: int) -> MoejaxCorpus | None:
         prepared = builder.is_prepared()
     if not prepared:
         return None
-    if builder.data_dir not in _ANNOUNCED:  # one line per corpus per process, not per call
-        _ANNOUNCED.add(builder.data_dir)
-        print(
-            f"moejax_corpus/{builder.builder_config.name}: reusing {builder.data_dir}", flush=True
-        )
+    # Logged, not printed: every split and evaluation opens the corpus again.
+    logging.info("moejax_corpus/%s: reusing %s", builder.builder_config.name, builder.data_dir)
     return builder
 
 
@@ -202,7 +199,6 @@ def build_corpus(
             )
         seconds = time.perf_counter() - start
     builder = _make_builder(data_dir, max_bytes_per_domain)  # re-read the written info
-    _ANNOUNCED.add(builder.data_dir)
     stats = builder.info.metadata["stats"]
     sizes = ", ".join(
         f"{split} {s['documents']} docs / {s['bytes'] / 1e6:.2f} MB" for split, s in stats.items()

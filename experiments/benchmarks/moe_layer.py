@@ -162,8 +162,9 @@ def compile_step(fn: Callable, *args) -> tuple[Callable[[], object], float]:
 
 def moe_loss(layer: MoELayer) -> Callable:
     def loss(params, x):
-        y, _, aux, metrics, _ = layer.apply({"params": params}, x)
-        return jnp.sum(jnp.square(y.astype(jnp.float32))) + sum(aux.values()), metrics
+        out = layer.apply({"params": params}, x)
+        loss = jnp.sum(jnp.square(out.y.astype(jnp.float32))) + sum(out.aux_losses.values())
+        return loss, out.metrics
 
     return loss
 

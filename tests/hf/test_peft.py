@@ -70,7 +70,7 @@ def test_peft_adapter_imports_with_the_same_logits(base, tmp_path, rslora):
     hf.save_pretrained(tmp_path)
     want = _logits(hf)
     model, variables = mhf.from_pretrained(str(base), adapter=str(tmp_path))
-    assert model.lora.rank == 4 and model.lora.rslora == rslora
+    assert model.adapters.cfg.rank == 4 and model.adapters.cfg.rslora == rslora
     got = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(IDS))[0])
     assert np.abs(want - _logits(_hf_base(base))).max() > 0.1  # the adapter matters
     assert np.abs(got - want).max() < TOL

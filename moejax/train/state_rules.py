@@ -13,7 +13,8 @@ experts the same way. Every router with such a bias sows its step's `load[E]` in
 mirrors the bias tree (stacked over scanned layers exactly as the bias is), and
 `sign_rule_update` pairs them leaf by leaf. `RULES` maps each collection to the rule that
 moves it, `rule(tree, side_outputs, model) -> tree` (the model's side outputs of the step,
-`moejax.models.side_outputs`, and the model, which knows its rates); collections without a
+`moejax.models.side_outputs`, and the model, which knows its rates), and `rule.report(tree)`
+the metrics logged for it (DeepSeek-V3's bias per MoE layer); collections without a
 rule, such as `lora_frozen`, never change. The train step runs the rules over
 `TrainState.collections` with no knowledge of which collection is which.
 """
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from moejax.nn.collections import ADAPTER_BIAS, BALANCE_LOAD, ROUTER_BIAS
+from moejax.train.router_bias import router_bias_metrics
 
 
 def sign_rule(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
@@ -54,10 +56,12 @@ def sign_rule_update(biases: Any, loads: Any, rate: float, collection: str) -> A
 
 @dataclasses.dataclass(frozen=True)
 class SignRule:
-    """The sign rule of one collection, at the rate `rate_of(model)`."""
+    """The sign rule of one collection, at the rate `rate_of(model)`; `report(tree)` gives
+    the metrics logged for the collection after the step ({} by default)."""
 
     collection: str
     rate_of: Callable[[Any], float]
+    report: Callable[[Any], dict[str, Any]] = lambda tree: {}
 
     def __call__(self, biases: Any, side_outputs: dict[str, Any], model: Any) -> Any:
         loads = side_outputs[BALANCE_LOAD]
@@ -66,6 +70,8 @@ class SignRule:
 
 # Collection -> the post-update rule that moves it (all sign rules today).
 RULES: dict[str, Callable[[Any, dict[str, Any], Any], Any]] = {
-    ROUTER_BIAS: SignRule(ROUTER_BIAS, lambda model: model.moe.bias_update_rate),
+    ROUTER_BIAS: SignRule(
+        ROUTER_BIAS, lambda model: model.moe.bias_update_rate, report=router_bias_metrics
+    ),
     ADAPTER_BIAS: SignRule(ADAPTER_BIAS, lambda model: model.adapters.bias_update_rate),
 }

@@ -37,10 +37,8 @@ import optax
 
 from moejax.lora.trainable import is_trainable
 from moejax.models.side_outputs import apply_model
-from moejax.nn.collections import ROUTER_BIAS
 from moejax.nn.trees import join_trees, split_tree
 from moejax.train import faults
-from moejax.train.router_bias import router_bias_metrics
 from moejax.train.state_rules import RULES
 
 Batch = dict[str, jax.Array]
@@ -171,7 +169,7 @@ def train_step(
                 collections[name] = (
                     faults.keep_if_finite(finite, new, tree) if skip_non_finite else new
                 )
-        metrics.update(router_bias_metrics(collections.get(ROUTER_BIAS)))
+                metrics.update(RULES[name].report(collections[name]))
     new_state = TrainState(
         step=state.step + 1, params=params, opt_state=opt_state, collections=collections
     )

@@ -8,7 +8,7 @@ CONFIG ?= configs/deepseekmoe.py
 ARGS ?=
 PYTEST_ARGS ?= -n 2
 
-.PHONY: train test lint venv clean
+.PHONY: train test test-slow lint venv clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The cases marked slow (each has a fast representative in `make test`).
+test-slow: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) -m slow tests
 
 clean:
 	rm -rf runs .pytest_cache

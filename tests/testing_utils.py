@@ -1,6 +1,9 @@
 """Helpers shared by test modules (importable thanks to `pythonpath = tests` in pytest.ini)."""
 
+import os
 import pathlib
+import subprocess
+import sys
 
 from moejax.config.files import load_config_file
 
@@ -68,3 +71,16 @@ def f32(*arrays):
     import jax.numpy as jnp
 
     return [jnp.asarray(a, jnp.float32) for a in arrays]
+
+
+def run_module(module: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository root on the CPU backend, its output
+    captured (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )

@@ -283,7 +283,9 @@ class Checkpointer:
         absent = _absent_none_fields(shaped, saved_tree)
         restore_item = shaped
         if absent:
-            restore_item = {k: v for k, v in _fields(shaped).items() if k not in absent}
+            restore_item = {
+                k: v for k, v in state_layouts.fields_of(shaped).items() if k not in absent
+            }
         args = {_STATE: ocp.args.StandardRestore(restore_item)}
         for name in (_DATA, _EXTRA):
             if name in items:
@@ -294,7 +296,7 @@ class Checkpointer:
             raise CorruptCheckpointError(_unreadable_message(step_dir, step, steps, e)) from e
         state = restored[_STATE]
         if v0:
-            state = state_layouts.from_v0({**_fields(shaped), **state}, abstract)
+            state = state_layouts.from_v0({**state_layouts.fields_of(shaped), **state}, abstract)
         elif absent:
             state = dataclasses.replace(abstract, **state)
         return (
@@ -433,20 +435,13 @@ class Checkpointer:
 # --- Helpers -------------------------------------------------------------------------
 
 
-def _fields(tree: Any) -> dict[str, Any]:
-    """The top-level entries of a dataclass or dict state."""
-    if dataclasses.is_dataclass(tree):
-        return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
-    return dict(tree)
-
-
 def _absent_none_fields(abstract: PyTree, saved: Any) -> list[str]:
     """Top-level entries of the target that are None and missing from the saved tree."""
     if not isinstance(saved, dict) or not (
         dataclasses.is_dataclass(abstract) or isinstance(abstract, dict)
     ):
         return []
-    return [k for k, v in _fields(abstract).items() if v is None and k not in saved]
+    return [k for k, v in state_layouts.fields_of(abstract).items() if v is None and k not in saved]
 
 
 def _abstract_leaf(x: Any) -> Any:

@@ -30,7 +30,8 @@ def is_v0(saved_keys) -> bool:
     return COLLECTIONS not in keys and bool(keys & set(V0_FIELDS))
 
 
-def _fields(tree: Any) -> dict[str, Any]:
+def fields_of(tree: Any) -> dict[str, Any]:
+    """The top-level entries of a dataclass or dict state."""
     if dataclasses.is_dataclass(tree):
         return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
     return dict(tree)
@@ -52,7 +53,7 @@ def join_collections(router_bias: Any, lora_state: Any) -> Any:
 
 def v0_target(target: Any) -> dict[str, Any]:
     """A today's state (TrainState or dict with `collections`) in the v0 shape, as a dict."""
-    fields = _fields(target)
+    fields = fields_of(target)
     if COLLECTIONS in fields:
         fields.update(split_collections(fields.pop(COLLECTIONS)))
     return fields

@@ -8,13 +8,11 @@ lora.dispatcher='rank' here; the command line in test_old_spelling_on_the_comman
 import json
 import os
 import re
-import subprocess
-import sys
 import warnings
 
 import ml_collections
 import pytest
-from testing_utils import REPO, load_config_module
+from testing_utils import load_config_module, run_module
 
 from moejax.config.base import default_config
 from moejax.config.renames import (
@@ -180,6 +178,7 @@ def test_current_lora_dispatchers_pass_silently(dispatcher):
         assert validate(config, num_devices=1, num_processes=1).lora.dispatcher == dispatcher
 
 
+@pytest.mark.slow  # fast representative: test_preflight's old moe.router run
 def test_run_written_with_the_old_lora_dispatcher_resumes(tiny_config, tmp_path):
     """config.json of an adapter run from before lora.dispatcher='rank' became 'none',
     resumed with the config it saved (as a user would): read as 'none', with a message
@@ -236,22 +235,12 @@ def test_sections_take_only_the_new_fields():
 
 
 def test_old_spelling_on_the_command_line(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
+    proc = run_module(
         "moejax.train",
         "--config=configs/gshard.py",
         "--config.moe.router=gru",
         "--config.model.num_heads=3",  # stops at validation, before anything is compiled
         f"--workdir={tmp_path}",
-    ]
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode == 1
     assert "config.moe.router='gru' is an old spelling, read as moe.scorer='gru'" in proc.stderr

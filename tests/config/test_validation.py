@@ -2,15 +2,13 @@
 
 import os
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from testing_utils import REPO, load_config_module
+from testing_utils import REPO, load_config_module, run_module
 
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
@@ -142,21 +140,11 @@ def test_parse_arg_types_and_errors():
 
 
 def test_cli_rejects_bad_config_before_compiling(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
+    proc = run_module(
         "moejax.train",
         "--config=configs/dense.py",
         "--config.model.num_heads=3",
         f"--workdir={tmp_path}",
-    ]
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode != 0
     assert "model.num_heads=3" in proc.stderr

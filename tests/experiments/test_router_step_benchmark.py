@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
 
 from moejax.sharding.mesh import make_mesh
 from moejax.train.checkpoint import Checkpointer
@@ -47,6 +48,7 @@ def test_router_step_benchmark_reports_ratios_to_softmax_topk():
     assert "compiled and ran one step" in err
 
 
+@pytest.mark.slow
 def test_router_step_benchmark_restores_trained_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("router_step_benchmark", SCRIPT)
     bench = importlib.util.module_from_spec(spec)

@@ -39,7 +39,9 @@ def _randomise_b(params, seed=1):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-@pytest.mark.parametrize("targets", ["attn.wq,attn.wv", "attn.*,mlp.*,shared.*"])
+@pytest.mark.parametrize(
+    "targets", ["attn.wq,attn.wv", pytest.param("attn.*,mlp.*,shared.*", marks=pytest.mark.slow)]
+)
 def test_zero_initialised_adapters_give_the_base_logits_exactly(targets):
     lora = LoRAConfig(method="lora", targets=targets, rank=4)
     variables = nn.unbox(

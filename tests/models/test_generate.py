@@ -49,7 +49,9 @@ def _model(name):
     return model, nn.unbox(variables), prompt
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "mla" else n for n in sorted(MODELS)]
+)
 def test_cached_decoding_equals_full_forward(name):
     model, variables, prompt = _model(name)
     tokens = np.asarray(generate(model, variables, prompt, 6))

@@ -115,16 +115,45 @@ def _run(config_name, data_dir, steps, layouts):
     return json.loads(line[len("RESULT") :])
 
 
+# Run by default: FSDP (whose checkpoint is also restored onto another mesh) and expert
+# parallelism; the other layouts are marked slow (`make test-slow`). Each group is one
+# subprocess with its own one-device reference.
+FAST_LAYOUTS = ("fsdp", "ep")
+
+
 @pytest.fixture(scope="module")
-def moe_result(tiny_corpus_dir):
-    return _run("deepseekmoe", tiny_corpus_dir, 3, MOE_LAYOUTS)
+def moe_results(tiny_corpus_dir):
+    """`results(fast)`: the layouts of that group and "single", run once per module."""
+    cache = {}
+
+    def results(fast: bool) -> dict:
+        if fast not in cache:
+            names = [n for n in MOE_LAYOUTS if n == "single" or (n in FAST_LAYOUTS) == fast]
+            layouts = {n: MOE_LAYOUTS[n] for n in names}
+            cache[fast] = _run("deepseekmoe", tiny_corpus_dir, 3, layouts)
+        return cache[fast]
+
+    return results
 
 
-@pytest.mark.parametrize("layout", [n for n in MOE_LAYOUTS if n != "single"])
-def test_strategy_train_steps_match_one_device(moe_result, layout):
-    single = np.array(moe_result["single"])
+@pytest.fixture(scope="module")
+def moe_result(moe_results):
+    return moe_results(True)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        n if n in FAST_LAYOUTS else pytest.param(n, marks=pytest.mark.slow)
+        for n in MOE_LAYOUTS
+        if n != "single"
+    ],
+)
+def test_strategy_train_steps_match_one_device(moe_results, layout):
+    result = moe_results(layout in FAST_LAYOUTS)
+    single = np.array(result["single"])
     assert np.all(np.isfinite(single)) and len(single) == 4  # 3 losses and a grad norm
-    np.testing.assert_allclose(moe_result[layout], single, rtol=2e-5, err_msg=layout)
+    np.testing.assert_allclose(result[layout], single, rtol=2e-5, err_msg=layout)
 
 
 def test_checkpoint_restores_onto_another_mesh_shape(moe_result):
@@ -140,6 +169,7 @@ def test_a_parameter_dimension_the_mesh_does_not_divide_is_a_config_error(moe_re
     assert "(size 8) do not divide" in error and "config.mesh" in error
 
 
+@pytest.mark.slow  # fast representative: the deepseekmoe layouts above
 def test_recurrent_router_state_is_layout_independent(tiny_corpus_dir):
     """RMoE's routing state [tokens, h] is split with the batch; the losses do not move."""
     result = _run(

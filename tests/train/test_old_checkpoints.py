@@ -112,7 +112,13 @@ def test_fixture_is_intact(case):
         assert any(k.startswith(collection + "/") for k in flat), (case, collection)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(  # sigmoid_bias: router_bias; smora: lora_state and router_bias
+    "case",
+    [
+        c if c in ("sigmoid_bias", "smora") else pytest.param(c, marks=pytest.mark.slow)
+        for c in CASES
+    ],
+)
 def test_old_run_resumes_as_if_uninterrupted(case, tmp_path):
     # One train() per case (a test each would compile it again under pytest-xdist).
     ref = _reference(case)

@@ -6,14 +6,12 @@ different model (shape mismatch). A run directory written with an old field spel
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from testing_utils import REPO, cli_flags
+from testing_utils import cli_flags, run_module
 
 from moejax.config.renames import ConfigDeprecationWarning
 from moejax.config.validation import validate
@@ -100,21 +98,7 @@ def test_run_written_with_the_old_router_field_resumes(tiny_config, tmp_path):
 
 def test_cli_prints_one_message_and_exits_1(tiny_config, tmp_path):
     config = tiny_config("dense", **{"data.dataset": "no_such_corpus"})
-    cmd = [
-        sys.executable,
-        "-m",
-        "moejax.train",
-        *cli_flags(config, "dense"),
-        f"--workdir={tmp_path}",
-    ]
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+    proc = run_module("moejax.train", *cli_flags(config, "dense"), f"--workdir={tmp_path}")
     assert proc.returncode == 1
     assert "moejax: error: DataError: data.dataset='no_such_corpus'" in proc.stderr
     assert "Traceback" not in proc.stderr

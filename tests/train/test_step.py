@@ -25,7 +25,7 @@ def _one_step(config, batch):
     return new_state, metrics
 
 
-@pytest.mark.parametrize("name", ["dense", "deepseekmoe"])
+@pytest.mark.parametrize("name", ["dense", pytest.param("deepseekmoe", marks=pytest.mark.slow)])
 def test_grad_accumulation_equals_full_batch(tiny_config, name):
     # Aux losses are per-batch statistics (a mean of products), so they are switched off to
     # make the accumulated gradient exactly the full-batch one.

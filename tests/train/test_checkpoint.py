@@ -363,3 +363,39 @@ def test_checkpoint_from_before_a_new_optional_state_field_still_restores(tmp_pa
     assert int(state.step) == 4
     np.testing.assert_array_equal(state.params["w"], params["w"])
     ckpt.close()
+
+
+@pytest.mark.parametrize("with_adapters", [False, True])
+def test_a_v0_state_restores_into_collections(tmp_path, with_adapters):
+    """Layout v0 (TrainState.router_bias / lora_state, moejax.train.state_layouts) restores
+    into TrainState.collections leaf for leaf, whole or as subtrees."""
+    from moejax.train.step import TrainState
+
+    @struct.dataclass
+    class V0TrainState:
+        step: jax.Array
+        params: dict
+        opt_state: tuple
+        router_bias: dict = None
+        lora_state: dict = None
+
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    bias = {"moe": {"router": {"bias": jnp.array([0.5, -0.25, 0.125])}}}
+    lora = {"lora_bias": {"m": {"bias": jnp.array([1.0, 2.0])}}} if with_adapters else None
+    old = V0TrainState(jnp.array(7, jnp.int32), params, optax.sgd(0.1).init(params), bias, lora)
+    with Checkpointer(str(tmp_path), save_every=1, async_save=False) as ckpt:
+        ckpt.save(7, old, force=True)
+        want = {"router_bias": bias, **(lora or {})}
+        target = TrainState(
+            step=jnp.array(0, jnp.int32),
+            params=jax.tree.map(jnp.zeros_like, params),
+            opt_state=optax.sgd(0.1).init(params),
+            collections=jax.tree.map(jnp.zeros_like, want),
+        )
+        state, _, _ = ckpt.restore(7, target=target)
+        got = ckpt.restore_subtrees({"params": params, "collections": want}, 7)
+    assert isinstance(state, TrainState) and int(state.step) == 7
+    for tree in (state.collections, got["collections"]):
+        assert jax.tree.structure(tree) == jax.tree.structure(want)
+        jax.tree.map(np.testing.assert_array_equal, tree, want)
+    np.testing.assert_array_equal(state.params["w"], params["w"])

@@ -24,6 +24,7 @@ ROUTER_BIAS = "router_bias"
 ADAPTER_BIAS = "lora_bias"
 ADAPTER_FROZEN = "lora_frozen"
 NON_TRAINABLE = (ROUTER_BIAS, ADAPTER_BIAS, ADAPTER_FROZEN)
+ADAPTER_COLLECTIONS = (ADAPTER_BIAS, ADAPTER_FROZEN)  # the adapters' own, not the base model's
 
 BALANCE_LOAD = "balance_load"
 ADAPTER_AUX = "adapter_aux"

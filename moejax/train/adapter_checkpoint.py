@@ -45,14 +45,13 @@ from moejax.lora.config import LoRAConfig
 from moejax.lora.hook import adapters_for
 from moejax.lora.targets import is_adapter_path
 from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
-from moejax.nn.collections import ADAPTER_BIAS, ADAPTER_FROZEN, NON_TRAINABLE
+from moejax.nn.collections import ADAPTER_COLLECTIONS, NON_TRAINABLE
 from moejax.nn.trees import join_trees, split_tree
 from moejax.train.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 from moejax.train.state_layouts import COLLECTIONS
 from moejax.train.step import TrainState
 
 BASE_DIR = "base"
-ADAPTER_COLLECTIONS = (ADAPTER_BIAS, ADAPTER_FROZEN)  # the adapters' own, not the base's
 FINGERPRINT_RTOL = 1e-5
 
 
@@ -297,8 +296,9 @@ def save_own_base(workdir: str, params: Any, collections: Any) -> None:
     """Writes a run's own initial base (no pretrained source) to `{workdir}/base`, once."""
     _, base = split_tree(params, is_adapter_path)
     state = {"params": base}
-    if base_collections(collections) is not None:
-        state[COLLECTIONS] = base_collections(collections)
+    own = base_collections(collections)
+    if own is not None:
+        state[COLLECTIONS] = own
     with Checkpointer(os.path.join(workdir, BASE_DIR), async_save=False, save_every=1) as ckpt:
         if ckpt.latest_step() is None:
             ckpt.save(0, state, force=True)

@@ -17,6 +17,13 @@ INSTALL_REQUIRES = [
     "etils[epath,epy]>=1.7.0",
     "tensorboardX>=2.6.2",
     "tqdm>=4.66",
+    # Real data (the real-data issue): grain shuffles, mixes, packs and checkpoints the
+    # iterator; sentencepiece and tokenizers load and train sub-word vocabularies; pyarrow
+    # reads parquet sources.
+    "grain>=0.2.12",
+    "sentencepiece>=0.2.0",
+    "tokenizers>=0.20",
+    "pyarrow>=15",
 ]
 
 EXTRAS_REQUIRE = {
@@ -28,7 +35,13 @@ EXTRAS_REQUIRE = {
     ],
     "gpu": ["jax[cuda12]>=0.7.0", "jax-triton>=0.3.0"],
     # torch pinned: 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
-    "hf": ["torch==2.13.0", "transformers>=4.48", "peft>=0.14", "safetensors>=0.4"],
+    "hf": [
+        "torch==2.13.0",
+        "transformers>=4.48",
+        "peft>=0.14",
+        "safetensors>=0.4",
+        "datasets>=3.0",  # hf_disk: data sources saved with `save_to_disk`
+    ],
     # Peers in experiments/benchmarks/gmm.py (its `xla` ragged_dot runs on CPU).
     "bench": ["tokamax>=0.0.12"],
     "notebook": ["jupyter>=1.0", "matplotlib>=3.8", "pandas>=2.1"],

@@ -11,6 +11,7 @@ prepared in `data.data_dir`.
 
 from moejax.data.config import DataConfig, default_data_dir
 from moejax.data.corpus_builder import MoejaxCorpus, build_corpus
+from moejax.data.corpus_sources import DOMAIN_IDS, DOMAINS, Document, collect_documents
 from moejax.data.datasets import (
     DATASETS,
     Batches,
@@ -24,7 +25,6 @@ from moejax.data.datasets import (
 from moejax.data.errors import DataError
 from moejax.data.packing import PAD_DOMAIN, PackedRows, pack_documents
 from moejax.data.pipeline import PackedBatches
-from moejax.data.sources import DOMAIN_IDS, DOMAINS, Document, collect_documents
 from moejax.data.splits import split_documents
 from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
 

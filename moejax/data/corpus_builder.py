@@ -1,7 +1,7 @@
 """`moejax_corpus`: the offline multi-domain corpus as a tensorflow-datasets builder.
 
 Nothing is downloaded: `_split_generators` ignores the download manager and reads the
-sources of `sources.py` (stdlib code, system prose, generated arithmetic). Records are
+sources of `corpus_sources.py` (stdlib code, system prose, generated arithmetic). Records are
 `{"text": str, "domain": ClassLabel(DOMAINS), "doc_id": str}` written as array_record, so
 they are read by random access through `builder.as_data_source()`, without TensorFlow.
 
@@ -27,9 +27,9 @@ from absl import logging
 from etils import epath
 
 from moejax.data import config as config_lib
-from moejax.data import sources, splits
+from moejax.data import corpus_sources, splits
 
-DEFAULT_MAX_BYTES_PER_DOMAIN = sources.DEFAULT_MAX_BYTES_PER_DOMAIN
+DEFAULT_MAX_BYTES_PER_DOMAIN = corpus_sources.DEFAULT_MAX_BYTES_PER_DOMAIN
 
 
 @dataclasses.dataclass(eq=False)
@@ -81,7 +81,7 @@ class MoejaxCorpus(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "text": tfds.features.Text(),
-                    "domain": tfds.features.ClassLabel(names=sources.DOMAINS),
+                    "domain": tfds.features.ClassLabel(names=corpus_sources.DOMAINS),
                     "doc_id": tfds.features.Text(),
                 }
             ),
@@ -90,21 +90,21 @@ class MoejaxCorpus(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # everything is on this machine already
-        docs = sources.collect_documents(self.builder_config.max_bytes_per_domain)
+        docs = corpus_sources.collect_documents(self.builder_config.max_bytes_per_domain)
         by_split = splits.split_documents(docs)
         self.info.metadata["stats"] = {
             name: corpus_stats(split_docs) for name, split_docs in by_split.items()
         }
         return {name: self._generate_examples(split_docs) for name, split_docs in by_split.items()}
 
-    def _generate_examples(self, docs: Sequence[sources.Document]):
+    def _generate_examples(self, docs: Sequence[corpus_sources.Document]):
         for doc in docs:
             yield doc.doc_id, {"text": doc.text, "domain": doc.domain, "doc_id": doc.doc_id}
 
 
-def corpus_stats(docs: Sequence[sources.Document]) -> dict:
+def corpus_stats(docs: Sequence[corpus_sources.Document]) -> dict:
     """{"documents": n, "bytes": b, "domains": {domain: {"documents", "bytes"}}}."""
-    domains = {name: {"documents": 0, "bytes": 0} for name in sources.DOMAINS}
+    domains = {name: {"documents": 0, "bytes": 0} for name in corpus_sources.DOMAINS}
     for doc in docs:
         domains[doc.domain]["documents"] += 1
         domains[doc.domain]["bytes"] += len(doc.text.encode("utf-8"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from moejax.data.sources import DOMAINS, Document, stable_fraction
+from moejax.data.corpus_sources import DOMAINS, Document, stable_fraction
 
 TRAIN = "train"
 VALIDATION = "validation"

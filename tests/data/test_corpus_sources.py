@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from moejax.data import DOMAIN_IDS, DOMAINS, arithmetic, sources, text_files
+from moejax.data import DOMAIN_IDS, DOMAINS, arithmetic, corpus_sources, text_files
 
 
 def test_domains_are_fixed():
@@ -33,8 +33,8 @@ def test_truncate_utf8_stays_valid():
 
 def test_collect_is_deterministic_capped_and_chunked():
     cap = 60_000
-    first = sources.collect_documents(cap, max_chunk_bytes=4096)
-    second = sources.collect_documents(cap, max_chunk_bytes=4096)
+    first = corpus_sources.collect_documents(cap, max_chunk_bytes=4096)
+    second = corpus_sources.collect_documents(cap, max_chunk_bytes=4096)
     assert first == second
     assert len({d.doc_id for d in first}) == len(first)
     for domain in DOMAINS:
@@ -50,7 +50,7 @@ def test_collect_is_deterministic_capped_and_chunked():
 
 def test_prose_fallback_needs_only_python():
     """Without any system documentation, prose still comes from Python itself."""
-    docs = sources.prose_sources(max_chunk_bytes=8192, system_prose=False)
+    docs = corpus_sources.prose_sources(max_chunk_bytes=8192, system_prose=False)
     kinds = set()
     for doc in docs:
         kinds.add(doc.doc_id.split("/")[1])
@@ -66,11 +66,11 @@ def test_docstring_text():
         'def f():\n  """Short."""\n'
         'class C:\n  """A class docstring, also long enough to be kept."""\n'
     )
-    assert sources.docstring_text(source) == (
+    assert corpus_sources.docstring_text(source) == (
         "Module doc that is long enough to keep as prose.\n\n"
         "A class docstring, also long enough to be kept.\n"
     )
-    assert sources.docstring_text("def broken(:\n") == ""
+    assert corpus_sources.docstring_text("def broken(:\n") == ""
 
 
 def test_arithmetic_is_deterministic_and_correct():

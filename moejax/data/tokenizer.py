@@ -1,4 +1,11 @@
-"""Byte-level tokenizer: every UTF-8 byte is a token, plus three special ids.
+"""Tokenizers behind one interface (`Tokenizer`), chosen by `data.tokenizer` (`load_tokenizer`).
+
+`"byte"` (the default) is `ByteTokenizer` below; `"sentencepiece:PATH"` and `"hf:PATH"` are the
+sub-word tokenizers of `moejax.data.subword_tokenizers` (SentencePiece, Kudo & Richardson 2018;
+Hugging Face `tokenizers`, e.g. byte-level BPE, Radford et al. 2019 / Sennrich et al. 2016).
+Train one with `python -m moejax.data.tokenizer_train`.
+
+Byte-level tokenizer: every UTF-8 byte is a token, plus three special ids.
 
 Why bytes: the corpus mixes Python source, English prose and arithmetic, and a byte
 vocabulary needs no training, no files and no download, never produces an unknown
@@ -16,15 +23,52 @@ Layout of the 259 ids::
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from moejax.data.errors import DataError
+from moejax.data.subword_tokenizers import HFTokenizer, SentencePieceTokenizer
 
 PAD_ID = 0
 BOS_ID = 1
 EOS_ID = 2
 BYTE_OFFSET = 3
 VOCAB_SIZE = BYTE_OFFSET + 256
+
+KINDS = ("byte", "sentencepiece:PATH", "hf:PATH")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline, evaluation and sampling need of a tokenizer.
+
+    `token_bytes[i]` is the number of UTF-8 bytes id `i` decodes to (0 for special and
+    control ids), so a document's byte count is `token_bytes[ids].sum()` and bits per byte
+    is `summed_loss / ln(2) / token_bytes[targets].sum()` whatever the vocabulary.
+    `files()` lists the files that define the tokenizer (copy them next to a run).
+    """
+
+    spec: str
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    token_bytes: np.ndarray
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> np.ndarray:
+        """int32[n] ids of `text`, optionally framed by BOS/EOS."""
+        ...
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """The text of `ids`, skipping special ids; ids outside the vocabulary raise."""
+        ...
+
+    def files(self) -> list[str]:
+        """The files that define this tokenizer ([] when none)."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +78,23 @@ class ByteTokenizer:
     pad_id: int = PAD_ID
     bos_id: int = BOS_ID
     eos_id: int = EOS_ID
+    token_bytes: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+    """int32[259]: 0 for the three specials, 1 for each byte id (read-only)."""
+
+    def __post_init__(self):
+        sizes = np.zeros(VOCAB_SIZE, np.int32)
+        sizes[BYTE_OFFSET:] = 1
+        sizes.setflags(write=False)
+        object.__setattr__(self, "token_bytes", sizes)  # frozen: set once, here
+
+    @property
+    def spec(self) -> str:
+        """`"byte"`: the `data.tokenizer` value that loads this tokenizer."""
+        return "byte"
+
+    def files(self) -> list[str]:
+        """No files define a byte tokenizer."""
+        return []
 
     @property
     def vocab_size(self) -> int:
@@ -78,3 +139,43 @@ class ByteTokenizer:
             )
         data = (arr[arr >= BYTE_OFFSET] - BYTE_OFFSET).astype(np.uint8).tobytes()
         return data.decode("utf-8", errors="replace")
+
+
+def load_tokenizer(spec: str, *, pad_id: int = -1) -> Tokenizer:
+    """The tokenizer named by `spec` (the value of `data.tokenizer`).
+
+    `spec` is one of
+        "byte"                 `ByteTokenizer` (259 ids, no files)
+        "sentencepiece:PATH"   a SentencePiece `.model` file
+        "hf:PATH"              a Hugging Face `tokenizer.json`, or a directory holding one
+                               (e.g. a checkpoint directory; its tokenizer_config.json, if
+                               any, names the BOS/EOS/PAD tokens)
+
+    `pad_id` is used only when the tokenizer has no pad id of its own; -1 means "use its EOS
+    id". Padding is always masked out of the loss (`loss_mask` is 0 there), so which id
+    pads does not change training. A sub-word tokenizer without a BOS token but with an EOS
+    token uses EOS as BOS too, as GPT-2-style models do. Every failure raises `DataError`
+    naming `data.tokenizer`.
+    """
+    if not isinstance(spec, str):
+        raise DataError(f"data.tokenizer must be a string, got {spec!r}; {_usage()}")
+    kind, sep, path = spec.strip().partition(":")
+    if kind == "byte":
+        if sep:
+            raise DataError(f"data.tokenizer={spec!r}: 'byte' takes no path; {_usage()}")
+        return ByteTokenizer()
+    if kind not in ("sentencepiece", "hf"):
+        raise DataError(f"data.tokenizer={spec!r}: unknown tokenizer kind {kind!r}; {_usage()}")
+    if not path:
+        raise DataError(f"data.tokenizer={spec!r} names no file; {_usage()}")
+    path = os.path.expanduser(path)
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(path, pad_id=pad_id)
+    return HFTokenizer(path, pad_id=pad_id)
+
+
+def _usage() -> str:
+    return (
+        f"set --config.data.tokenizer to one of {', '.join(KINDS)} "
+        "(train one with python -m moejax.data.tokenizer_train)."
+    )

@@ -7,6 +7,10 @@ state = batches.get_state()                    # JSON; save it with the checkpoi
 
 `data.dataset` selects an entry of `DATASETS` (datasets.py), or any other tfds dataset
 prepared in `data.data_dir`.
+
+tok = load_tokenizer("hf:DIR")                 # data.tokenizer: byte, sentencepiece:, hf:
+Train a sub-word vocabulary with `python -m moejax.data.tokenizer_train` (`train_tokenizer`;
+not imported here, so `python -m` runs it without a double import).
 """
 
 from moejax.data.config import DataConfig, default_data_dir
@@ -26,7 +30,16 @@ from moejax.data.errors import DataError
 from moejax.data.packing import PAD_DOMAIN, PackedRows, pack_documents
 from moejax.data.pipeline import PackedBatches
 from moejax.data.splits import split_documents
-from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
+from moejax.data.subword_tokenizers import HFTokenizer, SentencePieceTokenizer
+from moejax.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    VOCAB_SIZE,
+    ByteTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
 
 __all__ = [
     "BOS_ID",
@@ -40,11 +53,14 @@ __all__ = [
     "Document",
     "EOS_ID",
     "ByteTokenizer",
+    "HFTokenizer",
     "MoejaxCorpus",
     "PAD_DOMAIN",
     "PAD_ID",
     "PackedBatches",
     "PackedRows",
+    "SentencePieceTokenizer",
+    "Tokenizer",
     "VOCAB_SIZE",
     "build_corpus",
     "check_split",
@@ -52,6 +68,7 @@ __all__ = [
     "dataset_for",
     "default_data_dir",
     "describe",
+    "load_tokenizer",
     "make_batches",
     "open_split",
     "pack_documents",

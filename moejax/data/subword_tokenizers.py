@@ -19,7 +19,10 @@ for, so bits per byte can be computed from token ids alone:
     HF Metaspace   as SentencePiece: "▁" is 1 byte, "<0xAB>" is 1 byte.
     HF WordPiece   the token without its "##" continuation prefix (the spaces WordPiece's
                    decoder puts between words are not counted).
-    special tokens (added tokens marked special, the model's unknown token): 0.
+    special ids (BOS, EOS, PAD, added tokens marked special, the unknown token): 0.
+
+BOS, EOS and PAD are never text: `decode` skips them and `token_bytes` is 0 there, so a
+`pad_id` argument should name an id that is not text (the default, -1, pads with EOS).
 
 `dummy_prefix_bytes` is what `token_bytes` counts per encoded text beyond the text's own
 bytes: 1 for a vocabulary that prepends a space to every text (SentencePiece's
@@ -72,6 +75,7 @@ class SentencePieceTokenizer:
             if not (self._skip[i] or sp.is_unknown(i)):
                 self.token_bytes[i] = 1 if sp.is_byte(i) else _piece_bytes(sp.id_to_piece(i))
         self._skip[[self.bos_id, self.eos_id, self.pad_id]] = True
+        self.token_bytes[self._skip] = 0
         self.token_bytes.setflags(write=False)
         self.dummy_prefix_bytes = _dummy_prefix_bytes(self)
 
@@ -118,9 +122,10 @@ class HFTokenizer:
         self.bos_id, self.eos_id, self.pad_id = _special_ids(
             self.spec, *found, pad_id, self.vocab_size
         )
-        self.token_bytes = _hf_token_bytes(self._tok, self.vocab_size)
-        self.token_bytes.setflags(write=False)
         self._specials = sorted({self.bos_id, self.eos_id, self.pad_id})
+        self.token_bytes = _hf_token_bytes(self._tok, self.vocab_size)
+        self.token_bytes[self._specials] = 0
+        self.token_bytes.setflags(write=False)
         self.dummy_prefix_bytes = _dummy_prefix_bytes(self)
 
     def _find(self, named: str | None, names: Iterable[str]) -> int | None:

@@ -153,9 +153,10 @@ def load_tokenizer(spec: str, *, pad_id: int = -1) -> Tokenizer:
 
     `pad_id` is used only when the tokenizer has no pad id of its own; -1 means "use its EOS
     id". Padding is always masked out of the loss (`loss_mask` is 0 there), so which id
-    pads does not change training. A sub-word tokenizer without a BOS token but with an EOS
-    token uses EOS as BOS too, as GPT-2-style models do. Every failure raises `DataError`
-    naming `data.tokenizer`.
+    pads does not change training; but the pad id is then not text (`decode` skips it, its
+    `token_bytes` is 0), so name an id that is not text. A sub-word tokenizer without a BOS
+    token but with an EOS token uses EOS as BOS too, as GPT-2-style models do. Every failure
+    raises `DataError` naming `data.tokenizer`.
     """
     if not isinstance(spec, str):
         raise DataError(f"data.tokenizer must be a string, got {spec!r}; {_usage()}")

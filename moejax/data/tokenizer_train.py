@@ -134,24 +134,26 @@ def _chunks(texts: Iterable[str], size: int) -> Iterator[str]:
 
 
 def capped(texts: Iterable[str], max_bytes: int, log_every: float = 10.0) -> Iterator[str]:
-    """`texts` until `max_bytes` UTF-8 bytes have been read (the last one cut to fit).
+    """`texts` until `max_bytes` UTF-8 bytes: the text that crosses the cap is cut to fit (at
+    a character boundary) and is the last one.
 
     Prints the bytes read every `log_every` seconds and at the end.
     """
     read, start, last = 0, time.time(), time.time()
     for text in texts:
         data = text.encode("utf-8")
+        full = read + len(data) >= max_bytes
         if read + len(data) > max_bytes:
             text = data[: max_bytes - read].decode("utf-8", errors="ignore")
             data = text.encode("utf-8")
         read += len(data)
         if text:
             yield text
+        if full:
+            break
         if time.time() - last > log_every:
             last = time.time()
             print(f"read {read:,} bytes in {last - start:.0f}s", flush=True)
-        if read >= max_bytes:
-            break
     print(f"read {read:,} bytes in {time.time() - start:.0f}s (cap {max_bytes:,})", flush=True)
 
 

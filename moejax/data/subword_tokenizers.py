@@ -50,7 +50,9 @@ BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # byte-fallback piece: one raw b
 BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]")
 EOS_NAMES = ("</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>", "[SEP]")
 PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
-TRAIN_HINT = "train one with python -m moejax.data.tokenizer_train --out=DIR"
+TRAIN_HINT = (
+    "train one with python -m moejax.data.tokenizer_train --sources=... --vocab_size=N --out=DIR"
+)
 
 
 class SentencePieceTokenizer:

@@ -32,12 +32,14 @@ from absl import app, flags
 
 from moejax.data.config import default_data_dir
 from moejax.data.errors import DataError
+from moejax.data.tokenizer import load_tokenizer
 
 KINDS = ("bpe", "sentencepiece")
 BPE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 BPE_MIN_VOCAB = len(BPE_SPECIALS) + 256  # the specials and the byte alphabet
 SP_MIN_VOCAB = 4 + 256 + 1  # pad, bos, eos, unk, the 256 byte pieces, at least one character
-SP_CHUNK_CHARS = 2000  # SentencePiece skips sentences over max_sentence_length (4192 bytes)
+SP_CHUNK_CHARS = 2000  # texts are cut into sentences of at most this many characters ...
+SP_MAX_SENTENCE_BYTES = 4 * SP_CHUNK_CHARS  # ... which SentencePiece keeps (it skips longer)
 
 
 def train_tokenizer(texts: Iterable[str], *, kind: str, vocab_size: int, out_dir: str) -> str:
@@ -104,6 +106,7 @@ def _train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str) ->
             eos_id=2,
             unk_id=3,
             byte_fallback=True,
+            max_sentence_length=SP_MAX_SENTENCE_BYTES,
             add_dummy_prefix=False,
             remove_extra_whitespaces=False,
             normalization_rule_name="identity",
@@ -123,10 +126,11 @@ def _train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str) ->
 
 
 def _chunks(texts: Iterable[str], size: int) -> Iterator[str]:
-    """Each text in pieces of at most `size` characters, cut after a newline where possible."""
+    """Each text in pieces of at most `size` characters, cut after a newline, else before a
+    space, else anywhere (so few words are split in two)."""
     for text in texts:
         while len(text) > size:
-            cut = text.rfind("\n", 0, size) + 1 or size
+            cut = text.rfind("\n", 0, size) + 1 or max(text.rfind(" ", 1, size), 0) or size
             yield text[:cut]
             text = text[cut:]
         if text:
@@ -167,23 +171,10 @@ def run_cli(
     spec = train_tokenizer(
         capped(texts, max_bytes), kind=kind, vocab_size=vocab_size, out_dir=out_dir
     )
-    size = _vocab_size(spec)
+    size = load_tokenizer(spec).vocab_size  # and the files load
     print(f"trained {kind} in {time.time() - start:.0f}s: {size} ids written to {out_dir}")
     print(f"use: --config.data.tokenizer={spec} --config.model.vocab_size={size}")
     return spec
-
-
-def _vocab_size(spec: str) -> int:
-    """The number of ids of the trained tokenizer `spec`."""
-    kind, _, path = spec.partition(":")
-    if kind == "sentencepiece":
-        import sentencepiece
-
-        return sentencepiece.SentencePieceProcessor(model_file=path).get_piece_size()
-    import tokenizers
-
-    tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-    return tok.get_vocab_size(with_added_tokens=True)
 
 
 def source_texts(sources: str, *, data_dir: str, text_key: str) -> Iterator[str]:

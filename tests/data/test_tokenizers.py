@@ -23,7 +23,7 @@ from moejax.data import (
     load_tokenizer,
 )
 from moejax.data.subword_tokenizers import gpt2_unicode_to_byte
-from moejax.data.tokenizer_train import capped, run_cli, train_tokenizer
+from moejax.data.tokenizer_train import SP_CHUNK_CHARS, _chunks, capped, run_cli, train_tokenizer
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while naïve café owners sip crème brûlée "
@@ -348,3 +348,15 @@ def test_run_cli_prints_the_flags(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"--config.data.tokenizer={spec} --config.model.vocab_size=400" in out
     assert "read 8,000 bytes" in out
+
+
+def test_long_multibyte_texts_are_cut_into_sentences_sentencepiece_keeps(tmp_path):
+    text = "数学中文🙂 " * 1000 + "\n" + "naïve café " * 400  # ~17 KB, one line of 6000 chars
+    pieces = list(_chunks([text], SP_CHUNK_CHARS))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= SP_CHUNK_CHARS
+    for before, after in zip(pieces, pieces[1:]):  # cut after a newline or before a space
+        assert before.endswith("\n") or after.startswith(" ")
+    assert "".join(_chunks(["x" * 5000], SP_CHUNK_CHARS)) == "x" * 5000
+    spec = train_tokenizer([text], kind="sentencepiece", vocab_size=300, out_dir=str(tmp_path))
+    tok = load_tokenizer(spec)
+    assert len(body(tok, "数学中文🙂 ")) < len("数学中文🙂 ".encode())  # learned, not bytes

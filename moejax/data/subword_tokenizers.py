@@ -64,18 +64,12 @@ class SentencePieceTokenizer:
         self.spec = f"sentencepiece:{path}"
         self._pad_arg = pad_id
         self._sp = _load_sentencepiece(self.path, self.spec)
-        sp = self._sp
-        self.vocab_size = int(sp.get_piece_size())
+        self.vocab_size = int(self._sp.get_piece_size())
+        own = [_sp_id(self._sp.bos_id()), _sp_id(self._sp.eos_id()), _sp_id(self._sp.pad_id())]
         self.bos_id, self.eos_id, self.pad_id = _special_ids(
-            self.spec, _sp_id(sp.bos_id()), _sp_id(sp.eos_id()), _sp_id(sp.pad_id()),
-            pad_id, self.vocab_size,
-        )  # fmt: skip
-        self._skip = np.zeros(self.vocab_size, bool)
-        self.token_bytes = np.zeros(self.vocab_size, np.int32)
-        for i in range(self.vocab_size):
-            self._skip[i] = sp.is_control(i) or sp.is_unused(i)
-            if not (self._skip[i] or sp.is_unknown(i)):
-                self.token_bytes[i] = 1 if sp.is_byte(i) else _piece_bytes(sp.id_to_piece(i))
+            self.spec, *own, pad_id, self.vocab_size
+        )
+        self.token_bytes, self._skip = _sp_token_bytes(self._sp)
         self._skip[[self.bos_id, self.eos_id, self.pad_id]] = True
         self.token_bytes[self._skip] = 0
         self.token_bytes.setflags(write=False)
@@ -174,6 +168,17 @@ def gpt2_unicode_to_byte() -> dict[str, int]:
     others = [b for b in range(256) if b not in table.values()]
     table.update({chr(256 + n): b for n, b in enumerate(others)})
     return table
+
+
+def _sp_token_bytes(sp) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 bytes per piece, bool "not text": control and unused ids) of a processor."""
+    size = sp.get_piece_size()
+    sizes, skip = np.zeros(size, np.int32), np.zeros(size, bool)
+    for i in range(size):
+        skip[i] = sp.is_control(i) or sp.is_unused(i)
+        if not (skip[i] or sp.is_unknown(i)):
+            sizes[i] = 1 if sp.is_byte(i) else _piece_bytes(sp.id_to_piece(i))
+    return sizes, skip
 
 
 def _piece_bytes(piece: str) -> int:

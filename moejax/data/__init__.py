@@ -25,6 +25,7 @@ from moejax.data.datasets import (
 from moejax.data.errors import DataError
 from moejax.data.packing import PAD_DOMAIN, PackedRows, pack_documents
 from moejax.data.pipeline import PackedBatches
+from moejax.data.source_spec import SourceSpec, parse_sources
 from moejax.data.splits import split_documents
 from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
 
@@ -45,6 +46,7 @@ __all__ = [
     "PAD_ID",
     "PackedBatches",
     "PackedRows",
+    "SourceSpec",
     "VOCAB_SIZE",
     "build_corpus",
     "check_split",
@@ -55,5 +57,6 @@ __all__ = [
     "make_batches",
     "open_split",
     "pack_documents",
+    "parse_sources",
     "split_documents",
 ]

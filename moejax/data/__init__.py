@@ -22,6 +22,7 @@ from moejax.data.datasets import (
     make_batches,
     open_split,
 )
+from moejax.data.document_sources import open_source
 from moejax.data.errors import DataError
 from moejax.data.packing import PAD_DOMAIN, PackedRows, pack_documents
 from moejax.data.pipeline import PackedBatches
@@ -55,6 +56,7 @@ __all__ = [
     "default_data_dir",
     "describe",
     "make_batches",
+    "open_source",
     "open_split",
     "pack_documents",
     "parse_sources",

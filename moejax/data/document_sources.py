@@ -150,9 +150,11 @@ def _key_setting(spec: SourceSpec, text_key: str) -> str:
 
 
 def _field_fix(spec: SourceSpec, fields: Iterable[str]) -> str:
+    fields = sorted(fields)
+    example = fields[0] if fields else "content"
     return (
-        f"Fields present: {sorted(fields)}. Name the text field with #FIELD "
-        f"(e.g. {spec.kind}:{spec.where}#content) or set --config.data.text_key."
+        f"Fields present: {fields}. Name the text field with #FIELD "
+        f"(e.g. {spec.kind}:{spec.where}#{example}) or set --config.data.text_key."
     )
 
 

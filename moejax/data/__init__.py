@@ -7,6 +7,10 @@ state = batches.get_state()                    # JSON; save it with the checkpoi
 
 `data.dataset` selects an entry of `DATASETS` (datasets.py), or any other tfds dataset
 prepared in `data.data_dir`.
+
+`parse_sources("parquet:/d/web-*.parquet@0.7,corpus@0.3")` reads a `data.sources` list
+(source_spec.py) and `open_source(spec, "train" | "eval", ...)` gives one item's documents
+by index (document_sources.py: corpus, tfds, parquet, jsonl, hf_disk, array_record).
 """
 
 from moejax.data.config import DataConfig, default_data_dir

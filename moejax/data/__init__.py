@@ -11,6 +11,9 @@ prepared in `data.data_dir`.
 tok = load_tokenizer("hf:DIR")                 # data.tokenizer: byte, sentencepiece:, hf:
 Train a sub-word vocabulary with `python -m moejax.data.tokenizer_train` (`train_tokenizer`;
 not imported here, so `python -m` runs it without a double import).
+`parse_sources("parquet:/d/web-*.parquet@0.7,corpus@0.3")` reads a `data.sources` list
+(source_spec.py) and `open_source(spec, "train" | "eval", ...)` gives one item's documents
+by index (document_sources.py: corpus, tfds, parquet, jsonl, hf_disk, array_record).
 """
 
 from moejax.data.config import DataConfig, default_data_dir
@@ -26,9 +29,11 @@ from moejax.data.datasets import (
     make_batches,
     open_split,
 )
+from moejax.data.document_sources import open_source
 from moejax.data.errors import DataError
 from moejax.data.packing import PAD_DOMAIN, PackedRows, pack_documents
 from moejax.data.pipeline import PackedBatches
+from moejax.data.source_spec import SourceSpec, parse_sources
 from moejax.data.splits import split_documents
 from moejax.data.subword_tokenizers import HFTokenizer, SentencePieceTokenizer
 from moejax.data.tokenizer import (
@@ -61,6 +66,7 @@ __all__ = [
     "PackedRows",
     "SentencePieceTokenizer",
     "Tokenizer",
+    "SourceSpec",
     "VOCAB_SIZE",
     "build_corpus",
     "check_split",
@@ -70,7 +76,9 @@ __all__ = [
     "describe",
     "load_tokenizer",
     "make_batches",
+    "open_source",
     "open_split",
     "pack_documents",
+    "parse_sources",
     "split_documents",
 ]

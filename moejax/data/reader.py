@@ -1,7 +1,9 @@
 """Reading a prepared tensorflow-datasets split by index, with errors that name the setting.
 
 `open_corpus_builder(cfg)` opens the moejax corpus (built on first use, offline, seconds)
-and `open_prepared_builder(cfg, alternatives)` any other tfds dataset, which must already
+and `open_prepared_builder(cfg, alternatives)` any other tfds dataset (`corpus_builder_in`,
+`prepared_builder` and `data_source` do the same from explicit arguments, for
+`data.sources`), which must already
 be prepared in `data.data_dir` in array_record format, because the pipeline needs random
 access (the shuffled order is a permutation of indices, and resuming jumps straight to a
 document). `read_split(builder, cfg, split)` returns a `DocumentReader`: `len()` documents,
@@ -61,16 +63,21 @@ def _split_field(cfg: DataConfig, split: str) -> str:
 
 def open_corpus_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
     """The moejax corpus of `cfg.max_bytes_per_domain` in `data.data_dir`, built if needed."""
-    data_dir = cfg.resolved_data_dir
+    return corpus_builder_in(cfg.resolved_data_dir, cfg.max_bytes_per_domain)
+
+
+def corpus_builder_in(data_dir: str, max_bytes_per_domain: int) -> tfds.core.DatasetBuilder:
+    """The moejax corpus of `max_bytes_per_domain` in `data_dir`, built if needed; DataError
+    naming data.data_dir when it cannot be built or read."""
     try:
-        return corpus_builder.build_corpus(data_dir, cfg.max_bytes_per_domain)
+        return corpus_builder.build_corpus(data_dir, max_bytes_per_domain)
     except OSError as e:
         raise DataError(
             f"data.data_dir={data_dir!r}: cannot build {DEFAULT_DATASET} there ({e}). "
             f"Set --config.data.data_dir (or ${DATA_DIR_ENV}) to a writable directory."
         ) from e
     except Exception as e:
-        path = corpus_builder.prepared_dir(data_dir, cfg.max_bytes_per_domain)
+        path = corpus_builder.prepared_dir(data_dir, max_bytes_per_domain)
         if not os.path.isdir(path):
             raise  # failed while building, not while reading: a bug, show it as it is
         raise DataError(
@@ -85,26 +92,40 @@ def open_prepared_builder(cfg: DataConfig, alternatives: str) -> tfds.core.Datas
     `alternatives` names the other values of `data.dataset`, for the message when the name
     is not a tfds dataset.
     """
-    data_dir = cfg.resolved_data_dir
+    return prepared_builder(
+        cfg.dataset,
+        cfg.resolved_data_dir,
+        setting=f"data.dataset={cfg.dataset!r}",
+        alternatives=f"Use {alternatives} or the name of a dataset prepared in data.data_dir.",
+    )
+
+
+def prepared_builder(
+    name: str, data_dir: str, *, setting: str, alternatives: str
+) -> tfds.core.DatasetBuilder:
+    """The tfds dataset `name` (`NAME[/CONFIG][:VERSION]`) as prepared in `data_dir`.
+
+    `setting` is how the user named it (`data.dataset='c4'`), `alternatives` the fix when
+    `name` is not a tfds dataset; both go into the DataError messages.
+    """
     try:
-        builder = tfds.builder(cfg.dataset, data_dir=data_dir)
+        builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:
         raise DataError(
-            f"data.dataset={cfg.dataset!r} is not a registered tensorflow-datasets dataset "
-            f"and is not prepared in data.data_dir={data_dir!r}. Use {alternatives} or the "
-            "name of a dataset prepared in data.data_dir."
+            f"{setting} is not a registered tensorflow-datasets dataset and is not prepared "
+            f"in data.data_dir={data_dir!r}. {alternatives}"
         ) from e
     except Exception as e:
         raise DataError(
-            f"data.data_dir={data_dir!r}: the prepared {cfg.dataset!r} there cannot be read "
-            f"({type(e).__name__}: {e}). Prepare it again, or point --config.data.data_dir at "
-            "an intact copy."
+            f"data.data_dir={data_dir!r}: the prepared {name!r} there ({setting}) cannot be "
+            f"read ({type(e).__name__}: {e}). Prepare it again, or point "
+            "--config.data.data_dir at an intact copy."
         ) from e
     if not builder.is_prepared():
         raise DataError(
-            f"data.dataset={cfg.dataset!r} is not prepared in data.data_dir={data_dir!r} "
+            f"{setting} is not prepared in data.data_dir={data_dir!r} "
             f"(looked for {builder.data_dir}). Prepare it there in array_record format, e.g. "
-            f"`tfds build {cfg.dataset} --data_dir={data_dir} --file_format=array_record`, or "
+            f"`tfds build {name} --data_dir={data_dir} --file_format=array_record`, or "
             "point --config.data.data_dir at the directory that holds it."
         )
     return builder
@@ -128,25 +149,45 @@ def read_split(
             f"features: {sorted(features.keys())}."
         )
     domain_key = cfg.domain_key if cfg.domain_key in features else None
+    source = data_source(
+        builder,
+        split,
+        setting=f"data.dataset={cfg.dataset!r}",
+        data_dir=cfg.resolved_data_dir,
+        rebuilt_on_use=rebuilt_on_use,
+    )
+    return DocumentReader(source, cfg.text_key, domain_key, f"{cfg.dataset}/{split}")
+
+
+def data_source(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    *,
+    setting: str,
+    data_dir: str,
+    rebuilt_on_use: bool,
+) -> Any:
+    """`builder.as_data_source(split)` (random access), its first record read now so that
+    unreadable files fail here, with the fix, rather than mid-training. `setting` is how the
+    user named the dataset; `rebuilt_on_use`: deleting corrupt files is enough, the next run
+    rebuilds them."""
     try:
         source = builder.as_data_source(split=split)
-        reader = DocumentReader(source, cfg.text_key, domain_key, f"{cfg.dataset}/{split}")
-        if len(reader):
-            reader.record(0)  # fail here, with the fix, rather than mid-training
+        if len(source):
+            source[0]
     except NotImplementedError as e:  # prepared as tfrecord: no random access
         raise DataError(
-            f"data.dataset={cfg.dataset!r} in data.data_dir={cfg.resolved_data_dir!r} is not "
-            "stored as array_record, which random access needs. Re-prepare it with "
-            f"--file_format=array_record. ({e})"
+            f"{setting} in data.data_dir={data_dir!r} is not stored as array_record, which "
+            f"random access needs. Re-prepare it with --file_format=array_record. ({e})"
         ) from e
     except Exception as e:
         raise DataError(
-            f"data.data_dir={cfg.resolved_data_dir!r}: the prepared files of {cfg.dataset!r} at "
+            f"data.data_dir={data_dir!r}: the prepared files of {setting} at "
             f"{builder.data_dir} cannot be read ({type(e).__name__}: {e}). They are corrupt or "
             f"incomplete: delete {builder.data_dir} and rerun"
             + (" to rebuild it." if rebuilt_on_use else ", after preparing it again.")
         ) from e
-    return reader
+    return source
 
 
 def split_stats(builder: tfds.core.DatasetBuilder) -> dict[str, dict]:

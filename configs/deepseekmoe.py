@@ -7,7 +7,11 @@ layer keeps a dense FFN (`first_k_dense=1`).
 
 Tiny CPU run (the default of `make train`, ~0.3 s/step on 2 cores):
     python -m moejax.train --config=configs/deepseekmoe.py --workdir=runs/deepseekmoe
-Pod run (DeepSeekMoE-16B-like shape: 28 layers, d 2048, 64 experts of 1408, top-6, 2 shared):
+The same with sub-word tokens (a 4096-id byte-level BPE trained on the offline corpus on
+first use, `data.tokenizer=corpus_bpe:4096`):
+    python -m moejax.train --config=configs/deepseekmoe.py:tokenizer=bpe --workdir=runs/dsmoe_bpe
+Pod run (DeepSeekMoE-16B-like shape: 28 layers, d 2048, 64 experts of 1408, top-6, 2 shared),
+on C4 with DeepSeek's tokenizer (`moejax/config/pod_data.py` says how to prepare both):
     python -m moejax.train --config=configs/deepseekmoe.py:size=pod --workdir=/mnt/shared/runs/dsmoe
 
 Active FFN width per token is 4 x 128 routed + 1 x 128 shared = 640 = dense.py's d_ff and
@@ -17,10 +21,12 @@ Sweep: `sweep_granularity` below; compare `eval/loss` and `train/moe/load_cv`.
 
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
+from moejax.config.pod_data import c4_hf_tokenizer
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, size="tiny", steps=0)  # steps=0: the size's default
+    # steps=0: the size's default; tokenizer=bpe: a 4096-id BPE trained on the corpus.
+    arg = parse_arg(arg, size="tiny", steps=0, tokenizer="byte")
     c = default_config()
     c.train.steps = arg.steps or {"tiny": 300, "pod": 100_000}.get(arg.size, 0)
     if arg.size == "tiny":
@@ -66,7 +72,7 @@ def get_config(arg=None):
             renormalize=False,
             balance_coef=0.001,
         )
-        c.data.update(seq_len=4096, global_batch_size=4608)
+        c.data.update(seq_len=4096, global_batch_size=4608, **c4_hf_tokenizer("deepseek-moe-16b"))
         c.train.update(
             learning_rate=4.2e-4,
             warmup_steps=2000,
@@ -77,6 +83,15 @@ def get_config(arg=None):
         c.mesh.update(data=-1, fsdp=16, expert=8)
     else:
         raise ValueError(f"size={arg.size!r}: choose tiny or pod")
+    if arg.tokenizer == "bpe":
+        if arg.size != "tiny":
+            raise ValueError("tokenizer=bpe trains on the offline corpus: use it with size=tiny")
+        # Built on first use in data.data_dir, like the corpus; model.vocab_size=0 takes its
+        # size, rounded up to a multiple of 128.
+        c.data.tokenizer = "corpus_bpe:4096"
+        c.model.vocab_size = 0
+    elif arg.tokenizer != "byte":
+        raise ValueError(f"tokenizer={arg.tokenizer!r}: choose byte or bpe")
     return c
 
 

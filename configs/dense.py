@@ -11,6 +11,7 @@ Pod run (d 2048, 24 layers, d_ff 8192):
 
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
+from moejax.config.pod_data import c4_sentencepiece
 
 
 def get_config(arg=None):
@@ -40,7 +41,7 @@ def get_config(arg=None):
             dtype="bfloat16",
             remat="dots",
         )
-        c.data.update(seq_len=2048, global_batch_size=1024)
+        c.data.update(seq_len=2048, global_batch_size=1024, **c4_sentencepiece(32768))
         c.train.update(
             learning_rate=3e-4,
             warmup_steps=2000,

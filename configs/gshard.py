@@ -16,6 +16,7 @@ Sweep: `sweep_capacity`; compare `eval/loss` and `train/moe/dropped_fraction`.
 
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
+from moejax.config.pod_data import c4_sentencepiece
 
 
 def get_config(arg=None):
@@ -54,7 +55,7 @@ def get_config(arg=None):
             remat="dots",
         )
         c.moe.update(num_experts=8, top_k=2, d_expert=4096)
-        c.data.update(seq_len=2048, global_batch_size=1024)
+        c.data.update(seq_len=2048, global_batch_size=1024, **c4_sentencepiece(32768))
         c.train.update(
             learning_rate=3e-4,
             warmup_steps=2000,

@@ -4,7 +4,7 @@ Two stages over one tiny dense model (d 64, 2 layers, byte vocabulary):
 
     stage=base       pretrain it on the offline corpus (moejax_corpus) with moejax.train
     stage=finetune   adapters only (`lora` from moejax.lora.variants.VARIANTS[variant]) on
-                     data.dataset="multitask" (moejax/data/tasks.py: reverse, Caesar shift,
+                     data.sources="multitask" (moejax/data/tasks.py: reverse, Caesar shift,
                      sort digits, add; loss on answer tokens), base from lora.base_checkpoint
 
     python -m moejax.train --config=configs/mole_multitask.py:stage=base --workdir=runs/mt/base
@@ -45,7 +45,7 @@ def get_config(arg=None):
         weight_decay=0.0,
     )
     if arg.stage == "base":
-        c.data.update(dataset="moejax_corpus", seq_len=64, global_batch_size=16)
+        c.data.update(sources="corpus", seq_len=64, global_batch_size=16)
         if arg.quick:
             c.data.update(max_bytes_per_domain=200_000, global_batch_size=4)
         c.train.update(
@@ -54,7 +54,7 @@ def get_config(arg=None):
             warmup_steps=1 if arg.quick else 50,
         )
     elif arg.stage == "finetune":
-        c.data.update(dataset="multitask", seq_len=20, global_batch_size=32)
+        c.data.update(sources="multitask", seq_len=20, global_batch_size=32)
         c.train.update(
             steps=arg.steps or (3 if arg.quick else 1000),
             learning_rate=1e-2,

@@ -76,10 +76,28 @@ def _moe_router(value: Any, moe: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+def _data_dataset(value: Any, _data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data.dataset` named one tfds dataset (or the generated tasks); `data.sources` is a
+    mixture of sources of several kinds."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(
+            f"config.data.dataset={value!r} is an old field; set data.sources (e.g. corpus, "
+            f"tfds:NAME, parquet:GLOB) instead."
+        )
+    if value == "moejax_corpus":
+        return {"data.sources": "corpus"}
+    if value == "multitask":
+        return {"data.sources": "multitask"}
+    return {"data.sources": f"tfds:{value}"}
+
+
 RENAMES: dict[OldSpelling, Rename] = {
     "moe.router": Rename(("moe.scorer", "moe.selection"), _moe_router),
     # "rank" named no dispatcher: the LoRA experts mixed by one matmul over their ranks.
     ("lora.dispatcher", "rank"): renamed_value("lora.dispatcher", "none"),
+    "data.dataset": Rename(("data.sources",), _data_dataset),
+    # Each source is one evaluation domain (the corpus's records carry their own three).
+    "data.domain_key": Rename(("data.sources",), lambda _value, _data: {}),
 }
 
 
@@ -128,6 +146,14 @@ def apply_renames(
         for name, new_value in new.items():
             target, new_field = name.split(".", 1)
             tree.setdefault(target, {})[new_field] = new_value
+        if not new:
+            warnings.warn(
+                f"{source}: config.{old}={value!r} is no longer used and was ignored; see "
+                f"{', '.join(rename.new)}.",
+                ConfigDeprecationWarning,
+                stacklevel=2,
+            )
+            continue
         flags = " ".join(f"--config.{name}={new_value}" for name, new_value in new.items())
         those = "those fields" if len(new) > 1 else "that"
         warnings.warn(

@@ -15,7 +15,7 @@ from moejax.config.renames import apply_renames
 from moejax.config.train import TrainConfig
 from moejax.config_section import ConfigError
 from moejax.data.config import DataConfig
-from moejax.data.datasets import dataset_for
+from moejax.data.datasets import check_spelling, open_tokenizer
 from moejax.data.errors import DataError
 from moejax.lora.config import (
     LORA_DISPATCHERS,
@@ -51,6 +51,49 @@ class Sections:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+VOCAB_MULTIPLE = 128  # accelerators tile the embedding and the logits in 128s
+
+
+def _resolve_vocabulary(s: Sections) -> Sections:
+    """`model.vocab_size` against `data.tokenizer`: 0 (unset) becomes the tokenizer's size
+    rounded up to a multiple of 128, and smaller than the byte tokenizer's 259 is an error
+    naming both fields. A tokenizer read from a file is compared in preflight
+    (`moejax.train.preflight.check_tokenizer`), so a config validates on a machine that does
+    not hold the file (a pod config compiled here)."""
+    _require(
+        s.model.vocab_size >= 0,
+        f"model.vocab_size={s.model.vocab_size} must be positive (or 0: data.tokenizer's size "
+        f"rounded up to a multiple of {VOCAB_MULTIPLE}).",
+    )
+    try:
+        check_spelling(s.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    if s.model.vocab_size == 0 or s.data.tokenizer == "byte":
+        try:
+            size = open_tokenizer(s.data).vocab_size
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        return s
+    if s.model.vocab_size == 0:
+        padded = -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return dataclasses.replace(s, model=dataclasses.replace(s.model, vocab_size=padded))
+    _require(
+        s.model.vocab_size >= size, vocabulary_error(s.model.vocab_size, s.data.tokenizer, size)
+    )
+    return s
+
+
+def vocabulary_error(vocab_size: int, tokenizer: str, size: int) -> str:
+    """The message for a model.vocab_size smaller than its tokenizer's `size` ids."""
+    return (
+        f"model.vocab_size={vocab_size} is smaller than the {size} ids of "
+        f"data.tokenizer={tokenizer!r}; set --config.model.vocab_size >= {size}, or 0 for "
+        f"{size} rounded up to a multiple of {VOCAB_MULTIPLE}."
+    )
 
 
 def _check_model(m: ModelConfig) -> None:
@@ -532,22 +575,12 @@ def validate(
         }
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    s = Sections(**built)
+    s = _resolve_vocabulary(Sections(**built))
     _check_model(s.model)
     _check_moe(s.moe, s.model)
     _check_train(s.train)
     _check_lora(s.lora)
     _check_lora_model(s.lora, s.model)
-    try:
-        dataset = dataset_for(s.data.dataset)
-    except DataError as e:
-        raise ConfigError(str(e)) from None
-    _require(
-        s.model.vocab_size >= dataset.min_vocab_size,
-        f"model.vocab_size={s.model.vocab_size} is smaller than the {dataset.min_vocab_size} "
-        f"token ids of data.dataset={s.data.dataset!r}; set model.vocab_size >= "
-        f"{dataset.min_vocab_size}.",
-    )
     if num_devices is None or num_processes is None:
         import jax
 

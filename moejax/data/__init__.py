@@ -1,38 +1,39 @@
-"""moejax input data: an offline multi-domain corpus and a resumable packed-batch pipeline.
+"""moejax input data: tokenizers, document sources, weighted mixtures and the grain pipeline.
 
 cfg = DataConfig.from_mapping(config.data)
 batches = make_batches(cfg, cfg.train_split)   # this process's share of each batch
 batch = next(batches)                          # dict of NumPy arrays [B, seq_len]
 state = batches.get_state()                    # JSON; save it with the checkpoint
 
-`data.dataset` selects an entry of `DATASETS` (datasets.py), or any other tfds dataset
-prepared in `data.data_dir`.
+`data.sources` is a comma-separated mixture `KIND:WHERE[#FIELD][@WEIGHT]`:
+`parse_sources("parquet:/d/web-*.parquet@0.7,corpus@0.3")` reads it (source_spec.py) and
+`open_source(spec, "train" | "eval", ...)` gives one item's documents by index
+(document_sources.py: corpus, tfds, parquet, jsonl, hf_disk, array_record). The pipeline that
+mixes, shuffles, packs and checkpoints them is pipeline.py (grain).
 
-tok = load_tokenizer("hf:DIR")                 # data.tokenizer: byte, sentencepiece:, hf:
-Train a sub-word vocabulary with `python -m moejax.data.tokenizer_train` (`train_tokenizer`;
-not imported here, so `python -m` runs it without a double import).
-`parse_sources("parquet:/d/web-*.parquet@0.7,corpus@0.3")` reads a `data.sources` list
-(source_spec.py) and `open_source(spec, "train" | "eval", ...)` gives one item's documents
-by index (document_sources.py: corpus, tfds, parquet, jsonl, hf_disk, array_record).
+`data.tokenizer` is `byte`, `sentencepiece:PATH`, `hf:PATH` (tokenizer.py) or
+`corpus_bpe:N` (corpus_tokenizer.py, trained on first use): `load_tokenizer("hf:DIR")`.
+Train a sub-word vocabulary with `python -m moejax.data.tokenizer_train`
+(`tokenizer_training.train_tokenizer`).
 """
 
 from moejax.data.config import DataConfig, default_data_dir
 from moejax.data.corpus_builder import MoejaxCorpus, build_corpus
 from moejax.data.corpus_sources import DOMAIN_IDS, DOMAINS, Document, collect_documents
 from moejax.data.datasets import (
-    DATASETS,
     Batches,
-    Dataset,
-    check_split,
-    dataset_for,
+    check_sources,
     describe,
+    domain_names,
+    evaluation_batches,
     make_batches,
-    open_split,
+    open_tokenizer,
+    training_batches,
 )
 from moejax.data.document_sources import open_source
 from moejax.data.errors import DataError
-from moejax.data.packing import PAD_DOMAIN, PackedRows, pack_documents
-from moejax.data.pipeline import PackedBatches
+from moejax.data.model_batch import PAD_DOMAIN, padding_batch
+from moejax.data.pipeline import DataStateWarning
 from moejax.data.source_spec import SourceSpec, parse_sources
 from moejax.data.splits import split_documents
 from moejax.data.subword_tokenizers import HFTokenizer, SentencePieceTokenizer
@@ -49,36 +50,35 @@ from moejax.data.tokenizer import (
 __all__ = [
     "BOS_ID",
     "Batches",
-    "DATASETS",
-    "Dataset",
+    "ByteTokenizer",
     "DOMAINS",
     "DOMAIN_IDS",
     "DataConfig",
     "DataError",
+    "DataStateWarning",
     "Document",
     "EOS_ID",
-    "ByteTokenizer",
     "HFTokenizer",
     "MoejaxCorpus",
     "PAD_DOMAIN",
     "PAD_ID",
-    "PackedBatches",
-    "PackedRows",
     "SentencePieceTokenizer",
-    "Tokenizer",
     "SourceSpec",
+    "Tokenizer",
     "VOCAB_SIZE",
     "build_corpus",
-    "check_split",
+    "check_sources",
     "collect_documents",
-    "dataset_for",
     "default_data_dir",
     "describe",
+    "domain_names",
+    "evaluation_batches",
     "load_tokenizer",
     "make_batches",
     "open_source",
-    "open_split",
-    "pack_documents",
+    "open_tokenizer",
+    "padding_batch",
     "parse_sources",
     "split_documents",
+    "training_batches",
 ]

@@ -12,7 +12,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-DEFAULT_DATASET = "moejax_corpus"
+DEFAULT_DATASET = "moejax_corpus"  # the tfds name of the offline corpus (`data.sources=corpus`)
+DEFAULT_SOURCES = "corpus"
+MULTITASK = "multitask"  # `data.sources=multitask`: generated prompt -> answer rows (tasks.py)
 DATA_DIR_ENV = "MOEJAX_DATA_DIR"
 
 
@@ -28,28 +30,45 @@ class DataConfig:
     """What to read and how to batch it.
 
     Attributes:
-      dataset: "moejax_corpus" (built offline on first use) or the name of any registered
-        tfds text dataset already prepared in `data_dir` in array_record format.
-      data_dir: tfds data directory; "" means `default_data_dir()`.
-      text_key: feature holding the text (bytes/str).
-      domain_key: feature holding an integer domain label; absent -> domain 0.
+      sources: what to read, a comma-separated list of `KIND:WHERE[#FIELD][@WEIGHT]`
+        (`source_spec.py`): `corpus` (the offline corpus, built on first use), `tfds:NAME`,
+        `parquet:GLOB`, `jsonl:GLOB`, `hf_disk:DIR`, `array_record:GLOB`; weights are
+        sampling proportions. `multitask` alone: generated prompt -> answer rows.
+      tokenizer: `byte`, `sentencepiece:PATH` (a .model file) or `hf:PATH` (a
+        tokenizer.json, or a directory holding one).
+      pad_id: the padding id for a tokenizer that has none (-1: its EOS id; padding is
+        never a target, so any id is safe).
+      data_dir: tfds data directory (the corpus and `tfds:` sources); "" means
+        `default_data_dir()`.
+      text_key: feature holding the text (a source's `#FIELD` overrides it).
       seq_len: tokens per training example (rows hold seq_len + 1 tokens: inputs and
         targets are the same row shifted by one).
       global_batch_size: rows per step over all processes; each process gets
         global_batch_size // process_count rows.
-      seed: shuffling seed; epoch e uses the permutation drawn from (seed, e).
-      max_bytes_per_domain: size of each moejax_corpus domain (selects the corpus variant).
-      train_split / eval_split: split names.
+      seed: shuffling seed; source s's epoch e is a permutation drawn from (seed, s, e).
+      eval_fraction: share of a source's documents held out for evaluation, chosen by a
+        hash of each document's position, when the source has no validation split.
+      packing_bins: rows packed at once by first-fit (0: twice the rows per process).
+      shuffle_window: document pieces shuffled together after cutting long documents into
+        rows (0 or 1: no window shuffle).
+      worker_count: grain worker processes tokenizing and packing (0: in this process).
+      max_bytes_per_domain: size of each offline-corpus domain (selects the corpus variant).
+      train_split / eval_split: split names, for sources that have splits.
       shuffle: False reads documents in stored order (debugging, deterministic evals).
     """
 
-    dataset: str = DEFAULT_DATASET
+    sources: str = DEFAULT_SOURCES
+    tokenizer: str = "byte"
+    pad_id: int = -1
     data_dir: str = ""
     text_key: str = "text"
-    domain_key: str = "domain"
     seq_len: int = 256
     global_batch_size: int = 16
     seed: int = 0
+    eval_fraction: float = 0.05
+    packing_bins: int = 0
+    shuffle_window: int = 1024
+    worker_count: int = 0
     max_bytes_per_domain: int = 4_000_000
     train_split: str = "train"
     eval_split: str = "validation"
@@ -58,9 +77,11 @@ class DataConfig:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            expected = {"str": str, "int": int, "bool": bool}[field.type]
+            expected = {"str": str, "int": int, "bool": bool, "float": (int, float)}[field.type]
             # bool is a subclass of int: `seq_len=True` is a typo, not a length.
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            if not isinstance(value, expected) or (
+                field.type != "bool" and isinstance(value, bool)
+            ):
                 raise TypeError(
                     f"data.{field.name} must be {field.type}, got {type(value).__name__} "
                     f"{value!r}; set --config.data.{field.name} to a {field.type}."
@@ -71,12 +92,27 @@ class DataConfig:
                     f"data.{name} must be positive, got {getattr(self, name)}; "
                     f"set --config.data.{name} to a value > 0."
                 )
+        for name in ("packing_bins", "shuffle_window", "worker_count"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"data.{name} must be >= 0, got {getattr(self, name)}; set "
+                    f"--config.data.{name} to 0 (the default) or a positive value."
+                )
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(
+                f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}; set "
+                "--config.data.eval_fraction to e.g. 0.05."
+            )
+        if self.pad_id < -1:
+            raise ValueError(
+                f"data.pad_id must be -1 (the tokenizer's EOS) or an id >= 0, got {self.pad_id}."
+            )
         if self.seed < 0:
             raise ValueError(
                 f"data.seed must be >= 0, got {self.seed}; set --config.data.seed to a "
                 "non-negative integer."
             )
-        for name in ("dataset", "text_key", "train_split", "eval_split"):
+        for name in ("sources", "tokenizer", "text_key", "train_split", "eval_split"):
             if not getattr(self, name):
                 raise ValueError(f"data.{name} must not be empty; set --config.data.{name}.")
 

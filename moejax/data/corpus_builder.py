@@ -116,7 +116,7 @@ def corpus_stats(docs: Sequence[corpus_sources.Document]) -> dict:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
+def file_lock(path: str) -> Iterator[None]:
     """Exclusive advisory lock: concurrent builders (pytest-xdist workers, the processes of
     one multi-process job on a shared disk) wait for the first one instead of racing."""
     with open(path, "a+") as f:
@@ -186,7 +186,7 @@ def build_corpus(
     if builder is not None:
         return builder
     os.makedirs(data_dir, exist_ok=True)
-    with _file_lock(os.path.join(data_dir, f".moejax_corpus.{name}.lock")):
+    with file_lock(os.path.join(data_dir, f".moejax_corpus.{name}.lock")):
         builder = _reuse(data_dir, max_bytes_per_domain)  # built while we waited for the lock?
         if builder is not None:
             return builder

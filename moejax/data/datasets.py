@@ -1,42 +1,51 @@
-"""The dataset registry: every value of `data.dataset`, and what each one means, in one place.
+"""What a `DataConfig` reads: its sources, its tokenizer and its batches, in one place.
 
-`DATASETS` maps a name to its `Dataset`: `moejax_corpus` (the offline corpus, a tfds dataset
-built on first use) and `multitask` (generated prompt -> answer rows, `tasks.py`). Any other
-name that tensorflow-datasets can parse is a tfds text dataset already prepared in
-`data.data_dir` (`PreparedTfds`). A `Dataset` gives this process's batches of a split, the
-counts of its splits, a check that a split can be read (run before training), and the
-smallest `model.vocab_size` its token ids need (checked by `moejax.config.validation.validate`).
-Adding a dataset is one `Dataset` subclass and one line in `DATASETS`.
+`data.sources` is a weighted mixture of document sources (`source_spec.py`,
+`document_sources.py`) read through the grain pipeline (`pipeline.py`), or `multitask`
+alone: generated prompt -> answer rows (`tasks.py`). The entry points:
 
-The entry points dispatch on `cfg.dataset` through `dataset_for`, which refuses a name that
-is neither registered nor a tfds name with one `DataError` that lists the choices:
+    open_tokenizer(cfg)            the `data.tokenizer` (`tokenizer.py`)
+    domain_names(cfg)              the evaluation domains: one per source, the corpus's three
+    make_batches(cfg, split)       this process's batches: the endless, resumable training
+                                   stream for `data.train_split`, one pass over every
+                                   source's held-out documents for any other split
+    describe(cfg)                  documents per source and role, for logging
+    check_spelling(cfg)            the source list and the tokenizer kind parse (no file read)
+    check_sources(cfg)             raises DataError now for anything that would fail later
 
-    make_batches(cfg, split)   this process's iterator (`PackedBatches` or `TaskBatches`)
-    describe(cfg)              documents (and bytes) per split, for logging
-    open_split(cfg, split)     a `DocumentReader` over a split read from disk
-    check_split(cfg, split)    raises now if `split` could not be read later
+Every failure is one `DataError` naming the field and the fix, raised before compiling.
 """
 
 from __future__ import annotations
 
-import abc
-import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
-from moejax.data import reader, tasks
-from moejax.data.config import DEFAULT_DATASET, DataConfig
+from moejax.data import tasks
+from moejax.data.config import MULTITASK, DataConfig
+from moejax.data.corpus_sources import DOMAINS as CORPUS_DOMAINS
+from moejax.data.corpus_tokenizer import CORPUS_BPE, build_corpus_tokenizer, parse_vocab_size
+from moejax.data.document_sources import open_source
 from moejax.data.errors import DataError
-from moejax.data.pipeline import PackedBatches
-from moejax.data.tokenizer import VOCAB_SIZE
+from moejax.data.pipeline import (
+    EvaluationBatches,
+    Layout,
+    TrainingBatches,
+    evaluation_dataset,
+    training_dataset,
+)
+from moejax.data.source_spec import SourceSpec, parse_sources
+from moejax.data.tokenizer import KINDS as TOKENIZER_KINDS
+from moejax.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+TRAIN, EVAL = "train", "eval"
 
 
 class Batches(Protocol):
-    """What `make_batches` returns, whatever the dataset (`PackedBatches`, `TaskBatches`).
+    """What `make_batches` returns (`TrainingBatches`, `EvaluationBatches`, `TaskBatches`).
 
     Each batch is a dict of NumPy arrays [B, seq_len], B = global_batch_size // processes:
     inputs, targets, segment_ids, positions, domains (int32) and loss_mask (float32).
@@ -56,131 +65,73 @@ class Batches(Protocol):
         """Continues from `state`; raises ValueError if it was saved for other settings."""
 
 
-class Dataset(abc.ABC):
-    """One kind of `data.dataset`: what the pipeline, the preflight checks and validation
-    need of it. Stateless: everything comes from the `DataConfig` passed in."""
-
-    # The smallest model.vocab_size its token ids need; 0 when that depends on the data
-    # (then only the first batch is checked, by moejax.train.preflight).
-    min_vocab_size: int = 0
-
-    @abc.abstractmethod
-    def make_batches(
-        self, cfg: DataConfig, split: str, *, process_index: int, process_count: int, repeat: bool
-    ) -> Batches:
-        """This process's iterator over `split` (process info already resolved and checked)."""
-
-    @abc.abstractmethod
-    def describe(self, cfg: DataConfig) -> dict[str, dict]:
-        """{split: {"documents": ..., "bytes": ...}} for logging."""
-
-    @abc.abstractmethod
-    def open_split(self, cfg: DataConfig, split: str) -> reader.DocumentReader:
-        """Random access to the documents of `split`; DataError if it has none to read."""
-
-    @abc.abstractmethod
-    def check_split(self, cfg: DataConfig, split: str) -> None:
-        """Raises DataError (naming the field) now if `split` could not be read later."""
+def is_multitask(cfg: DataConfig) -> bool:
+    return cfg.sources.strip() == MULTITASK
 
 
-class PreparedTfds(Dataset):
-    """A tensorflow-datasets text dataset prepared in `data.data_dir` (array_record), named
-    by `data.dataset`; documents are packed into rows (`PackedBatches`)."""
-
-    # Deleting corrupt files is the whole fix only when the next run rebuilds them.
-    rebuilt_on_use = False
-
-    def builder(self, cfg: DataConfig) -> tfds.core.DatasetBuilder:
-        return reader.open_prepared_builder(cfg, alternatives=_registered_names())
-
-    def open_split(self, cfg: DataConfig, split: str) -> reader.DocumentReader:
-        return reader.read_split(self.builder(cfg), cfg, split, rebuilt_on_use=self.rebuilt_on_use)
-
-    def check_split(self, cfg: DataConfig, split: str) -> None:
-        self.open_split(cfg, split)
-
-    def describe(self, cfg: DataConfig) -> dict[str, dict]:
-        return reader.split_stats(self.builder(cfg))
-
-    def make_batches(
-        self, cfg: DataConfig, split: str, *, process_index: int, process_count: int, repeat: bool
-    ) -> PackedBatches:
-        return PackedBatches(
-            self.open_split(cfg, split),
-            seq_len=cfg.seq_len,
-            local_batch_size=cfg.global_batch_size // process_count,
-            seed=cfg.seed,
-            shuffle=cfg.shuffle,
-            process_index=process_index,
-            process_count=process_count,
-            repeat=repeat,
-        )
-
-
-class MoejaxCorpusDataset(PreparedTfds):
-    """`moejax_corpus`: the offline multi-domain corpus, built in `data.data_dir` on first
-    use (`corpus_builder.py`), one variant per `data.max_bytes_per_domain`."""
-
-    rebuilt_on_use = True
-    min_vocab_size = VOCAB_SIZE  # the byte tokenizer's ids
-
-    def builder(self, cfg: DataConfig) -> tfds.core.DatasetBuilder:
-        return reader.open_corpus_builder(cfg)
-
-
-class MultitaskDataset(Dataset):
-    """`multitask`: generated prompt -> answer rows (`tasks.py`), nothing read from disk;
-    `data.train_split` is the unbounded training stream, any other split the held-out one."""
-
-    min_vocab_size = VOCAB_SIZE  # the byte tokenizer's ids
-
-    def make_batches(
-        self, cfg: DataConfig, split: str, *, process_index: int, process_count: int, repeat: bool
-    ) -> tasks.TaskBatches:
-        return tasks.TaskBatches(
-            cfg, split, process_index=process_index, process_count=process_count, repeat=repeat
-        )
-
-    def describe(self, cfg: DataConfig) -> dict[str, dict]:
-        return tasks.describe()
-
-    def open_split(self, cfg: DataConfig, split: str) -> reader.DocumentReader:
+def source_specs(cfg: DataConfig) -> tuple[SourceSpec, ...]:
+    """The parsed `data.sources` (DataError naming the field for a bad list)."""
+    if is_multitask(cfg):
         raise DataError(
-            f"data.dataset={tasks.DATASET!r} is generated, not read: use "
-            f"make_batches (moejax.data.tasks)."
+            f"data.sources={MULTITASK!r} generates its rows and has no document sources."
         )
-
-    def check_split(self, cfg: DataConfig, split: str) -> None:
-        """Nothing to check: every split is generated."""
+    return parse_sources(cfg.sources)
 
 
-DATASETS: Mapping[str, Dataset] = types.MappingProxyType(
-    {
-        DEFAULT_DATASET: MoejaxCorpusDataset(),
-        tasks.DATASET: MultitaskDataset(),
-    }
-)
-PREPARED_TFDS = PreparedTfds()  # every other data.dataset
+def open_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer `data.tokenizer` names (the generated tasks are always bytes;
+    `corpus_bpe:N` is trained on the offline corpus on first use)."""
+    if is_multitask(cfg):
+        if cfg.tokenizer != "byte":
+            raise DataError(
+                f"data.sources={MULTITASK!r} writes byte tokens; set --config.data.tokenizer"
+                f"=byte (got {cfg.tokenizer!r})."
+            )
+        return ByteTokenizer()
+    if cfg.tokenizer.startswith(CORPUS_BPE + ":"):
+        try:
+            size = parse_vocab_size(cfg.tokenizer)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        spec = build_corpus_tokenizer(cfg.resolved_data_dir, cfg.max_bytes_per_domain, size)
+        return load_tokenizer(spec, pad_id=cfg.pad_id)
+    return load_tokenizer(cfg.tokenizer, pad_id=cfg.pad_id)
 
 
-def _registered_names() -> str:
-    return ", ".join(repr(name) for name in DATASETS)
+def _domains_of(spec: SourceSpec) -> tuple[str, ...]:
+    return tuple(CORPUS_DOMAINS) if spec.kind == "corpus" else (spec.name,)
 
 
-def dataset_for(name: str) -> Dataset:
-    """The `Dataset` that `data.dataset=name` selects; DataError naming the field and the
-    choices when `name` is neither registered nor a tensorflow-datasets name."""
-    if name in DATASETS:
-        return DATASETS[name]
-    try:
-        tfds.core.naming.parse_builder_name_kwargs(name)
-    except ValueError:
-        raise DataError(
-            f"data.dataset={name!r} is not a dataset: set --config.data.dataset to one of "
-            f"{_registered_names()}, or to the name of a tensorflow-datasets dataset prepared "
-            "in data.data_dir (dataset_name[/config_name][:version])."
-        ) from None
-    return PREPARED_TFDS
+def domain_names(cfg: DataConfig) -> tuple[str, ...]:
+    """The evaluation domains, in the order of the `domains` ids in every batch."""
+    if is_multitask(cfg):
+        return tuple(CORPUS_DOMAINS)  # TaskBatches labels every row domain 0
+    names: list[str] = []
+    for spec in source_specs(cfg):
+        for name in _domains_of(spec):
+            names.append(name if name not in names else f"{spec.name}/{name}")
+    return tuple(names)
+
+
+def _domain_offsets(specs: Sequence[SourceSpec]) -> list[int]:
+    offsets, total = [], 0
+    for spec in specs:
+        offsets.append(total)
+        total += len(_domains_of(spec))
+    return offsets
+
+
+def _open(cfg: DataConfig, spec: SourceSpec, role: str):
+    return open_source(
+        spec,
+        role,
+        data_dir=cfg.resolved_data_dir,
+        text_key=cfg.text_key,
+        train_split=cfg.train_split,
+        eval_split=cfg.eval_split,
+        eval_fraction=cfg.eval_fraction,
+        max_bytes_per_domain=cfg.max_bytes_per_domain,
+    )
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -191,42 +142,180 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
     return process_index, process_count
 
 
-def make_batches(
-    cfg: DataConfig,
-    split: str,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    repeat: bool = True,
-) -> Batches:
-    """This process's iterator over `split` of `cfg.dataset`; process info defaults to JAX's.
-
-    Documents read from disk give `PackedBatches`; `data.dataset="multitask"` gives generated
-    prompt -> answer rows (`tasks.TaskBatches`, the same interface).
-    """
-    process_index, process_count = _process_info(process_index, process_count)
+def _layout(cfg: DataConfig, process_index: int, process_count: int) -> Layout:
     if cfg.global_batch_size % process_count:
         raise ValueError(
             f"data.global_batch_size={cfg.global_batch_size} is not divisible by the "
             f"{process_count} processes; set --config.data.global_batch_size to a multiple "
             f"of {process_count}."
         )
-    return dataset_for(cfg.dataset).make_batches(
-        cfg, split, process_index=process_index, process_count=process_count, repeat=repeat
+    return Layout(
+        seq_len=cfg.seq_len,
+        local_batch_size=cfg.global_batch_size // process_count,
+        packing_bins=cfg.packing_bins,
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
+def _check_fills_a_batch(cfg: DataConfig, spec: SourceSpec, source, tokenizer) -> None:
+    """A source must hold at least one batch of tokens; counted only when it has fewer
+    documents than a batch has rows (anything larger holds a batch many times over)."""
+    rows = cfg.global_batch_size
+    if len(source) >= rows:
+        return
+    needed = rows * (cfg.seq_len + 1)
+    tokens = 0
+    for i in range(len(source)):
+        record = source[i]
+        tokens += (
+            len(record["tokens"]) if "tokens" in record else len(tokenizer.encode(record["text"]))
+        )
+    if tokens < needed:
+        raise DataError(
+            f"data.sources: {spec.kind}:{spec.where} holds {len(source)} training documents, "
+            f"{tokens} tokens, fewer than one batch of data.global_batch_size={rows} rows x "
+            f"{cfg.seq_len + 1} tokens ({needed}): every batch would repeat it. Add data to "
+            f"the source, or lower --config.data.global_batch_size / --config.data.seq_len."
+        )
+
+
+def _fingerprint(cfg: DataConfig, layout: Layout) -> dict[str, Any]:
+    """The settings that fix the training reading order, named as on the command line."""
+    return {
+        "data.sources": cfg.sources,
+        "data.tokenizer": cfg.tokenizer,
+        "data.seed": cfg.seed,
+        "data.shuffle": cfg.shuffle,
+        "data.seq_len": cfg.seq_len,
+        "data.global_batch_size": cfg.global_batch_size,
+        "data.packing_bins": cfg.packing_bins,
+        "data.shuffle_window": cfg.shuffle_window,
+        "data.eval_fraction": cfg.eval_fraction,
+        "the number of processes": layout.process_count,
+        "the process index": layout.process_index,
+    }
+
+
+def training_batches(
+    cfg: DataConfig, *, process_index: int | None = None, process_count: int | None = None
+) -> TrainingBatches:
+    """This process's endless, resumable training batches of the `data.sources` mixture."""
+    process_index, process_count = _process_info(process_index, process_count)
+    layout = _layout(cfg, process_index, process_count)
+    specs = source_specs(cfg)
+    tokenizer = open_tokenizer(cfg)
+    sources = [_open(cfg, spec, TRAIN) for spec in specs]
+    for spec, source in zip(specs, sources):
+        _check_fills_a_batch(cfg, spec, source, tokenizer)
+    dataset = training_dataset(
+        sources,
+        [spec.weight for spec in specs],
+        tokenizer,
+        _domain_offsets(specs),
+        layout,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+        shuffle_window=cfg.shuffle_window,
+        worker_count=cfg.worker_count,
+    )
+    return TrainingBatches(dataset, layout, _fingerprint(cfg, layout))
+
+
+def evaluation_batches(
+    cfg: DataConfig,
+    *,
+    max_batches_per_source: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvaluationBatches:
+    """One pass over every source's held-out documents (at most `max_batches_per_source`
+    batches each; 0: all), this process's share."""
+    process_index, process_count = _process_info(process_index, process_count)
+    layout = _layout(cfg, process_index, process_count)
+    specs = source_specs(cfg)
+    tokenizer = open_tokenizer(cfg)
+    datasets = [
+        evaluation_dataset(_open(cfg, spec, EVAL), tokenizer, offset, layout)
+        for spec, offset in zip(specs, _domain_offsets(specs))
+    ]
+    return EvaluationBatches(datasets, layout, max_batches_per_source)
+
+
+def make_batches(
+    cfg: DataConfig,
+    split: str,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    max_eval_batches: int = 0,
+) -> Batches:
+    """This process's batches: `data.train_split` gives the training stream, any other
+    split one evaluation pass (at most `max_eval_batches` per source; 0: all)."""
+    if is_multitask(cfg):
+        process_index, process_count = _process_info(process_index, process_count)
+        _layout(cfg, process_index, process_count)  # the divisibility check
+        return tasks.TaskBatches(
+            cfg,
+            split,
+            process_index=process_index,
+            process_count=process_count,
+            repeat=split == cfg.train_split,
+        )
+    if split == cfg.train_split:
+        return training_batches(cfg, process_index=process_index, process_count=process_count)
+    return evaluation_batches(
+        cfg,
+        max_batches_per_source=max_eval_batches,
+        process_index=process_index,
+        process_count=process_count,
     )
 
 
 def describe(cfg: DataConfig) -> dict[str, dict]:
-    """Documents and text bytes per split of `cfg.dataset` (per domain for moejax_corpus)."""
-    return dataset_for(cfg.dataset).describe(cfg)
+    """{source name: {"weight", "train_documents", "eval_documents"}}, for logging."""
+    if is_multitask(cfg):
+        return tasks.describe()
+    return {
+        spec.name: {
+            "weight": spec.weight,
+            "train_documents": len(_open(cfg, spec, TRAIN)),
+            "eval_documents": len(_open(cfg, spec, EVAL)),
+        }
+        for spec in source_specs(cfg)
+    }
 
 
-def open_split(cfg: DataConfig, split: str) -> reader.DocumentReader:
-    """A reader for `split` of `cfg.dataset`; raises DataError naming the field."""
-    return dataset_for(cfg.dataset).open_split(cfg, split)
+def check_spelling(cfg: DataConfig) -> None:
+    """`data.sources` parses and `data.tokenizer` names a known kind; reads no file, so
+    `validate` runs it on any machine."""
+    if is_multitask(cfg):
+        open_tokenizer(cfg)
+        return
+    source_specs(cfg)
+    kind = cfg.tokenizer.partition(":")[0]
+    if kind == CORPUS_BPE:
+        try:
+            parse_vocab_size(cfg.tokenizer)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    elif kind not in [k.partition(":")[0] for k in TOKENIZER_KINDS]:
+        raise DataError(
+            f"data.tokenizer={cfg.tokenizer!r}: unknown tokenizer kind {kind!r}; set "
+            f"--config.data.tokenizer to one of {', '.join([*TOKENIZER_KINDS, CORPUS_BPE + ':N'])}."
+        )
 
 
-def check_split(cfg: DataConfig, split: str) -> None:
-    """Raises DataError naming the field now if `split` of `cfg.dataset` could not be read
-    later (e.g. the evaluation split, before training starts)."""
-    dataset_for(cfg.dataset).check_split(cfg, split)
+def check_sources(cfg: DataConfig, *, evaluation: bool = True) -> None:
+    """Opens the tokenizer and every source (and its held-out part with `evaluation`), so a
+    missing file or column fails now, before anything compiles."""
+    if is_multitask(cfg):
+        open_tokenizer(cfg)
+        return
+    open_tokenizer(cfg)
+    for spec in source_specs(cfg):
+        source = _open(cfg, spec, TRAIN)
+        if len(source):
+            source[0]
+        if evaluation:
+            _open(cfg, spec, EVAL)

@@ -1,183 +1,290 @@
-"""`PackedBatches`: the deterministic, resumable, per-process iterator over packed documents.
+"""The input pipeline on grain: weighted mixing, per-epoch shuffling, per-process sharding,
+first-fit packing and a checkpointable iterator (grain: github.com/google/grain).
 
-It reads a `reader.DocumentReader` (`datasets.make_batches` opens one for the datasets read
-from disk) and yields this process's share of each global batch as NumPy arrays
-(B = global_batch_size // process_count rows, L = seq_len):
+Training reads, for each source s (a random-access `DocumentSource`, weight w_s):
 
-    inputs, targets, segment_ids, positions, domains   int32[B, L]
-    loss_mask                                          float32[B, L]
+    MapDataset.source(s).shuffle(seed_s).repeat()   a new permutation every epoch
+        .map(Tokenize)                              {"tokens", "domains"} int32[n]
+    MapDataset.mix(sources, weights)                exact proportions w_s / sum(w)
+        [process_index::process_count]              disjoint documents per process
+    -> to_iter_dataset()
+    FlatMapIterDataset(SplitLong(row_len))          pieces of at most row_len tokens
+    WindowShuffleIterDataset(window)                pieces of one long document spread
+                                                    over many batches
+    FirstFitPackIterDataset(row_len, bins)          first-fit packing with segment ids
+                                                    and positions restarting per piece
+    .batch(local_batch_size) -> ModelBatch          inputs/targets/... [B, seq_len]
 
-Reading order. Epoch e visits the documents of the split in a permutation drawn from
-`np.random.default_rng((seed, e))` (a pair, not `seed + e`, so runs with seeds 0 and 1 do
-not share epochs shifted by one). The G = global_batch_size rows of a step come from G
-*lanes*: lane g reads positions g, g + G, g + 2G, ... of each epoch's permutation and packs
-them into rows on its own (`packing.py`). Row b of process p is lane b * P + p, so process p
-reads positions p, p + P, ... — a strided share, disjoint from the other processes' — and
-every batch mixes up to G different documents instead of G consecutive rows of one long
-document (one domain per batch would make router load statistics swing step to step).
+`seed_s` is drawn from (data.seed, s), so adding a source does not reshuffle the others.
+A row holds `row_len = seq_len + 1` tokens: the model reads `row[:-1]` and predicts
+`row[1:]`. Documents longer than a row are cut into row-sized pieces (each a segment whose
+positions restart at 0), so no token is dropped; the window shuffle then scatters those
+pieces, so one long document does not fill whole batches (router load statistics would
+swing step to step). Packing is grain's first-fit over `data.packing_bins` bins: a piece
+goes into the first bin with room, and all bins are emitted when one does not fit.
 
-Resuming. A lane's position is (epoch, index in its share, tokens already consumed of that
-document): three ints. Rows are closed eagerly, so between batches nothing else is
-buffered, and `get_state()` is a small JSON-serialisable dict. A new iterator given that
-state with `set_state` re-reads the current document and continues bit-identically,
-mid-epoch, mid-document and across epoch boundaries. The state is independent of seq_len.
-Lanes move on to the next epoch independently, so near an epoch boundary one batch can
-mix the end of epoch e with the start of e + 1; every epoch still reads each document once.
+Evaluation reads each source's held-out documents in stored order, unshuffled and
+unrepeated, packed the same way, one source after the other (at most `max_batches` batches
+of each); the last batch of a source is topped up with padding rows (loss_mask 0).
 
-`repeat=False` (evaluation) stops at the end of the split; lanes that finish early give
-padding rows (loss_mask 0) until the last lane is done. Lanes hold different amounts of
-text, so processes can produce different numbers of eval batches: a multi-process
-evaluation loop must agree on a stopping step (e.g. run until every process is done,
-feeding `padding_batch()` once its own iterator is exhausted).
+The iterator's state is grain's (a few ints per stage: the mixture index, the window
+start, the packer's row counters), wrapped with the settings that fix the reading order;
+`set_state` re-reads the current window and packs forward, so a resumed run reads exactly
+the rows the uninterrupted run would have read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import grain
 import numpy as np
+from grain import experimental as grain_experimental
 
 from moejax.data.errors import DataError
-from moejax.data.packing import PackedRows, fill_row
-from moejax.data.reader import DocumentReader
+from moejax.data.model_batch import pad_rows, padding_batch, to_model_batch
 
-STATE_FORMAT = 1
-
-
-class _Lane:
-    """One row slot's reading position; a `packing.TokenCursor`."""
-
-    def __init__(self, owner: "PackedBatches", lane_id: int):
-        self._owner = owner
-        self.lane_id = lane_id
-        self.epoch, self.index, self.offset = 0, 0, 0
-        self._cached: tuple[tuple[int, int], np.ndarray, int] | None = None
-        n, g = owner.num_documents, owner.num_lanes
-        self.share_len = max(0, -(-(n - lane_id) // g))  # len(range(lane_id, n, g))
-
-    def remaining(self) -> tuple[np.ndarray, int] | None:
-        if self.index >= self.share_len:
-            if not self._owner.repeat or self.share_len == 0:
-                return None
-            self.epoch, self.index, self.offset = self.epoch + 1, 0, 0
-        key = (self.epoch, self.index)
-        if self._cached is None or self._cached[0] != key:
-            position = self.lane_id + self.index * self._owner.num_lanes
-            doc = self._owner.document_index(self.epoch, position)
-            self._cached = (key, *self._owner.reader.tokens(doc))
-        _, tokens, domain = self._cached
-        return tokens[self.offset :], domain
-
-    def consume(self, n: int) -> None:
-        self.offset += n
-        if self._cached is not None and self.offset >= len(self._cached[1]):
-            self.index, self.offset = self.index + 1, 0
+STATE_FORMAT = 2
+# The iterator state written by the hand-written lane pipeline, before grain.
+LANE_STATE_FORMAT = 1
+# A piece count no real document reaches (grain's FlatMap asks for a bound).
+_MAX_PIECES = 1 << 24
+# Documents are read and tokenized in this thread (or in grain workers, data.worker_count):
+# grain's default of 16 reader threads and 500 prefetched documents costs more in
+# bookkeeping than tokenizing costs here, and competes with XLA for the host's cores.
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+# Random streams are derived from (data.seed, purpose[, source]); purposes:
+_SHUFFLE_SOURCE, _SHUFFLE_WINDOW = 1, 2
 
 
-class PackedBatches:
-    """Iterator of packed batches for one process; see the module docstring."""
+class DataStateWarning(UserWarning):
+    """A checkpoint's data position could not be used as it is."""
 
-    def __init__(
-        self,
-        reader: DocumentReader,
-        *,
-        seq_len: int,
-        local_batch_size: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        process_index: int = 0,
-        process_count: int = 1,
-        repeat: bool = True,
-    ):
-        self.reader = reader
-        self.seq_len = seq_len
-        self.local_batch_size = local_batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.process_index = process_index
-        self.process_count = process_count
-        self.repeat = repeat
-        self.num_documents = len(reader)
-        self.num_lanes = local_batch_size * process_count
-        if repeat and self.num_documents < self.num_lanes:
-            raise DataError(
-                f"{reader.name} has {self.num_documents} documents, but data.global_batch_size="
-                f"{self.num_lanes} reads one document stream per row and needs at least that "
-                "many. Lower --config.data.global_batch_size or enlarge the corpus "
-                "(data.max_bytes_per_domain)."
-            )
-        self._permutations: dict[int, np.ndarray] = {}
-        self._lanes = [
-            _Lane(self, b * process_count + process_index) for b in range(local_batch_size)
+
+@dataclasses.dataclass(frozen=True)
+class Tokenize(grain.transforms.Map):
+    """A source record -> {"tokens": int32[n], "domains": int32[n]} (global domain ids).
+
+    Text records are encoded with BOS/EOS; pre-tokenized records (`"tokens"`) are kept.
+    """
+
+    tokenizer: Any
+    domain_offset: int
+
+    def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if "tokens" in record:
+            tokens = np.asarray(record["tokens"], np.int32)
+        else:
+            text = record["text"]
+            if isinstance(text, bytes):
+                text = text.decode("utf-8", errors="replace")
+            tokens = np.asarray(self.tokenizer.encode(text), np.int32)
+        domain = self.domain_offset + int(record.get("domain", 0))
+        return {"tokens": tokens, "domains": np.full(tokens.shape, domain, np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitLong(grain_experimental.FlatMapTransform):
+    """A tokenized document -> consecutive pieces of at most `row_len` tokens."""
+
+    row_len: int
+    max_fan_out: int = _MAX_PIECES
+
+    def flat_map(self, element: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        n = len(element["tokens"])
+        return [
+            {key: value[i : i + self.row_len] for key, value in element.items()}
+            for i in range(0, n, self.row_len)
         ]
 
-    def document_index(self, epoch: int, position: int) -> int:
-        """The document at `position` of epoch `epoch`'s reading order."""
-        if not self.shuffle:
-            return position
-        if epoch not in self._permutations:
-            oldest = min(lane.epoch for lane in self._lanes)
-            for stale in [e for e in self._permutations if e < oldest]:
-                del self._permutations[stale]  # lanes never go back to an earlier epoch
-            rng = np.random.default_rng((self.seed, epoch))
-            self._permutations[epoch] = rng.permutation(self.num_documents)
-        return int(self._permutations[epoch][position])
 
-    def __iter__(self) -> "PackedBatches":
+def derived_seed(seed: int, *path: int) -> int:
+    """A seed in [0, 2^32) for one random stream of the pipeline, independent of the others:
+    source s shuffles with (seed, 1, s), the piece window with (seed, 2)."""
+    return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
+
+
+def _pack(
+    pieces: grain.IterDataset, row_len: int, bins: int, rows: int, drop_remainder: bool
+) -> grain.IterDataset:
+    packed = grain_experimental.FirstFitPackIterDataset(
+        pieces,
+        length_struct={"tokens": row_len, "domains": row_len},
+        num_packing_bins=bins,
+        shuffle_bins=False,
+    )
+    return packed.batch(rows, drop_remainder=drop_remainder).map(_model_batch)
+
+
+def _model_batch(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """grain's packed rows (feature, feature_segment_ids, feature_positions) -> model batch."""
+    return to_model_batch(
+        packed["tokens"],
+        packed["tokens_segment_ids"],
+        packed["tokens_positions"],
+        packed["domains"],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How rows are cut and packed: the settings both readers share."""
+
+    seq_len: int
+    local_batch_size: int
+    packing_bins: int  # 0 -> 2 x local_batch_size
+    process_index: int = 0
+    process_count: int = 1
+
+    @property
+    def row_len(self) -> int:
+        return self.seq_len + 1
+
+    @property
+    def bins(self) -> int:
+        return self.packing_bins or 2 * self.local_batch_size
+
+
+def training_dataset(
+    sources: Sequence[Any],
+    weights: Sequence[float],
+    tokenizer: Any,
+    domain_offsets: Sequence[int],
+    layout: Layout,
+    *,
+    seed: int,
+    shuffle: bool,
+    shuffle_window: int,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """The endless training stream of this process (see the module docstring); with
+    `worker_count`, grain worker processes read, tokenize and pack."""
+    streams = []
+    for index, (source, offset) in enumerate(zip(sources, domain_offsets)):
+        docs = grain.MapDataset.source(source)
+        if shuffle:
+            docs = docs.shuffle(seed=derived_seed(seed, _SHUFFLE_SOURCE, index))
+        streams.append(docs.repeat().map(Tokenize(tokenizer, offset)))
+    mixed = grain.MapDataset.mix(streams, list(weights)) if len(streams) > 1 else streams[0]
+    mine = mixed[layout.process_index :: layout.process_count]
+    pieces = grain_experimental.FlatMapIterDataset(
+        mine.to_iter_dataset(_READ_OPTIONS), SplitLong(layout.row_len)
+    )
+    if shuffle and shuffle_window > 1:
+        pieces = grain_experimental.WindowShuffleIterDataset(
+            pieces, window_size=shuffle_window, seed=derived_seed(seed, _SHUFFLE_WINDOW)
+        )
+    batches = _pack(pieces, layout.row_len, layout.bins, layout.local_batch_size, True)
+    if worker_count:
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return batches
+
+
+def evaluation_dataset(
+    source: Any, tokenizer: Any, domain_offset: int, layout: Layout
+) -> grain.IterDataset:
+    """This process's share of one source's held-out documents, packed, in stored order."""
+    docs = grain.MapDataset.source(source)[layout.process_index :: layout.process_count]
+    pieces = grain_experimental.FlatMapIterDataset(
+        docs.map(Tokenize(tokenizer, domain_offset)).to_iter_dataset(_READ_OPTIONS),
+        SplitLong(layout.row_len),
+    )
+    return _pack(pieces, layout.row_len, layout.bins, layout.local_batch_size, False)
+
+
+class TrainingBatches:
+    """This process's endless batches, with a JSON state that resumes them exactly.
+
+    `fingerprint` holds the settings that fix the reading order ({field: value}, named as on
+    the command line); `set_state` refuses a state saved under other values."""
+
+    def __init__(self, dataset: grain.IterDataset, layout: Layout, fingerprint: dict[str, Any]):
+        self._dataset = dataset
+        self._iterator = iter(dataset)
+        self.layout = layout
+        self.fingerprint = dict(fingerprint)
+
+    def __iter__(self) -> "TrainingBatches":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rows = PackedRows.empty(self.local_batch_size, self.seq_len + 1)
-        written = [fill_row(lane, rows, r) for r, lane in enumerate(self._lanes)]
-        if not any(written):
-            raise StopIteration
-        return rows.to_batch()
+        return next(self._iterator)
 
     def padding_batch(self) -> dict[str, np.ndarray]:
-        """A batch of the usual shapes that is all padding (loss_mask 0 everywhere)."""
-        return PackedRows.empty(self.local_batch_size, self.seq_len + 1).to_batch()
+        return padding_batch(self.layout.local_batch_size, self.layout.seq_len)
 
     def get_state(self) -> dict[str, Any]:
-        """A small JSON-serialisable snapshot; `set_state` on a new iterator resumes from it."""
+        """A JSON-serialisable snapshot; `set_state` on a new iterator resumes from it."""
         return {
             "format": STATE_FORMAT,
-            "source": self.reader.name,
-            "num_documents": self.num_documents,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "process_index": self.process_index,
-            "process_count": self.process_count,
-            "lanes": [[lane.epoch, lane.index, lane.offset] for lane in self._lanes],
+            "settings": self.fingerprint,
+            "grain": self._iterator.get_state(),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Continues from `state`; raises if it was saved for a different reading order."""
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(
-                f"Unknown data iterator state format {state.get('format')!r}; "
-                f"expected {STATE_FORMAT}."
+        """Continues from `state`. A state of the lane pipeline (before grain) cannot be
+        translated: the iterator starts from the beginning, with a `DataStateWarning`."""
+        found = state.get("format")
+        if found == LANE_STATE_FORMAT:
+            warnings.warn(
+                "The checkpoint's data position was saved by the pipeline before grain "
+                "(iterator state format 1), which read documents in another order; it cannot "
+                "be translated, so the training data restarts from its first batch. Model "
+                "and optimizer state are restored as saved.",
+                DataStateWarning,
+                stacklevel=2,
             )
-        checks = [
-            ("source", self.reader.name, "data.dataset / data.train_split / data.eval_split"),
-            ("num_documents", self.num_documents, "data.dataset / data.max_bytes_per_domain"),
-            ("seed", self.seed, "data.seed"),
-            ("shuffle", self.shuffle, "data.shuffle"),
-            ("process_count", self.process_count, "the number of processes"),
-            ("process_index", self.process_index, "the process index"),
-        ]
-        for key, mine, field in checks:
-            if state.get(key) != mine:
+            self._iterator = iter(self._dataset)
+            return
+        if found != STATE_FORMAT:
+            raise ValueError(
+                f"Unknown data iterator state format {found!r}; expected {STATE_FORMAT}."
+            )
+        saved = state.get("settings", {})
+        for field, mine in self.fingerprint.items():
+            theirs = saved.get(field)
+            if json.dumps(theirs) != json.dumps(mine):
                 raise ValueError(
-                    f"Cannot resume the data iterator: it was saved with {key}={state.get(key)!r} "
-                    f"but this one has {mine!r}. Resume with the same {field} as the saved run."
+                    f"Cannot resume the data iterator: it was saved with {field}={theirs!r} "
+                    f"but this run has {mine!r}. Resume with the same {field} as the saved run."
                 )
-        lanes = state.get("lanes", [])
-        if len(lanes) != len(self._lanes):
-            raise ValueError(
-                f"Cannot resume the data iterator: it was saved with {len(lanes)} rows per "
-                f"process but this one has {len(self._lanes)}. Resume with the same "
-                "data.global_batch_size and number of processes as the saved run."
-            )
-        for lane, (epoch, index, offset) in zip(self._lanes, lanes):
-            lane.epoch, lane.index, lane.offset = int(epoch), int(index), int(offset)
-        self._permutations.clear()
+        iterator = iter(self._dataset)
+        iterator.set_state(state["grain"])
+        self._iterator = iterator
+
+
+class EvaluationBatches:
+    """One pass over every source's held-out documents, source after source, each capped at
+    `max_batches` batches (0: all); the last batch of a source is topped up with padding."""
+
+    def __init__(self, datasets: Sequence[grain.IterDataset], layout: Layout, max_batches: int):
+        self._datasets = list(datasets)
+        self.layout = layout
+        self.max_batches = max_batches
+        self._batches = self._chain()
+
+    def _chain(self) -> Iterator[dict[str, np.ndarray]]:
+        for dataset in self._datasets:
+            for i, batch in enumerate(dataset):
+                if self.max_batches and i >= self.max_batches:
+                    break
+                yield pad_rows(batch, self.layout.local_batch_size)
+
+    def __iter__(self) -> "EvaluationBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._batches)
+
+    def padding_batch(self) -> dict[str, np.ndarray]:
+        return padding_batch(self.layout.local_batch_size, self.layout.seq_len)
+
+    def get_state(self) -> dict[str, Any]:
+        raise DataError("Evaluation batches are read in one pass and have no state to save.")
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        raise DataError("Evaluation batches are read in one pass and cannot be resumed.")

@@ -1,14 +1,11 @@
-"""Reading a prepared tensorflow-datasets split by index, with errors that name the setting.
+"""Opening tensorflow-datasets splits by index, with errors that name the setting and the fix.
 
-`open_corpus_builder(cfg)` opens the moejax corpus (built on first use, offline, seconds)
-and `open_prepared_builder(cfg, alternatives)` any other tfds dataset (`corpus_builder_in`,
-`prepared_builder` and `data_source` do the same from explicit arguments, for
-`data.sources`), which must already
-be prepared in `data.data_dir` in array_record format, because the pipeline needs random
-access (the shuffled order is a permutation of indices, and resuming jumps straight to a
-document). `read_split(builder, cfg, split)` returns a `DocumentReader`: `len()` documents,
-and `reader.tokens(i) -> (int32 ids framed by BOS/EOS, domain id)`; `split_stats(builder)`
-the per-split counts. Which of these a `data.dataset` uses is decided in `datasets.py`.
+`corpus_builder_in(data_dir, max_bytes_per_domain)` opens the moejax corpus (built on first
+use, offline, seconds), `prepared_builder(name, data_dir, ...)` any other tfds dataset, which
+must already be prepared in array_record format (the pipeline needs random access: shuffling
+is a permutation of indices and resuming jumps straight to a document), and
+`data_source(builder, split, ...)` one split of either. `document_sources.py` uses them for
+the `corpus` and `tfds:` kinds of `data.sources`.
 """
 
 from __future__ import annotations
@@ -16,54 +13,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from moejax.data import corpus_builder
-from moejax.data.config import DATA_DIR_ENV, DEFAULT_DATASET, DataConfig
+from moejax.data.config import DATA_DIR_ENV, DEFAULT_DATASET
 from moejax.data.errors import DataError
-from moejax.data.tokenizer import ByteTokenizer
-
-
-class DocumentReader:
-    """Random access to the documents of one split, tokenized on demand."""
-
-    def __init__(self, source: Any, text_key: str, domain_key: str | None, name: str):
-        self._source = source
-        self._text_key = text_key
-        self._domain_key = domain_key
-        self._tokenizer = ByteTokenizer()
-        self.name = name  # "<dataset>/<split>", for messages
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def record(self, index: int) -> tuple[bytes, int]:
-        """The raw text bytes and domain id (0 without a domain feature) of document `index`."""
-        example = self._source[int(index)]
-        text = example[self._text_key]
-        if isinstance(text, str):
-            text = text.encode("utf-8")
-        domain = int(example[self._domain_key]) if self._domain_key else 0
-        return bytes(text), domain
-
-    def tokens(self, index: int) -> tuple[np.ndarray, int]:
-        """Token ids (BOS, bytes + 3, EOS) and the domain id of document `index`."""
-        text, domain = self.record(index)
-        return self._tokenizer.encode_bytes(text), domain
-
-
-def _split_field(cfg: DataConfig, split: str) -> str:
-    if split == cfg.train_split:
-        return "data.train_split"
-    if split == cfg.eval_split:
-        return "data.eval_split"
-    return "split"
-
-
-def open_corpus_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
-    """The moejax corpus of `cfg.max_bytes_per_domain` in `data.data_dir`, built if needed."""
-    return corpus_builder_in(cfg.resolved_data_dir, cfg.max_bytes_per_domain)
 
 
 def corpus_builder_in(data_dir: str, max_bytes_per_domain: int) -> tfds.core.DatasetBuilder:
@@ -84,20 +38,6 @@ def corpus_builder_in(data_dir: str, max_bytes_per_domain: int) -> tfds.core.Dat
             f"data.data_dir={data_dir!r}: the prepared {DEFAULT_DATASET} at {path} cannot be "
             f"read ({type(e).__name__}: {e}). Delete {path} and rerun to rebuild it."
         ) from e
-
-
-def open_prepared_builder(cfg: DataConfig, alternatives: str) -> tfds.core.DatasetBuilder:
-    """The tfds dataset `cfg.dataset` as prepared in `data.data_dir`.
-
-    `alternatives` names the other values of `data.dataset`, for the message when the name
-    is not a tfds dataset.
-    """
-    return prepared_builder(
-        cfg.dataset,
-        cfg.resolved_data_dir,
-        setting=f"data.dataset={cfg.dataset!r}",
-        alternatives=f"Use {alternatives} or the name of a dataset prepared in data.data_dir.",
-    )
 
 
 def prepared_builder(
@@ -131,34 +71,6 @@ def prepared_builder(
     return builder
 
 
-def read_split(
-    builder: tfds.core.DatasetBuilder, cfg: DataConfig, split: str, *, rebuilt_on_use: bool
-) -> DocumentReader:
-    """A reader for `split` of `builder` (the dataset `cfg` names); raises DataError naming
-    the field. `rebuilt_on_use`: deleting corrupt files is enough, the next run rebuilds."""
-    available = list(builder.info.splits.keys())
-    if split not in available:
-        raise DataError(
-            f"{_split_field(cfg, split)}={split!r} is not a split of {cfg.dataset!r}; "
-            f"available splits: {available}."
-        )
-    features = builder.info.features
-    if cfg.text_key not in features:
-        raise DataError(
-            f"data.text_key={cfg.text_key!r} is not a feature of {cfg.dataset!r}; "
-            f"features: {sorted(features.keys())}."
-        )
-    domain_key = cfg.domain_key if cfg.domain_key in features else None
-    source = data_source(
-        builder,
-        split,
-        setting=f"data.dataset={cfg.dataset!r}",
-        data_dir=cfg.resolved_data_dir,
-        rebuilt_on_use=rebuilt_on_use,
-    )
-    return DocumentReader(source, cfg.text_key, domain_key, f"{cfg.dataset}/{split}")
-
-
 def data_source(
     builder: tfds.core.DatasetBuilder,
     split: str,
@@ -188,16 +100,3 @@ def data_source(
             + (" to rebuild it." if rebuilt_on_use else ", after preparing it again.")
         ) from e
     return source
-
-
-def split_stats(builder: tfds.core.DatasetBuilder) -> dict[str, dict]:
-    """Documents and text bytes per split (and per domain for moejax_corpus), for logging.
-
-    The moejax corpus stores these counts at build time; for other datasets documents are
-    counted from the split metadata and bytes are None (counting them means reading it all).
-    """
-    out: dict[str, dict] = {}
-    for split, info in builder.info.splits.items():
-        stats = builder.info.metadata.get("stats", {}) if builder.info.metadata else {}
-        out[split] = stats.get(split) or {"documents": info.num_examples, "bytes": None}
-    return out

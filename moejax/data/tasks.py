@@ -1,4 +1,4 @@
-"""Generated prompt -> answer tasks with conflicting output formats (`data.dataset="multitask"`).
+"""Generated prompt -> answer tasks with conflicting output formats (`data.sources="multitask"`).
 
 Four tasks, each tagged in the prompt, each exact-match scorable:
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from moejax.data.config import DataConfig
 from moejax.data.errors import DataError
-from moejax.data.packing import PackedRows
+from moejax.data.model_batch import padding_batch
 from moejax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer
 
 DATASET = "multitask"
@@ -131,7 +131,7 @@ class TaskBatches:
     ):
         if cfg.seq_len < PROMPT_LEN + MAX_ANSWER:
             raise DataError(
-                f"data.seq_len={cfg.seq_len} is too short for data.dataset="
+                f"data.seq_len={cfg.seq_len} is too short for data.sources="
                 f"'{DATASET}' rows ({PROMPT_LEN + MAX_ANSWER} tokens); set "
                 f"--config.data.seq_len >= {PROMPT_LEN + MAX_ANSWER}."
             )
@@ -181,7 +181,7 @@ class TaskBatches:
         }
 
     def padding_batch(self) -> dict[str, np.ndarray]:
-        return PackedRows.empty(self.local_batch_size, self.cfg.seq_len + 1).to_batch()
+        return padding_batch(self.local_batch_size, self.cfg.seq_len)
 
     def get_state(self) -> dict[str, Any]:
         return {

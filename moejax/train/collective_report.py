@@ -30,7 +30,7 @@ import numpy as np
 
 from moejax.config.validation import validate
 from moejax.config_section import ConfigError
-from moejax.data.packing import PackedRows
+from moejax.data.model_batch import padding_batch
 from moejax.sharding.hlo_collectives import collective_bytes
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import batch_sharding
@@ -53,7 +53,7 @@ def _shard_bytes(tree) -> int:
 def abstract_batch(s, mesh):
     """ShapeDtypeStructs of one global training batch, placed as `shard_batch` places it."""
     rows = s.data.global_batch_size // s.train.grad_accum * s.train.grad_accum
-    example = PackedRows.empty(rows, s.data.seq_len + 1).to_batch()
+    example = padding_batch(rows, s.data.seq_len)
     sharding = batch_sharding(mesh, s.mesh.rules)
     return {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in example.items()

@@ -7,10 +7,12 @@ Writes into WORKDIR (which must hold no checkpoint yet):
     model.json        those two sections
     config.json       the full config, as the trainer writes it (its resume check reads it)
     checkpoints/0/    the train state at step 0: the HF weights, a fresh optimizer state
+    tokenizer/        the checkpoint's tokenizer files (tokenizer.json and its configs, or a
+                      SentencePiece tokenizer.model); config.py sets `data.tokenizer` to them
 
 Fine-tune with
     python -m moejax.train --config=WORKDIR/config.py --workdir=WORKDIR \\
-        --config.data.dataset=... --config.train.steps=1000
+        --config.data.sources=... --config.train.steps=1000
 The trainer resumes from step 0, so the config must keep the model and moe sections and
 the optimizer's structure (`train.grad_clip` on or off as at conversion: on by default).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +41,7 @@ CONFIG_PY = '''"""moejax config of a converted Hugging Face checkpoint (moejax.t
 """
 import json
 import os
+import shutil
 
 from moejax.config.base import default_config
 
@@ -48,8 +52,36 @@ def get_config(arg=None):
         sections = json.load(f)
     for name, values in sections.items():
         config[name].update(values)
+    kind, _, path = config.data.tokenizer.partition(":")
+    if path and not os.path.isabs(path):  # the run's own copy, next to this file
+        here = os.path.dirname(os.path.abspath(__file__))
+        config.data.tokenizer = kind + ":" + os.path.join(here, path)
     return config
 '''
+# The files that define a Hugging Face checkpoint's tokenizer, copied with it.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+)
+
+
+def copy_tokenizer(hf_dir: str, workdir: str) -> str | None:
+    """Copies the checkpoint's tokenizer files into WORKDIR/tokenizer; returns the
+    `data.tokenizer` spec relative to WORKDIR (None when the checkpoint has no tokenizer)."""
+    found = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, name))]
+    if "tokenizer.json" in found:
+        spec = "hf:tokenizer"
+    elif "tokenizer.model" in found:
+        spec = "sentencepiece:tokenizer/tokenizer.model"
+    else:
+        return None
+    target = os.path.join(workdir, "tokenizer")
+    os.makedirs(target, exist_ok=True)
+    for name in found:
+        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(target, name))
+    return spec
 
 
 def convert(hf_dir: str, workdir: str) -> dict:
@@ -65,9 +97,15 @@ def convert(hf_dir: str, workdir: str) -> dict:
     if ckpt.latest_step() is not None:
         raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new one.")
     sections = configs_as_dict(model)
+    tokenizer = copy_tokenizer(hf_dir, workdir)
+    if tokenizer is not None:
+        sections["data"] = {"tokenizer": tokenizer}
     config = default_config()
     for name, values in sections.items():
         config[name].update(values)
+    if tokenizer is not None:  # config.json names the copy by its absolute path
+        kind, _, path = tokenizer.partition(":")
+        config.data.tokenizer = f"{kind}:{os.path.join(os.path.abspath(workdir), path)}"
     params = variables["params"]
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -92,7 +130,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     workdir = flags.FLAGS["workdir"].value
-    convert(flags.FLAGS["from"].value, workdir)
+    config = convert(flags.FLAGS["from"].value, workdir)
+    if config["data"]["tokenizer"] == "byte":
+        print(
+            f"WARNING: {flags.FLAGS['from'].value} holds no tokenizer (tokenizer.json or "
+            f"tokenizer.model): the run would feed byte ids to a sub-word vocabulary. Pass "
+            f"--config.data.tokenizer=hf:DIR (or sentencepiece:FILE) when fine-tuning."
+        )
     print(
         f"wrote {workdir}: fine-tune with python -m moejax.train "
         f"--config={os.path.join(workdir, 'config.py')} --workdir={workdir}"

@@ -1,10 +1,16 @@
-"""Evaluation during training: the validation loss (overall and per domain), MoE metrics,
-experts per token per domain and routing stability, over this process's eval batches.
+"""Evaluation during training: the validation loss and bits per byte (overall and per
+domain), tokens per byte, MoE metrics, experts per token per domain and routing stability,
+over this process's held-out batches.
 
-`evaluate` runs the experiment's compiled eval step (`Experiment.eval_fn`) over the
-`data.eval_split` batches (at most `train.eval_batches`; all of them when 0) and returns the
-`eval/` metrics. On several processes every process runs the same number of steps (an eval
-step is a collective): a process that ran out of batches feeds padding.
+`evaluate` runs the experiment's compiled eval step (`Experiment.eval_fn`) over every
+source's held-out documents (at most `train.eval_batches` batches per source; all of them
+when 0) and returns the `eval/` metrics. The domains are `moejax.data.domain_names`: one
+per source, the offline corpus's three. On several processes every process runs the same
+number of steps (an eval step is a collective): a process that ran out feeds padding.
+
+Bits per byte is comparable across tokenizers: the summed token loss / ln 2 / the UTF-8
+bytes the target tokens decode to (`Tokenizer.token_bytes`; special tokens such as EOS
+count their loss and no bytes), as in the bits-per-byte of Gao et al. 2020 (The Pile, §5).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from moejax.config.validation import Sections
-from moejax.data import DOMAINS, make_batches
+from moejax.data import domain_names, make_batches, open_tokenizer
 from moejax.sharding.partitioning import shard_batch
 from moejax.train.metric_format import flatten_metrics
 from moejax.train.routing_stability import RoutingStability
@@ -26,9 +32,8 @@ from moejax.train.routing_stability import RoutingStability
 def _eval_batches(s: Sections):
     """This process's eval batches, padded so every process runs the same number of steps
     (a multi-host eval step is a collective; a process that ran out feeds padding)."""
-    batches = make_batches(s.data, s.data.eval_split, repeat=False)
-    i = 0
-    while not s.train.eval_batches or i < s.train.eval_batches:
+    batches = make_batches(s.data, s.data.eval_split, max_eval_batches=s.train.eval_batches)
+    while True:
         batch = next(batches, None)
         done = batch is None
         if jax.process_count() > 1:  # stop only once every process has run out
@@ -36,7 +41,13 @@ def _eval_batches(s: Sections):
         if done:
             return
         yield batches.padding_batch() if batch is None else batch
-        i += 1
+
+
+def _bytes_per_domain(batch: dict[str, np.ndarray], token_bytes: np.ndarray, n: int) -> np.ndarray:
+    """UTF-8 bytes of the scored targets of `batch`, per domain: float64[n]."""
+    scored = batch["loss_mask"] > 0
+    counts = token_bytes[batch["targets"][scored]]
+    return np.bincount(batch["domains"][scored], weights=counts, minlength=n)[:n]
 
 
 def evaluate(
@@ -53,35 +64,52 @@ def evaluate(
     totals: dict[str, Any] = {}
     top1 = []
     kw = {} if collections is None else {"collections": collections}
+    domains = domain_names(s.data)
+    token_bytes = np.asarray(open_tokenizer(s.data).token_bytes, np.float64)
+    domain_bytes = np.zeros(len(domains))
     for batch in _eval_batches(s):
+        domain_bytes += _bytes_per_domain(batch, token_bytes, len(domains))
         out = jax.device_get(eval_fn(params, shard_batch(batch, mesh, s.mesh.rules), **kw))
         if "top1_expert" in out:
             top1.append(out.pop("top1_expert").reshape(s.model.num_moe_layers, -1))
         totals = out if not totals else jax.tree.map(np.add, totals, out)
     if not totals:
         return {}
+    if jax.process_count() > 1:  # every process scored its own share of the bytes
+        domain_bytes = np.sum(multihost_utils.process_allgather(domain_bytes), axis=0)
     n = float(totals["batches"])
     loss = float(totals["ce_sum"] / max(totals["tokens"], 1.0))
+    total_bytes = float(domain_bytes.sum())
     result = {
         "eval/loss": loss,
-        "eval/bits_per_byte": loss / math.log(2),
+        "eval/bits_per_byte": _bits_per_byte(totals["ce_sum"], total_bytes),
+        "eval/tokens_per_byte": float(totals["tokens"]) / max(total_bytes, 1.0),
         "eval/tokens": float(totals["tokens"]),
+        "eval/bytes": total_bytes,
         "eval/aux_loss": totals["aux_loss_sum"] / n,
     }
-    for d, name in enumerate(DOMAINS):
-        if totals["domain_tokens"][d] > 0:
-            result[f"eval/loss/{name}"] = float(
-                totals["domain_ce_sum"][d] / totals["domain_tokens"][d]
+    for d, name in enumerate(domains):
+        tokens = float(totals["domain_tokens"][d])
+        if tokens > 0:
+            result[f"eval/loss/{name}"] = float(totals["domain_ce_sum"][d] / tokens)
+            result[f"eval/bits_per_byte/{name}"] = _bits_per_byte(
+                totals["domain_ce_sum"][d], domain_bytes[d]
             )
+            result[f"eval/tokens_per_byte/{name}"] = tokens / max(float(domain_bytes[d]), 1.0)
     moe = {k: v / n for k, v in totals.items() if k.startswith("moe/")}
     if stability is not None and top1:
         moe.update(stability.update(np.concatenate(top1, axis=1)))
     result.update(flatten_metrics("eval/", moe))
     if "domain_experts_sum" in totals:  # [num_moe_layers, domains]
         per_domain = totals["domain_experts_sum"] / np.maximum(totals["domain_tokens"], 1.0)
-        for d, name in enumerate(DOMAINS):
+        for d, name in enumerate(domains):
             if totals["domain_tokens"][d] > 0:
                 result.update(
                     flatten_metrics("eval/", {f"moe/experts_per_token/{name}": per_domain[:, d]})
                 )
     return result
+
+
+def _bits_per_byte(ce_sum: float, num_bytes: float) -> float:
+    """Summed loss in nats -> bits per UTF-8 byte (nan when there are no bytes)."""
+    return float(ce_sum) / math.log(2) / float(num_bytes) if num_bytes > 0 else float("nan")

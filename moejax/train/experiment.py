@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.config.validation import Sections
-from moejax.data import DOMAINS
+from moejax.data import domain_names
 from moejax.lora.hook import adapters_for
 from moejax.models.transformer import Transformer
 from moejax.nn.collections import NON_TRAINABLE
@@ -94,7 +94,7 @@ def build_experiment(s: Sections, mesh) -> Experiment:
         mesh,
     )
     # Replicated outputs: every process can read the per-token `top1_expert` of the batch.
-    evaluate_ = functools.partial(eval_step, model=model, num_domains=len(DOMAINS))
+    evaluate_ = functools.partial(eval_step, model=model, num_domains=len(domain_names(s.data)))
     eval_fn = InMesh(
         jax.jit(
             under_rules(evaluate_, mesh, s.mesh.rules),

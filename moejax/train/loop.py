@@ -105,9 +105,10 @@ def _log_banner(
     try:
         stats = describe(s.data)
         log(
-            "data: "
+            f"data: tokenizer {s.data.tokenizer}; "
             + "; ".join(
-                f"{k}: {v.get('documents')} docs, {v.get('bytes')} bytes" for k, v in stats.items()
+                ", ".join(f"{key} {value}" for key, value in [("source", name), *v.items()])
+                for name, v in stats.items()
             )
         )
     except Exception as e:  # describe is informational only

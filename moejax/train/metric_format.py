@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from moejax.data import DOMAINS
-
 
 def flatten_metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """Per-MoE-layer arrays [n_layers, ...] -> one entry per layer plus the layer mean."""
@@ -65,7 +63,9 @@ def eval_line(step: int, result: dict[str, Any]) -> str:
         f"eval @ {step}: loss {result['eval/loss']:.4f} "
         f"({result['eval/bits_per_byte']:.3f} bits/byte) "
         + " ".join(
-            f"{d}={result[f'eval/loss/{d}']:.3f}" for d in DOMAINS if f"eval/loss/{d}" in result
+            f"{key[len('eval/loss/') :]}={value:.3f}"
+            for key, value in result.items()
+            if key.startswith("eval/loss/")
         )
         + _routing_summary(result)
     )

@@ -6,9 +6,10 @@
     and removed; nothing else is touched);
   - `check_resume_config`: a workdir holding checkpoints is resumed with the same model
     (its `config.json` read in today's field names, `moejax.config.renames`);
-  - `open_train_data`: the training split opens (a missing or unprepared dataset raises the
-    reader's `DataError`, which names the `data.*` field), the evaluation split too when
-    evaluation is on, and the token ids of the first batch fit `model.vocab_size`;
+  - `open_train_data`: the tokenizer and every source open (a missing file, column or
+    prepared dataset raises the source's `DataError`, which names the `data.*` field and the
+    command that prepares it), their held-out parts too when evaluation is on, and the token
+    ids of the first batch fit `model.vocab_size`;
   - `resume_data`: a restored data-iterator state matches this config's data settings.
 
 A checkpoint whose arrays do not match the model (shape mismatch) is caught by the
@@ -24,9 +25,9 @@ import os
 import numpy as np
 
 from moejax.config.renames import apply_renames
+from moejax.config.validation import vocabulary_error
 from moejax.config_section import ConfigError
-from moejax.data import DataError, check_split, make_batches
-from moejax.data.pipeline import PackedBatches
+from moejax.data import Batches, DataError, check_sources, make_batches, open_tokenizer
 
 
 class WorkdirError(RuntimeError):
@@ -77,30 +78,40 @@ def check_resume_config(workdir: str, config_dict: dict) -> None:
                 )
 
 
-def check_vocabulary(batch: dict[str, np.ndarray], vocab_size: int, dataset: str) -> None:
-    """Every input and target id of `batch` must be < `vocab_size` (the embedding rows)."""
+def check_vocabulary(batch: dict[str, np.ndarray], vocab_size: int, sources: str) -> None:
+    """Every input and target id of `batch` must be < `vocab_size` (the embedding rows);
+    pre-tokenized sources (array_record) can hold ids the tokenizer does not have."""
     largest = int(max(np.max(batch["inputs"]), np.max(batch["targets"])))
     if largest >= vocab_size:
         raise DataError(
-            f"data.dataset={dataset!r} produces token id {largest}, but model.vocab_size="
+            f"data.sources={sources!r} produces token id {largest}, but model.vocab_size="
             f"{vocab_size} has ids 0..{vocab_size - 1}. Set --config.model.vocab_size to at "
-            f"least {largest + 1} (the tokenizer's vocabulary), or use a dataset whose ids fit."
+            f"least {largest + 1}, or read sources tokenized with data.tokenizer."
         )
 
 
-def open_train_data(s) -> PackedBatches:
-    """This process's training iterator, after checking the splits and the vocabulary."""
+def check_tokenizer(s) -> None:
+    """`data.tokenizer` loads and its ids fit `model.vocab_size` (validation checks the byte
+    tokenizer; one read from a file is checked here, on the machine that trains)."""
+    size = open_tokenizer(s.data).vocab_size
+    if s.model.vocab_size < size:
+        raise ConfigError(vocabulary_error(s.model.vocab_size, s.data.tokenizer, size))
+
+
+def open_train_data(s) -> Batches:
+    """This process's training iterator, after checking the tokenizer, the sources and the
+    vocabulary."""
+    check_tokenizer(s)
+    check_sources(s.data, evaluation=bool(s.train.eval_every))  # fail now, not at eval
     batches = make_batches(s.data, s.data.train_split)
-    if s.train.eval_every:
-        check_split(s.data, s.data.eval_split)  # fail now, not at the first evaluation
     # Peek at the first batch without consuming it: the iterator state is a few ints.
     start = batches.get_state()
-    check_vocabulary(next(batches), s.model.vocab_size, s.data.dataset)
+    check_vocabulary(next(batches), s.model.vocab_size, s.data.sources)
     batches.set_state(start)
     return batches
 
 
-def resume_data(batches: PackedBatches, data_state: dict | None, checkpoint_step: int) -> None:
+def resume_data(batches: Batches, data_state: dict | None, checkpoint_step: int) -> None:
     """Moves `batches` to a restored iterator state, naming the data settings that differ."""
     if data_state is None:
         raise ConfigError(

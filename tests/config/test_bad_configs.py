@@ -10,13 +10,14 @@ import dataclasses
 import pytest
 from testing_utils import load_config_module
 
-from moejax.config.base import SECTIONS
+from moejax.config.base import SECTIONS, default_config
 from moejax.config.validation import validate
 from moejax.config_section import ConfigError
 
 BAD = [
     # model
-    ("model.vocab_size", 0, "model.vocab_size=0 must be positive"),
+    ("model.vocab_size", -1, "model.vocab_size=-1 must be positive"),
+    ("model.vocab_size", 200, "model.vocab_size=200 is smaller than the 259 ids of data.tokenizer"),
     ("model.d_model", -8, "model.d_model=-8 must be positive"),
     ("model.num_layers", 2.5, "config.model.num_layers=2.5 must be an int"),
     ("model.num_heads", 3, "model.d_model=128 is not divisible by model.num_heads=3"),
@@ -78,10 +79,17 @@ BAD = [
     ("moe.fssdp_slots", -1, "moe.fssdp_slots=-1 must be >= 0"),
     ("moe.fssdp_remat", "yes", "config.moe.fssdp_remat='yes' must be a bool"),
     # data (checked by DataConfig itself)
-    ("data.dataset", "", "data.dataset must not be empty"),
+    ("data.sources", "", "data.sources must not be empty"),
+    ("data.sources", "mystery:x", "data.sources"),
+    ("data.tokenizer", "", "data.tokenizer must not be empty"),
+    ("data.tokenizer", "wordpiece:x", "data.tokenizer"),
+    ("data.eval_fraction", 1.5, "data.eval_fraction must be in (0, 1)"),
+    ("data.pad_id", -2, "data.pad_id must be -1"),
+    ("data.packing_bins", -1, "data.packing_bins must be >= 0"),
+    ("data.shuffle_window", -1, "data.shuffle_window must be >= 0"),
+    ("data.worker_count", -1, "data.worker_count must be >= 0"),
     ("data.data_dir", 3, "data.data_dir must be str"),
     ("data.text_key", "", "data.text_key must not be empty"),
-    ("data.domain_key", None, "data.domain_key must be str"),
     ("data.seq_len", 0, "data.seq_len must be positive"),
     ("data.global_batch_size", -4, "data.global_batch_size must be positive"),
     ("data.seed", -1, "data.seed must be >= 0"),
@@ -178,3 +186,9 @@ def test_the_table_covers_every_field():
     every = {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     assert every - covered == set()
     assert len(BAD) >= 25
+
+
+def test_an_unset_vocabulary_takes_the_tokenizer_size_rounded_to_128():
+    config = default_config()
+    config.model.vocab_size = 0
+    assert validate(config, num_devices=1, num_processes=1).model.vocab_size == 384  # 259 -> 384

@@ -104,7 +104,26 @@ def test_the_table_is_generic_removed_fields_are_refused_naming_the_new_ones():
     with pytest.warns(ConfigDeprecationWarning, match="config.train.total_steps=20"):
         tree = apply_renames(config, renames=table)
     assert tree["train"]["steps"] == 20 and "total_steps" not in tree["train"]
-    assert set(RENAMES) == {"moe.router", ("lora.dispatcher", "rank")}  # the entries today
+    assert set(RENAMES) == {  # the entries today
+        "moe.router",
+        ("lora.dispatcher", "rank"),
+        "data.dataset",
+        "data.domain_key",
+    }
+
+
+@pytest.mark.parametrize(
+    "old, sources",
+    [("moejax_corpus", "corpus"), ("multitask", "multitask"), ("c4/en:3.1.0", "tfds:c4/en:3.1.0")],
+)
+def test_data_dataset_becomes_data_sources(old, sources):
+    config = default_config().to_dict()
+    config["data"]["dataset"] = old
+    config["data"]["domain_key"] = "domain"  # every old config.json holds it
+    with pytest.warns(ConfigDeprecationWarning, match="data.dataset"):
+        tree = apply_renames(config)
+    assert tree["data"]["sources"] == sources
+    assert "dataset" not in tree["data"] and "domain_key" not in tree["data"]
 
 
 def test_the_table_renames_old_values_of_live_fields():

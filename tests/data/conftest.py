@@ -61,11 +61,12 @@ def plain_texts() -> list[str]:
 
 @pytest.fixture()
 def plain_text_cfg(tmp_path) -> DataConfig:
-    """`data.dataset="moejax_test_plain_text"`, prepared (array_record) in a tmp data dir."""
+    """`data.sources="tfds:moejax_test_plain_text#body"`, prepared (array_record) in a tmp
+    data dir; it has no validation split."""
     builder = MoejaxTestPlainText(data_dir=str(tmp_path), file_format="array_record")
     builder.download_and_prepare()
     return DataConfig(
-        dataset="moejax_test_plain_text",
+        sources="tfds:moejax_test_plain_text",
         data_dir=str(tmp_path),
         text_key="body",
         seq_len=32,

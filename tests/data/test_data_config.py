@@ -10,8 +10,13 @@ from moejax.data import DataConfig
 
 def test_defaults():
     cfg = DataConfig()
-    assert (cfg.dataset, cfg.seq_len, cfg.global_batch_size, cfg.max_bytes_per_domain) == (
-        "moejax_corpus",
+    assert (cfg.sources, cfg.tokenizer, cfg.pad_id, cfg.eval_fraction) == (
+        "corpus",
+        "byte",
+        -1,
+        0.05,
+    )
+    assert (cfg.seq_len, cfg.global_batch_size, cfg.max_bytes_per_domain) == (
         256,
         16,
         4_000_000,
@@ -49,8 +54,15 @@ def test_unknown_key_names_it_and_lists_valid_ones():
         ({"seq_len": "256"}, "data.seq_len"),
         ({"shuffle": 1}, "data.shuffle"),
         ({"seq_len": True}, "data.seq_len"),
-        ({"dataset": ""}, "data.dataset"),
+        ({"sources": ""}, "data.sources"),
+        ({"tokenizer": ""}, "data.tokenizer"),
         ({"seed": -1}, "data.seed"),
+        ({"eval_fraction": 0.0}, "data.eval_fraction"),
+        ({"eval_fraction": "0.1"}, "data.eval_fraction"),
+        ({"eval_fraction": True}, "data.eval_fraction"),
+        ({"pad_id": -2}, "data.pad_id"),
+        ({"packing_bins": -1}, "data.packing_bins"),
+        ({"worker_count": -1}, "data.worker_count"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):

@@ -20,7 +20,7 @@ def test_answers_and_held_out_split():
 
 
 def test_rows_train_on_the_answer_only_and_resume():
-    cfg = DataConfig(dataset="multitask", seq_len=16, global_batch_size=4)
+    cfg = DataConfig(sources="multitask", seq_len=16, global_batch_size=4)
     batches = make_batches(cfg, "train", process_index=0, process_count=1)
     first = next(batches)
     tok = ByteTokenizer()
@@ -35,9 +35,9 @@ def test_rows_train_on_the_answer_only_and_resume():
     again.set_state(state)
     for key, value in next(again).items():
         np.testing.assert_array_equal(value, want[key])
-    evals = list(make_batches(cfg, "validation", process_index=0, process_count=1, repeat=False))
+    evals = list(make_batches(cfg, "validation", process_index=0, process_count=1))
     assert len(evals) == tasks.EVAL_PER_TASK * len(tasks.TASKS) // 4
     with pytest.raises(DataError, match="data.seq_len=8 is too short"):
         make_batches(
-            DataConfig(dataset="multitask", seq_len=8), "train", process_index=0, process_count=1
+            DataConfig(sources="multitask", seq_len=8), "train", process_index=0, process_count=1
         )

@@ -23,7 +23,8 @@ from moejax.data import (
     load_tokenizer,
 )
 from moejax.data.subword_tokenizers import gpt2_unicode_to_byte
-from moejax.data.tokenizer_train import SP_CHUNK_CHARS, _chunks, capped, run_cli, train_tokenizer
+from moejax.data.tokenizer_train import run_cli
+from moejax.data.tokenizer_training import SP_CHUNK_CHARS, _chunks, capped, train_tokenizer
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while naïve café owners sip crème brûlée "

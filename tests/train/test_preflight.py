@@ -37,17 +37,17 @@ def test_unwritable_workdir_is_named_before_anything_starts(tiny_config, tmp_pat
 
 
 def test_missing_dataset_is_named(tiny_config, tmp_path):
-    config = tiny_config("dense", **{"data.dataset": "no_such_corpus"})
-    with pytest.raises(DataError, match="data.dataset='no_such_corpus' is not a registered"):
+    config = tiny_config("dense", **{"data.sources": f"jsonl:{tmp_path}/none-*.jsonl"})
+    with pytest.raises(DataError, match=r"data.sources.*none-\*.jsonl"):
         train(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_token_ids_must_fit_the_vocabulary(tiny_config, tmp_path):
     batch = {"inputs": np.array([[1, 258]]), "targets": np.array([[258, 2]])}
-    check_vocabulary(batch, 259, "moejax_corpus")
+    check_vocabulary(batch, 259, "corpus")
     with pytest.raises(DataError, match=r"token id 258, but model.vocab_size=200 .*at least 259"):
-        check_vocabulary(batch, 200, "moejax_corpus")
+        check_vocabulary(batch, 200, "array_record:x")
     # Through the trainer, the config check catches it first (the byte tokenizer's 259 ids).
     with pytest.raises(ConfigError, match="model.vocab_size=200 is smaller than"):
         train(tiny_config("dense", **{"model.vocab_size": 200}), str(tmp_path))
@@ -97,8 +97,8 @@ def test_run_written_with_the_old_router_field_resumes(tiny_config, tmp_path):
 
 
 def test_cli_prints_one_message_and_exits_1(tiny_config, tmp_path):
-    config = tiny_config("dense", **{"data.dataset": "no_such_corpus"})
+    config = tiny_config("dense", **{"data.sources": "jsonl:/no/such/dir/*.jsonl"})
     proc = run_module("moejax.train", *cli_flags(config, "dense"), f"--workdir={tmp_path}")
     assert proc.returncode == 1
-    assert "moejax: error: DataError: data.dataset='no_such_corpus'" in proc.stderr
+    assert "moejax: error: DataError: data.sources" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -6,6 +6,7 @@ uninterrupted run logs.
     python experiments/faults.py --trials 1      # under two minutes on a 2-core CPU
     python experiments/faults.py --trials 1 --json
     python experiments/faults.py --scenarios sigkill,corrupt --trials 5 --jobs 1
+    python experiments/faults.py --data=$DIR      # on experiments/mixture_data.py's mixture
 
 Every run is `python -m moejax.train` on configs/deepseekmoe.py shrunk to seconds (d_model 32,
 2 layers, 4 experts top-2, 16 steps of 4 x 32 tokens, asynchronous checkpoints every 4 steps,
@@ -71,7 +72,9 @@ STEPS, EVERY, MAX_BAD = 16, 4, 3
 CORPUS_BYTES = 200_000
 
 
-def tiny_flags(data_dir: str) -> list[str]:
+def tiny_flags(data_dir: str, mixture: str | None = None) -> list[str]:
+    """The tiny run's flags; with `mixture`, a directory written by experiments/
+    mixture_data.py, it reads that parquet + jsonl mixture with its SentencePiece model."""
     sets = {
         "model.d_model": 32,
         "model.num_heads": 4,
@@ -95,6 +98,12 @@ def tiny_flags(data_dir: str) -> list[str]:
         "train.max_bad_steps": MAX_BAD,
         "train.peak_tflops": 1.0,
     }
+    if mixture:
+        sets["data.sources"] = (
+            f"parquet:{mixture}/web-*.parquet@0.7,jsonl:{mixture}/code-*.jsonl#content@0.3"
+        )
+        sets["data.tokenizer"] = f"sentencepiece:{mixture}/sp.model"
+        sets["model.vocab_size"] = 0  # the tokenizer's size
     return [f"--config={os.path.join(REPO, 'configs', 'deepseekmoe.py')}"] + [
         f"--config.{k}={v}" for k, v in sets.items()
     ]
@@ -103,8 +112,9 @@ def tiny_flags(data_dir: str) -> list[str]:
 class Runner:
     """Starts `python -m moejax.train` runs of the tiny config in fresh workdirs."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, mixture: str | None = None):
         self.root = root
+        self.mixture = mixture
         self.data_dir = os.path.join(root, "data")
         self.cache_dir = os.path.join(root, "jax_cache")
 
@@ -125,7 +135,7 @@ class Runner:
             sys.executable,
             "-m",
             "moejax.train",
-            *tiny_flags(self.data_dir),
+            *tiny_flags(self.data_dir, self.mixture),
             f"--workdir={workdir}",
         ]
         return subprocess.Popen(
@@ -359,6 +369,12 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--jobs", type=int, default=2, help="trials run at a time")
     p.add_argument(
+        "--data",
+        default=None,
+        help="a directory written by experiments/mixture_data.py: train on its parquet + "
+        "jsonl mixture with its SentencePiece tokenizer instead of the byte corpus",
+    )
+    p.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}"
     )
     args = p.parse_args(argv)
@@ -376,7 +392,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     from moejax.data import build_corpus  # the one corpus every run reads
 
-    runner = Runner(root)
+    runner = Runner(root, os.path.abspath(args.data) if args.data else None)
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the table or the JSON alone
         build_corpus(runner.data_dir, max_bytes_per_domain=CORPUS_BYTES)
 

@@ -84,3 +84,31 @@ def run_module(module: str, *args: str, timeout: int = 120) -> subprocess.Comple
         timeout=timeout,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
+
+
+def write_mixture(root: pathlib.Path, vocab_size: int = 320) -> tuple[str, str]:
+    """Two small sources on disk, parquet "web" (2 files) and gzipped jsonl "code" (text in
+    `content`), and a SentencePiece BPE of `vocab_size` ids trained on their text. Returns
+    `(data.sources, data.tokenizer)`: the sources weighted 0.7 / 0.3."""
+    import gzip
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moejax.data.tokenizer_training import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["the", "expert", "router", "token", "layer", "gate", "sparse", "mixture", "of"]
+    web = [" ".join(rng.choice(words, rng.integers(20, 90))) + "." for _ in range(120)]
+    code = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(150)]
+    for k in range(2):
+        pq.write_table(pa.table({"text": web[k::2]}), root / f"web-{k}.parquet")
+        with gzip.open(root / f"code-{k}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps({"content": t}) + "\n" for t in code[k::2])
+    tokenizer = train_tokenizer(
+        web + code, kind="sentencepiece", vocab_size=vocab_size, out_dir=str(root / "sp")
+    )
+    sources = f"parquet:{root}/web-*.parquet@0.7,jsonl:{root}/code-*.jsonl.gz#content@0.3"
+    return sources, tokenizer

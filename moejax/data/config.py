@@ -46,12 +46,12 @@ class DataConfig:
       global_batch_size: rows per step over all processes; each process gets
         global_batch_size // process_count rows.
       seed: shuffling seed; source s's epoch e is a permutation drawn from (seed, s, e).
+        Row g of every step reads documents g, g + G, ... of the mixture (G rows per step).
       eval_fraction: share of a source's documents held out for evaluation, chosen by a
         hash of each document's position, when the source has no validation split.
-      packing_bins: rows packed at once by first-fit (0: twice the rows per process).
-      shuffle_window: document pieces shuffled together after cutting long documents into
-        rows (0 or 1: no window shuffle).
-      worker_count: grain worker processes tokenizing and packing (0: in this process).
+      worker_count: grain worker processes reading, tokenizing and packing (0: in this
+        process). Each worker packs its own slice of the lanes' documents, so the rows
+        depend on it: resume with the same value.
       max_bytes_per_domain: size of each offline-corpus domain (selects the corpus variant).
       train_split / eval_split: split names, for sources that have splits.
       shuffle: False reads documents in stored order (debugging, deterministic evals).
@@ -66,8 +66,6 @@ class DataConfig:
     global_batch_size: int = 16
     seed: int = 0
     eval_fraction: float = 0.05
-    packing_bins: int = 0
-    shuffle_window: int = 1024
     worker_count: int = 0
     max_bytes_per_domain: int = 4_000_000
     train_split: str = "train"
@@ -92,12 +90,11 @@ class DataConfig:
                     f"data.{name} must be positive, got {getattr(self, name)}; "
                     f"set --config.data.{name} to a value > 0."
                 )
-        for name in ("packing_bins", "shuffle_window", "worker_count"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"data.{name} must be >= 0, got {getattr(self, name)}; set "
-                    f"--config.data.{name} to 0 (the default) or a positive value."
-                )
+        if self.worker_count < 0:
+            raise ValueError(
+                f"data.worker_count must be >= 0, got {self.worker_count}; set "
+                "--config.data.worker_count to 0 (read in this process) or a positive value."
+            )
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(
                 f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}; set "

@@ -34,7 +34,7 @@ from moejax.data.pipeline import (
     EvaluationBatches,
     Layout,
     TrainingBatches,
-    evaluation_dataset,
+    evaluation_lanes,
     training_dataset,
 )
 from moejax.data.source_spec import SourceSpec, parse_sources
@@ -152,7 +152,6 @@ def _layout(cfg: DataConfig, process_index: int, process_count: int) -> Layout:
     return Layout(
         seq_len=cfg.seq_len,
         local_batch_size=cfg.global_batch_size // process_count,
-        packing_bins=cfg.packing_bins,
         process_index=process_index,
         process_count=process_count,
     )
@@ -189,11 +188,10 @@ def _fingerprint(cfg: DataConfig, layout: Layout) -> dict[str, Any]:
         "data.shuffle": cfg.shuffle,
         "data.seq_len": cfg.seq_len,
         "data.global_batch_size": cfg.global_batch_size,
-        "data.packing_bins": cfg.packing_bins,
-        "data.shuffle_window": cfg.shuffle_window,
         "data.eval_fraction": cfg.eval_fraction,
-        "the number of processes": layout.process_count,
-        "the process index": layout.process_index,
+        "data.worker_count": cfg.worker_count,  # each worker packs its own slice
+        "process_count": layout.process_count,
+        "process_index": layout.process_index,
     }
 
 
@@ -216,7 +214,6 @@ def training_batches(
         layout,
         seed=cfg.seed,
         shuffle=cfg.shuffle,
-        shuffle_window=cfg.shuffle_window,
         worker_count=cfg.worker_count,
     )
     return TrainingBatches(dataset, layout, _fingerprint(cfg, layout))
@@ -235,11 +232,11 @@ def evaluation_batches(
     layout = _layout(cfg, process_index, process_count)
     specs = source_specs(cfg)
     tokenizer = open_tokenizer(cfg)
-    datasets = [
-        evaluation_dataset(_open(cfg, spec, EVAL), tokenizer, offset, layout)
+    lanes = [
+        evaluation_lanes(_open(cfg, spec, EVAL), tokenizer, offset, layout)
         for spec, offset in zip(specs, _domain_offsets(specs))
     ]
-    return EvaluationBatches(datasets, layout, max_batches_per_source)
+    return EvaluationBatches(lanes, layout, max_batches_per_source)
 
 
 def make_batches(

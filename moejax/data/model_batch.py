@@ -17,8 +17,6 @@ token and `PAD_DOMAIN` on padding, so `domains == d` counts real tokens only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
 PAD_DOMAIN = -1
@@ -43,12 +41,3 @@ def padding_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
     """A batch of the usual shapes that is all padding (loss_mask 0 everywhere)."""
     zeros = np.zeros((rows, seq_len + 1), np.int32)
     return to_model_batch(zeros, zeros, zeros, zeros)
-
-
-def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    """`batch` topped up with padding rows to `rows` rows (a short last batch)."""
-    missing = rows - batch["inputs"].shape[0]
-    if missing <= 0:
-        return dict(batch)
-    pad = padding_batch(missing, batch["inputs"].shape[1])
-    return {key: np.concatenate([value, pad[key]]) for key, value in batch.items()}

@@ -1,36 +1,41 @@
-"""The input pipeline on grain: weighted mixing, per-epoch shuffling, per-process sharding,
-first-fit packing and a checkpointable iterator (grain: github.com/google/grain).
+"""The input pipeline on grain: weighted mixing, per-epoch shuffling, per-process shards,
+packing into rows and a checkpointable iterator (grain: github.com/google/grain).
 
-Training reads, for each source s (a random-access `DocumentSource`, weight w_s):
+The documents of the training mixture form one stream, built from grain datasets:
 
-    MapDataset.source(s).shuffle(seed_s).repeat()   a new permutation every epoch
+    MapDataset.source(s).shuffle(seed_s).repeat()   source s: a new permutation each epoch
         .map(Tokenize)                              {"tokens", "domains"} int32[n]
     MapDataset.mix(sources, weights)                exact proportions w_s / sum(w)
-        [process_index::process_count]              disjoint documents per process
-    -> to_iter_dataset()
-    FlatMapIterDataset(SplitLong(row_len))          pieces of at most row_len tokens
-    WindowShuffleIterDataset(window)                pieces of one long document spread
-                                                    over many batches
-    FirstFitPackIterDataset(row_len, bins)          first-fit packing with segment ids
-                                                    and positions restarting per piece
-    .batch(local_batch_size) -> ModelBatch          inputs/targets/... [B, seq_len]
 
-`seed_s` is drawn from (data.seed, s), so adding a source does not reshuffle the others.
-A row holds `row_len = seq_len + 1` tokens: the model reads `row[:-1]` and predicts
-`row[1:]`. Documents longer than a row are cut into row-sized pieces (each a segment whose
-positions restart at 0), so no token is dropped; the window shuffle then scatters those
-pieces, so one long document does not fill whole batches (router load statistics would
-swing step to step). Packing is grain's first-fit over `data.packing_bins` bins: a piece
-goes into the first bin with room, and all bins are emitted when one does not fit.
+The G = data.global_batch_size rows of a step come from G *lanes*: lane g reads positions
+g, g + G, g + 2G, ... of the stream (`mixed[g::G]`) and packs them into rows on its own:
+
+    mixed[g::G].to_iter_dataset()
+    FlatMapIterDataset(SplitLong(row_len))          pieces of at most row_len tokens
+    FirstFitPackIterDataset(row_len, bins=1)        one row at a time, segment ids and
+                                                    positions restarting in every piece
+    ZipIterDataset(this process's lanes) -> ModelBatch   inputs/targets/... [B, seq_len]
+
+Row b of process p is lane b * P + p, so each process reads its own documents (disjoint
+from the other processes'), every batch mixes up to G documents instead of G consecutive
+rows of one long document (router load statistics would swing step to step), and the rows
+of a step do not depend on the number of processes: P processes train on the global batch
+one process would read. A row holds `row_len = seq_len + 1` tokens: the model reads
+`row[:-1]` and predicts `row[1:]`. A document longer than a row is cut into row-sized
+pieces from its start (each a segment whose positions restart at 0), so no token is
+dropped; a piece that does not fit in the space left in a row starts the next row (the
+first fit with one bin). `seed_s` is drawn from (data.seed, s), so adding a source does not
+reshuffle the others.
 
 Evaluation reads each source's held-out documents in stored order, unshuffled and
-unrepeated, packed the same way, one source after the other (at most `max_batches` batches
-of each); the last batch of a source is topped up with padding rows (loss_mask 0).
+unrepeated, through the same lanes, one source after the other (at most `max_batches`
+batches of each); a lane that has run out gives padding rows (loss_mask 0) until every lane
+of that source is done.
 
-The iterator's state is grain's (a few ints per stage: the mixture index, the window
-start, the packer's row counters), wrapped with the settings that fix the reading order;
-`set_state` re-reads the current window and packs forward, so a resumed run reads exactly
-the rows the uninterrupted run would have read.
+The iterator's state is grain's, one small dict per lane (the mixture index, the piece
+within the document, the packer's counters), wrapped with the settings that fix the reading
+order; `set_state` re-reads each lane's current document and packs forward, so a resumed
+run reads exactly the rows the uninterrupted run would have read.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import numpy as np
 from grain import experimental as grain_experimental
 
 from moejax.data.errors import DataError
-from moejax.data.model_batch import pad_rows, padding_batch, to_model_batch
+from moejax.data.model_batch import padding_batch, to_model_batch
 
 STATE_FORMAT = 2
 # The iterator state written by the hand-written lane pipeline, before grain.
@@ -57,8 +62,8 @@ _MAX_PIECES = 1 << 24
 # grain's default of 16 reader threads and 500 prefetched documents costs more in
 # bookkeeping than tokenizing costs here, and competes with XLA for the host's cores.
 _READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-# Random streams are derived from (data.seed, purpose[, source]); purposes:
-_SHUFFLE_SOURCE, _SHUFFLE_WINDOW = 1, 2
+# Random streams are derived from (data.seed, purpose, source); the one purpose today:
+_SHUFFLE_SOURCE = 1
 
 
 class DataStateWarning(UserWarning):
@@ -104,39 +109,39 @@ class SplitLong(grain_experimental.FlatMapTransform):
 
 def derived_seed(seed: int, *path: int) -> int:
     """A seed in [0, 2^32) for one random stream of the pipeline, independent of the others:
-    source s shuffles with (seed, 1, s), the piece window with (seed, 2)."""
+    source s shuffles with (seed, 1, s)."""
     return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
 
 
-def _pack(
-    pieces: grain.IterDataset, row_len: int, bins: int, rows: int, drop_remainder: bool
-) -> grain.IterDataset:
-    packed = grain_experimental.FirstFitPackIterDataset(
+def _lane_rows(documents: grain.MapDataset, row_len: int) -> grain.IterDataset:
+    """One lane: its documents (tokenized) cut into pieces and packed one row at a time."""
+    pieces = grain_experimental.FlatMapIterDataset(
+        documents.to_iter_dataset(_READ_OPTIONS), SplitLong(row_len)
+    )
+    return grain_experimental.FirstFitPackIterDataset(
         pieces,
         length_struct={"tokens": row_len, "domains": row_len},
-        num_packing_bins=bins,
+        num_packing_bins=1,
         shuffle_bins=False,
     )
-    return packed.batch(rows, drop_remainder=drop_remainder).map(_model_batch)
 
 
-def _model_batch(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """grain's packed rows (feature, feature_segment_ids, feature_positions) -> model batch."""
+def _stack(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One packed row per lane -> the model batch of those rows."""
     return to_model_batch(
-        packed["tokens"],
-        packed["tokens_segment_ids"],
-        packed["tokens_positions"],
-        packed["domains"],
+        np.stack([r["tokens"] for r in rows]),
+        np.stack([r["tokens_segment_ids"] for r in rows]),
+        np.stack([r["tokens_positions"] for r in rows]),
+        np.stack([r["domains"] for r in rows]),
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How rows are cut and packed: the settings both readers share."""
+    """How rows are cut and which lanes this process reads."""
 
     seq_len: int
     local_batch_size: int
-    packing_bins: int  # 0 -> 2 x local_batch_size
     process_index: int = 0
     process_count: int = 1
 
@@ -145,8 +150,13 @@ class Layout:
         return self.seq_len + 1
 
     @property
-    def bins(self) -> int:
-        return self.packing_bins or 2 * self.local_batch_size
+    def num_lanes(self) -> int:
+        return self.local_batch_size * self.process_count
+
+    @property
+    def lanes(self) -> list[int]:
+        """This process's lanes: row b reads lane b * P + p."""
+        return [b * self.process_count + self.process_index for b in range(self.local_batch_size)]
 
 
 def training_dataset(
@@ -158,10 +168,9 @@ def training_dataset(
     *,
     seed: int,
     shuffle: bool,
-    shuffle_window: int,
     worker_count: int = 0,
 ) -> grain.IterDataset:
-    """The endless training stream of this process (see the module docstring); with
+    """This process's endless training batches (see the module docstring); with
     `worker_count`, grain worker processes read, tokenize and pack."""
     streams = []
     for index, (source, offset) in enumerate(zip(sources, domain_offsets)):
@@ -170,30 +179,19 @@ def training_dataset(
             docs = docs.shuffle(seed=derived_seed(seed, _SHUFFLE_SOURCE, index))
         streams.append(docs.repeat().map(Tokenize(tokenizer, offset)))
     mixed = grain.MapDataset.mix(streams, list(weights)) if len(streams) > 1 else streams[0]
-    mine = mixed[layout.process_index :: layout.process_count]
-    pieces = grain_experimental.FlatMapIterDataset(
-        mine.to_iter_dataset(_READ_OPTIONS), SplitLong(layout.row_len)
-    )
-    if shuffle and shuffle_window > 1:
-        pieces = grain_experimental.WindowShuffleIterDataset(
-            pieces, window_size=shuffle_window, seed=derived_seed(seed, _SHUFFLE_WINDOW)
-        )
-    batches = _pack(pieces, layout.row_len, layout.bins, layout.local_batch_size, True)
+    lanes = [_lane_rows(mixed[g :: layout.num_lanes], layout.row_len) for g in layout.lanes]
+    batches = grain_experimental.ZipIterDataset(lanes).map(_stack)
     if worker_count:
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return batches
 
 
-def evaluation_dataset(
+def evaluation_lanes(
     source: Any, tokenizer: Any, domain_offset: int, layout: Layout
-) -> grain.IterDataset:
-    """This process's share of one source's held-out documents, packed, in stored order."""
-    docs = grain.MapDataset.source(source)[layout.process_index :: layout.process_count]
-    pieces = grain_experimental.FlatMapIterDataset(
-        docs.map(Tokenize(tokenizer, domain_offset)).to_iter_dataset(_READ_OPTIONS),
-        SplitLong(layout.row_len),
-    )
-    return _pack(pieces, layout.row_len, layout.bins, layout.local_batch_size, False)
+) -> list[grain.IterDataset]:
+    """This process's lanes over one source's held-out documents, in stored order."""
+    docs = grain.MapDataset.source(source).map(Tokenize(tokenizer, domain_offset))
+    return [_lane_rows(docs[g :: layout.num_lanes], layout.row_len) for g in layout.lanes]
 
 
 class TrainingBatches:
@@ -217,11 +215,18 @@ class TrainingBatches:
     def padding_batch(self) -> dict[str, np.ndarray]:
         return padding_batch(self.layout.local_batch_size, self.layout.seq_len)
 
+    def close(self) -> None:
+        """Stops grain's worker processes, if any (the iterator cannot be used after)."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
     def get_state(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot; `set_state` on a new iterator resumes from it."""
         return {
             "format": STATE_FORMAT,
             "settings": self.fingerprint,
+            "lanes": self.layout.lanes,
             "grain": self._iterator.get_state(),
         }
 
@@ -238,6 +243,7 @@ class TrainingBatches:
                 DataStateWarning,
                 stacklevel=2,
             )
+            self.close()
             self._iterator = iter(self._dataset)
             return
         if found != STATE_FORMAT:
@@ -252,6 +258,7 @@ class TrainingBatches:
                     f"Cannot resume the data iterator: it was saved with {field}={theirs!r} "
                     f"but this run has {mine!r}. Resume with the same {field} as the saved run."
                 )
+        self.close()
         iterator = iter(self._dataset)
         iterator.set_state(state["grain"])
         self._iterator = iterator
@@ -259,20 +266,34 @@ class TrainingBatches:
 
 class EvaluationBatches:
     """One pass over every source's held-out documents, source after source, each capped at
-    `max_batches` batches (0: all); the last batch of a source is topped up with padding."""
+    `max_batches` batches (0: all). A lane that has run out gives padding rows until every
+    lane of the source is done."""
 
-    def __init__(self, datasets: Sequence[grain.IterDataset], layout: Layout, max_batches: int):
-        self._datasets = list(datasets)
+    def __init__(
+        self, sources: Sequence[Sequence[grain.IterDataset]], layout: Layout, max_batches: int
+    ):
+        self._sources = [list(lanes) for lanes in sources]
         self.layout = layout
         self.max_batches = max_batches
         self._batches = self._chain()
 
+    def _source_batches(
+        self, lanes: Sequence[grain.IterDataset]
+    ) -> Iterator[dict[str, np.ndarray]]:
+        iterators = [iter(lane) for lane in lanes]
+        empty = padding_batch(1, self.layout.seq_len)
+        count = 0
+        while not self.max_batches or count < self.max_batches:
+            rows = [next(it, None) for it in iterators]
+            if all(row is None for row in rows):
+                return
+            batch = [empty if row is None else _stack([row]) for row in rows]
+            yield {key: np.concatenate([b[key] for b in batch]) for key in batch[0]}
+            count += 1
+
     def _chain(self) -> Iterator[dict[str, np.ndarray]]:
-        for dataset in self._datasets:
-            for i, batch in enumerate(dataset):
-                if self.max_batches and i >= self.max_batches:
-                    break
-                yield pad_rows(batch, self.layout.local_batch_size)
+        for lanes in self._sources:
+            yield from self._source_batches(lanes)
 
     def __iter__(self) -> "EvaluationBatches":
         return self

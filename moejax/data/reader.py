@@ -45,7 +45,7 @@ def prepared_builder(
 ) -> tfds.core.DatasetBuilder:
     """The tfds dataset `name` (`NAME[/CONFIG][:VERSION]`) as prepared in `data_dir`.
 
-    `setting` is how the user named it (`data.dataset='c4'`), `alternatives` the fix when
+    `setting` is how the user named it (`data.sources: tfds:c4`), `alternatives` the fix when
     `name` is not a tfds dataset; both go into the DataError messages.
     """
     try:

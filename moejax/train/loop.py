@@ -222,11 +222,14 @@ class _Run:
         raise Preempted(step, watcher.received, message)
 
     def close(self) -> None:
-        """Waits for the last save and closes the checkpointer and the writers."""
+        """Waits for the last save and closes the checkpointer, the writers and the data
+        iterator (its grain worker processes, with data.worker_count)."""
         self.ckpt.wait()
         self.ckpt.close()
         self.writers.flush()
         self.writers.close()
+        if hasattr(self.train_batches, "close"):
+            self.train_batches.close()
 
 
 def _check_finite(guard: BadStepGuard, pending: list, ckpt: Checkpointer, workdir: str) -> None:
@@ -302,6 +305,8 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
     # Config and inputs: validated and checked once, before any compilation.
     config_dict = apply_renames(config)  # written to config.json in the new spelling
     s = validate(config_dict)
+    # model.vocab_size=0 means data.tokenizer's size: the run records the size it built.
+    config_dict["model"]["vocab_size"] = s.model.vocab_size
     hooks = FaultHooks.from_env()
     workdir = preflight.check_workdir(workdir)
     preflight.check_resume_config(workdir, config_dict)

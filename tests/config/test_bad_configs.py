@@ -85,8 +85,6 @@ BAD = [
     ("data.tokenizer", "wordpiece:x", "data.tokenizer"),
     ("data.eval_fraction", 1.5, "data.eval_fraction must be in (0, 1)"),
     ("data.pad_id", -2, "data.pad_id must be -1"),
-    ("data.packing_bins", -1, "data.packing_bins must be >= 0"),
-    ("data.shuffle_window", -1, "data.shuffle_window must be >= 0"),
     ("data.worker_count", -1, "data.worker_count must be >= 0"),
     ("data.data_dir", 3, "data.data_dir must be str"),
     ("data.text_key", "", "data.text_key must not be empty"),

@@ -61,7 +61,6 @@ def test_unknown_key_names_it_and_lists_valid_ones():
         ({"eval_fraction": "0.1"}, "data.eval_fraction"),
         ({"eval_fraction": True}, "data.eval_fraction"),
         ({"pad_id": -2}, "data.pad_id"),
-        ({"packing_bins": -1}, "data.packing_bins"),
         ({"worker_count": -1}, "data.worker_count"),
     ],
 )

@@ -3,15 +3,13 @@ tokenizer over a two-source mixture (exact resume), evaluation passes, per-proce
 and bad input named by its field."""
 
 import dataclasses
-import gzip
 import json
 import os
 import shutil
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from testing_utils import write_mixture
 
 from moejax.data import (
     DataConfig,
@@ -21,7 +19,6 @@ from moejax.data import (
     make_batches,
     open_tokenizer,
 )
-from moejax.data.tokenizer_training import train_tokenizer
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "domains", "loss_mask")
 
@@ -100,37 +97,22 @@ def test_a_state_saved_under_other_settings_names_the_field(small_cfg):
 
 @pytest.fixture(scope="module")
 def mixture(tmp_path_factory):
-    """Two sources on disk (parquet "web" and jsonl.gz "code") and a SentencePiece model
-    trained on their text."""
-    root = tmp_path_factory.mktemp("mixture")
-    rng = np.random.default_rng(0)
-    words = ["the", "expert", "router", "token", "layer", "gate", "sparse", "mixture", "of"]
-    web = [" ".join(rng.choice(words, rng.integers(20, 90))) + "." for _ in range(120)]
-    code = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(150)]
-    for k in range(2):
-        pq.write_table(pa.table({"text": web[k::2]}), root / f"web-{k}.parquet")
-        with gzip.open(root / f"code-{k}.jsonl.gz", "wt") as f:
-            f.writelines(json.dumps({"content": t}) + "\n" for t in code[k::2])
-    spec = train_tokenizer(
-        web + code, kind="sentencepiece", vocab_size=320, out_dir=str(root / "sp")
-    )
-    return root, spec
+    """(data.sources, data.tokenizer): parquet "web" + jsonl.gz "code", SentencePiece 320."""
+    return write_mixture(tmp_path_factory.mktemp("mixture"))
 
 
-def mixture_cfg(root, spec, **kw):
+def mixture_cfg(sources, tokenizer, **kw):
     return DataConfig(
-        sources=f"parquet:{root}/web-*.parquet@0.7,jsonl:{root}/code-*.jsonl.gz#content@0.3",
-        tokenizer=spec,
+        sources=sources,
+        tokenizer=tokenizer,
         seq_len=32,
         global_batch_size=4,
-        shuffle_window=8,
         **kw,
     )
 
 
 def test_a_subword_mixture_resumes_exactly(mixture):
-    root, spec = mixture
-    cfg = mixture_cfg(root, spec)
+    cfg = mixture_cfg(*mixture)
     assert domain_names(cfg) == ("web", "code")
     reference = make_batches(cfg, "train", process_index=0, process_count=1)
     take(reference, 5)
@@ -146,8 +128,7 @@ def test_a_subword_mixture_resumes_exactly(mixture):
 
 
 def test_every_source_is_one_evaluation_domain(mixture):
-    root, spec = mixture
-    cfg = mixture_cfg(root, spec, eval_fraction=0.2)
+    cfg = mixture_cfg(*mixture, eval_fraction=0.2)
     batches = list(make_batches(cfg, "validation", process_index=0, process_count=1))
     domains = [set(np.unique(b["domains"][b["segment_ids"] != 0])) for b in batches]
     assert domains[0] == {0} and domains[-1] == {1}  # source after source
@@ -155,7 +136,7 @@ def test_every_source_is_one_evaluation_domain(mixture):
     assert info["web"]["weight"] == 0.7 and info["code"]["weight"] == 0.3
     assert info["web"]["train_documents"] + info["web"]["eval_documents"] == 120
     tokenizer = open_tokenizer(cfg)
-    assert tokenizer.vocab_size == 320 and tokenizer.spec == spec
+    assert tokenizer.vocab_size == 320 and tokenizer.spec == mixture[1]
 
 
 def test_tfds_dataset_by_name(plain_text_cfg, plain_texts):

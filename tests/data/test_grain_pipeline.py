@@ -12,7 +12,7 @@ from moejax.data.pipeline import (
     EvaluationBatches,
     Layout,
     TrainingBatches,
-    evaluation_dataset,
+    evaluation_lanes,
     training_dataset,
 )
 
@@ -42,8 +42,8 @@ def numbered_texts(prefix, n, rng, lo=5, hi=300):
     ]
 
 
-def train_batches(sources, weights=None, *, seq_len=32, rows=4, seed=0, window=16, **layout):
-    lay = Layout(seq_len=seq_len, local_batch_size=rows, packing_bins=0, **layout)
+def train_batches(sources, weights=None, *, seq_len=32, rows=4, seed=0, **layout):
+    lay = Layout(seq_len=seq_len, local_batch_size=rows, **layout)
     dataset = training_dataset(
         sources,
         weights or [1.0] * len(sources),
@@ -52,7 +52,6 @@ def train_batches(sources, weights=None, *, seq_len=32, rows=4, seed=0, window=1
         lay,
         seed=seed,
         shuffle=True,
-        shuffle_window=window,
     )
     return TrainingBatches(dataset, lay, {"data.seed": seed})
 
@@ -107,9 +106,9 @@ def test_packing_keeps_every_token_of_every_document_once():
     BOS per document, and padding only where a piece did not fit."""
     rng = np.random.default_rng(1)
     texts = numbered_texts("d", 40, rng, lo=1, hi=120)
-    lay = Layout(seq_len=16, local_batch_size=4, packing_bins=0)
+    lay = Layout(seq_len=16, local_batch_size=4)
     batches = list(
-        EvaluationBatches([evaluation_dataset(ListSource(texts), TOKENIZER, 0, lay)], lay, 0)
+        EvaluationBatches([evaluation_lanes(ListSource(texts), TOKENIZER, 0, lay)], lay, 0)
     )
     found = [piece for batch in batches for piece, _ in pieces(batch)]
     assert all(len(piece) <= 17 for piece in found)
@@ -129,7 +128,7 @@ def test_mixture_proportions_match_the_weights():
     text_a, text_b = "a" * (row - 1), "b" * (row - 1)  # BOS + 31 bytes + EOS = one row
     # grain's index_shuffle is slow on tiny sources (ms per index below ~100 documents)
     sources = [ListSource([text_a] * 1500, domain=0), ListSource([text_b] * 1300, domain=0)]
-    batches = train_batches(sources, [0.7, 0.3], seq_len=row, rows=50, window=0)
+    batches = train_batches(sources, [0.7, 0.3], seq_len=row, rows=50)
     counts = np.zeros(2)
     for batch in take(batches, 200):
         counts += np.bincount(batch["domains"][:, 0], minlength=2)
@@ -169,14 +168,21 @@ def documents_read(batches, n):
     return names
 
 
-def test_two_processes_read_disjoint_documents():
+def test_two_processes_read_the_rows_of_one_in_disjoint_shares():
+    """Row b of process p is lane b * P + p: two processes' rows are the one-process batch's
+    rows, interleaved, and they read disjoint documents."""
     rng = np.random.default_rng(4)
     source = ListSource(numbered_texts("p", 400, rng, lo=10, hi=40))
+    single = take(train_batches([source], rows=4), 6)
     shares = [
-        documents_read(train_batches([source], process_index=p, process_count=2), 10)
-        for p in range(2)
+        take(train_batches([source], rows=2, process_index=p, process_count=2), 6) for p in range(2)
     ]
-    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    for p in range(2):
+        for one, mine in zip(single, shares[p]):
+            for key in KEYS:
+                np.testing.assert_array_equal(one[key][p::2], mine[key], err_msg=key)
+    names = [documents_read(iter(share), len(share)) for share in shares]
+    assert names[0] and names[1] and not names[0] & names[1]
 
 
 def test_a_lane_pipeline_state_restarts_with_a_warning():
@@ -200,11 +206,11 @@ def test_a_state_saved_under_other_settings_names_the_field():
 def test_evaluation_reads_each_source_once_in_order_and_pads_the_last_batch():
     rng = np.random.default_rng(7)
     sources = [ListSource(numbered_texts("e", 9, rng), 0), ListSource(numbered_texts("f", 5, rng))]
-    lay = Layout(seq_len=32, local_batch_size=4, packing_bins=0)
+    lay = Layout(seq_len=32, local_batch_size=4)
 
     def run(max_batches=0):
-        datasets = [evaluation_dataset(s, TOKENIZER, d, lay) for d, s in enumerate(sources)]
-        return list(EvaluationBatches(datasets, lay, max_batches))
+        lanes = [evaluation_lanes(s, TOKENIZER, d, lay) for d, s in enumerate(sources)]
+        return list(EvaluationBatches(lanes, lay, max_batches))
 
     first, second = run(), run()
     assert_same(first, second)
@@ -218,3 +224,29 @@ def test_evaluation_reads_each_source_once_in_order_and_pads_the_last_batch():
     domains = [set(np.unique(b["domains"][b["domains"] >= 0])) for b in first]
     assert domains[0] == {0} and domains[-1] == {1}  # source after source
     assert len(run(max_batches=1)) == 2
+
+
+@pytest.mark.slow  # starts grain worker processes; the in-process resume is the fast case
+def test_worker_processes_resume_exactly():
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain reads its absl flags in the workers
+    rng = np.random.default_rng(8)
+    source = ListSource(numbered_texts("w", 2000, rng))
+    lay = Layout(seq_len=32, local_batch_size=4)
+
+    def make():
+        dataset = training_dataset(
+            [source], [1.0], TOKENIZER, [0], lay, seed=0, shuffle=True, worker_count=2
+        )
+        return TrainingBatches(dataset, lay, {})
+
+    reference = make()
+    take(reference, 3)
+    state = json.loads(json.dumps(reference.get_state()))
+    expected = take(reference, 4)
+    resumed = make()
+    resumed.set_state(state)
+    assert_same(take(resumed, 4), expected)
+    reference.close()
+    resumed.close()

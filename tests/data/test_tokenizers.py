@@ -6,7 +6,9 @@ References: `sentencepiece.SentencePieceProcessor.encode` and `tokenizers.Tokeni
 are trained in tmp dirs from generated text (no downloads).
 """
 
+import dataclasses
 import json
+import os
 import pickle
 import random
 
@@ -14,13 +16,16 @@ import numpy as np
 import pytest
 import sentencepiece
 import tokenizers
+from testing_utils import run_module
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from moejax.data import (
     ByteTokenizer,
+    DataConfig,
     DataError,
     Tokenizer,
     load_tokenizer,
+    open_tokenizer,
 )
 from moejax.data.subword_tokenizers import gpt2_unicode_to_byte
 from moejax.data.tokenizer_train import run_cli
@@ -361,3 +366,45 @@ def test_long_multibyte_texts_are_cut_into_sentences_sentencepiece_keeps(tmp_pat
     spec = train_tokenizer([text], kind="sentencepiece", vocab_size=300, out_dir=str(tmp_path))
     tok = load_tokenizer(spec)
     assert len(body(tok, "数学中文🙂 ")) < len("数学中文🙂 ".encode())  # learned, not bytes
+
+
+def test_cli_trains_on_a_source_list_and_prints_the_flags(tmp_path):
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(
+            json.dumps({"body": f"expert {i} routes token {i * 7}\n" * 5}) + "\n" for i in range(60)
+        )
+    )
+    out = tmp_path / "tok"
+    proc = run_module(
+        "moejax.data.tokenizer_train",
+        f"--sources=jsonl:{tmp_path}/*.jsonl#body",
+        "--vocab_size=300",
+        f"--out={out}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"--config.data.tokenizer=hf:{out}" in proc.stdout
+    tokenizer = load_tokenizer(f"hf:{out}")
+    assert f"--config.model.vocab_size={tokenizer.vocab_size}" in proc.stdout
+    assert (
+        tokenizer.decode(tokenizer.encode("expert 3 routes token 21")) == "expert 3 routes token 21"
+    )
+
+
+def test_corpus_bpe_is_built_once_on_first_use(corpus_dir, corpus):
+    """`data.tokenizer=corpus_bpe:N`: trained on the corpus's training split, then reused."""
+    cfg = DataConfig(
+        data_dir=corpus_dir,
+        max_bytes_per_domain=corpus.builder_config.max_bytes_per_domain,
+        tokenizer="corpus_bpe:400",
+    )
+    first = open_tokenizer(cfg)
+    path = first.files()[0]
+    built = os.path.getmtime(path)
+    again = open_tokenizer(cfg)
+    assert again.files() == first.files() and os.path.getmtime(path) == built
+    assert 259 < first.vocab_size <= 400
+    text = corpus.as_data_source()["validation"][0]["text"].decode("utf-8")
+    ids = first.encode(text, add_bos=False, add_eos=False)
+    assert first.decode(ids) == text and len(ids) < len(text.encode("utf-8")) / 1.5
+    with pytest.raises(DataError, match="corpus_bpe:N"):
+        open_tokenizer(dataclasses.replace(cfg, tokenizer="corpus_bpe:many"))

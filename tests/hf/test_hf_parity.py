@@ -314,6 +314,7 @@ def test_unsupported_architecture_key_and_value_are_named(saved, tmp_path):
 
 def test_convert_writes_a_workdir_the_trainer_fine_tunes(tmp_path, tiny_config):
     from moejax.config.train import TrainConfig
+    from moejax.data.tokenizer_training import train_tokenizer
     from moejax.train.checkpoint import Checkpointer
     from moejax.train.convert_hf import convert
     from moejax.train.loop import train
@@ -324,16 +325,23 @@ def test_convert_writes_a_workdir_the_trainer_fine_tunes(tmp_path, tiny_config):
     config = transformers.MixtralConfig(**dict(CONFIGS["mixtral_top2"][1], vocab_size=260))
     torch.manual_seed(0)
     transformers.MixtralForCausalLM(config).save_pretrained(hf_dir)
+    # The checkpoint's tokenizer: a byte-level BPE of at most 260 ids (the model's rows).
+    texts = [f"def f{i}(x): return x + {i}\n" for i in range(50)]
+    train_tokenizer(texts, kind="bpe", vocab_size=260, out_dir=str(hf_dir))
     workdir = tmp_path / "run"
     convert(str(hf_dir), str(workdir))
+    assert (workdir / "tokenizer" / "tokenizer.json").read_bytes() == (
+        hf_dir / "tokenizer.json"
+    ).read_bytes()
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("converted", workdir / "config.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
+    assert c.data.tokenizer == f"hf:{workdir / 'tokenizer'}"  # the run's own copy
     base = tiny_config("dense")
-    c.data.update(base.data.to_dict())
+    c.data.update({k: v for k, v in base.data.to_dict().items() if k != "tokenizer"})
     c.train.update(
         steps=2,
         warmup_steps=0,

@@ -125,7 +125,7 @@ def test_multi_process_checkpoint_holds_both_data_positions_and_the_same_params(
         restored[name] = ckpt.restore(STEPS, target=exp.abstract_state)
         ckpt.close()
     per_process = restored["multi"][1]["per_process"]
-    assert [p["process_index"] for p in per_process] == [0, 1]
+    assert [p["settings"]["process_index"] for p in per_process] == [0, 1]
     assert local_data_state(restored["single"][1]) == restored["single"][1]
     # The union of the two processes' lanes is the single process's set of lanes.
     assert sorted(sum((p["lanes"] for p in per_process), [])) == sorted(

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+from testing_utils import write_mixture
 
 from moejax.config_section import ConfigError
 from moejax.train.loop import train
@@ -62,6 +63,43 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     assert sorted(b) == [5, 6, 7, 8]
     for step in (5, 6, 7, 8):
         assert b[step] == a[step], (step, a[step], b[step])
+
+
+def test_a_subword_mixture_resumes_exactly_and_evaluates_per_source(tiny_config, tmp_path):
+    """The real-data path end to end: a SentencePiece tokenizer, parquet + jsonl.gz sources
+    weighted 0.7 / 0.3, model.vocab_size from the tokenizer; killed after step 4 and resumed,
+    it logs the uninterrupted run's losses, and evaluation reports each source."""
+    (tmp_path / "data").mkdir()
+    sources, tokenizer = write_mixture(tmp_path / "data")
+    config = tiny_config(
+        "deepseekmoe",
+        **{
+            "data.sources": sources,
+            "data.tokenizer": tokenizer,
+            "model.vocab_size": 0,
+            "train.steps": 8,
+            "train.checkpoint_every": 4,
+            "train.eval_every": 4,
+        },
+    )
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    train(config, full)
+    os.makedirs(os.path.join(resumed, "checkpoints"))
+    shutil.copytree(
+        os.path.join(full, "checkpoints", "4"), os.path.join(resumed, "checkpoints", "4")
+    )
+    shutil.copy(os.path.join(full, "config.json"), resumed)
+    train(config, resumed)
+    a, b = _losses(full), _losses(resumed)
+    assert sorted(b) == [5, 6, 7, 8] and all(b[s] == a[s] for s in b)
+    evals = [r for r in read_jsonl(os.path.join(full, "metrics.jsonl")) if "eval/loss" in r]
+    last = evals[-1]
+    for name in ("web", "code"):
+        assert last[f"eval/loss/{name}"] > 0
+        assert 0 < last[f"eval/tokens_per_byte/{name}"] < 1  # sub-words: < 1 token per byte
+        assert last[f"eval/bits_per_byte/{name}"] > 0
+    with open(os.path.join(full, "config.json")) as f:
+        assert json.load(f)["model"]["vocab_size"] == 384  # 320 ids, rounded up to 128s
 
 
 def test_resume_with_a_different_model_is_refused(tiny_config, tmp_path):

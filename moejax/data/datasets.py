@@ -158,8 +158,9 @@ def _layout(cfg: DataConfig, process_index: int, process_count: int) -> Layout:
 
 
 def _check_fills_a_batch(cfg: DataConfig, spec: SourceSpec, source, tokenizer) -> None:
-    """A source must hold at least one batch of tokens; counted only when it has fewer
-    documents than a batch has rows (anything larger holds a batch many times over)."""
+    """A source must hold at least one batch of tokens, or every batch repeats it; the tokens
+    are counted only when it has fewer documents than a batch has rows (a source that small
+    is cheap to tokenize, and one that large is almost never smaller than a batch)."""
     rows = cfg.global_batch_size
     if len(source) >= rows:
         return

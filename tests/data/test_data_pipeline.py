@@ -34,9 +34,15 @@ def assert_same_batches(xs, ys):
 
 
 def scored_tokens(batches):
-    """Real tokens of a pass: every input token of a segment, plus a row's last target when
-    it continues the last segment."""
-    return sum(int((b["segment_ids"] != 0).sum() + b["loss_mask"][:, -1].sum()) for b in batches)
+    """Real tokens of a pass: every input token of a segment, plus a row's last target (the
+    pad id 0 never occurs in a document)."""
+    return sum(
+        int(
+            (b["segment_ids"] != 0).sum()
+            + ((b["segment_ids"][:, -1] != 0) & (b["targets"][:, -1] != 0)).sum()
+        )
+        for b in batches
+    )
 
 
 def test_corpus_batches_have_the_model_format(small_cfg):

@@ -39,3 +39,25 @@ def c4_hf_tokenizer(name: str) -> dict:
     ~/.cache/moejax/tokenizers/NAME holding its tokenizer.json (e.g. the files of
     deepseek-ai/deepseek-moe-16b-base, copied there)."""
     return {"sources": C4, "tokenizer": f"hf:{tokenizer_path(name)}"}
+
+
+def prepare_command(tokenizer: str) -> str | None:
+    """The command that prepares the tokenizer a pod config names (None for any other
+    `data.tokenizer`): training the C4 SentencePiece model, or where to put DeepSeek's."""
+    kind, _, path = tokenizer.partition(":")
+    root = tokenizer_path()
+    if not path.startswith(root + os.sep):
+        return None
+    name = os.path.relpath(path, root).split(os.sep)[0]
+    if kind == "sentencepiece" and name.startswith("c4_en_sp"):
+        size = name[len("c4_en_sp") :]
+        return (
+            f"python -m moejax.data.tokenizer_train --sources={C4} --kind=sentencepiece "
+            f"--vocab_size={size} --out={os.path.join(root, name)}"
+        )
+    if kind == "hf":
+        return (
+            f"copy the model's tokenizer.json and tokenizer_config.json into {path} (e.g. "
+            f"from a local copy of the Hugging Face checkpoint deepseek-ai/{name}-base)"
+        )
+    return None

@@ -52,8 +52,11 @@ def prepared_builder(
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:
         raise DataError(
-            f"{setting} is not a registered tensorflow-datasets dataset and is not prepared "
-            f"in data.data_dir={data_dir!r}. {alternatives}"
+            f"{setting} is not prepared in data.data_dir={data_dir!r}, and tensorflow-datasets "
+            f"here has no builder of that name. If it is a tfds dataset, prepare it with "
+            f"`tfds build {name} --data_dir={data_dir} --file_format=array_record` (on a "
+            f"machine with TensorFlow), or copy a prepared directory into data.data_dir. "
+            f"{alternatives}"
         ) from e
     except Exception as e:
         raise DataError(

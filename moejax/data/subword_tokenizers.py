@@ -83,7 +83,7 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """The text of `ids`, skipping BOS/EOS/PAD and control ids; bad ids raise ValueError."""
-        arr = _check_ids(ids, self.vocab_size, type(self).__name__)
+        arr = check_ids(ids, self.vocab_size, type(self).__name__)
         return self._sp.decode(arr[~self._skip[arr]].tolist())
 
     def files(self) -> list[str]:
@@ -140,7 +140,7 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """The text of `ids`, skipping BOS/EOS/PAD and special tokens; bad ids raise."""
-        arr = _check_ids(ids, self.vocab_size, type(self).__name__)
+        arr = check_ids(ids, self.vocab_size, type(self).__name__)
         keep = arr[~np.isin(arr, self._specials)]
         return self._tok.decode(keep.tolist(), skip_special_tokens=True)
 
@@ -359,7 +359,7 @@ def _check_text(text, name: str) -> None:
         raise TypeError(f"{name}.encode expects str, got {type(text).__name__}.")
 
 
-def _check_ids(ids, vocab_size: int, name: str) -> np.ndarray:
+def check_ids(ids, vocab_size: int, name: str) -> np.ndarray:
     """`ids` as int64[n]; ids outside [0, vocab_size) raise ValueError."""
     arr = np.asarray(ids, dtype=np.int64).reshape(-1)
     bad = arr[(arr < 0) | (arr >= vocab_size)]

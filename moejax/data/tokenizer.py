@@ -30,7 +30,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from moejax.data.errors import DataError
-from moejax.data.subword_tokenizers import HFTokenizer, SentencePieceTokenizer
+from moejax.data.subword_tokenizers import HFTokenizer, SentencePieceTokenizer, check_ids
 
 PAD_ID = 0
 BOS_ID = 1
@@ -130,13 +130,7 @@ class ByteTokenizer:
         Ids outside [0, 259) are a bug upstream (e.g. a vocabulary padded for speed and
         sampled without masking) and raise.
         """
-        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-        bad = arr[(arr < 0) | (arr >= VOCAB_SIZE)]
-        if bad.size:
-            raise ValueError(
-                f"ByteTokenizer.decode got ids outside [0, {VOCAB_SIZE}): {bad[:8].tolist()}; "
-                "mask logits beyond the tokenizer's vocab_size before sampling."
-            )
+        arr = check_ids(ids, VOCAB_SIZE, "ByteTokenizer")
         data = (arr[arr >= BYTE_OFFSET] - BYTE_OFFSET).astype(np.uint8).tobytes()
         return data.decode("utf-8", errors="replace")
 

@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from moejax.config.pod_data import prepare_command
 from moejax.config.renames import apply_renames
 from moejax.config.validation import vocabulary_error
 from moejax.config_section import ConfigError
@@ -93,7 +94,13 @@ def check_vocabulary(batch: dict[str, np.ndarray], vocab_size: int, sources: str
 def check_tokenizer(s) -> None:
     """`data.tokenizer` loads and its ids fit `model.vocab_size` (validation checks the byte
     tokenizer; one read from a file is checked here, on the machine that trains)."""
-    size = open_tokenizer(s.data).vocab_size
+    try:
+        size = open_tokenizer(s.data).vocab_size
+    except DataError as e:
+        command = prepare_command(s.data.tokenizer)
+        if command is None:
+            raise
+        raise DataError(f"{e} For this config: {command}") from None
     if s.model.vocab_size < size:
         raise ConfigError(vocabulary_error(s.model.vocab_size, s.data.tokenizer, size))
 

@@ -278,7 +278,7 @@ def bad_inputs(root):
                 "--file_format=array_record",
             ],
         ),
-        "tfds unknown": ("tfds:no_such_dataset_xyz", ["not a registered"]),
+        "tfds unknown": ("tfds:no_such_dataset_xyz", ["has no builder of that name"]),
         "array_record no files": (f"array_record:{root}/*.arrayrec", ["matches no file"]),
         "corrupt parquet": (f"parquet:{root}/corrupt.parquet", ["not a readable parquet"]),
         "corrupt array_record": (

@@ -20,6 +20,16 @@ def _losses(workdir):
     }
 
 
+def _resume_from(full: str, resumed: str, step: int) -> None:
+    """`resumed` becomes a run that stopped after `step`: its checkpoint and config only."""
+    os.makedirs(os.path.join(resumed, "checkpoints"))
+    shutil.copytree(
+        os.path.join(full, "checkpoints", str(step)),
+        os.path.join(resumed, "checkpoints", str(step)),
+    )
+    shutil.copy(os.path.join(full, "config.json"), resumed)
+
+
 def test_thirty_steps_lower_the_loss(tiny_config, tmp_path):
     config = tiny_config(
         "deepseekmoe", **{"train.steps": 30, "train.learning_rate": 1e-2, "train.eval_every": 30}
@@ -52,12 +62,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     config = tiny_config("deepseekmoe", **{"train.steps": 8, "train.checkpoint_every": 4})
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     train(config, full)
-    # A run that stopped after step 4: its checkpoint and config, nothing later.
-    os.makedirs(os.path.join(resumed, "checkpoints"))
-    shutil.copytree(
-        os.path.join(full, "checkpoints", "4"), os.path.join(resumed, "checkpoints", "4")
-    )
-    shutil.copy(os.path.join(full, "config.json"), resumed)
+    _resume_from(full, resumed, 4)  # a run that stopped after step 4
     train(config, resumed)
     a, b = _losses(full), _losses(resumed)
     assert sorted(b) == [5, 6, 7, 8]
@@ -84,11 +89,7 @@ def test_a_subword_mixture_resumes_exactly_and_evaluates_per_source(tiny_config,
     )
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     train(config, full)
-    os.makedirs(os.path.join(resumed, "checkpoints"))
-    shutil.copytree(
-        os.path.join(full, "checkpoints", "4"), os.path.join(resumed, "checkpoints", "4")
-    )
-    shutil.copy(os.path.join(full, "config.json"), resumed)
+    _resume_from(full, resumed, 4)
     train(config, resumed)
     a, b = _losses(full), _losses(resumed)
     assert sorted(b) == [5, 6, 7, 8] and all(b[s] == a[s] for s in b)

@@ -65,6 +65,23 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 _SHUFFLE_SOURCE = 1
 
 
+def _grain_state(saved: Any) -> Any:
+    """A grain iterator state read back from JSON: ConcatThenSplit compares its
+    `remainder_slices` with the tuple (-1, -1), and JSON gives lists."""
+    if isinstance(saved, dict):
+        return {
+            key: (
+                {k: tuple(v) for k, v in value.items()}
+                if key == "remainder_slices"
+                else _grain_state(value)
+            )
+            for key, value in saved.items()
+        }
+    if isinstance(saved, list):
+        return [_grain_state(value) for value in saved]
+    return saved
+
+
 class DataStateWarning(UserWarning):
     """A checkpoint's data position could not be used as it is."""
 
@@ -239,7 +256,7 @@ class TrainingBatches:
                 )
         self.close()
         iterator = iter(self._dataset)
-        iterator.set_state(state["grain"])
+        iterator.set_state(_grain_state(state["grain"]))
         self._iterator = iterator
 
 

@@ -71,13 +71,12 @@ def _resolve_vocabulary(s: Sections) -> Sections:
         check_spelling(s.data)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    if s.model.vocab_size == 0 or s.data.tokenizer == "byte":
-        try:
-            size = open_tokenizer(s.data).vocab_size
-        except DataError as e:
-            raise ConfigError(str(e)) from None
-    else:
-        return s
+    if s.model.vocab_size and s.data.tokenizer != "byte":
+        return s  # a tokenizer file: compared in preflight, where the run reads it
+    try:
+        size = open_tokenizer(s.data).vocab_size
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     if s.model.vocab_size == 0:
         padded = -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         return dataclasses.replace(s, model=dataclasses.replace(s.model, vocab_size=padded))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 from moejax.config.base import SECTIONS
 from moejax.config.renames import apply_renames
@@ -426,13 +427,30 @@ def _check_lora_model(lo: LoRAConfig, m: ModelConfig) -> None:
     )
 
 
+class ConfigAdjustedWarning(UserWarning):
+    """`validate` adjusted a value that cannot apply as given, and says how."""
+
+
+def _clamp_warmup(s: Sections) -> Sections:
+    """A run shorter than its warmup (`--config.train.steps=20` on a config that warms up
+    over 30) warms up over all of its steps, with a warning, as the configs' typed
+    `:steps=N` argument does."""
+    t = s.train
+    if t.steps <= 0 or t.warmup_steps <= t.steps:
+        return s
+    warnings.warn(
+        f"train.warmup_steps={t.warmup_steps} > train.steps={t.steps}: warming up over all "
+        f"{t.steps} steps (set --config.train.warmup_steps to choose).",
+        ConfigAdjustedWarning,
+        stacklevel=3,
+    )
+    return dataclasses.replace(s, train=dataclasses.replace(t, warmup_steps=t.steps))
+
+
 def _check_train(t: TrainConfig) -> None:
     _require(t.steps > 0, f"train.steps={t.steps} must be positive.")
     _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be positive.")
-    _require(
-        0 <= t.warmup_steps <= t.steps,
-        f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}].",
-    )
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0.")
     _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1].")
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0.")
     for name in ("b1", "b2"):
@@ -574,7 +592,7 @@ def validate(
         }
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    s = _resolve_vocabulary(Sections(**built))
+    s = _clamp_warmup(_resolve_vocabulary(Sections(**built)))
     _check_model(s.model)
     _check_moe(s.moe, s.model)
     _check_train(s.train)

@@ -125,16 +125,22 @@ def _block_cls(model: ModelConfig):
     return nn.remat(Block, policy=REMAT[model.remat], prevent_cse=False)
 
 
-def _scan(cls, length: int):
+# The logical axis of a stack of blocks, and of the dense blocks stacked inside each MoE
+# period (`moe_every > 1`): a parameter of those has both, so they need different names.
+LAYERS = "layers"
+PERIOD_LAYERS = "period_layers"
+
+
+def _scan(cls, length: int, axis: str = LAYERS):
     # Every collection (params, non-trainable state, sown side outputs, the decoding cache)
-    # is stacked along the layer axis.
+    # is stacked along the layer axis, named `axis` for the sharding rules.
     return nn.scan(
         cls,
         variable_axes={True: 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,),
         length=length,
-        metadata_params={nn.PARTITION_NAME: "layers"},
+        metadata_params={nn.PARTITION_NAME: axis},
     )
 
 
@@ -147,14 +153,15 @@ def _stack(
     decode: bool = False,
     adapters: AdapterHook | None = None,
     first_layer: int = 0,
+    axis: str = LAYERS,
 ):
     """`length` blocks as one scanned module `name`, or (`scan_layers=False`) a loop over
     modules `name_0 .. name_{length-1}`; either way `(carry, ctx) -> (carry, stacked outputs)`.
     Must be called inside a compact method (the loop's modules bind to the caller).
     Unrolled blocks get their layer's adapter hook (MoLA's per-layer expert counts;
-    `first_layer` is the model layer of block 0)."""
+    `first_layer` is the model layer of block 0). `axis` names the stacked axis."""
     if model.scan_layers:
-        return _scan(cls, length)(model, moe, decode, adapters, name=name)
+        return _scan(cls, length, axis)(model, moe, decode, adapters, name=name)
     blocks = [
         cls(
             model,
@@ -225,7 +232,14 @@ class MoEPeriod(nn.Module):
     def __call__(self, carry, ctx: BlockContext):
         block = _block_cls(self.model)
         carry, _ = _stack(
-            block, self.model.moe_every - 1, self.model, None, "dense", self.decode, self.adapters
+            block,
+            self.model.moe_every - 1,
+            self.model,
+            None,
+            "dense",
+            self.decode,
+            self.adapters,
+            axis=PERIOD_LAYERS,  # inside the period scan's `layers` axis
         )(carry, ctx)  # dense blocks return empty outputs
         return block(self.model, self.moe, self.decode, self.adapters, name="moe_block")(carry, ctx)
 

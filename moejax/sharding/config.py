@@ -9,7 +9,8 @@ from moejax.config_section import section_from_mapping
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis name -> mesh axis (or axes, or None = replicated). Model code names only the
-# logical axes; these rules decide the layout. `layers` is the scan axis of stacked blocks;
+# logical axes; these rules decide the layout. `layers` is the scan axis of stacked blocks,
+# `period_layers` that of the dense blocks inside each MoE period (model.moe_every > 1);
 # `batch`, `length`, `act_embed` name the residual stream [B, L, d] (activations).
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp", "expert")),
@@ -20,6 +21,7 @@ DEFAULT_RULES = (
     ("kv", None),
     ("expert", "expert"),
     ("layers", None),
+    ("period_layers", None),
     ("norm", None),
     # Low-rank adapters (moejax.lora) are small: replicated.
     ("lora_experts", None),

@@ -11,7 +11,7 @@ import pytest
 from testing_utils import load_config_module
 
 from moejax.config.base import SECTIONS, default_config
-from moejax.config.validation import validate
+from moejax.config.validation import ConfigAdjustedWarning, validate
 from moejax.config_section import ConfigError
 
 BAD = [
@@ -98,7 +98,7 @@ BAD = [
     # train
     ("train.steps", 0, "train.steps=0 must be positive"),
     ("train.learning_rate", -1.0, "train.learning_rate=-1.0 must be positive"),
-    ("train.warmup_steps", 500, "train.warmup_steps=500 must be in [0, train.steps=300]"),
+    ("train.warmup_steps", -1, "train.warmup_steps=-1 must be >= 0"),
     ("train.min_lr_ratio", 1.5, "train.min_lr_ratio=1.5 must be in [0, 1]"),
     ("train.weight_decay", -0.1, "train.weight_decay=-0.1 must be >= 0"),
     ("train.b1", 1.0, "train.b1=1.0 must be in [0, 1)"),
@@ -190,3 +190,24 @@ def test_an_unset_vocabulary_takes_the_tokenizer_size_rounded_to_128():
     config = default_config()
     config.model.vocab_size = 0
     assert validate(config, num_devices=1, num_processes=1).model.vocab_size == 384  # 259 -> 384
+
+
+def test_a_run_shorter_than_its_warmup_warms_up_over_all_its_steps():
+    config = default_config()
+    config.train.update(steps=20, warmup_steps=30)
+    with pytest.warns(ConfigAdjustedWarning, match=r"warmup_steps=30 > train.steps=20"):
+        s = validate(config, num_devices=1, num_processes=1)
+    assert s.train.warmup_steps == 20
+
+
+@pytest.mark.parametrize(
+    "name, arg",
+    [("deepseekmoe", None), ("gshard", None), ("dense", None), ("mole_multitask", "stage=base")],
+)
+def test_every_config_runs_twenty_steps(name, arg):
+    """`make train ARGS=--config.train.steps=20` and `:stage=base` short runs validate."""
+    config = load_config_module(name).get_config(arg)
+    config.train.steps = 20
+    with pytest.warns(ConfigAdjustedWarning):
+        s = validate(config, num_devices=1, num_processes=1)
+    assert (s.train.steps, s.train.warmup_steps) == (20, 20)

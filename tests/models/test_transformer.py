@@ -319,7 +319,8 @@ def test_layer_layout_and_logical_axis_names(num_layers, first_k_dense, moe_ever
         assert isinstance(box, nn.Partitioned), where
         depth = _stack_depth(path)
         assert len(box.names) == box.value.ndim, where
-        assert box.names == ("layers",) * depth + _expected_names(path), where
+        # A period's dense blocks are stacked twice: the period scan, then inside the period.
+        assert box.names == ("layers", "period_layers")[:depth] + _expected_names(path), where
         assert set(box.names) <= rules, where  # every logical axis has a sharding rule
     spec = nn.get_partition_spec(boxed)["params"]
     if n_moe:

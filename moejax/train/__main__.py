@@ -53,6 +53,21 @@ flags.mark_flags_as_required(["config", "workdir"])
 _EXPLAINED = (ConfigError, DataError, CheckpointError, WorkdirError, NonFiniteError)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag (a config file that raises for its `:arg`, a
+    missing --workdir) reported as one line and exit status 1, not a flags-parsing dump."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # A config file's own error is the last line of the traceback ml_collections quotes.
+        problem = lines[-1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+        where = lines[0].split(": Error whilst parsing", 1)[0] if len(lines) > 1 else ""
+        shown = f"{where}: {problem}" if where and where != problem else problem
+        print(f"moejax: error: {shown} (--helpshort lists the flags)", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -72,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -102,3 +102,18 @@ def test_cli_prints_one_message_and_exits_1(tiny_config, tmp_path):
     assert proc.returncode == 1
     assert "moejax: error: DataError: data.sources" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--config=configs/deepseekmoe.py:size=huge", "size='huge': choose tiny or pod"),
+        ("--config=configs/deepseekmoe.py:sise=pod", "unknown config arg 'sise'"),
+    ],
+)
+def test_a_bad_config_argument_is_one_line(tmp_path, flag, expected):
+    proc = run_module("moejax.train", flag, f"--workdir={tmp_path}")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("moejax: error: flag --config=") and expected in lines[0]
+    assert not os.listdir(tmp_path)  # nothing was written

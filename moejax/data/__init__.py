@@ -22,7 +22,7 @@ from moejax.data.corpus_builder import MoejaxCorpus, build_corpus
 from moejax.data.corpus_sources import DOMAIN_IDS, DOMAINS, Document, collect_documents
 from moejax.data.datasets import (
     Batches,
-    check_sources,
+    check_evaluation_sources,
     describe,
     domain_names,
     evaluation_batches,
@@ -67,7 +67,7 @@ __all__ = [
     "Tokenizer",
     "VOCAB_SIZE",
     "build_corpus",
-    "check_sources",
+    "check_evaluation_sources",
     "collect_documents",
     "default_data_dir",
     "describe",

@@ -11,7 +11,7 @@ alone: generated prompt -> answer rows (`tasks.py`). The entry points:
                                    source's held-out documents for any other split
     describe(cfg)                  documents per source and role, for logging
     check_spelling(cfg)            the source list and the tokenizer kind parse (no file read)
-    check_sources(cfg)             raises DataError now for anything that would fail later
+    check_evaluation_sources(cfg)  raises DataError now if a held-out part cannot be read
 
 Every failure is one `DataError` naming the field and the fix, raised before compiling.
 """
@@ -304,16 +304,11 @@ def check_spelling(cfg: DataConfig) -> None:
         )
 
 
-def check_sources(cfg: DataConfig, *, evaluation: bool = True) -> None:
-    """Opens the tokenizer and every source (and its held-out part with `evaluation`), so a
-    missing file or column fails now, before anything compiles."""
+def check_evaluation_sources(cfg: DataConfig) -> None:
+    """Opens every source's held-out part, so a missing eval split or file fails now, before
+    anything compiles, not at the first evaluation. (`make_batches` for the training split
+    opens the training parts and reads their first documents.)"""
     if is_multitask(cfg):
-        open_tokenizer(cfg)
-        return
-    open_tokenizer(cfg)
+        return  # generated
     for spec in source_specs(cfg):
-        source = _open(cfg, spec, TRAIN)
-        if len(source):
-            source[0]
-        if evaluation:
-            _open(cfg, spec, EVAL)
+        _open(cfg, spec, EVAL)

@@ -28,7 +28,13 @@ from moejax.config.pod_data import prepare_command
 from moejax.config.renames import apply_renames
 from moejax.config.validation import vocabulary_error
 from moejax.config_section import ConfigError
-from moejax.data import Batches, DataError, check_sources, make_batches, open_tokenizer
+from moejax.data import (
+    Batches,
+    DataError,
+    check_evaluation_sources,
+    make_batches,
+    open_tokenizer,
+)
 
 
 class WorkdirError(RuntimeError):
@@ -109,8 +115,9 @@ def open_train_data(s) -> Batches:
     """This process's training iterator, after checking the tokenizer, the sources and the
     vocabulary."""
     check_tokenizer(s)
-    check_sources(s.data, evaluation=bool(s.train.eval_every))  # fail now, not at eval
-    batches = make_batches(s.data, s.data.train_split)
+    batches = make_batches(s.data, s.data.train_split)  # opens every training source
+    if s.train.eval_every:
+        check_evaluation_sources(s.data)  # fail now, not at the first evaluation
     # Peek at the first batch without consuming it: the iterator state is a few ints.
     start = batches.get_state()
     check_vocabulary(next(batches), s.model.vocab_size, s.data.sources)

@@ -277,14 +277,16 @@ class EvaluationBatches:
         self, lanes: Sequence[grain.IterDataset]
     ) -> Iterator[dict[str, np.ndarray]]:
         iterators = [iter(lane) for lane in lanes]
-        empty = padding_batch(1, self.layout.seq_len)
+        zeros = np.zeros(self.layout.row_len, np.int32)  # a padding row: segment id 0
+        empty = dict.fromkeys(
+            ("tokens", "tokens_segment_ids", "tokens_positions", "domains"), zeros
+        )
         count = 0
         while not self.max_batches or count < self.max_batches:
             rows = [next(it, None) for it in iterators]
             if all(row is None for row in rows):
                 return
-            batch = [empty if row is None else _stack([row]) for row in rows]
-            yield {key: np.concatenate([b[key] for b in batch]) for key in batch[0]}
+            yield _stack([empty if row is None else row for row in rows])
             count += 1
 
     def _chain(self) -> Iterator[dict[str, np.ndarray]]:

@@ -21,7 +21,7 @@ from testing_utils import REPO
 
 PACKAGE = pathlib.Path(REPO) / "moejax"
 LINT_IMPORTS = pathlib.Path(sys.executable).with_name("lint-imports")
-NN_MAY_IMPORT = {"jax", "flax", "numpy", "__future__", "dataclasses", "typing", "functools"}
+NN_MAY_IMPORT = {"jax", "flax", "numpy", "__future__", "dataclasses", "typing", "functools", "math"}
 
 
 def run_contracts(root: pathlib.Path) -> subprocess.CompletedProcess:

@@ -35,6 +35,7 @@ from moejax.lora.weights import ExpertLoRAWeights, lora_scale
 from moejax.moe.dispatch import dispatch
 from moejax.moe.experts import ExpertFn
 from moejax.moe.routers import LinearRouter
+from moejax.nn.projection import project
 
 
 def mixlora_mlp(
@@ -65,8 +66,8 @@ def mixlora_mlp(
         weights[f"a_{name}"], weights[f"b_{name}"] = a.astype(dtype), b.astype(dtype)
     # The base FFN exactly as moejax.nn.mlp.DenseMLP computes it (same shapes, same ops), so
     # zero-initialised adapters give its output bit for bit.
-    g0, u0 = x @ w_gate, x @ w_up
-    y0 = (nn.silu(g0) * u0) @ w_down
+    g0, u0 = project(x, w_gate), project(x, w_up)
+    y0 = project(nn.silu(g0) * u0, w_down)
 
     def fn(w, rows, mm):
         xi, g, u = rows[..., :d], rows[..., d : d + f], rows[..., d + f :]

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from moejax.models.config import ModelConfig
 from moejax.nn.adapter_hook import AdapterContext, AdapterHook, add_delta, projection_delta
 from moejax.nn.params import dtype_of, logical_param
+from moejax.nn.projection import project
 from moejax.nn.rotary import rotary_embedding
 
 
@@ -101,15 +102,15 @@ class Attention(nn.Module):
             )
 
         q = add_delta(
-            jnp.einsum("bld,dhk->blhk", x, wq.astype(dt)),
+            project(x, wq.astype(dt)),
             delta("wq", x, (h, hd)),
         )
         k = add_delta(
-            jnp.einsum("bld,dhk->blhk", x, wk.astype(dt)),
+            project(x, wk.astype(dt)),
             delta("wk", x, (kvh, hd)),
         )
         v = add_delta(
-            jnp.einsum("bld,dhk->blhk", x, wv.astype(dt)),
+            project(x, wv.astype(dt)),
             delta("wv", x, (kvh, hd)),
         )
         if cfg.attention_bias:  # Qwen2: q/k/v biases, zero-initialised
@@ -126,6 +127,6 @@ class Attention(nn.Module):
         if mask is None:
             mask = attention_mask(segment_ids_BxL)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # GQA: kv heads are repeated
-        y = jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
+        y = project(out, wo.astype(dt), contract=2)
         flat = out.reshape(out.shape[:2] + (h * hd,))
         return add_delta(y, delta("wo", flat, (d,)))

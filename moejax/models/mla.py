@@ -28,6 +28,7 @@ from moejax.models.attention import attention_mask, cached
 from moejax.models.config import ModelConfig
 from moejax.nn.norm import RMSNorm
 from moejax.nn.params import dtype_of, logical_param
+from moejax.nn.projection import project
 from moejax.nn.rotary import rotary_embedding
 
 LATENT_NORM_EPS = 1e-6
@@ -60,17 +61,17 @@ class MLAttention(nn.Module):
             wq_b = logical_param(
                 self, "wq_b", (rq, h, nope + rope), ("kv", "heads", "kv"), std, pdt
             )
-            q_latent = RMSNorm(**norm, name="q_norm")(x @ wq_a.astype(dt))
-            q = jnp.einsum("blr,rhk->blhk", q_latent, wq_b.astype(dt))
+            q_latent = RMSNorm(**norm, name="q_norm")(project(x, wq_a.astype(dt)))
+            q = project(q_latent, wq_b.astype(dt))
         else:
             wq = logical_param(self, "wq", (d, h, nope + rope), ("embed", "heads", "kv"), std, pdt)
-            q = jnp.einsum("bld,dhk->blhk", x, wq.astype(dt))
+            q = project(x, wq.astype(dt))
         q = jnp.concatenate(
             [q[..., :nope], rotary_embedding(q[..., nope:], positions_BxL, cfg.rope_theta)], -1
         )
 
         wkv_a = logical_param(self, "wkv_a", (d, rkv + rope), ("embed", "kv"), std, pdt)
-        kv = x @ wkv_a.astype(dt)
+        kv = project(x, wkv_a.astype(dt))
         latent = RMSNorm(**norm, name="kv_norm")(kv[..., :rkv])
         k_rope = rotary_embedding(kv[..., None, rkv:], positions_BxL, cfg.rope_theta)[:, :, 0]
 
@@ -82,7 +83,7 @@ class MLAttention(nn.Module):
             mask = attention_mask(segment_ids_BxL)
 
         wkv_b = logical_param(self, "wkv_b", (rkv, h, nope + dv), ("kv", "heads", "kv"), std, pdt)
-        kv_h = jnp.einsum("bsr,rhk->bshk", latent, wkv_b.astype(dt))
+        kv_h = project(latent, wkv_b.astype(dt))
         k_nope, v = kv_h[..., :nope], kv_h[..., nope:]
         scale = (nope + rope) ** -0.5
         scores = jnp.einsum("blhk,bshk->bhls", q[..., :nope], k_nope) + jnp.einsum(
@@ -92,4 +93,4 @@ class MLAttention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bhls,bshk->blhk", probs, v)
         wo = logical_param(self, "wo", (h, dv, d), ("heads", "kv", "embed"), out_std, pdt)
-        return jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
+        return project(out, wo.astype(dt), contract=2)

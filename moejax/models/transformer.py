@@ -48,6 +48,7 @@ from moejax.nn.adapter_hook import AdapterContext, AdapterHook
 from moejax.nn.mlp import DenseMLP
 from moejax.nn.norm import RMSNorm
 from moejax.nn.params import dtype_of, logical_param
+from moejax.nn.projection import project
 
 ACTIVATION_AXES = ("batch", "length", "act_embed")  # logical names of the residual stream
 SCANNED_STACKS = ("dense_layers", "moe_layers", "moe_periods", "dense")
@@ -329,12 +330,12 @@ class Transformer(nn.Module):
             scalings = self.adapters.scalings(self, lambda s: run(s)[0], (b, length))
         h, moe_out = run(scalings)
         if m.tie_embeddings:
-            logits = h @ embedding.astype(dt).T
+            logits = project(h, embedding.astype(dt).T)
         else:
             head = logical_param(
                 self, "lm_head", (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std, pdt
             )
-            logits = h @ head.astype(dt)
+            logits = project(h, head.astype(dt))
         aux_losses = {name: jnp.sum(v) for name, v in moe_out.aux_losses.items()}
         aux_loss = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
         extras = {

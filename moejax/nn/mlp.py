@@ -14,6 +14,7 @@ import jax
 
 from moejax.nn.adapter_hook import AdapterContext, AdapterHook, add_delta, projection_delta
 from moejax.nn.params import dtype_of, logical_param
+from moejax.nn.projection import project
 
 
 class DenseMLP(nn.Module):
@@ -51,7 +52,7 @@ class DenseMLP(nn.Module):
                 self.param_dtype,
             )
 
-        gate = add_delta(x @ weights[0], delta("w_gate", x, (f,)))
-        up = add_delta(x @ weights[1], delta("w_up", x, (f,)))
+        gate = add_delta(project(x, weights[0]), delta("w_gate", x, (f,)))
+        up = add_delta(project(x, weights[1]), delta("w_up", x, (f,)))
         h = nn.silu(gate) * up
-        return add_delta(h @ weights[2], delta("w_down", h, (d,)))
+        return add_delta(project(h, weights[2]), delta("w_down", h, (d,)))

@@ -21,13 +21,14 @@ what the uninterrupted run did next. Each case is resumed the way a user would, 
   - an old run used as `lora.base_checkpoint` of a new adapter run gives it its step-2
     params and router bias exactly.
 
-Exactness: a training step has no randomness and runs the same XLA program on the same CPU
-backend as the uninterrupted run, which is what makes a resumed run bit-identical to an
-uninterrupted one (moejax/train/step.py); the restructuring moves state between fields but
-does not change the arithmetic. If a jax upgrade changes the CPU numerics, the step-3
-comparisons would fail although the restore is right, while `test_fixture_is_intact` and
-the step-2 comparisons of `load_adapted` would still pass; then regenerate the fixture by
-running the generator at commit 3d6c7c8 with that jax, not with a later moejax.
+Exactness: every step-2 comparison (the fixture, `load_adapted`, the old run as a base) is
+bit for bit. Step 3 is computed by today's code, whose arithmetic is no longer the
+generator's: the 2-D projections (moejax/nn/projection.py, issue 16) reorder float32 sums,
+which moves step-3 leaves by up to 3e-6 relative. So step 3 is compared within float32
+rounding (`STEP3_RTOL`: the losses to 1e-6 relative, each leaf's sum to 1e-5 relative +
+1e-6), three orders of magnitude below what a wrong restore does (each non-trainable
+collection alone moves the step-3 loss by more than 5e-3). Do not regenerate the fixture
+with a later moejax: it must stay what commit 3d6c7c8 wrote.
 
 Leaves are compared by a name that does not depend on which TrainState field holds them:
 the old path with `lora_state/` removed, so "router_bias/...", "lora_bias/...",
@@ -54,6 +55,8 @@ from moejax.train.loop import train
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints_v0"
 CASES = ("moe", "sigmoid_bias", "flylora", "smora")
 ADAPTER_CASES = ("flylora", "smora")
+# Step 3 within float32 rounding of the generator's arithmetic (module docstring).
+STEP3_RTOL = {"loss": 1e-6, "leaf_sum": 1e-5, "leaf_sum_atol": 1e-6, "values": 1e-5}
 # Each case's non-trainable collections (the old TrainState fields they lived in).
 COLLECTIONS = {
     "moe": (),
@@ -98,6 +101,21 @@ def _assert_leaves_equal(recorded: dict, leaves: dict[str, np.ndarray], where: s
         pytest.fail(f"{where}: {len(differ)} leaves differ:\n" + "\n".join(differ))
 
 
+def _assert_leaves_close(recorded: dict, leaves: dict[str, np.ndarray], where: str) -> None:
+    """Every leaf's shape and dtype as recorded, and its bytes, or else its sum within
+    `STEP3_RTOL` of the recorded sum."""
+    differ = []
+    for name, want in sorted(recorded.items()):
+        got = leaf_record(np.asarray(leaves[name]))
+        close = abs(got[3] - want[3]) <= (
+            STEP3_RTOL["leaf_sum"] * abs(want[3]) + STEP3_RTOL["leaf_sum_atol"]
+        )
+        if got[:2] != want[:2] or (got[2] != want[2] and not close):
+            differ.append(f"{name}: {got[0]} {got[1]} sum {got[3]!r}, recorded {want}")
+    if differ:
+        pytest.fail(f"{where}: {len(differ)} leaves differ:\n" + "\n".join(differ))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_fixture_is_intact(case):
     """The fixture's step-2 checkpoint holds the recorded bytes (read by orbax alone)."""
@@ -128,15 +146,24 @@ def test_old_run_resumes_as_if_uninterrupted(case, tmp_path):
     assert config.train.steps == ref["resume_to"] == 3
     metrics = train(config, str(workdir))
 
-    # The resumed step 3 computes the uninterrupted run's loss, bit for bit.
+    # The resumed step 3 computes the uninterrupted run's loss (within float32 rounding).
     assert metrics["step"] == 3 and metrics["train/nonfinite_total"] == 0
-    assert metrics["train/loss"] == ref["step3"]["loss"], (case, metrics["train/loss"])
-    assert metrics["train/ce_loss"] == ref["step3"]["ce_loss"], (case, metrics["train/ce_loss"])
+    for key in ("loss", "ce_loss"):
+        got, want = metrics[f"train/{key}"], ref["step3"][key]
+        assert abs(got - want) <= STEP3_RTOL["loss"] * abs(want), (case, key, got, want)
 
     # ... and saves the uninterrupted run's step-3 state, leaf for leaf.
     recorded = ref["leaves"]["3"]
     flat = read_state(workdir / "checkpoints" / "3")
-    _assert_leaves_equal(recorded, _match(recorded, flat, case), f"{case} step 3")
+    _assert_leaves_close(recorded, _match(recorded, flat, case), f"{case} step 3")
+    for name, values in ref["values"]["3"].items():
+        np.testing.assert_allclose(
+            np.asarray(_match({name: None}, flat, case)[name], np.float64),
+            np.asarray(values, np.float64),
+            rtol=STEP3_RTOL["values"],
+            atol=STEP3_RTOL["leaf_sum_atol"],
+            err_msg=f"{case} step 3 {name}",
+        )
 
     if case in ADAPTER_CASES:
         _check_adapter_run(case, ref, workdir)

@@ -15,12 +15,16 @@
 - ``"jax_triton"``: the ``pallas_gpu`` kernels plus a hand-written Triton scatter-combine
   called through `jax_triton.triton_call` (`pallas_kernels/triton_combine.py`); GPU only.
 
+The platform is the one the step is compiled for (`platform()`: the context mesh's devices),
+not the host's, so a compile for a TPU topology on a CPU host gets the TPU kernels.
 ``"auto"`` picks ``mosaic_tpu`` on TPU, ``mosaic_gpu`` on a Hopper GPU (compute capability
 9.x: wgmma is Hopper's), ``pallas_gpu`` on other GPUs; on CPU it picks
 ``mosaic_tpu`` in interpret mode (there is no compiled Pallas lowering for CPU).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import jax
 
@@ -30,7 +34,11 @@ PLATFORM_BACKEND = {"tpu": "mosaic_tpu", "rocm": "pallas_gpu", "cpu": "mosaic_tp
 
 
 def platform() -> str:
-    return jax.default_backend()
+    """The platform the code being traced is compiled for: that of the context mesh's devices
+    (`jax.set_mesh`; an ahead-of-time compile for a TPU topology sets a mesh of abstract TPU
+    devices on a CPU host), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def compute_capability() -> str:
@@ -70,3 +78,36 @@ def resolve_interpret(interpret: bool | None) -> bool:
             "to run them in interpret mode on CPU."
         )
     return bool(interpret)
+
+
+def out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
+    """The `out_shape` of a `pallas_call` whose operands are `operands`.
+
+    Inside `jax.shard_map` (which checks varying manual axes by default) a kernel's output
+    must say which manual mesh axes it varies over: those of its most varying operand (the
+    token-sharded rows; weights vary over fewer axes or none). jax 0.10 names the field
+    `manual_axis_type`, earlier versions `vma`. Outside shard_map this is a plain struct.
+    """
+    fields = inspect.signature(jax.ShapeDtypeStruct).parameters
+    for name in ("manual_axis_type", "vma"):
+        if name not in fields:
+            continue
+        best = None
+        for x in operands:
+            value = getattr(jax.typeof(x), name, None)
+            if value is not None and (best is None or _varying(value) > _varying(best)):
+                best = value
+        if best is not None:
+            return jax.ShapeDtypeStruct(shape, dtype, **{name: best})
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _varying(value) -> frozenset:
+    return frozenset(getattr(value, "varying", value) or ())
+
+
+def shard_map_checks_vma() -> bool:
+    """Whether a `jax.shard_map` around these kernels may check varying manual axes: not on
+    CPU, where they run in Pallas's interpreter, whose index computations mix varying and
+    invariant values (jax 0.10); compiled kernels get their outputs' vma from `out_struct`."""
+    return platform() != "cpu"

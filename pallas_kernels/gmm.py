@@ -31,6 +31,7 @@ from pallas_kernels.backend import resolve_backend, resolve_interpret
 from pallas_kernels.gmm_gpu import gmm_pallas_gpu, tgmm_pallas_gpu
 from pallas_kernels.gmm_mosaic_gpu import gmm_mosaic_gpu, mosaic_gpu_supports, tgmm_mosaic_gpu
 from pallas_kernels.gmm_mosaic_tpu import gmm_mosaic_tpu, tgmm_mosaic_tpu
+from pallas_kernels.manual_axes import sum_to_vma, vary_together
 from pallas_kernels.tiling import Tiling, check_tiling, choose_tiling, is_triton_tiling
 
 
@@ -88,6 +89,7 @@ def _gmm_call(lhs, rhs, group_sizes, opts: _Opts):
     if m == 0:
         return jnp.zeros((0, n), opts.out_dtype)
     backend, tiling = _plan(opts, lhs.dtype, m, k, n, num_groups, "gmm")
+    lhs, rhs, group_sizes = vary_together(lhs, rhs, group_sizes)
     return KERNELS[backend][0](
         lhs,
         rhs,
@@ -104,6 +106,7 @@ def _tgmm_call(lhs, grad, group_sizes, opts: _Opts):
     if m == 0:
         return jnp.zeros((num_groups, k, n), opts.out_dtype)
     backend, tiling = _plan(opts, lhs.dtype, m, k, n, num_groups, "tgmm")
+    lhs, grad, group_sizes = vary_together(lhs, grad, group_sizes)
     return KERNELS[backend][1](
         lhs,
         grad,
@@ -142,7 +145,7 @@ def _gmm_bwd(opts, res, dy):
         d_rhs = _tgmm(dy, lhs, group_sizes, plain._replace(tiling=swapped))
     else:
         d_rhs = _tgmm(lhs, dy, group_sizes, plain)
-    return d_lhs, d_rhs, None
+    return sum_to_vma(d_lhs, lhs), sum_to_vma(d_rhs, rhs), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -165,7 +168,7 @@ def _tgmm_bwd(opts, res, dz):
         grad, dz, group_sizes, plain._replace(out_dtype=lhs.dtype, transpose_rhs=True)
     )  # dy @ dz[g]^T
     d_grad = _gmm(lhs, dz, group_sizes, plain._replace(out_dtype=grad.dtype))
-    return d_lhs, d_grad, None
+    return sum_to_vma(d_lhs, lhs), sum_to_vma(d_grad, grad), None
 
 
 _tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.backend import out_struct
 from pallas_kernels.tiling import Tiling, cdiv, group_bounds, make_work_items
 
 COMPILER_PARAMS = plt.CompilerParams(num_warps=4, num_stages=3)
@@ -145,7 +146,7 @@ def gmm_pallas_gpu(
     items = make_work_items(group_sizes, m, tiling.tm, cover_tail=True, visit_empty_groups=False)
     return pl.pallas_call(
         functools.partial(_gmm_kernel, tiling=tiling, k=k, n=n, transpose_rhs=transpose_rhs),
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_shape=out_struct((m, n), out_dtype, lhs, rhs),
         grid=(items.group.shape[0], cdiv(n, tiling.tn)),
         compiler_params=COMPILER_PARAMS,
         interpret=interpret,
@@ -162,7 +163,7 @@ def tgmm_pallas_gpu(
     starts, ends = group_bounds(group_sizes, m)
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, tiling=tiling, k=k, n=n),
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        out_shape=out_struct((num_groups, k, n), out_dtype, lhs, grad),
         grid=(num_groups, cdiv(k, tiling.tk), cdiv(n, tiling.tn)),
         compiler_params=COMPILER_PARAMS,
         interpret=interpret,

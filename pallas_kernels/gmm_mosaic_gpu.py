@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.backend import out_struct
 from pallas_kernels.tiling import Tiling, cdiv, group_bounds, make_work_items
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -304,7 +305,7 @@ def gmm_mosaic_gpu(
         transpose_rhs=transpose_rhs,
         stages=stages,
     )
-    kernel = _launch(body, jax.ShapeDtypeStruct((m, n), out_dtype), interpret)
+    kernel = _launch(body, out_struct((m, n), out_dtype, lhs, rhs), interpret)
     return kernel(
         items.count,
         items.group,
@@ -338,5 +339,5 @@ def tgmm_mosaic_gpu(
     body = functools.partial(
         _tgmm_body, tiling=tiling, k=k, n=n, num_groups=num_groups, stages=stages
     )
-    kernel = _launch(body, jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), interpret)
+    kernel = _launch(body, out_struct((num_groups, k, n), out_dtype, lhs, grad), interpret)
     return kernel(starts, ends, _pad_rows(lhs, tiling.tm), _pad_rows(grad, tiling.tm))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.backend import out_struct
 from pallas_kernels.tiling import Tiling, cdiv, make_work_items
 
 _ARBITRARY, _PARALLEL = "arbitrary", "parallel"
@@ -181,7 +182,7 @@ def gmm_mosaic_tpu(
     )
     return pl.pallas_call(
         functools.partial(_gmm_kernel, tm=tm, tiles_k=tiles_k, transpose_rhs=transpose_rhs),
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_shape=out_struct((m, n), out_dtype, lhs, rhs),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=(_PARALLEL, _ARBITRARY, _ARBITRARY)
@@ -227,7 +228,7 @@ def tgmm_mosaic_tpu(
     )
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, num_items=num_items),
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        out_shape=out_struct((num_groups, k, n), out_dtype, lhs, grad),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=(_PARALLEL, _PARALLEL, _ARBITRARY)

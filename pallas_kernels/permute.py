@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import resolve_backend, resolve_interpret
+from pallas_kernels.manual_axes import sum_to_vma, vary_together
 from pallas_kernels.permute_kernels import (
     combine_rows_gpu,
     combine_rows_tpu,
@@ -39,7 +40,8 @@ class _Opts(NamedTuple):
 
 def _gather(x, src, scale, opts: _Opts):
     fn = gather_rows_tpu if opts.backend == "mosaic_tpu" else gather_rows_gpu
-    return fn(x, src.astype(jnp.int32), scale.astype(jnp.float32), interpret=opts.interpret)
+    x, src, scale = vary_together(x, src.astype(jnp.int32), scale.astype(jnp.float32))
+    return fn(x, src, scale, interpret=opts.interpret)
 
 
 def _combine(y, idx, weights, opts: _Opts):
@@ -48,7 +50,8 @@ def _combine(y, idx, weights, opts: _Opts):
 
         return combine_rows_triton(y, idx, weights)
     fn = combine_rows_tpu if opts.backend == "mosaic_tpu" else combine_rows_gpu
-    return fn(y, idx.astype(jnp.int32), weights.astype(jnp.float32), interpret=opts.interpret)
+    y, idx, weights = vary_together(y, idx.astype(jnp.int32), weights.astype(jnp.float32))
+    return fn(y, idx, weights, interpret=opts.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -89,7 +92,7 @@ def _unpermute_bwd(opts, res, g):
     d_y = _gather(g, order // k, weights.reshape(-1)[order], opts).astype(y_sorted.dtype)
     rows = y_sorted[inverse].reshape(t, k, -1).astype(jnp.float32)
     d_w = jnp.einsum("tkd,td->tk", rows, g.astype(jnp.float32)).astype(weights.dtype)
-    return d_y, None, None, d_w
+    return sum_to_vma(d_y, y_sorted), None, None, sum_to_vma(d_w, weights)
 
 
 _unpermute_combine.defvjp(_unpermute_fwd, _unpermute_bwd)

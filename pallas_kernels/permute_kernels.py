@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.backend import out_struct
 from pallas_kernels.gmm_gpu import COMPILER_PARAMS
 
 # ----------------------------------------------------------------------------- Mosaic TPU
@@ -65,7 +66,7 @@ def gather_rows_tpu(x, src, scale, *, interpret: bool):
     )
     out = pl.pallas_call(
         _gather_kernel_tpu,
-        out_shape=jax.ShapeDtypeStruct((m, 1, d), x.dtype),
+        out_shape=out_struct((m, 1, d), x.dtype, x, src),
         grid_spec=grid_spec,
         interpret=interpret,
         name="moejax_gather_rows",
@@ -86,7 +87,7 @@ def combine_rows_tpu(y, idx, weights, *, interpret: bool):
     )
     out = pl.pallas_call(
         functools.partial(_combine_kernel_tpu, k=k),
-        out_shape=jax.ShapeDtypeStruct((t, 1, d), y.dtype),
+        out_shape=out_struct((t, 1, d), y.dtype, y, idx),
         grid_spec=grid_spec,
         interpret=interpret,
         name="moejax_combine_rows",
@@ -130,7 +131,7 @@ def gather_rows_gpu(x, src, scale, *, interpret: bool):
     return pl.pallas_call(
         functools.partial(_gather_kernel_gpu, d=d),
         grid=(m,),
-        out_shape=jax.ShapeDtypeStruct((m, d), x.dtype),
+        out_shape=out_struct((m, d), x.dtype, x, src),
         compiler_params=COMPILER_PARAMS,
         interpret=interpret,
         name="moejax_gather_rows_gpu",
@@ -143,7 +144,7 @@ def combine_rows_gpu(y, idx, weights, *, interpret: bool):
     return pl.pallas_call(
         functools.partial(_combine_kernel_gpu, k=k, d=d),
         grid=(t,),
-        out_shape=jax.ShapeDtypeStruct((t, d), y.dtype),
+        out_shape=out_struct((t, d), y.dtype, y, idx),
         compiler_params=COMPILER_PARAMS,
         interpret=interpret,
         name="moejax_combine_rows_gpu",

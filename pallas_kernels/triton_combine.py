@@ -20,6 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import out_struct
+
 BLOCK_D = 1024  # columns per program; rows are d_model wide (1024-7168 in the target models)
 
 
@@ -72,7 +74,7 @@ def combine_rows_triton(y: jax.Array, idx: jax.Array, weights: jax.Array) -> jax
         idx.reshape(-1).astype(jnp.int32),
         weights.reshape(-1).astype(jnp.float32),
         kernel=_kernel(),
-        out_shape=jax.ShapeDtypeStruct((t, d), y.dtype),
+        out_shape=out_struct((t, d), y.dtype, y, idx),
         grid=(t, -(-d // block_d)),
         d=d,
         k=k,

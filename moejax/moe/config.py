@@ -73,7 +73,7 @@ class MoEConfig:
     ep_exchange: str = "auto"
     fssdp_slots: int = 1  # fssdp: replica slots per device for hot experts (0 = plain EP)
     fssdp_remat: bool = False  # fssdp: gather the replicas again in the backward pass
-    gmm_impl: str = "auto"  # grouped matmul of the `ragged` plan: auto|tile_loop|ragged_dot
+    gmm_impl: str = "auto"  # grouped matmul: auto|tile_loop|ragged_dot|pallas
     gmm_tile: int = 256  # rows per tile of the tile_loop grouped matmul
     # kernels of the `pallas` dispatcher: auto (from the platform)|mosaic_tpu|mosaic_gpu|
     # pallas_gpu|jax_triton (pallas_gpu plus the Triton combine kernel); see

@@ -33,15 +33,17 @@ same y (up to float error and, for `capacity_einsum` only, dropped assignments):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from moejax.moe.config import MoEConfig
-from moejax.moe.expert_parallel import sharded_dispatch
+from moejax.moe.expert_parallel import sharded_dispatch, token_split
 from moejax.moe.experts import ExpertFn
 from moejax.moe.grouped_matmul import gmm
 from moejax.moe.permute import permute, sort_by_expert, unpermute
@@ -111,39 +113,72 @@ def capacity_einsum(
     return _combine(y, weights), {"dropped_fraction": dropped.astype(jnp.float32)}
 
 
+def _per_token_shard(plan, x: jax.Array, routing: Routing, weights) -> jax.Array:
+    """`plan(x, expert_ids, combine_weights, weights) -> y` on the whole arrays, or, when the
+    context mesh splits the tokens, on each device's tokens inside `jax.shard_map` with every
+    expert's weights gathered onto each device (as FSDP gathers weights). Plans that call a
+    Pallas kernel run this way: GSPMD cannot partition a kernel."""
+    args = (x, routing.expert_ids, routing.combine_weights, weights)
+    split = token_split(x.shape[0])
+    if split is None:
+        return plan(*args)
+    mesh, tokens = split
+    return jax.shard_map(
+        plan,
+        mesh=mesh,
+        in_specs=(tokens, tokens, tokens, P()),
+        out_specs=tokens,
+        check_vma=pallas_kernels.backend.shard_map_checks_vma(),
+    )(*args)
+
+
+def _ragged_plan(x, expert_ids, combine_weights, weights, *, fn, num_experts, impl, tile):
+    t, k = expert_ids.shape
+    # Unused slots (zero weight) go past the last group: no FLOPs for padding tokens or the
+    # empty slots of top-p routing.
+    order, inverse, sizes = sort_by_expert(expert_ids, num_experts, combine_weights > 0)
+    x_sorted = permute(x, order, inverse, k)
+    out = fn(weights, x_sorted, lambda lhs, w: gmm(lhs, w, sizes, impl=impl, tile=tile))
+    y = unpermute(out, order, inverse).reshape(t, k, -1)
+    return _combine(y, combine_weights)
+
+
 def ragged(
     x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig, gmm_impl: str | None = None
 ) -> tuple[jax.Array, Metrics]:
-    t, k = routing.expert_ids.shape
     impl = gmm_impl or resolve_gmm_impl(cfg.gmm_impl)
-    # Unused slots (zero weight) go past the last group: no FLOPs for padding tokens or the
-    # empty slots of top-p routing.
-    order, inverse, sizes = sort_by_expert(
-        routing.expert_ids, cfg.num_experts, routing.combine_weights > 0
+    plan = functools.partial(
+        _ragged_plan, fn=expert_fn.fn, num_experts=cfg.num_experts, impl=impl, tile=cfg.gmm_tile
     )
-    x_sorted = permute(x, order, inverse, k)
-    out = expert_fn(x_sorted, lambda lhs, w: gmm(lhs, w, sizes, impl=impl, tile=cfg.gmm_tile))
-    y = unpermute(out, order, inverse).reshape(t, k, -1)
-    return _combine(y, routing.combine_weights), {}
+    if impl == "pallas":  # a kernel: per token shard
+        return _per_token_shard(plan, x, routing, expert_fn.weights), {}
+    return plan(x, routing.expert_ids, routing.combine_weights, expert_fn.weights), {}
+
+
+def _pallas_plan(x, expert_ids, combine_weights, weights, *, fn, num_experts: int, backend):
+    k = expert_ids.shape[1]
+    kw = {"backend": backend, "interpret": None}  # interpret on CPU only
+    order, inverse, sizes = sort_by_expert(expert_ids, num_experts, combine_weights > 0)
+    x_sorted = pallas_kernels.permute(x, order, inverse, k, **kw)
+    out = fn(weights, x_sorted, lambda lhs, w: pallas_kernels.gmm(lhs, w, sizes, **kw))
+    return pallas_kernels.unpermute_combine(out, order, inverse, combine_weights, **kw)
 
 
 def pallas(
     x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig, gmm_impl: str | None = None
 ) -> tuple[jax.Array, Metrics]:
+    """The `ragged` plan on the Pallas kernels, per token shard on a mesh
+    (`_per_token_shard`); `expert_parallel` is the plan that splits the experts instead."""
     del gmm_impl  # the grouped matmul is pallas_kernels.gmm; tiles come from its table
-    k = routing.expert_ids.shape[1]
-    kw = {"backend": cfg.kernel_backend, "interpret": jax.default_backend() == "cpu"}
-    order, inverse, sizes = sort_by_expert(
-        routing.expert_ids, cfg.num_experts, routing.combine_weights > 0
+    plan = functools.partial(
+        _pallas_plan, fn=expert_fn.fn, num_experts=cfg.num_experts, backend=cfg.kernel_backend
     )
-    x_sorted = pallas_kernels.permute(x, order, inverse, k, **kw)
-    out = expert_fn(x_sorted, lambda lhs, w: pallas_kernels.gmm(lhs, w, sizes, **kw))
-    y = pallas_kernels.unpermute_combine(out, order, inverse, routing.combine_weights, **kw)
-    return y, {}
+    return _per_token_shard(plan, x, routing, expert_fn.weights), {}
 
 
 def _platform_plan() -> tuple[str, str]:
-    return AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])
+    # The platform compiled for (the context mesh's devices), not the host's.
+    return AUTO_PLAN.get(pallas_kernels.backend.platform(), AUTO_PLAN["cpu"])
 
 
 def resolve_gmm_impl(name: str) -> str:

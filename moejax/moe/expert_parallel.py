@@ -71,10 +71,12 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.moe.config import MoEConfig
 from moejax.moe.experts import ExpertFn
-from moejax.moe.grouped_matmul import gmm, vary_like, varying_axes
+from moejax.moe.grouped_matmul import gmm
 from moejax.moe.permute import permute, sort_by_expert, unpermute
 from moejax.moe.placement import greedy_placement, holders, owners, replica_slot
 from moejax.moe.routing import Routing
+from pallas_kernels.backend import platform, shard_map_checks_vma
+from pallas_kernels.manual_axes import vary_like, varying_axes
 
 EXPERT_AXIS = "expert"
 TOKEN_AXES = ("data", "fsdp", "expert")  # the mesh axes of the default `batch` rule
@@ -261,6 +263,20 @@ def _context_mesh(num_tokens: int):
     return mesh if num_tokens % shards == 0 else None
 
 
+def token_split(num_tokens: int):
+    """`(mesh, PartitionSpec of the token axis)` when the context mesh splits `num_tokens`
+    tokens over more than one device (its `TOKEN_AXES`, dividing evenly), else None: the
+    plan then runs on the whole array."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    axes = tuple(a for a in TOKEN_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if shards == 1 or num_tokens % shards:
+        return None
+    return mesh, P(axes)
+
+
 def sharded_dispatch(
     x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig, slots: int, gmm_impl: str
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -283,7 +299,7 @@ def sharded_dispatch(
     p = mesh.shape[EXPERT_AXIS]
     token_axes = tuple(a for a in TOKEN_AXES if a in mesh.axis_names)
     ragged = cfg.ep_exchange == "ragged" or (
-        cfg.ep_exchange == "auto" and jax.default_backend() in ("gpu", "tpu")
+        cfg.ep_exchange == "auto" and platform() in ("gpu", "tpu")
     )
     grp = _Group(EXPERT_AXIS, p, token_axes, ragged)  # metrics: tensor-axis peers are copies
     slots = slots if p > 1 else 0
@@ -296,6 +312,11 @@ def sharded_dispatch(
 
     tokens = P(token_axes)
     fn = jax.shard_map(
-        body, mesh=mesh, in_specs=(tokens, tokens, tokens, P(EXPERT_AXIS)), out_specs=(tokens, P())
+        body,
+        mesh=mesh,
+        in_specs=(tokens, tokens, tokens, P(EXPERT_AXIS)),
+        out_specs=(tokens, P()),
+        # Pallas kernels in CPU interpret mode cannot be checked (pallas_kernels.backend).
+        check_vma=gmm_impl != "pallas" or shard_map_checks_vma(),
     )
     return fn(x, routing.expert_ids, routing.combine_weights, expert_fn.weights)

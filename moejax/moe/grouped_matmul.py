@@ -18,6 +18,10 @@ Two implementations, chosen by name:
   The loop has a data-dependent trip count, so reverse-mode differentiation goes through a
   `custom_vjp`: `d lhs = gmm(grad, rhs^T)`, `d rhs = tgmm(lhs, grad)`.
 - ``"ragged_dot"``: `jax.lax.ragged_dot`, which XLA lowers natively on TPU.
+- ``"pallas"``: `pallas_kernels.gmm`, the Pallas kernel of the platform compiled for (Mosaic
+  TPU on TPU, Mosaic GPU / Pallas GPU on GPU; interpret mode on CPU, slow: for tests). A
+  Pallas kernel cannot be partitioned by GSPMD: call it on local shards (inside
+  `jax.shard_map`, as the expert-parallel plans do).
 
 Shapes: M rows (tokens x top-k, sorted by expert), K input features, N output features,
 G groups (experts). `group_sizes` is int32 and sums to at most M.
@@ -31,7 +35,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("tile_loop", "ragged_dot")
+import pallas_kernels
+from pallas_kernels.manual_axes import sum_to_vma, vary_like
+
+IMPLS = ("tile_loop", "ragged_dot", "pallas")
 DEFAULT_TILE = 256
 
 
@@ -82,36 +89,6 @@ def _window(plan: TilePlan, t, m: int, tile: int):
     lo = jnp.minimum(start, m - tile)
     rows = lo + jnp.arange(tile)
     return lo, (rows >= start) & (rows < start + plan.rows[t])
-
-
-def varying_axes(x: jax.Array) -> frozenset:
-    """The manual mesh axes `x` varies over inside `jax.shard_map` (empty outside)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)  # jax 0.10: ShapedArray.mat.varying; earlier: .vma
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
-def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
-    """`x` marked as varying over every manual mesh axis its `refs` vary over.
-
-    Inside `jax.shard_map` (which checks varying manual axes, "vma") a loop carry built from
-    constants is device-invariant while the body makes it vary with the operands; the
-    carry's input and output types must match. A no-op outside shard_map.
-    """
-    want = frozenset().union(*(varying_axes(r) for r in refs))
-    missing = tuple(sorted(want - varying_axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-def sum_to_vma(ct: jax.Array, primal: jax.Array) -> jax.Array:
-    """A cotangent summed over the manual axes it varies over and its primal does not.
-
-    The transpose of the implicit `pcast(..., to="varying")` that shard_map inserts when an
-    operand invariant over an axis (e.g. expert weights across `data`) meets a varying one;
-    a `custom_vjp` must do it itself. A no-op outside shard_map.
-    """
-    extra = tuple(sorted(varying_axes(ct) - varying_axes(primal)))
-    return jax.lax.psum(ct, extra) if extra else ct
 
 
 def _gmm_loop(lhs, rhs, group_sizes, tile, out_dtype):
@@ -204,6 +181,8 @@ def gmm(
         return _gmm_tile_loop(lhs, rhs, group_sizes, tile)
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+    if impl == "pallas":
+        return pallas_kernels.gmm(lhs, rhs, group_sizes, backend=None, interpret=None)
     raise ValueError(f"unknown grouped-matmul impl {impl!r}; choose one of {IMPLS}")
 
 

@@ -1,6 +1,8 @@
 """`expert_parallel` and `fssdp` on a simulated 8-device pod (data=1, fsdp=2, expert=4):
 values and gradients equal `dense_reference` (also with the ragged exchange, run here on an
-emulation of `jax.lax.ragged_all_to_all`, which XLA:CPU cannot lower); FSSDP evens out the
+emulation of `jax.lax.ragged_all_to_all`, which XLA:CPU cannot lower, and with the Pallas
+grouped matmul in interpret mode inside the shard_map; the `pallas` dispatcher and `ragged`
+with the Pallas matmul, each per token shard, are the slow cases); FSSDP evens out the
 per-device token counts under a skewed router where EP cannot; a small exchange capacity
 drops exactly what overflows.
 One subprocess (the XLA flag that creates 8 CPU devices must be set before JAX starts) runs
@@ -17,7 +19,7 @@ import pytest
 from testing_utils import REPO
 
 SCRIPT = r"""
-import json
+import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import dispatch
@@ -87,8 +89,10 @@ jax.lax.ragged_all_to_all = emulated_ragged_all_to_all
 cases = {"expert_parallel": dict(name="expert_parallel"),
          "fssdp": dict(name="fssdp", fssdp_slots=2),
          "fssdp_remat": dict(name="fssdp", fssdp_slots=1, fssdp_remat=True),
-         "fssdp_ragged": dict(name="fssdp", fssdp_slots=2, ep_exchange="ragged")}
-for case, kw in cases.items():
+         "fssdp_ragged": dict(name="fssdp", fssdp_slots=2, ep_exchange="ragged"),
+         "ep_pallas": dict(name="expert_parallel", gmm_impl="pallas")}
+only = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None  # {case: kwargs}: just those
+for case, kw in (only or cases).items():
     kw = dict(kw)
     name = kw.pop("name")
     with jax.set_mesh(mesh):
@@ -97,6 +101,9 @@ for case, kw in cases.items():
                  "dexperts": max_err(g[1], gwant[1]),
                  "drouter": float(jnp.max(jnp.abs(jnp.where(used, g[2] - gwant[2], 0)))),
                  "metrics": {k: float(v) for k, v in m.items()}}
+if only:
+    print("RESULT" + json.dumps(out))
+    sys.exit(0)
 
 # Skew: every token's first choice is expert 0 (half of all assignments).
 t2 = 256
@@ -135,8 +142,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def result():
+def _run(*args):
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
@@ -144,7 +150,7 @@ def result():
         "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
     }
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+        [sys.executable, "-c", SCRIPT, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -156,13 +162,35 @@ def result():
     return json.loads(line[len("RESULT") :])
 
 
-@pytest.mark.parametrize("case", ["expert_parallel", "fssdp", "fssdp_remat", "fssdp_ragged"])
-def test_sharded_dispatch_matches_dense_reference(result, case):
-    r = result[case]
+@pytest.fixture(scope="module")
+def result():
+    return _run()
+
+
+def _check_matches_dense_reference(r):
     assert r["y"] < 1e-5
     for grad in ("dx", "dexperts", "drouter"):
         assert r[grad] < 1e-4, (grad, r[grad])
     assert r["metrics"]["dropped_fraction"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "case", ["expert_parallel", "fssdp", "fssdp_remat", "fssdp_ragged", "ep_pallas"]
+)
+def test_sharded_dispatch_matches_dense_reference(result, case):
+    _check_matches_dense_reference(result[case])
+
+
+@pytest.mark.slow
+def test_pallas_kernels_per_token_shard_match_dense_reference():
+    # The Pallas kernels cannot be partitioned by GSPMD: both plans run them per token shard.
+    cases = {
+        "pallas": {"name": "pallas"},
+        "ragged_pallas": {"name": "ragged", "gmm_impl": "pallas"},
+    }
+    result = _run(json.dumps(cases))
+    for case in cases:
+        _check_matches_dense_reference(result[case])
 
 
 def test_fssdp_fills_replica_slots_of_hot_experts(result):

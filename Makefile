@@ -13,7 +13,8 @@ PYTEST_ARGS ?= -n 2
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,hf]'  # hf: torch CPU + transformers for the HF parity tests
+	# hf: torch CPU + transformers for the HF parity tests; tpu: libtpu, for the TPU-compile tests
+	$(PY) -m pip install --quiet -e '.[test,hf,tpu]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -34,6 +34,9 @@ EXTRAS_REQUIRE = {
         "import-linter>=2.1",  # dependency contracts (the architecture issue)
     ],
     "gpu": ["jax[cuda12]>=0.7.0", "jax-triton>=0.3.0"],
+    # libtpu: ahead-of-time compiles for TPU topologies from any host (moejax.sharding.
+    # topology), which `make test` runs; on a TPU VM, the TPU runtime itself.
+    "tpu": ["jax[tpu]>=0.7.0"],
     # torch pinned: 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
     "hf": [
         "torch==2.13.0",

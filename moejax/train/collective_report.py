@@ -16,8 +16,31 @@ is initialised or run), and prints JSON:
                 from XLA's `memory_analysis()` where the backend gives it: arguments,
                 outputs, temporaries (activations and workspace), generated code
 
-`collective_report(config)` returns the same dict (tests, notebooks). MaxText's AOT
-compile for a target topology is the model: find the bytes and memory without the hardware.
+For a TPU pod, without the pod (MaxText's `train_compile.py` is the model):
+
+    python -m moejax.train.collective_report --config=configs/deepseekmoe.py:size=pod \
+        --topology=v5p:4x4x8 [--num_slices=2]
+
+compiles the step with the real XLA:TPU compiler for that topology's compile-only devices
+(`moejax.sharding.topology`; needs the `tpu` extra, not a TPU) and adds:
+
+  topology, chip     the slice, the chip and its HBM
+  fits_hbm           arguments + outputs - donated aliases + temporaries <= the chip's HBM;
+                     a step that XLA refuses as too large is reported, not raised
+                     (`compile_error` holds XLA's message)
+  cost               per-chip FLOPs and HBM bytes of the compiled step (`cost_analysis()`).
+                     XLA counts a loop body once: with scanned layers (the default) these
+                     are one layer per stack. `--unroll_layers` (model.scan_layers=False)
+                     compiles every layer (slower) and makes them per-step totals; with
+                     `train.grad_accum` = A > 1 they are then scaled by A (the microbatch
+                     loop), which over-counts the optimizer update's bytes A times
+  mfu_bound          with per-step costs: model FLOPs per chip (6 N_active per token plus
+                     attention, `moejax.models.flops`) / (roofline time x the chip's bf16
+                     peak), the roofline time being max(FLOPs / peak, bytes / HBM
+                     bandwidth): the MFU the step would reach if it ran at the roofline
+                     of what it computes and moves, collectives fully overlapped
+
+`collective_report(config, topology=...)` returns the same dict (tests, notebooks).
 """
 
 from __future__ import annotations
@@ -31,10 +54,13 @@ import numpy as np
 from moejax.config.validation import validate
 from moejax.config_section import ConfigError
 from moejax.data.model_batch import padding_batch
+from moejax.models.flops import train_flops_per_token
+from moejax.moe.dispatch import AUTO_PLAN, resolve_gmm_impl
 from moejax.sharding.hlo_collectives import collective_bytes
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import batch_sharding
 from moejax.sharding.strategies import apply_strategy
+from moejax.sharding.topology import chip_of, parse_topology, tpu_devices
 from moejax.train.experiment import build_experiment
 
 
@@ -77,39 +103,154 @@ def _memory_analysis(compiled) -> dict[str, int]:
     return {k: int(getattr(stats, v)) for k, v in fields.items() if hasattr(stats, v)}
 
 
-def collective_report(config, devices=None) -> dict:
-    """Compiles one train step of `config` on `devices` (default: all) and reports it."""
+def _dispatch_plan(s, platform: str) -> dict | None:
+    """The dispatcher and grouped-matmul impl the step runs on `platform` (`auto` resolved)."""
+    if not s.model.num_moe_layers:
+        return None
+    if s.moe.dispatcher == "auto":
+        dispatcher, impl = AUTO_PLAN.get(platform, AUTO_PLAN["cpu"])
+    else:
+        dispatcher = s.moe.dispatcher
+        impl = AUTO_PLAN.get(platform, AUTO_PLAN["cpu"])[1] if s.moe.gmm_impl == "auto" else None
+        impl = impl or resolve_gmm_impl(s.moe.gmm_impl)
+    uses_gmm = dispatcher in ("ragged", "expert_parallel", "fssdp")
+    return {
+        "dispatcher": dispatcher,
+        "gmm_impl": impl if uses_gmm else None,
+        "kernel_backend": s.moe.kernel_backend if dispatcher == "pallas" else None,
+    }
+
+
+def _cost(compiled, s) -> dict:
+    """XLA's per-chip cost of the step; `per_step` when no loop hides repeated work."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return {}
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    if cost.get("flops") is None:
+        return {}
+    per_step = not s.model.scan_layers
+    scale = s.train.grad_accum if per_step else 1
+    out = {
+        "flops": float(cost["flops"]) * scale,
+        "bytes_accessed": float(cost.get("bytes accessed", 0.0)) * scale,
+        "per_step": per_step,
+    }
+    if not per_step:
+        out["note"] = "loop bodies counted once (scanned layers); --unroll_layers for totals"
+    return out
+
+
+def _hbm(memory: dict, chip) -> dict:
+    held = (
+        memory.get("argument_bytes", 0)
+        + memory.get("output_bytes", 0)
+        - memory.get("alias_bytes", 0)
+        + memory.get("temp_bytes", 0)
+    )
+    return {"hbm_bytes": chip.hbm_bytes, "peak_bytes": held, "fits_hbm": held <= chip.hbm_bytes}
+
+
+def _mfu_bound(s, cost: dict, chip, num_chips: int) -> dict:
+    """Model FLOPs per chip over the roofline time x peak (module docstring)."""
+    tokens = (s.data.global_batch_size // s.train.grad_accum * s.train.grad_accum) * (
+        s.data.seq_len
+    )
+    model_flops = train_flops_per_token(s.model, s.moe, s.data.seq_len) * tokens / num_chips
+    out = {"model_flops_per_chip": model_flops, "mfu_bound": None}
+    if cost.get("per_step"):
+        compute_s = cost["flops"] / chip.peak_flops
+        memory_s = cost["bytes_accessed"] / chip.hbm_bandwidth
+        roofline_s = max(compute_s, memory_s)
+        out.update(
+            roofline_seconds=roofline_s,
+            bound_by="compute" if compute_s >= memory_s else "hbm_bandwidth",
+            mfu_bound=model_flops / (roofline_s * chip.peak_flops),
+        )
+    return out
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error)
+
+
+def collective_report(
+    config,
+    devices=None,
+    topology: str | None = None,
+    num_slices: int = 1,
+    unroll_layers: bool = False,
+) -> dict:
+    """Compiles one train step of `config` and reports it: on `devices` (default: all), or on
+    the compile-only devices of TPU `topology` (`moejax.sharding.topology`). `unroll_layers`
+    compiles without the layer scan, so the cost is per step (module docstring)."""
+    if unroll_layers:
+        config = config.copy_and_resolve_references()
+        config.model.scan_layers = False
+    topo = None
+    if topology:
+        topo = parse_topology(topology, num_slices)  # a bad name fails before libtpu loads
+        devices = tpu_devices(topo)
     devices = list(jax.devices() if devices is None else devices)
     s = validate(config, num_devices=len(devices))
     mesh = make_mesh(s.mesh, devices=devices)
     exp = build_experiment(s, mesh)
-    compiled = exp.step_fn.lower(exp.abstract_state, abstract_batch(s, mesh)).compile()
-    collectives = collective_bytes(compiled.as_text())
-    unknown = collectives.pop("unknown_trip_count_loops")
-    memory = {
-        "params_bytes": _shard_bytes(exp.abstract_state.params),
-        "opt_state_bytes": _shard_bytes(exp.abstract_state.opt_state),
-    }
-    memory.update(_memory_analysis(compiled))
-    return {
+    platform = devices[0].platform
+    report = {
         "devices": len(devices),
-        "platform": devices[0].platform,
+        "platform": platform,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "dispatcher": s.moe.dispatcher if s.model.num_moe_layers else None,
+        "dispatch_plan": _dispatch_plan(s, platform),
         "num_params": int(
             sum(
                 np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(exp.abstract_state.params)
             )
         ),
-        "collectives": collectives,
-        "total_bytes": sum(v["bytes"] for v in collectives.values()),
-        "total_wire_bytes": sum(v["wire_bytes"] for v in collectives.values()),
-        "memory": memory,
-        "notes": {
-            "bytes": "per device per train step; see moejax.sharding.hlo_collectives",
-            "loops_without_trip_count": unknown,
-        },
     }
+    chip = None
+    if topo is not None:
+        chip = chip_of(devices[0])
+        report["topology"] = {"name": topo.name, "num_slices": topo.num_slices}
+        report["chip"] = {
+            "name": chip.name,
+            "hbm_bytes": chip.hbm_bytes,
+            "peak_bf16_flops": chip.peak_flops,
+            "hbm_bandwidth": chip.hbm_bandwidth,
+        }
+    memory = {
+        "params_bytes": _shard_bytes(exp.abstract_state.params),
+        "opt_state_bytes": _shard_bytes(exp.abstract_state.opt_state),
+    }
+    try:
+        compiled = exp.step_fn.lower(exp.abstract_state, abstract_batch(s, mesh)).compile()
+    except Exception as e:  # XLA refuses a step that cannot fit: report it
+        if chip is None or not _is_out_of_memory(e):
+            raise
+        report.update(memory=memory, fits_hbm=False, compile_error=str(e).split("\n")[0])
+        return report
+    collectives = collective_bytes(compiled.as_text())
+    unknown = collectives.pop("unknown_trip_count_loops")
+    memory.update(_memory_analysis(compiled))
+    report.update(
+        collectives=collectives,
+        total_bytes=sum(v["bytes"] for v in collectives.values()),
+        total_wire_bytes=sum(v["wire_bytes"] for v in collectives.values()),
+        memory=memory,
+    )
+    cost = _cost(compiled, s)
+    if cost:
+        report["cost"] = cost
+    if chip is not None:
+        report.update(_hbm(memory, chip))
+        report.update(_mfu_bound(s, cost, chip, len(devices)))
+    report["notes"] = {
+        "bytes": "per device per train step; see moejax.sharding.hlo_collectives",
+        "loops_without_trip_count": unknown,
+    }
+    return report
 
 
 def main(argv) -> None:
@@ -121,9 +262,13 @@ def main(argv) -> None:
     try:
         if flags.FLAGS["strategy"].value:
             apply_strategy(config, flags.FLAGS["strategy"].value)
-        report = collective_report(config)
-    except ConfigError as e:
-        print(f"moejax: error: ConfigError: {e}", file=sys.stderr, flush=True)
+        report = collective_report(
+            config,
+            topology=flags.FLAGS["topology"].value,
+            num_slices=flags.FLAGS["num_slices"].value,
+        )
+    except (ConfigError, ValueError, RuntimeError) as e:
+        print(f"moejax: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(json.dumps(report, indent=2))
 
@@ -144,5 +289,19 @@ if __name__ == "__main__":
         "",
         "Optional preset of moejax.sharding.strategies "
         "(data, fsdp, fsdp_tp, ep, fssdp), applied before the report.",
+    )
+    flags.DEFINE_string(
+        "topology",
+        "",
+        "Compile for this TPU topology instead of the local devices: GEN:AxB[xC] "
+        "(v5p:4x4x8, v6e:16x16) or a Cloud name (v5p-256, v6e-256, v5e-256). Needs the "
+        "`tpu` extra (libtpu), not a TPU.",
+    )
+    flags.DEFINE_integer("num_slices", 1, "With --topology: that many slices joined by DCN.")
+    flags.DEFINE_bool(
+        "unroll_layers",
+        False,
+        "Compile without the layer scan (model.scan_layers=False): slower, but the cost "
+        "analysis then counts every layer, which the MFU bound needs.",
     )
     app.run(main)

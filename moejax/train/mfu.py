@@ -25,8 +25,9 @@ from moejax.models.flops import train_flops_per_token
 # Substring of `device.device_kind` -> peak dense bf16 TFLOP/s per device.
 PEAK_TFLOPS = (
     ("TPU v6", 918.0),
-    ("TPU v5p", 459.0),
-    ("TPU v5", 197.0),  # v5e / "TPU v5 lite"
+    ("TPU v5 lite", 197.0),  # v5e
+    ("TPU v5e", 197.0),
+    ("TPU v5", 459.0),  # v5p reports "TPU v5" (v5e reports "TPU v5 lite", matched above)
     ("TPU v4", 275.0),
     ("TPU v3", 123.0),
     ("H200", 989.0),

@@ -7,7 +7,10 @@ and worker hostnames (a dozen lines of warnings before every `make train`). Neit
 there: no TPU runtime can start, and a compile-only topology names its own chips. So when
 libtpu is installed and the host has no TPU chip (no Google device on the PCI bus, which is
 how JAX itself counts TPU chips), we set placeholder values for the variables that are
-unset. On a TPU VM nothing changes.
+unset. libtpu also takes a lock file (/tmp/libtpu_lockfile) so that two processes do not
+drive the same chips; with no chips there is nothing to guard, and the lock would stop two
+processes on one host from compiling for TPU at once (pytest-xdist workers, a sweep and a
+report), so `ALLOW_MULTIPLE_LIBTPU_LOAD` is set too. On a TPU VM nothing changes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ import os
 import pathlib
 
 GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are Google PCI devices
-PLACEHOLDERS = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost"}
+PLACEHOLDERS = {
+    "TPU_ACCELERATOR_TYPE": "v5p-8",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # no chips to guard: compile-only processes may share
+}
 
 
 def host_has_tpu() -> bool:

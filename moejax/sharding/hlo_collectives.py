@@ -17,6 +17,11 @@ per-device shard shapes):
               size of its replica group: all-gather and reduce-scatter (n-1)/n * bytes,
               all-reduce 2(n-1)/n * bytes, all-to-all (n-1)/n * bytes, collective-permute
               bytes.
+  ragged-all-to-all (expert-parallel token exchange on GPU/TPU, `ep_exchange=ragged`) moves
+              only the rows its runtime `send_sizes` name, which the HLO does not know; its
+              `bytes` is the STATIC BOUND: the size of its output buffer (what one device
+              could receive, the same size as what it could send), and `wire_bytes`
+              (n-1)/n of that. `bound_kinds` in the result lists the kinds counted this way.
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ from __future__ import annotations
 import math
 import re
 
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+KINDS = (
+    "all-gather",
+    "reduce-scatter",
+    "all-reduce",
+    "all-to-all",
+    "ragged-all-to-all",
+    "collective-permute",
+)
+BOUND_KINDS = ("ragged-all-to-all",)  # bytes are a static upper bound (module docstring)
 DTYPE_BYTES = {
     "pred": 1,
     "s4": 0.5,
@@ -175,7 +188,9 @@ def collective_bytes(hlo: str) -> dict:
                 shape_bytes(shapes.get(name, "")) for name in _OPERAND.findall(operands)
             )
             result_bytes = shape_bytes(result)
-            if op.endswith("-start"):  # async results are tuples (operands, results, ...)
+            if kind == "ragged-all-to-all":  # operands: input, output buffer, offsets, sizes
+                size = result_bytes
+            elif op.endswith("-start"):  # async results are tuples (operands, results, ...)
                 gathered = result_bytes - operand_bytes
                 size = gathered if kind in ("all-gather", "collective-permute") else operand_bytes
                 size = max(size, operand_bytes)
@@ -193,4 +208,5 @@ def collective_bytes(hlo: str) -> dict:
         for key in v:
             v[key] = int(round(v[key]))
     out["unknown_trip_count_loops"] = unknown
+    out["bound_kinds"] = list(BOUND_KINDS)
     return out

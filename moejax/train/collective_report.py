@@ -233,6 +233,7 @@ def collective_report(
         return report
     collectives = collective_bytes(compiled.as_text())
     unknown = collectives.pop("unknown_trip_count_loops")
+    bound = [k for k in collectives.pop("bound_kinds") if collectives[k]["count"]]
     memory.update(_memory_analysis(compiled))
     report.update(
         collectives=collectives,
@@ -250,6 +251,12 @@ def collective_report(
         "bytes": "per device per train step; see moejax.sharding.hlo_collectives",
         "loops_without_trip_count": unknown,
     }
+    if bound:
+        report["notes"]["static_bound"] = (
+            f"{', '.join(bound)}: bytes are the static bound (the whole exchange buffer); "
+            "the op moves only the rows its runtime sizes name, and total_bytes includes "
+            "the bound"
+        )
     return report
 
 
@@ -266,6 +273,7 @@ def main(argv) -> None:
             config,
             topology=flags.FLAGS["topology"].value,
             num_slices=flags.FLAGS["num_slices"].value,
+            unroll_layers=flags.FLAGS["unroll_layers"].value,
         )
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"moejax: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@
   holds the Mosaic custom calls;
 - the dispatchers that call Pallas kernels compile on 4 and 8 v5p chips, the kernels inside
   their `shard_map` (GSPMD cannot partition a Mosaic kernel: without it the compile fails);
+- the expert-parallel `ragged_all_to_all` exchange is counted at its static bound;
 - a tiny config's whole train step compiles for v5p:2x2x1 through the collective report,
   with the `pallas` dispatcher, and fits; unrolled, XLA's FLOP count matches the model's.
 """
@@ -22,9 +23,11 @@ pytest.importorskip("libtpu", reason="the TPU-compile tests need the `tpu` extra
 import pallas_kernels  # noqa: E402
 from moejax.moe.config import MoEConfig  # noqa: E402
 from moejax.moe.dispatch import dispatch  # noqa: E402
+from moejax.moe.expert_parallel import buffer_rows  # noqa: E402
 from moejax.moe.experts import swiglu_expert_fn  # noqa: E402
 from moejax.moe.routing import Routing  # noqa: E402
 from moejax.sharding.config import MeshConfig  # noqa: E402
+from moejax.sharding.hlo_collectives import collective_bytes  # noqa: E402
 from moejax.sharding.mesh import make_mesh  # noqa: E402
 from moejax.sharding.topology import tpu_devices  # noqa: E402
 from moejax.train.collective_report import collective_report  # noqa: E402
@@ -96,26 +99,8 @@ def test_permute_and_combine_with_vjps_compile_to_mosaic(topology):
 E, K, D, F, T = 8, 2, 256, 512, 1024
 
 
-@pytest.mark.parametrize(
-    "topology, mesh_sizes, dispatcher, extra",
-    [
-        ("v5p:2x2x1", dict(data=2, fsdp=2), "pallas", {}),
-        ("v5p:2x2x1", dict(fsdp=2, expert=2), "expert_parallel", dict(gmm_impl="pallas")),
-        ("v5p:2x2x2", dict(fsdp=2, expert=4), "fssdp", dict(gmm_impl="pallas", fssdp_slots=1)),
-        pytest.param("v5p:2x2x2", dict(data=2, fsdp=4), "pallas", {}, marks=pytest.mark.slow),
-        pytest.param(
-            "v5p:2x2x2",
-            dict(fsdp=2, expert=4),
-            "expert_parallel",
-            dict(gmm_impl="pallas"),
-            marks=pytest.mark.slow,
-        ),
-        pytest.param(
-            "v5p:2x2x2", dict(data=8), "ragged", dict(gmm_impl="pallas"), marks=pytest.mark.slow
-        ),
-    ],
-)
-def test_kernel_dispatchers_compile_on_several_chips(topology, mesh_sizes, dispatcher, extra):
+def compile_dispatch(topology, mesh_sizes, dispatcher, extra):
+    """The HLO of dispatch's value and gradients on `topology`'s chips under `mesh_sizes`."""
     devices = tpu_devices(topology)
     sizes = dict(data=1, fsdp=1, expert=1, tensor=1) | mesh_sizes
     mesh = make_mesh(MeshConfig(**sizes), devices=devices)
@@ -136,10 +121,48 @@ def test_kernel_dispatchers_compile_on_several_chips(topology, mesh_sizes, dispa
         spec((T, K), jnp.float32, mesh, tokens),
     )
     compiled = compile_on(mesh, jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 5)), *args)
-    hlo = compiled.as_text()
+    return compiled.as_text()
+
+
+@pytest.mark.parametrize(
+    "topology, mesh_sizes, dispatcher, extra",
+    [
+        ("v5p:2x2x1", dict(data=2, fsdp=2), "pallas", {}),
+        ("v5p:2x2x1", dict(fsdp=2, expert=2), "expert_parallel", dict(gmm_impl="pallas")),
+        ("v5p:2x2x2", dict(fsdp=2, expert=4), "fssdp", dict(gmm_impl="pallas", fssdp_slots=1)),
+        pytest.param("v5p:2x2x2", dict(data=2, fsdp=4), "pallas", {}, marks=pytest.mark.slow),
+        pytest.param(
+            "v5p:2x2x2",
+            dict(fsdp=2, expert=4),
+            "expert_parallel",
+            dict(gmm_impl="pallas"),
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "v5p:2x2x2", dict(data=8), "ragged", dict(gmm_impl="pallas"), marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_kernel_dispatchers_compile_on_several_chips(topology, mesh_sizes, dispatcher, extra):
+    hlo = compile_dispatch(topology, mesh_sizes, dispatcher, extra)
     assert hlo.count(MOSAIC) >= 9  # 3 grouped matmuls, each with 2 backward kernels
     if dispatcher in ("expert_parallel", "fssdp"):
         assert "all-to-all" in hlo
+
+
+def test_ragged_exchange_is_counted_at_its_static_bound():
+    """EP with `ep_exchange=ragged` on 4 v5p chips: the report's parser counts the
+    `ragged-all-to-all`s (out and back, forward and backward) at their buffer size."""
+    hlo = compile_dispatch(
+        "v5p:2x2x1", dict(fsdp=2, expert=2), "expert_parallel", dict(ep_exchange="ragged")
+    )
+    out = collective_bytes(hlo)["ragged-all-to-all"]
+    # Dropless buffers: each of the P = 2 destinations can take all T_local k rows.
+    t_local, p = T // 4, 2
+    rows = p * buffer_rows(t_local, K, p, 0.0)
+    assert out["count"] >= 4
+    assert out["bytes"] >= 4 * rows * D * 2  # at least the four bf16 activation exchanges
+    assert out["wire_bytes"] == pytest.approx(out["bytes"] / 2, rel=1e-6)  # (n-1)/n, n = 2
 
 
 def test_tiny_config_train_step_compiles_and_fits_on_v5p(tiny_corpus_dir):

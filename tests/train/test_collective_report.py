@@ -53,6 +53,10 @@ ENTRY %main (a: f32[16,8], /*index=1*/b: bf16[4,4]) -> f32[16,8] {
   %start = (bf16[4,4], bf16[16,4]) all-gather-start(%b), replica_groups={{0,1,2,3},{4,5,6,7}}
   %done = bf16[16,4]{1,0} all-gather-done(%start)
   %a2a = f32[16,8]{1,0} all-to-all(%a), channel_id=4, replica_groups={{0,1}}, dimensions={0}
+  %sizes = s32[4]{0} constant({1, 2, 3, 4})
+  %rbuf = f32[32,8]{1,0} broadcast(%n), dimensions={}
+  %ra2a = f32[32,8]{1,0} ragged-all-to-all(%a, %rbuf, %sizes, %sizes, %sizes,
+    /*index=5*/%sizes), channel_id=5, replica_groups={{0,1,2,3}}
   %loop = (s32[], f32[16,8]) while(%tuple), condition=%cond, body=%body,
     backend_config={"known_trip_count":{"n":"3"}}
   ROOT %r = f32[16,8]{1,0} get-tuple-element(%loop), index=1
@@ -72,6 +76,10 @@ def test_hlo_parser_counts_loops_tuples_and_async_ops():
     assert out["all-reduce"]["bytes"] == 3 * (16 * 8 * 4 + 4)
     assert out["all-reduce"]["wire_bytes"] == 3 * (16 * 8 * 4 + 4) * 2 * 1 / 2
     assert out["all-to-all"] == {"count": 1, "bytes": 512, "wire_bytes": 256}
+    # ragged-all-to-all: the static bound, its f32[32, 8] output buffer (not the sum of its
+    # six operands), (n-1)/n of it on the wire with groups of 4.
+    assert out["ragged-all-to-all"] == {"count": 1, "bytes": 1024, "wire_bytes": 768}
+    assert out["bound_kinds"] == ["ragged-all-to-all"]
     assert out["reduce-scatter"]["count"] == out["collective-permute"]["count"] == 0
     assert out["unknown_trip_count_loops"] == 0
 

@@ -34,6 +34,7 @@ from moejax.moe.routers import ROUTERS
 from moejax.moe.selection import GROUP_MASK_FILL, SELECTIONS
 from moejax.sharding.config import MESH_AXES, MeshConfig, batch_mesh_axes
 from moejax.sharding.mesh import resolve_mesh_shape
+from moejax.sharding.topology import parse_topology
 from pallas_kernels.backend import BACKENDS as KERNEL_BACKENDS
 
 OPTIONAL_SECTIONS = ("lora",)
@@ -496,6 +497,17 @@ def _check_train(t: TrainConfig) -> None:
     _require(t.max_load_cv > 0, f"train.max_load_cv={t.max_load_cv} must be positive.")
 
 
+def _check_mesh_topology(mesh: MeshConfig) -> None:
+    _require(
+        mesh.num_slices >= 1, f"mesh.num_slices={mesh.num_slices} must be >= 1 (1 = one slice)."
+    )
+    if mesh.topology:
+        try:
+            parse_topology(mesh.topology, mesh.num_slices)
+        except ValueError as e:
+            raise ConfigError(f"mesh.topology={mesh.topology!r}: {e}") from None
+
+
 def _check_mesh_rules(mesh: MeshConfig) -> None:
     for rule in mesh.rules:
         ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
@@ -604,6 +616,7 @@ def validate(
         num_devices = jax.device_count() if num_devices is None else num_devices
         num_processes = jax.process_count() if num_processes is None else num_processes
     _check_mesh_rules(s.mesh)
+    _check_mesh_topology(s.mesh)
     sizes = resolve_mesh_shape(s.mesh, num_devices)
     if s.model.num_moe_layers:
         _require(

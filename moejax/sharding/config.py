@@ -35,13 +35,20 @@ DEFAULT_RULES = (
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh over (data, fsdp, expert, tensor); one size may be -1 ("the rest")."""
+    """Device mesh over (data, fsdp, expert, tensor); one size may be -1 ("the rest").
+
+    `topology` names the TPU slice the sizes were chosen for (`moejax.sharding.topology`
+    names: "v5p:4x4x8", "v6e-256"; "" = none): the collective report compiles for it when
+    no `--topology` is given, and `num_slices` such slices joined by DCN.
+    """
 
     data: int = -1
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
     rules: tuple = DEFAULT_RULES
+    topology: str = ""
+    num_slices: int = 1
 
     @classmethod
     def from_mapping(cls, mapping) -> "MeshConfig":

@@ -28,12 +28,19 @@ compiles the step with the real XLA:TPU compiler for that topology's compile-onl
   fits_hbm           arguments + outputs - donated aliases + temporaries <= the chip's HBM;
                      a step that XLA refuses as too large is reported, not raised
                      (`compile_error` holds XLA's message)
-  cost               per-chip FLOPs and HBM bytes of the compiled step (`cost_analysis()`).
-                     XLA counts a loop body once: with scanned layers (the default) these
-                     are one layer per stack. `--unroll_layers` (model.scan_layers=False)
-                     compiles every layer (slower) and makes them per-step totals; with
-                     `train.grad_accum` = A > 1 they are then scaled by A (the microbatch
-                     loop), which over-counts the optimizer update's bytes A times
+  cost               per-chip FLOPs and HBM bytes of one step (`cost_analysis()`). XLA
+                     counts a loop body once, so the scanned step's own count covers one
+                     layer per stack. `method` says how the per-step totals were obtained:
+                     "unrolled" (`--unroll_layers`: model.scan_layers=False, every layer
+                     compiled; slow for deep models) or "extrapolated" (the default on a
+                     topology): two extra compiles of the same config cut to 1 and 2 layer
+                     periods (first_k_dense dense layers + 1 or 2 x moe_every layers, or 1
+                     and 2 layers of a dense model), unrolled, one micro-batch; per step =
+                     c1 + (periods - 1)(c2 - c1), the difference being exactly one period
+                     since everything else (embedding, head, loss, optimizer) is in both.
+                     Either way, with `train.grad_accum` = A > 1 the micro-batch cost is
+                     scaled by A, which counts the optimizer update A times (small next
+                     to A micro-batches).
   mfu_bound          with per-step costs: model FLOPs per chip (6 N_active per token plus
                      attention, `moejax.models.flops`) / (roofline time x the chip's bf16
                      peak), the roofline time being max(FLOPs / peak, bytes / HBM
@@ -121,25 +128,70 @@ def _dispatch_plan(s, platform: str) -> dict | None:
     }
 
 
-def _cost(compiled, s) -> dict:
-    """XLA's per-chip cost of the step; `per_step` when no loop hides repeated work."""
+def _xla_cost(compiled) -> dict | None:
+    """XLA's per-chip `{flops, bytes_accessed}` of a compiled program, or None."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # not every backend implements it
-        return {}
+        return None
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
         cost = cost[0] if cost else {}
     if cost.get("flops") is None:
+        return None
+    return {"flops": float(cost["flops"]), "bytes_accessed": float(cost.get("bytes accessed", 0))}
+
+
+def _cost(compiled, s) -> dict:
+    """XLA's per-chip cost of the step; `per_step` when no loop hides repeated work."""
+    cost = _xla_cost(compiled)
+    if cost is None:
         return {}
     per_step = not s.model.scan_layers
     scale = s.train.grad_accum if per_step else 1
-    out = {
-        "flops": float(cost["flops"]) * scale,
-        "bytes_accessed": float(cost.get("bytes accessed", 0.0)) * scale,
-        "per_step": per_step,
-    }
+    out = {k: v * scale for k, v in cost.items()}
+    out["per_step"] = per_step
+    out["method"] = "unrolled" if per_step else "scanned"
     if not per_step:
         out["note"] = "loop bodies counted once (scanned layers); --unroll_layers for totals"
+    return out
+
+
+def _layer_periods(model) -> tuple[int, int, int]:
+    """(layers before the repeated part, layers per period, periods) of the model."""
+    if model.num_moe_layers:
+        return model.first_k_dense, model.moe_every, model.num_moe_layers
+    return 0, 1, model.num_layers
+
+
+def _extrapolated_cost(config, s, devices) -> dict:
+    """Per-step cost from the same config cut to 1 and 2 periods, unrolled, one micro-batch
+    (module docstring)."""
+    prefix, period, periods = _layer_periods(s.model)
+    costs = []
+    for n in (1, 2) if periods > 1 else (1,):
+        cut = config.copy_and_resolve_references()
+        cut.model.num_layers = prefix + n * period
+        cut.model.scan_layers = False
+        cut.data.global_batch_size = s.data.global_batch_size // s.train.grad_accum
+        cut.train.grad_accum = 1
+        cs = validate(cut, num_devices=len(devices))
+        exp = build_experiment(cs, make_mesh(cs.mesh, devices=devices))
+        compiled = exp.step_fn.lower(exp.abstract_state, abstract_batch(cs, exp.mesh)).compile()
+        cost = _xla_cost(compiled)
+        if cost is None:
+            return {}
+        costs.append(cost)
+    c1, c2 = costs[0], costs[-1]
+    out = {
+        k: s.train.grad_accum * (c1[k] + (periods - 1) * (c2[k] - c1[k]))
+        for k in ("flops", "bytes_accessed")
+    }
+    out.update(
+        per_step=True,
+        method="extrapolated",
+        periods=periods,
+        period_flops=(c2["flops"] - c1["flops"]) * s.train.grad_accum,
+    )
     return out
 
 
@@ -180,12 +232,22 @@ def collective_report(
     config,
     devices=None,
     topology: str | None = None,
-    num_slices: int = 1,
+    num_slices: int | None = None,
     unroll_layers: bool = False,
+    extrapolate_cost: bool = True,
 ) -> dict:
     """Compiles one train step of `config` and reports it: on `devices` (default: all), or on
-    the compile-only devices of TPU `topology` (`moejax.sharding.topology`). `unroll_layers`
-    compiles without the layer scan, so the cost is per step (module docstring)."""
+    the compile-only devices of TPU `topology` (`moejax.sharding.topology`; None: the
+    config's `mesh.topology`, if any; "local": the local devices). `unroll_layers` compiles
+    without the layer scan; otherwise, on a topology, `extrapolate_cost` obtains per-step
+    costs from two shallow compiles (module docstring)."""
+    mesh_cfg = config.get("mesh", {})
+    if topology is None and devices is None:
+        topology = mesh_cfg.get("topology", "") or None
+        num_slices = num_slices or mesh_cfg.get("num_slices", 1)
+    if topology == "local":
+        topology = None
+    num_slices = num_slices or 1
     if unroll_layers:
         config = config.copy_and_resolve_references()
         config.model.scan_layers = False
@@ -242,6 +304,8 @@ def collective_report(
         memory=memory,
     )
     cost = _cost(compiled, s)
+    if cost and not cost["per_step"] and topo is not None and extrapolate_cost:
+        cost = _extrapolated_cost(config, s, devices) or cost
     if cost:
         report["cost"] = cost
     if chip is not None:
@@ -271,7 +335,7 @@ def main(argv) -> None:
             apply_strategy(config, flags.FLAGS["strategy"].value)
         report = collective_report(
             config,
-            topology=flags.FLAGS["topology"].value,
+            topology=flags.FLAGS["topology"].value or None,
             num_slices=flags.FLAGS["num_slices"].value,
             unroll_layers=flags.FLAGS["unroll_layers"].value,
         )
@@ -301,11 +365,14 @@ if __name__ == "__main__":
     flags.DEFINE_string(
         "topology",
         "",
-        "Compile for this TPU topology instead of the local devices: GEN:AxB[xC] "
-        "(v5p:4x4x8, v6e:16x16) or a Cloud name (v5p-256, v6e-256, v5e-256). Needs the "
-        "`tpu` extra (libtpu), not a TPU.",
+        "Compile for this TPU topology: GEN:AxB[xC] (v5p:4x4x8, v6e:16x16) or a Cloud name "
+        "(v5p-256, v6e-256, v5e-256); default: the config's mesh.topology if it names one, "
+        "else the local devices; 'local': the local devices. Needs the `tpu` extra "
+        "(libtpu), not a TPU.",
     )
-    flags.DEFINE_integer("num_slices", 1, "With --topology: that many slices joined by DCN.")
+    flags.DEFINE_integer(
+        "num_slices", None, "With --topology: that many slices joined by DCN (default 1)."
+    )
     flags.DEFINE_bool(
         "unroll_layers",
         False,

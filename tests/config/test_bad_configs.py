@@ -129,6 +129,8 @@ BAD = [
     ("mesh.tensor", 2, "uses 2 devices but 1 are available"),
     ("mesh.rules", (("embed", "model"),), "mesh.rules maps 'embed' to unknown mesh axis"),
     ("mesh.rules", (("embed",),), "must be a (logical_axis, mesh_axes) pair"),
+    ("mesh.topology", "v5p:4x4", "mesh.topology='v5p:4x4': topology 'v5p:4x4': expected"),
+    ("mesh.num_slices", 0, "mesh.num_slices=0 must be >= 1"),
     # lora
     ("lora.method", "qlora", "lora.method='qlora' must be one of"),
     ("lora.targets", "wq", "lora.targets='wq' must be comma-separated '<module>.<param>'"),

@@ -21,16 +21,18 @@ from testing_utils import load_config_module
 pytest.importorskip("libtpu", reason="the TPU-compile tests need the `tpu` extra")
 
 import pallas_kernels  # noqa: E402
+from moejax.config.validation import validate  # noqa: E402
 from moejax.moe.config import MoEConfig  # noqa: E402
-from moejax.moe.dispatch import dispatch  # noqa: E402
+from moejax.moe.dispatch import AUTO_PLAN, dispatch  # noqa: E402
 from moejax.moe.expert_parallel import buffer_rows  # noqa: E402
 from moejax.moe.experts import swiglu_expert_fn  # noqa: E402
+from moejax.moe.grouped_matmul import gmm as moe_gmm  # noqa: E402
 from moejax.moe.routing import Routing  # noqa: E402
 from moejax.sharding.config import MeshConfig  # noqa: E402
 from moejax.sharding.hlo_collectives import collective_bytes  # noqa: E402
 from moejax.sharding.mesh import make_mesh  # noqa: E402
 from moejax.sharding.topology import tpu_devices  # noqa: E402
-from moejax.train.collective_report import collective_report  # noqa: E402
+from moejax.train.collective_report import _extrapolated_cost, collective_report  # noqa: E402
 
 MOSAIC = "tpu_custom_call"
 
@@ -46,6 +48,32 @@ def spec(shape, dtype, mesh, pspec=P()):
 def compile_on(mesh, fn, *args):
     with jax.set_mesh(mesh):
         return jax.jit(fn).lower(*args).compile()
+
+
+def test_the_tpu_auto_plan_takes_the_cheapest_grouped_matmul():
+    """AUTO_PLAN's TPU gmm is the Mosaic kernel: compiled fwd+bwd at a DeepSeek-like shape it
+    costs the dense FLOPs of its rows (3 matmuls of 2 M K N), while XLA:TPU lowers
+    `ragged_dot` to a padded dense dot per group (many times more)."""
+    assert AUTO_PLAN["tpu"] == ("ragged", "pallas")
+    mesh = one_chip("v5p:2x2x1")
+    m, k, n, g = 4096, 1024, 512, 32
+    args = (
+        spec((m, k), jnp.bfloat16, mesh),
+        spec((g, k, n), jnp.bfloat16, mesh),
+        spec((g,), jnp.int32, mesh),
+    )
+    flops = {}
+    for impl in ("pallas", "ragged_dot"):
+
+        def loss(x, w, sizes, impl=impl):
+            return jnp.sum(moe_gmm(x, w, sizes, impl=impl).astype(jnp.float32) ** 2)
+
+        compiled = compile_on(mesh, jax.value_and_grad(loss, argnums=(0, 1)), *args)
+        cost = compiled.cost_analysis()
+        flops[impl] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    dense = 3 * 2 * m * k * n
+    assert dense <= flops["pallas"] < 1.1 * dense
+    assert flops["ragged_dot"] > 5 * flops["pallas"]
 
 
 @pytest.mark.parametrize(
@@ -175,8 +203,15 @@ def test_tiny_config_train_step_compiles_and_fits_on_v5p(tiny_corpus_dir):
     assert report["dispatch_plan"]["dispatcher"] == "pallas"
     assert report["fits_hbm"] and 0 < report["peak_bytes"] < report["hbm_bytes"]
     # Every layer compiled (no scan): XLA's count covers the model's matmul FLOPs.
-    assert report["cost"]["per_step"]
+    assert report["cost"]["per_step"] and report["cost"]["method"] == "unrolled"
     assert report["cost"]["flops"] > 0.9 * report["model_flops_per_chip"] > 0
     assert 0 < report["mfu_bound"] <= 1
+    # The default for scanned layers: the step cut to 1 and 2 periods (2 and 3 of its 4
+    # layers), extrapolated to 3 periods, gives the unrolled step's count.
+    s = validate(config, num_devices=4)
+    cost = _extrapolated_cost(config, s, tpu_devices("v5p:2x2x1"))
+    assert cost["method"] == "extrapolated" and cost["periods"] == 3
+    assert cost["flops"] == pytest.approx(report["cost"]["flops"], rel=0.01)
+    assert cost["bytes_accessed"] == pytest.approx(report["cost"]["bytes_accessed"], rel=0.1)
     # Data parallel on 4 chips: the gradients are all-reduced.
     assert report["collectives"]["all-reduce"]["bytes"] > 0

@@ -30,7 +30,8 @@ from moejax.config.files import load_config_file
 
 
 def get_config(arg=None):
-    size = parse_arg(arg, size="tiny", steps=0).size
+    # deepseekmoe.py's args (its POD_LAYOUTS for topology=)
+    size = parse_arg(arg, size="tiny", steps=0, tokenizer="byte", topology="").size
     # deepseekmoe.py's model, data, train and mesh (tiny or pod), with V3's routing.
     c = load_config_file(Path(__file__).with_name("deepseekmoe.py")).get_config(arg)
     # DeepSeek's own training/inference code masks the dropped groups with -inf.

@@ -13,6 +13,8 @@ first use, `data.tokenizer=corpus_bpe:4096`):
 Pod run (DeepSeekMoE-16B-like shape: 28 layers, d 2048, 64 experts of 1408, top-6, 2 shared),
 on C4 with DeepSeek's tokenizer (`moejax/config/pod_data.py` says how to prepare both):
     python -m moejax.train --config=configs/deepseekmoe.py:size=pod --workdir=/mnt/shared/runs/dsmoe
+laid out for a v5p-256 slice (v5p:4x4x8, 128 chips) by default; `size=pod,topology=v6e:16x16`
+for a v6e-256 (POD_LAYOUTS below; compiled and checked to fit by experiments/pod_table.py).
 
 Active FFN width per token is 4 x 128 routed + 1 x 128 shared = 640 = dense.py's d_ff and
 gshard.py's 2 x 320, so the three tiny configs compare at equal active parameters.
@@ -22,11 +24,19 @@ Sweep: `sweep_granularity` below; compare `eval/loss` and `train/moe/load_cv`.
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
 from moejax.config.pod_data import c4_hf_tokenizer
+from moejax.config.pod_layout import PodLayout, apply_pod_layout
+
+# size=pod on each TPU slice it compiles for and fits (moejax/config/pod_layout.py; the README
+# table, `python experiments/pod_table.py`); the first is the default.
+POD_LAYOUTS = {
+    "v5p:4x4x8": PodLayout(mesh=dict(fsdp=16, expert=8), grad_accum=9),
+    "v6e:16x16": PodLayout(mesh=dict(fsdp=32, expert=8), grad_accum=18),
+}
 
 
 def get_config(arg=None):
     # steps=0: the size's default; tokenizer=bpe: a 4096-id BPE trained on the corpus.
-    arg = parse_arg(arg, size="tiny", steps=0, tokenizer="byte")
+    arg = parse_arg(arg, size="tiny", steps=0, tokenizer="byte", topology="")
     c = default_config()
     c.train.steps = arg.steps or {"tiny": 300, "pod": 100_000}.get(arg.size, 0)
     if arg.size == "tiny":
@@ -62,7 +72,6 @@ def get_config(arg=None):
             d_ff=10944,
             first_k_dense=1,
             dtype="bfloat16",
-            remat="dots",
         )
         c.moe.update(
             num_experts=64,
@@ -71,6 +80,7 @@ def get_config(arg=None):
             n_shared=2,
             renormalize=False,
             balance_coef=0.001,
+            dispatcher="expert_parallel",  # gmm_impl auto: the Mosaic grouped matmul on TPU
         )
         c.data.update(seq_len=4096, global_batch_size=4608, **c4_hf_tokenizer("deepseek-moe-16b"))
         c.train.update(
@@ -80,9 +90,11 @@ def get_config(arg=None):
             eval_batches=64,
             checkpoint_every=1000,
         )
-        c.mesh.update(data=-1, fsdp=16, expert=8)
+        apply_pod_layout(c, POD_LAYOUTS, arg.topology)
     else:
         raise ValueError(f"size={arg.size!r}: choose tiny or pod")
+    if arg.topology and arg.size != "pod":
+        raise ValueError("topology= picks a pod layout: use it with size=pod")
     if arg.tokenizer == "bpe":
         if arg.size != "tiny":
             raise ValueError("tokenizer=bpe trains on the offline corpus: use it with size=tiny")

@@ -7,15 +7,25 @@ Tiny CPU run:
     python -m moejax.train --config=configs/dense.py --workdir=runs/dense
 Pod run (d 2048, 24 layers, d_ff 8192):
     python -m moejax.train --config=configs/dense.py:size=pod --workdir=/mnt/shared/runs/dense
+laid out for v5p:4x4x8 (128 chips) by default, `size=pod,topology=v6e:16x16` for a v6e-256.
 """
 
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
 from moejax.config.pod_data import c4_sentencepiece
+from moejax.config.pod_layout import PodLayout, apply_pod_layout
+
+# size=pod on each TPU slice it compiles for and fits (moejax/config/pod_layout.py; the README
+# table, `python experiments/pod_table.py`); the first is the default.
+POD_LAYOUTS = {
+    "v5p:4x4x8": PodLayout(mesh=dict(data=16, fsdp=8), grad_accum=1),
+    "v6e:16x16": PodLayout(mesh=dict(data=32, fsdp=8), grad_accum=2),
+}
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, size="tiny", steps=0)  # steps=0: the size's default
+    # steps=0: the size's default; topology: a key of POD_LAYOUTS ("" = the first)
+    arg = parse_arg(arg, size="tiny", steps=0, topology="")
     c = default_config()
     c.train.steps = arg.steps or {"tiny": 300, "pod": 100_000}.get(arg.size, 0)
     c.model.moe_every = 0
@@ -39,7 +49,6 @@ def get_config(arg=None):
             num_kv_heads=8,
             d_ff=8192,
             dtype="bfloat16",
-            remat="dots",
         )
         c.data.update(seq_len=2048, global_batch_size=1024, **c4_sentencepiece(32768))
         c.train.update(
@@ -49,7 +58,9 @@ def get_config(arg=None):
             eval_batches=64,
             checkpoint_every=1000,
         )
-        c.mesh.update(data=-1, fsdp=8)
+        apply_pod_layout(c, POD_LAYOUTS, arg.topology)
     else:
         raise ValueError(f"size={arg.size!r}: choose tiny or pod")
+    if arg.topology and arg.size != "pod":
+        raise ValueError("topology= picks a pod layout: use it with size=pod")
     return c

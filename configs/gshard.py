@@ -9,6 +9,7 @@ Tiny CPU run:
     python -m moejax.train --config=configs/gshard.py --workdir=runs/gshard
 Pod run (d 1024, 24 layers, 8 experts of 4096):
     python -m moejax.train --config=configs/gshard.py:size=pod --workdir=/mnt/shared/runs/gshard
+laid out for v5p:4x4x8 (128 chips) by default, `size=pod,topology=v6e:16x16` for a v6e-256.
 
 The tiny size has 2 x 320 = 640 active FFN width, as dense.py and deepseekmoe.py.
 Sweep: `sweep_capacity`; compare `eval/loss` and `train/moe/dropped_fraction`.
@@ -17,10 +18,20 @@ Sweep: `sweep_capacity`; compare `eval/loss` and `train/moe/dropped_fraction`.
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
 from moejax.config.pod_data import c4_sentencepiece
+from moejax.config.pod_layout import PodLayout, apply_pod_layout
+
+# size=pod on each TPU slice it compiles for and fits (moejax/config/pod_layout.py; the README
+# table, `python experiments/pod_table.py`); the first is the default. rmoe.py and top_p.py
+# take these too.
+POD_LAYOUTS = {
+    "v5p:4x4x8": PodLayout(mesh=dict(fsdp=16, expert=8), grad_accum=1),
+    "v6e:16x16": PodLayout(mesh=dict(fsdp=32, expert=8), grad_accum=2),
+}
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, size="tiny", steps=0)  # steps=0: the size's default
+    # steps=0: the size's default; topology: a key of POD_LAYOUTS ("" = the first)
+    arg = parse_arg(arg, size="tiny", steps=0, topology="")
     c = default_config()
     c.train.steps = arg.steps or {"tiny": 300, "pod": 100_000}.get(arg.size, 0)
     if arg.size == "tiny":
@@ -52,9 +63,9 @@ def get_config(arg=None):
             num_kv_heads=16,
             d_ff=4096,
             dtype="bfloat16",
-            remat="dots",
         )
-        c.moe.update(num_experts=8, top_k=2, d_expert=4096)
+        # gmm_impl auto: the Mosaic grouped matmul on TPU
+        c.moe.update(num_experts=8, top_k=2, d_expert=4096, dispatcher="expert_parallel")
         c.data.update(seq_len=2048, global_batch_size=1024, **c4_sentencepiece(32768))
         c.train.update(
             learning_rate=3e-4,
@@ -63,9 +74,11 @@ def get_config(arg=None):
             eval_batches=64,
             checkpoint_every=1000,
         )
-        c.mesh.update(data=-1, expert=8)
+        apply_pod_layout(c, POD_LAYOUTS, arg.topology)
     else:
         raise ValueError(f"size={arg.size!r}: choose tiny or pod")
+    if arg.topology and arg.size != "pod":
+        raise ValueError("topology= picks a pod layout: use it with size=pod")
     return c
 
 

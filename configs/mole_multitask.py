@@ -18,14 +18,26 @@ shrinks everything to seconds (the test); `size=pod` is the same recipe on the d
 shape (configs/dense.py).
 """
 
+from pathlib import Path
+
 from moejax.config.args import parse_arg
 from moejax.config.base import default_config
+from moejax.config.files import load_config_file
+from moejax.config.pod_layout import apply_pod_layout
 from moejax.lora.variants import MODEL_OVERRIDES, variant_overrides
 
 
 def get_config(arg=None):
     arg = parse_arg(
-        arg, stage="finetune", variant="lora", rank=8, quick=False, steps=0, seed=0, size="tiny"
+        arg,
+        stage="finetune",
+        variant="lora",
+        rank=8,
+        quick=False,
+        steps=0,
+        seed=0,
+        size="tiny",
+        topology="",  # size=pod: a key of configs/dense.py's POD_LAYOUTS ("" = its first)
     )
     c = default_config()
     c.model.update(
@@ -76,9 +88,9 @@ def get_config(arg=None):
             num_kv_heads=8,
             d_ff=8192,
             dtype="bfloat16",
-            remat="dots",
         )
         c.data.update(global_batch_size=1024)
-        c.mesh.update(data=-1, fsdp=8)
+        dense = load_config_file(Path(__file__).with_name("dense.py"))
+        apply_pod_layout(c, dense.POD_LAYOUTS, arg.topology)
     c.train.checkpoint_every = c.train.steps
     return c

@@ -264,6 +264,8 @@ def collective_report(
         "devices": len(devices),
         "platform": platform,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "grad_accum": s.train.grad_accum,
+        "remat": s.model.remat,
         "dispatcher": s.moe.dispatcher if s.model.num_moe_layers else None,
         "dispatch_plan": _dispatch_plan(s, platform),
         "num_params": int(
@@ -338,6 +340,7 @@ def main(argv) -> None:
             topology=flags.FLAGS["topology"].value or None,
             num_slices=flags.FLAGS["num_slices"].value,
             unroll_layers=flags.FLAGS["unroll_layers"].value,
+            extrapolate_cost=flags.FLAGS["extrapolate_cost"].value,
         )
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"moejax: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -378,5 +381,12 @@ if __name__ == "__main__":
         False,
         "Compile without the layer scan (model.scan_layers=False): slower, but the cost "
         "analysis then counts every layer, which the MFU bound needs.",
+    )
+    flags.DEFINE_bool(
+        "extrapolate_cost",
+        True,
+        "On a topology with scanned layers: two more compiles (1 and 2 layer periods, "
+        "unrolled) for per-step FLOPs and bytes and the MFU bound. --noextrapolate_cost "
+        "skips them (memory and collectives only).",
     )
     app.run(main)

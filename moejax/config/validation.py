@@ -25,7 +25,7 @@ from moejax.lora.config import (
     LoRAConfig,
 )
 from moejax.lora.methods import METHODS
-from moejax.models.config import ATTENTIONS, DTYPES, REMAT_POLICIES, ModelConfig
+from moejax.models.config import ATTENTION_IMPLS, ATTENTIONS, DTYPES, REMAT_POLICIES, ModelConfig
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.expert_parallel import EP_EXCHANGES
@@ -120,6 +120,12 @@ def _check_model(m: ModelConfig) -> None:
         m.attention in ATTENTIONS,
         f"model.attention={m.attention!r} must be one of {ATTENTIONS} (grouped-query or "
         f"DeepSeek's multi-head latent attention).",
+    )
+    _require(
+        m.attention_impl in ATTENTION_IMPLS,
+        f"model.attention_impl={m.attention_impl!r} must be one of {ATTENTION_IMPLS} ('xla' "
+        f"materialises the attention scores, 'flash' runs blockwise kernels, 'auto' is "
+        f"'flash' on TPU and GPU and 'xla' on CPU).",
     )
     for name in (
         "q_lora_rank",

@@ -12,6 +12,10 @@ slots `index .. index + L - 1` and attends over the filled slots causally, so a 
 be prefilled in one call and tokens then appended one at a time. The cache is created with
 the length of the input of the first call (`moejax.generate.init_cache`); packing is not
 supported while decoding (every row is one sequence starting at slot 0).
+
+Without a cache (training, evaluation, the first call that creates the cache) attention is
+`moejax.models.attention_kernels.causal_attention` with `model.attention_impl`: the
+materialised-scores XLA path or a blockwise (flash) kernel; with a cache it is the XLA path.
 """
 
 from __future__ import annotations
@@ -20,19 +24,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.models.attention_kernels import attention_mask, causal_attention
 from moejax.models.config import ModelConfig
 from moejax.nn.adapter_hook import AdapterContext, AdapterHook, add_delta, projection_delta
 from moejax.nn.params import dtype_of, logical_param
 from moejax.nn.projection import project
 from moejax.nn.rotary import rotary_embedding
 
-
-def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
-    """Boolean [B, 1, L, L]: causal and within the same packed segment."""
-    length = segment_ids_BxL.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-    return (causal[None] & same)[:, None]
+__all__ = ["Attention", "attention_mask", "cached"]  # attention_mask lives in attention_kernels
 
 
 def cached(module: nn.Module, entries: dict[str, jax.Array]):
@@ -124,9 +123,10 @@ class Attention(nn.Module):
         if self.decode:
             kv, mask = cached(self, {"k": k, "v": v})
             k, v = kv["k"], kv["v"]
-        if mask is None:
-            mask = attention_mask(segment_ids_BxL)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # GQA: kv heads are repeated
+        if mask is None:  # no cache to read: causal within packed segments
+            out = causal_attention(q, k, v, segment_ids_BxL, cfg.attention_impl)
+        else:  # GQA: kv heads are repeated
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         y = project(out, wo.astype(dt), contract=2)
         flat = out.reshape(out.shape[:2] + (h * hd,))
         return add_delta(y, delta("wo", flat, (d,)))

@@ -9,6 +9,7 @@ from moejax.config_section import section_from_mapping
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("gqa", "mla")
+ATTENTION_IMPLS = ("auto", "xla", "flash")  # moejax.models.attention_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,12 @@ class ModelConfig:
     latent, per-head query/key dims `qk_nope_head_dim + qk_rope_head_dim` (the rotary part of
     the key is one head shared by all heads), value dim `v_head_dim`; `num_kv_heads` and
     `head_dim` are unused there.
+
+    `attention_impl` picks how training and prefill attention is computed
+    (`moejax.models.attention_kernels`): `xla` materialises the [B, H, L, L] scores;
+    `flash` runs blockwise (FlashAttention) kernels whose memory is linear in the length: the
+    Pallas splash kernel on TPU, cuDNN on NVIDIA GPUs, a plain-JAX `lax.scan` on CPU; `auto`
+    is `flash` on TPU and GPU and `xla` on CPU. Decoding with a cache always uses `xla`.
     """
 
     vocab_size: int = 259
@@ -39,6 +46,7 @@ class ModelConfig:
     first_k_dense: int = 0
     moe_every: int = 1
     attention: str = "gqa"  # one of ATTENTIONS
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS
     attention_bias: bool = False  # gqa: biases on the q/k/v projections (Qwen2)
     q_lora_rank: int = 0  # mla: query compression rank; 0 = no compression (DeepSeek-V2-Lite)
     kv_lora_rank: int = 0  # mla: rank of the compressed key/value latent (what is cached)

@@ -16,6 +16,11 @@ the rotary columns of W_q / W_kv_a on import (and back on export), so the model 
 flag. The two latent norms use eps 1e-6 as DeepSeek's code does (not `model.norm_eps`).
 With `decode=True` the cache holds `c_kv` and `k_rope` only: (r_kv + d_rope) numbers per
 token and layer instead of 2 * H * d_head.
+
+Without a cache, `model.attention_impl` other than XLA (`resolve_impl`) runs
+`moejax.models.attention_kernels.causal_attention` on per-head keys [k_nope_h | k_rope]
+(the shared rotary key broadcast to every head) and values of width d_v; the XLA path is
+the einsum below, which materialises the [B, H, L, L] scores.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.models.attention import attention_mask, cached
+from moejax.models.attention import cached
+from moejax.models.attention_kernels import attention_mask, causal_attention, resolve_impl
 from moejax.models.config import ModelConfig
 from moejax.nn.norm import RMSNorm
 from moejax.nn.params import dtype_of, logical_param
@@ -79,18 +85,24 @@ class MLAttention(nn.Module):
         if self.decode:  # the compressed cache: latents and rotary keys, not per-head k/v
             full, mask = cached(self, {"latent": latent, "k_rope": k_rope})
             latent, k_rope = full["latent"], full["k_rope"]
-        if mask is None:
+        kernel = resolve_impl(cfg.attention_impl) if mask is None else "xla"
+        if mask is None and kernel == "xla":
             mask = attention_mask(segment_ids_BxL)
 
         wkv_b = logical_param(self, "wkv_b", (rkv, h, nope + dv), ("kv", "heads", "kv"), std, pdt)
         kv_h = project(latent, wkv_b.astype(dt))
         k_nope, v = kv_h[..., :nope], kv_h[..., nope:]
-        scale = (nope + rope) ** -0.5
-        scores = jnp.einsum("blhk,bshk->bhls", q[..., :nope], k_nope) + jnp.einsum(
-            "blhk,bsk->bhls", q[..., nope:], k_rope
-        )
-        scores = jnp.where(mask, scores.astype(jnp.float32) * scale, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhls,bshk->blhk", probs, v)
+        if kernel != "xla":  # blockwise: per-head keys, the rotary part shared by all heads
+            k_rope_h = jnp.broadcast_to(k_rope[:, :, None], k_rope.shape[:2] + (h, rope))
+            k = jnp.concatenate([k_nope, k_rope_h.astype(k_nope.dtype)], -1)
+            out = causal_attention(q, k, v, segment_ids_BxL, kernel)
+        else:
+            scale = (nope + rope) ** -0.5
+            scores = jnp.einsum("blhk,bshk->bhls", q[..., :nope], k_nope) + jnp.einsum(
+                "blhk,bsk->bhls", q[..., nope:], k_rope
+            )
+            scores = jnp.where(mask, scores.astype(jnp.float32) * scale, -jnp.inf)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bhls,bshk->blhk", probs, v)
         wo = logical_param(self, "wo", (h, dv, d), ("heads", "kv", "embed"), out_std, pdt)
         return project(out, wo.astype(dt), contract=2)

@@ -41,6 +41,9 @@ compiles the step with the real XLA:TPU compiler for that topology's compile-onl
                      Either way, with `train.grad_accum` = A > 1 the micro-batch cost is
                      scaled by A, which counts the optimizer update A times (small next
                      to A micro-batches).
+                     Attention run as the splash kernel (TPU, model.attention_impl auto or
+                     flash) is a custom call XLA counts no FLOPs for; its model FLOPs
+                     (12 L H Q S per token) are added, as `attention_flops_added`.
   mfu_bound          with per-step costs: model FLOPs per chip (6 N_active per token plus
                      attention, `moejax.models.flops`) / (roofline time x the chip's bf16
                      peak), the roofline time being max(FLOPs / peak, bytes / HBM
@@ -61,7 +64,7 @@ import numpy as np
 from moejax.config.validation import validate
 from moejax.config_section import ConfigError
 from moejax.data.model_batch import padding_batch
-from moejax.models.flops import train_flops_per_token
+from moejax.models.flops import attention_width, train_flops_per_token
 from moejax.moe.dispatch import AUTO_PLAN, resolve_gmm_impl
 from moejax.sharding.hlo_collectives import collective_bytes
 from moejax.sharding.mesh import make_mesh
@@ -154,6 +157,17 @@ def _cost(compiled, s) -> dict:
     if not per_step:
         out["note"] = "loop bodies counted once (scanned layers); --unroll_layers for totals"
     return out
+
+
+def _kernel_attention_flops(s, platform: str, num_chips: int) -> float:
+    """Per-chip FLOPs of attention run as the splash kernel (model.attention_impl auto or
+    flash on TPU), which XLA cannot count (a Mosaic custom call without a cost estimate):
+    the model's attention term, 12 L H Q S per token (`moejax.models.flops`)."""
+    if platform != "tpu" or s.model.attention_impl == "xla":
+        return 0.0
+    m = s.model
+    per_token = 12 * m.num_layers * m.num_heads * attention_width(m) * s.data.seq_len
+    return per_token * s.data.global_batch_size * s.data.seq_len / num_chips
 
 
 def _layer_periods(model) -> tuple[int, int, int]:
@@ -308,6 +322,9 @@ def collective_report(
     cost = _cost(compiled, s)
     if cost and not cost["per_step"] and topo is not None and extrapolate_cost:
         cost = _extrapolated_cost(config, s, devices) or cost
+    if cost.get("per_step"):
+        cost["attention_flops_added"] = _kernel_attention_flops(s, platform, len(devices))
+        cost["flops"] += cost["attention_flops_added"]
     if cost:
         report["cost"] = cost
     if chip is not None:

@@ -36,6 +36,7 @@ BAD = [
     ("model.remat", "sometimes", "model.remat='sometimes' must be one of"),
     ("model.scan_layers", "no", "config.model.scan_layers='no' must be a bool"),
     ("model.attention", "mha", "model.attention='mha' must be one of ('gqa', 'mla')"),
+    ("model.attention_impl", "splash", "model.attention_impl='splash' must be one of"),
     ("model.attention_bias", "yes", "config.model.attention_bias='yes' must be a bool"),
     ("model.q_lora_rank", -1, "model.q_lora_rank=-1 must be >= 0"),
     ("model.kv_lora_rank", -1, "model.kv_lora_rank=-1 must be >= 0"),

@@ -19,7 +19,7 @@ from moejax.config.pod_layout import PodLayout, apply_pod_layout
 # table, `python experiments/pod_table.py`); the first is the default.
 POD_LAYOUTS = {
     "v5p:4x4x8": PodLayout(mesh=dict(data=16, fsdp=8), grad_accum=1),
-    "v6e:16x16": PodLayout(mesh=dict(data=32, fsdp=8), grad_accum=2),
+    "v6e:16x16": PodLayout(mesh=dict(data=32, fsdp=8), grad_accum=1),
 }
 
 

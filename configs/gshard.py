@@ -25,7 +25,7 @@ from moejax.config.pod_layout import PodLayout, apply_pod_layout
 # take these too.
 POD_LAYOUTS = {
     "v5p:4x4x8": PodLayout(mesh=dict(fsdp=16, expert=8), grad_accum=1),
-    "v6e:16x16": PodLayout(mesh=dict(fsdp=32, expert=8), grad_accum=2),
+    "v6e:16x16": PodLayout(mesh=dict(fsdp=32, expert=8), grad_accum=1),
 }
 
 

@@ -11,6 +11,11 @@ from those files.
     python experiments/pod_table.py                          # all rows (about an hour here)
     python experiments/pod_table.py --only=deepseekmoe --topology=v6e:16x16
     python experiments/pod_table.py --table                  # the table from saved JSON
+    python experiments/pod_table.py --only=deepseekmoe --remat=none,dots,full
+                                    # the layout's step under each remat policy (own files)
+
+The remat variants are how a layout's `remat` is chosen: the policy with the highest MFU
+bound (recomputation adds FLOPs) among those that fit with the headroom.
 """
 
 from __future__ import annotations
@@ -49,19 +54,21 @@ def topologies(row: str) -> list[str]:
     return list(load_config_file(os.path.join(REPO, ROWS[row][2])).POD_LAYOUTS)
 
 
-def result_path(out: str, row: str, topology: str) -> str:
-    return os.path.join(out, f"{row}__{topology.replace(':', '_')}.json")
+def result_path(out: str, row: str, topology: str, remat: str = "") -> str:
+    tag = f"__remat-{remat}" if remat else ""
+    return os.path.join(out, f"{row}__{topology.replace(':', '_')}{tag}.json")
 
 
-def run_row(row: str, topology: str, out: str) -> dict:
-    """One report run; its JSON (plus the command and compile seconds) saved and returned."""
+def run_row(row: str, topology: str, out: str, remat: str = "") -> dict:
+    """One report run (the layout's remat, or `remat`); its JSON (plus the command and
+    compile seconds) saved and returned."""
     path, arg, _ = ROWS[row]
     cmd = [
         sys.executable,
         "-m",
         "moejax.train.collective_report",
         f"--config={path}:{arg},topology={topology}",
-    ]
+    ] + ([f"--config.model.remat={remat}"] if remat else [])
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -71,11 +78,11 @@ def run_row(row: str, topology: str, out: str) -> dict:
     report = json.loads(proc.stdout)
     report.update(
         row=row,
-        command="python -m moejax.train.collective_report " + cmd[-1],
+        command="python -m moejax.train.collective_report " + " ".join(cmd[3:]),
         compile_seconds=round(seconds, 1),
     )
     os.makedirs(out, exist_ok=True)
-    with open(result_path(out, row, topology), "w") as f:
+    with open(result_path(out, row, topology, remat), "w") as f:
         json.dump(report, f, indent=2)
     return report
 
@@ -118,14 +125,16 @@ HEADER = (
 )
 
 
-def render(out: str, rows: list[str]) -> str:
+def render(out: str, rows: list[str], remats: list[str] = ("",)) -> str:
+    """The table of the saved reports of `rows` (each remat variant, if given)."""
     lines = [HEADER]
     for row in rows:
         for topology in topologies(row):
-            path = result_path(out, row, topology)
-            if os.path.exists(path):
-                with open(path) as f:
-                    lines.append(table_row(json.load(f)))
+            for remat in remats:
+                path = result_path(out, row, topology, remat)
+                if os.path.exists(path):
+                    with open(path) as f:
+                        lines.append(table_row(json.load(f)))
     return "\n".join(lines)
 
 
@@ -135,20 +144,29 @@ def main(argv=None) -> None:
     parser.add_argument("--topology", default="", help="only this topology of each row")
     parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "pods"))
     parser.add_argument("--table", action="store_true", help="print the table from saved JSON")
+    parser.add_argument(
+        "--remat", default="", help="comma-separated remat policies to compare (own files)"
+    )
     args = parser.parse_args(argv)
     rows = [r for r in args.only.split(",") if r] or list(ROWS)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    remats = [r for r in args.remat.split(",") if r]
     if not args.table:
         for row in rows:
             for topology in topologies(row):
                 if args.topology and topology != args.topology:
                     continue
-                print(f"compiling {row} for {topology} ...", file=sys.stderr, flush=True)
-                report = run_row(row, topology, args.out)
-                print(table_row(report), file=sys.stderr, flush=True)
-    print(render(args.out, rows))
+                for remat in remats or [""]:
+                    what = f"{row} for {topology}" + (f" with remat {remat}" if remat else "")
+                    print(f"compiling {what} ...", file=sys.stderr, flush=True)
+                    report = run_row(row, topology, args.out, remat)
+                    print(table_row(report), file=sys.stderr, flush=True)
+    if remats:
+        print(render(args.out, rows, remats))
+    else:
+        print(render(args.out, rows))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def build_experiment(s: Sections, mesh) -> Experiment:
         schedule=schedule,
         skip_non_finite=s.train.skip_non_finite,
         adapters_only=adapters_only,
+        loss_chunk=s.train.loss_chunk,
     )
     step_fn = InMesh(
         jax.jit(
@@ -94,7 +95,12 @@ def build_experiment(s: Sections, mesh) -> Experiment:
         mesh,
     )
     # Replicated outputs: every process can read the per-token `top1_expert` of the batch.
-    evaluate_ = functools.partial(eval_step, model=model, num_domains=len(domain_names(s.data)))
+    evaluate_ = functools.partial(
+        eval_step,
+        model=model,
+        num_domains=len(domain_names(s.data)),
+        loss_chunk=s.train.loss_chunk,
+    )
     eval_fn = InMesh(
         jax.jit(
             under_rules(evaluate_, mesh, s.mesh.rules),

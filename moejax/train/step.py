@@ -43,6 +43,7 @@ from moejax.models.side_outputs import apply_model
 from moejax.nn.trees import join_trees, split_tree
 from moejax.train import faults
 from moejax.train.chunked_loss import chunked_token_cross_entropy, token_cross_entropy
+from moejax.train.routing_stability import top1_changes, top1_dtype
 from moejax.train.state_rules import RULES
 
 Batch = dict[str, jax.Array]
@@ -197,14 +198,25 @@ def train_step(
 
 
 def eval_step(
-    params, batch: Batch, *, model, num_domains: int, collections=None, loss_chunk: int = 0
-) -> dict[str, jax.Array]:
-    """Sums, so batches add up: cross-entropy and token counts, overall and per data domain,
-    and (MoE models) the experts used per token, per MoE layer and domain.
+    params,
+    batch: Batch,
+    previous_top1: jax.Array | None = None,
+    *,
+    model,
+    num_domains: int,
+    collections=None,
+    loss_chunk: int = 0,
+) -> tuple[dict[str, jax.Array], jax.Array | None]:
+    """`(sums, top1)`. Sums, so batches add up: cross-entropy and token counts, overall and
+    per data domain, and (MoE models) the experts used per token, per MoE layer and domain,
+    and routing stability's counts against `previous_top1`.
 
     The aux loss and the `moe/*` metrics are per-batch values that the caller averages.
-    `top1_expert[num_moe_layers, B, L]` is every loss token's first-choice expert (-1 for
-    the others), which the caller compares between evaluations (routing stability).
+    `top1[num_moe_layers, B, L]` (MoE models; None otherwise) is every loss token's
+    first-choice expert (-1 for the others) in `previous_top1`'s dtype
+    (`moejax.train.routing_stability.top1_dtype`), the previous evaluation's top-1 of this
+    batch (all -1 at the first, or None: all -1); `top1_changed` / `top1_compared`
+    (int32[num_moe_layers]) count the loss tokens whose top-1 changed and those compared.
     `collections`: the model's non-trainable collections (`TrainState.collections`), if any.
     `loss_chunk`: as in `train_step`.
     """
@@ -222,8 +234,13 @@ def eval_step(
     }
     out.update({f"moe/{k}": v for k, v in extras["moe_metrics"].items()})
     routing = extras["routing"]
+    top1 = None
     if routing:
         used = routing["experts_per_token"].astype(jnp.float32)
         out["domain_experts_sum"] = jnp.einsum("nbl,bl,bld->nd", used, mask, domain_onehot)
-        out["top1_expert"] = jnp.where(mask[None] > 0, routing["top1_expert"], -1)
-    return out
+        if previous_top1 is None:
+            dtype = top1_dtype(model.moe.num_experts)
+            previous_top1 = jnp.full(routing["top1_expert"].shape, -1, dtype)
+        top1 = jnp.where(mask[None] > 0, routing["top1_expert"], -1).astype(previous_top1.dtype)
+        out["top1_changed"], out["top1_compared"] = top1_changes(previous_top1, top1)
+    return out, top1

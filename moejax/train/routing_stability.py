@@ -19,8 +19,6 @@ evaluation to the next and turns the summed counts into `moe/top1_changed` fract
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,14 +41,10 @@ def top1_changes(previous: jax.Array, top1: jax.Array) -> tuple[jax.Array, jax.A
     return changed, jnp.sum(valid, axis=axes, dtype=jnp.int32)
 
 
-@functools.lru_cache(maxsize=None)
-def _minus_ones_fn(shape, dtype, sharding):
-    return jax.jit(functools.partial(jnp.full, shape, -1, dtype), out_shardings=sharding)
-
-
 def minus_ones(like: jax.ShapeDtypeStruct) -> jax.Array:
-    """All -1 ("no previous top-1") with `like`'s shape, dtype and sharding (if any)."""
-    return _minus_ones_fn(like.shape, np.dtype(like.dtype), like.sharding)()
+    """All -1 ("no previous top-1") with `like`'s shape, dtype and sharding (if any),
+    created in place on the devices."""
+    return jnp.full(like.shape, -1, like.dtype, device=like.sharding)
 
 
 class RoutingStability:

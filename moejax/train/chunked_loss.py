@@ -18,7 +18,8 @@ chunk takes its share of every row. The batch axis, which is split over the data
 devices in contiguous blocks of rows, stays split along the chunk's token axis and the scan
 runs over an unsplit axis: each device projects its own tokens. When `chunk` does not
 divide T the tokens are padded to `n * ceil(T / n)` (target 0) and the padding's values are
-dropped.
+dropped; on a mesh the padded rows then move between devices (collective-permutes), which a
+chunk that divides the micro-batch's tokens avoids.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     grad_accum: int = 1  # micro-batches per step (global_batch_size must divide)
+    # Tokens per chunk of the cross-entropy (moejax/train/chunked_loss.py): the logits of
+    # that many tokens of a micro-batch at a time, recomputed in the backward pass, instead
+    # of all [tokens, vocab] float32 at once. 0 = off (the whole logits).
+    loss_chunk: int = 0
     seed: int = 0  # parameter initialisation
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation

@@ -469,6 +469,11 @@ def _check_train(t: TrainConfig) -> None:
     _require(t.eps > 0, f"train.eps={t.eps} must be positive (Adam's denominator floor).")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = no clipping).")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1.")
+    _require(
+        t.loss_chunk >= 0,
+        f"train.loss_chunk={t.loss_chunk} must be >= 0 (tokens per chunk of the "
+        f"cross-entropy; 0 computes the whole logits at once).",
+    )
     _require(t.seed >= 0, f"train.seed={t.seed} must be >= 0.")
     _require(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1.")
     _require(

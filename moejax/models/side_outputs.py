@@ -50,7 +50,8 @@ def collect_side_outputs(extras: dict[str, Any], sown: Any) -> dict[str, Any]:
     }
 
 
-def apply_model(model, variables: dict[str, Any], *args) -> tuple[jax.Array, dict[str, Any]]:
-    """`model.apply(variables, *args)` with its side outputs collected into `extras`."""
-    (logits, extras), sown = model.apply(variables, *args, mutable=list(SIDE_OUTPUTS))
+def apply_model(model, variables: dict[str, Any], *args, **kwargs) -> tuple[Any, dict[str, Any]]:
+    """`model.apply(variables, *args, **kwargs)` with its side outputs collected into
+    `extras`."""
+    (logits, extras), sown = model.apply(variables, *args, **kwargs, mutable=list(SIDE_OUTPUTS))
     return logits, collect_side_outputs(extras, sown)

@@ -20,7 +20,9 @@ every attention layer a key/value cache in the `cache` collection (`moejax.gener
 `apply(variables, inputs[B, L], segment_ids, positions)` takes `variables = {"params": ...}`
 plus the model's non-trainable collections (`moejax.nn.collections`: DeepSeek-V3's
 `router_bias`, the adapters' `lora_bias` / `lora_frozen`), and returns float32 logits
-[B, L, V] and `extras`: `aux_loss` (scalar, already weighted), `aux_losses` (name -> scalar
+[B, L, V] (with `return_hidden=True` instead the final normed hidden states and the output
+projection, which `moejax.train.chunked_loss` projects a chunk of tokens at a time) and
+`extras`: `aux_loss` (scalar, already weighted), `aux_losses` (name -> scalar
 summed over layers), `moe_metrics` (name -> array with a leading MoE-layer axis) and
 `routing` (per-token decisions `[num_moe_layers, B, L]`: `top1_expert`,
 `experts_per_token`). Adapters (`adapters`, a `moejax.nn.adapter_hook.AdapterHook`) sow
@@ -258,7 +260,13 @@ class Transformer(nn.Module):
         inputs_BxL: jax.Array,
         segment_ids_BxL: jax.Array | None = None,
         positions_BxL: jax.Array | None = None,
-    ) -> tuple[jax.Array, dict[str, Any]]:
+        return_hidden: bool = False,
+    ) -> tuple[Any, dict[str, Any]]:
+        """`(logits, extras)`, or with `return_hidden` `((hidden, head), extras)`: the final
+        normed hidden states [B, L, d] and the output projection [d, V] (the embedding
+        transposed when tied, else `lm_head`), both in the compute dtype, for a loss that
+        projects them itself (`moejax.train.chunked_loss`); the logits are then never formed.
+        """
         m = self.model
         b, length = inputs_BxL.shape
         if segment_ids_BxL is None:
@@ -330,12 +338,11 @@ class Transformer(nn.Module):
             scalings = self.adapters.scalings(self, lambda s: run(s)[0], (b, length))
         h, moe_out = run(scalings)
         if m.tie_embeddings:
-            logits = project(h, embedding.astype(dt).T)
+            head = embedding.astype(dt).T
         else:
             head = logical_param(
                 self, "lm_head", (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std, pdt
-            )
-            logits = project(h, head.astype(dt))
+            ).astype(dt)
         aux_losses = {name: jnp.sum(v) for name, v in moe_out.aux_losses.items()}
         aux_loss = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
         extras = {
@@ -344,4 +351,6 @@ class Transformer(nn.Module):
             "moe_metrics": moe_out.metrics,
             "routing": moe_out.per_token,
         }
-        return logits.astype(jnp.float32), extras
+        if return_hidden:
+            return (h, head), extras
+        return project(h, head).astype(jnp.float32), extras

@@ -44,9 +44,10 @@ def under_rules(fn, mesh: Mesh, rules):
     return wrapped
 
 
-def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-    """The batch dimension split over the mesh axes of the `batch` rule."""
-    return NamedSharding(mesh, PartitionSpec(batch_mesh_axes(rules)))
+def batch_sharding(mesh: Mesh, rules, lead: int = 0) -> NamedSharding:
+    """The batch dimension split over the mesh axes of the `batch` rule; `lead` unsplit
+    axes before it (e.g. 1 for per-layer, per-token values [layers, B, L])."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * lead), batch_mesh_axes(rules)))
 
 
 def shard_batch(batch: dict, mesh: Mesh, rules) -> dict:

@@ -7,6 +7,9 @@ source's held-out documents (at most `train.eval_batches` batches per source; al
 when 0) and returns the `eval/` metrics. The domains are `moejax.data.domain_names`: one
 per source, the offline corpus's three. On several processes every process runs the same
 number of steps (an eval step is a collective): a process that ran out feeds padding.
+Only the sums come back to the host (replicated, so every process reads them); the
+per-token top-1 experts that routing stability compares stay on the devices, split like
+the batches (`moejax.train.routing_stability`).
 
 Bits per byte is comparable across tokenizers: the summed token loss / ln 2 / the UTF-8
 bytes the target tokens decode to (`Tokenizer.token_bytes`; special tokens such as EOS
@@ -24,9 +27,9 @@ from jax.experimental import multihost_utils
 
 from moejax.config.validation import Sections
 from moejax.data import domain_names, make_batches, open_tokenizer
-from moejax.sharding.partitioning import shard_batch
+from moejax.sharding.partitioning import batch_sharding, shard_batch
 from moejax.train.metric_format import flatten_metrics
-from moejax.train.routing_stability import RoutingStability
+from moejax.train.routing_stability import RoutingStability, minus_ones, top1_dtype
 
 
 def _eval_batches(s: Sections):
@@ -62,16 +65,29 @@ def evaluate(
     per domain, and with `stability` the fraction of tokens whose first-choice expert changed
     since the previous call. `collections`: the state's non-trainable collections, if any."""
     totals: dict[str, Any] = {}
-    top1 = []
     kw = {} if collections is None else {"collections": collections}
     domains = domain_names(s.data)
     token_bytes = np.asarray(open_tokenizer(s.data).token_bytes, np.float64)
     domain_bytes = np.zeros(len(domains))
+    top1_sharding = batch_sharding(mesh, s.mesh.rules, lead=1)
+    if stability is not None:
+        stability.start()
     for batch in _eval_batches(s):
         domain_bytes += _bytes_per_domain(batch, token_bytes, len(domains))
-        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh, s.mesh.rules), **kw))
-        if "top1_expert" in out:
-            top1.append(out.pop("top1_expert").reshape(s.model.num_moe_layers, -1))
+        sharded = shard_batch(batch, mesh, s.mesh.rules)
+        previous = None
+        if s.model.num_moe_layers:  # the top-1 experts stay on the devices, split over B
+            like = jax.ShapeDtypeStruct(
+                (s.model.num_moe_layers,) + sharded["inputs"].shape,
+                top1_dtype(s.moe.num_experts),
+                sharding=top1_sharding,
+            )
+            previous = minus_ones(like) if stability is None else stability.previous(like)
+        sums, top1 = eval_fn(params, sharded, previous, **kw)
+        if stability is not None and top1 is not None:
+            stability.add(top1)
+        out = jax.device_get(sums)  # replicated: every process reads the whole sums
+        out = jax.tree.map(lambda x: x.astype(np.int64) if x.dtype.kind == "i" else x, out)
         totals = out if not totals else jax.tree.map(np.add, totals, out)
     if not totals:
         return {}
@@ -97,8 +113,8 @@ def evaluate(
             )
             result[f"eval/tokens_per_byte/{name}"] = tokens / max(float(domain_bytes[d]), 1.0)
     moe = {k: v / n for k, v in totals.items() if k.startswith("moe/")}
-    if stability is not None and top1:
-        moe.update(stability.update(np.concatenate(top1, axis=1)))
+    if stability is not None and "top1_changed" in totals:
+        moe.update(stability.finish(totals["top1_changed"], totals["top1_compared"]))
     result.update(flatten_metrics("eval/", moe))
     if "domain_experts_sum" in totals:  # [num_moe_layers, domains]
         per_domain = totals["domain_experts_sum"] / np.maximum(totals["domain_tokens"], 1.0)

@@ -24,7 +24,12 @@ from moejax.lora.hook import adapters_for
 from moejax.models.transformer import Transformer
 from moejax.nn.collections import NON_TRAINABLE
 from moejax.sharding.context import InMesh
-from moejax.sharding.partitioning import check_divisible, logical_shardings, under_rules
+from moejax.sharding.partitioning import (
+    batch_sharding,
+    check_divisible,
+    logical_shardings,
+    under_rules,
+)
 from moejax.train.optimizer import drop_masked_boxes, learning_rate_schedule, make_optimizer
 from moejax.train.step import TrainState, eval_step, train_step
 
@@ -41,7 +46,8 @@ class Experiment:
     abstract_state: Any  # ShapeDtypeStructs with shardings: the checkpoint restore target
     init_fn: Any  # rng -> TrainState, placed by state_shardings
     step_fn: Any  # (state, batch) -> (state, metrics); donates the state
-    eval_fn: Any  # (params, batch, collections=None) -> sums
+    # (params, batch, previous_top1, collections=None) -> (sums, top1); donates previous_top1
+    eval_fn: Any
 
 
 def build_experiment(s: Sections, mesh) -> Experiment:
@@ -84,6 +90,7 @@ def build_experiment(s: Sections, mesh) -> Experiment:
         schedule=schedule,
         skip_non_finite=s.train.skip_non_finite,
         adapters_only=adapters_only,
+        loss_chunk=s.train.loss_chunk,
     )
     step_fn = InMesh(
         jax.jit(
@@ -93,12 +100,23 @@ def build_experiment(s: Sections, mesh) -> Experiment:
         ),
         mesh,
     )
-    # Replicated outputs: every process can read the per-token `top1_expert` of the batch.
-    evaluate_ = functools.partial(eval_step, model=model, num_domains=len(domain_names(s.data)))
+    # The sums come back replicated (every process reads them); the per-token top-1 experts
+    # stay split over the batch axes like the batch, and the previous evaluation's, which
+    # they replace, are donated (moejax.train.routing_stability).
+    evaluate_ = functools.partial(
+        eval_step,
+        model=model,
+        num_domains=len(domain_names(s.data)),
+        loss_chunk=s.train.loss_chunk,
+    )
+    top1_sharding = (
+        batch_sharding(mesh, s.mesh.rules, lead=1) if model.model.num_moe_layers else None
+    )
     eval_fn = InMesh(
         jax.jit(
             under_rules(evaluate_, mesh, s.mesh.rules),
-            out_shardings=NamedSharding(mesh, PartitionSpec()),
+            out_shardings=(NamedSharding(mesh, PartitionSpec()), top1_sharding),
+            donate_argnums=(2,),
         ),
         mesh,
     )

@@ -4,6 +4,9 @@
 (a `lax.scan`; each micro-batch's cross-entropy is normalised by the token count of the whole
 batch, so accumulated gradients equal the full-batch gradient exactly). Metrics returned:
 scalars plus per-MoE-layer arrays under `moe/<name>` (shape [num_moe_layers, ...]).
+With `loss_chunk` > 0 (`train.loss_chunk`) both steps take the model's final hidden states
+instead of its logits and compute the cross-entropy that many tokens at a time
+(`moejax.train.chunked_loss`): the [tokens, vocab] float32 logits are never formed.
 
 With `skip_non_finite`, a step whose loss or gradients are not finite keeps the previous
 parameters and optimizer state (a select inside the step, see `moejax.train.faults`) and
@@ -39,6 +42,8 @@ from moejax.lora.trainable import is_trainable
 from moejax.models.side_outputs import apply_model
 from moejax.nn.trees import join_trees, split_tree
 from moejax.train import faults
+from moejax.train.chunked_loss import chunked_token_cross_entropy, token_cross_entropy
+from moejax.train.routing_stability import top1_changes, top1_dtype
 from moejax.train.state_rules import RULES
 
 Batch = dict[str, jax.Array]
@@ -54,27 +59,42 @@ class TrainState:
     collections: Any = None
 
 
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log softmax(logits)[target] per token, float32."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-
-
-def forward(model, params, batch: Batch, collections=None):
+def forward(model, params, batch: Batch, collections=None, **kwargs):
     return apply_model(
         model,
         {"params": params, **(collections or {})},
         batch["inputs"],
         batch["segment_ids"],
         batch["positions"],
+        **kwargs,
     )
 
 
-def _micro_loss(params, batch: Batch, model, total_tokens, num_micro: int, collections=None):
-    logits, extras = forward(model, params, batch, collections)
+def token_losses(
+    model, params, batch: Batch, collections=None, loss_chunk: int = 0
+) -> tuple[jax.Array, dict]:
+    """Per-token cross-entropy float32[B, L] (every token; the caller masks) and the model's
+    extras. `loss_chunk` > 0: from the hidden states, that many tokens at a time
+    (`moejax.train.chunked_loss`), never forming the [B, L, V] logits."""
+    if not loss_chunk:
+        logits, extras = forward(model, params, batch, collections)
+        return token_cross_entropy(logits, batch["targets"]), extras
+    (hidden, head), extras = forward(model, params, batch, collections, return_hidden=True)
+    return chunked_token_cross_entropy(hidden, head, batch["targets"], loss_chunk), extras
+
+
+def _micro_loss(
+    params,
+    batch: Batch,
+    model,
+    total_tokens,
+    num_micro: int,
+    collections=None,
+    loss_chunk: int = 0,
+):
+    ce, extras = token_losses(model, params, batch, collections, loss_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
-    ce_sum = jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask)
+    ce_sum = jnp.sum(ce * mask)
     loss = ce_sum / total_tokens + extras["aux_loss"] / num_micro
     extras = {k: v for k, v in extras.items() if k != "routing"}  # per-token: eval only
     return loss, (ce_sum, extras)
@@ -98,6 +118,7 @@ def train_step(
     schedule=None,
     skip_non_finite: bool = True,
     adapters_only: bool = False,
+    loss_chunk: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     train_p, frozen_p = _split(state.params, adapters_only)
@@ -109,7 +130,7 @@ def train_step(
 
     if grad_accum == 1:
         (loss, (ce_sum, extras)), grads = grad_fn(
-            train_p, batch, model, total_tokens, 1, state.collections
+            train_p, batch, model, total_tokens, 1, state.collections, loss_chunk
         )
     else:
         micro = jax.tree.map(
@@ -118,7 +139,7 @@ def train_step(
 
         def body(acc, mb):
             (loss, (ce_sum, extras)), grads = grad_fn(
-                train_p, mb, model, total_tokens, grad_accum, state.collections
+                train_p, mb, model, total_tokens, grad_accum, state.collections, loss_chunk
             )
             acc = jax.tree.map(jnp.add, acc, (loss, ce_sum, grads))
             return acc, extras
@@ -177,19 +198,31 @@ def train_step(
 
 
 def eval_step(
-    params, batch: Batch, *, model, num_domains: int, collections=None
-) -> dict[str, jax.Array]:
-    """Sums, so batches add up: cross-entropy and token counts, overall and per data domain,
-    and (MoE models) the experts used per token, per MoE layer and domain.
+    params,
+    batch: Batch,
+    previous_top1: jax.Array | None = None,
+    *,
+    model,
+    num_domains: int,
+    collections=None,
+    loss_chunk: int = 0,
+) -> tuple[dict[str, jax.Array], jax.Array | None]:
+    """`(sums, top1)`. Sums, so batches add up: cross-entropy and token counts, overall and
+    per data domain, and (MoE models) the experts used per token, per MoE layer and domain,
+    and routing stability's counts against `previous_top1`.
 
     The aux loss and the `moe/*` metrics are per-batch values that the caller averages.
-    `top1_expert[num_moe_layers, B, L]` is every loss token's first-choice expert (-1 for
-    the others), which the caller compares between evaluations (routing stability).
+    `top1[num_moe_layers, B, L]` (MoE models; None otherwise) is every loss token's
+    first-choice expert (-1 for the others) in `previous_top1`'s dtype
+    (`moejax.train.routing_stability.top1_dtype`), the previous evaluation's top-1 of this
+    batch (all -1 at the first, or None: all -1); `top1_changed` / `top1_compared`
+    (int32[num_moe_layers]) count the loss tokens whose top-1 changed and those compared.
     `collections`: the model's non-trainable collections (`TrainState.collections`), if any.
+    `loss_chunk`: as in `train_step`.
     """
-    logits, extras = forward(model, params, batch, collections)
+    ce, extras = token_losses(model, params, batch, collections, loss_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
-    ce = token_cross_entropy(logits, batch["targets"]) * mask
+    ce = ce * mask
     domain_onehot = jax.nn.one_hot(batch["domains"], num_domains, dtype=jnp.float32)
     out = {
         "ce_sum": jnp.sum(ce),
@@ -201,8 +234,13 @@ def eval_step(
     }
     out.update({f"moe/{k}": v for k, v in extras["moe_metrics"].items()})
     routing = extras["routing"]
+    top1 = None
     if routing:
         used = routing["experts_per_token"].astype(jnp.float32)
         out["domain_experts_sum"] = jnp.einsum("nbl,bl,bld->nd", used, mask, domain_onehot)
-        out["top1_expert"] = jnp.where(mask[None] > 0, routing["top1_expert"], -1)
-    return out
+        if previous_top1 is None:
+            dtype = top1_dtype(model.moe.num_experts)
+            previous_top1 = jnp.full(routing["top1_expert"].shape, -1, dtype)
+        top1 = jnp.where(mask[None] > 0, routing["top1_expert"], -1).astype(previous_top1.dtype)
+        out["top1_changed"], out["top1_compared"] = top1_changes(previous_top1, top1)
+    return out, top1

@@ -108,6 +108,7 @@ BAD = [
     ("train.grad_clip", -1.0, "train.grad_clip=-1.0 must be >= 0"),
     ("train.grad_accum", 0, "train.grad_accum=0 must be >= 1"),
     ("train.grad_accum", 3, "not divisible by train.grad_accum=3"),
+    ("train.loss_chunk", -1, "train.loss_chunk=-1 must be >= 0"),
     ("train.seed", -3, "train.seed=-3 must be >= 0"),
     ("train.log_every", 0, "train.log_every=0 must be >= 1"),
     ("train.eval_every", -1, "train.eval_every=-1 must be >= 0"),

@@ -90,6 +90,9 @@ def get_config(arg=None):
             eval_batches=64,
             checkpoint_every=1000,
         )
+        # The [tokens, vocab] float32 logits a chunk at a time (moejax/train/chunked_loss.py):
+        # 262,144 tokens (2,048 per chip on 128 chips) divide every layout's micro-batch.
+        c.train.loss_chunk = 262_144
         apply_pod_layout(c, POD_LAYOUTS, arg.topology)
     else:
         raise ValueError(f"size={arg.size!r}: choose tiny or pod")

@@ -30,6 +30,9 @@ def test_every_pod_layout_is_a_valid_config_for_its_chips(row, topology):
     assert s.mesh.topology == topology
     assert math.prod(v for v in s.mesh.sizes.values() if v > 0) == chips
     assert s.data.global_batch_size % (s.train.grad_accum * s.mesh.data * s.mesh.fsdp) == 0
+    micro_tokens = s.data.global_batch_size // s.train.grad_accum * s.data.seq_len
+    if s.train.loss_chunk:  # chunks that divide the micro-batch: no padding, no permutes
+        assert micro_tokens % s.train.loss_chunk == 0
 
 
 def test_the_first_layout_is_the_default_and_others_are_named():

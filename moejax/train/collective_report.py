@@ -38,6 +38,9 @@ compiles the step with the real XLA:TPU compiler for that topology's compile-onl
                      and 2 layers of a dense model), unrolled, one micro-batch; per step =
                      c1 + (periods - 1)(c2 - c1), the difference being exactly one period
                      since everything else (embedding, head, loss, optimizer) is in both.
+                     The cut steps score the loss as one chunk (`train.loss_chunk` = the
+                     micro-batch): the chunked loss is a scan XLA would count once, and one
+                     chunk has the same FLOPs, recomputation included.
                      Either way, with `train.grad_accum` = A > 1 the micro-batch cost is
                      scaled by A, which counts the optimizer update A times (small next
                      to A micro-batches).
@@ -188,6 +191,8 @@ def _extrapolated_cost(config, s, devices) -> dict:
         cut.model.scan_layers = False
         cut.data.global_batch_size = s.data.global_batch_size // s.train.grad_accum
         cut.train.grad_accum = 1
+        if s.train.loss_chunk:  # one chunk: the loss scan's single trip is counted exactly
+            cut.train.loss_chunk = cut.data.global_batch_size * s.data.seq_len
         cs = validate(cut, num_devices=len(devices))
         exp = build_experiment(cs, make_mesh(cs.mesh, devices=devices))
         compiled = exp.step_fn.lower(exp.abstract_state, abstract_batch(cs, exp.mesh)).compile()

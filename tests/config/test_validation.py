@@ -16,6 +16,7 @@ from moejax.config.validation import validate
 from moejax.config_section import ConfigError
 from moejax.models.flops import count_params
 from moejax.models.transformer import Transformer
+from moejax.sharding.topology import parse_topology
 
 CONFIGS = sorted(p[:-3] for p in os.listdir(REPO / "configs") if p.endswith(".py"))
 
@@ -24,8 +25,9 @@ CONFIGS = sorted(p[:-3] for p in os.listdir(REPO / "configs") if p.endswith(".py
 @pytest.mark.parametrize("size", ["tiny", "pod"])
 def test_every_config_validates_and_builds(name, size):
     config = load_config_module(name).get_config(f"size={size}")
-    devices = 1 if size == "tiny" else 512
-    s = validate(config, num_devices=devices, num_processes=1 if size == "tiny" else 64)
+    # A pod config's mesh fits the chips of its default slice (mesh.topology), 4 per host.
+    devices = 1 if size == "tiny" else parse_topology(config.mesh.topology).chips
+    s = validate(config, num_devices=devices, num_processes=max(1, devices // 4))
     model = Transformer(s.model, s.moe)
     tokens = jnp.zeros((1, min(s.data.seq_len, 64)), jnp.int32)
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)

@@ -90,9 +90,13 @@ def count_params(
     return ParamCounts(total=total, active=active, embedding=embedding, routed_expert=expert)
 
 
+def attention_flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """The attention scores and values of one token, forward and backward: 12 L H Q S."""
+    return 12 * model.num_layers * model.num_heads * attention_width(model) * seq_len
+
+
 def train_flops_per_token(
     model: ModelConfig, moe: MoEConfig, seq_len: int, experts_per_token: float | None = None
 ) -> float:
     counts = count_params(model, moe, experts_per_token)
-    attention = 12 * model.num_layers * model.num_heads * attention_width(model) * seq_len
-    return 6.0 * counts.active_matmul + attention
+    return 6.0 * counts.active_matmul + attention_flops_per_token(model, seq_len)

@@ -67,7 +67,7 @@ import numpy as np
 from moejax.config.validation import validate
 from moejax.config_section import ConfigError
 from moejax.data.model_batch import padding_batch
-from moejax.models.flops import attention_width, train_flops_per_token
+from moejax.models.flops import attention_flops_per_token, train_flops_per_token
 from moejax.moe.dispatch import AUTO_PLAN, resolve_gmm_impl
 from moejax.sharding.hlo_collectives import collective_bytes
 from moejax.sharding.mesh import make_mesh
@@ -168,8 +168,7 @@ def _kernel_attention_flops(s, platform: str, num_chips: int) -> float:
     the model's attention term, 12 L H Q S per token (`moejax.models.flops`)."""
     if platform != "tpu" or s.model.attention_impl == "xla":
         return 0.0
-    m = s.model
-    per_token = 12 * m.num_layers * m.num_heads * attention_width(m) * s.data.seq_len
+    per_token = attention_flops_per_token(s.model, s.data.seq_len)
     return per_token * s.data.global_batch_size * s.data.seq_len / num_chips
 
 

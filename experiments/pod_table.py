@@ -153,6 +153,7 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
     remats = [r for r in args.remat.split(",") if r]
+    failures: list[str] = []
     if not args.table:
         for row in rows:
             for topology in topologies(row):
@@ -161,12 +162,19 @@ def main(argv=None) -> None:
                 for remat in remats or [""]:
                     what = f"{row} for {topology}" + (f" with remat {remat}" if remat else "")
                     print(f"compiling {what} ...", file=sys.stderr, flush=True)
-                    report = run_row(row, topology, args.out, remat)
+                    try:
+                        report = run_row(row, topology, args.out, remat)
+                    except RuntimeError as e:  # one failed row must not lose the others
+                        failures.append(str(e))
+                        print(f"FAILED: {e}", file=sys.stderr, flush=True)
+                        continue
                     print(table_row(report), file=sys.stderr, flush=True)
     if remats:
         print(render(args.out, rows, remats))
     else:
         print(render(args.out, rows))
+    if failures:
+        sys.exit("rows that failed:\n" + "\n".join(failures))
 
 
 if __name__ == "__main__":

@@ -20,13 +20,18 @@ Run from the repository root:
 Default shape: T = 8192 tokens as [8, 1024], d_model 512, 64 experts of width 256, top-6,
 2 shared (DeepSeekMoE-style fine-grained experts), float32.
 
-`--json` prints one JSON object on stdout (progress goes to stderr). `results[name]` holds
-`ms` (median), `ms_min`, `compile_s` and `active_gflop_per_s` for `dense_mlp` and every
-dispatcher. Dispatchers add `ratio_to_dense` (= ms / dense_mlp ms), `ratio_to_dense_min` (min
-over min), `ratio_to_dense_paired` (median over repeats of the ratio within one repeat: the
-estimate that best survives load from other processes), `fwd_ms` (forward alone) and
-`dropped_fraction`; the plans that sort into a grouped matmul (`ragged`, and `auto` where it
-resolves to ragged) add `experts_ms`: fwd+bwd of the routed SwiGLU alone on the expert-sorted
+`--json` prints one JSON object on stdout (progress goes to stderr). The baseline is the
+fastest dense SwiGLU of the same active width, `(top_k + n_shared) * d_expert`, on `[T, d]`
+rows: `dense_mlp` (moejax's `DenseMLP`) or `dense_swiglu_2d` (the same three matmuls in plain
+jnp); `baseline` names the one that was faster in this run. `results[name]` holds `ms`
+(median), `ms_min`, `compile_s` and `active_gflop_per_s` for both and for every dispatcher.
+Dispatchers add `ratio_to_dense` (= ms / baseline ms), `ratio_to_dense_min` (min over min),
+`ratio_to_dense_paired` (median over repeats of the ratio within one repeat: the estimate that
+best survives load from other processes), `fwd_ms` (forward alone), `dropped_fraction`, with
+the HF peer `vs_hf` (= ms / HF block ms, also `_min` and `_paired`), and for the `hybrid` plan
+`overflow_fraction` (the share of assignments past the capacity buffers, run by its tile
+loop). The plans that sort into a grouped matmul (`ragged`, and `auto` where it resolves to
+ragged) add `experts_ms`: fwd+bwd of the routed SwiGLU alone on the expert-sorted
 rows (no router, permutation, combine or shared experts) and `experts_share` of the layer.
 `routing` holds the measured expert load (max/mean, min/mean, CV) of the random-init router.
 `active_gflop_per_s` counts the active FLOPs only (what the dense MLP also does), so plans that
@@ -42,8 +47,9 @@ dense MLP's measured speed) fits `--reference-budget-s`, else `skipped` says why
 shape on a 2-core CPU it takes ~9 s a call (25 s the first) and 10 GB, so it is skipped.
 
 Peer (when torch and transformers import, `pip install -e '.[hf]'`): Hugging Face's
-`DeepseekV3MoE` and a torch SwiGLU of the same active width, timed in the same loop
-(`hf_peer.py`); `auto_vs_hf` = moejax auto ms / HF ms (also `_min` and `_paired`). Torch's
+`DeepseekV3MoE` and a torch SwiGLU of the same active width (`torch_dense_mlp`, reported beside
+the baseline), timed in the same loop (`hf_peer.py`); `auto_vs_hf` = moejax auto ms / HF ms
+(also `_min` and `_paired`). Torch's
 OpenMP threads suffer more than XLA's pool when other processes load the cores, so read the
 HF numbers from a quiet machine, or at least from `ms_min`.
 """
@@ -77,6 +83,7 @@ from moejax.moe.config import MoEConfig  # noqa: E402
 from moejax.moe.dispatch import AUTO_PLAN, DISPATCHERS, resolve_gmm_impl  # noqa: E402
 from moejax.moe.experts import swiglu_expert_fn  # noqa: E402
 from moejax.moe.grouped_matmul import gmm  # noqa: E402
+from moejax.moe.hybrid import head_capacity  # noqa: E402
 from moejax.moe.layer import MoELayer  # noqa: E402
 from moejax.moe.routers import ROUTERS  # noqa: E402
 from moejax.nn.mlp import DenseMLP  # noqa: E402
@@ -177,6 +184,18 @@ def dense_loss(mlp: DenseMLP) -> Callable:
     return loss
 
 
+def plain_dense_loss(dtype: str) -> Callable:
+    """The same SwiGLU in plain jnp on `[T, d]` (no Flax, no logical axes): the baseline
+    candidate with the least around its three matmuls."""
+
+    def loss(w, x):
+        x2 = x.reshape(-1, x.shape[-1]).astype(dtype)
+        h = jax.nn.silu(x2 @ w["w_gate"].astype(dtype)) * (x2 @ w["w_up"].astype(dtype))
+        return jnp.sum(jnp.square((h @ w["w_down"].astype(dtype)).astype(jnp.float32))), {}
+
+    return loss
+
+
 def fwd_bwd(loss: Callable) -> Callable:
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
@@ -211,6 +230,25 @@ def ragged_impl(dispatcher: str, shape: Shape) -> str | None:
         plan, impl = AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])
         return impl if plan == "ragged" else None
     return None
+
+
+DENSE_BASELINES = ("dense_mlp", "dense_swiglu_2d")
+
+
+def plan_of(dispatcher: str) -> str:
+    """The plan a dispatcher name runs (`auto` resolves by platform)."""
+    if dispatcher == "auto":
+        return AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])[0]
+    return dispatcher
+
+
+def overflow_fraction(shape: Shape, load) -> float:
+    """The share of assignments the `hybrid` plan sends through its tile loop: per expert,
+    the load past the buffer's C rows (`load` is each expert's share of assignments)."""
+    rows = shape.tokens * shape.top_k
+    cap = head_capacity(rows, shape.experts, MoEConfig().hybrid_capacity_factor)
+    counts = np.asarray(load, np.float64) * rows
+    return round(float(np.maximum(counts - cap, 0).sum() / rows), 4)
 
 
 def reference_skip_reason(
@@ -287,6 +325,7 @@ def run(
     )
     dense_params = nn.unbox(jax.jit(mlp.init)(key_dense, x))["params"]
     add("dense_mlp", compile_step(fwd_bwd(dense_loss(mlp)), dense_params, x))
+    add("dense_swiglu_2d", compile_step(fwd_bwd(plain_dense_loss(shape.dtype)), dense_params, x))
     t0 = time.perf_counter()
     steps["dense_mlp"]()  # a second call: the first one also allocates
     dense_call_s = time.perf_counter() - t0
@@ -358,18 +397,23 @@ def assemble(
 ) -> dict:
     """The JSON report from the per-case times (ms) and each MoE case's warm-up metrics."""
     res = {}
-    dense = summary(times["dense_mlp"])
-    res["dense_mlp"] = {
-        **dense,
-        "compile_s": round(compile_s["dense_mlp"], 2),
-        "active_gflop_per_s": round(
-            shape.gflop(shape.top_k + shape.shared, router=False) / dense["ms"] * 1e3, 2
-        ),
-    }
+    candidates = [n for n in DENSE_BASELINES if n in times]
+    for name in candidates:
+        d = summary(times[name])
+        res[name] = {
+            **d,
+            "compile_s": round(compile_s.get(name, 0.0), 2),
+            "active_gflop_per_s": round(
+                shape.gflop(shape.top_k + shape.shared, router=False) / d["ms"] * 1e3, 2
+            ),
+        }
+    baseline = min(candidates, key=lambda n: res[n]["ms"])  # the fastest dense SwiGLU
+    dense = res[baseline]
+    hf_times = times.get("hf_deepseek_v3_moe") if hf_info.get("available") else None
     routing = None
     for name, m in metrics.items():
         s = summary(times[name])
-        paired = statistics.median(a / b for a, b in zip(times[name], times["dense_mlp"]))
+        paired = statistics.median(a / b for a, b in zip(times[name], times[baseline]))
         entry = {
             **s,
             "ratio_to_dense": sig(s["ms"] / dense["ms"]),
@@ -379,6 +423,15 @@ def assemble(
             "active_gflop_per_s": round(shape.gflop(shape.top_k + shape.shared) / s["ms"] * 1e3, 2),
             "dropped_fraction": round(float(m["dropped_fraction"]), 6),
         }
+        if hf_times:
+            hf = summary(hf_times)
+            entry["vs_hf"] = sig(s["ms"] / hf["ms"])
+            entry["vs_hf_min"] = sig(s["ms_min"] / hf["ms_min"])
+            entry["vs_hf_paired"] = sig(
+                statistics.median(a / b for a, b in zip(times[name], hf_times))
+            )
+        if plan_of(name) == "hybrid":
+            entry["overflow_fraction"] = overflow_fraction(shape, m["load"])
         if f"{name}/fwd" in times:
             fwd = summary(times[f"{name}/fwd"])
             entry.update(fwd_ms=fwd["ms"], fwd_ms_min=fwd["ms_min"])
@@ -403,6 +456,7 @@ def assemble(
                 "cv": sig(float(load.std() / load.mean())),
             }
     report = {
+        "baseline": baseline,
         "device": device_name(),
         "jax": jax.__version__,
         "flax": flax.__version__,
@@ -438,7 +492,8 @@ def assemble(
     return report
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def arg_parser() -> argparse.ArgumentParser:
+    """The flags (shape, dispatchers, peers); `moe_layer_tpu_cost.py` reuses them."""
     d = Shape()
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -497,6 +552,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch.set_num_threads for the HF peer (JAX uses every core)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = arg_parser()
     args = p.parse_args(argv)
     for flag, names, allowed in [
         ("--dispatchers", args.dispatchers, DISPATCHERS),
@@ -510,9 +570,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    shape = Shape(
+def shape_from_args(args: argparse.Namespace) -> Shape:
+    return Shape(
         tokens=args.tokens,
         batch=args.batch,
         d_model=args.d_model,
@@ -524,6 +583,11 @@ def main(argv=None) -> dict:
         gmm_tile=args.gmm_tile,
         gmm_impl=args.gmm_impl,
     )
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    shape = shape_from_args(args)
     log(f"shape {shape}; device {device_name()}")
     report = run(
         shape,

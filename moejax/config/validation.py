@@ -242,6 +242,13 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
         f"expert mesh axis).",
     )
     _require(
+        moe.hybrid_capacity_factor >= 0,
+        f"moe.hybrid_capacity_factor={moe.hybrid_capacity_factor} must be >= 0 (the hybrid "
+        f"dispatcher's buffer rows per expert as a multiple of the balanced load T k / E; "
+        f"0 = every assignment through its tile loop).",
+    )
+    _require(moe.hybrid_tile > 0, f"moe.hybrid_tile={moe.hybrid_tile} must be positive.")
+    _require(
         moe.ep_capacity_factor >= 0,
         f"moe.ep_capacity_factor={moe.ep_capacity_factor} must be >= 0 (0 = dropless "
         f"exchange buffers for expert_parallel/fssdp; c > 0 keeps ceil(c T k / mesh.expert) "

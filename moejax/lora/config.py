@@ -8,7 +8,7 @@ from moejax.config_section import section_from_mapping
 
 LORA_ROUTERS = ("softmax_topk", "top_p", "sigmoid_bias", "dynmole")
 # none: no MoE dispatcher, the expert mixture is one matmul over the concatenated ranks.
-LORA_DISPATCHERS = ("none", "dense_reference", "capacity_einsum", "ragged", "auto")
+LORA_DISPATCHERS = ("none", "dense_reference", "capacity_einsum", "ragged", "hybrid", "auto")
 LORA_SCALINGS = ("rank", "active", "total")
 
 

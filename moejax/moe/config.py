@@ -65,6 +65,10 @@ class MoEConfig:
     gru_detach: bool = False  # gru: stop gradients through the carried state (ablation)
     dispatcher: str = "auto"
     capacity_factor: float = 1.25  # only for capacity_einsum: C = ceil(cf * T * k / E)
+    # hybrid: the first ceil(cf * T * k / E) rows of each expert run as capacity buffers
+    # (batched matmuls), the rest through the tile loop: dropless
+    hybrid_capacity_factor: float = 1.0
+    hybrid_tile: int = 64  # hybrid: rows per tile of its overflow loop
     # expert_parallel / fssdp (moejax.moe.expert_parallel): rows per destination buffer of the
     # token all_to_all, B = ceil(cf * T_local * k / mesh.expert); 0 = dropless (B = T_local * k)
     ep_capacity_factor: float = 0.0

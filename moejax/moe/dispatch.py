@@ -14,6 +14,10 @@ same y (up to float error and, for `capacity_einsum` only, dropped assignments):
 - `ragged`: dropless. Sort the T*k assignments by expert, grouped matmul over the sorted rows
   (`moejax.moe.grouped_matmul`), unsort, combine (MegaBlocks, Gale et al., 2022). Slots of
   zero weight are sorted past the last group and cost no FLOPs.
+- `hybrid`: dropless, for XLA:CPU (`moejax.moe.hybrid`): each expert's first
+  C = ceil(hybrid_capacity_factor * T * k / E) assignments as capacity buffers (batched
+  matmuls, which XLA:CPU runs on every core), the overflow past C through a tile loop that
+  runs the whole expert function per tile and costs what the overflow costs.
 - `pallas`: the `ragged` plan on the kernels of `pallas_kernels/`: a fused permute (gather in
   expert order with the top-k duplication), the Pallas grouped matmul `pallas_kernels.gmm`,
   and a fused unpermute + combine (gather-reduce with the combine weights), each with its own
@@ -46,14 +50,18 @@ from moejax.moe.config import MoEConfig
 from moejax.moe.expert_parallel import sharded_dispatch, token_split
 from moejax.moe.experts import ExpertFn
 from moejax.moe.grouped_matmul import gmm
+from moejax.moe.hybrid import head_capacity, hybrid_plan
 from moejax.moe.permute import permute, sort_by_expert, unpermute
 from moejax.moe.routing import Routing
 
 Metrics = dict[str, jax.Array]
 
 # platform -> (dispatcher, grouped-matmul impl). CPU measured (experiments/benchmarks/
-# moe_layer.py): the tile-loop grouped matmul runs near dense-matmul speed where ragged_dot is
-# 56-90x slower. TPU (XLA:TPU compile, cost analysis; tests/tpu/test_tpu_compile.py): the
+# moe_layer.py, 2 cores, default shape, fwd+bwd against the dense SwiGLU of the same active
+# width): `hybrid` 1.26x, `ragged` with the tile loop 2.3x (XLA:CPU runs a matmul inside a
+# loop on one core), `capacity_einsum` 1.42x (and it drops); ragged_dot is 56-90x slower
+# than the tile loop. The impl is what `ragged` would use (the hybrid overflow loops
+# itself). TPU (XLA:TPU compile, cost analysis; tests/tpu/test_tpu_compile.py): the
 # Mosaic TPU grouped matmul (impl "pallas", as MaxText's megablox) costs 1.0x the dense FLOPs
 # of the same rows, ragged_dot 22x (lowered to a padded dense dot per group, fwd+bwd, 64
 # groups). GPU (H200, bf16, README): the `pallas`
@@ -62,7 +70,7 @@ Metrics = dict[str, jax.Array]
 # dense matmul at the DeepSeek-like gmm shape, tile_loop 17x), so the tile loop stays the
 # grouped matmul of the plans that take a gmm_impl (ragged, expert_parallel, fssdp).
 AUTO_PLAN = {
-    "cpu": ("ragged", "tile_loop"),
+    "cpu": ("hybrid", "tile_loop"),
     "gpu": ("pallas", "tile_loop"),
     "tpu": ("ragged", "pallas"),
 }
@@ -158,6 +166,25 @@ def ragged(
     return plan(x, routing.expert_ids, routing.combine_weights, expert_fn.weights), {}
 
 
+def hybrid(
+    x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig, gmm_impl: str | None = None
+) -> tuple[jax.Array, Metrics]:
+    del gmm_impl  # the overflow runs its own tile loop (the plan exists for XLA:CPU)
+    cap = head_capacity(routing.expert_ids.size, cfg.num_experts, cfg.hybrid_capacity_factor)
+    if cap == 0:  # no buffers: every assignment through the tile loop
+        return ragged(x, routing, expert_fn, cfg, gmm_impl="tile_loop")
+    y = hybrid_plan(
+        x,
+        routing.expert_ids,
+        routing.combine_weights,
+        expert_fn,
+        num_experts=cfg.num_experts,
+        cap=cap,
+        tile=cfg.hybrid_tile,
+    )
+    return y, {}
+
+
 def _pallas_plan(x, expert_ids, combine_weights, weights, *, fn, num_experts: int, backend):
     k = expert_ids.shape[1]
     kw = {"backend": backend, "interpret": None}  # interpret on CPU only
@@ -213,6 +240,7 @@ DISPATCHERS: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
     "dense_reference": dense_reference,
     "capacity_einsum": capacity_einsum,
     "ragged": ragged,
+    "hybrid": hybrid,
     "pallas": pallas,
     "auto": auto,
     "expert_parallel": expert_parallel,

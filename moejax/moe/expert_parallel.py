@@ -72,6 +72,7 @@ from jax.sharding import PartitionSpec as P
 from moejax.moe.config import MoEConfig
 from moejax.moe.experts import ExpertFn
 from moejax.moe.grouped_matmul import gmm
+from moejax.moe.one_hot import count_ids
 from moejax.moe.permute import permute, sort_by_expert, unpermute
 from moejax.moe.placement import greedy_placement, holders, owners, replica_slot
 from moejax.moe.routing import Routing
@@ -210,7 +211,7 @@ def _plan(
     key = jnp.where(used, dest * g + group, p * g)
     order_s = jnp.argsort(key, stable=True).astype(jnp.int32)
     pos_sorted = jnp.zeros_like(order_s).at[order_s].set(jnp.arange(t * k, dtype=jnp.int32))
-    per_dest = jnp.bincount(dest, length=p).astype(jnp.int32)
+    per_dest = count_ids(dest, p)
     start_d = jnp.cumsum(per_dest) - per_dest
     pos = pos_sorted - start_d[jnp.minimum(dest, p - 1)]
     keep = used & (pos < b)

@@ -60,15 +60,20 @@ def max_tiles(m: int, num_groups: int, tile: int) -> int:
     return m // tile + num_groups + 1
 
 
-def make_tile_plan(group_sizes: jax.Array, m: int, tile: int) -> TilePlan:
-    """Cuts every group into row tiles; O(G + tiles) integer work, no matmuls."""
+def make_tile_plan(group_sizes: jax.Array, m: int, tile: int, skip: int = 0) -> TilePlan:
+    """Cuts every group into row tiles; O(G + tiles) integer work, no matmuls.
+
+    `skip` > 0 leaves the first `skip` rows of every group out of the tiles (the `hybrid`
+    plan computes those rows as capacity buffers, `moejax.moe.hybrid`)."""
     group_sizes = group_sizes.astype(jnp.int32)
     num_groups = group_sizes.shape[0]
     n_max = max_tiles(m, num_groups, tile)
+    row_starts = jnp.cumsum(group_sizes) - group_sizes
+    head = jnp.minimum(group_sizes, skip)
+    row_starts, group_sizes = row_starts + head, group_sizes - head
     tiles_per_group = (group_sizes + tile - 1) // tile
     tile_ends = jnp.cumsum(tiles_per_group)
     tile_starts = tile_ends - tiles_per_group
-    row_starts = jnp.cumsum(group_sizes) - group_sizes
     t = jnp.arange(n_max, dtype=jnp.int32)
     group = jnp.searchsorted(tile_ends, t, side="right").astype(jnp.int32)
     group = jnp.minimum(group, num_groups - 1)
@@ -78,7 +83,7 @@ def make_tile_plan(group_sizes: jax.Array, m: int, tile: int) -> TilePlan:
     return TilePlan(group=group, start=start, rows=rows, count=tile_ends[-1])
 
 
-def _window(plan: TilePlan, t, m: int, tile: int):
+def tile_window(plan: TilePlan, t, m: int, tile: int):
     """Row window of tile t: [lo, lo + tile), clamped inside [0, m), and its row mask.
 
     The window is clamped rather than the operands padded: a `jnp.pad` feeding the loop gets
@@ -97,7 +102,7 @@ def _gmm_loop(lhs, rhs, group_sizes, tile, out_dtype):
     plan = make_tile_plan(group_sizes, m, tile)
 
     def body(t, out):
-        lo, mask = _window(plan, t, m, tile)
+        lo, mask = tile_window(plan, t, m, tile)
         x = jax.lax.dynamic_slice_in_dim(lhs, lo, tile, axis=0)
         w = jax.lax.dynamic_index_in_dim(rhs, plan.group[t], axis=0, keepdims=False)
         y = jnp.dot(x, w, preferred_element_type=jnp.float32)
@@ -122,7 +127,7 @@ def _tgmm_loop(lhs, grad, group_sizes, tile, out_dtype):
     plan = make_tile_plan(group_sizes, m, tile)
 
     def body(t, acc):
-        lo, mask = _window(plan, t, m, tile)
+        lo, mask = tile_window(plan, t, m, tile)
         x = jax.lax.dynamic_slice_in_dim(lhs, lo, tile, axis=0)
         dy = jax.lax.dynamic_slice_in_dim(grad, lo, tile, axis=0)
         dy = jnp.where(mask[:, None], dy, jnp.zeros((), dy.dtype))

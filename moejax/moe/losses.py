@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moejax.moe.one_hot import count_ids
+
 
 def _mask(t: int, mask: jax.Array | None) -> jax.Array:
     return jnp.ones((t,), jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -29,7 +31,7 @@ def expert_load(
     m = _mask(t, mask)[:, None] * jnp.ones((1, k), jnp.float32)
     if weights is not None:
         m = m * (weights > 0)
-    counts = jnp.zeros((num_experts,), jnp.float32).at[expert_ids].add(m)
+    counts = count_ids(expert_ids, num_experts, m)
     return counts / jnp.maximum(jnp.sum(m), 1.0)
 
 
@@ -158,7 +160,7 @@ def routing_metrics(
         entropy = router_entropy(probs, mask)
     m = _mask(probs.shape[0], mask)
     per_token = jnp.sum((weights > 0).astype(jnp.float32), axis=-1)
-    hist = jnp.zeros((k + 1,), jnp.float32).at[per_token.astype(jnp.int32)].add(m)
+    hist = count_ids(per_token.astype(jnp.int32), k + 1, m)
     return {
         "experts_per_token_hist": hist / jnp.maximum(jnp.sum(m), 1.0),
         "load": load,

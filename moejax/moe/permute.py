@@ -16,6 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moejax.moe.one_hot import count_ids
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def permute(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
@@ -65,5 +67,5 @@ def sort_by_expert(expert_ids: jax.Array, num_experts: int, used: jax.Array | No
         flat = jnp.where(used.reshape(-1), flat, num_experts)
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    group_sizes = count_ids(flat, num_experts)
     return order, inverse, group_sizes

@@ -60,6 +60,7 @@ from moejax.moe.losses import (
     routing_metrics,
     sequence_balance_loss,
 )
+from moejax.moe.one_hot import take_experts
 from moejax.moe.routing import Routing
 from moejax.nn.collections import BALANCE_LOAD, ROUTER_BIAS, sow_value
 
@@ -135,7 +136,8 @@ def softmax_topk(
 ) -> Routing:
     _no_bias(bias, "softmax_topk")
     probs = jax.nn.softmax(logits, axis=-1)
-    weights, ids = jax.lax.top_k(probs, cfg.top_k)
+    ids = jax.lax.top_k(jax.lax.stop_gradient(probs), cfg.top_k)[1]
+    weights = take_experts(probs, ids)  # top_k's own gradient is a scatter
     if cfg.renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return finish_routing(cfg, logits, probs, ids, weights, mask, seq_len)
@@ -146,7 +148,8 @@ def top_p(
 ) -> Routing:
     _no_bias(bias, "top_p")
     probs = jax.nn.softmax(logits, axis=-1)
-    sorted_probs, ids = jax.lax.top_k(probs, routing_slots(cfg))  # ties: lower id first
+    ids = jax.lax.top_k(jax.lax.stop_gradient(probs), routing_slots(cfg))[1]  # ties: lower id
+    sorted_probs = take_experts(probs, ids)
     weights = jnp.where(top_p_mask(sorted_probs, cfg.top_p), sorted_probs, 0.0)
     return finish_routing(cfg, logits, probs, ids, weights, mask, seq_len)
 
@@ -179,7 +182,7 @@ def sigmoid_bias(
     if cfg.n_group > 1:
         choice = limit_groups(choice, cfg.n_group, cfg.topk_group, GROUP_MASK_FILL[cfg.group_mask])
     _, ids = jax.lax.top_k(choice, cfg.top_k)
-    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    weights = take_experts(scores, ids)
     if cfg.renormalize:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
     weights = weights * cfg.routed_scaling_factor

@@ -44,7 +44,7 @@ def run(name, x, params, ids, w, **cfg_overrides):
 
 # expert_parallel and fssdp run here without a context mesh (their local plan); the 8-device
 # sharded plan is tests/moe/test_expert_parallel.py.
-DROPLESS = ["ragged", "pallas", "auto", "capacity_einsum", "expert_parallel", "fssdp"]
+DROPLESS = ["ragged", "hybrid", "pallas", "auto", "capacity_einsum", "expert_parallel", "fssdp"]
 
 
 @pytest.mark.parametrize("name", DROPLESS)

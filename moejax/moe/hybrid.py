@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from moejax.moe.experts import ExpertFn
 from moejax.moe.grouped_matmul import TilePlan, make_tile_plan, tile_window
-from moejax.moe.permute import sort_by_expert, unpermute
+from moejax.moe.permute import sort_by_expert
 
 
 def head_capacity(rows: int, num_experts: int, factor: float) -> int:
@@ -83,150 +83,130 @@ def _take(a: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
 
 
-# ------------------------------------------------------------------- buffers, with gather VJPs
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gather_slots(x: jax.Array, slot_assign: jax.Array, slot: jax.Array, k: int) -> jax.Array:
-    """x[T, d] -> the buffer rows [E * C, d] (zeros in empty slots)."""
-    return _take(x, slot_assign // k)
+# ---------------------------------------------------------------------------- the plan
+def _batched_mm(lhs: jax.Array, w: jax.Array) -> jax.Array:
+    """The capacity buffers' matmul: `[E, C, K] x [E, K, N]`."""
+    return jnp.einsum("eck,ekn->ecn", lhs, w)
 
 
-def _gather_slots_fwd(x, slot_assign, slot, k):
-    return gather_slots(x, slot_assign, slot, k), (slot_assign, slot)
-
-
-def _gather_slots_bwd(k, res, g):
-    slot_assign, slot = res
-    t = slot.shape[0]
-    return _take(g, slot.reshape(-1)).reshape(t, k, -1).sum(axis=1), None, None
-
-
-gather_slots.defvjp(_gather_slots_fwd, _gather_slots_bwd)
-
-
-@jax.custom_vjp
-def combine_slots(
-    y_slots: jax.Array, weights: jax.Array, slot: jax.Array, slot_assign: jax.Array
-) -> jax.Array:
-    """y[t] = sum_j weights[t, j] * y_slots[slot[t, j]] (assignments past C add nothing)."""
-    return jnp.einsum("tkd,tk->td", _take(y_slots, slot), weights.astype(y_slots.dtype))
-
-
-def _combine_slots_fwd(y_slots, weights, slot, slot_assign):
-    return combine_slots(y_slots, weights, slot, slot_assign), (y_slots, weights, slot, slot_assign)
-
-
-def _combine_slots_bwd(res, g):
-    y_slots, weights, slot, slot_assign = res
-    k = slot.shape[1]
-    w_slot = _take(weights.reshape(-1), slot_assign).astype(g.dtype)
-    d_slots = _take(g, slot_assign // k) * w_slot[:, None]
-    d_weights = jnp.einsum(
-        "tkd,td->tk", _take(y_slots, slot).astype(jnp.float32), g.astype(jnp.float32)
-    )
-    return d_slots.astype(y_slots.dtype), d_weights.astype(weights.dtype), None, None
-
-
-combine_slots.defvjp(_combine_slots_fwd, _combine_slots_bwd)
-
-
-# ------------------------------------------------------------------------ the overflow loop
 def _tile_mm(lhs: jax.Array, w: jax.Array) -> jax.Array:
     """The matmul of one tile: the expert's weights come sliced to `[1, K, N]`."""
     return jnp.dot(lhs, w[0])
 
 
-def _tile_rows(plan: TilePlan, i, m: int, tile: int, row_token, row_weight):
-    lo, mask = tile_window(plan, i, m, tile)
-    tok = jax.lax.dynamic_slice_in_dim(row_token, lo, tile)
-    w = jax.lax.dynamic_slice_in_dim(row_weight, lo, tile)
-    return lo, mask, tok, jnp.where(mask, w, jnp.zeros((), w.dtype))
+def weights_experts(weights) -> int:
+    """E: every expert weight leaf is stacked `[E, ...]`."""
+    return jax.tree.leaves(weights)[0].shape[0]
 
 
 def _expert_slice(weights, g):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, 0, keepdims=True), weights)
 
 
+def _tile_rows(lay: Layout, i, k: int, tile: int, combine_weights):
+    """Tile i of the overflow: its window start, row mask, tokens and combine weights."""
+    m = lay.order.shape[0]
+    lo, mask = tile_window(lay.plan, i, m, tile)
+    assign = jax.lax.dynamic_slice_in_dim(lay.order, lo, tile)
+    w = combine_weights.reshape(-1)[assign]
+    return lo, mask, assign // k, jnp.where(mask, w, jnp.zeros((), w.dtype))
+
+
+def _forward(fns, tile, weights, consts, x, combine_weights, lay):
+    """y and what the backward pass needs: the buffers' outputs and their VJP."""
+    head_fn, tile_fn = fns
+    head_consts, tile_consts = consts
+    e, k = weights_experts(weights), combine_weights.shape[1]
+    x_slots = _take(x, lay.slot_assign // k).reshape(e, -1, x.shape[1])  # [E, C, d]
+    y_slots, head_vjp = jax.vjp(
+        lambda w, xs, cs: head_fn(w, xs, *cs), weights, x_slots, head_consts
+    )
+    y_slots = y_slots.reshape(lay.slot_assign.shape[0], -1)  # [E * C, d_out]
+    y = jnp.einsum("tkd,tk->td", _take(y_slots, lay.slot), combine_weights.astype(y_slots.dtype))
+
+    def body(i, acc):
+        _, _, tok, w = _tile_rows(lay, i, k, tile, combine_weights)
+        ys = tile_fn(_expert_slice(weights, lay.plan.group[i]), x[tok], *tile_consts)
+        return acc.at[tok].add(w[:, None].astype(jnp.float32) * ys.astype(jnp.float32))
+
+    over = jax.lax.fori_loop(0, lay.plan.count, body, y.astype(jnp.float32))
+    return over.astype(y.dtype), (head_vjp, y_slots)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _overflow(fn, tile, weights, consts, x, row_weight, row_token, plan):
-    m = row_token.shape[0]
-    rows = jax.ShapeDtypeStruct((tile,) + x.shape[1:], x.dtype)
-    d_out = jax.eval_shape(fn, _expert_slice(weights, 0), rows, *consts).shape[-1]
-
-    def body(i, y):
-        _, _, tok, w = _tile_rows(plan, i, m, tile, row_token, row_weight)
-        ys = fn(_expert_slice(weights, plan.group[i]), x[tok], *consts)
-        return y.at[tok].add(w[:, None].astype(jnp.float32) * ys.astype(jnp.float32))
-
-    return jax.lax.fori_loop(0, plan.count, body, jnp.zeros((x.shape[0], d_out), jnp.float32))
+def _experts(fns, tile, weights, consts, x, combine_weights, lay):
+    return _forward(fns, tile, weights, consts, x, combine_weights, lay)[0]
 
 
-def _overflow_fwd(fn, tile, weights, consts, x, row_weight, row_token, plan):
-    y = _overflow(fn, tile, weights, consts, x, row_weight, row_token, plan)
-    return y, (weights, consts, x, row_weight, row_token, plan)
+def _experts_fwd(fns, tile, weights, consts, x, combine_weights, lay):
+    y, (head_vjp, y_slots) = _forward(fns, tile, weights, consts, x, combine_weights, lay)
+    return y, (head_vjp, y_slots, weights, consts, x, combine_weights, lay)
 
 
-def _overflow_bwd(fn, tile, res, gy):
-    weights, consts, x, row_weight, row_token, plan = res
-    m = row_token.shape[0]
+def _experts_bwd(fns, tile, res, g):
+    head_vjp, y_slots, weights, (head_consts, tile_consts), x, combine_weights, lay = res
+    tile_fn = fns[1]
+    t, k = combine_weights.shape
+    f32 = jnp.float32
+    # The buffers: the combine's transpose is a gather from the output gradient.
+    w_slot = _take(combine_weights.reshape(-1), lay.slot_assign).astype(f32)
+    d_slots = _take(g.astype(f32), lay.slot_assign // k) * w_slot[:, None]
+    d_cw = jnp.einsum("tkd,td->tk", _take(y_slots, lay.slot).astype(f32), g.astype(f32))
+    d_w, dx_slots, d_head_consts = head_vjp(
+        d_slots.astype(y_slots.dtype).reshape(weights_experts(weights), -1, y_slots.shape[-1])
+    )
+    dx = _take(dx_slots.reshape(-1, x.shape[1]).astype(f32), lay.slot.reshape(-1))
+    dx = dx.reshape(t, k, -1).sum(axis=1)
 
+    # The overflow tiles accumulate onto the buffers' gradients (no zeroed copies to add).
     def body(i, carry):
-        d_weights, d_consts, dx, d_row_weight = carry
-        lo, mask, tok, w = _tile_rows(plan, i, m, tile, row_token, row_weight)
-        g = plan.group[i]
+        d_w, d_consts, dx, d_row = carry
+        lo, mask, tok, w = _tile_rows(lay, i, k, tile, combine_weights)
+        grp = lay.plan.group[i]
         ys, vjp = jax.vjp(
-            lambda wt, xs, cs: fn(wt, xs, *cs), _expert_slice(weights, g), x[tok], consts
+            lambda wt, xs, cs: tile_fn(wt, xs, *cs),
+            _expert_slice(weights, grp),
+            x[tok],
+            tile_consts,
         )
-        gs = gy[tok]
-        dw_rows = jnp.sum(gs * ys.astype(jnp.float32), axis=-1)
-        old = jax.lax.dynamic_slice_in_dim(d_row_weight, lo, tile)
-        d_row_weight = jax.lax.dynamic_update_slice_in_dim(
-            d_row_weight, jnp.where(mask, dw_rows, old), lo, axis=0
+        gs = g[tok].astype(f32)
+        old = jax.lax.dynamic_slice_in_dim(d_row, lo, tile)
+        d_row = jax.lax.dynamic_update_slice_in_dim(
+            d_row, jnp.where(mask, jnp.sum(gs * ys.astype(f32), axis=-1), old), lo, axis=0
         )
-        dwt, dxs, dcs = vjp((w[:, None].astype(jnp.float32) * gs).astype(ys.dtype))
-        d_weights = jax.tree.map(
+        dwt, dxs, dcs = vjp((w[:, None].astype(f32) * gs).astype(ys.dtype))
+        d_w = jax.tree.map(
             lambda acc, d: jax.lax.dynamic_update_index_in_dim(
-                acc, jax.lax.dynamic_index_in_dim(acc, g, 0) + d.astype(acc.dtype), g, 0
+                acc, jax.lax.dynamic_index_in_dim(acc, grp, 0) + d.astype(acc.dtype), grp, 0
             ),
-            d_weights,
+            d_w,
             dwt,
         )
         d_consts = jax.tree.map(lambda acc, d: acc + d.astype(acc.dtype), d_consts, dcs)
-        return d_weights, d_consts, dx.at[tok].add(dxs.astype(jnp.float32)), d_row_weight
+        return d_w, d_consts, dx.at[tok].add(dxs.astype(f32)), d_row
 
-    f32 = lambda a: jnp.zeros(a.shape, jnp.float32)  # noqa: E731
+    zeros = lambda a: jnp.zeros(a.shape, f32)  # noqa: E731
     init = (
-        jax.tree.map(f32, weights),
-        jax.tree.map(f32, consts),
-        jnp.zeros(x.shape, jnp.float32),
-        jnp.zeros(row_weight.shape, jnp.float32),
+        jax.tree.map(lambda d: d.astype(f32), d_w),
+        jax.tree.map(zeros, tile_consts),
+        dx,
+        jnp.zeros(lay.order.shape, f32),
     )
-    d_weights, d_consts, dx, d_row_weight = jax.lax.fori_loop(0, plan.count, body, init)
+    d_w, d_tile_consts, dx, d_row = jax.lax.fori_loop(0, lay.plan.count, body, init)
+    d_cw = d_cw + d_row[lay.inverse].reshape(t, k)  # sorted rows back to (token, choice)
     cast = lambda d, a: d.astype(a.dtype)  # noqa: E731
     return (
-        jax.tree.map(cast, d_weights, weights),
-        jax.tree.map(cast, d_consts, consts),
+        jax.tree.map(cast, d_w, weights),
+        (d_head_consts, jax.tree.map(cast, d_tile_consts, tile_consts)),
         dx.astype(x.dtype),
-        d_row_weight.astype(row_weight.dtype),
-        None,
+        d_cw.astype(combine_weights.dtype),
         None,
     )
 
 
-_overflow.defvjp(_overflow_fwd, _overflow_bwd)
+_experts.defvjp(_experts_fwd, _experts_bwd)
 
 
-def overflow(
-    fn: Callable, weights, x: jax.Array, row_weight: jax.Array, row_token: jax.Array, plan, tile
-) -> jax.Array:
-    """sum over the plan's rows r of row_weight[r] * fn(W[group of r], x[row_token[r]]),
-    added into a float32 `[T, d_out]`; `fn(weights, x_rows, mm)` is an `ExpertFn.fn`."""
-    per_tile = lambda wt, xs: fn(wt, xs, _tile_mm)  # noqa: E731
-    rows = jnp.zeros((tile,) + x.shape[1:], x.dtype)  # an example tile, for tracing
-    converted, consts = jax.closure_convert(per_tile, _expert_slice(weights, 0), rows)
-    return _overflow(converted, tile, weights, tuple(consts), x, row_weight, row_token, plan)
-
-
-# ---------------------------------------------------------------------------------- the plan
 def hybrid_plan(
     x: jax.Array,
     expert_ids: jax.Array,
@@ -239,16 +219,15 @@ def hybrid_plan(
 ) -> jax.Array:
     """y[T, d] = sum_j combine_weights[t, j] * Expert_{expert_ids[t, j]}(x_t), dropless."""
     t, k = expert_ids.shape
-    m = t * k
-    tile = min(tile, m)
+    tile = min(tile, t * k)
     lay = make_layout(expert_ids, combine_weights > 0, num_experts, cap, tile)
-    x_slots = gather_slots(x, lay.slot_assign, lay.slot, k).reshape(num_experts, cap, -1)
-    y_slots = expert_fn(x_slots, lambda lhs, w: jnp.einsum("eck,ekn->ecn", lhs, w))
-    y = combine_slots(
-        y_slots.reshape(num_experts * cap, -1), combine_weights, lay.slot, lay.slot_assign
+    weights, fn = expert_fn.weights, expert_fn.fn
+    # Closed-over arrays (MixLoRA's frozen W_down) become explicit inputs of the custom VJP.
+    slots = jnp.zeros((num_experts, cap, x.shape[1]), x.dtype)  # example shapes, for tracing
+    rows = jnp.zeros((tile, x.shape[1]), x.dtype)
+    head_fn, head_consts = jax.closure_convert(lambda w, xs: fn(w, xs, _batched_mm), weights, slots)
+    tile_fn, tile_consts = jax.closure_convert(
+        lambda w, xs: fn(w, xs, _tile_mm), _expert_slice(weights, 0), rows
     )
-    # The sorted assignments' tokens and weights; `unpermute` gathers both ways.
-    row_weight = unpermute(combine_weights.reshape(-1), lay.inverse, lay.order)
-    row_token = lay.order // k
-    y_over = overflow(expert_fn.fn, expert_fn.weights, x, row_weight, row_token, lay.plan, tile)
-    return y + y_over.astype(y.dtype)
+    consts = (tuple(head_consts), tuple(tile_consts))
+    return _experts((head_fn, tile_fn), tile, weights, consts, x, combine_weights, lay)

@@ -59,6 +59,8 @@ BAD = [
     ("moe.capacity_factor", 0.0, "moe.capacity_factor=0.0 must be > 0"),
     ("moe.gmm_impl", "cutlass", "moe.gmm_impl='cutlass' must be one of"),
     ("moe.gmm_tile", 0, "moe.gmm_tile=0 must be positive"),
+    ("moe.hybrid_capacity_factor", -0.5, "moe.hybrid_capacity_factor=-0.5 must be >= 0"),
+    ("moe.hybrid_tile", 0, "moe.hybrid_tile=0 must be positive"),
     ("moe.d_shared", -1, "moe.d_shared=-1 must be >= 0"),
     ("moe.shared_gate", 1, "config.moe.shared_gate=1 must be a bool"),
     ("moe.kernel_backend", "cuda", "moe.kernel_backend='cuda' must be one of"),

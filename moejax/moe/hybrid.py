@@ -17,11 +17,12 @@ overflow only: no `[T*k, d]` buffer exists. The tiles come from the MegaBlocks g
 plan (Gale et al., 2022) over the expert-sorted assignments, with each expert's first C rows
 skipped. No assignment is dropped.
 
-The index moves are custom VJPs whose transposes are gathers too (XLA:CPU runs scatter-adds
-several times slower). The loop's backward runs each tile's expert function again under
-`jax.vjp` (its residuals are never stored, so the loop costs one extra forward of the
-overflow rows), with the function's closed-over arrays made explicit by
-`jax.closure_convert`.
+One custom VJP covers the buffers and the loop. Its index moves transpose to gathers (XLA:CPU
+runs scatter-adds several times slower); the loop's backward runs each tile's expert
+function again under `jax.vjp` (no per-tile residuals are stored: one extra forward of the
+overflow rows) and accumulates onto the buffers' weight gradients. Arrays the expert
+function closes over (MixLoRA's frozen W_down) become explicit inputs via
+`jax.closure_convert`, so they get their gradient too.
 """
 
 from __future__ import annotations

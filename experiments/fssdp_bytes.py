@@ -4,7 +4,9 @@
 compile-only devices of a v5p slice with P chips on the `expert` axis (libtpu's topology
 description; nothing runs), the forward and backward of ONE MoE layer's dispatch (the
 `fssdp` and `expert_parallel` dispatchers on the same routing, E = 2P experts) and reads the
-bytes of every collective from the compiled HLO (`moejax.sharding.hlo_collectives`).
+bytes of every collective from the compiled HLO (`moejax.sharding.hlo_collectives`;
+ragged-all-to-all at its static bound, its output buffer: what the compiled program can
+move at most).
 
 FSSDP's weight traffic is what FSSDP adds to expert parallelism (same token exchange,
 same loads): `fssdp - expert_parallel` bytes, per device per step. For each P it is
@@ -33,12 +35,21 @@ from moejax.sharding.hlo_collectives import KINDS, collective_bytes
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.topology import tpu_devices
 
-TOPOLOGIES = {8: "v5p:2x2x2", 16: "v5p:2x2x4", 32: "v5p:2x4x4", 64: "v5p:4x4x4", 128: "v5p:4x4x8"}
+TOPOLOGIES = {
+    4: "v5p:2x2x1",
+    8: "v5p:2x2x2",
+    16: "v5p:2x2x4",
+    32: "v5p:2x4x4",
+    64: "v5p:4x4x4",
+    128: "v5p:4x4x8",
+}
 D, F, K = 256, 512, 2  # model dim, expert hidden dim, top-k
 TOKENS_PER_DEVICE = 64
 
 
-def compiled_bytes(mesh, p: int, dispatcher: str, exchange: str, slots: int, max_sends: int):
+def compiled_bytes(
+    mesh, p: int, dispatcher: str, exchange: str, slots: int, max_sends: int, d: int, f: int
+):
     """{kind: bytes} of one layer's dispatch, forward + backward, compiled for `mesh`."""
     e, t = 2 * p, TOKENS_PER_DEVICE * p
     cfg = MoEConfig(
@@ -53,9 +64,9 @@ def compiled_bytes(mesh, p: int, dispatcher: str, exchange: str, slots: int, max
     )
     tok = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert")))
     exp = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert"))
-    shapes = [(e, D, F), (e, D, F), (e, F, D)]
+    shapes = [(e, d, f), (e, d, f), (e, f, d)]
     args = (
-        jax.ShapeDtypeStruct((t, D), jnp.bfloat16, sharding=tok),
+        jax.ShapeDtypeStruct((t, d), jnp.bfloat16, sharding=tok),
         jax.ShapeDtypeStruct((t, K), jnp.int32, sharding=tok),
         jax.ShapeDtypeStruct((t, K), jnp.float32, sharding=tok),
         tuple(jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=exp) for s in shapes),
@@ -71,24 +82,33 @@ def compiled_bytes(mesh, p: int, dispatcher: str, exchange: str, slots: int, max
     return {k: out[k]["bytes"] for k in KINDS if out[k]["bytes"]}
 
 
-def measure(p: int, slots: int, max_sends: int) -> dict:
+def measure(
+    p: int, slots: int, max_sends: int, exchanges=("ragged", "padded"), d: int = D, f: int = F
+) -> dict:
+    """One row: per exchange, the compiled bytes of EP and FSSDP and FSSDP's weight traffic
+    (the growth of the collective that carries the weights: ragged-all-to-all / all-to-all),
+    next to the closed forms (S + R) and 2 P S expert weight sets."""
     devices = tpu_devices(TOPOLOGIES[p])
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, expert=p, tensor=1), devices=devices)
-    expert_set = 3 * D * F * 2  # bytes of one expert's weights (bf16)
+    expert_set = 3 * d * f * 2  # bytes of one expert's weights (bf16)
     r = sends_bound(MoEConfig(num_experts=2 * p, fssdp_max_sends=max_sends), p, slots)
     row = {"P": p, "S": slots, "R": r, "expert_set_bytes": expert_set}
-    for exchange in ("ragged", "padded"):
-        ep = compiled_bytes(mesh, p, "expert_parallel", exchange, 0, 0)
-        fs = compiled_bytes(mesh, p, "fssdp", exchange, slots, max_sends)
-        extra = sum(fs.values()) - sum(ep.values())
+    closed = {"ragged": slots + r, "padded": 2 * p * slots}
+    for exchange in exchanges:
+        kind = "ragged-all-to-all" if exchange == "ragged" else "all-to-all"
+        ep = compiled_bytes(mesh, p, "expert_parallel", exchange, 0, 0, d, f)
+        fs = compiled_bytes(mesh, p, "fssdp", exchange, slots, max_sends, d, f)
+        weight = fs.get(kind, 0) - ep.get(kind, 0)
         row[exchange] = {
             "ep_bytes": ep,
             "fssdp_bytes": fs,
-            "weight_bytes": extra,
-            "weight_sets": extra / expert_set,
+            "weight_bytes": weight,
+            "weight_sets": weight / expert_set,
+            "closed_form_sets": closed[exchange],
+            "other_extra_bytes": sum(fs.values()) - sum(ep.values()) - weight,
         }
-    row["closed_form_sets"] = {"ragged": slots + r, "padded": 2 * p * slots}
-    row["padded_over_ragged"] = row["padded"]["weight_bytes"] / row["ragged"]["weight_bytes"]
+    if len(exchanges) == 2:
+        row["padded_over_ragged"] = row["padded"]["weight_bytes"] / row["ragged"]["weight_bytes"]
     return row
 
 

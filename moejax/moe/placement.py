@@ -42,18 +42,24 @@ def owners(num_experts: int, num_devices: int) -> jax.Array:
 
 
 def greedy_placement(
-    load: jax.Array, num_devices: int, slots: int, max_sends: int | None = None
+    load: jax.Array,
+    num_devices: int,
+    slots: int,
+    max_sends: int | None = None,
+    owner: jax.Array | None = None,
 ) -> jax.Array:
     """slot_expert[P, S] int32: the expert replicated in each slot, -1 where empty; each
     row sorted by expert, empty slots last.
 
     `load[E]`: the step's assignments per expert over the group (any float or int dtype).
-    `max_sends`: the most replicas one owner may send per step (None: no cap).
+    `max_sends`: the most replicas one owner may send per step (None: no cap). `owner[E]`:
+    each expert's device, default `owners(E, P)`; any layout (a device may own 0..E
+    experts, Hecate's heterogeneous sharding) for `experiments.fssdp_sim`.
     """
     e = load.shape[0]
     p = num_devices
     load = load.astype(jnp.float32)
-    owner = owners(e, p)
+    owner = owners(e, p) if owner is None else owner
     hold = jax.nn.one_hot(owner, p, dtype=jnp.bool_).T  # [P, E]
     slot_expert = jnp.full((p, slots), -1, jnp.int32)
     if slots == 0 or p == 1:

@@ -57,7 +57,9 @@ Left out (Hecate's other part): heterogeneous sharding (devices owning 0..E expe
 re-sharded every N steps) would make the parameter and optimizer-state layout change between
 steps; under jit's static shapes and the optimizer's fixed sharding it needs a re-layout of
 the train state outside the step (a resharding device_put) and padded per-device expert
-buffers, so owners stay the fixed E/P split of the `expert` axis here.
+buffers, so owners stay the fixed E/P split of the `expert` axis here. The placement takes
+any owner layout (`greedy_placement(..., owner=)`), and `experiments/fssdp_sim.py` models
+the re-sharded layout's step time.
 
 Expert weights enter the shard_map split only along `expert` (`P("expert")`): shards of their
 other dimensions (`embed` over fsdp, `mlp` over tensor) are all-gathered at the boundary, FSDP

@@ -78,3 +78,13 @@ def test_slot_chunks_count_and_locate_each_owners_share():
     np.testing.assert_array_equal(first[0], [0, 0, 1, 2])
     np.testing.assert_array_equal(first[1], [0, 2, 2, 2])
     np.testing.assert_array_equal(first[2], [0, 1, 1, 1])
+
+
+def test_any_owner_layout_heterogeneous_sharding():
+    # Device 0 owns only e0 (100), device 1 owns e1..e3 (30), d2 and d3 two each (20).
+    # e0 -> d2 (first least loaded: 20 + 50 < 100), e0 -> d3 (20 + 33.3 < 70); then
+    # e0 -> d1 would make it 30 + 25 = 55 > 53.3: stop.
+    load = jnp.asarray([100, 10, 10, 10, 10, 10, 10, 10], jnp.float32)
+    owner = jnp.asarray([0, 1, 1, 1, 2, 2, 3, 3], jnp.int32)
+    slot_expert = np.asarray(greedy_placement(load, 4, 1, owner=owner))
+    np.testing.assert_array_equal(slot_expert, [[-1], [-1], [0], [0]])

@@ -71,3 +71,12 @@ def test_closed_form_matches_the_tpu_compiled_bytes():
             assert (
                 row["padded"]["weight_bytes"] == 2 * row["P"] * row["S"] * row["expert_set_bytes"]
             )
+
+
+def test_recorded_loads_from_metrics_jsonl(tmp_path):
+    # The router's per-expert fractions of each logged step, scaled to the step's assignments.
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "train/moe/load/layer0": [0.5, 0.25, 0.125, 0.125]}, {"step": 2}]
+    rows.append({"step": 3, "train/moe/load/layer0": [1.0, 1.0, 1.0, 1.0]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    np.testing.assert_array_equal(sim.metrics_loads(path, 0, 16), [[8, 4, 2, 2], [4, 4, 4, 4]])

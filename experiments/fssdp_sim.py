@@ -260,8 +260,30 @@ def fssdp_weight_bound(slots: int, max_sends: int, expert_set: float) -> float:
     return (slots + max_sends) * expert_set
 
 
+def markdown(result: dict) -> str:
+    """The README table of a saved result: per (skew, P) the straggler ratio and step time
+    of each strategy, and the EP / FSSDP ratios."""
+    names = ("fsdp", "ep", "fssdp", "fssdp_het")
+    head = ["skew", "P", "E"] + [f"{n} max/mean" for n in names] + [f"{n} ms" for n in names]
+    head += ["EP / FSSDP", "EP / FSSDP-het", "FSSDP weights ms", "EP tokens ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in result["rows"]:
+        st = row["strategies"]
+        cells = [str(row["skew"]), str(row["P"]), str(row["E"])]
+        cells += [f"{st[n]['device_tokens_max_over_mean']:.2f}" for n in names]
+        cells += [f"{1e3 * st[n]['time']:.1f}" for n in names]
+        cells += [f"{row['ep_over_fssdp']:.2f}", f"{row['ep_over_fssdp_het']:.2f}"]
+        cells += [
+            f"{1e3 * st['fssdp']['time_weights']:.2f}",
+            f"{1e3 * st['ep']['time_tokens']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--render", default="", help="print the markdown table of a saved result")
     ap.add_argument("--chips", default="8,32,128,512,1024")
     ap.add_argument("--experts_per_chip", type=int, default=2)
     ap.add_argument("--skews", default="0,0.8,1.2")
@@ -284,6 +306,10 @@ def main(argv) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            print(markdown(json.load(f)))
+        return
     link = LINKS[args.link]
     link = Link(
         args.bandwidth or link.bandwidth, link.latency if args.latency < 0 else args.latency

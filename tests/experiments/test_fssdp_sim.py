@@ -40,6 +40,10 @@ def test_two_devices_by_hand():
     # FSDP: all-gather + reduce-scatter of E W (P - 1) / P = 6 B each; balanced compute.
     fsdp = res["fsdp"]
     assert fsdp["weight_bytes"] == 12 and fsdp["time"] == 12 + 4
+    row = {"skew": 0.0, "P": 2, "E": 4, "strategies": res, "ep_over_fssdp": 21 / 18}
+    row["ep_over_fssdp_het"] = ep["time"] / res["fssdp_het"]["time"]
+    table = sim.markdown({"rows": [row]}).splitlines()
+    assert len(table) == 3 and "| 1.17 |" in table[2] and "| 1.75 |" in table[2]
 
 
 def test_heterogeneous_layout_gives_the_hot_expert_a_device_of_its_own():

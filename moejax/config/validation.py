@@ -264,6 +264,11 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
         f"moe.fssdp_slots={moe.fssdp_slots} must be >= 0 (replica slots per device for "
         f"the fssdp dispatcher; 0 = plain expert parallelism).",
     )
+    _require(
+        moe.fssdp_max_sends >= 0,
+        f"moe.fssdp_max_sends={moe.fssdp_max_sends} must be >= 0 (the most replicas one "
+        f"expert owner sends per step under fssdp; 0 = 2 * moe.fssdp_slots).",
+    )
     _check_router(moe)
     _check_sigmoid_bias(moe)
 

@@ -80,6 +80,7 @@ BAD = [
     ("moe.ep_capacity_factor", -1.0, "moe.ep_capacity_factor=-1.0 must be >= 0"),
     ("moe.ep_exchange", "nccl", "moe.ep_exchange='nccl' must be one of"),
     ("moe.fssdp_slots", -1, "moe.fssdp_slots=-1 must be >= 0"),
+    ("moe.fssdp_max_sends", -2, "moe.fssdp_max_sends=-2 must be >= 0"),
     ("moe.fssdp_remat", "yes", "config.moe.fssdp_remat='yes' must be a bool"),
     # data (checked by DataConfig itself)
     ("data.sources", "", "data.sources must not be empty"),

@@ -89,7 +89,8 @@ jax.lax.ragged_all_to_all = emulated_ragged_all_to_all
 cases = {"expert_parallel": dict(name="expert_parallel"),
          "fssdp": dict(name="fssdp", fssdp_slots=2),
          "fssdp_remat": dict(name="fssdp", fssdp_slots=1, fssdp_remat=True),
-         "fssdp_ragged": dict(name="fssdp", fssdp_slots=2, ep_exchange="ragged"),
+         "fssdp_ragged": dict(name="fssdp", fssdp_slots=2, fssdp_max_sends=3,
+                              ep_exchange="ragged"),
          "ep_pallas": dict(name="expert_parallel", gmm_impl="pallas")}
 only = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None  # {case: kwargs}: just those
 for case, kw in (only or cases).items():

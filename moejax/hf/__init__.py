@@ -32,7 +32,7 @@ import numpy as np
 
 from moejax.config_section import ConfigError
 from moejax.hf import peft
-from moejax.hf.architectures import DEEPSEEK_V3, Architecture
+from moejax.hf.architectures import MLA_ARCHITECTURES, Architecture, interleaved_rope
 from moejax.hf.layout import choose_architecture, from_hf_config
 from moejax.hf.weights import (
     Assembler,
@@ -104,7 +104,7 @@ def from_pretrained(
         abstract_variables(model),
         m,
         arch,
-        interleaved_rope=arch is DEEPSEEK_V3 and hf.get("rope_interleave", True),
+        interleaved_rope=interleaved_rope(arch, hf),
     )
     used = load_layers(reader, asm, m, arch)
     keys = reader.keys()
@@ -156,7 +156,7 @@ def save_pretrained(model: Transformer, variables: dict[str, Any], path: str) ->
         k: np.asarray(v)
         for k, v in flax.traverse_util.flatten_dict(nn.unbox(dict(variables)), sep="/").items()
     }
-    tensors = export_layers(flat, m, arch, interleaved_rope=arch is DEEPSEEK_V3)
+    tensors = export_layers(flat, m, arch, interleaved_rope=arch.name in MLA_ARCHITECTURES)
     for name, key in TOP_LEVEL:
         tensors[name] = np.asarray(flat[key], np.float32)
     if not m.tie_embeddings:

@@ -29,6 +29,7 @@ from moejax.hf.architectures import (
     MLA_Q,
     MLA_Q_LORA,
     NORMS,
+    QK_NORM,
     Architecture,
     shared_rows,
 )
@@ -91,7 +92,7 @@ class TensorReader:
 def attention_rows(m: ModelConfig):
     if m.attention == "mla":
         return (MLA_Q_LORA if m.q_lora_rank else MLA_Q) + MLA_KV
-    return GQA + (GQA_BIAS if m.attention_bias else ())
+    return GQA + (GQA_BIAS if m.attention_bias else ()) + (QK_NORM if m.qk_norm != "none" else ())
 
 
 def rope_permutation(m: ModelConfig, path: str) -> tuple[int, np.ndarray] | None:

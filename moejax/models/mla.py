@@ -65,7 +65,7 @@ class MLAttention(nn.Module):
         if rq:
             wq_a = logical_param(self, "wq_a", (d, rq), ("embed", "kv"), std, pdt)
             wq_b = logical_param(
-                self, "wq_b", (rq, h, nope + rope), ("kv", "heads", "kv"), std, pdt
+                self, "wq_b", (rq, h, nope + rope), ("latent", "heads", "kv"), std, pdt
             )
             q_latent = RMSNorm(**norm, name="q_norm")(project(x, wq_a.astype(dt)))
             q = project(q_latent, wq_b.astype(dt))
@@ -89,7 +89,9 @@ class MLAttention(nn.Module):
         if mask is None and kernel == "xla":
             mask = attention_mask(segment_ids_BxL)
 
-        wkv_b = logical_param(self, "wkv_b", (rkv, h, nope + dv), ("kv", "heads", "kv"), std, pdt)
+        wkv_b = logical_param(
+            self, "wkv_b", (rkv, h, nope + dv), ("latent", "heads", "kv"), std, pdt
+        )
         kv_h = project(latent, wkv_b.astype(dt))
         k_nope, v = kv_h[..., :nope], kv_h[..., nope:]
         if kernel != "xla":  # blockwise: per-head keys, the rotary part shared by all heads

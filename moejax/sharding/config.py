@@ -19,6 +19,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    ("latent", None),  # MLA's compressed q / kv rank (the input of wq_b, wkv_b)
     ("expert", "expert"),
     ("layers", None),
     ("period_layers", None),

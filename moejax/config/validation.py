@@ -14,7 +14,7 @@ import warnings
 from moejax.config.base import SECTIONS
 from moejax.config.renames import apply_renames
 from moejax.config.train import TrainConfig
-from moejax.config_section import ConfigError
+from moejax.config_section import ConfigError, unknown_names
 from moejax.data.config import DataConfig
 from moejax.data.datasets import check_spelling, open_tokenizer
 from moejax.data.errors import DataError
@@ -642,7 +642,8 @@ def validate(
     unknown = [s for s in config.keys() if s not in SECTIONS]
     _require(
         not unknown,
-        f"config has unknown section(s) {unknown}; valid sections are {list(SECTIONS)}.",
+        f"config has unknown section(s) {unknown_names(unknown, list(SECTIONS))}; valid "
+        f"sections are {list(SECTIONS)}.",
     )
     try:
         built = {

@@ -19,7 +19,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
-    ("latent", None),  # MLA's compressed q / kv rank (the input of wq_b, wkv_b)
+    ("latent", None),  # MLA's compressed query / key-value latents (moejax/models/mla.py)
     ("expert", "expert"),
     ("layers", None),
     ("period_layers", None),

@@ -218,3 +218,30 @@ def test_every_config_runs_twenty_steps(name, arg):
     with pytest.warns(ConfigAdjustedWarning):
         s = validate(config, num_devices=1, num_processes=1)
     assert (s.train.steps, s.train.warmup_steps) == (20, 20)
+
+
+@pytest.mark.parametrize(
+    "name, arg",
+    [
+        ("deepseekmoe", "steps=20"),
+        ("gshard", "steps=20"),
+        ("dense", "steps=20"),
+        ("rmoe", "steps=20"),
+        ("top_p", "steps=20"),
+        ("deepseek_v3", "steps=20"),
+        ("lora", "smora,steps=20"),
+        ("mole_multitask", "stage=base,steps=20"),
+        ("mole_multitask", "variant=lora,steps=5"),
+    ],
+)
+def test_every_config_takes_a_short_typed_steps_argument(name, arg):
+    """The typed `:steps=N` form (issue 23 item 2: `mole_multitask.py:stage=base,steps=20`
+    was refused) warms up over at most N steps, with nothing left for validate to adjust."""
+    import warnings
+
+    config = load_config_module(name).get_config(arg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigAdjustedWarning)
+        s = validate(config, num_devices=1, num_processes=1)
+    steps = int(arg.rpartition("steps=")[2])
+    assert s.train.steps == steps and 0 < s.train.warmup_steps <= steps

@@ -475,3 +475,27 @@ def test_convert_keeps_deepseek_v3_router_bias_in_the_train_state(tmp_path):
     got = np.asarray(jax.tree.leaves(restored.collections["router_bias"])[0])
     assert got.shape[0] == len(want) and np.abs(got).max() > 0
     np.testing.assert_array_equal(got, np.stack(want))
+
+
+def test_options_the_new_architectures_cannot_express_are_named(saved, tmp_path):
+    """DeepSeek-V2: norm_topk_prob / moe_layer_freq (transformers ignores them where
+    DeepSeek's code does not) and topk_method other than greedy / group_limited_greedy;
+    Qwen3-MoE: attention_bias (it biases o_proj too); OLMoE: clip_qkv."""
+    name, _, path = saved
+    bad = {
+        "deepseek_v2_group_limited": [
+            ({"norm_topk_prob": True}, "norm_topk_prob=True"),
+            ({"moe_layer_freq": 2}, "moe_layer_freq=2"),
+            ({"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+        ],
+        "qwen3_moe_qk_norm": [({"attention_bias": True}, "attention_bias=True")],
+        "olmoe_qk_norm_full": [({"clip_qkv": 8.0}, "clip_qkv=8.0")],
+    }.get(name)
+    if bad is None:
+        pytest.skip("covers the architectures added with qk_norm and DeepSeek-V2")
+    config = mhf.read_config(str(path))
+    (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
+    for change, message in bad:
+        _write(tmp_path, {**config, **change})
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            mhf.from_pretrained(str(tmp_path))

@@ -365,6 +365,7 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
             dead_expert_logs=s.train.dead_expert_logs,
             max_dropped_fraction=s.train.max_dropped_fraction,
             max_load_cv=s.train.max_load_cv,
+            bias_balanced=s.moe.selection == "sigmoid_bias",
         ),
         stability=RoutingStability(),
     )

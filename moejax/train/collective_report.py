@@ -1,4 +1,4 @@
-"""The collective report: what one train step moves between devices, and what it holds.
+r"""The collective report: what one train step moves between devices, and what it holds.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python -m moejax.train.collective_report --config=configs/deepseekmoe.py --strategy=fsdp

@@ -61,10 +61,10 @@ def describe_schedule(cfg: TrainConfig, schedule_start: int = 0, next_step: int 
     lr = float(learning_rate_schedule(cfg, schedule_start)(next_step - 1))
     end = cfg.learning_rate * cfg.min_lr_ratio
     if schedule_start <= 0 or cfg.resume_lr == "schedule":
+        warmup = f"warmup 0 -> {cfg.learning_rate:.3g} over steps 1-{cfg.warmup_steps}, "
         curve = (
-            f"warmup 0 -> {cfg.learning_rate:.3g} over steps 1-{cfg.warmup_steps}, cosine to "
-            f"{end:.3g} at step {cfg.steps}"
-        )
+            warmup if cfg.warmup_steps else f"{cfg.learning_rate:.3g} at step 1, "
+        ) + f"cosine to {end:.3g} at step {cfg.steps}"
     elif cfg.resume_lr == "constant":
         curve = f"{cfg.learning_rate:.3g} from step {schedule_start + 1} on"
     else:

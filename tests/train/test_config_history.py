@@ -67,6 +67,10 @@ def test_describe_schedule_says_what_step_one_runs_at():
         "learning rate: warmup 0 -> 0.003 over steps 1-30, cosine to 0.0003 at step 300; "
         "step 1 runs at 0"
     )
+    cfg = TrainConfig(steps=10, warmup_steps=0, learning_rate=1e-3)
+    assert describe_schedule(cfg) == (
+        "learning rate: 0.001 at step 1, cosine to 0.0001 at step 10; step 1 runs at 0.001"
+    )
     cfg = TrainConfig(steps=600, warmup_steps=30, learning_rate=1e-3, resume_lr="constant")
     assert describe_schedule(cfg, 300, 301) == (
         "learning rate (train.resume_lr=constant since step 300): 0.001 from step 301 on; "

@@ -1,4 +1,4 @@
-"""LoRA experts on the tiny dense model: one config per method of `moejax.lora.variants`.
+r"""LoRA experts on the tiny dense model: one config per method of `moejax.lora.variants`.
 
     python -m moejax.train --config=configs/lora.py:smora --workdir=runs/lora_smora
     python -m moejax.train --config=configs/lora.py:mola,steps=50 --workdir=runs/lora_mola \

@@ -8,6 +8,9 @@ uninterrupted run logs.
     python experiments/faults.py --scenarios sigkill,corrupt --trials 5 --jobs 1
     python experiments/faults.py --data=$DIR      # on experiments/mixture_data.py's mixture
 
+stdout is the table (or the JSON) alone; stderr gets a progress line for the reference run
+and for each trial as it finishes.
+
 Every run is `python -m moejax.train` on configs/deepseekmoe.py shrunk to seconds (d_model 32,
 2 layers, 4 experts top-2, 16 steps of 4 x 32 tokens, asynchronous checkpoints every 4 steps,
 losses logged every step) over the offline corpus, built into the work directory. The runs
@@ -360,8 +363,15 @@ def scenario_corrupt(runner, reference, rng, name: str, reference_dir: str, tria
 SCENARIOS = ["sigkill", "sigterm", "kill_during_save", "nan_skip", "nan_stop", "corrupt"]
 
 
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout is the table or the JSON alone)."""
+    print(f"faults: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--trials", type=int, default=3, help="trials per scenario")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=int, default=0, help="seed of the random steps")
@@ -390,6 +400,10 @@ def main(argv=None) -> int:
     root = args.workdir or tempfile.mkdtemp(prefix="moejax-faults-")
     os.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
+    progress(
+        f"{len(chosen)} scenario(s) x {args.trials} trial(s), {args.jobs} at a time; "
+        "a line per trial as it finishes"
+    )
     from moejax.data import build_corpus  # the one corpus every run reads
 
     runner = Runner(root, os.path.abspath(args.data) if args.data else None)
@@ -397,18 +411,32 @@ def main(argv=None) -> int:
         build_corpus(runner.data_dir, max_bytes_per_domain=CORPUS_BYTES)
 
     reference_dir = runner.workdir("reference")
+    progress(f"the uninterrupted reference run ({STEPS} steps; compiles once) in {root}")
     rc, _, err = runner.run(reference_dir)  # compiles once, filling the cache
     if rc != 0:
         print(err[-4000:], file=sys.stderr)
         return 1
     reference = losses(reference_dir)
+    progress(f"reference done at {time.perf_counter() - t0:.0f} s")
+
+    jobs = [(name, trial) for name in chosen for trial in range(args.trials)]
+    finished = []  # trials done so far (threads append; the GIL keeps it whole)
 
     def one(name: str, trial: int) -> dict:
         rng = random.Random(f"{args.seed}/{name}/{trial}")
         fn = globals()[f"scenario_{name}"]
-        return fn(runner, reference, rng, f"{name}-{trial}", reference_dir, trial)
+        started = time.perf_counter()
+        result = fn(runner, reference, rng, f"{name}-{trial}", reference_dir, trial)
+        finished.append((name, trial))
+        progress(
+            f"[{len(finished)}/{len(jobs)}] {name} trial {trial}: "
+            + ("recovered" if result["recovered"] else "NOT recovered")
+            + f", {'identical' if result['identical'] else 'losses differ'}, "
+            f"{result['steps_lost']} step(s) lost, {result['redone']} redone "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
+        return result
 
-    jobs = [(name, trial) for name in chosen for trial in range(args.trials)]
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         done = dict(zip(jobs, pool.map(lambda job: one(*job), jobs)))
     results = []

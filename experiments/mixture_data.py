@@ -70,7 +70,9 @@ def command(out: str, vocab_size: int, workdir: str = "W") -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="directory to write the files into")
     p.add_argument("--vocab_size", type=int, default=4096, help="SentencePiece ids")
     p.add_argument("--data_dir", default=None, help="where the offline corpus is built")

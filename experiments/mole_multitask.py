@@ -138,7 +138,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workdir", default="runs/mole_multitask")
     p.add_argument("--quick", action="store_true", help="tiny sizes and steps (the test)")
     p.add_argument("--variants", default="", help="comma-separated subset of VARIANTS")

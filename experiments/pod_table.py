@@ -150,7 +150,9 @@ def render(out: str, rows: list[str], remats: list[str] = ("",)) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", default="", help=f"comma-separated rows of {list(ROWS)}")
     parser.add_argument("--topology", default="", help="only this topology of each row")
     parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "pods"))

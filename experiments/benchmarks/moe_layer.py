@@ -1,4 +1,4 @@
-"""Benchmark: forward+backward of one `MoELayer` per dispatcher vs a dense SwiGLU MLP.
+r"""Benchmark: forward+backward of one `MoELayer` per dispatcher vs a dense SwiGLU MLP.
 
 Times `jax.jit(jax.value_and_grad(loss, argnums=(params, x)))` with
 `loss = sum(y**2) + sum(aux_losses)` for the MoE layer (router + dispatcher + routed experts +

@@ -188,7 +188,9 @@ def run(cases: list[str], batch: int, seq_len: int, repeats: int, runs: str | No
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument(
         "--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}"

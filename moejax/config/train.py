@@ -6,6 +6,15 @@ import dataclasses
 
 from moejax.config_section import section_from_mapping
 
+# The learning rate of a run resumed with other schedule settings (train.learning_rate,
+# warmup_steps, steps, min_lr_ratio or resume_lr itself), from the step it resumed at:
+#   schedule  the warmup + cosine of the new settings at the global step (raising
+#             train.steps stretches the cosine, so the rate can sit well below the peak)
+#   constant  train.learning_rate, held
+#   rewarm    a new warmup over train.warmup_steps, then cosine to train.steps
+# moejax/train/config_history.py finds that step; moejax/train/optimizer.py builds it.
+RESUME_LR = ("schedule", "constant", "rewarm")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -13,6 +22,7 @@ class TrainConfig:
     learning_rate: float = 3e-3  # peak of the warmup + cosine schedule
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    resume_lr: str = "schedule"  # after a resume that changed the schedule: RESUME_LR
     weight_decay: float = 0.1  # AdamW, not applied to norm scales
     b1: float = 0.9
     b2: float = 0.95

@@ -13,7 +13,7 @@ import warnings
 
 from moejax.config.base import SECTIONS
 from moejax.config.renames import apply_renames
-from moejax.config.train import TrainConfig
+from moejax.config.train import RESUME_LR, TrainConfig
 from moejax.config_section import ConfigError, unknown_names
 from moejax.data.config import DataConfig
 from moejax.data.datasets import check_spelling, open_tokenizer
@@ -500,6 +500,11 @@ def _check_train(t: TrainConfig) -> None:
     _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be positive.")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0.")
     _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1].")
+    _require(
+        t.resume_lr in RESUME_LR,
+        f"train.resume_lr={t.resume_lr!r} is unknown; choose one of {list(RESUME_LR)} (the "
+        f"learning rate after a resume that changed the schedule).",
+    )
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0.")
     for name in ("b1", "b2"):
         _require(

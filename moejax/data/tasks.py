@@ -208,7 +208,12 @@ class TaskBatches:
 
 
 def describe() -> dict[str, dict]:
+    """The banner entry of `data.sources="multitask"`, in the keys of the other sources
+    (`moejax.data.datasets.describe`): training examples are generated without end."""
     return {
-        "train": {"documents": "unbounded", "bytes": None},
-        "validation": {"documents": EVAL_PER_TASK * len(TASKS), "bytes": None},
+        "multitask": {
+            "tasks": "/".join(TASKS),
+            "train_documents": "generated",
+            "eval_documents": EVAL_PER_TASK * len(TASKS),
+        }
     }

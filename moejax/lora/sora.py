@@ -43,11 +43,16 @@ def proximal_step(params: Any, threshold) -> Any:
 
 
 def prune(params: Any) -> tuple[Any, dict[str, int]]:
-    """Drops the zero-gate ranks of every SoRA adapter (outside jit, on unscanned params:
-    `moejax.models.transformer.unscan_params`, since ranks differ between layers).
+    """Drops the zero-gate ranks of every SoRA adapter (outside jit).
 
-    Returns the pruned params (`a[E, d_in, r']`, `b[E, r', d_out]`, `gate[r']`) and each
-    adapter's remaining rank by path. The pruned adapter computes the same delta.
+    Unscanned params (`moejax.models.transformer.unscan_params`; `model.scan_layers=False`)
+    get each layer's own rank. Scanned params stack a layer axis (or two, inside MoE
+    periods) in front of every leaf, `gate[L, r]`, and the layers of a stack share one
+    rank: a rank is dropped where its gate is zero in every layer of the stack.
+
+    Returns the pruned params (`a[..., E, d_in, r']`, `b[..., E, r', d_out]`,
+    `gate[..., r']`) and each adapter's remaining rank by path. The pruned adapter computes
+    the same delta.
     """
     flat = traverse_util.flatten_dict(params)
     ranks = {}
@@ -55,11 +60,13 @@ def prune(params: Any) -> tuple[Any, dict[str, int]]:
     for key, gate in flat.items():
         if key[-1] != "gate" or not is_adapter_path(key):
             continue
-        keep = np.flatnonzero(np.asarray(gate) != 0)
+        gate = np.asarray(gate)
+        stacked = gate.ndim - 1  # leading layer axes of a scanned stack
+        keep = np.flatnonzero((gate != 0).reshape(-1, gate.shape[-1]).any(axis=0))
         module = key[:-1]
-        out[module + ("gate",)] = np.asarray(gate)[keep]
-        out[module + ("a",)] = np.asarray(flat[module + ("a",)])[..., keep]
-        out[module + ("b",)] = np.asarray(flat[module + ("b",)])[:, keep, :]
+        out[module + ("gate",)] = np.take(gate, keep, axis=-1)
+        out[module + ("a",)] = np.take(np.asarray(flat[module + ("a",)]), keep, axis=-1)
+        out[module + ("b",)] = np.take(np.asarray(flat[module + ("b",)]), keep, axis=stacked + 1)
         ranks["/".join(module)] = int(keep.size)
     return traverse_util.unflatten_dict(out), ranks
 

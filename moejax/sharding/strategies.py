@@ -15,11 +15,16 @@ as flags, e.g. FSDP with 2-way tensor parallelism on any number of devices:
             per expert over `expert`, hot experts replicated per step by the `fssdp`
             dispatcher.
 
+A field also given explicitly (`--config.moe.dispatcher=ragged --strategy=ep` in the
+collective report) keeps the explicit value: `apply_strategy(..., keep=...)`.
+
 The `expert_parallel` and `fssdp` dispatchers live in `moejax.moe.dispatch`; a strategy
 whose dispatcher is not registered there is listed by `available()` only once it is.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 from moejax.config_section import ConfigError
 from moejax.moe.dispatch import DISPATCHERS
@@ -44,15 +49,22 @@ def available() -> list[str]:
     ]
 
 
-def apply_strategy(config, name: str, **mesh_sizes: int):
+def apply_strategy(config, name: str, keep: Collection[str] = (), **mesh_sizes: int):
     """Sets `config`'s mesh (and dispatcher) to the preset `name`, in place; `mesh_sizes`
-    override single axes (e.g. `tensor=4`). Returns `config`."""
+    override single axes (e.g. `tensor=4`), and the dotted fields in `keep` (e.g.
+    `"moe.dispatcher"`, set explicitly on the command line) keep their value. Returns
+    `config`."""
     if name not in STRATEGIES:
         raise ConfigError(
             f"sharding strategy {name!r} is unknown; choose one of {sorted(STRATEGIES)}."
         )
-    preset = STRATEGIES[name]
-    config.mesh.update({**preset["mesh"], **mesh_sizes})
-    if "moe" in preset:
-        config.moe.update(preset["moe"])
+    preset = {**STRATEGIES[name], "mesh": {**STRATEGIES[name]["mesh"], **mesh_sizes}}
+    for section, values in preset.items():
+        config[section].update({k: v for k, v in values.items() if f"{section}.{k}" not in keep})
     return config
+
+
+def kept_fields(name: str, keep: Collection[str]) -> list[str]:
+    """The fields of preset `name` that `keep` overrides (for saying so)."""
+    preset = STRATEGIES.get(name, {})
+    return [f"{s}.{k}" for s, values in preset.items() for k in values if f"{s}.{k}" in keep]

@@ -1,4 +1,4 @@
-"""The collective report: what one train step moves between devices, and what it holds.
+r"""The collective report: what one train step moves between devices, and what it holds.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python -m moejax.train.collective_report --config=configs/deepseekmoe.py --strategy=fsdp
@@ -72,7 +72,7 @@ from moejax.moe.dispatch import AUTO_PLAN, resolve_gmm_impl
 from moejax.sharding.hlo_collectives import collective_bytes
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import batch_sharding
-from moejax.sharding.strategies import apply_strategy
+from moejax.sharding.strategies import apply_strategy, kept_fields
 from moejax.sharding.topology import chip_of, parse_topology, tpu_devices
 from moejax.train.experiment import build_experiment
 
@@ -347,6 +347,22 @@ def collective_report(
     return report
 
 
+def apply_cli_strategy(config, strategy: str, argv: list[str]) -> list[str]:
+    """`--strategy` on the command line: the preset, except for the fields also set with
+    `--config.<section>.<field>` flags in `argv`, which keep their value (`--strategy=ep
+    --config.moe.dispatcher=ragged` reports `ragged`). Returns one note per kept field."""
+    explicit = {a.split("=", 1)[0][len("--config.") :] for a in argv if a.startswith("--config.")}
+    notes = []
+    for field in kept_fields(strategy, explicit):
+        section, name = field.split(".", 1)
+        notes.append(
+            f"--strategy={strategy}: keeping --config.{field}={config[section][name]!r} from "
+            f"the command line over the preset's"
+        )
+    apply_strategy(config, strategy, keep=explicit)
+    return notes
+
+
 def main(argv) -> None:
     from absl import flags
 
@@ -355,7 +371,8 @@ def main(argv) -> None:
     config = flags.FLAGS["config"].value
     try:
         if flags.FLAGS["strategy"].value:
-            apply_strategy(config, flags.FLAGS["strategy"].value)
+            for note in apply_cli_strategy(config, flags.FLAGS["strategy"].value, sys.argv):
+                print(note, file=sys.stderr)
         report = collective_report(
             config,
             topology=flags.FLAGS["topology"].value or None,

@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import app, flags, logging
 
 from moejax.config.base import default_config
 from moejax.config.train import TrainConfig
@@ -129,8 +130,19 @@ def convert(hf_dir: str, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    workdir = flags.FLAGS["workdir"].value
-    config = convert(flags.FLAGS["from"].value, workdir)
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    workdir, hf_dir = flags.FLAGS["workdir"].value, flags.FLAGS["from"].value
+    try:
+        if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+            raise FileNotFoundError(
+                f"--from={hf_dir} holds no config.json: pass a Hugging Face checkpoint "
+                f"directory (config.json and *.safetensors, as save_pretrained writes it)."
+            )
+        config = convert(hf_dir, workdir)
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError: names the key
+        print(f"moejax: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if config["data"]["tokenizer"] == "byte":
         print(
             f"WARNING: {flags.FLAGS['from'].value} holds no tokenizer (tokenizer.json or "

@@ -1,4 +1,4 @@
-"""Multi-host runs: `jax.distributed.initialize` from flags or the environment, and the
+r"""Multi-host runs: `jax.distributed.initialize` from flags or the environment, and the
 data-iterator state of every process in one checkpoint.
 
 One process per host (or per GPU), each started with the same command plus its index:

@@ -50,12 +50,14 @@ class Experiment:
     eval_fn: Any
 
 
-def build_experiment(s: Sections, mesh) -> Experiment:
-    """The model, optimizer, state shardings and compiled steps of config `s` on `mesh`."""
+def build_experiment(s: Sections, mesh, schedule_start: int = 0) -> Experiment:
+    """The model, optimizer, state shardings and compiled steps of config `s` on `mesh`.
+    `schedule_start` > 0: the step where a resumed run's `train.resume_lr` curve starts
+    (`moejax/train/config_history.py`)."""
     adapters_only = s.lora.method != "none"
     model = Transformer(s.model, s.moe, adapters=adapters_for(s.lora) if adapters_only else None)
-    tx = make_optimizer(s.train, adapters=model.adapters)
-    schedule = learning_rate_schedule(s.train)
+    tx = make_optimizer(s.train, adapters=model.adapters, schedule_start=schedule_start)
+    schedule = learning_rate_schedule(s.train, schedule_start)
     dummy = jnp.zeros((1, s.data.seq_len), jnp.int32)
 
     def init_boxed(rng):

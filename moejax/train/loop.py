@@ -33,7 +33,7 @@ from moejax.data import describe
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import shard_batch
-from moejax.train import preflight
+from moejax.train import config_history, preflight
 from moejax.train.adapter_checkpoint import restore_adapter_run, saved_state
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.distributed import gather_data_states, local_data_state
@@ -313,20 +313,24 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
     train_batches = preflight.open_train_data(s)
     is_main = jax.process_index() == 0
 
-    # Mesh, model, optimizer, shardings, compiled steps.
-    mesh = make_mesh(s.mesh)
-    exp = build_experiment(s, mesh)
-    rng = jax.random.PRNGKey(s.train.seed)
-
-    # Checkpoint: resume from the latest complete step in the workdir, or initialise.
-    notes: list[str] = []
+    # Checkpoint: resume from the latest complete step in the workdir, or initialise; a
+    # resume that changed the schedule sets where train.resume_lr applies from.
     ckpt = Checkpointer(
         workdir,
         keep=s.train.keep_checkpoints,
         save_every=s.train.checkpoint_every,
         async_save=s.train.async_checkpoint,
     )
+    resume = config_history.plan_resume(workdir, config_dict, s.train, ckpt)
+
+    # Mesh, model, optimizer, shardings, compiled steps.
+    mesh = make_mesh(s.mesh)
+    exp = build_experiment(s, mesh, schedule_start=resume.schedule_start)
+    rng = jax.random.PRNGKey(s.train.seed)
+
+    notes: list[str] = []
     state, data_state, start_step, base_ref = _restore_or_init(s, workdir, exp, rng, ckpt, notes)
+    resume.record(start_step, notes.append, write=is_main)  # config changes, config_history/
     if start_step == 0:
         if is_main:
             _write_config(workdir, config_dict)
@@ -361,6 +365,7 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
             dead_expert_logs=s.train.dead_expert_logs,
             max_dropped_fraction=s.train.max_dropped_fraction,
             max_load_cv=s.train.max_load_cv,
+            bias_balanced=s.moe.selection == "sigmoid_bias",
         ),
         stability=RoutingStability(),
     )

@@ -89,7 +89,12 @@ class Throughput:
         self.tokens += tokens
 
     def read(self, flops_per_token: float | None = None) -> dict[str, float]:
-        """`flops_per_token` overrides the static count (top-p: from measured experts)."""
+        """`flops_per_token` overrides the static count (top-p: from measured experts).
+        Empty when no step was timed since the last reset (an interval of the compiling
+        first step alone): no figure rather than a 0 that reads as a stalled run."""
+        if not self.tokens:
+            self.reset()
+            return {}
         dt = max(time.perf_counter() - self.t0, 1e-9)
         tps = self.tokens / dt
         tflops = tps * (flops_per_token or self.flops_per_token) / self.num_devices / 1e12

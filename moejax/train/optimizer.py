@@ -1,5 +1,13 @@
 """AdamW with linear warmup + cosine decay, global-norm clipping; no decay on norms or biases.
 
+The schedule is a function of the optimizer's global update count: 0 -> `learning_rate`
+linearly over `warmup_steps` (so update 1 runs at 0), then cosine to `learning_rate *
+min_lr_ratio` at `steps`. A run resumed at step S with other schedule settings
+(`moejax/train/config_history.py` finds S, the `schedule_start`) continues by
+`train.resume_lr`: `schedule` is the new settings' curve at the global count, `constant`
+holds `learning_rate` from S, `rewarm` warms up again from S and decays to `steps`
+(`optax.join_schedules` at S; updates before S are never re-run).
+
 Adapter runs (`lora.method != "none"`: `make_optimizer(cfg, adapters=model.adapters)`)
 freeze the base model through the optimizer: `optax.multi_transform` sends the leaves
 `moejax.lora.trainable.is_trainable` accepts to AdamW and every other leaf to
@@ -21,15 +29,54 @@ from moejax.lora import trainable
 from moejax.nn.adapter_hook import AdapterHook
 
 
-def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """0 -> peak linearly over `warmup_steps`, then cosine to `peak * min_lr_ratio`."""
+def _warmup_cosine(cfg: TrainConfig, steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1),
         end_value=cfg.learning_rate * cfg.min_lr_ratio,
     )
+
+
+def learning_rate_schedule(cfg: TrainConfig, schedule_start: int = 0) -> optax.Schedule:
+    """0 -> peak linearly over `warmup_steps`, then cosine to `peak * min_lr_ratio` at
+    `steps`; from update `schedule_start` on (> 0: a resume that changed the schedule), the
+    `train.resume_lr` curve (module docstring)."""
+    curve = _warmup_cosine(cfg, cfg.steps)
+    if schedule_start <= 0 or cfg.resume_lr == "schedule":
+        return curve
+    if cfg.resume_lr == "constant":
+        after = optax.constant_schedule(cfg.learning_rate)
+    else:  # rewarm: the same warmup + cosine over the steps that are left
+        after = _warmup_cosine(cfg, max(cfg.steps - schedule_start, 1))
+    return optax.join_schedules([curve, after], [schedule_start])
+
+
+def describe_schedule(cfg: TrainConfig, schedule_start: int = 0, next_step: int = 1) -> str:
+    """One line: the curve (from `schedule_start`, by `train.resume_lr`) and the rate update
+    `next_step` runs at, e.g. `learning rate: warmup 0 -> 0.003 over steps 1-30, cosine to
+    0.0003 at step 300; step 1 runs at 0`."""
+    lr = float(learning_rate_schedule(cfg, schedule_start)(next_step - 1))
+    end = cfg.learning_rate * cfg.min_lr_ratio
+    if schedule_start <= 0 or cfg.resume_lr == "schedule":
+        warmup = f"warmup 0 -> {cfg.learning_rate:.3g} over steps 1-{cfg.warmup_steps}, "
+        curve = (
+            warmup if cfg.warmup_steps else f"{cfg.learning_rate:.3g} at step 1, "
+        ) + f"cosine to {end:.3g} at step {cfg.steps}"
+    elif cfg.resume_lr == "constant":
+        curve = f"{cfg.learning_rate:.3g} from step {schedule_start + 1} on"
+    else:
+        warm = min(cfg.warmup_steps, max(cfg.steps - schedule_start, 1))
+        curve = (
+            f"warmup again 0 -> {cfg.learning_rate:.3g} over steps {schedule_start + 1}-"
+            f"{schedule_start + warm}, cosine to {end:.3g} at step {cfg.steps}"
+        )
+    mode = (
+        f" (train.resume_lr={cfg.resume_lr} since step {schedule_start})" if schedule_start else ""
+    )
+    return f"learning rate{mode}: {curve}; step {next_step} runs at {lr:.3g}"
 
 
 def decay_mask(params, adapters: AdapterHook | None = None):
@@ -61,16 +108,16 @@ def drop_masked_boxes(opt_state):
 
 
 def make_optimizer(
-    cfg: TrainConfig, adapters: AdapterHook | None = None
+    cfg: TrainConfig, adapters: AdapterHook | None = None, schedule_start: int = 0
 ) -> optax.GradientTransformation:
     """AdamW (module docstring); with `adapters` (the model's adapter hook) only the adapters
-    train and the base gets zero updates."""
+    train and the base gets zero updates. `schedule_start`: see `learning_rate_schedule`."""
     parts = []
     if cfg.grad_clip:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(
         optax.adamw(
-            learning_rate_schedule(cfg),
+            learning_rate_schedule(cfg, schedule_start),
             b1=cfg.b1,
             b2=cfg.b2,
             eps=cfg.eps,

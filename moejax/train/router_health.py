@@ -13,9 +13,11 @@ as non-finite are left out) and warns when
     while the other half take twice the mean load; a balanced router sits near 0.
 
 Each condition warns once when it starts and again only after it has cleared, so a long
-episode is one line, not one per log step. Warnings are strings for the trainer to print;
-`counts` tallies them per kind. Layers are numbered among the MoE layers (as in the
-`moe/<name>/layer<i>` metrics).
+episode is one line, not one per log step. The remedy named follows the run's balancing:
+`moe.balance_coef` for a loss-balanced router, `moe.bias_update_rate` for the aux-loss-free
+bias of `moe.selection="sigmoid_bias"` (DeepSeek-V3), which has no balance loss to raise.
+Warnings are strings for the trainer to print; `counts` tallies them per kind. Layers are
+numbered among the MoE layers (as in the `moe/<name>/layer<i>` metrics).
 """
 
 from __future__ import annotations
@@ -28,8 +30,25 @@ import numpy as np
 
 
 class RouterHealth:
-    def __init__(self, *, dead_expert_logs: int, max_dropped_fraction: float, max_load_cv: float):
+    def __init__(
+        self,
+        *,
+        dead_expert_logs: int,
+        max_dropped_fraction: float,
+        max_load_cv: float,
+        bias_balanced: bool = False,
+    ):
         self.dead_expert_logs = dead_expert_logs
+        # How the router is balanced, for the remedy the warnings name.
+        if bias_balanced:
+            self.remedy = (
+                "Raise moe.bias_update_rate (the aux-loss-free bias's step; "
+                "moe.seq_balance_coef adds a sequence-wise loss)"
+            )
+        else:
+            self.remedy = (
+                "Raise moe.balance_coef, or balance with a bias (moe.selection='sigmoid_bias')"
+            )
         self.max_dropped_fraction = max_dropped_fraction
         self.max_load_cv = max_load_cv
         self._dead_runs: np.ndarray | None = None  # [L, E] consecutive intervals at 0 load
@@ -56,8 +75,7 @@ class RouterHealth:
                     step,
                     f"MoE layer {layer}: expert(s) {dead.tolist()} received no tokens "
                     f"in the last {self.dead_expert_logs} logged intervals "
-                    f"(train.dead_expert_logs); a dead expert gets no gradient. Raise "
-                    f"moe.balance_coef or use a bias-balanced router.",
+                    f"(train.dead_expert_logs); a dead expert gets no gradient. {self.remedy}.",
                 )
         if "moe/dropped_fraction" in rows[0]:
             dropped = np.mean(
@@ -87,7 +105,7 @@ class RouterHealth:
                     step,
                     f"MoE layer {layer}: expert load CV {value:.3g} "
                     f"(> train.max_load_cv={self.max_load_cv}): the router is "
-                    f"collapsing onto few experts. Raise moe.balance_coef or lower "
+                    f"collapsing onto few experts. {self.remedy}, or lower "
                     f"train.learning_rate.",
                 )
         return warnings

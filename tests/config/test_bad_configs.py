@@ -105,6 +105,7 @@ BAD = [
     ("train.learning_rate", -1.0, "train.learning_rate=-1.0 must be positive"),
     ("train.warmup_steps", -1, "train.warmup_steps=-1 must be >= 0"),
     ("train.min_lr_ratio", 1.5, "train.min_lr_ratio=1.5 must be in [0, 1]"),
+    ("train.resume_lr", "warm", "train.resume_lr='warm' is unknown; choose one of ['schedule'"),
     ("train.weight_decay", -0.1, "train.weight_decay=-0.1 must be >= 0"),
     ("train.b1", 1.0, "train.b1=1.0 must be in [0, 1)"),
     ("train.b2", -0.5, "train.b2=-0.5 must be in [0, 1)"),

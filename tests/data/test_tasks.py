@@ -41,3 +41,18 @@ def test_rows_train_on_the_answer_only_and_resume():
         make_batches(
             DataConfig(sources="multitask", seq_len=8), "train", process_index=0, process_count=1
         )
+
+
+def test_described_like_the_other_sources():
+    """The trainer's `data:` banner line printed `bytes None` for adapter runs on the tasks
+    (issue 23 item 5): the entry has the other sources' keys and no empty value."""
+    from moejax.data import describe
+
+    info = describe(DataConfig(sources="multitask"))
+    assert info == {
+        "multitask": {
+            "tasks": "rev/rot/srt/add",
+            "train_documents": "generated",
+            "eval_documents": 4 * tasks.EVAL_PER_TASK,
+        }
+    }

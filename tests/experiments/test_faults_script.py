@@ -62,3 +62,14 @@ def test_nan_skip_scenario_end_to_end_json(tmp_path):
         "identical": 1,
     }
     assert report["all_recovered"] is True
+    # A progress line per stage and trial on stderr (it printed nothing for minutes).
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("faults: ")]
+    assert (
+        progress[0]
+        == "faults: 1 scenario(s) x 1 trial(s), 2 at a time; a line per trial as it finishes"
+    )
+    assert progress[1].startswith("faults: the uninterrupted reference run (16 steps")
+    assert progress[2].startswith("faults: reference done at ")
+    assert progress[3].startswith(
+        "faults: [1/1] nan_skip trial 0: recovered, identical, 0 step(s) lost, "
+    )

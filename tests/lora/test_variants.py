@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from moejax.lora import sora
 from moejax.lora.adapter import LoRAAdapter
@@ -308,3 +309,38 @@ def test_sora_proximal_step_and_prune():
     np.testing.assert_allclose(
         small.apply({"params": pruned["lora_w"]}, x), module.apply(v, x), rtol=1e-5, atol=1e-6
     )
+
+
+def test_sora_prune_on_scanned_params():
+    """`prune` on the scanned params a run trains raised a bare IndexError (issue 23 item
+    5). A stack shares one rank: the ranks zero in every layer go, and the pruned model
+    (lora.rank 2, alpha 2: the same s = alpha / r) gives the same logits."""
+    cfg = LoRAConfig(method="sora", rank=4, alpha=4.0, targets="attn.wq,mlp.w_up")
+    model_cfg = ModelConfig(
+        vocab_size=32, d_model=16, num_layers=2, num_heads=2, num_kv_heads=2, d_ff=24, moe_every=0
+    )
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 32
+    model = Transformer(model_cfg, MoEConfig(), adapters=adapters_for(cfg))
+    v = _randomise(nn.unbox(model.init(jax.random.PRNGKey(0), tokens)))
+    gate = jnp.array([[0.7, 0.0, -0.2, 0.0], [0.5, 0.0, 0.0, 0.0]])  # [layers, rank]
+    flat = {
+        k: gate if k[-1] == "gate" else x
+        for k, x in traverse_util.flatten_dict(v["params"]).items()
+    }
+    assert sum(k[-1] == "gate" for k in flat) == 2  # wq and w_up, each stacked over 2 layers
+    pruned, ranks = sora.prune(traverse_util.unflatten_dict(flat))
+    assert ranks == {
+        "dense_layers/attn/lora_wq": 2,
+        "dense_layers/mlp/lora_w_up": 2,
+    }
+    gate_wq = pruned["dense_layers"]["attn"]["lora_wq"]["gate"]
+    np.testing.assert_array_equal(gate_wq, np.float32([[0.7, -0.2], [0.5, 0.0]]))
+    small = Transformer(
+        model_cfg,
+        MoEConfig(),
+        adapters=adapters_for(dataclasses.replace(cfg, rank=2, alpha=2.0)),
+    )
+    want = model.apply({**v, "params": traverse_util.unflatten_dict(flat)}, tokens)[0]
+    got = small.apply({**v, "params": pruned}, tokens)[0]
+    assert np.abs(np.asarray(want)).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

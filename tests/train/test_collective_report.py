@@ -217,3 +217,23 @@ def test_fssdp_gather_grows_with_replica_slots_not_experts(reports):
     assert moved("fssdp_s2_e8") > moved("fssdp_s1_e8")
     # Doubling the experts doubles the expert parameters; FSSDP moves only the slots.
     assert moved("fssdp_s1_e16") < 1.25 * moved("fssdp_s1_e8")
+
+
+def test_an_explicit_dispatcher_survives_the_strategy_preset():
+    """`--strategy=ep` silently replaced an explicit `--config.moe.dispatcher` (issue 23
+    item 5): a field set on the command line keeps its value, and a note says so."""
+    from moejax.config.base import default_config
+    from moejax.train.collective_report import apply_cli_strategy
+
+    argv = ["report", "--config=configs/deepseekmoe.py", "--config.moe.dispatcher=ragged"]
+    config = default_config()
+    config.moe.dispatcher = "ragged"
+    notes = apply_cli_strategy(config, "ep", argv)
+    assert config.moe.dispatcher == "ragged" and config.mesh.expert == -1
+    assert notes == [
+        "--strategy=ep: keeping --config.moe.dispatcher='ragged' from the command line over "
+        "the preset's"
+    ]
+    config = default_config()
+    assert apply_cli_strategy(config, "ep", argv[:2]) == []
+    assert (config.moe.dispatcher, config.mesh.expert) == ("expert_parallel", -1)

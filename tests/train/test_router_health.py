@@ -56,3 +56,16 @@ def test_skipped_steps_and_dense_models_are_ignored():
     health = _health(dead_expert_logs=1)
     assert health.observe(1, _interval([[0.0, 1.0]], nonfinite=1.0)) == []
     assert health.observe(2, [{"loss": 1.0, "nonfinite": 0.0}]) == []
+
+
+def test_the_remedy_follows_the_balancing():
+    """An aux-loss-free run (sigmoid_bias) was told to raise moe.balance_coef, a loss it
+    does not use (issue 23 item 5)."""
+    dead = [[0.5, 0.5, 0.0, 0.0]]
+    loss = _health(dead_expert_logs=1)
+    bias = _health(dead_expert_logs=1, bias_balanced=True)
+    [by_loss, cv_loss] = loss.observe(1, _interval(dead, cv=2.0))
+    [by_bias, cv_bias] = bias.observe(1, _interval(dead, cv=2.0))
+    assert "Raise moe.balance_coef" in by_loss and "Raise moe.balance_coef" in cv_loss
+    for warning in (by_bias, cv_bias):
+        assert "Raise moe.bias_update_rate" in warning and "moe.balance_coef" not in warning

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -31,6 +33,14 @@ from moejax.config_section import ConfigError
 ENV_COORDINATOR = ("MOEJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS")
 ENV_NUM_PROCESSES = ("MOEJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES")
 ENV_PROCESS_ID = ("MOEJAX_PROCESS_ID", "JAX_PROCESS_ID")
+ENV_HEARTBEAT = ("MOEJAX_HEARTBEAT_TIMEOUT",)
+ENV_INIT_TIMEOUT = ("MOEJAX_INIT_TIMEOUT",)
+DEFAULT_HEARTBEAT_TIMEOUT = 100  # s, jax.distributed's default
+DEFAULT_INIT_TIMEOUT = 300  # s, likewise
+
+
+class CoordinatorUnreachable(ConfigError):
+    """A process could not join the job: the coordinator's address is wrong or unreachable."""
 
 
 def _env(names: tuple[str, ...]) -> str | None:
@@ -54,9 +64,16 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     auto: bool = False,
+    heartbeat_timeout: int | None = None,
+    init_timeout: int | None = None,
 ) -> bool:
     """Joins a multi-process job when asked (arguments first, then the environment);
-    returns whether it did. With nothing given (and `auto` False) it is a no-op."""
+    returns whether it did. With nothing given (and `auto` False) it is a no-op.
+
+    `heartbeat_timeout` (MOEJAX_HEARTBEAT_TIMEOUT, default 100 s, JAX's): a process that
+    sends no heartbeat for that long is declared dead and every other process is stopped
+    (see "Losing a host" above). `init_timeout` (MOEJAX_INIT_TIMEOUT, default 300 s): how
+    long to keep trying to reach the coordinator before `CoordinatorUnreachable`."""
     coordinator = coordinator or _env(ENV_COORDINATOR)
     num_processes = _as_int(
         num_processes if num_processes is not None else _env(ENV_NUM_PROCESSES), "--num_processes"
@@ -87,14 +104,53 @@ def initialize(
             raise ConfigError(
                 f"--process_id={process_id} must be in [0, --num_processes={num_processes})."
             )
+    heartbeat_timeout = _as_int(
+        heartbeat_timeout if heartbeat_timeout is not None else _env(ENV_HEARTBEAT),
+        "--heartbeat_timeout",
+    )
+    init_timeout = _as_int(
+        init_timeout if init_timeout is not None else _env(ENV_INIT_TIMEOUT), "--init_timeout"
+    )
     try:  # a JAX whose CPU collectives need no choice may not have the option
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, KeyError, ValueError):
         pass
+    timeouts = {
+        "heartbeat_timeout_seconds": heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT,
+        "initialization_timeout": init_timeout or DEFAULT_INIT_TIMEOUT,
+    }
+    if process_id is not None and process_id != 0 and coordinator:
+        # JAX aborts the process (a C++ fatal error blaming "another task") when it cannot
+        # register with the coordinator; reaching its port first gives the real reason.
+        _wait_for_coordinator(coordinator, process_id, timeouts["initialization_timeout"])
     jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        **timeouts,
     )
     return True
+
+
+def _wait_for_coordinator(address: str, process_id: int, timeout: float) -> None:
+    """Retries a TCP connection to `address` until it succeeds or `timeout` s have passed
+    (process 0 may start after this one); raises CoordinatorUnreachable."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return
+        except (OSError, ValueError) as e:
+            if time.monotonic() >= deadline or isinstance(e, ValueError):
+                raise CoordinatorUnreachable(
+                    f"process {process_id} could not reach the coordinator at --coordinator="
+                    f"{address} within --init_timeout={timeout:g} s ({type(e).__name__}: {e}). "
+                    f"Start process 0 with the same --coordinator (its host's address and a "
+                    f"free port), check that this host can reach it (firewall, hostname), "
+                    f"or raise --init_timeout; nothing was started."
+                ) from e
+        time.sleep(0.5)
 
 
 def gather_data_states(state: dict) -> dict:

@@ -16,6 +16,17 @@ process 0 writes logs and metrics, and orbax writes the checkpoint from all of t
 On CPU the cross-process collectives go through gloo
 (`jax_cpu_collectives_implementation`), which must be set before initialisation; it is
 harmless on GPU and TPU, whose collectives do not use it.
+
+Losing a host. JAX's coordination service (on process 0) expects a heartbeat from every
+process; one silent for `--heartbeat_timeout` seconds (MOEJAX_HEARTBEAT_TIMEOUT, default 100,
+JAX's) is declared dead and every other process is terminated with JAX's fatal error
+"Terminating process because the JAX distributed service detected fatal errors ... another
+task died" (a C++ abort, exit status 134), so a survivor never waits forever in a collective.
+SIGTERM to any one process is handled by JAX's preemption sync point (`preemption.py`): all
+save the same step and exit 143. A process that cannot reach `--coordinator` at start gets
+`CoordinatorUnreachable` naming the address after `--init_timeout` seconds (default 300)
+instead of JAX's abort. In every case rerunning the same commands resumes from the newest
+complete checkpoint (`experiments/faults.py`'s `mh_*` scenarios).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ ENV_HEARTBEAT = ("MOEJAX_HEARTBEAT_TIMEOUT",)
 ENV_INIT_TIMEOUT = ("MOEJAX_INIT_TIMEOUT",)
 DEFAULT_HEARTBEAT_TIMEOUT = 100  # s, jax.distributed's default
 DEFAULT_INIT_TIMEOUT = 300  # s, likewise
+COMPILE_BARRIER_S = 3600  # s: how long processes wait for each other's first compile
 
 
 class CoordinatorUnreachable(ConfigError):
@@ -162,6 +163,24 @@ def _wait_for_coordinator(address: str, process_id: int, timeout: float) -> None
                     f"or raise --init_timeout; nothing was started."
                 ) from e
         time.sleep(0.5)
+
+
+def compile_together(step_fn, *args, timeout_s: int = COMPILE_BARRIER_S) -> None:
+    """Multi-process: compiles `step_fn` for `args` before its first call, then waits until
+    every process has (a barrier of the coordination service, not a collective). Without it
+    a process that compiles faster runs the step first, and on CPU gloo gives up after 30 s
+    waiting for the others to join its first collective. A no-op for one process; the
+    call that follows reuses the compiled executable."""
+    if jax.process_count() == 1:
+        return
+    step_fn.lower(*args).compile()
+    # jax.distributed's client: its barrier has no public wrapper (multihost_utils' is a
+    # collective, which is what must wait here).
+    from jax._src import distributed as jax_distributed
+
+    jax_distributed.global_state.client.wait_at_barrier(
+        "moejax-first-step-compiled", timeout_in_ms=timeout_s * 1000
+    )
 
 
 def gather_data_states(state: dict) -> dict:

@@ -37,7 +37,7 @@ from moejax.sharding.partitioning import shard_batch
 from moejax.train import preflight
 from moejax.train.adapter_checkpoint import restore_adapter_run, saved_state
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.distributed import gather_data_states, local_data_state
+from moejax.train.distributed import compile_together, gather_data_states, local_data_state
 from moejax.train.evaluation import evaluate
 from moejax.train.experiment import Experiment, build_experiment
 from moejax.train.faults import BadStepGuard, FaultHooks, NonFiniteError
@@ -258,6 +258,8 @@ def _run_steps(
         batch = shard_batch(
             run.hooks.poison(step, next(run.train_batches)), run.exp.mesh, s.mesh.rules
         )
+        if step == start_step + 1:
+            compile_together(run.exp.step_fn, state, batch)  # multi-process: all compiled
         state, metrics = run.exp.step_fn(state, batch)
         if step == start_step + 1:  # compile time is not throughput
             jax.block_until_ready(metrics)

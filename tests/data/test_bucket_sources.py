@@ -2,8 +2,8 @@
 parquet + jsonl.gz mixture and its SentencePiece model copied to `gs://test-bucket/data`
 give the batches of the same files on disk, row for row (the train/eval split hashes paths
 relative to the glob root, so it does not depend on where the files live); a Hugging Face
-tokenizer.json is read from the bucket too; array_record sources in a bucket are refused
-with the fix."""
+tokenizer.json is read from the bucket too; array_record sources and a tfds data_dir in a
+bucket are refused with the fix."""
 
 import pathlib
 
@@ -68,4 +68,10 @@ def test_array_record_in_a_bucket_is_refused_with_the_fix(gcs, tmp_path):
         global_batch_size=2,
     )
     with pytest.raises(DataError, match=r"gs://test-bucket/tokens/t.array_record.*gcloud"):
+        make_batches(cfg, "train", process_index=0, process_count=1)
+
+
+def test_tfds_data_dir_in_a_bucket_is_refused_with_the_fix():
+    cfg = DataConfig(sources="corpus", data_dir="gs://test-bucket/tfds", seq_len=8)
+    with pytest.raises(DataError, match=r"data.data_dir='gs://test-bucket/tfds' is in a bucket"):
         make_batches(cfg, "train", process_index=0, process_count=1)

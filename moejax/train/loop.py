@@ -195,7 +195,10 @@ class _Run:
                 f"not checkpointing step {step}: its loss or gradients were non-finite; "
                 f"the latest checkpoint stays step {self.ckpt.latest_step()}"
             )
-        elif self.ckpt.save(
+            return
+        # A metrics.jsonl in a bucket is uploaded whole: first, so it covers the checkpoint.
+        self.writers.flush()
+        if self.ckpt.save(
             step,
             saved_state(state, self.adapter_run),
             data_state=gather_data_states(self.train_batches.get_state()),

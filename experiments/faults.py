@@ -7,6 +7,8 @@ uninterrupted run logs.
     python experiments/faults.py --trials 1 --json
     python experiments/faults.py --scenarios sigkill,corrupt --trials 5 --jobs 1
     python experiments/faults.py --data=$DIR      # on experiments/mixture_data.py's mixture
+    python experiments/faults.py --gcs --scenarios corrupt,kill_during_save  # in a bucket
+    python experiments/faults.py --scenarios mh_sigkill,mh_sigterm,mh_unreachable --jobs 1
 
 Every run is `python -m moejax.train` on configs/deepseekmoe.py shrunk to seconds (d_model 32,
 2 layers, 4 experts top-2, 16 steps of 4 x 32 tokens, asynchronous checkpoints every 4 steps,
@@ -29,7 +31,25 @@ so a seed reproduces its trials. Scenarios:
   corrupt           a finished run's latest checkpoint is damaged (truncated arrays, deleted
                     manifest or truncated tree metadata, in turn): the rerun must refuse it
                     naming the step and change nothing; then apply the fix the message gives
-                    (move the step aside) and rerun
+                    (move the step aside: `mv`, or `gcloud storage mv` in a bucket) and rerun
+
+With --gcs every workdir is in gs://test-bucket on a local GCS emulator
+(tests/storage_emulator.py, the `test` extra): checkpoints, metrics and the damage all go
+through the bucket; a save cut short there is a step directory without orbax's
+`commit_success.txt`.
+
+Multi-host scenarios: one job is PROCESSES (2) `python -m moejax.train` processes x DEVICES
+(2) CPU devices under jax.distributed (gloo), configs/dense.py shrunk the same way, 8 rows a
+step split over the 4 devices, compared with an uninterrupted job of the same shape:
+
+  mh_sigkill        SIGKILL process 1 at a random step: process 0 must stop by itself within
+                    --heartbeat_timeout (HEARTBEAT, 10 s) + STOP_MARGIN (60 s), with JAX's
+                    "another task died" message; rerun both processes
+  mh_sigterm        SIGTERM to process 1 only: both must checkpoint the same step (JAX's
+                    preemption sync point) and exit 143; rerun
+  mh_unreachable    process 1 alone, with a --coordinator nobody listens on: exit 1 within
+                    --init_timeout (5 s) with one message naming the address and the flag,
+                    nothing written ("identical" counts an untouched workdir)
 
 Columns, per scenario over its trials:
 
@@ -78,6 +98,7 @@ HEARTBEAT = 10  # s: --heartbeat_timeout, after which a lost process stops the j
 INIT_TIMEOUT = 120  # s: --init_timeout (process 0 may start slowly on a loaded machine)
 UNREACHABLE_TIMEOUT = 5  # s: --init_timeout of the unreachable-coordinator scenario
 STOP_MARGIN = 60  # s: allowed past HEARTBEAT for a survivor to stop after a SIGKILL
+RUN_TIMEOUT = 1800  # s: a run (or job) still going after this is killed and counts as failed
 
 
 def tiny_flags(data_dir: str, mixture: str | None = None, multi_host: bool = False) -> list[str]:
@@ -107,15 +128,17 @@ def tiny_flags(data_dir: str, mixture: str | None = None, multi_host: bool = Fal
         "train.max_bad_steps": MAX_BAD,
         "train.peak_tflops": 1.0,
     }
-    if multi_host:
-        sets.update({"data.global_batch_size": 8, "mesh.data": -1})
+    config = "deepseekmoe.py"
+    if multi_host:  # the dense config compiles fastest; what is tested is the processes
+        sets.update({"data.global_batch_size": 8, "mesh.data": -1, "model.num_layers": 1})
+        config = "dense.py"
     if mixture:
         sets["data.sources"] = (
             f"parquet:{mixture}/web-*.parquet@0.7,jsonl:{mixture}/code-*.jsonl#content@0.3"
         )
         sets["data.tokenizer"] = f"sentencepiece:{mixture}/sp.model"
         sets["model.vocab_size"] = 0  # the tokenizer's size
-    return [f"--config={os.path.join(REPO, 'configs', 'deepseekmoe.py')}"] + [
+    return [f"--config={os.path.join(REPO, 'configs', config)}"] + [
         f"--config.{k}={v}" for k, v in sets.items()
     ]
 
@@ -162,7 +185,11 @@ class Runner:
 
     def run(self, workdir: str, env: dict | None = None) -> tuple[int, str, str]:
         proc = self.start(workdir, env)
-        out, err = proc.communicate(timeout=600)
+        try:
+            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
         return proc.returncode, out, err
 
     # --- multi-host: PROCESSES processes x DEVICES CPU devices, jax.distributed over gloo --
@@ -217,7 +244,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait(proc: subprocess.Popen, timeout: float = 600) -> int:
+def wait(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> int:
     """The exit status of `proc`, killed (-9) if it runs past `timeout` s."""
     try:
         return proc.wait(timeout=timeout)
@@ -273,7 +300,7 @@ def resumed_from(stdout: str) -> int:
 def signal_after(proc: subprocess.Popen, workdir: str, step: int, signum: int, target=None) -> None:
     """Sends `signum` to `target` (default `proc`, the process that logs) once `step` is
     logged (the run may be a step further by then)."""
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + RUN_TIMEOUT
     while last_logged(workdir) < step:
         if proc.poll() is not None:
             err = proc.communicate()[1] or ""  # the stderr of a pipe (multi-host: a file)

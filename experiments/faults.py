@@ -371,13 +371,14 @@ def scenario_kill_during_save(
     proc = runner.start(workdir, {"MOEJAX_FAULT_KILL_IN_SAVE": str(step)})
     proc.communicate()
     names = [p.name for p in (as_path(workdir) / "checkpoints").iterdir()]
-    # On disk a temporary directory; in a bucket the step directory without its commit file.
-    half_written = step not in committed(workdir) and any(
-        n.startswith(f"{step}.orbax-checkpoint-tmp") or n == str(step) for n in names
-    )
+    # On disk a temporary directory (created before save() returns); in a bucket the step
+    # directory without its commit file, unless the kill came before its first object.
+    left = any(n.startswith(f"{step}.orbax-checkpoint-tmp") or n == str(step) for n in names)
+    half_written = step not in committed(workdir) and (left or is_remote(workdir))
     intact = (committed(workdir) or [0])[-1]
     r = _rerun(runner, workdir, reference, intact)
     reported = f"checkpoint step(s) [{step}] were not completely written" in r["rerun_out"]
+    reported = reported or not left
     return {
         "recovered": proc.returncode == -signal.SIGKILL
         and half_written
@@ -386,7 +387,8 @@ def scenario_kill_during_save(
         "steps_lost": r["steps_lost"],
         "redone": step - r["resumed_from"],  # killed right after logging `step`
         "identical": r["identical"],
-        "detail": f"killed saving step {step}; resumed from {r['resumed_from']}",
+        "detail": f"killed saving step {step} ({'partly written' if left else 'nothing written'})"
+        f"; resumed from {r['resumed_from']}",
     }
 
 

@@ -30,10 +30,17 @@ import os
 import re
 import uuid
 
+import fsspec
 from etils import epath
 
 REMOTE_SCHEMES = ("gs://", "s3://")
 WILDCARDS = "*?["
+
+# Other processes (the other hosts, a rerun after a kill) write the same run directory: a
+# listing gcsfs cached earlier in this process would hide their checkpoints, so bucket
+# listings are always read afresh (fsspec's per-protocol defaults, read when epath first
+# builds its gcsfs filesystem).
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:

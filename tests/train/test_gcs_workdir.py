@@ -47,6 +47,18 @@ def test_path_helpers_on_disk_and_in_the_bucket(gcs, tmp_path):
         assert rel(glob_files(join(root, "web-2.txt"))) == ["web-2.txt"]
 
 
+def test_bucket_listings_see_what_other_processes_wrote(gcs):
+    """gcsfs caches listings by default; another host's (or a rerun's) checkpoint would stay
+    invisible to this process. moejax.paths turns that cache off."""
+    run = epath.Path("gs://test-bucket/listing")
+    write_text(join(str(run), "3", "commit_success.txt"), "")
+    assert [p.name for p in run.iterdir()] == ["3"]
+    other = "from moejax.paths import join, write_text; write_text(join(%r, '6', 'x'), '')"
+    subprocess.run([sys.executable, "-c", other % str(run)], cwd=REPO, check=True, timeout=300)
+    assert sorted(p.name for p in run.iterdir()) == ["3", "6"]
+    assert (run / "6" / "x").exists()
+
+
 def test_jsonl_metrics_in_a_bucket_append_across_writers(gcs):
     path = "gs://test-bucket/metrics/metrics.jsonl"
     writer = JsonlWriter(path, upload_every_secs=3600)

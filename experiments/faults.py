@@ -548,7 +548,7 @@ def scenario_mh_unreachable(runner, reference, rng, name: str, reference_dir: st
     coordinator = f"127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     [proc] = runner.start_job(workdir, coordinator, only=1, init_timeout=UNREACHABLE_TIMEOUT)
-    code = wait(proc, timeout=UNREACHABLE_TIMEOUT + STOP_MARGIN)
+    code = wait(proc)  # the time is mostly Python's and JAX's start-up: reported, not bounded
     seconds = time.monotonic() - t0
     _, err = runner.output(workdir, 1)
     named = f"--coordinator={coordinator} within --init_timeout={UNREACHABLE_TIMEOUT}" in err

@@ -58,8 +58,10 @@ def test_unreachable_coordinator_names_the_address_and_the_flag(tiny_corpus_dir,
 
 
 def test_multi_host_kill_and_preemption_recover(tmp_path):
-    rows = _faults(tmp_path, "--scenarios=mh_sigterm,mh_sigkill,mh_unreachable", "--jobs=1")
-    _assert_recovered(rows, ["mh_sigterm", "mh_sigkill", "mh_unreachable"])
+    """Five 2-process jobs (the reference, then each fault and its rerun) sharing one JAX
+    compilation cache: minutes, not seconds, but the issue asks for them in `make test`."""
+    rows = _faults(tmp_path, "--scenarios=mh_sigterm,mh_sigkill", "--jobs=1")
+    _assert_recovered(rows, ["mh_sigterm", "mh_sigkill"])
 
 
 @pytest.mark.slow

@@ -169,6 +169,8 @@ def test_interrupted_and_corrupt_bucket_checkpoints(bucket_run):
     move = re.search(r"`gcloud storage mv (\S+) (\S+)`", message)
     assert move.groups() == (f"{workdir}/checkpoints/6", f"{workdir}/corrupt-checkpoint-6")
     epath.Path(move.group(1)).rename(move.group(2))  # what the command does
-    _, _, step = ckpt.restore_or_init(lambda: None, exp.abstract_state)
-    assert step == 3
     ckpt.close()
+    rerun = Checkpointer(workdir, async_save=False)  # the rerun: a new process
+    _, _, step = rerun.restore_or_init(lambda: None, exp.abstract_state)
+    assert step == 3
+    rerun.close()

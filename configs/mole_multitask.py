@@ -93,4 +93,6 @@ def get_config(arg=None):
         dense = load_config_file(Path(__file__).with_name("dense.py"))
         apply_pod_layout(c, dense.POD_LAYOUTS, arg.topology)
     c.train.checkpoint_every = c.train.steps
+    # `steps=N` shorter than the warmup warms up over all N, as the other configs' `steps=`.
+    c.train.warmup_steps = min(c.train.warmup_steps, c.train.steps)
     return c

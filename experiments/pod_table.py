@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -95,6 +96,12 @@ def _all_to_all_gib(report: dict) -> str:
     return text + " (bound)" if ragged else text
 
 
+def _refused_bytes(report: dict) -> str:
+    """'324.44G temporaries' from XLA's RESOURCE_EXHAUSTED message, or '?'."""
+    match = re.search(r"HLO temporaries \(([\d.]+[KMGT]?)\)", report.get("compile_error", ""))
+    return f"OOM: {match.group(1)} temporaries" if match else "?"
+
+
 def table_row(report: dict) -> str:
     """One markdown row of the README table."""
     mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items() if v > 1)
@@ -106,13 +113,17 @@ def table_row(report: dict) -> str:
     mfu = report.get("mfu_bound")
     peak = report.get("peak_bytes")
     fits = report.get("fits_hbm")
-    headroom_ok = peak is not None and peak <= (1 - HBM_HEADROOM) * report["hbm_bytes"]
+    hbm = report.get("hbm_bytes", report["chip"]["hbm_bytes"])
+    headroom_ok = peak is not None and peak <= (1 - HBM_HEADROOM) * hbm
+    if peak is not None:
+        memory = f"{peak / GIB:.1f} / {hbm / GIB:.2f}"
+    else:  # XLA refused to compile it: the temporaries it asked for, from its error
+        memory = f"{_refused_bytes(report)} / {hbm / GIB:.2f}"
     return (
         f"| {report['row']} | {report['topology']['name']} ({report['devices']}) | "
         f"{report['num_params'] / 1e9:.2f}B | {mesh}, accum {report.get('grad_accum', '-')}, "
         f"remat {report.get('remat', '-')} | {plan_text} | "
-        f"{peak / GIB if peak is not None else float('nan'):.1f} / "
-        f"{report['hbm_bytes'] / GIB:.2f} | "
+        f"{memory} | "
         f"{'yes' if fits and headroom_ok else ('tight' if fits else 'NO')} | {total} | "
         f"{_all_to_all_gib(report)} | {f'{mfu:.2f}' if mfu else '-'} |"
     )
@@ -169,8 +180,8 @@ def main(argv=None) -> None:
                         print(f"FAILED: {e}", file=sys.stderr, flush=True)
                         continue
                     print(table_row(report), file=sys.stderr, flush=True)
-    if remats:
-        print(render(args.out, rows, remats))
+    if remats:  # the layout's own row first, then each variant
+        print(render(args.out, rows, ["", *remats]))
     else:
         print(render(args.out, rows))
     if failures:

@@ -14,6 +14,7 @@ a static argument of `jax.jit` or an attribute of a Flax module.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import numbers
 from typing import Any, Mapping, TypeVar
 
@@ -22,6 +23,16 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """An inconsistent or unknown config value; the message names the field and the fix."""
+
+
+def unknown_names(names: list[str], valid: list[str]) -> str:
+    """`['topk' (did you mean 'top_k'?)]`: the unknown names, each with the closest valid
+    name where one is close (difflib), for the one-line errors of misspelled fields."""
+    shown = []
+    for name in names:
+        close = difflib.get_close_matches(name, valid, n=1)
+        shown.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return "[" + ", ".join(shown) + "]"
 
 
 def to_plain(value: Any) -> Any:
@@ -76,7 +87,8 @@ def section_from_mapping(cls: type[T], mapping: Any, section: str) -> T:
     unknown = sorted(set(mapping) - set(names))
     if unknown:
         raise ConfigError(
-            f"config.{section} has unknown field(s) {unknown}; valid fields are {sorted(names)}. "
+            f"config.{section} has unknown field(s) {unknown_names(unknown, names)}; valid fields "
+            f"are {sorted(names)}. "
             f"Fix the spelling in the config file or the --config.{section}.<field> flag."
         )
     for field in dataclasses.fields(cls):

@@ -14,7 +14,7 @@ import warnings
 from moejax.config.base import SECTIONS
 from moejax.config.renames import apply_renames
 from moejax.config.train import TrainConfig
-from moejax.config_section import ConfigError
+from moejax.config_section import ConfigError, unknown_names
 from moejax.data.config import DataConfig
 from moejax.data.datasets import check_spelling, open_tokenizer
 from moejax.data.errors import DataError
@@ -25,7 +25,15 @@ from moejax.lora.config import (
     LoRAConfig,
 )
 from moejax.lora.methods import METHODS
-from moejax.models.config import ATTENTION_IMPLS, ATTENTIONS, DTYPES, REMAT_POLICIES, ModelConfig
+from moejax.lora.targets import ROUTED_EXPERT_METHODS, routed_expert_patterns
+from moejax.models.config import (
+    ATTENTION_IMPLS,
+    ATTENTIONS,
+    DTYPES,
+    QK_NORMS,
+    REMAT_POLICIES,
+    ModelConfig,
+)
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.expert_parallel import EP_EXCHANGES
@@ -120,6 +128,16 @@ def _check_model(m: ModelConfig) -> None:
         m.attention in ATTENTIONS,
         f"model.attention={m.attention!r} must be one of {ATTENTIONS} (grouped-query or "
         f"DeepSeek's multi-head latent attention).",
+    )
+    _require(
+        m.qk_norm in QK_NORMS,
+        f"model.qk_norm={m.qk_norm!r} must be one of {QK_NORMS} ('head': Qwen3-MoE's "
+        f"per-head q/k RMSNorm; 'full': OLMoE's over the whole projection).",
+    )
+    _require(
+        m.attention == "gqa" or m.qk_norm == "none",
+        f"model.qk_norm={m.qk_norm!r} applies to model.attention='gqa' only (MLA normalises "
+        f"its latents instead); set model.qk_norm='none'.",
     )
     _require(
         m.attention_impl in ATTENTION_IMPLS,
@@ -264,12 +282,21 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
         f"moe.fssdp_slots={moe.fssdp_slots} must be >= 0 (replica slots per device for "
         f"the fssdp dispatcher; 0 = plain expert parallelism).",
     )
+    _require(
+        moe.fssdp_max_sends >= 0,
+        f"moe.fssdp_max_sends={moe.fssdp_max_sends} must be >= 0 (the most replicas one "
+        f"expert owner sends per step under fssdp; 0 = 2 * moe.fssdp_slots).",
+    )
     _check_router(moe)
     _check_sigmoid_bias(moe)
 
 
+# Selection rules with group-limited routing and a routed scaling factor.
+GROUPED_RULES = ("softmax_topk", "sigmoid_bias")
+
+
 def _check_sigmoid_bias(moe: MoEConfig) -> None:
-    """DeepSeek-V3's group-limited routing settings (only the sigmoid_bias rule has them)."""
+    """DeepSeek-V2 / V3's group-limited routing settings (softmax_topk, sigmoid_bias)."""
     _require(
         moe.group_mask in GROUP_MASK_FILL,
         f"moe.group_mask={moe.group_mask!r} must be one of {sorted(GROUP_MASK_FILL)} "
@@ -281,13 +308,13 @@ def _check_sigmoid_bias(moe: MoEConfig) -> None:
         f"moe.bias_update_rate={moe.bias_update_rate} must be >= 0 (DeepSeek-V3's gamma, "
         f"0.001; 0 freezes the bias).",
     )
-    if moe.selection != "sigmoid_bias":
+    if moe.selection not in GROUPED_RULES:
         for name, default in (("n_group", 1), ("topk_group", 1), ("routed_scaling_factor", 1.0)):
             value = getattr(moe, name)
             _require(
                 value == default,
-                f"moe.{name}={value} only applies to the sigmoid_bias selection rule "
-                f"(DeepSeek-V3); set moe.selection='sigmoid_bias', or leave "
+                f"moe.{name}={value} only applies to the selection rules {GROUPED_RULES} "
+                f"(DeepSeek-V2 / V3); set moe.selection to one of them, or leave "
                 f"moe.{name}={default}.",
             )
         return
@@ -349,6 +376,13 @@ def _check_lora(lo: LoRAConfig) -> None:
         bool(patterns) and all("." in p for p in patterns),
         f"lora.targets={lo.targets!r} must be comma-separated '<module>.<param>' "
         f"patterns such as 'attn.wq,attn.wv' or 'attn.*,mlp.*'.",
+    )
+    routed = routed_expert_patterns(lo)
+    _require(
+        not routed or lo.method in ROUTED_EXPERT_METHODS,
+        f"lora.targets={lo.targets!r} adapts the routed experts ({', '.join(routed)}), which "
+        f"lora.method={lo.method!r} does not support; use lora.method='lora' for them, or "
+        f"target attention / dense / shared-expert projections only.",
     )
     _require(
         not (lo.base_checkpoint and lo.base_hf),
@@ -613,7 +647,8 @@ def validate(
     unknown = [s for s in config.keys() if s not in SECTIONS]
     _require(
         not unknown,
-        f"config has unknown section(s) {unknown}; valid sections are {list(SECTIONS)}.",
+        f"config has unknown section(s) {unknown_names(unknown, list(SECTIONS))}; valid "
+        f"sections are {list(SECTIONS)}.",
     )
     try:
         built = {

@@ -6,10 +6,14 @@
     logits, extras = model.apply(variables, input_ids)      # float32 [B, S, V]
     moejax.hf.save_pretrained(model, variables, "/path/out")
 
+    model, variables = moejax.hf.from_pretrained(path, mesh=mesh, rules=rules)  # sharded
     model, variables = moejax.hf.from_pretrained(base_dir, adapter="/path/peft_adapter")
     moejax.hf.save_adapter(model, variables, "/path/adapter_out")   # peft loads it
 
-peft LoRA adapters: `moejax.hf.peft` (plain LoRA and rsLoRA on attention and dense MLPs).
+peft LoRA adapters: `moejax.hf.peft` (plain LoRA and rsLoRA on attention, dense MLPs and the
+routed experts). With `mesh=` every leaf is built as a sharded `jax.Array` straight from the
+safetensors shards, each process reading only the slices its devices hold
+(`moejax.hf.sharded`).
 
 Architectures and config keys: `moejax.hf.architectures` (one table per architecture). The
 variables are `{"params": ...}` plus, for DeepSeek-V3's `sigmoid_bias` router, the
@@ -26,12 +30,13 @@ from typing import Any
 
 import flax.linen as nn
 import flax.traverse_util
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moejax.config_section import ConfigError
-from moejax.hf import peft
-from moejax.hf.architectures import DEEPSEEK_V3, Architecture
+from moejax.hf import peft, sharded
+from moejax.hf.architectures import MLA_ARCHITECTURES, Architecture, interleaved_rope
 from moejax.hf.layout import choose_architecture, from_hf_config
 from moejax.hf.weights import (
     Assembler,
@@ -44,6 +49,7 @@ from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
 from moejax.paths import as_path, join, write_text
+from moejax.sharding.config import DEFAULT_RULES
 
 TOP_LEVEL = (
     ("model.embed_tokens.weight", "params/embedding"),
@@ -76,9 +82,15 @@ def from_pretrained(
     adapter: str | None = None,
     dtype: str = "float32",
     param_dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+    rules=DEFAULT_RULES,
     **model_overrides,
 ) -> tuple[Transformer, dict[str, Any]]:
     """(Transformer, variables) equal to the HF checkpoint in `path` (see the module doc).
+
+    `mesh`: build every leaf as a `jax.Array` sharded by the logical `rules` (default
+    `moejax.sharding.config.DEFAULT_RULES`, as `config.mesh.rules`), each process reading only
+    the tensor slices its devices hold; None: plain single-device arrays.
 
     `adapter`: a peft LoRA adapter directory applied on top (the model then carries the
     adapters' `lora` config, `moejax.hf.peft.load_adapter`). `dtype` / `param_dtype` are the
@@ -86,6 +98,11 @@ def from_pretrained(
     change the function (e.g. `remat="full"`).
     """
     if adapter is not None:
+        if mesh is not None:
+            raise ConfigError(
+                "from_pretrained(adapter=..., mesh=...): peft adapters load unsharded "
+                "only; load without mesh=, or place the adapted variables afterwards."
+            )
         model, variables = from_pretrained(
             path, dtype=dtype, param_dtype=param_dtype, **model_overrides
         )
@@ -99,20 +116,14 @@ def from_pretrained(
         )
     model = Transformer(m, moe)
     reader = TensorReader(path)
-    asm = Assembler(
-        abstract_variables(model),
-        m,
-        arch,
-        interleaved_rope=arch is DEEPSEEK_V3 and hf.get("rope_interleave", True),
-    )
+    asm = Assembler(abstract_variables(model), m, arch, interleaved_rope(arch, hf), reader)
     used = load_layers(reader, asm, m, arch)
     keys = reader.keys()
     top = TOP_LEVEL + (() if m.tie_embeddings else ((LM_HEAD, "params/lm_head"),))
     for name, key in top:
         if name not in keys:
             raise ConfigError(f"{path}: checkpoint has no tensor {name}.")
-        value = reader.get(name)
-        asm.put(key, (), value.T if key == "params/lm_head" else value, name)
+        asm.put_tensor(key, (), name, n_in=1 if key == "params/lm_head" else 0)
         used.add(name)
     if m.tie_embeddings:
         used.add(LM_HEAD)  # some checkpoints store the tied copy too
@@ -128,11 +139,14 @@ def from_pretrained(
             )
             + (f"moejax variables not in the checkpoint {missing[:8]}" if missing else "")
         )
+    if mesh is not None:
+        boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+        return model, sharded.place(asm, boxed, mesh, rules, param_dtype)
     pdt = jnp.dtype(param_dtype)
     variables = flax.traverse_util.unflatten_dict(
         {
             k: jnp.asarray(v, pdt if k.startswith("params/") else jnp.float32)
-            for k, v in asm.arrays.items()
+            for k, v in asm.arrays().items()
         },
         sep="/",
     )
@@ -155,7 +169,7 @@ def save_pretrained(model: Transformer, variables: dict[str, Any], path: str) ->
         k: np.asarray(v)
         for k, v in flax.traverse_util.flatten_dict(nn.unbox(dict(variables)), sep="/").items()
     }
-    tensors = export_layers(flat, m, arch, interleaved_rope=arch is DEEPSEEK_V3)
+    tensors = export_layers(flat, m, arch, interleaved_rope=arch.name in MLA_ARCHITECTURES)
     for name, key in TOP_LEVEL:
         tensors[name] = np.asarray(flat[key], np.float32)
     if not m.tie_embeddings:

@@ -3,12 +3,15 @@ tensor names -> moejax parameter paths.
 
 Supported: `LlamaForCausalLM` (dense), `MixtralForCausalLM` (Jiang et al., 2024: softmax
 top-k, renormalised), `Qwen2MoeForCausalLM` (q/k/v biases, softmax top-k, a shared expert of
-its own width behind a sigmoid gate) and `DeepseekV3ForCausalLM` (MLA; sigmoid router with a
-selection-only bias and group-limited top-k, the `sigmoid_bias` router; its first
-`first_k_dense_replace` layers dense). A config key is either mapped (`keys`), accepted only
-with the values moejax computes (`required`), or listed as not affecting the forward pass
-(`IGNORED`, `ignored`); any other key, or a required key with another value, is refused
-with an error naming it.
+its own width behind a sigmoid gate), `Qwen3MoeForCausalLM` (per-head q/k RMSNorm, no shared
+expert), `OlmoeForCausalLM` (q/k RMSNorm over the whole projection), `DeepseekV2ForCausalLM`
+(MLA with interleaved RoPE; softmax router, `topk_method` greedy or group_limited_greedy, a
+routed scaling factor, shared experts; its first `first_k_dense_replace` layers dense) and
+`DeepseekV3ForCausalLM` (MLA; sigmoid router with a selection-only bias and group-limited
+top-k, the `sigmoid_bias` router; its first `first_k_dense_replace` layers dense). A config
+key is either mapped (`keys`), accepted only with the values moejax computes (`required`),
+or listed as not affecting the forward pass (`IGNORED`, `ignored`); any other key, or a
+required key with another value, is refused with an error naming it.
 
 Tensor rows are `(hf_suffix, moejax_path, n_in)` inside `model.layers.{i}.`: the moejax
 parameter is `W.T` reshaped (HF linear weights are `[out, in]`), `n_in` being how many
@@ -91,6 +94,10 @@ MLA_KV = (
     ("self_attn.kv_b_proj.weight", "attn/wkv_b", 1),
     ("self_attn.o_proj.weight", "attn/wo", 2),
 )
+QK_NORM = (
+    ("self_attn.q_norm.weight", "attn/q_norm/scale", 0),
+    ("self_attn.k_norm.weight", "attn/k_norm/scale", 0),
+)
 DENSE_MLP = (
     ("mlp.gate_proj.weight", "mlp/w_gate", 1),
     ("mlp.up_proj.weight", "mlp/w_up", 1),
@@ -114,7 +121,10 @@ class Architecture:
     ignored: extra keys without effect; constants: moejax fields fixed by the architecture;
     moe_prefix: module name of the MoE block in a layer (`mlp` or Mixtral's legacy
     `block_sparse_moe`); legacy_expert: per-expert module names (gate, up, down); router_bias:
-    the HF buffer holding the selection bias (DeepSeek-V3).
+    the HF buffer holding the selection bias (DeepSeek-V3); rope_interleave: whether MLA's
+    rotary channels are stored interleaved (a bool, or the config key that says so, default
+    True); finish: `(hf, sections, problems) -> None`, the conversions no single key decides
+    (DeepSeek-V2's `topk_method`).
     """
 
     name: str
@@ -128,6 +138,8 @@ class Architecture:
     shared_prefix: str = ""
     extra_moe_rows: tuple = ()
     router_bias: str = ""
+    rope_interleave: bool | str = False
+    finish: Callable[[dict, dict, list], None] | None = None
 
 
 def _same(v):
@@ -262,9 +274,135 @@ DEEPSEEK_V3 = Architecture(
     },
     shared_prefix="mlp.shared_experts",
     router_bias="mlp.gate.e_score_correction_bias",
+    rope_interleave="rope_interleave",
 )
 
-ARCHITECTURES = {a.name: a for a in (LLAMA, MIXTRAL, QWEN2_MOE, DEEPSEEK_V3)}
+QWEN3_MOE = Architecture(
+    "Qwen3MoeForCausalLM",
+    "qwen3_moe",
+    keys={
+        **COMMON_KEYS,
+        "head_dim": ("model.head_dim", _zero_if_none),
+        "num_experts": ("moe.num_experts", _same),
+        "num_local_experts": ("moe.num_experts", _same),  # to_dict() spelling of num_experts
+        "num_experts_per_tok": ("moe.top_k", _same),
+        "moe_intermediate_size": ("moe.d_expert", _same),
+        "norm_topk_prob": ("moe.renormalize", _same),
+        "router_aux_loss_coef": ("moe.balance_coef", _same),
+    },
+    # Qwen3's attention_bias also biases o_proj, which moejax's attention_bias does not.
+    required={**COMMON_REQUIRED, "use_sliding_window": (False,), "attention_bias": (False,)},
+    ignored=(
+        "sliding_window",
+        "max_window_layers",
+        "layer_types",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+    ),
+    constants={
+        "model.qk_norm": "head",
+        "moe.scorer": "linear",
+        "moe.selection": "softmax_topk",
+        "moe.z_loss_coef": 0.0,
+    },
+)
+
+OLMOE = Architecture(
+    "OlmoeForCausalLM",
+    "olmoe",
+    keys={
+        **COMMON_KEYS,
+        "intermediate_size": ("moe.d_expert", _same),
+        "num_experts": ("moe.num_experts", _same),
+        "num_experts_per_tok": ("moe.top_k", _same),
+        "norm_topk_prob": ("moe.renormalize", _same),
+        "router_aux_loss_coef": ("moe.balance_coef", _same),
+    },
+    required={**COMMON_REQUIRED, "attention_bias": (False,), "clip_qkv": (None,)},
+    constants={
+        "model.moe_every": 1,
+        "model.qk_norm": "full",
+        "moe.scorer": "linear",
+        "moe.selection": "softmax_topk",
+        "moe.z_loss_coef": 0.0,
+    },
+)
+
+
+def _one_if_none(v):
+    return 1 if v is None else v
+
+
+def _deepseek_v2_topk(hf: dict, sections: dict, problems: list) -> None:
+    """`topk_method`: greedy ignores n_group / topk_group; group_limited_greedy uses them."""
+    if hf.get("topk_method", "greedy") == "greedy":
+        sections["moe"].update(n_group=1, topk_group=1)
+
+
+DEEPSEEK_V2 = Architecture(
+    "DeepseekV2ForCausalLM",
+    "deepseek_v2",
+    keys={
+        **COMMON_KEYS,
+        "n_routed_experts": ("moe.num_experts", _same),
+        "num_experts_per_tok": ("moe.top_k", _same),
+        "moe_intermediate_size": ("moe.d_expert", _same),
+        "n_shared_experts": ("moe.n_shared", _zero_if_none),
+        "routed_scaling_factor": ("moe.routed_scaling_factor", _same),
+        "n_group": ("moe.n_group", _one_if_none),
+        "topk_group": ("moe.topk_group", _one_if_none),
+        "q_lora_rank": ("model.q_lora_rank", _zero_if_none),
+        "kv_lora_rank": ("model.kv_lora_rank", _same),
+        "qk_nope_head_dim": ("model.qk_nope_head_dim", _same),
+        "qk_rope_head_dim": ("model.qk_rope_head_dim", _same),
+        "v_head_dim": ("model.v_head_dim", _same),
+    },
+    # transformers' DeepseekV2TopkRouter never renormalises the top-k weights (DeepSeek's own
+    # code does with norm_topk_prob) and reads first_k_dense_replace but not moe_layer_freq:
+    # only the settings both agree on are accepted.
+    required={
+        **COMMON_REQUIRED,
+        "attention_bias": (False,),
+        "mlp_bias": (False,),
+        "norm_topk_prob": (False,),
+        "moe_layer_freq": (1,),
+        "scoring_func": ("softmax",),
+        "topk_method": ("greedy", "group_limited_greedy"),
+    },
+    ignored=(
+        "head_dim",
+        "qk_head_dim",
+        "first_k_dense_replace",
+        "ep_size",
+        "aux_loss_alpha",
+        "seq_aux",
+        "num_nextn_predict_layers",
+    ),
+    constants={
+        "model.attention": "mla",
+        "moe.scorer": "linear",
+        "moe.selection": "softmax_topk",
+        "moe.renormalize": False,
+        "moe.group_mask": "zero",
+        "moe.balance_coef": 0.0,
+        "moe.z_loss_coef": 0.0,
+    },
+    shared_prefix="mlp.shared_experts",
+    rope_interleave=True,
+    finish=_deepseek_v2_topk,
+)
+
+ARCHITECTURES = {
+    a.name: a for a in (LLAMA, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3)
+}
+MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+
+
+def interleaved_rope(arch: Architecture, hf: dict) -> bool:
+    """Whether the checkpoint stores MLA's rotary channels as interleaved pairs."""
+    if isinstance(arch.rope_interleave, str):
+        return bool(hf.get(arch.rope_interleave, True))
+    return arch.rope_interleave
 
 
 def architecture_of(hf: dict) -> Architecture:
@@ -285,15 +423,14 @@ def hf_moe_layers(arch: Architecture, hf: dict) -> list[bool]:
     n = hf["num_hidden_layers"]
     if arch is LLAMA:
         return [False] * n
-    if arch is MIXTRAL:
+    if arch is MIXTRAL or arch is OLMOE:
         return [True] * n
-    if arch is DEEPSEEK_V3:
+    if arch.name in MLA_ARCHITECTURES:
         k = hf.get("first_k_dense_replace", 0) or 0
         return [i >= k for i in range(n)]
     step, only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
-    return [
-        i not in only and hf.get("num_experts", 0) > 0 and (i + 1) % step == 0 for i in range(n)
-    ]
+    experts = hf.get("num_experts", hf.get("num_local_experts", 0)) or 0
+    return [i not in only and experts > 0 and (i + 1) % step == 0 for i in range(n)]
 
 
 def fit_layout(moe_layers: list[bool]) -> tuple[int, int]:

@@ -14,11 +14,15 @@ from moejax.config.validation import validate_model
 from moejax.config_section import ConfigError
 from moejax.hf.architectures import (
     ARCHITECTURES,
+    DEEPSEEK_V2,
     DEEPSEEK_V3,
     IGNORED,
     LLAMA,
     MIXTRAL,
+    MLA_ARCHITECTURES,
+    OLMOE,
     QWEN2_MOE,
+    QWEN3_MOE,
     Architecture,
     architecture_of,
     fit_layout,
@@ -70,6 +74,8 @@ def from_hf_config(hf: dict, **overrides) -> tuple[Architecture, ModelConfig, Mo
             _rope(hf, sections["model"], problems)
         elif key not in IGNORED and key not in arch.ignored:
             unknown.append(key)
+    if arch.finish is not None:
+        arch.finish(hf, sections, problems)
     if unknown or problems:
         raise ConfigError(
             f"{arch.name} config.json: "
@@ -123,6 +129,7 @@ MODEL_FUNCTION_FIELDS = (
     "tie_embeddings",
     "attention",
     "attention_bias",
+    "qk_norm",
     "q_lora_rank",
     "kv_lora_rank",
     "qk_nope_head_dim",
@@ -171,6 +178,25 @@ UNUSED_BY = {  # fields that do not matter for an architecture (so are not check
         "qk_rope_head_dim",
         "v_head_dim",
     },
+    "Qwen3MoeForCausalLM": {
+        "first_k_dense",
+        "moe_every",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+    },
+    "OlmoeForCausalLM": {
+        "d_ff",
+        "first_k_dense",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+    },
+    "DeepseekV2ForCausalLM": {"num_kv_heads", "head_dim", "first_k_dense", "moe_every"},
     "DeepseekV3ForCausalLM": {"num_kv_heads", "head_dim", "first_k_dense", "moe_every"},
 }
 
@@ -202,20 +228,29 @@ def to_hf_config(arch: Architecture, model: ModelConfig, moe: MoEConfig) -> dict
         if accepted[0] is not None and key != "hidden_act":
             hf[key] = accepted[0]
     n = model.num_layers
-    if arch is QWEN2_MOE:
+    if arch is QWEN2_MOE or arch is QWEN3_MOE:
         hf.update(
             decoder_sparse_step=max(model.moe_every, 1),
             mlp_only_layers=list(range(model.first_k_dense)),
         )
         if not model.num_moe_layers:
             hf.update(num_experts=0, mlp_only_layers=list(range(n)))
-    if arch is DEEPSEEK_V3:
+    if arch is QWEN3_MOE:
+        hf.setdefault("head_dim", model.resolved_head_dim)
+    if arch is DEEPSEEK_V2:
+        hf.update(
+            topk_method="group_limited_greedy" if moe.n_group > 1 else "greedy",
+            n_group=moe.n_group,
+            topk_group=moe.topk_group,
+        )
+        hf.pop("moe_layer_freq", None)  # transformers does not read it (only the value 1)
+    if arch.name in MLA_ARCHITECTURES:
         hf.update(
             first_k_dense_replace=n - model.num_moe_layers,
-            rope_interleave=True,
-            num_nextn_predict_layers=0,
             num_key_value_heads=model.num_heads,
         )
+        if arch is DEEPSEEK_V3:
+            hf.update(rope_interleave=True, num_nextn_predict_layers=0)
         if not model.num_moe_layers:
             hf.update(
                 n_routed_experts=1,
@@ -253,11 +288,11 @@ def _check_round_trip(arch: Architecture, hf: dict, model: ModelConfig, moe: MoE
 def choose_architecture(model: ModelConfig, moe: MoEConfig) -> tuple[Architecture, dict]:
     """The first HF architecture that expresses this model exactly, and its config dict."""
     if model.attention == "mla":
-        order = (DEEPSEEK_V3,)
+        order = (DEEPSEEK_V3, DEEPSEEK_V2)
     elif not model.num_moe_layers:
-        order = (LLAMA, QWEN2_MOE)
+        order = (LLAMA, QWEN2_MOE, QWEN3_MOE)
     else:
-        order = (MIXTRAL, QWEN2_MOE)
+        order = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)
     reasons = []
     for arch in order:
         try:

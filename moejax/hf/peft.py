@@ -8,7 +8,19 @@ moejax's plain LoRA keeps `a[1, d_in, r] = A^T` and `b[1, r, d_out] = B^T` in th
 flattened (head, dim) output order of q/k/v and input order of o, which is HF's.
 
 Supported modules: attention `self_attn.{q,k,v,o}_proj` (grouped-query attention) and the
-dense MLP `mlp.{gate,up,down}_proj` of each layer, every layer adapted the same way. Options
+dense MLP `mlp.{gate,up,down}_proj` of each layer, every layer adapted the same way.
+
+Routed experts: peft's `target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`
+on transformers 5.x fused experts (`lora.ParamWrapper`; the second parameter of a module
+wraps the first, so gate_up's tensors are `mlp.experts.base_layer.lora_*` when both are
+adapted). For a parameter `[E, out, in]` peft stores `lora_A [E r, in]` (expert-major rows:
+A_e = rows e r .. e r + r) and `lora_B [out, r E]` (rank-major columns: B_e[:, j] = column
+j E + e), and adds `s B_e A_e` to expert e. moejax keeps `experts/lora_w_gate|w_up|w_down`
+(`a[E, d_in, r]`, `b[E, r, d_out]`): gate_up's A becomes both w_gate's and w_up's `a`, its
+B's first `moe_intermediate_size` rows w_gate's `b`, the rest w_up's. On export, gate and up
+adapters with different A are written as one rank-2r adapter (A stacked, B block-diagonal),
+every other adapter zero-padded to 2r and `lora_alpha` scaled to keep s: the same function.
+Options
 that change the function in ways moejax does not express (DoRA, trained biases, modules to
 save, per-module ranks or alphas, a subset of layers, fan-in-fan-out Conv1D weights, ...)
 raise a ConfigError naming the option.
@@ -87,7 +99,6 @@ REQUIRED = {
     "layers_to_transform": (None, []),
     "layer_replication": (None, []),
     "trainable_token_indices": (None, {}, []),
-    "target_parameters": (None, []),
     "use_bdlora": (False, None),
 }
 
@@ -96,15 +107,27 @@ def _is_off(value: Any) -> bool:
     return value in (None, False, "", "none") or value == {} or value == []
 
 
+# peft `target_parameters` moejax reads: the fused routed experts of transformers 5.x.
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+EXPERT_MODULE = "mlp.experts"
+
+
 def check_peft_config(cfg: dict, where: str) -> None:
     """Raises ConfigError naming the first option moejax cannot reproduce."""
+    params = cfg.get("target_parameters") or []
+    odd = [p for p in params if not any(p.endswith(e) for e in EXPERT_PARAMETERS)]
+    if odd:
+        raise ConfigError(
+            f"{where}: target_parameters={params!r}: {odd} are not routed-expert parameters "
+            f"moejax adapts (supported: {list(EXPERT_PARAMETERS)})."
+        )
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ConfigError(
             f"{where}: peft_type={cfg.get('peft_type')!r}; moejax reads LoRA "
             f"adapters (peft_type 'LORA') only."
         )
     for key, value in cfg.items():
-        if key in IGNORED:
+        if key in IGNORED or key == "target_parameters":
             continue
         if key in REQUIRED:
             if value not in REQUIRED[key]:
@@ -143,6 +166,49 @@ def _lora_path(m, module: str, param: str, i: int) -> tuple[str, tuple[int, ...]
     return f"params/{stack}/{module}/{ADAPTER_PREFIX}{param}", idx
 
 
+def _expert_factors(a_hf: np.ndarray, b_hf: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """peft's fused-expert `lora_A [E r, in]`, `lora_B [out, r E]` -> moejax `a[E, in, r]`,
+    `b[E, r, out]` (module docstring)."""
+    r = a_hf.shape[0] // e
+    a = a_hf.reshape(e, r, -1).transpose(0, 2, 1)
+    b = b_hf.reshape(b_hf.shape[0], r, e).transpose(2, 1, 0)
+    return a, b
+
+
+def _peft_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `_expert_factors`: `a[E, in, r]`, `b[E, r, out]` -> (lora_A, lora_B)."""
+    e, d_in, r = a.shape
+    lora_a = a.transpose(0, 2, 1).reshape(e * r, d_in)
+    lora_b = b.transpose(2, 1, 0).reshape(b.shape[2], r * e)
+    return lora_a, lora_b
+
+
+def _expert_adapters(where, m, moe, layers: dict[int, list[dict]]) -> dict:
+    """{(param, i): (a, b)} of the routed experts from the `mlp.experts[.base_layer]` tensors
+    of each MoE layer, told apart by shape: gate_up is `(in, out) = (d, 2I)`, down `(I, d)`."""
+    e, d, inter = moe.num_experts, m.d_model, moe.d_expert
+    out = {}
+    for i, pairs in layers.items():
+        if not m.is_moe_layer(i):
+            raise ConfigError(f"{where}: layer {i} has expert adapters but no MoE block.")
+        for ab in pairs:
+            if set(ab) != {"A", "B"}:
+                raise ConfigError(f"{where}: layer {i} mlp.experts has no lora_{'AB'[len(ab)]}.")
+            shape = (ab["A"].shape[1], ab["B"].shape[0])
+            if shape == (d, 2 * inter):
+                a, b = _expert_factors(ab["A"], ab["B"], e)
+                out["w_gate", i] = (a, b[:, :, :inter])
+                out["w_up", i] = (a, b[:, :, inter:])
+            elif shape == (inter, d):
+                out["w_down", i] = _expert_factors(ab["A"], ab["B"], e)
+            else:
+                raise ConfigError(
+                    f"{where}: layer {i} mlp.experts adapter maps {shape[0]} -> {shape[1]}, "
+                    f"neither gate_up_proj ({d} -> {2 * inter}) nor down_proj ({inter} -> {d})."
+                )
+    return out
+
+
 def load_adapter(
     model: Transformer, variables: dict, adapter_dir: str
 ) -> tuple[Transformer, dict[str, Any]]:
@@ -156,16 +222,23 @@ def load_adapter(
             f"supported (grouped-query attention only)."
         )
     found: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = {}
+    expert_tensors: dict[int, dict[str, dict[str, np.ndarray]]] = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
-        if not match or match.group(2) not in MODULES:
+        hf_module = match.group(2) if match else ""
+        wrapped = hf_module.removesuffix(".base_layer")
+        if not match or (hf_module not in MODULES and wrapped != EXPERT_MODULE):
             raise ConfigError(
                 f"{adapter_dir}: adapter tensor {key!r} is not on a supported "
-                f"module ({', '.join(MODULES)} of model.layers.<i>)."
+                f"module ({', '.join(MODULES)}, or the {EXPERT_MODULE} parameters "
+                f"{list(EXPERT_PARAMETERS)} of model.layers.<i>)."
             )
-        i, hf_module, which = int(match.group(1)), match.group(2), match.group(3)
-        found.setdefault(MODULES[hf_module], {}).setdefault(i, {})[which] = value
-    if not found:
+        i, which = int(match.group(1)), match.group(3)
+        if wrapped == EXPERT_MODULE:
+            expert_tensors.setdefault(i, {}).setdefault(hf_module, {})[which] = value
+        else:
+            found.setdefault(MODULES[hf_module], {}).setdefault(i, {})[which] = value
+    if not found and not expert_tensors:
         raise ConfigError(f"{adapter_dir}: {WEIGHTS_NAME} holds no LoRA tensors.")
     rank = int(cfg.get("r", 8))
     for (module, param), layers in found.items():
@@ -181,6 +254,18 @@ def load_adapter(
                 f"not in {missing}; moejax adapts every layer alike "
                 f"(layers_to_transform is not supported)."
             )
+    experts = _expert_adapters(
+        adapter_dir, m, model.moe, {i: list(t.values()) for i, t in expert_tensors.items()}
+    )
+    moe_layers = {i for i in range(m.num_layers) if m.is_moe_layer(i)}
+    for param in sorted({p for p, _ in experts}):
+        missing = sorted(moe_layers - {i for p, i in experts if p == param})
+        if missing:
+            raise ConfigError(
+                f"{adapter_dir}: experts.{param} is adapted in some MoE layers but not in "
+                f"{missing}; moejax adapts every layer alike."
+            )
+        found[("experts", param)] = {}
     lora = LoRAConfig(
         method="lora",
         rank=rank,
@@ -195,6 +280,16 @@ def load_adapter(
         for k, v in flax.traverse_util.flatten_dict(dict(variables), sep="/").items()
     }
     new = {k: np.zeros(s, np.float32) for k, s in shapes.items() if k not in flat}
+
+    def put(path, idx, leaf, value, what):
+        target = new[f"{path}/{leaf}"]
+        if value.shape != target.shape[len(idx) :]:
+            raise ConfigError(
+                f"{adapter_dir}: {what} has shape {value.shape}; the base model with r={rank} "
+                f"needs {target.shape[len(idx) :]} (moejax's a[E, in, r] / b[E, r, out])."
+            )
+        target[idx] = value
+
     for (module, param), layers in found.items():
         for i, ab in layers.items():
             path, idx = _lora_path(m, module, param, i)
@@ -203,21 +298,25 @@ def load_adapter(
                     raise ConfigError(
                         f"{adapter_dir}: layer {i} {module}.{param} has no lora_{which}."
                     )
-                target = new[f"{path}/{leaf}"]
-                value = ab[which].T[None]
-                if value.shape != target.shape[len(idx) :]:
-                    raise ConfigError(
-                        f"{adapter_dir}: layer {i} lora_{which} of {module}.{param} has shape "
-                        f"{ab[which].shape}; the base model with r={rank} needs "
-                        f"{target.shape[len(idx) + 1 :][::-1]}."
-                    )
-                target[idx] = value
+                put(path, idx, leaf, ab[which].T[None], f"layer {i} lora_{which} of {param}")
+    for (param, i), (a, b) in experts.items():
+        path, idx = _lora_path(m, "moe/experts", param, i)
+        put(path, idx, "a", a, f"layer {i} experts.{param} lora_A")
+        put(path, idx, "b", b, f"layer {i} experts.{param} lora_B")
     pdt = jnp.dtype(m.param_dtype)
     merged = {
         **{k: jnp.asarray(v) for k, v in flat.items()},
         **{k: jnp.asarray(v, pdt) for k, v in new.items()},
     }
     return adapted, flax.traverse_util.unflatten_dict(merged, sep="/")
+
+
+def _pad_rank(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """`a[..., in, r]`, `b[..., r, out]` zero-padded to rank `rank` (the same product)."""
+    extra = rank - a.shape[-1]
+    a = np.concatenate([a, np.zeros(a.shape[:-1] + (extra,), a.dtype)], -1)
+    b = np.concatenate([b, np.zeros(b.shape[:-2] + (extra,) + b.shape[-1:], b.dtype)], -2)
+    return a, b
 
 
 def save_adapter(
@@ -239,37 +338,104 @@ def save_adapter(
         raise ConfigError(f"save_adapter: model.attention={m.attention!r} has no peft layout.")
     flat = flax.traverse_util.flatten_dict(dict(variables), sep="/")
     inverse = {v: k for k, v in MODULES.items()}
-    tensors, modules = {}, set()
+
+    def factors(key, idx):
+        if f"{key}/a" not in flat:
+            return None
+        return (
+            np.asarray(flat[f"{key}/a"][idx], np.float32),
+            np.asarray(flat[f"{key}/b"][idx], np.float32),
+        )
+
+    plain, fused, exported = {}, {}, set()
     for i in range(m.num_layers):
         for (module, param), hf_module in inverse.items():
             key, idx = _lora_path(m, module, param, i)
-            if f"{key}/a" not in flat:
-                continue
-            a = np.asarray(flat[f"{key}/a"][idx], np.float32)[0]
-            b = np.asarray(flat[f"{key}/b"][idx], np.float32)[0]
-            name = f"{PREFIX}model.layers.{i}.{hf_module}"
-            tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
-            tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
-            modules.add((i, hf_module))
-    adapters = {k for k in flat if f"/{ADAPTER_PREFIX}" in k}
-    exported = {f"{_lora_path(m, *MODULES[h], i)[0]}/{x}" for i, h in modules for x in "ab"}
+            ab = factors(key, idx)
+            if ab is not None:
+                plain[i, hf_module] = (ab[0][0], ab[1][0])  # [in, r], [r, out]
+                exported.add(key)
+        if not m.is_moe_layer(i):
+            continue
+        ex = {}
+        for param in ("w_gate", "w_up", "w_down"):
+            key, idx = _lora_path(m, "moe/experts", param, i)
+            ab = factors(key, idx)
+            if ab is not None:
+                ex[param] = ab
+                exported.add(key)
+        fused[i] = ex
+    rank = lora.rank
+    gu = [ex for ex in fused.values() if "w_gate" in ex and "w_up" in ex]
+    if any(not np.array_equal(ex["w_gate"][0], ex["w_up"][0]) for ex in gu):
+        rank = 2 * lora.rank  # gate and up with their own A: one adapter of rank 2r
+    tensors = {}
+
+    def write(name, a, b):  # a [in, r], b [r, out] of a plain module
+        a, b = _pad_rank(a, b, rank)
+        tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
+        tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+
+    modules, params = set(), set()
+    for (i, hf_module), (a, b) in plain.items():
+        write(f"{PREFIX}model.layers.{i}.{hf_module}", a, b)
+        modules.add(f"model.layers.{i}.{hf_module}")
+    inter = model.moe.d_expert
+    for i, ex in fused.items():
+        name = f"{PREFIX}model.layers.{i}.{EXPERT_MODULE}"
+        slots = []
+        if "w_gate" in ex or "w_up" in ex:
+            a_g, b_g = ex.get("w_gate", (None, None))
+            a_u, b_u = ex.get("w_up", (None, None))
+            e = (a_g if a_g is not None else a_u).shape[0]
+            zeros_b = np.zeros((e, lora.rank, inter), np.float32)
+            if a_g is None or a_u is None or np.array_equal(a_g, a_u):
+                a = a_g if a_g is not None else a_u
+                b = np.concatenate(
+                    [zeros_b if b_g is None else b_g, zeros_b if b_u is None else b_u], -1
+                )
+            else:  # A stacked, B block-diagonal: rank 2r
+                a = np.concatenate([a_g, a_u], -1)
+                b = np.concatenate(
+                    [
+                        np.concatenate([b_g, np.zeros_like(b_g)], -1),
+                        np.concatenate([np.zeros_like(b_u), b_u], -1),
+                    ],
+                    -2,
+                )
+            slots.append(("mlp.experts.gate_up_proj", _pad_rank(a, b, rank)))
+        if "w_down" in ex:
+            slots.append(("mlp.experts.down_proj", _pad_rank(*ex["w_down"], rank)))
+        for n, (param, (a, b)) in enumerate(slots):
+            # peft nests a module's second adapted parameter around the first.
+            prefix = name + (".base_layer" if n < len(slots) - 1 else "")
+            lora_a, lora_b = _peft_factors(a, b)
+            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+            params.add(param)
+    adapters = {k.rsplit("/", 1)[0] for k in flat if f"/{ADAPTER_PREFIX}" in k}
     if adapters - exported:
         raise ConfigError(
             f"save_adapter: adapters {sorted(adapters - exported)[:4]} have no "
-            f"peft module (supported: {', '.join(MODULES)})."
+            f"peft module (supported: {', '.join(MODULES)}, experts.w_gate|w_up|w_down)."
         )
     if not tensors:
         raise ConfigError("save_adapter: the variables hold no adapters.")
+    # Zero-padded ranks keep s = alpha / r (alpha / sqrt(r) with rsLoRA) when alpha scales too.
+    grow = rank / lora.rank
+    alpha = lora.alpha * (grow**0.5 if lora.rslora else grow)
     # A regex target_modules matches exactly the adapted modules, layer by layer.
-    names = sorted(f"model.layers.{i}.{h}" for i, h in modules)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "r": lora.rank,
-        "lora_alpha": lora.alpha,
+        "r": rank,
+        "lora_alpha": alpha,
         "use_rslora": lora.rslora,
         "lora_dropout": 0.0,
-        "target_modules": "^(" + "|".join(re.escape(n) for n in names) + ")$",
+        "target_modules": (
+            "^(" + "|".join(re.escape(n) for n in sorted(modules)) + ")$" if modules else []
+        ),
+        "target_parameters": sorted(params) or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_dora": False,

@@ -6,6 +6,12 @@ is left over. Routed experts are read from either layout: transformers 5.x fused
 (`experts.gate_up_proj [E, 2I, d]`, `experts.down_proj [E, d, I]`) or one module per expert
 (`experts.{e}.gate_proj.weight [I, d]`, ...; Mixtral's legacy `w1/w3/w2`). Export writes the
 per-expert layout, which transformers 4.x and 5.x both load.
+
+Every moejax leaf (per layer of its stack) is described by a source: a checkpoint tensor and
+how moejax's index maps into it (transpose, reshape, rotary permutation, the gate or up half
+of a fused expert tensor, one tensor per expert). The unsharded `Assembler` reads each source
+whole; `ShardPlan` keeps the sources so `moejax.hf.sharded` can read, for each device, only
+the box of each tensor that device holds (safetensors `get_slice`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from moejax.hf.architectures import (
     MLA_Q,
     MLA_Q_LORA,
     NORMS,
+    QK_NORM,
     Architecture,
     shared_rows,
 )
@@ -104,11 +111,88 @@ class TensorReader:
         with self._open(self.file_of[key], framework="flax") as f:
             return np.asarray(f.get_tensor(key), np.float32)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self.remote:
+            return tuple(self._read_shard(self.file_of[key])[key].shape)
+        with self._open(self.file_of[key], framework="flax") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def get_box(self, key: str, box: tuple[slice, ...]) -> np.ndarray:
+        """The sub-tensor `key[box]`, read without the rest of the tensor (in a bucket: cut
+        from its shard, read whole)."""
+        if self.remote:
+            return np.asarray(self._read_shard(self.file_of[key])[key][box], np.float32)
+        with self._open(self.file_of[key], framework="flax") as f:
+            return np.asarray(f.get_slice(key)[box], np.float32)
+
+
+def gather(reader: TensorReader, name: str, index: tuple[np.ndarray, ...]) -> np.ndarray:
+    """`tensor[index]` (broadcast integer index arrays) reading only their bounding box."""
+    lo = [int(ix.min()) for ix in index]
+    box = tuple(slice(low, int(ix.max()) + 1) for low, ix in zip(lo, index))
+    return reader.get_box(name, box)[tuple(ix - low for ix, low in zip(index, lo))]
+
+
+class LinearSource:
+    """A moejax leaf of shape `sub` (one layer) from HF tensor `name`: `W.T` (n_in > 0 and W
+    2-D: `[out, in]` weights) or `W`, reshaped to `sub`, last axis permuted by `cols`."""
+
+    def __init__(self, reader, name, sub, n_in, cols=None):
+        self.reader, self.name, self.sub, self.n_in, self.cols = reader, name, sub, n_in, cols
+
+    def full(self) -> np.ndarray:
+        w = self.reader.get(self.name)
+        value = (w.T if self.n_in else w).reshape(self.sub)
+        return value if self.cols is None else value[..., self.cols]
+
+    def box(self, axes: tuple[np.ndarray, ...]) -> np.ndarray:
+        grids = list(np.ix_(*axes))
+        if self.cols is not None:
+            grids[-1] = self.cols[grids[-1]]
+        flat = np.ravel_multi_index(tuple(grids), self.sub)
+        shape = self.reader.shape(self.name)
+        if self.n_in and len(shape) == 2:  # element p of W.T [in, out] is W[p % out, p // out]
+            index = (flat % shape[0], flat // shape[0])
+        else:
+            index = np.unravel_index(flat, shape)
+        return gather(self.reader, self.name, index)
+
+
+class FusedExpertSource:
+    """`w_gate|w_up [E, d, I]` from transformers 5.x `gate_up_proj [E, 2I, d]` (rows from
+    `offset`), or `w_down [E, I, d]` from `down_proj [E, d, I]`: a transpose of the last two
+    axes."""
+
+    def __init__(self, reader, name, sub, offset=0):
+        self.reader, self.name, self.sub, self.offset = reader, name, sub, offset
+
+    def full(self) -> np.ndarray:
+        w = self.reader.get(self.name)[:, self.offset : self.offset + self.sub[2]]
+        return w.transpose(0, 2, 1)
+
+    def box(self, axes) -> np.ndarray:
+        e, a, b = np.ix_(*axes)
+        return gather(self.reader, self.name, (e, b + self.offset, a))
+
+
+class ExpertListSource:
+    """A routed-expert leaf `[E, a, b]` from one `[b, a]` tensor per expert (`names[e]`)."""
+
+    def __init__(self, reader, names, sub):
+        self.reader, self.names, self.sub = reader, names, sub
+
+    def full(self) -> np.ndarray:
+        return np.stack([self.reader.get(n).T for n in self.names])
+
+    def box(self, axes) -> np.ndarray:
+        a, b = np.ix_(axes[1], axes[2])
+        return np.stack([gather(self.reader, self.names[e], (b, a)) for e in axes[0]])
+
 
 def attention_rows(m: ModelConfig):
     if m.attention == "mla":
         return (MLA_Q_LORA if m.q_lora_rank else MLA_Q) + MLA_KV
-    return GQA + (GQA_BIAS if m.attention_bias else ())
+    return GQA + (GQA_BIAS if m.attention_bias else ()) + (QK_NORM if m.qk_norm != "none" else ())
 
 
 def rope_permutation(m: ModelConfig, path: str) -> tuple[int, np.ndarray] | None:
@@ -132,8 +216,9 @@ def _permute(m: ModelConfig, path: str, value: np.ndarray, inverse: bool) -> np.
     return value[..., cols]
 
 
-class Assembler:
-    """Fills the flat moejax variable dict {"collection/path": array} layer by layer."""
+class ShardPlan:
+    """Collects, for every moejax leaf `"collection/path"` and index into its layer axes, the
+    source that fills it (checking shapes), without reading any tensor."""
 
     def __init__(
         self,
@@ -141,35 +226,74 @@ class Assembler:
         m: ModelConfig,
         arch: Architecture,
         interleaved_rope: bool,
+        reader: TensorReader,
     ):
-        self.arrays = {k: np.zeros(s, np.float32) for k, s in flat_shapes.items()}
-        self.filled: dict[str, int] = {}
-        self.m, self.arch, self.interleaved = m, arch, interleaved_rope
+        self.shapes = dict(flat_shapes)
+        self.sources: dict[str, dict[tuple[int, ...], object]] = {}
+        self.m, self.arch, self.interleaved, self.reader = m, arch, interleaved_rope, reader
 
-    def put(self, key: str, idx: tuple[int, ...], value: np.ndarray, source: str):
-        if key not in self.arrays:
+    def _sub(self, key: str, idx, source: str) -> tuple[int, ...]:
+        if key not in self.shapes:
             raise ConfigError(f"{source} maps to {key}, which this model does not have.")
-        target = self.arrays[key]
-        sub = target.shape[len(idx) :]
-        if value.size != int(np.prod(sub)):
-            raise ConfigError(f"{source} has shape {value.shape}; {key} needs {sub}.")
-        target[idx] = value.reshape(sub)
-        self.filled[key] = self.filled.get(key, 0) + 1
+        return self.shapes[key][len(idx) :]
 
-    def put_linear(self, stack: str, path: str, idx, weight: np.ndarray, n_in: int, source: str):
+    def add(self, key: str, idx: tuple[int, ...], src) -> None:
+        self.sources.setdefault(key, {})[tuple(idx)] = src
+
+    def put_tensor(self, key: str, idx, name: str, n_in: int, path: str = "") -> None:
+        """HF tensor `name` (`[out, in]` weight when n_in > 0, else a reshaped vector) ->
+        `key` at `idx`; `path` names the block parameter for the rotary permutation."""
+        sub = self._sub(key, idx, name)
+        shape = self.reader.shape(name)
+        if int(np.prod(shape)) != int(np.prod(sub)):
+            shown = shape[::-1] if n_in and len(shape) == 2 else shape  # as moejax reads it
+            raise ConfigError(f"{name} has shape {shown}; {key} needs {sub}.")
+        cols = None
+        spec = rope_permutation(self.m, path) if self.interleaved else None
+        if spec is not None:
+            offset, perm = spec
+            cols = np.concatenate([np.arange(offset), offset + perm])
+        self.add(key, idx, LinearSource(self.reader, name, sub, n_in, cols))
+
+    def put_linear(self, stack: str, path: str, idx, name: str, n_in: int):
         """An HF `[out, in]` weight (n_in > 0) or vector (n_in = 0) -> params/stack/path."""
-        value = weight.T if n_in else weight
-        key = f"params/{stack}/{path}"
-        if key in self.arrays:
-            sub = self.arrays[key].shape[len(idx) :]
-            if value.size == int(np.prod(sub)):
-                value = value.reshape(sub)
-        if self.interleaved:
-            value = _permute(self.m, path, value, inverse=False)
-        self.put(key, idx, value, source)
+        self.put_tensor(f"params/{stack}/{path}", idx, name, n_in, path)
+
+    def put_fused_experts(self, base: str, idx, gate_up: str, down: str) -> None:
+        sub = self._sub(f"{base}/w_gate", idx, gate_up)
+        e, d, inter = sub
+        for name, want in ((gate_up, (e, 2 * inter, d)), (down, (e, d, inter))):
+            if self.reader.shape(name) != want:
+                raise ConfigError(f"{name} has shape {self.reader.shape(name)}; needs {want}.")
+        self.add(f"{base}/w_gate", idx, FusedExpertSource(self.reader, gate_up, sub, 0))
+        self.add(f"{base}/w_up", idx, FusedExpertSource(self.reader, gate_up, sub, inter))
+        self.add(f"{base}/w_down", idx, FusedExpertSource(self.reader, down, (e, inter, d)))
+
+    def put_expert_list(self, key: str, idx, names: list[str]) -> None:
+        sub = self._sub(key, idx, names[0])
+        if self.reader.shape(names[0]) != (sub[2], sub[1]):
+            raise ConfigError(
+                f"{names[0]} has shape {self.reader.shape(names[0])}; {key} needs "
+                f"{(sub[2], sub[1])} per expert."
+            )
+        self.add(key, idx, ExpertListSource(self.reader, names, sub))
 
     def missing(self) -> list[str]:
-        return sorted(k for k in self.arrays if k not in self.filled)
+        return sorted(k for k in self.shapes if k not in self.sources)
+
+
+class Assembler(ShardPlan):
+    """Fills the flat moejax variable dict {"collection/path": array} from a plan, reading
+    each source whole (one host holds the whole model)."""
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {}
+        for key, shape in self.shapes.items():
+            target = np.zeros(shape, np.float32)
+            for idx, src in self.sources.get(key, {}).items():
+                target[idx] = src.full()
+            out[key] = target
+        return out
 
 
 def layer_tensors(m: ModelConfig, moe_layer: bool):
@@ -177,12 +301,12 @@ def layer_tensors(m: ModelConfig, moe_layer: bool):
     return NORMS + attention_rows(m) + (() if moe_layer else DENSE_MLP)
 
 
-def load_layers(reader: TensorReader, asm: Assembler, m: ModelConfig, arch: Architecture):
+def load_layers(reader: TensorReader, asm: ShardPlan, m: ModelConfig, arch: Architecture):
     used: set[str] = set()
 
-    def take(name: str) -> np.ndarray:
+    def take(name: str) -> str:
         used.add(name)
-        return reader.get(name)
+        return name
 
     keys = reader.keys()
     for i in range(m.num_layers):
@@ -193,7 +317,7 @@ def load_layers(reader: TensorReader, asm: Assembler, m: ModelConfig, arch: Arch
         for suffix, path, n_in in rows:
             if pre + suffix not in keys:
                 raise ConfigError(f"checkpoint has no tensor {pre + suffix}.")
-            asm.put_linear(stack, path, idx, take(pre + suffix), n_in, pre + suffix)
+            asm.put_linear(stack, path, idx, take(pre + suffix), n_in)
         if not is_moe:
             continue
         prefix = next((p for p in arch.moe_prefixes if f"{pre}{p}.gate.weight" in keys), None)
@@ -203,22 +327,16 @@ def load_layers(reader: TensorReader, asm: Assembler, m: ModelConfig, arch: Arch
                 f"{pre}{arch.moe_prefixes[0]}.gate.weight."
             )
         p = f"{pre}{prefix}"
-        asm.put_linear(
-            stack, "moe/router/kernel", idx, take(f"{p}.gate.weight"), 1, f"{p}.gate.weight"
-        )
+        asm.put_linear(stack, "moe/router/kernel", idx, take(f"{p}.gate.weight"), 1)
         _load_experts(keys, take, asm, f"params/{stack}/moe/experts", idx, p, arch)
         if arch.shared_prefix:
             for suffix, path, n_in in _shared_rows(arch):
-                asm.put_linear(stack, path, idx, take(pre + suffix), n_in, pre + suffix)
+                asm.put_linear(stack, path, idx, take(pre + suffix), n_in)
         for suffix, path, n_in in arch.extra_moe_rows:
-            asm.put_linear(stack, path, idx, take(pre + suffix), n_in, pre + suffix)
+            asm.put_linear(stack, path, idx, take(pre + suffix), n_in)
         if arch.router_bias and pre + arch.router_bias in keys:
-            asm.put(
-                f"router_bias/{stack}/moe/router/bias",
-                idx,
-                take(pre + arch.router_bias),
-                pre + arch.router_bias,
-            )
+            key = f"router_bias/{stack}/moe/router/bias"
+            asm.put_tensor(key, idx, take(pre + arch.router_bias), 0)
     return used
 
 
@@ -226,23 +344,20 @@ def _shared_rows(arch: Architecture):
     return shared_rows(arch.shared_prefix)
 
 
-def _load_experts(keys, take, asm: Assembler, base: str, idx, p: str, arch: Architecture):
+def _load_experts(keys, take, asm: ShardPlan, base: str, idx, p: str, arch: Architecture):
     if f"{p}.experts.gate_up_proj" in keys:  # transformers 5.x fused layout
-        gate_up = take(f"{p}.experts.gate_up_proj")  # [E, 2I, d]
-        inter = gate_up.shape[1] // 2
-        down = take(f"{p}.experts.down_proj")  # [E, d, I]
-        src = f"{p}.experts.gate_up_proj"
-        asm.put(f"{base}/w_gate", idx, gate_up[:, :inter].transpose(0, 2, 1), src)
-        asm.put(f"{base}/w_up", idx, gate_up[:, inter:].transpose(0, 2, 1), src)
-        asm.put(f"{base}/w_down", idx, down.transpose(0, 2, 1), f"{p}.experts.down_proj")
+        # gate_up_proj [E, 2I, d], down_proj [E, d, I]
+        asm.put_fused_experts(
+            base, idx, take(f"{p}.experts.gate_up_proj"), take(f"{p}.experts.down_proj")
+        )
         return
-    num = asm.arrays[f"{base}/w_gate"].shape[len(idx)]
+    num = asm.shapes[f"{base}/w_gate"][len(idx)]
     for name, hf_name in zip(("w_gate", "w_up", "w_down"), arch.legacy_expert):
         names = [f"{p}.experts.{e}.{hf_name}.weight" for e in range(num)]
         absent = [n for n in names if n not in keys]
         if absent:
             raise ConfigError(f"checkpoint has neither {p}.experts.gate_up_proj nor {absent[0]}.")
-        asm.put(f"{base}/{name}", idx, np.stack([take(n).T for n in names]), names[0])
+        asm.put_expert_list(f"{base}/{name}", idx, [take(n) for n in names])
 
 
 def export_layers(

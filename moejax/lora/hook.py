@@ -17,6 +17,7 @@ from moejax.lora.config import LoRAConfig
 from moejax.lora.method import LoRAMethod
 from moejax.lora.methods import method_of
 from moejax.lora.targets import ADAPTER_PREFIX, is_adapter_path, is_target
+from moejax.lora.weights import ExpertLoRAWeights, lora_scale
 from moejax.nn.adapter_hook import AdapterHook
 
 
@@ -41,6 +42,24 @@ class LoRAHook(AdapterHook):
         )
         delta = adapter(x, context)
         return delta.reshape(delta.shape[:-1] + tuple(out_shape))
+
+    def expert_lora(self, module, shapes, param_dtype):
+        """Plain LoRA on the routed experts' weights (`experts.w_gate|w_up|w_down`): child
+        `lora_<name>` with `a[E, d_in, r]`, `b[E, r, d_out]` split like the experts."""
+        out = {}
+        for name, (e, d_in, d_out) in shapes.items():
+            if is_target(self.cfg, module.name, name):
+                a, b = ExpertLoRAWeights(
+                    e,
+                    self.cfg.rank,
+                    d_in,
+                    d_out,
+                    param_dtype,
+                    routed=True,
+                    name=ADAPTER_PREFIX + name,
+                )()
+                out[name] = (a, b, lora_scale(self.cfg))
+        return out
 
     def replace_mlp(self, module, x, weights, context, dtype):
         return self.method.replace_mlp(module, self.cfg, x, weights, context, dtype)

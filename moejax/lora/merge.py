@@ -4,7 +4,9 @@
 
 `W` is the projection reshaped to its flattened `[d_in, d_out]` (the adapter contract of
 `moejax.lora.adapter`: `attn.wq[d, H, D]` has d_out = H * D in (head, dim) order, `attn.wo
-[H, D, d]` has d_in = H * D), with any leading layer axes of the scanned layout kept. The
+[H, D, d]` has d_in = H * D), with any leading layer axes of the scanned layout kept. LoRA
+on the routed experts (`experts/lora_<w>`: `a[E, d_in, r]`, `b[E, r, d_out]`, one pair per
+expert) folds into each expert: `W_e' = W_e + s A_e B_e`. The
 merged params have exactly the base names and shapes, so `Transformer(model, moe)` without
 adapters computes what the adapted model computes, at the base's cost.
 
@@ -60,6 +62,12 @@ def merge(params: Any, cfg: LoRAConfig) -> dict:
             )
         w = flat[parent + (name,)]
         a, b = flat[key], flat[key[:-1] + ("b",)]
+        if parent and parent[-1] == "experts":  # routed experts: one (A_e, B_e) per expert
+            delta = jnp.einsum(
+                "...eir,...ero->...eio", a.astype(jnp.float32), b.astype(jnp.float32)
+            )
+            out[parent + (name,)] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+            continue
         lead = a.shape[:-3]  # scanned layer axes
         if a.shape[-3] != 1:
             raise ConfigError(

@@ -19,6 +19,9 @@ from moejax.lora.config import LoRAConfig
 
 AXES_A = ("lora_experts", "lora_in", "lora_rank")
 AXES_B = ("lora_experts", "lora_rank", "lora_out")
+# LoRA on the routed experts: split along the experts' own `expert` axis, like their weights.
+ROUTED_AXES_A = ("expert", "lora_in", "lora_rank")
+ROUTED_AXES_B = ("expert", "lora_rank", "lora_out")
 
 
 def lora_scale(cfg: LoRAConfig) -> float:
@@ -51,16 +54,14 @@ def sparse_random_a(key, shape, density: float, dtype=jnp.float32):
     return jnp.where(mask, values, 0.0).astype(dtype).transpose(0, 2, 1)
 
 
-def trainable_a(module: nn.Module, shape, param_dtype) -> jax.Array:
+def trainable_a(module: nn.Module, shape, param_dtype, axes=AXES_A) -> jax.Array:
     """The parameter `a` (uniform fan-in init) of an adapter module."""
-    return module.param(
-        "a", nn.with_logical_partitioning(uniform_fan_in, AXES_A), shape, param_dtype
-    )
+    return module.param("a", nn.with_logical_partitioning(uniform_fan_in, axes), shape, param_dtype)
 
 
-def zero_b(module: nn.Module, shape, param_dtype) -> jax.Array:
+def zero_b(module: nn.Module, shape, param_dtype, axes=AXES_B) -> jax.Array:
     """The parameter `b` (zeros) of an adapter module."""
-    init = nn.with_logical_partitioning(nn.initializers.zeros, AXES_B)
+    init = nn.with_logical_partitioning(nn.initializers.zeros, axes)
     return module.param("b", init, shape, param_dtype)
 
 
@@ -73,8 +74,13 @@ class ExpertLoRAWeights(nn.Module):
     d_in: int
     d_out: int
     param_dtype: str = "float32"
+    routed: bool = False  # LoRA on routed experts: the expert axis is the experts' `expert`
 
     @nn.compact
     def __call__(self):
         e, r, pdt = self.num_experts, self.rank, jnp.dtype(self.param_dtype)
-        return trainable_a(self, (e, self.d_in, r), pdt), zero_b(self, (e, r, self.d_out), pdt)
+        axes_a, axes_b = (ROUTED_AXES_A, ROUTED_AXES_B) if self.routed else (AXES_A, AXES_B)
+        return (
+            trainable_a(self, (e, self.d_in, r), pdt, axes_a),
+            zero_b(self, (e, r, self.d_out), pdt, axes_b),
+        )

@@ -5,6 +5,9 @@ GQA (Ainslie et al., 2023): `num_kv_heads` key/value heads shared by groups of
 `num_heads / num_kv_heads` query heads. With sequence packing, a token attends only to
 earlier tokens of its own segment (`segment_ids` equal); positions restart per segment.
 `attention_bias` adds biases to the q/k/v projections (Qwen2, Qwen2-MoE; not to the output).
+`qk_norm` RMS-normalises queries and keys before RoPE: per head (`head`, Qwen3-MoE; modules
+`q_norm`/`k_norm` with scales `[head_dim]`) or over the whole projection (`full`, OLMoE;
+scales `[num_heads * head_dim]`, `[num_kv_heads * head_dim]`).
 
 Decoding (`decode=True`): the module keeps a `cache` collection (keys and values
 `[B, S_max, K, D]` and the number of filled slots, `index`). A call writes its L tokens to
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 from moejax.models.attention_kernels import attention_mask, causal_attention
 from moejax.models.config import ModelConfig
 from moejax.nn.adapter_hook import AdapterContext, AdapterHook, add_delta, projection_delta
+from moejax.nn.norm import RMSNorm
 from moejax.nn.params import dtype_of, logical_param
 from moejax.nn.projection import project
 from moejax.nn.rotary import rotary_embedding
@@ -63,6 +67,17 @@ def cached(module: nn.Module, entries: dict[str, jax.Array]):
     query = start + jnp.arange(length)
     mask = jnp.arange(size)[None, :] <= query[:, None]
     return full, mask[None, None]
+
+
+def _qk_norm(cfg: ModelConfig, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Queries `[B, L, H, D]` and keys `[B, L, K, D]` RMS-normalised per head (`head`) or over
+    all their heads (`full`); must be called inside the attention's compact method."""
+    norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    if cfg.qk_norm == "head":
+        return RMSNorm(**norm, name="q_norm")(q), RMSNorm(**norm, name="k_norm")(k)
+    q_n = RMSNorm(**norm, name="q_norm")(q.reshape(q.shape[:2] + (-1,)))
+    k_n = RMSNorm(**norm, name="k_norm")(k.reshape(k.shape[:2] + (-1,)))
+    return q_n.reshape(q.shape), k_n.reshape(k.shape)
 
 
 class Attention(nn.Module):
@@ -117,6 +132,8 @@ class Attention(nn.Module):
             q = q + self.param("bq", init, (h, hd), pdt).astype(dt)
             k = k + self.param("bk", init, (kvh, hd), pdt).astype(dt)
             v = v + self.param("bv", init, (kvh, hd), pdt).astype(dt)
+        if cfg.qk_norm != "none":
+            q, k = _qk_norm(cfg, q, k)
         q = rotary_embedding(q, positions_BxL, cfg.rope_theta)
         k = rotary_embedding(k, positions_BxL, cfg.rope_theta)
         mask = None

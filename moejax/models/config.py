@@ -10,6 +10,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("gqa", "mla")
 ATTENTION_IMPLS = ("auto", "xla", "flash")  # moejax.models.attention_kernels
+QK_NORMS = ("none", "head", "full")  # gqa: RMSNorm of queries and keys before RoPE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,11 @@ class ModelConfig:
     latent, per-head query/key dims `qk_nope_head_dim + qk_rope_head_dim` (the rotary part of
     the key is one head shared by all heads), value dim `v_head_dim`; `num_kv_heads` and
     `head_dim` are unused there.
+
+    `qk_norm` (gqa) RMS-normalises queries and keys after their projections, before RoPE:
+    `head` over each head's `head_dim` with one scale `[head_dim]` shared by the heads
+    (Qwen3, Qwen3-MoE), `full` over the whole projection, scales `[num_heads * head_dim]`
+    and `[num_kv_heads * head_dim]` (OLMoE); eps is `norm_eps`.
 
     `attention_impl` picks how training and prefill attention is computed
     (`moejax.models.attention_kernels`): `xla` materialises the [B, H, L, L] scores;
@@ -48,6 +54,7 @@ class ModelConfig:
     attention: str = "gqa"  # one of ATTENTIONS
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS
     attention_bias: bool = False  # gqa: biases on the q/k/v projections (Qwen2)
+    qk_norm: str = "none"  # gqa: one of QK_NORMS (Qwen3-MoE: head; OLMoE: full)
     q_lora_rank: int = 0  # mla: query compression rank; 0 = no compression (DeepSeek-V2-Lite)
     kv_lora_rank: int = 0  # mla: rank of the compressed key/value latent (what is cached)
     qk_nope_head_dim: int = 0  # mla: per-head query/key dims without rotary embedding

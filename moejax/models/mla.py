@@ -38,6 +38,10 @@ from moejax.nn.projection import project
 from moejax.nn.rotary import rotary_embedding
 
 LATENT_NORM_EPS = 1e-6
+# The logical axis of the compressed latents (q_lora_rank, kv_lora_rank + the rotary key):
+# not a head dimension, so not `kv`, which the per-head factor of the same weight names (a
+# parameter cannot name one logical axis twice; replicated by DEFAULT_RULES).
+LATENT = "latent"
 
 
 class MLAttention(nn.Module):
@@ -63,9 +67,9 @@ class MLAttention(nn.Module):
         x = x_BxLxD.astype(dt)
 
         if rq:
-            wq_a = logical_param(self, "wq_a", (d, rq), ("embed", "kv"), std, pdt)
+            wq_a = logical_param(self, "wq_a", (d, rq), ("embed", LATENT), std, pdt)
             wq_b = logical_param(
-                self, "wq_b", (rq, h, nope + rope), ("kv", "heads", "kv"), std, pdt
+                self, "wq_b", (rq, h, nope + rope), (LATENT, "heads", "kv"), std, pdt
             )
             q_latent = RMSNorm(**norm, name="q_norm")(project(x, wq_a.astype(dt)))
             q = project(q_latent, wq_b.astype(dt))
@@ -76,7 +80,7 @@ class MLAttention(nn.Module):
             [q[..., :nope], rotary_embedding(q[..., nope:], positions_BxL, cfg.rope_theta)], -1
         )
 
-        wkv_a = logical_param(self, "wkv_a", (d, rkv + rope), ("embed", "kv"), std, pdt)
+        wkv_a = logical_param(self, "wkv_a", (d, rkv + rope), ("embed", LATENT), std, pdt)
         kv = project(x, wkv_a.astype(dt))
         latent = RMSNorm(**norm, name="kv_norm")(kv[..., :rkv])
         k_rope = rotary_embedding(kv[..., None, rkv:], positions_BxL, cfg.rope_theta)[:, :, 0]
@@ -89,7 +93,7 @@ class MLAttention(nn.Module):
         if mask is None and kernel == "xla":
             mask = attention_mask(segment_ids_BxL)
 
-        wkv_b = logical_param(self, "wkv_b", (rkv, h, nope + dv), ("kv", "heads", "kv"), std, pdt)
+        wkv_b = logical_param(self, "wkv_b", (rkv, h, nope + dv), (LATENT, "heads", "kv"), std, pdt)
         kv_h = project(latent, wkv_b.astype(dt))
         k_nope, v = kv_h[..., :nope], kv_h[..., nope:]
         if kernel != "xla":  # blockwise: per-head keys, the rotary part shared by all heads

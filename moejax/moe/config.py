@@ -76,6 +76,9 @@ class MoEConfig:
     # (ragged on GPU/TPU, padded on CPU, which cannot lower ragged_all_to_all)
     ep_exchange: str = "auto"
     fssdp_slots: int = 1  # fssdp: replica slots per device for hot experts (0 = plain EP)
+    # fssdp: the most replicas one owner sends per step (0 = 2 * fssdp_slots): the static
+    # send / gradient-receive buffer of the sparse all-gather, so its traffic has no P term
+    fssdp_max_sends: int = 0
     fssdp_remat: bool = False  # fssdp: gather the replicas again in the backward pass
     gmm_impl: str = "auto"  # grouped matmul: auto|tile_loop|ragged_dot|pallas
     gmm_tile: int = 256  # rows per tile of the tile_loop grouped matmul

@@ -10,13 +10,24 @@ split over the batch axes (data, fsdp, expert). On each device, inside `jax.shar
    device, filled greedily from this step's loads (not a sliding-window prediction: the
    current loads are exact and cost one [P, E] all_gather); the holders of each expert split
    its assignments by global rank, so holders get equal shares;
-3. SparseAllGather (FSSDP only): the owners send the replicated experts' weights to the slot
-   holders as an all_to_all of slot buffers [P, S, ...]: device o fills entry (p, s) with its
-   expert in p's slot s, zeros otherwise, and the receiver sums over sources. Each device
-   sends and receives P*S expert weight sets, S of them non-zero: the volume grows with the
-   slots, not with E (an FSDP all-gather moves all E). Under `jax.grad` the transpose of this
-   all_to_all is an all_to_all of the replicas' gradients back to their owners, summed there:
-   the SparseReduceScatter;
+3. SparseAllGather (FSSDP only), by `moe.ep_exchange` like the tokens:
+   - "ragged" (GPU/TPU; Hecate's spAG): one `jax.lax.ragged_all_to_all` moves only the
+     filled slots. Each owner packs the experts it sends into a send buffer of R rows
+     (R = `moe.fssdp_max_sends`, which the placement respects), ordered by (receiver,
+     slot); receiver r's slots are sorted by expert, so owner o's share of them is one
+     contiguous chunk, written at its first slot. Compiled bounds per device and weight:
+     S rows received (the output), R rows in the send buffer; no term in P. Under
+     `jax.grad` JAX's transpose is the SparseReduceScatter: a ragged_all_to_all of the
+     slots' gradients back into each owner's R-row buffer (distinct rows per (receiver,
+     slot), so nothing overwrites), then the gather's transpose sums them into the owner's
+     experts;
+   - "padded" (CPU, which has no ragged lowering): an all_to_all of slot buffers [P, S,
+     ...]: device o fills entry (p, s) with its expert in p's slot s, zeros otherwise, and
+     the receiver sums over sources. Each device sends and receives P*S expert weight
+     sets, S of them non-zero; the transpose all_to_alls the replicas' gradients back.
+   A schedule of `collective_permute`s is not used: the placement is decided inside the
+   step, so a static schedule must reserve S slots on every (owner, receiver) pair of every
+   round, (P-1) S sets per device, the padded volume again;
 4. token exchange: each device packs its assignments into per-destination buffers of B rows
    [P, B, d] (sorted by destination, then by the destination's local group) and all_to_alls
    them with their group ids. B = T_local * k by default, the bound that never overflows
@@ -42,11 +53,13 @@ FSSDP `replica_slots_used` (fraction of the slots filled).
 `moe.fssdp_remat`: the gather and the local expert compute run under `jax.checkpoint`, so
 the gathered replicas are not kept for the backward pass; backward gathers them again.
 
-Left out (Hecate's other parts): heterogeneous sharding (devices owning 0..E experts,
+Left out (Hecate's other part): heterogeneous sharding (devices owning 0..E experts,
 re-sharded every N steps) would make the parameter and optimizer-state layout change between
 steps; under jit's static shapes and the optimizer's fixed sharding it needs a re-layout of
 the train state outside the step (a resharding device_put) and padded per-device expert
-buffers, so owners stay the fixed E/P split of the `expert` axis here.
+buffers, so owners stay the fixed E/P split of the `expert` axis here. The placement takes
+any owner layout (`greedy_placement(..., owner=)`), and `experiments/fssdp_sim.py` models
+the re-sharded layout's step time.
 
 Expert weights enter the shard_map split only along `expert` (`P("expert")`): shards of their
 other dimensions (`embed` over fsdp, `mlp` over tensor) are all-gathered at the boundary, FSDP
@@ -74,7 +87,7 @@ from moejax.moe.experts import ExpertFn
 from moejax.moe.grouped_matmul import gmm
 from moejax.moe.one_hot import count_ids
 from moejax.moe.permute import permute, sort_by_expert, unpermute
-from moejax.moe.placement import greedy_placement, holders, owners, replica_slot
+from moejax.moe.placement import greedy_placement, holders, owners, replica_slot, slot_chunks
 from moejax.moe.routing import Routing
 from pallas_kernels.backend import platform, shard_map_checks_vma
 from pallas_kernels.manual_axes import vary_like, varying_axes
@@ -150,7 +163,8 @@ def buffer_rows(tokens: int, k: int, devices: int, capacity_factor: float) -> in
 
 
 def _sparse_all_gather(weights: Any, slot_expert: jax.Array, grp: _Group, e_local: int):
-    """Replica weights [S, ...] of this device's slots, from their owners (see docstring)."""
+    """Replica weights [S, ...] of this device's slots, from their owners: the padded
+    all_to_all (see the module docstring)."""
     me = grp.index()
     local = slot_expert - me * e_local  # [P, S]: index among my experts of each slot's expert
     mine = (slot_expert >= 0) & (local >= 0) & (local < e_local)
@@ -163,10 +177,60 @@ def _sparse_all_gather(weights: Any, slot_expert: jax.Array, grp: _Group, e_loca
     return jax.tree.map(one, weights)
 
 
-def _local_compute(weights, slot_expert, rows, sizes, order, inverse, fn, grp, slots, mm_kw):
+def _sparse_all_gather_ragged(
+    weights: Any, slot_expert: jax.Array, grp: _Group, e_local: int, max_sends: int
+):
+    """Replica weights [S, ...] with one ragged_all_to_all per weight that moves only the
+    filled slots (see the module docstring); empty slots are zeros."""
+    p, s = slot_expert.shape
+    me = grp.index()
+    sends, first = slot_chunks(slot_expert, p * e_local)  # [P owners, P recv], [P recv, P own]
+    mine = sends[me]  # rows I send each receiver
+    in_off = jnp.cumsum(mine) - mine  # where each receiver's chunk starts in my send buffer
+    # Row of my send buffer for each receiver slot (r, s) that I fill; R (dropped) otherwise.
+    local = slot_expert - me * e_local
+    is_mine = (slot_expert >= 0) & (local >= 0) & (local < e_local)
+    row = in_off[:, None] + jnp.arange(s)[None] - first[:, me][:, None]
+    row = jnp.where(is_mine, row, max_sends)
+    send_idx = (
+        jnp.zeros((max_sends,), jnp.int32)
+        .at[row.reshape(-1)]
+        .set(jnp.clip(local, 0, e_local - 1).reshape(-1), mode="drop")
+    )
+
+    def one(w):
+        send = w[send_idx]  # [R, ...]: rows past sum(mine) are never sent
+        out, in_off_, sizes, out_off, recv = (
+            vary_like(a, send)
+            for a in (
+                jnp.zeros((s,) + w.shape[1:], w.dtype),
+                in_off,
+                mine,
+                first[:, me],
+                sends[:, me],
+            )
+        )
+        return jax.lax.ragged_all_to_all(
+            send, out, in_off_, sizes, out_off, recv, axis_name=grp.axis
+        )
+
+    return jax.tree.map(one, weights)
+
+
+def max_sends(cfg: MoEConfig, devices: int, slots: int) -> int:
+    """R: the most replicas one owner sends per step (`moe.fssdp_max_sends`, 0 = 2 S),
+    at most the (P - 1) S slots of the other devices."""
+    r = cfg.fssdp_max_sends or 2 * slots
+    return max(1, min(r, (devices - 1) * slots))
+
+
+def _local_compute(weights, slot_expert, rows, sizes, order, inverse, fn, grp, slots, mm_kw, sends):
     """Runs [own experts; replica slots] on the received rows (sorted by group inside)."""
     e_local = jax.tree.leaves(weights)[0].shape[0]
-    if slots:
+    if slots and grp.ragged:
+        replicas = _sparse_all_gather_ragged(weights, slot_expert, grp, e_local, sends)
+        weights = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), weights, replicas)
+    elif slots:
         replicas = _sparse_all_gather(weights, slot_expert, grp, e_local)
         weights = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), weights, replicas)
     x_sorted = permute(rows, order, inverse, 1)
@@ -193,7 +257,8 @@ def _plan(
     load = jnp.sum(counts_all, axis=0)
 
     # 2. Placement and each assignment's destination (device, local group).
-    slot_expert = greedy_placement(load, p, slots)  # [P, S]
+    sends = max_sends(cfg, p, slots)
+    slot_expert = greedy_placement(load, p, slots, sends)  # [P, S]
     holder_order, num_holders = holders(slot_expert, e)
     prefix = jnp.cumsum(counts_all, axis=0) - counts_all  # assignments on earlier devices
     starts_e = jnp.cumsum(counts) - counts
@@ -230,8 +295,10 @@ def _plan(
     order_r, inverse_r, sizes = sort_by_expert(gids[:, None], g, gids[:, None] < g)
     compute = _local_compute
     if cfg.fssdp_remat and slots:
-        compute = jax.checkpoint(_local_compute, static_argnums=(6, 7, 8, 9))
-    out = compute(weights, slot_expert, rows, sizes, order_r, inverse_r, fn, grp, slots, mm_kw)
+        compute = jax.checkpoint(_local_compute, static_argnums=(6, 7, 8, 9, 10))
+    out = compute(
+        weights, slot_expert, rows, sizes, order_r, inverse_r, fn, grp, slots, mm_kw, sends
+    )
     back = grp.exchange(out.reshape(p, b, -1), grp.all_to_all(sent))  # [P, B, d_out]
 
     # Gather each assignment's output and combine.

@@ -6,6 +6,13 @@ plan lays tokens out its own way (`[E, T, d]` broadcast, `[E, C, d]` capacity bu
 `[M, d]` expert-sorted rows) and brings the matching `mm`; the expert math is written once.
 LoRA experts (`moejax.lora`) provide the same kind of function.
 
+LoRA on the routed experts themselves (`adapters.expert_lora`, targets `experts.w_gate|
+w_up|w_down`): each expert e of an adapted weight W gets its own `A_e [d_in, r]`,
+`B_e [r, d_out]` and computes `x W_e + s (x A_e) B_e`, the low-rank path running through the
+dispatcher's own grouped matmul on the same rows (`mm(mm(x, A), B)`), so its cost grows with
+the routed rows (tokens x k), not with E, and every dispatcher, expert parallelism included,
+splits it with the experts (the factors are `[E, ...]` leaves of the `ExpertFn`'s weights).
+
 An `ExpertFn` keeps its weights apart from its math (`fn(weights, x_plan, mm)`, every weight
 leaf stacked `[E, ...]` along axis 0) so sharded dispatchers (`expert_parallel`, `fssdp`) can
 pass them into `shard_map` with their own specs and call `fn` on their local experts.
@@ -20,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.nn.adapter_hook import AdapterHook
 from moejax.nn.params import dtype_of, logical_param
 
 MatmulFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -41,16 +49,32 @@ class ExpertFn:
 
 
 def swiglu_expert_fn(
-    w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, dtype=jnp.float32
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    dtype=jnp.float32,
+    lora: dict[str, tuple[jax.Array, jax.Array, float]] | None = None,
 ) -> ExpertFn:
-    """SwiGLU over a dispatch plan: silu(mm(x, W_gate)) * mm(x, W_up), then mm(., W_down)."""
+    """SwiGLU over a dispatch plan: silu(mm(x, W_gate)) * mm(x, W_up), then mm(., W_down);
+    `lora[name] = (a[E, d_in, r], b[E, r, d_out], s)` adds `s mm(mm(x, a), b)` to that
+    projection (module docstring)."""
+    lora = lora or {}
+    scales = {name: s for name, (_, _, s) in lora.items()}
 
     def fn(w, x: jax.Array, mm: MatmulFn) -> jax.Array:
-        x = x.astype(dtype)
-        h = nn.silu(mm(x, w["w_gate"].astype(dtype))) * mm(x, w["w_up"].astype(dtype))
-        return mm(h, w["w_down"].astype(dtype))
+        def proj(name, inputs):
+            y = mm(inputs, w[name].astype(dtype))
+            if name in scales:
+                a, b = w[f"lora_{name}"]
+                y = y + scales[name] * mm(mm(inputs, a.astype(dtype)), b.astype(dtype))
+            return y
 
-    return ExpertFn(fn, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
+        x = x.astype(dtype)
+        return proj("w_down", nn.silu(proj("w_gate", x)) * proj("w_up", x))
+
+    weights = {"w_gate": w_gate, "w_up": w_up, "w_down": w_down}
+    weights.update({f"lora_{name}": (a, b) for name, (a, b, _) in lora.items()})
+    return ExpertFn(fn, weights)
 
 
 class RoutedExperts(nn.Module):
@@ -61,6 +85,7 @@ class RoutedExperts(nn.Module):
     out_std: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    adapters: AdapterHook | None = None  # LoRA on the experts (`AdapterHook.expert_lora`)
 
     @nn.compact
     def __call__(self) -> ExpertFn:
@@ -75,4 +100,8 @@ class RoutedExperts(nn.Module):
         w_down = logical_param(
             self, "w_down", (e, f, d), ("expert", "mlp", "embed"), self.out_std, pdt
         )
-        return swiglu_expert_fn(w_gate, w_up, w_down, dtype_of(self.dtype))
+        lora = None
+        if self.adapters is not None:
+            shapes = {"w_gate": (e, d, f), "w_up": (e, d, f), "w_down": (e, f, d)}
+            lora = self.adapters.expert_lora(self, shapes, self.param_dtype)
+        return swiglu_expert_fn(w_gate, w_up, w_down, dtype_of(self.dtype), lora)

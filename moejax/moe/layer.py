@@ -57,7 +57,8 @@ class MoELayer(nn.Module):
     # The model section (`moejax.models.config.ModelConfig`): its init_std, num_layers, dtype
     # and param_dtype, read by attribute so that moe/ does not import models/.
     model: Any
-    adapters: AdapterHook | None = None  # adapters on the shared experts ("shared.*")
+    # adapters on the shared experts ("shared.*") and the routed ones ("experts.*")
+    adapters: AdapterHook | None = None
 
     @nn.compact
     def __call__(
@@ -84,6 +85,7 @@ class MoELayer(nn.Module):
             out_std,
             m.dtype,
             m.param_dtype,
+            self.adapters,
             name="experts",
         )()
         y, dispatch_metrics = dispatch(x, routing, expert_fn, cfg)

@@ -10,7 +10,12 @@ chosen ids and weights, for the rules here and LoRA's DynMoLE rule.
 
 - `softmax_topk`: GShard (Lepikhin et al., 2020), Switch (Fedus et al., 2021), Mixtral (Jiang
   et al., 2024). p = softmax(logits); the k largest p_i; with `renormalize` divided by their
-  sum (Mixtral), otherwise the raw probabilities (GShard, DeepSeekMoE).
+  sum (Mixtral), otherwise the raw probabilities (GShard, DeepSeekMoE); then multiplied by
+  `routed_scaling_factor`. With `n_group` > 1 it is DeepSeek-V2's `group_limited_greedy`
+  (Liu et al., 2024, arXiv 2405.04434, section 2.1.2 device-limited routing; transformers'
+  DeepseekV2TopkRouter): the experts form groups of E / n_group, a group scores the largest
+  p in it, and only the `topk_group` best groups' experts stay selectable (the others' p
+  become 0 or -inf, `group_mask`); the weights are the p of the chosen experts.
 - `top_p`: dynamic routing, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models"
   (Huang et al., 2024, eq. 3-4; reference code ZhenweiAn/Dynamic_MoE). Each token takes the
   fewest experts, in decreasing probability, whose probabilities sum to at least `top_p`;
@@ -136,10 +141,17 @@ def softmax_topk(
 ) -> Routing:
     _no_bias(bias, "softmax_topk")
     probs = jax.nn.softmax(logits, axis=-1)
-    ids = jax.lax.top_k(jax.lax.stop_gradient(probs), cfg.top_k)[1]
+    choice = jax.lax.stop_gradient(probs)
+    if cfg.n_group > 1:  # DeepSeek-V2's group_limited_greedy: a group scores its best expert
+        choice = limit_groups(
+            choice, cfg.n_group, cfg.topk_group, GROUP_MASK_FILL[cfg.group_mask], per_group=1
+        )
+    ids = jax.lax.top_k(choice, cfg.top_k)[1]
     weights = take_experts(probs, ids)  # top_k's own gradient is a scatter
     if cfg.renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    if cfg.routed_scaling_factor != 1.0:
+        weights = weights * cfg.routed_scaling_factor
     return finish_routing(cfg, logits, probs, ids, weights, mask, seq_len)
 
 
@@ -154,13 +166,16 @@ def top_p(
     return finish_routing(cfg, logits, probs, ids, weights, mask, seq_len)
 
 
-def limit_groups(choice: jax.Array, n_group: int, topk_group: int, fill: float) -> jax.Array:
+def limit_groups(
+    choice: jax.Array, n_group: int, topk_group: int, fill: float, per_group: int = 2
+) -> jax.Array:
     """Group-limited routing: `choice[T, E]` with the experts outside each token's
     `topk_group` best groups set to `fill`. A group (E / n_group consecutive experts) scores
-    the sum of its two largest choice values (its one value when groups have one expert)."""
+    the sum of its `per_group` largest choice values (DeepSeek-V3: 2, or its one value when
+    groups have one expert; DeepSeek-V2: 1, its maximum)."""
     t, e = choice.shape
     grouped = choice.reshape(t, n_group, e // n_group)
-    group_scores = jnp.sum(jax.lax.top_k(grouped, min(2, e // n_group))[0], axis=-1)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, min(per_group, e // n_group))[0], axis=-1)
     _, best = jax.lax.top_k(group_scores, topk_group)  # [T, topk_group]
     keep = jnp.any(jax.nn.one_hot(best, n_group, dtype=jnp.bool_), axis=1)  # [T, n_group]
     return jnp.where(keep[:, :, None], grouped, fill).reshape(t, e)

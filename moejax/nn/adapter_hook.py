@@ -64,6 +64,16 @@ class AdapterHook:
         (weights `(w_gate, w_up, w_down)` already in the compute dtype), else None."""
         return None
 
+    def expert_lora(
+        self, module: nn.Module, shapes: dict[str, tuple[int, int, int]], param_dtype: str
+    ) -> dict[str, tuple[jax.Array, jax.Array, float]]:
+        """Low-rank updates of the routed experts' stacked weights `module.<name>`
+        (`shapes[name] = (E, d_in, d_out)`): `{name: (a[E, d_in, r], b[E, r, d_out], s)}` for
+        the adapted ones, each expert e computing `x W_e + s (x A_e) B_e` through the same
+        grouped matmul as its weight (`moejax.moe.experts`). Called in the experts' compact
+        method; `{}` (nothing adapted) by default."""
+        return {}
+
     def scalings(
         self, module: nn.Module, run: Callable[[Any], jax.Array], shape: tuple[int, int]
     ) -> jax.Array | None:

@@ -19,6 +19,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    ("latent", None),  # MLA's compressed query / key-value latents (moejax/models/mla.py)
     ("expert", "expert"),
     ("layers", None),
     ("period_layers", None),

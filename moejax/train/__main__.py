@@ -19,7 +19,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moejax.config_section import ConfigError
+from moejax.config.base import default_config
+from moejax.config_section import ConfigError, unknown_names
 from moejax.data import DataError
 from moejax.train.checkpoint import CheckpointError
 from moejax.train.distributed import initialize
@@ -64,9 +65,42 @@ flags.mark_flags_as_required(["config", "workdir"])
 _EXPLAINED = (ConfigError, DataError, CheckpointError, WorkdirError, NonFiniteError)
 
 
+def override_path_problem(argv: list[str]) -> str | None:
+    """The first `--config.a.b=...` override whose path leaves the config tree (a section
+    that does not exist, a field used as a section), as one line naming the valid names;
+    None when every path is fine. The last name of a path may be unknown here: renamed
+    fields are read by moejax.config.renames, and validate() names any other."""
+    tree = default_config().to_dict()
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        flag = arg.split("=", 1)[0]
+        parts = flag[len("--config.") :].split(".")
+        node, where = tree, "config"
+        for part in parts[:-1]:
+            if not isinstance(node, dict):
+                return f"{flag}: {where} is a field, not a section; set it as --{where}=VALUE"
+            if part not in node:
+                kind = "section" if where == "config" else "field"
+                return (
+                    f"{flag}: {where} has no {kind} {unknown_names([part], list(node))[1:-1]}; "
+                    f"valid {kind}s are {sorted(node)}"
+                )
+            node, where = node[part], f"{where}.{part}"
+        if not isinstance(node, dict):
+            return f"{flag}: {where} is a field, not a section; set it as --{where}=VALUE"
+    return None
+
+
+def _fail(message: str) -> None:
+    print(f"moejax: error: {message} (--helpshort lists the flags)", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad flag (a config file that raises for its `:arg`, a
-    missing --workdir) reported as one line and exit status 1, not a flags-parsing dump."""
+    missing --workdir, an override path that is not in the config) reported as one line and
+    exit status 1, not a flags-parsing dump or a traceback."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -74,9 +108,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         # A config file's own error is the last line of the traceback ml_collections quotes.
         problem = lines[-1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
         where = lines[0].split(": Error whilst parsing", 1)[0] if len(lines) > 1 else ""
-        shown = f"{where}: {problem}" if where and where != problem else problem
-        print(f"moejax: error: {shown} (--helpshort lists the flags)", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _fail(f"{where}: {problem}" if where and where != problem else problem)
+    except (KeyError, AttributeError) as e:  # ml_collections walking an override's path
+        _fail(override_path_problem(argv) or f"{type(e).__name__}: {e}")
 
 
 def main(argv):

@@ -27,6 +27,7 @@ BAD = [
     ("model.d_ff", 0, "model.d_ff=0 must be positive"),
     ("model.first_k_dense", 9, "model.first_k_dense=9 must be in [0, model.num_layers=4]"),
     ("model.moe_every", -1, "model.moe_every=-1 must be >= 0"),
+    ("model.qk_norm", "layer", "model.qk_norm='layer' must be one of"),
     ("model.rope_theta", 0.0, "model.rope_theta=0.0 must be positive"),
     ("model.norm_eps", -1e-6, "model.norm_eps=-1e-06 must be positive"),
     ("model.tie_embeddings", "yes", "config.model.tie_embeddings='yes' must be a bool"),
@@ -69,9 +70,9 @@ BAD = [
     ("moe.gru_shared", "yes", "config.moe.gru_shared='yes' must be a bool"),
     ("moe.gru_detach", 0, "config.moe.gru_detach=0 must be a bool"),
     ("moe.entropy_coef", -1e-4, "moe.entropy_coef=-0.0001 must be >= 0"),
-    ("moe.n_group", 4, "moe.n_group=4 only applies to the sigmoid_bias selection rule"),
-    ("moe.topk_group", 2, "moe.topk_group=2 only applies to the sigmoid_bias selection rule"),
-    ("moe.routed_scaling_factor", 2.5, "moe.routed_scaling_factor=2.5 only applies to"),
+    ("moe.n_group", 3, "moe.num_experts=16 is not divisible by moe.n_group=3"),
+    ("moe.topk_group", 2, "moe.topk_group=2 must be between 1 and moe.n_group=1"),
+    ("moe.routed_scaling_factor", 0.0, "moe.routed_scaling_factor=0.0 must be > 0"),
     ("moe.group_mask", "nan", "moe.group_mask='nan' must be one of ['neg_inf', 'zero']"),
     ("moe.bias_update_rate", -1e-3, "moe.bias_update_rate=-0.001 must be >= 0"),
     ("moe.seq_balance_coef", -1.0, "moe.seq_balance_coef=-1.0 must be >= 0"),
@@ -80,6 +81,7 @@ BAD = [
     ("moe.ep_capacity_factor", -1.0, "moe.ep_capacity_factor=-1.0 must be >= 0"),
     ("moe.ep_exchange", "nccl", "moe.ep_exchange='nccl' must be one of"),
     ("moe.fssdp_slots", -1, "moe.fssdp_slots=-1 must be >= 0"),
+    ("moe.fssdp_max_sends", -2, "moe.fssdp_max_sends=-2 must be >= 0"),
     ("moe.fssdp_remat", "yes", "config.moe.fssdp_remat='yes' must be a bool"),
     # data (checked by DataConfig itself)
     ("data.sources", "", "data.sources must not be empty"),
@@ -217,3 +219,30 @@ def test_every_config_runs_twenty_steps(name, arg):
     with pytest.warns(ConfigAdjustedWarning):
         s = validate(config, num_devices=1, num_processes=1)
     assert (s.train.steps, s.train.warmup_steps) == (20, 20)
+
+
+@pytest.mark.parametrize(
+    "name, arg",
+    [
+        ("deepseekmoe", "steps=20"),
+        ("gshard", "steps=20"),
+        ("dense", "steps=20"),
+        ("rmoe", "steps=20"),
+        ("top_p", "steps=20"),
+        ("deepseek_v3", "steps=20"),
+        ("lora", "smora,steps=20"),
+        ("mole_multitask", "stage=base,steps=20"),
+        ("mole_multitask", "variant=lora,steps=5"),
+    ],
+)
+def test_every_config_takes_a_short_typed_steps_argument(name, arg):
+    """The typed `:steps=N` form (issue 23 item 2: `mole_multitask.py:stage=base,steps=20`
+    was refused) warms up over at most N steps, with nothing left for validate to adjust."""
+    import warnings
+
+    config = load_config_module(name).get_config(arg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigAdjustedWarning)
+        s = validate(config, num_devices=1, num_processes=1)
+    steps = int(arg.rpartition("steps=")[2])
+    assert s.train.steps == steps and 0 < s.train.warmup_steps <= steps

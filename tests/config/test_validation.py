@@ -124,11 +124,18 @@ def test_unknown_fields_and_sections_are_named():
     config = default_config()
     config.unlock() if hasattr(config, "unlock") else None
     config.moe.topk = 2
-    with pytest.raises(ConfigError, match=r"config.moe has unknown field\(s\) \['topk'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config.moe has unknown field\(s\) \['topk' \(did you mean 'top_k'\?\)\]; "
+        r"valid fields are \[.*'top_k'",
+    ):
         validate(config, num_devices=1, num_processes=1)
     config = default_config()
     config.optim = {"lr": 1.0}
-    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['optim'\]"):
+    config.mo = {"top_k": 1}
+    with pytest.raises(
+        ConfigError, match=r"unknown section\(s\) \['mo' \(did you mean 'moe'\?\), 'optim'\]"
+    ):
         validate(config, num_devices=1, num_processes=1)
 
 

@@ -78,6 +78,72 @@ CONFIGS = {
             tie_word_embeddings=True,
         ),
     ),
+    # Qwen3-MoE: per-head q/k norm, head_dim != d_model / heads, layer 0 dense (mlp_only).
+    "qwen3_moe_qk_norm": (
+        "Qwen3MoeConfig",
+        dict(
+            SMALL,
+            head_dim=12,
+            intermediate_size=48,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+        ),
+    ),
+    # OLMoE: q/k norm over the whole projection (k over num_kv_heads * head_dim), raw top-k.
+    "olmoe_qk_norm_full": (
+        "OlmoeConfig",
+        dict(
+            SMALL,
+            intermediate_size=16,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+    ),
+    # DeepSeek-V2-Lite's shape: no q compression, greedy softmax top-k, shared experts, layer
+    # 0 dense ...
+    "deepseek_v2_lite_greedy": (
+        "DeepseekV2Config",
+        dict(
+            SMALL,
+            **MLA,
+            intermediate_size=48,
+            q_lora_rank=None,
+            first_k_dense_replace=1,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            n_shared_experts=2,
+            routed_scaling_factor=1.0,
+            topk_method="greedy",
+            n_group=4,  # ignored by greedy
+            topk_group=1,
+        ),
+    ),
+    # ... and DeepSeek-V2's group-limited greedy routing with a routed scaling factor.
+    "deepseek_v2_group_limited": (
+        "DeepseekV2Config",
+        dict(
+            SMALL,
+            **MLA,
+            intermediate_size=48,
+            q_lora_rank=16,
+            first_k_dense_replace=0,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            routed_scaling_factor=16.0,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+        ),
+    ),
     # DeepSeek-V3 with every layer dense: MLA alone (q compression, interleaved RoPE) ...
     "deepseek_v3_mla_qlora": (
         "DeepseekV3Config",
@@ -161,7 +227,15 @@ def moejax_logits(path, ids):
 IDS = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (2, 9))
 
 
-@pytest.fixture(scope="module", params=sorted(ALL))
+# Cases that repeat a cheaper one's code paths (olmoe: a q/k norm like qwen3's; v2-lite: the
+# V2 router without groups) run with `make test-slow`.
+SLOW = ("olmoe_qk_norm_full", "deepseek_v2_lite_greedy")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(ALL)],
+)
 def saved(request, tmp_path_factory):
     name = request.param
     model = build_hf(name)
@@ -261,7 +335,15 @@ def test_export_of_a_moejax_initialised_model(tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["mixtral_top2", "qwen2_moe_gate_norm_off", "deepseek_v3_mla_qlora", "deepseek_v3_moe_groups"],
+    [
+        "mixtral_top2",
+        "qwen2_moe_gate_norm_off",
+        "deepseek_v3_mla_qlora",
+        "deepseek_v3_moe_groups",
+        "qwen3_moe_qk_norm",
+        "deepseek_v2_group_limited",
+        pytest.param("olmoe_qk_norm_full", marks=pytest.mark.slow),
+    ],
 )
 def test_greedy_generate_matches_hf(name, tmp_path):
     model = build_hf(name, seed=4)
@@ -393,3 +475,27 @@ def test_convert_keeps_deepseek_v3_router_bias_in_the_train_state(tmp_path):
     got = np.asarray(jax.tree.leaves(restored.collections["router_bias"])[0])
     assert got.shape[0] == len(want) and np.abs(got).max() > 0
     np.testing.assert_array_equal(got, np.stack(want))
+
+
+def test_options_the_new_architectures_cannot_express_are_named(saved, tmp_path):
+    """DeepSeek-V2: norm_topk_prob / moe_layer_freq (transformers ignores them where
+    DeepSeek's code does not) and topk_method other than greedy / group_limited_greedy;
+    Qwen3-MoE: attention_bias (it biases o_proj too); OLMoE: clip_qkv."""
+    name, _, path = saved
+    bad = {
+        "deepseek_v2_group_limited": [
+            ({"norm_topk_prob": True}, "norm_topk_prob=True"),
+            ({"moe_layer_freq": 2}, "moe_layer_freq=2"),
+            ({"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+        ],
+        "qwen3_moe_qk_norm": [({"attention_bias": True}, "attention_bias=True")],
+        "olmoe_qk_norm_full": [({"clip_qkv": 8.0}, "clip_qkv=8.0")],
+    }.get(name)
+    if bad is None:
+        pytest.skip("covers the architectures added with qk_norm and DeepSeek-V2")
+    config = mhf.read_config(str(path))
+    (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
+    for change, message in bad:
+        _write(tmp_path, {**config, **change})
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            mhf.from_pretrained(str(tmp_path))

@@ -1,5 +1,7 @@
 """peft LoRA adapters both ways: transformers + peft and moejax give the same logits (float32,
-CPU, within 1e-4) for a random adapter on a tiny random Llama; unsupported options raise."""
+CPU, within 1e-4) for a random adapter on a tiny random Llama, and for LoRA on the routed
+experts (peft's `target_parameters` on transformers' fused experts) of tiny Qwen3-MoE,
+Mixtral and Qwen2-MoE; unsupported options raise."""
 
 import json
 
@@ -157,3 +159,107 @@ def test_hf_directory_as_the_base_of_an_adapter_run(base, tmp_path):
         r"model.num_kv_heads=4",
     ):
         load_base(lora, str(tmp_path), abstract["params"], None, other)
+
+
+# LoRA on routed experts: peft's target_parameters on transformers' fused experts.
+MOE = dict(LLAMA, num_experts_per_tok=2)
+MOE_BASES = {
+    "qwen3_moe": ("Qwen3MoeConfig", dict(MOE, num_experts=4, moe_intermediate_size=16)),
+    "mixtral": ("MixtralConfig", dict(MOE, num_local_experts=4, intermediate_size=16)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24),
+    ),
+}
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _moe_base(name, path):
+    config_cls, kwargs = MOE_BASES[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, config_cls)(**kwargs)
+    ).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 if p.ndim > 1 else 1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("qwen3_moe", EXPERT_PARAMS),
+        pytest.param("mixtral", EXPERT_PARAMS, marks=pytest.mark.slow),
+        pytest.param("qwen2_moe", EXPERT_PARAMS, marks=pytest.mark.slow),
+        pytest.param("qwen3_moe", EXPERT_PARAMS[1:], marks=pytest.mark.slow),
+    ],
+)
+def test_peft_expert_adapter_imports_with_the_same_logits(tmp_path, name, params):
+    base = _moe_base(name, tmp_path / "base")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=3,
+        init_lora_weights=False,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=params,
+    )
+    hf = peft.get_peft_model(_hf_base(base), config).eval()
+    with torch.no_grad():
+        for key, p in hf.named_parameters():
+            if "lora_" in key:
+                p.copy_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(tmp_path / "adapter")
+    want = _logits(hf)
+    model, variables = mhf.from_pretrained(str(base), adapter=str(tmp_path / "adapter"))
+    targets = set(model.adapters.cfg.targets.split(","))
+    assert targets == {"attn.wq", "attn.wv"} | (
+        {"experts.w_gate", "experts.w_up"} if len(params) == 2 else set()
+    ) | {"experts.w_down"}
+    got = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(IDS))[0])
+    assert np.abs(want - _logits(_hf_base(base))).max() > 0.1  # the adapter matters
+    err = np.abs(got - want).max()
+    print(f"{name} {params}: max |logits diff| = {err:.2e}")
+    assert err < TOL
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)],
+)
+def test_moejax_expert_adapter_exports_to_peft(tmp_path, name):
+    """Gate and up with their own A: peft gets one rank-2r gate_up adapter (and every other
+    adapter zero-padded to 2r) computing the same function."""
+    base = _moe_base(name, tmp_path / "base")
+    plain, variables = mhf.from_pretrained(str(base))
+    lora = LoRAConfig(method="lora", targets="attn.wq,experts.*", rank=2, alpha=5.0)
+    model = plain.clone(adapters=adapters_for(lora))
+    import flax.linen as nn
+
+    fresh = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.asarray(IDS)))["params"]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    adapters = jax.tree_util.tree_unflatten(
+        treedef,
+        [
+            0.3 * jax.random.normal(k, x.shape) if is_adapter_path(p) else None
+            for k, (p, x) in zip(keys, leaves)
+        ],
+    )
+    from moejax.nn.trees import join_trees, split_tree
+
+    params = join_trees(variables["params"], split_tree(adapters, is_adapter_path)[0])
+    want = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(IDS))[0])
+    config = mhf.save_adapter(model, {"params": params}, str(tmp_path / "adapter"))
+    assert config["r"] == 4 and config["lora_alpha"] == 10.0
+    assert config["target_parameters"] == sorted(EXPERT_PARAMS)
+    hf = peft.PeftModel.from_pretrained(_hf_base(base), str(tmp_path / "adapter")).eval()
+    err = np.abs(_logits(hf) - want).max()
+    print(f"{name}: max |peft - moejax| = {err:.2e}")
+    assert err < TOL
+    # And back: moejax reads its own export as the same function.
+    back, back_vars = mhf.from_pretrained(str(base), adapter=str(tmp_path / "adapter"))
+    got = np.asarray(jax.jit(back.apply)(back_vars, jnp.asarray(IDS))[0])
+    assert np.abs(got - want).max() < TOL

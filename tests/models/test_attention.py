@@ -124,3 +124,36 @@ def test_rmsnorm_matches_numpy():
     want = ref.rmsnorm(np.asarray(x, np.float64), np.asarray(scale, np.float64), 1e-6)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(nn.unbox(variables)["params"]["scale"], np.ones(16))
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 8])
+def test_mla_names_no_logical_axis_twice_and_each_has_a_rule(q_lora_rank):
+    """A parameter that names one logical axis twice cannot be sharded (flax refuses it:
+    "Dimensions ('kv',) occur more than once"), which stopped every converted DeepSeek-V3
+    from training; the latent dims have their own axis (tests/hf/test_convert_layouts.py
+    trains such checkpoints)."""
+    import dataclasses
+
+    from moejax.models.mla import MLAttention
+    from moejax.sharding.config import DEFAULT_RULES
+
+    cfg = dataclasses.replace(
+        CFG,
+        attention="mla",
+        num_kv_heads=4,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=4,
+    )
+    x, seg, pos = _inputs(0)
+    boxed = jax.eval_shape(MLAttention(cfg).init, jax.random.PRNGKey(0), x, seg, pos)["params"]
+    names = {k: v.names for k, v in boxed.items() if isinstance(v, nn.LogicallyPartitioned)}
+    assert {"wkv_a", "wkv_b", "wo"} <= set(names)
+    assert ("wq_a" in names) == bool(q_lora_rank)
+    rules = {name for name, _ in DEFAULT_RULES}
+    for key, axes in names.items():
+        assert len(set(axes)) == len(axes), (key, axes)
+        assert set(axes) <= rules, (key, axes)
+    assert names["wkv_b"] == ("latent", "heads", "kv")

@@ -1,5 +1,6 @@
 """`expert_parallel` and `fssdp` on a simulated 8-device pod (data=1, fsdp=2, expert=4):
-values and gradients equal `dense_reference` (also with the ragged exchange, run here on an
+values and gradients equal `dense_reference` (also with LoRA on the routed experts, and with
+the ragged exchange, run here on an
 emulation of `jax.lax.ragged_all_to_all`, which XLA:CPU cannot lower, and with the Pallas
 grouped matmul in interpret mode inside the shard_map; the `pallas` dispatcher and `ragged`
 with the Pallas matmul, each per token shard, are the slow cases); FSSDP evens out the
@@ -45,9 +46,15 @@ ids, w = jnp.asarray(ids), jnp.asarray(w)
 probe = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
 
 
+R = 3  # LoRA on the routed experts: p = base weights + (a, b) of w_gate and w_down
+lora_params = params + tuple(jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32)
+                             for s in [(E, D, R), (E, R, F), (E, F, R), (E, R, D)])
+
+
 def run(name, x, p, ids, w, **kw):
     cfg = MoEConfig(num_experts=E, top_k=K, d_expert=F, dispatcher=name, gmm_tile=4, **kw)
-    return dispatch(x, Routing(ids, w, {}, {}), swiglu_expert_fn(*p), cfg)
+    lora = {"w_gate": (p[3], p[4], 0.5), "w_down": (p[5], p[6], 0.5)} if len(p) > 3 else None
+    return dispatch(x, Routing(ids, w, {}, {}), swiglu_expert_fn(*p[:3], lora=lora), cfg)
 
 
 def value_and_grad(name, **kw):
@@ -89,17 +96,24 @@ jax.lax.ragged_all_to_all = emulated_ragged_all_to_all
 cases = {"expert_parallel": dict(name="expert_parallel"),
          "fssdp": dict(name="fssdp", fssdp_slots=2),
          "fssdp_remat": dict(name="fssdp", fssdp_slots=1, fssdp_remat=True),
-         "fssdp_ragged": dict(name="fssdp", fssdp_slots=2, ep_exchange="ragged"),
-         "ep_pallas": dict(name="expert_parallel", gmm_impl="pallas")}
+         "fssdp_ragged": dict(name="fssdp", fssdp_slots=2, fssdp_max_sends=3,
+                              ep_exchange="ragged"),
+         "ep_pallas": dict(name="expert_parallel", gmm_impl="pallas"),
+         "ep_expert_lora": dict(name="expert_parallel", lora=True),
+         "fssdp_expert_lora": dict(name="fssdp", fssdp_slots=2, lora=True)}
 only = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None  # {case: kwargs}: just those
 for case, kw in (only or cases).items():
     kw = dict(kw)
     name = kw.pop("name")
+    p, ref, gref = params, want, gwant
+    if kw.pop("lora", False):
+        p = lora_params
+        (_, (ref, _)), gref = value_and_grad("dense_reference")(x, p, w)
     with jax.set_mesh(mesh):
-        (_, (got, m)), g = value_and_grad(name, **kw)(x, params, w)
-    out[case] = {"y": max_err(got, want), "dx": max_err(g[0], gwant[0]),
-                 "dexperts": max_err(g[1], gwant[1]),
-                 "drouter": float(jnp.max(jnp.abs(jnp.where(used, g[2] - gwant[2], 0)))),
+        (_, (got, m)), g = value_and_grad(name, **kw)(x, p, w)
+    out[case] = {"y": max_err(got, ref), "dx": max_err(g[0], gref[0]),
+                 "dexperts": max_err(g[1], gref[1]),
+                 "drouter": float(jnp.max(jnp.abs(jnp.where(used, g[2] - gref[2], 0)))),
                  "metrics": {k: float(v) for k, v in m.items()}}
 if only:
     print("RESULT" + json.dumps(out))
@@ -175,9 +189,20 @@ def _check_matches_dense_reference(r):
 
 
 @pytest.mark.parametrize(
-    "case", ["expert_parallel", "fssdp", "fssdp_remat", "fssdp_ragged", "ep_pallas"]
+    "case",
+    [
+        "expert_parallel",
+        "fssdp",
+        "fssdp_remat",
+        "fssdp_ragged",
+        "ep_pallas",
+        "ep_expert_lora",
+        "fssdp_expert_lora",
+    ],
 )
 def test_sharded_dispatch_matches_dense_reference(result, case):
+    """ep/fssdp_expert_lora: LoRA on the routed experts (one A_e, B_e per expert) travels
+    with the experts' weights; values and gradients (A and B too) equal the reference."""
     _check_matches_dense_reference(result[case])
 
 

@@ -117,3 +117,38 @@ def test_a_bad_config_argument_is_one_line(tmp_path, flag, expected):
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("moejax: error: flag --config=") and expected in lines[0]
     assert not os.listdir(tmp_path)  # nothing was written
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        # ml_collections raised a KeyError traceback here; validate() names unknown leaves.
+        ("--config.mo.top_k=3", "config has no section 'mo' (did you mean 'moe'?)"),
+        ("--config.moe.topk=3", "unknown field(s) ['topk' (did you mean 'top_k'?)]"),
+    ],
+)
+def test_a_misspelled_override_is_one_line_naming_the_field(tmp_path, flag, expected):
+    proc = run_module(
+        "moejax.train", "--config=configs/deepseekmoe.py", f"--workdir={tmp_path}", flag
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("moejax: error: ") and expected in lines[0], lines[0]
+    assert "top_k" in lines[0] and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--config.moe.top_k=3", "--config.moe.router=gru"], None),  # a rename: validate's
+        (["--config.traain.steps=3"], "config has no section 'traain' (did you mean 'train'?)"),
+        (["--config.moe.top_k.x=3"], "config.moe.top_k is a field, not a section"),
+        (["--config.moe.topk.x=1"], "config.moe has no field 'topk' (did you mean 'top_k'?)"),
+        (["--config.optim.lr=1"], "config has no section 'optim'; valid sections are ['data'"),
+    ],
+)
+def test_override_path_problem_names_the_valid_names(argv, expected):
+    from moejax.train.__main__ import override_path_problem
+
+    problem = override_path_problem(["moejax.train", "--workdir=w", *argv])
+    assert problem == expected if expected is None else expected in problem

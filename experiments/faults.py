@@ -7,6 +7,8 @@ uninterrupted run logs.
     python experiments/faults.py --trials 1 --json
     python experiments/faults.py --scenarios sigkill,corrupt --trials 5 --jobs 1
     python experiments/faults.py --data=$DIR      # on experiments/mixture_data.py's mixture
+    python experiments/faults.py --gcs --scenarios corrupt,kill_during_save  # in a bucket
+    python experiments/faults.py --scenarios mh_sigkill,mh_sigterm,mh_unreachable --jobs 1
 
 stdout is the table (or the JSON) alone; stderr gets a progress line for the reference run
 and for each trial as it finishes.
@@ -32,7 +34,25 @@ so a seed reproduces its trials. Scenarios:
   corrupt           a finished run's latest checkpoint is damaged (truncated arrays, deleted
                     manifest or truncated tree metadata, in turn): the rerun must refuse it
                     naming the step and change nothing; then apply the fix the message gives
-                    (move the step aside) and rerun
+                    (move the step aside: `mv`, or `gcloud storage mv` in a bucket) and rerun
+
+With --gcs every workdir is in gs://test-bucket on a local GCS emulator
+(tests/storage_emulator.py, the `test` extra): checkpoints, metrics and the damage all go
+through the bucket; a save cut short there is a step directory without orbax's
+`commit_success.txt`.
+
+Multi-host scenarios: one job is PROCESSES (2) `python -m moejax.train` processes x DEVICES
+(2) CPU devices under jax.distributed (gloo), configs/dense.py shrunk the same way, 8 rows a
+step split over the 4 devices, compared with an uninterrupted job of the same shape:
+
+  mh_sigkill        SIGKILL process 1 at a random step: process 0 must stop by itself within
+                    --heartbeat_timeout (HEARTBEAT, 10 s) + STOP_MARGIN (60 s), with JAX's
+                    "another task died" message; rerun both processes
+  mh_sigterm        SIGTERM to process 1 only: both must checkpoint the same step (JAX's
+                    preemption sync point) and exit 143; rerun
+  mh_unreachable    process 1 alone, with a --coordinator nobody listens on: exit 1 within
+                    --init_timeout (5 s) with one message naming the address and the flag,
+                    nothing written ("identical" counts an untouched workdir)
 
 Columns, per scenario over its trials:
 
@@ -61,6 +81,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -69,15 +90,24 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from moejax.paths import as_path, glob_files, is_remote, join, resolve  # noqa: E402
 from moejax.train.faults import CHECKPOINT_CORRUPTIONS  # noqa: E402
 
 STEPS, EVERY, MAX_BAD = 16, 4, 3
 CORPUS_BYTES = 200_000
+# Multi-host jobs: processes x CPU devices each, and the timeouts they run with.
+PROCESSES, DEVICES = 2, 2
+HEARTBEAT = 10  # s: --heartbeat_timeout, after which a lost process stops the job
+INIT_TIMEOUT = 120  # s: --init_timeout (process 0 may start slowly on a loaded machine)
+UNREACHABLE_TIMEOUT = 5  # s: --init_timeout of the unreachable-coordinator scenario
+STOP_MARGIN = 60  # s: allowed past HEARTBEAT for a survivor to stop after a SIGKILL
+RUN_TIMEOUT = 1800  # s: a run (or job) still going after this is killed and counts as failed
 
 
-def tiny_flags(data_dir: str, mixture: str | None = None) -> list[str]:
+def tiny_flags(data_dir: str, mixture: str | None = None, multi_host: bool = False) -> list[str]:
     """The tiny run's flags; with `mixture`, a directory written by experiments/
-    mixture_data.py, it reads that parquet + jsonl mixture with its SentencePiece model."""
+    mixture_data.py, it reads that parquet + jsonl mixture with its SentencePiece model.
+    `multi_host`: 8 rows a batch, split over the data axis of all PROCESSES x DEVICES."""
     sets = {
         "model.d_model": 32,
         "model.num_heads": 4,
@@ -101,54 +131,129 @@ def tiny_flags(data_dir: str, mixture: str | None = None) -> list[str]:
         "train.max_bad_steps": MAX_BAD,
         "train.peak_tflops": 1.0,
     }
+    config = "deepseekmoe.py"
+    if multi_host:  # the dense config compiles fastest; what is tested is the processes
+        sets.update({"data.global_batch_size": 8, "mesh.data": -1, "model.num_layers": 1})
+        config = "dense.py"
     if mixture:
         sets["data.sources"] = (
             f"parquet:{mixture}/web-*.parquet@0.7,jsonl:{mixture}/code-*.jsonl#content@0.3"
         )
         sets["data.tokenizer"] = f"sentencepiece:{mixture}/sp.model"
         sets["model.vocab_size"] = 0  # the tokenizer's size
-    return [f"--config={os.path.join(REPO, 'configs', 'deepseekmoe.py')}"] + [
+    return [f"--config={os.path.join(REPO, 'configs', config)}"] + [
         f"--config.{k}={v}" for k, v in sets.items()
     ]
 
 
 class Runner:
-    """Starts `python -m moejax.train` runs of the tiny config in fresh workdirs."""
+    """Starts `python -m moejax.train` runs of the tiny config in fresh workdirs, under
+    `root` (a local directory) or `runs_root` (e.g. `gs://test-bucket/faults` with --gcs)."""
 
-    def __init__(self, root: str, mixture: str | None = None):
+    def __init__(self, root: str, mixture: str | None = None, runs_root: str | None = None):
         self.root = root
+        self.runs_root = runs_root or root
         self.mixture = mixture
         self.data_dir = os.path.join(root, "data")
         self.cache_dir = os.path.join(root, "jax_cache")
 
     def workdir(self, name: str) -> str:
-        return os.path.join(self.root, name)
+        return join(self.runs_root, name)
 
-    def start(self, workdir: str, env: dict | None = None) -> subprocess.Popen:
+    def _env(self, env: dict | None, devices: int = 1) -> dict:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("MOEJAX_FAULT_")}
-        env = {
+        return {
             **inherited,
             "JAX_PLATFORMS": "cpu",
             "JAX_COMPILATION_CACHE_DIR": self.cache_dir,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             **(env or {}),
         }
-        cmd = [
-            sys.executable,
-            "-m",
-            "moejax.train",
-            *tiny_flags(self.data_dir, self.mixture),
-            f"--workdir={workdir}",
-        ]
+
+    def command(self, workdir: str, extra: list[str] = ()) -> list[str]:
+        flags = tiny_flags(self.data_dir, self.mixture, multi_host=bool(extra))
+        return [sys.executable, "-m", "moejax.train", *flags, f"--workdir={workdir}", *extra]
+
+    def start(self, workdir: str, env: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            self.command(workdir),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self._env(env),
         )
 
     def run(self, workdir: str, env: dict | None = None) -> tuple[int, str, str]:
         proc = self.start(workdir, env)
-        out, err = proc.communicate(timeout=600)
+        try:
+            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
         return proc.returncode, out, err
+
+    # --- multi-host: PROCESSES processes x DEVICES CPU devices, jax.distributed over gloo --
+
+    def start_job(
+        self,
+        workdir: str,
+        coordinator: str | None = None,
+        only: int | None = None,
+        init_timeout: int = INIT_TIMEOUT,
+    ) -> list[subprocess.Popen]:
+        """The PROCESSES processes of one job (or process `only` alone), each with its own
+        `--process_id`, logging to files beside the workdir's name in `root`."""
+        coordinator = coordinator or f"127.0.0.1:{free_port()}"
+        procs = []
+        for i in range(PROCESSES) if only is None else [only]:
+            extra = [
+                f"--coordinator={coordinator}",
+                f"--num_processes={PROCESSES}",
+                f"--process_id={i}",
+                f"--heartbeat_timeout={HEARTBEAT}",
+                f"--init_timeout={init_timeout}",
+            ]
+            log = self.log_path(workdir, i)
+            procs.append(
+                subprocess.Popen(
+                    self.command(workdir, extra),
+                    cwd=REPO,
+                    stdout=open(log + ".out", "w"),
+                    stderr=open(log + ".err", "w"),
+                    env=self._env(None, DEVICES),
+                )
+            )
+        return procs
+
+    def log_path(self, workdir: str, process: int) -> str:
+        return os.path.join(self.root, f"{workdir.rstrip('/').split('/')[-1]}.p{process}")
+
+    def output(self, workdir: str, process: int) -> tuple[str, str]:
+        log = self.log_path(workdir, process)
+        return tuple(open(log + suffix).read() for suffix in (".out", ".err"))
+
+    def run_job(self, workdir: str) -> list[int]:
+        """Runs one job to its end; the exit status of each process."""
+        procs = self.start_job(workdir)
+        return [wait(p) for p in procs]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> int:
+    """The exit status of `proc`, killed (-9) if it runs past `timeout` s."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 # --- Reading a workdir -------------------------------------------------------------------
@@ -160,18 +265,17 @@ def losses(workdir: str) -> dict[int, float | None]:
 
 
 def records(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = as_path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return []
     out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a kill
-            if "train/loss" in record:
-                out.append(record)
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if "train/loss" in record:
+            out.append(record)
     return out
 
 
@@ -181,10 +285,14 @@ def last_logged(workdir: str) -> int:
 
 
 def committed(workdir: str) -> list[int]:
-    root = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(root):
+    """Complete checkpoint steps (in a bucket, those with orbax's commit file)."""
+    root = as_path(workdir) / "checkpoints"
+    if not root.is_dir():
         return []
-    return sorted(int(n) for n in os.listdir(root) if n.isdigit())
+    steps = [p for p in root.iterdir() if p.name.isdigit()]
+    if is_remote(workdir):
+        steps = [p for p in steps if (p / "commit_success.txt").exists()]
+    return sorted(int(p.name) for p in steps)
 
 
 def resumed_from(stdout: str) -> int:
@@ -192,16 +300,18 @@ def resumed_from(stdout: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def signal_after(proc: subprocess.Popen, workdir: str, step: int, signum: int) -> None:
-    """Sends `signum` once `step` is logged (the run may be a step further by then)."""
-    deadline = time.monotonic() + 600
+def signal_after(proc: subprocess.Popen, workdir: str, step: int, signum: int, target=None) -> None:
+    """Sends `signum` to `target` (default `proc`, the process that logs) once `step` is
+    logged (the run may be a step further by then)."""
+    deadline = time.monotonic() + RUN_TIMEOUT
     while last_logged(workdir) < step:
         if proc.poll() is not None:
-            raise RuntimeError(f"run ended before step {step}: {proc.communicate()[1][-2000:]}")
+            err = proc.communicate()[1] or ""  # the stderr of a pipe (multi-host: a file)
+            raise RuntimeError(f"run ended before step {step}: {err[-2000:]}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"run did not reach step {step}")
         time.sleep(0.005)
-    proc.send_signal(signum)
+    (target or proc).send_signal(signum)
 
 
 # --- Scenarios: each returns one trial's result -------------------------------------------
@@ -263,13 +373,15 @@ def scenario_kill_during_save(
     step = EVERY * rng.randint(2, STEPS // EVERY - 1)
     proc = runner.start(workdir, {"MOEJAX_FAULT_KILL_IN_SAVE": str(step)})
     proc.communicate()
-    names = os.listdir(os.path.join(workdir, "checkpoints"))
-    half_written = step not in committed(workdir) and any(
-        n.startswith(f"{step}.orbax-checkpoint-tmp") for n in names
-    )
+    names = [p.name for p in (as_path(workdir) / "checkpoints").iterdir()]
+    # On disk a temporary directory (created before save() returns); in a bucket the step
+    # directory without its commit file, unless the kill came before its first object.
+    left = any(n.startswith(f"{step}.orbax-checkpoint-tmp") or n == str(step) for n in names)
+    half_written = step not in committed(workdir) and (left or is_remote(workdir))
     intact = (committed(workdir) or [0])[-1]
     r = _rerun(runner, workdir, reference, intact)
     reported = f"checkpoint step(s) [{step}] were not completely written" in r["rerun_out"]
+    reported = reported or not left
     return {
         "recovered": proc.returncode == -signal.SIGKILL
         and half_written
@@ -278,7 +390,8 @@ def scenario_kill_during_save(
         "steps_lost": r["steps_lost"],
         "redone": step - r["resumed_from"],  # killed right after logging `step`
         "identical": r["identical"],
-        "detail": f"killed saving step {step}; resumed from {r['resumed_from']}",
+        "detail": f"killed saving step {step} ({'partly written' if left else 'nothing written'})"
+        f"; resumed from {r['resumed_from']}",
     }
 
 
@@ -329,26 +442,32 @@ CORRUPTIONS = {
 
 
 def _snapshot(root: str) -> dict[str, int]:
-    return {
-        os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n))
-        for d, _, names in os.walk(root)
-        for n in names
-    }
+    """{file: size} under `root` (a local directory or a gs:// URL)."""
+    files = glob_files(join(root, "**", "*"))
+    return {f[len(resolve(root)) :]: as_path(f).stat().length for f in files}
+
+
+def _copy_tree(source: str, target: str) -> None:
+    for f in glob_files(join(source, "**", "*")):
+        destination = as_path(target + f[len(resolve(source)) :])
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(as_path(f).read_bytes())  # one upload, empty files too
 
 
 def scenario_corrupt(runner, reference, rng, name: str, reference_dir: str, trial: int) -> dict:
     workdir = runner.workdir(name)
-    shutil.copytree(reference_dir, workdir)
+    _copy_tree(reference_dir, workdir)
     kind = list(CORRUPTIONS)[trial % len(CORRUPTIONS)]
     step = committed(workdir)[-1]
-    CORRUPTIONS[kind](os.path.join(workdir, "checkpoints", str(step)))
-    before = _snapshot(os.path.join(workdir, "checkpoints"))
+    CORRUPTIONS[kind](join(workdir, "checkpoints", str(step)))
+    before = _snapshot(join(workdir, "checkpoints"))
     rc, _, err = runner.run(workdir)
-    named = f"Checkpoint step {step}" in err and "nothing was changed on disk" in err
-    untouched = _snapshot(os.path.join(workdir, "checkpoints")) == before
-    move = re.search(r"`mv (\S+) (\S+)`", err)  # the fix the message gives
+    named = f"Checkpoint step {step} ({workdir}/checkpoints/{step})" in err
+    named = named and "nothing was changed on disk" in err
+    untouched = _snapshot(join(workdir, "checkpoints")) == before
+    move = re.search(r"`(?:mv|gcloud storage mv) (\S+) (\S+)`", err)  # the fix it gives
     if move:
-        os.rename(move.group(1), move.group(2))
+        as_path(move.group(1)).rename(move.group(2))  # what that command does
     intact = (committed(workdir) or [0])[-1]
     r = _rerun(runner, workdir, reference, intact)
     return {
@@ -360,7 +479,94 @@ def scenario_corrupt(runner, reference, rng, name: str, reference_dir: str, tria
     }
 
 
+# --- Multi-host scenarios: PROCESSES processes x DEVICES CPU devices under jax.distributed ---
+
+
+def _rerun_job(runner, workdir, reference, intact: int) -> dict:
+    """The recovery of a job: the same commands again, on every process."""
+    codes = runner.run_job(workdir)
+    out, err = runner.output(workdir, 0)
+    start = resumed_from(out)
+    return {
+        "rerun_ok": codes == [0] * PROCESSES and committed(workdir)[-1:] == [STEPS],
+        "steps_lost": intact - start,
+        "resumed_from": start,
+        "identical": losses(workdir) == reference,
+        "rerun_err": err,
+    }
+
+
+def scenario_mh_sigkill(runner, reference, rng, name: str, reference_dir: str, trial: int):
+    """SIGKILL process 1 mid-step: process 0 must stop by itself (JAX's heartbeat, set by
+    --heartbeat_timeout) within HEARTBEAT + STOP_MARGIN s; the rerun resumes."""
+    workdir = runner.workdir(name)
+    step = rng.randint(2 * EVERY + 1, STEPS - 2)
+    procs = runner.start_job(workdir)
+    signal_after(procs[0], workdir, step, signal.SIGKILL, target=procs[1])
+    killed_at = time.monotonic()
+    wait(procs[1])
+    code = wait(procs[0], timeout=HEARTBEAT + STOP_MARGIN)
+    seconds = time.monotonic() - killed_at
+    _, err = runner.output(workdir, 0)
+    told = "another task died" in err or "detected fatal errors" in err
+    stopped = code not in (0, -signal.SIGKILL) and seconds < HEARTBEAT + STOP_MARGIN
+    logged, intact = last_logged(workdir), (committed(workdir) or [0])[-1]
+    r = _rerun_job(runner, workdir, reference, intact)
+    return {
+        "recovered": stopped and told and r["rerun_ok"],
+        "steps_lost": r["steps_lost"],
+        "redone": logged - r["resumed_from"],
+        "identical": r["identical"],
+        "detail": f"process 1 killed after step {logged}: process 0 exited {code} after "
+        f"{seconds:.1f} s; resumed from {r['resumed_from']}",
+    }
+
+
+def scenario_mh_sigterm(runner, reference, rng, name: str, reference_dir: str, trial: int):
+    """SIGTERM to process 1 only: JAX's preemption sync point makes both processes save the
+    same step and exit 143; the rerun loses nothing."""
+    workdir = runner.workdir(name)
+    step = rng.randint(2, STEPS - 3)
+    procs = runner.start_job(workdir)
+    signal_after(procs[0], workdir, step, signal.SIGTERM, target=procs[1])
+    codes = [wait(p) for p in procs]
+    stopped_at = last_logged(workdir)
+    _, err = runner.output(workdir, 0)
+    saved = committed(workdir)[-1:] == [stopped_at] and "preemption notice" in err
+    r = _rerun_job(runner, workdir, reference, stopped_at)
+    return {
+        "recovered": codes == [143] * PROCESSES and saved and r["rerun_ok"],
+        "steps_lost": r["steps_lost"],
+        "redone": stopped_at - r["resumed_from"],
+        "identical": r["identical"],
+        "detail": f"SIGTERM to process 1 after step {step}: both saved step {stopped_at}, "
+        f"exit {codes}",
+    }
+
+
+def scenario_mh_unreachable(runner, reference, rng, name: str, reference_dir: str, trial: int):
+    """Process 1 started with a coordinator nobody listens on: exit 1 with one message
+    naming the address and the flag, within --init_timeout, having written nothing."""
+    workdir = runner.workdir(name)
+    coordinator = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    [proc] = runner.start_job(workdir, coordinator, only=1, init_timeout=UNREACHABLE_TIMEOUT)
+    code = wait(proc)  # the time is mostly Python's and JAX's start-up: reported, not bounded
+    seconds = time.monotonic() - t0
+    _, err = runner.output(workdir, 1)
+    named = f"--coordinator={coordinator} within --init_timeout={UNREACHABLE_TIMEOUT}" in err
+    untouched = not as_path(workdir).exists()
+    return {
+        "recovered": code == 1 and named and "CoordinatorUnreachable" in err,
+        "steps_lost": 0,
+        "redone": 0,
+        "identical": untouched,  # nothing was started, nothing written
+        "detail": f"exit {code} after {seconds:.1f} s: {err.strip().splitlines()[-1][:160]}",
+    }
+
+
 SCENARIOS = ["sigkill", "sigterm", "kill_during_save", "nan_skip", "nan_stop", "corrupt"]
+MULTI_HOST = ["mh_sigkill", "mh_sigterm", "mh_unreachable"]
 
 
 def progress(message: str) -> None:
@@ -385,18 +591,37 @@ def main(argv=None) -> int:
         "jsonl mixture with its SentencePiece tokenizer instead of the byte corpus",
     )
     p.add_argument(
-        "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}"
+        "--scenarios",
+        default=",".join(SCENARIOS + MULTI_HOST),
+        help=f"comma-separated subset of {SCENARIOS + MULTI_HOST}",
+    )
+    p.add_argument(
+        "--gcs",
+        action="store_true",
+        help="run every workdir in gs://test-bucket on a local GCS emulator "
+        "(tests/storage_emulator.py; needs the test extra)",
     )
     args = p.parse_args(argv)
     chosen = [s for s in args.scenarios.split(",") if s]
-    unknown = sorted(set(chosen) - set(SCENARIOS))
+    unknown = sorted(set(chosen) - set(SCENARIOS + MULTI_HOST))
     if unknown or args.trials < 1:
         p.error(
-            f"unknown scenario(s) {unknown}; choose from {SCENARIOS}"
+            f"unknown scenario(s) {unknown}; choose from {SCENARIOS + MULTI_HOST}"
             if unknown
             else "--trials must be >= 1"
         )
+    with contextlib.ExitStack() as stack:
+        runs_root = None
+        if args.gcs:
+            sys.path.insert(0, os.path.join(REPO, "tests"))
+            from storage_emulator import BUCKET, storage_emulator
 
+            stack.enter_context(storage_emulator())  # its variables reach every run
+            runs_root = f"gs://{BUCKET}/faults"
+        return _main(args, chosen, runs_root)
+
+
+def _main(args, chosen: list[str], runs_root: str | None) -> int:
     root = args.workdir or tempfile.mkdtemp(prefix="moejax-faults-")
     os.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
@@ -406,18 +631,29 @@ def main(argv=None) -> int:
     )
     from moejax.data import build_corpus  # the one corpus every run reads
 
-    runner = Runner(root, os.path.abspath(args.data) if args.data else None)
+    runner = Runner(root, os.path.abspath(args.data) if args.data else None, runs_root)
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the table or the JSON alone
         build_corpus(runner.data_dir, max_bytes_per_domain=CORPUS_BYTES)
 
-    reference_dir = runner.workdir("reference")
-    progress(f"the uninterrupted reference run ({STEPS} steps; compiles once) in {root}")
-    rc, _, err = runner.run(reference_dir)  # compiles once, filling the cache
-    if rc != 0:
-        print(err[-4000:], file=sys.stderr)
-        return 1
-    reference = losses(reference_dir)
-    progress(f"reference done at {time.perf_counter() - t0:.0f} s")
+    references = {}  # single-host and multi-host: (workdir, per-step losses)
+    if any(name in SCENARIOS for name in chosen):
+        reference_dir = runner.workdir("reference")
+        progress(f"the uninterrupted reference run ({STEPS} steps; compiles once) in {root}")
+        rc, _, err = runner.run(reference_dir)  # compiles once, filling the cache
+        if rc != 0:
+            print(err[-4000:], file=sys.stderr)
+            return 1
+        references["single"] = (reference_dir, losses(reference_dir))
+        progress(f"reference done at {time.perf_counter() - t0:.0f} s")
+    if any(name in MULTI_HOST[:2] for name in chosen):
+        reference_dir = runner.workdir("mh-reference")
+        progress(f"the uninterrupted {PROCESSES}-process reference job in {root}")
+        codes = runner.run_job(reference_dir)
+        if codes != [0] * PROCESSES:
+            print(runner.output(reference_dir, 0)[1][-4000:], file=sys.stderr)
+            return 1
+        references["multi"] = (reference_dir, losses(reference_dir))
+        progress(f"multi-host reference done at {time.perf_counter() - t0:.0f} s")
 
     jobs = [(name, trial) for name in chosen for trial in range(args.trials)]
     finished = []  # trials done so far (threads append; the GIL keeps it whole)
@@ -425,6 +661,9 @@ def main(argv=None) -> int:
     def one(name: str, trial: int) -> dict:
         rng = random.Random(f"{args.seed}/{name}/{trial}")
         fn = globals()[f"scenario_{name}"]
+        reference_dir, reference = references.get(
+            "multi" if name in MULTI_HOST else "single", (None, {})
+        )
         started = time.perf_counter()
         result = fn(runner, reference, rng, f"{name}-{trial}", reference_dir, trial)
         finished.append((name, trial))

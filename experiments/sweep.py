@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moejax.config.files import load_config_file  # noqa: E402
 from moejax.config.validation import validate  # noqa: E402
+from moejax.paths import join, write_text  # noqa: E402
 
 
 def variants(config_path: str, sweep: str, arg: str | None = None):
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         validate(config)
     results = {}
     for name, overrides, config in runs:
-        workdir = os.path.join(args.workdir, name)
+        workdir = join(args.workdir, name)  # a local directory or a gs:// URL
         flags = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
         print(
             f"== {name}: python -m moejax.train --config={args.config} {flags} --workdir={workdir}",
@@ -72,8 +73,7 @@ def main(argv=None) -> int:
         print("\n" + " | ".join(["variant"] + metrics))
         for name, final in results.items():
             print(" | ".join([name] + [f"{final.get(m, float('nan')):.4f}" for m in metrics]))
-        with open(os.path.join(args.workdir, "sweep.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_text(join(args.workdir, "sweep.json"), json.dumps(results, indent=2))
     return 0
 
 

@@ -26,3 +26,13 @@ def tiny_config(tiny_corpus_dir):
         return make_tiny_config(tiny_corpus_dir, name, **overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A local GCS (`tests/storage_emulator.py`) with the bucket `test-bucket`; yields the
+    environment variables that point clients (this process's and subprocesses') at it."""
+    from storage_emulator import storage_emulator
+
+    with storage_emulator() as env:
+        yield env

@@ -5,7 +5,6 @@ split has eval carved out of its train split by the position hash of `source_bas
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ from moejax.data.source_spec import (
     FIELD,
     SourceSpec,
 )
+from moejax.paths import as_path, resolve
 
 
 def _own_split(
@@ -67,7 +67,7 @@ class HfDiskSource(DocumentSource):
         eval_fraction: float,
     ):
         super().__init__(spec, (spec.name,))
-        self._dir = os.path.expanduser(spec.where)
+        self._dir = resolve(spec.where)  # a local directory or a gs:// URL (fsspec)
         self._text_key = text_key
         self._split: str | None = None  # None: a plain Dataset
         loaded = self._load()
@@ -89,11 +89,11 @@ class HfDiskSource(DocumentSource):
     def _load(self) -> Any:
         import datasets  # the hf extra: only hf_disk sources need it
 
-        if not os.path.isdir(self._dir):
+        if not as_path(self._dir).is_dir():
             raise source_error(
                 self.spec,
                 f"the directory {self._dir} does not exist",
-                f"{listing_hint(os.path.dirname(self._dir) or '.')} Point hf_disk: at a "
+                f"{listing_hint(str(as_path(self._dir).parent))} Point hf_disk: at a "
                 "directory written by Dataset.save_to_disk / DatasetDict.save_to_disk.",
             )
         try:

@@ -84,6 +84,7 @@ from moejax.data.source_spec import (
     SourceSpec,
     parse_sources,
 )
+from moejax.paths import is_remote
 
 __all__ = [
     "DocumentSource",
@@ -118,6 +119,14 @@ def open_source(
     check_fraction(eval_fraction)
     data_dir = os.path.expanduser(data_dir) if data_dir else default_data_dir()
     key = spec.text_key or text_key
+    if spec.kind in (CORPUS, TFDS) and is_remote(data_dir):
+        raise DataError(
+            f"data.data_dir={data_dir!r} is in a bucket, but {spec.kind} sources are "
+            f"array_record files read from local disk only (the source {spec.name!r}). Copy "
+            f"the prepared dataset to each host (gcloud storage cp -r) and point "
+            f"--config.data.data_dir there, or store the documents as parquet/jsonl in the "
+            f"bucket and name them in --config.data.sources."
+        )
     if spec.kind in (CORPUS, TFDS):
         return TfdsSource(
             spec,

@@ -29,11 +29,18 @@ from moejax.data.source_base import (
 from moejax.data.source_spec import (
     SourceSpec,
 )
+from moejax.paths import as_path, is_remote
 
 _INT32 = np.iinfo(np.int32)
 
 
 # --- parquet ---------------------------------------------------------------------------------
+
+
+def _parquet(path: str) -> pq.ParquetFile:
+    """A parquet file on disk or in a bucket: pyarrow reads row groups by ranged reads of the
+    epath handle (gcsfs for gs://)."""
+    return pq.ParquetFile(as_path(path).open("rb"))
 
 
 def _is_text_type(kind: pa.DataType) -> bool:
@@ -77,7 +84,7 @@ class ParquetSource(DocumentSource):
     def _row_groups(self, path: str) -> list[int]:
         """Rows per row group of `path`, after checking it has a text column."""
         try:
-            file = pq.ParquetFile(path)
+            file = _parquet(path)
         except (pa.ArrowException, OSError) as e:
             raise self._corrupt(path, e) from e
         schema = file.schema_arrow
@@ -102,7 +109,7 @@ class ParquetSource(DocumentSource):
         if self._files is None:
             self._files = [None] * len(self._paths)
         if self._files[f] is None:
-            self._files[f] = pq.ParquetFile(self._paths[f])
+            self._files[f] = _parquet(self._paths[f])
         return self._files[f]
 
     def _texts(self, g: int) -> list:
@@ -130,7 +137,7 @@ def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start, end, 1-based line number) of each non-blank line of a plain file."""
     starts, ends, numbers = [], [], []
     offset = 0
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 starts.append(offset)
@@ -142,7 +149,7 @@ def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _gz_lines(path: str) -> list[bytes]:
     """Every line of a gzipped file, decompressed whole (gzip cannot seek cheaply)."""
-    with gzip.open(path, "rb") as f:
+    with as_path(path).open("rb") as raw, gzip.GzipFile(fileobj=raw) as f:
         return f.read().split(b"\n")
 
 
@@ -199,13 +206,17 @@ class JsonlSource(DocumentSource):
             with self._lock:
                 lines = self._gz_file(f, self._paths[f])
             return lines[int(self._numbers[f][r]) - 1]
+        start, end = int(spans[0][r]), int(spans[1][r])
         with self._lock:
             if self._handles is None:
                 self._handles = {}
             if f not in self._handles:
-                self._handles[f] = open(self._paths[f], "rb")
-            fd = self._handles[f].fileno()
-        start, end = int(spans[0][r]), int(spans[1][r])
+                self._handles[f] = as_path(self._paths[f]).open("rb")
+            handle = self._handles[f]
+            if is_remote(self._paths[f]):  # a gcsfs file: ranged reads, one at a time
+                handle.seek(start)
+                return handle.read(end - start)
+            fd = handle.fileno()
         return os.pread(fd, end - start, start)
 
     def _text(self, f: int, r: int, raw: bytes) -> str:
@@ -270,6 +281,13 @@ class ArrayRecordSource(DocumentSource):
     def __init__(self, spec: SourceSpec, role: str, eval_fraction: float):
         super().__init__(spec, (spec.name,))
         paths, labels = match_files(spec)
+        if is_remote(paths[0]):  # array_record's C++ reader opens local files only
+            raise source_error(
+                spec,
+                f"array_record files are read from local disk only, and {paths[0]} is in a bucket",
+                "Copy them to each host first (gcloud storage cp -r), or store the documents "
+                "as parquet or jsonl, which are read from the bucket directly.",
+            )
         counts = [self._count(path) for path in paths]
         # Picklable as is: it drops its open readers itself and reopens them lazily.
         self._records = array_record_data_source.ArrayRecordDataSource(paths)

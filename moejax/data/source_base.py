@@ -9,7 +9,6 @@ splits is in eval when `stable_fraction("<file relative to the glob root>:<row>"
 
 from __future__ import annotations
 
-import glob
 import operator
 import os
 import threading
@@ -24,6 +23,7 @@ from moejax.data.source_spec import (
     SourceSpec,
 )
 from moejax.data.text_files import stable_fraction
+from moejax.paths import as_path, glob_files, is_remote, resolve
 
 TRAIN = "train"
 EVAL = "eval"
@@ -173,17 +173,20 @@ def glob_root(pattern: str) -> str:
 
 
 def listing_hint(root: str) -> str:
-    if not os.path.isdir(root):
-        return f"The directory {root} does not exist."
-    names = sorted(os.listdir(root))
+    directory = as_path(root)
+    if not directory.is_dir():
+        return f"The directory {resolve(root)} does not exist."
+    names = sorted(p.name for p in directory.iterdir())
     shown = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
-    return f"{root} holds: {shown or 'nothing'}."
+    return f"{resolve(root)} holds: {shown or 'nothing'}."
 
 
 def match_files(spec: SourceSpec) -> tuple[list[str], list[str]]:
-    """The files the spec's glob matches (sorted) and their paths relative to its root."""
-    pattern = os.path.expanduser(spec.where)
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    """The files the spec's glob matches (sorted; local or gs://, `moejax.paths`) and their
+    paths relative to its root (the same for a copy of the data on disk or in a bucket, so
+    the train/eval split does not depend on where the files live)."""
+    pattern = spec.where if is_remote(spec.where) else os.path.expanduser(spec.where)
+    paths = glob_files(pattern)
     if not paths:
         raise source_error(
             spec,
@@ -191,4 +194,6 @@ def match_files(spec: SourceSpec) -> tuple[list[str], list[str]]:
             f"{listing_hint(glob_root(pattern))} Fix the path in --config.{FIELD}.",
         )
     root = glob_root(pattern)
+    if is_remote(pattern):
+        return paths, [p[len(root.rstrip("/")) + 1 :] for p in paths]
     return paths, [os.path.relpath(p, root) for p in paths]

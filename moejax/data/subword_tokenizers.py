@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from moejax.data.errors import DataError
+from moejax.paths import as_path, join, resolve
 
 SPACE_MARK = "\u2581"  # "▁": SentencePiece's (and Metaspace's) visible space
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # byte-fallback piece: one raw byte
@@ -60,7 +60,7 @@ class SentencePieceTokenizer:
 
     def __init__(self, path: str, *, pad_id: int = -1):
         """Loads `path`; `pad_id` is used only when the model has no pad id (-1: EOS)."""
-        self.path = os.path.abspath(path)
+        self.path = resolve(path)  # a local file, or a gs:// object read through epath
         self.spec = f"sentencepiece:{path}"
         self._pad_arg = pad_id
         self._sp = _load_sentencepiece(self.path, self.spec)
@@ -104,15 +104,15 @@ class HFTokenizer:
 
     def __init__(self, path: str, *, pad_id: int = -1):
         """Loads `path`; `pad_id` is used only when no pad token is found (-1: EOS)."""
-        self.path = os.path.abspath(path)
+        self.path = resolve(path)
         self.spec = f"hf:{path}"
         self._pad_arg = pad_id
         self._file = _tokenizer_json(self.path, self.spec)
         self._tok = _load_hf(self._file, self.spec)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
-        config_path = os.path.join(os.path.dirname(self._file), "tokenizer_config.json")
-        self._config_path = config_path if os.path.isfile(config_path) else None
+        config_path = as_path(self._file).parent / "tokenizer_config.json"
+        self._config_path = str(config_path) if config_path.is_file() else None
         named = _named_specials(self._config_path, self.spec)
         found = [self._find(named.get(role), names) for role, names in _ROLES]
         self.bos_id, self.eos_id, self.pad_id = _special_ids(
@@ -279,7 +279,7 @@ def _missing(spec: str, path: str, what: str) -> DataError:
 
 def _load_sentencepiece(path: str, spec: str):
     """A `sentencepiece.SentencePieceProcessor` of `path`, or DataError."""
-    if not os.path.isfile(path):
+    if not as_path(path).is_file():
         raise _missing(spec, path, "SentencePiece .model file")
     try:
         import sentencepiece
@@ -289,7 +289,7 @@ def _load_sentencepiece(path: str, spec: str):
         ) from e
     processor = sentencepiece.SentencePieceProcessor()
     try:
-        processor.Load(path)
+        processor.LoadFromSerializedProto(as_path(path).read_bytes())
     except Exception as e:  # the library raises OSError/RuntimeError for a bad model proto
         raise DataError(
             f"data.tokenizer={spec!r}: {path} is not a SentencePiece model ({e}); point "
@@ -300,18 +300,18 @@ def _load_sentencepiece(path: str, spec: str):
 
 def _tokenizer_json(path: str, spec: str) -> str:
     """`path` itself, or `path/tokenizer.json` for a directory; DataError if there is none."""
-    if os.path.isdir(path):
-        file = os.path.join(path, "tokenizer.json")
-        if os.path.isfile(file):
+    if as_path(path).is_dir():
+        file = join(path, "tokenizer.json")
+        if as_path(file).is_file():
             return file
         hint = ""
-        if os.path.isfile(os.path.join(path, "tokenizer.model")):
+        if (as_path(path) / "tokenizer.model").is_file():
             hint = f" It holds tokenizer.model: use sentencepiece:{path}/tokenizer.model."
         raise DataError(
             f"data.tokenizer={spec!r}: directory {path} holds no tokenizer.json.{hint} Put "
             f"the tokenizer.json there, point --config.data.tokenizer at one, or {TRAIN_HINT}."
         )
-    if not os.path.isfile(path):
+    if not as_path(path).is_file():
         raise _missing(spec, path, "tokenizer.json (or directory holding one)")
     return path
 
@@ -325,7 +325,7 @@ def _load_hf(file: str, spec: str):
             f"data.tokenizer={spec!r} needs the tokenizers package: pip install tokenizers."
         ) from e
     try:
-        return tokenizers.Tokenizer.from_file(file)
+        return tokenizers.Tokenizer.from_str(as_path(file).read_text(encoding="utf-8"))
     except Exception as e:  # the library raises a bare Exception for a bad tokenizer.json
         raise DataError(
             f"data.tokenizer={spec!r}: {file} is not a Hugging Face tokenizer.json ({e}); "
@@ -338,8 +338,7 @@ def _named_specials(config_path: str | None, spec: str) -> dict[str, str]:
     if config_path is None:
         return {}
     try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = json.loads(as_path(config_path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(
             f"data.tokenizer={spec!r}: cannot read {config_path} ({e}); fix or remove it."

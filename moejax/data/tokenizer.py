@@ -23,7 +23,6 @@ Layout of the 259 ids::
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from moejax.data.errors import DataError
 from moejax.data.subword_tokenizers import HFTokenizer, SentencePieceTokenizer, check_ids
+from moejax.paths import resolve
 
 PAD_ID = 0
 BOS_ID = 1
@@ -163,7 +163,7 @@ def load_tokenizer(spec: str, *, pad_id: int = -1) -> Tokenizer:
         raise DataError(f"data.tokenizer={spec!r}: unknown tokenizer kind {kind!r}; {_usage()}")
     if not path:
         raise DataError(f"data.tokenizer={spec!r} names no file; {_usage()}")
-    path = os.path.expanduser(path)
+    path = resolve(path)  # `~` expanded; gs:// kept
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path, pad_id=pad_id)
     return HFTokenizer(path, pad_id=pad_id)

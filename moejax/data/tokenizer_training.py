@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator
 
 from moejax.data.errors import DataError
+from moejax.paths import as_path, join, resolve, write_text
 
 KINDS = ("bpe", "sentencepiece")
 BPE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
@@ -44,8 +44,8 @@ def train_tokenizer(texts: Iterable[str], *, kind: str, vocab_size: int, out_dir
     """
     if kind not in KINDS:
         raise DataError(f"--kind={kind!r} is not one of {', '.join(KINDS)}.")
-    out_dir = os.path.abspath(out_dir)  # the spec works from any directory
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = resolve(out_dir)  # the spec works from any directory (or host: a gs:// URL)
+    as_path(out_dir).mkdir(parents=True, exist_ok=True)
     if kind == "bpe":
         return _train_bpe(texts, vocab_size, out_dir)
     return _train_sentencepiece(texts, vocab_size, out_dir)
@@ -70,12 +70,11 @@ def _train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str) -> str:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    write_text(join(out_dir, "tokenizer.json"), tok.to_str(pretty=True))
     pad, bos, eos = BPE_SPECIALS
     config = {"bos_token": bos, "eos_token": eos, "pad_token": pad}
     config["tokenizer_class"] = "PreTrainedTokenizerFast"  # so transformers loads it too
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_text(join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2))
     return f"hf:{out_dir}"
 
 
@@ -113,9 +112,8 @@ def _train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str) ->
             f"SentencePiece could not train --vocab_size={vocab_size} ({e}); change "
             "--vocab_size (above the corpus's distinct characters, below what it can merge)."
         ) from e
-    path = os.path.join(out_dir, "sp.model")
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
+    path = join(out_dir, "sp.model")
+    as_path(path).write_bytes(model.getvalue())
     return f"sentencepiece:{path}"
 
 

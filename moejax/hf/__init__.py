@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -49,6 +48,7 @@ from moejax.hf.weights import (
 from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
+from moejax.paths import as_path, join, write_text
 from moejax.sharding.config import DEFAULT_RULES
 
 TOP_LEVEL = (
@@ -59,8 +59,7 @@ LM_HEAD = "lm_head.weight"
 
 
 def read_config(path: str) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
+    return json.loads((as_path(path) / "config.json").read_text())
 
 
 def _extra_keys(keys: set[str], used: set[str], num_layers: int) -> list[str]:
@@ -159,7 +158,7 @@ def save_pretrained(model: Transformer, variables: dict[str, Any], path: str) ->
     transformers' `AutoModelForCausalLM.from_pretrained(path)` loads as the same function.
     Returns the architecture chosen; raises ConfigError naming the settings no supported
     architecture expresses."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     m: ModelConfig = model.model
     moe: MoEConfig = model.moe
@@ -175,14 +174,15 @@ def save_pretrained(model: Transformer, variables: dict[str, Any], path: str) ->
         tensors[name] = np.asarray(flat[key], np.float32)
     if not m.tie_embeddings:
         tensors[LM_HEAD] = np.asarray(flat["params/lm_head"], np.float32).T
-    os.makedirs(path, exist_ok=True)
-    save_file(
-        {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-        os.path.join(path, "model.safetensors"),
-        metadata={"format": "pt"},
+    directory = as_path(path)  # a local directory or a gs:// URL
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model.safetensors").write_bytes(
+        save(
+            {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+            metadata={"format": "pt"},
+        )
     )
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
+    write_text(join(path, "config.json"), json.dumps(hf, indent=2, sort_keys=True))
     return arch
 
 

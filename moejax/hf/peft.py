@@ -29,7 +29,6 @@ raise a ConfigError naming the option.
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any
 
@@ -45,6 +44,7 @@ from moejax.lora.hook import adapters_for
 from moejax.lora.merge import check_mergeable
 from moejax.lora.targets import ADAPTER_PREFIX
 from moejax.models.transformer import Transformer
+from moejax.paths import as_path, join, write_text
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -144,22 +144,21 @@ def check_peft_config(cfg: dict, where: str) -> None:
 
 
 def _read(adapter_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
-    path = os.path.join(adapter_dir, CONFIG_NAME)
-    if not os.path.isfile(path):
+    path = as_path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
         raise ConfigError(
             f"{adapter_dir} has no {CONFIG_NAME}; point adapter= at a peft adapter directory."
         )
-    with open(path) as f:
-        cfg = json.load(f)
-    weights = os.path.join(adapter_dir, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
+    cfg = json.loads(path.read_text())
+    weights = as_path(adapter_dir) / WEIGHTS_NAME
+    if not weights.is_file():
         raise ConfigError(
             f"{adapter_dir} has no {WEIGHTS_NAME} (moejax does not read "
             f"adapter_model.bin; re-save the adapter with safetensors)."
         )
-    return cfg, {k: np.asarray(v, np.float32) for k, v in load_file(weights).items()}
+    return cfg, {k: np.asarray(v, np.float32) for k, v in load(weights.read_bytes()).items()}
 
 
 def _lora_path(m, module: str, param: str, i: int) -> tuple[str, tuple[int, ...]]:
@@ -325,7 +324,7 @@ def save_adapter(
 ) -> dict:
     """Writes the plain-LoRA adapters of `variables` as a peft adapter directory that
     `peft.PeftModel.from_pretrained(hf_base, path)` loads; returns the adapter config."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     lora = None if model.adapters is None else model.adapters.cfg
     if lora is None or lora.method == "none":
@@ -445,8 +444,7 @@ def save_adapter(
         "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
     }
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    as_path(path).mkdir(parents=True, exist_ok=True)
+    (as_path(path) / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
+    write_text(join(path, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True))
     return config

@@ -16,9 +16,7 @@ the box of each tensor that device holds (safetensors `get_slice`).
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 
 import flax.linen as nn
 import flax.traverse_util
@@ -42,6 +40,7 @@ from moejax.hf.architectures import (
 from moejax.hf.layout import layer_slot
 from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
+from moejax.paths import as_path, glob_files, is_remote, join, resolve
 
 LAYER = "model.layers.{i}."
 
@@ -64,42 +63,65 @@ def _safetensors():
 
 
 class TensorReader:
-    """Lazy access to the tensors of a HF directory (one file or shards with an index)."""
+    """Lazy access to the tensors of a HF directory (one file or shards with an index), on
+    disk (memory-mapped, `safe_open`) or in a bucket (each shard read whole through epath
+    when one of its tensors is first asked for; the last shard read is kept)."""
 
     def __init__(self, path: str):
         safe_open = _safetensors()
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            files = [os.path.join(path, name) for name in files]
+        directory = as_path(path)
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [str(directory / name) for name in names]
         else:
-            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+            files = glob_files(join(path, "*.safetensors"))
         if not files:
             raise FileNotFoundError(
-                f"{path} holds no *.safetensors file (moejax.hf does not "
+                f"{resolve(path)} holds no *.safetensors file (moejax.hf does not "
                 f"read pytorch_model.bin; re-save with safetensors)."
             )
+        self.remote = is_remote(files[0])
+        self._open = safe_open
+        self._shard: tuple[str, dict] | None = None  # remote: the last shard read
         self.file_of: dict[str, str] = {}
         for name in files:
-            with safe_open(name, framework="flax") as f:
-                for key in f.keys():
-                    self.file_of[key] = name
-        self._open = safe_open
+            for key in self._keys(name):
+                self.file_of[key] = name
+
+    def _keys(self, name: str) -> list[str]:
+        if self.remote:
+            return list(self._read_shard(name))
+        with self._open(name, framework="flax") as f:
+            return list(f.keys())
+
+    def _read_shard(self, name: str) -> dict:
+        from safetensors.flax import load  # as `safe_open(framework="flax")`: bf16 too
+
+        if self._shard is None or self._shard[0] != name:
+            self._shard = (name, load(as_path(name).read_bytes()))
+        return self._shard[1]
 
     def keys(self) -> set[str]:
         return set(self.file_of)
 
     def get(self, key: str) -> np.ndarray:
+        if self.remote:
+            return np.asarray(self._read_shard(self.file_of[key])[key], np.float32)
         with self._open(self.file_of[key], framework="flax") as f:
             return np.asarray(f.get_tensor(key), np.float32)
 
     def shape(self, key: str) -> tuple[int, ...]:
+        if self.remote:
+            return tuple(self._read_shard(self.file_of[key])[key].shape)
         with self._open(self.file_of[key], framework="flax") as f:
             return tuple(f.get_slice(key).get_shape())
 
     def get_box(self, key: str, box: tuple[slice, ...]) -> np.ndarray:
-        """The sub-tensor `key[box]`, read without the rest of the tensor."""
+        """The sub-tensor `key[box]`, read without the rest of the tensor (in a bucket: cut
+        from its shard, read whole)."""
+        if self.remote:
+            return np.asarray(self._read_shard(self.file_of[key])[key][box], np.float32)
         with self._open(self.file_of[key], framework="flax") as f:
             return np.asarray(f.get_slice(key)[box], np.float32)
 

@@ -48,6 +48,17 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Initialise jax.distributed with auto-detection (TPU, SLURM)."
 )
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout",
+    None,
+    "Seconds without a heartbeat after which a process counts as lost and the job stops "
+    "(default 100; MOEJAX_HEARTBEAT_TIMEOUT).",
+)
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "init_timeout",
+    None,
+    "Seconds to keep trying to reach --coordinator at start (default 300; MOEJAX_INIT_TIMEOUT).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors whose message names the problem and the fix: printed alone, without a traceback.
@@ -109,7 +120,12 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
         initialize(
-            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            auto=_DISTRIBUTED.value,
+            heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
+            init_timeout=_INIT_TIMEOUT.value,
         )
         train(_CONFIG.value, _WORKDIR.value)
     except Preempted as e:

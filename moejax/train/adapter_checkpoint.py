@@ -27,7 +27,6 @@ as `(model, variables)`.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +46,7 @@ from moejax.lora.targets import is_adapter_path
 from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
 from moejax.nn.collections import ADAPTER_COLLECTIONS, NON_TRAINABLE
 from moejax.nn.trees import join_trees, split_tree
+from moejax.paths import as_path, join, resolve
 from moejax.train.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 from moejax.train.state_layouts import COLLECTIONS
 from moejax.train.step import TrainState
@@ -63,10 +63,10 @@ class BaseModelError(CheckpointError):
 def base_source(lora: LoRAConfig, workdir: str) -> dict[str, str]:
     """{"kind": "moejax" | "hf" | "own", "path": ...} of the run's base model."""
     if lora.base_checkpoint:
-        return {"kind": "moejax", "path": os.path.abspath(lora.base_checkpoint)}
+        return {"kind": "moejax", "path": resolve(lora.base_checkpoint)}
     if lora.base_hf:
-        return {"kind": "hf", "path": os.path.abspath(lora.base_hf)}
-    return {"kind": "own", "path": os.path.join(os.path.abspath(workdir), BASE_DIR)}
+        return {"kind": "hf", "path": resolve(lora.base_hf)}
+    return {"kind": "own", "path": join(workdir, BASE_DIR)}
 
 
 def _field(source: dict) -> str:
@@ -158,11 +158,10 @@ SAME_FUNCTION_FIELDS = (
 
 def _check_run_config(source: dict, model_cfg) -> None:
     """A base run's `config.json` (when present) must agree on the fields shapes miss."""
-    path = os.path.join(source["path"], "config.json")
-    if model_cfg is None or not os.path.isfile(path):
+    path = as_path(source["path"]) / "config.json"
+    if model_cfg is None or not path.is_file():
         return
-    with open(path) as f:
-        saved = json.load(f).get("model", {})
+    saved = json.loads(path.read_text()).get("model", {})
     for name in SAME_FUNCTION_FIELDS:
         if name in saved and saved[name] != getattr(model_cfg, name):
             raise BaseModelError(
@@ -230,7 +229,7 @@ def _restore_unrolled(
 
 def _load_hf(source: dict, abstract_base: Any, model_cfg) -> dict:
     path = source["path"]
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not (as_path(path) / "config.json").is_file():
         raise BaseModelError(
             f"lora.base_hf={path!r} has no config.json; point it at a Hugging Face model directory."
         )
@@ -274,7 +273,7 @@ def load_base(
         if base[COLLECTIONS] is not None and abstract_cols is not None:
             base[COLLECTIONS] = jax.tree.map(shard, base[COLLECTIONS], abstract_cols)
     else:
-        if not os.path.isdir(source["path"]):
+        if not as_path(source["path"]).is_dir():
             raise BaseModelError(
                 f"{_field(source)}={source['path']!r} does not exist. Adapter checkpoints hold "
                 f"adapters only and need the base they were trained on: restore that "
@@ -299,7 +298,7 @@ def save_own_base(workdir: str, params: Any, collections: Any) -> None:
     own = base_collections(collections)
     if own is not None:
         state[COLLECTIONS] = own
-    with Checkpointer(os.path.join(workdir, BASE_DIR), async_save=False, save_every=1) as ckpt:
+    with Checkpointer(join(workdir, BASE_DIR), async_save=False, save_every=1) as ckpt:
         if ckpt.latest_step() is None:
             ckpt.save(0, state, force=True)
 
@@ -389,8 +388,7 @@ def restore_adapter_run(
 def load_adapted(workdir: str, step: int | None = None):
     """`(model, variables)` of a finished adapter run: its base (from the source its config
     names, fingerprint checked) with the adapters of checkpoint `step` (default: latest)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = json.load(f)
+    config = json.loads((as_path(workdir) / "config.json").read_text())
     s = validate(config)
     if s.lora.method == "none":
         raise ConfigError(f"{workdir} is not an adapter run (lora.method='none').")

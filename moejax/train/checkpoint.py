@@ -29,7 +29,9 @@ the `keep` policy removing the oldest steps after a successful save.
 Integrity. Orbax writes a step into `{step}.orbax-checkpoint-tmp` and renames it to
 `{step}` only once every file is written, so a process killed during a save (SIGKILL,
 power loss of the host, OOM) leaves a temporary directory that is never listed as a
-step. `restore_or_init` resumes from the newest complete step and reports the interrupted
+step. In a bucket (`gs://`), which has no rename, orbax writes `{step}/` in place and adds
+`{step}/commit_success.txt` last; a step without it is never listed either.
+`restore_or_init` resumes from the newest complete step and reports the interrupted
 ones (`interrupted_steps`); the next save of such a step replaces its temporary directory.
 A complete step that is damaged afterwards (truncated or deleted files) is not skipped
 silently: restoring it raises a `CheckpointError` naming the step, the previous complete
@@ -49,11 +51,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy, save_decision_policy
 
+from moejax.paths import as_path, is_remote, join, move_command
 from moejax.train import state_layouts
 
 PyTree = Any
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step directories end with this
+
+_COMMIT_FILE = "commit_success.txt"  # orbax's mark of a complete step in a bucket
 
 _STATE, _DATA, _EXTRA = "state", "data", "extra"
 
@@ -100,8 +105,9 @@ class Checkpointer:
             raise ValueError(
                 f"Checkpointer(save_every={save_every!r}): save_every must be an int >= 1."
             )
-        # orbax requires absolute paths; a relative workdir is relative to the cwd.
-        self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+        # orbax requires absolute paths; a relative workdir is relative to the cwd. A gs://
+        # workdir stays a URL: orbax writes it through tensorstore's GCS driver.
+        self.directory = join(workdir, "checkpoints")
         self.keep = keep
         self.save_every = save_every
         self.async_save = async_save
@@ -140,17 +146,19 @@ class Checkpointer:
 
     def step_dir(self, step: int) -> str:
         """The directory of one step's checkpoint."""
-        return os.path.join(self.directory, str(step))
+        return join(self.directory, str(step))
 
     def interrupted_steps(self) -> list[int]:
-        """Steps whose save started but never completed (a temporary directory is left and
-        no complete directory of that step exists), ascending. Never restored."""
-        if not os.path.isdir(self.directory):
+        """Steps whose save started but never completed, ascending; never restored. On a
+        disk that is a temporary directory left behind; in a bucket, where orbax writes the
+        step in place and adds `commit_success.txt` last, a step directory without it."""
+        directory = as_path(self.directory)
+        if not directory.is_dir():
             return []
         complete = set(self.all_steps())
         steps = set()
-        for name in os.listdir(self.directory):
-            head = name.split(_TMP_SUFFIX)[0] if _TMP_SUFFIX in name else ""
+        for name in (p.name for p in directory.iterdir()):
+            head = name.split(_TMP_SUFFIX)[0] if _TMP_SUFFIX in name else name
             if head.isdigit() and int(head) not in complete:
                 steps.add(int(head))
         return sorted(steps)
@@ -208,10 +216,18 @@ class Checkpointer:
             raise CheckpointError(self._save_failed_message(step, e)) from e
         # A committed step has its final directory name (orbax writes to a temporary
         # one and renames it last); check it rather than trust that no error means done.
-        if step is not None and not os.path.isdir(self.step_dir(step)):
+        if step is not None and not self._committed(step):
             raise CheckpointError(
                 self._save_failed_message(step, f"{self.step_dir(step)} does not exist")
             )
+
+    def _committed(self, step: int) -> bool:
+        """Whether the save of `step` completed: its final directory exists (orbax renames
+        the temporary one last) or, in a bucket, it holds orbax's commit file."""
+        final = as_path(self.step_dir(step))
+        if is_remote(final):
+            return (final / _COMMIT_FILE).exists()
+        return final.is_dir()
 
     def _save_failed_message(self, step: int | None, cause: Any) -> str:
         return (
@@ -364,7 +380,7 @@ class Checkpointer:
             with ocp.PyTreeCheckpointer() as reader:
                 out = dict(
                     reader.restore(
-                        os.path.join(step_dir, _STATE),
+                        as_path(step_dir) / _STATE,
                         args=ocp.args.PyTreeRestore(
                             item, restore_args=restore_args, partial_restore=True
                         ),
@@ -406,8 +422,8 @@ class Checkpointer:
             state, data_state, _ = self.restore(step, target=target)
         except CorruptCheckpointError as e:
             earlier = [s for s in self.all_steps() if s < step]
-            aside = os.path.join(os.path.dirname(self.directory), f"corrupt-checkpoint-{step}")
-            move = f"`mv {self.step_dir(step)} {aside}`"
+            aside = join(as_path(self.directory).parent, f"corrupt-checkpoint-{step}")
+            move = f"`{move_command(self.step_dir(step), aside)}`"
             if earlier:
                 fix = (
                     f"To resume from the previous complete checkpoint, step {earlier[-1]}, "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import jax
@@ -32,6 +31,7 @@ from moejax.config.base import default_config
 from moejax.config.train import TrainConfig
 from moejax.hf import configs_as_dict, from_pretrained
 from moejax.nn.collections import NON_TRAINABLE
+from moejax.paths import as_path, is_remote, join, resolve, write_text
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.optimizer import make_optimizer
 from moejax.train.step import TrainState
@@ -54,7 +54,7 @@ def get_config(arg=None):
     for name, values in sections.items():
         config[name].update(values)
     kind, _, path = config.data.tokenizer.partition(":")
-    if path and not os.path.isabs(path):  # the run's own copy, next to this file
+    if path and not os.path.isabs(path) and "://" not in path:  # the copy next to this file
         here = os.path.dirname(os.path.abspath(__file__))
         config.data.tokenizer = kind + ":" + os.path.join(here, path)
     return config
@@ -71,17 +71,17 @@ TOKENIZER_FILES = (
 def copy_tokenizer(hf_dir: str, workdir: str) -> str | None:
     """Copies the checkpoint's tokenizer files into WORKDIR/tokenizer; returns the
     `data.tokenizer` spec relative to WORKDIR (None when the checkpoint has no tokenizer)."""
-    found = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, name))]
+    found = [name for name in TOKENIZER_FILES if (as_path(hf_dir) / name).is_file()]
     if "tokenizer.json" in found:
         spec = "hf:tokenizer"
     elif "tokenizer.model" in found:
         spec = "sentencepiece:tokenizer/tokenizer.model"
     else:
         return None
-    target = os.path.join(workdir, "tokenizer")
-    os.makedirs(target, exist_ok=True)
+    target = as_path(workdir) / "tokenizer"
+    target.mkdir(parents=True, exist_ok=True)
     for name in found:
-        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(target, name))
+        (as_path(hf_dir) / name).copy(target / name, overwrite=True)
     return spec
 
 
@@ -93,20 +93,22 @@ def convert(hf_dir: str, workdir: str) -> dict:
             f"{hf_dir}: variables {sorted(variables)} are not all part of the "
             f"train state (params, {', '.join(NON_TRAINABLE)}); nothing was written."
         )
-    os.makedirs(workdir, exist_ok=True)
+    as_path(workdir).mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=3, save_every=1, async_save=False)
     if ckpt.latest_step() is not None:
         raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new one.")
     sections = configs_as_dict(model)
     tokenizer = copy_tokenizer(hf_dir, workdir)
-    if tokenizer is not None:
-        sections["data"] = {"tokenizer": tokenizer}
+    if tokenizer is not None:  # in a bucket, by its URL: config.py is run from a local copy
+        kind, _, path = tokenizer.partition(":")
+        remote = f"{kind}:{join(workdir, path)}"
+        sections["data"] = {"tokenizer": remote if is_remote(workdir) else tokenizer}
     config = default_config()
     for name, values in sections.items():
         config[name].update(values)
     if tokenizer is not None:  # config.json names the copy by its absolute path
         kind, _, path = tokenizer.partition(":")
-        config.data.tokenizer = f"{kind}:{os.path.join(os.path.abspath(workdir), path)}"
+        config.data.tokenizer = f"{kind}:{join(workdir, path)}"
     params = variables["params"]
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -116,13 +118,10 @@ def convert(hf_dir: str, workdir: str) -> dict:
     )
     ckpt.save(0, state, extra={"config": config.to_dict(), "converted_from": hf_dir}, force=True)
     ckpt.close()
-    with open(os.path.join(workdir, "model.json"), "w") as f:
-        json.dump(sections, f, indent=2, sort_keys=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-    path = os.path.join(workdir, "config.py")
-    with open(path, "w") as f:
-        f.write(CONFIG_PY.format(path=path, workdir=workdir))
+    write_text(join(workdir, "model.json"), json.dumps(sections, indent=2, sort_keys=True))
+    write_text(join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    path = join(workdir, "config.py")
+    write_text(path, CONFIG_PY.format(path=path, workdir=resolve(workdir)))
     jax.block_until_ready(params)
     return config.to_dict()
 
@@ -149,9 +148,14 @@ def main(argv):
             f"tokenizer.model): the run would feed byte ids to a sub-word vocabulary. Pass "
             f"--config.data.tokenizer=hf:DIR (or sentencepiece:FILE) when fine-tuning."
         )
+    config_py = join(workdir, "config.py")
+    if is_remote(workdir):  # a config file is imported from local disk
+        config_py = "config.py"
+        files = f"{join(workdir, 'config.py')} {join(workdir, 'model.json')}"
+        print(f"copy its config file here first: gcloud storage cp {files} .")
     print(
-        f"wrote {workdir}: fine-tune with python -m moejax.train "
-        f"--config={os.path.join(workdir, 'config.py')} --workdir={workdir}"
+        f"wrote {resolve(workdir)}: fine-tune with python -m moejax.train "
+        f"--config={config_py} --workdir={resolve(workdir)}"
     )
 
 

@@ -16,12 +16,25 @@ process 0 writes logs and metrics, and orbax writes the checkpoint from all of t
 On CPU the cross-process collectives go through gloo
 (`jax_cpu_collectives_implementation`), which must be set before initialisation; it is
 harmless on GPU and TPU, whose collectives do not use it.
+
+Losing a host. JAX's coordination service (on process 0) expects a heartbeat from every
+process; one silent for `--heartbeat_timeout` seconds (MOEJAX_HEARTBEAT_TIMEOUT, default 100,
+JAX's) is declared dead and every other process is terminated with JAX's fatal error
+"Terminating process because the JAX distributed service detected fatal errors ... another
+task died" (a C++ abort, exit status 134), so a survivor never waits forever in a collective.
+SIGTERM to any one process is handled by JAX's preemption sync point (`preemption.py`): all
+save the same step and exit 143. A process that cannot reach `--coordinator` at start gets
+`CoordinatorUnreachable` naming the address after `--init_timeout` seconds (default 300)
+instead of JAX's abort. In every case rerunning the same commands resumes from the newest
+complete checkpoint (`experiments/faults.py`'s `mh_*` scenarios).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -31,6 +44,15 @@ from moejax.config_section import ConfigError
 ENV_COORDINATOR = ("MOEJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS")
 ENV_NUM_PROCESSES = ("MOEJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES")
 ENV_PROCESS_ID = ("MOEJAX_PROCESS_ID", "JAX_PROCESS_ID")
+ENV_HEARTBEAT = ("MOEJAX_HEARTBEAT_TIMEOUT",)
+ENV_INIT_TIMEOUT = ("MOEJAX_INIT_TIMEOUT",)
+DEFAULT_HEARTBEAT_TIMEOUT = 100  # s, jax.distributed's default
+DEFAULT_INIT_TIMEOUT = 300  # s, likewise
+COMPILE_BARRIER_S = 3600  # s: how long processes wait for each other's first compile
+
+
+class CoordinatorUnreachable(ConfigError):
+    """A process could not join the job: the coordinator's address is wrong or unreachable."""
 
 
 def _env(names: tuple[str, ...]) -> str | None:
@@ -54,9 +76,16 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     auto: bool = False,
+    heartbeat_timeout: int | None = None,
+    init_timeout: int | None = None,
 ) -> bool:
     """Joins a multi-process job when asked (arguments first, then the environment);
-    returns whether it did. With nothing given (and `auto` False) it is a no-op."""
+    returns whether it did. With nothing given (and `auto` False) it is a no-op.
+
+    `heartbeat_timeout` (MOEJAX_HEARTBEAT_TIMEOUT, default 100 s, JAX's): a process that
+    sends no heartbeat for that long is declared dead and every other process is stopped
+    (see "Losing a host" above). `init_timeout` (MOEJAX_INIT_TIMEOUT, default 300 s): how
+    long to keep trying to reach the coordinator before `CoordinatorUnreachable`."""
     coordinator = coordinator or _env(ENV_COORDINATOR)
     num_processes = _as_int(
         num_processes if num_processes is not None else _env(ENV_NUM_PROCESSES), "--num_processes"
@@ -87,14 +116,71 @@ def initialize(
             raise ConfigError(
                 f"--process_id={process_id} must be in [0, --num_processes={num_processes})."
             )
+    heartbeat_timeout = _as_int(
+        heartbeat_timeout if heartbeat_timeout is not None else _env(ENV_HEARTBEAT),
+        "--heartbeat_timeout",
+    )
+    init_timeout = _as_int(
+        init_timeout if init_timeout is not None else _env(ENV_INIT_TIMEOUT), "--init_timeout"
+    )
     try:  # a JAX whose CPU collectives need no choice may not have the option
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, KeyError, ValueError):
         pass
+    timeouts = {
+        "heartbeat_timeout_seconds": heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT,
+        "initialization_timeout": init_timeout or DEFAULT_INIT_TIMEOUT,
+    }
+    if process_id is not None and process_id != 0 and coordinator:
+        # JAX aborts the process (a C++ fatal error blaming "another task") when it cannot
+        # register with the coordinator; reaching its port first gives the real reason.
+        _wait_for_coordinator(coordinator, process_id, timeouts["initialization_timeout"])
     jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        **timeouts,
     )
     return True
+
+
+def _wait_for_coordinator(address: str, process_id: int, timeout: float) -> None:
+    """Retries a TCP connection to `address` until it succeeds or `timeout` s have passed
+    (process 0 may start after this one); raises CoordinatorUnreachable."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return
+        except (OSError, ValueError) as e:
+            if time.monotonic() >= deadline or isinstance(e, ValueError):
+                raise CoordinatorUnreachable(
+                    f"process {process_id} could not reach the coordinator at --coordinator="
+                    f"{address} within --init_timeout={timeout:g} s ({type(e).__name__}: {e}). "
+                    f"Start process 0 with the same --coordinator (its host's address and a "
+                    f"free port), check that this host can reach it (firewall, hostname), "
+                    f"or raise --init_timeout; nothing was started."
+                ) from e
+        time.sleep(0.5)
+
+
+def compile_together(step_fn, *args, timeout_s: int = COMPILE_BARRIER_S) -> None:
+    """Multi-process: compiles `step_fn` for `args` before its first call, then waits until
+    every process has (a barrier of the coordination service, not a collective). Without it
+    a process that compiles faster runs the step first, and on CPU gloo gives up after 30 s
+    waiting for the others to join its first collective. A no-op for one process; the
+    call that follows reuses the compiled executable."""
+    if jax.process_count() == 1:
+        return
+    step_fn.lower(*args).compile()
+    # jax.distributed's client: its barrier has no public wrapper (multihost_utils' is a
+    # collective, which is what must wait here).
+    from jax._src import distributed as jax_distributed
+
+    jax_distributed.global_state.client.wait_at_barrier(
+        "moejax-first-step-compiled", timeout_in_ms=timeout_s * 1000
+    )
 
 
 def gather_data_states(state: dict) -> dict:

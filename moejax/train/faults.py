@@ -33,7 +33,6 @@ Testing hooks (environment variables read by the trainer; nothing in a config en
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import signal
 from collections.abc import Sequence
@@ -42,6 +41,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+
+from moejax.paths import as_path
 
 NAN_STEPS_ENV = "MOEJAX_FAULT_NAN_STEPS"
 KILL_IN_SAVE_ENV = "MOEJAX_FAULT_KILL_IN_SAVE"
@@ -184,15 +186,16 @@ class BadStepGuard:
 # --- Checkpoint damage, for the fault tests and experiments/faults.py ---------------------
 
 
-def _truncate(path: str) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+def _truncate(path: epath.Path) -> None:
+    """Cuts the file to half its length (one object rewritten, in a bucket)."""
+    path.write_bytes(path.read_bytes()[: path.stat().length // 2])
 
 
-# name -> function damaging one checkpoint step directory in a way restore must detect.
+# name -> function damaging one checkpoint step directory (a local path or a gs:// URL) in a
+# way restore must detect.
 CHECKPOINT_CORRUPTIONS = {
-    "truncated arrays": lambda d: [_truncate(p) for p in glob.glob(f"{d}/state/d/*")],
-    "deleted manifest": lambda d: os.remove(f"{d}/state/manifest.ocdbt"),
-    "truncated tree metadata": lambda d: _truncate(f"{d}/state/_METADATA"),
-    "truncated data json": lambda d: _truncate(f"{d}/data/metadata"),
+    "truncated arrays": lambda d: [_truncate(p) for p in as_path(d).glob("state/d/*")],
+    "deleted manifest": lambda d: (as_path(d) / "state" / "manifest.ocdbt").unlink(),
+    "truncated tree metadata": lambda d: _truncate(as_path(d) / "state" / "_METADATA"),
+    "truncated data json": lambda d: _truncate(as_path(d) / "data" / "metadata"),
 }

@@ -3,8 +3,9 @@ optimizer, sharded state, compiled steps) -> restored or initialised state -> st
 logging, evaluation (`evaluation.py`), checkpoints, resume.
 
 `train(config, workdir)` runs (or resumes) one experiment and returns its final metrics.
-Everything it writes lives in `workdir`: `config.json`, `checkpoints/`, `metrics.jsonl`,
-`tensorboard/`.
+Everything it writes lives in `workdir`, a local directory or a gs:// URL (`moejax.paths`):
+`config.json`, `checkpoints/`, `metrics.jsonl`, `tensorboard/`. Process 0 writes the shared
+files (config, metrics, events); every process writes its shards of each checkpoint.
 
 Reliability (issue 8): every input is checked before compiling (`preflight.py`); a run
 killed at any step and restarted with the same command continues from its latest complete
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -31,12 +31,13 @@ from moejax.config.renames import apply_renames
 from moejax.config.validation import Sections, validate
 from moejax.data import describe
 from moejax.models.flops import count_params, train_flops_per_token
+from moejax.paths import join, write_text
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import shard_batch
 from moejax.train import config_history, preflight
 from moejax.train.adapter_checkpoint import restore_adapter_run, saved_state
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.distributed import gather_data_states, local_data_state
+from moejax.train.distributed import compile_together, gather_data_states, local_data_state
 from moejax.train.evaluation import evaluate
 from moejax.train.experiment import Experiment, build_experiment
 from moejax.train.faults import BadStepGuard, FaultHooks, NonFiniteError
@@ -53,8 +54,7 @@ from moejax.train.writers import MultiWriter, make_writers
 
 
 def _write_config(workdir: str, config_dict: dict) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config_dict, f, indent=2, sort_keys=True)
+    write_text(join(workdir, "config.json"), json.dumps(config_dict, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------
@@ -195,7 +195,10 @@ class _Run:
                 f"not checkpointing step {step}: its loss or gradients were non-finite; "
                 f"the latest checkpoint stays step {self.ckpt.latest_step()}"
             )
-        elif self.ckpt.save(
+            return
+        # A metrics.jsonl in a bucket is uploaded whole: first, so it covers the checkpoint.
+        self.writers.flush()
+        if self.ckpt.save(
             step,
             saved_state(state, self.adapter_run),
             data_state=gather_data_states(self.train_batches.get_state()),
@@ -258,6 +261,8 @@ def _run_steps(
         batch = shard_batch(
             run.hooks.poison(step, next(run.train_batches)), run.exp.mesh, s.mesh.rules
         )
+        if step == start_step + 1:
+            compile_together(run.exp.step_fn, state, batch)  # multi-process: all compiled
         state, metrics = run.exp.step_fn(state, batch)
         if step == start_step + 1:  # compile time is not throughput
             jax.block_until_ready(metrics)

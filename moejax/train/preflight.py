@@ -2,8 +2,8 @@
 
 `train()` calls these after `validate(config)` and before building the model:
 
-  - `check_workdir`: the run directory can be created and written (a probe file is written
-    and removed; nothing else is touched);
+  - `check_workdir`: the run directory (a local path or a gs:// URL, `moejax.paths`) can be
+    created and written (a probe file is written and removed; nothing else is touched);
   - `check_resume_config`: a workdir holding checkpoints is resumed with the same model
     (its `config.json` read in today's field names, `moejax.config.renames`);
   - `open_train_data`: the tokenizer and every source open (a missing file, column or
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 
 from moejax.config.pod_data import prepare_command
@@ -35,6 +36,7 @@ from moejax.data import (
     make_batches,
     open_tokenizer,
 )
+from moejax.paths import as_path, is_remote, resolve
 
 
 class WorkdirError(RuntimeError):
@@ -42,19 +44,30 @@ class WorkdirError(RuntimeError):
 
 
 def check_workdir(workdir: str) -> str:
-    """Creates `workdir` if needed and proves it writable; returns its absolute path."""
-    path = os.path.abspath(os.path.expanduser(workdir))
-    probe = os.path.join(path, f".moejax-write-test-{os.getpid()}")
+    """Creates `workdir` if needed and proves it writable; returns its full name (a local
+    path made absolute, a gs:// URL as given). Every process probes with its own file, since
+    every process writes its shards of each checkpoint."""
+    path = resolve(workdir)
+    probe = as_path(path) / f".moejax-write-test-{jax.process_index()}-{os.getpid()}"
     try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as e:  # OSError locally; gcsfs and google-auth raise their own types
+        if is_remote(path):
+            fix = (
+                f"Check that the bucket exists (`gcloud storage ls {path}`) and that this "
+                f"machine's service account may create objects in it"
+            )
+        else:
+            fix = (
+                f"Pass a --workdir on a writable disk with free space, or fix the "
+                f"permissions of {path}"
+            )
+        cause = getattr(e, "strerror", None) or e
         raise WorkdirError(
-            f"--workdir={workdir!r} cannot be written ({type(e).__name__}: "
-            f"{e.strerror or e}). Pass a --workdir on a writable disk with free space, or fix "
-            f"the permissions of {path}; nothing was started."
+            f"--workdir={workdir!r} cannot be written ({type(e).__name__}: {cause}). "
+            f"{fix}; nothing was started."
         ) from e
     return path
 
@@ -62,18 +75,17 @@ def check_workdir(workdir: str) -> str:
 def check_resume_config(workdir: str, config_dict: dict) -> None:
     """A workdir with checkpoints must be resumed with the same model; anything else would
     fail deep inside the restore or, worse, silently train a different model."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    path = as_path(workdir) / "config.json"
+    if not path.exists() or not (as_path(workdir) / "checkpoints").is_dir():
         return
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"{path} cannot be read ({e}), so this workdir's run cannot be checked against "
             f"the config. Restore that file from a copy, or pass a new --workdir."
         ) from e
-    saved = apply_renames(saved, source=path)  # a run written with older field names
+    saved = apply_renames(saved, source=str(path))  # a run written with older field names
     for section in ("model", "moe"):
         for key, value in config_dict[section].items():
             old = saved.get(section, {}).get(key)

@@ -9,7 +9,8 @@ Every writer has `write`, `flush` and `close`; `MultiWriter` fans out to several
     {workdir}/tensorboard/      TensorBoard event files
     stdout                      a tqdm bar on a terminal, one plain line per log step otherwise
 
-Only the main process (process 0) writes files or prints, so a multi-host job logs once.
+`workdir` may be a gs:// URL (`moejax.paths`). Only the main process (process 0) writes
+files or prints, so a multi-host job logs once.
 `read_jsonl` reads the JSONL file back for tests and notebooks.
 """
 
@@ -26,6 +27,8 @@ from typing import Any, Protocol, TextIO
 
 import numpy as np
 import tqdm
+
+from moejax.paths import as_path, is_remote, join, resolve, write_text
 
 Metrics = Mapping[str, Any]  # name -> float | int | np.ndarray | jax.Array
 
@@ -67,25 +70,39 @@ class JsonlWriter:
     JavaScript, most JSON libraries outside Python) reject the `NaN` token Python would
     otherwise emit; `null` also keeps a pandas column numeric (it reads as NaN).
 
-    The file is opened in append mode and never truncated, so a resumed run adds to the
-    same file (the steps between the last checkpoint and a crash then appear twice; the
-    later line is the one that matches the resumed run). Each line is flushed as it is
-    written, so `tail -f` and notebooks see it at once.
+    The file is never truncated, so a resumed run adds to the same file (the steps between
+    the last checkpoint and a crash then appear twice; the later line is the one that
+    matches the resumed run). On a local disk it is opened in append mode and each line is
+    flushed as it is written, so `tail -f` and notebooks see it at once.
+
+    In a bucket (`gs://...`), where an object cannot be appended to, the file is one object
+    holding every line: its old content is read when the writer starts, and it is rewritten
+    whole at most every `upload_every_secs` and at every `flush()` (the trainer flushes at
+    each checkpoint, so the object always covers every step up to the latest checkpoint; a
+    host lost after that loses only lines of steps the resumed run logs again).
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = os.fspath(path)
-        parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
+    def __init__(self, path: str | os.PathLike[str], *, upload_every_secs: float = 30.0):
+        self.path = resolve(path)
+        self.remote = is_remote(self.path)
+        self.upload_every_secs = upload_every_secs
+        file = as_path(self.path)
+        if self.remote:
+            old = file.read_text(encoding="utf-8") if file.exists() else ""
+            # A last line without its newline (cut short) gets one, as on a local disk.
+            self._lines = [old + "\n"] if old and not old.endswith("\n") else [old]
+            self._dirty = False
+            self._uploaded_at = time.monotonic()
+            return
+        file.parent.mkdir(parents=True, exist_ok=True)
         # A crash mid-write can leave a last line without its newline; start a fresh
         # line so the first new record is not glued onto it.
         cut_short = False
-        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-            with open(self.path, "rb") as f:
+        if file.exists() and file.stat().length > 0:
+            with file.open("rb") as f:
                 f.seek(-1, os.SEEK_END)
                 cut_short = f.read(1) != b"\n"
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = file.open("a", encoding="utf-8")
         if cut_short:
             self._file.write("\n")
 
@@ -99,14 +116,30 @@ class JsonlWriter:
         record: dict[str, Any] = {"step": int(step), "time": time.time()}
         for name, value in metrics.items():
             record[name] = _jsonable(_as_array(name, value).tolist())
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        line = json.dumps(record, allow_nan=False) + "\n"
+        if not self.remote:
+            self._file.write(line)
+            self._file.flush()
+            return
+        self._lines.append(line)
+        self._dirty = True
+        if time.monotonic() - self._uploaded_at >= self.upload_every_secs:
+            self.flush()
 
     def flush(self) -> None:
-        self._file.flush()
+        if not self.remote:
+            self._file.flush()
+        elif self._dirty:
+            self._lines = ["".join(self._lines)]
+            write_text(self.path, self._lines[0])
+            self._dirty = False
+            self._uploaded_at = time.monotonic()
 
     def close(self) -> None:
-        self._file.close()
+        if self.remote:
+            self.flush()
+        else:
+            self._file.close()
 
 
 def _jsonable(value: Any) -> Any:
@@ -126,7 +159,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict]:
     rest of a run. Non-finite values come back as None.
     """
     records = []
-    with open(path, encoding="utf-8") as f:
+    with as_path(path).open("r", encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -171,7 +204,7 @@ class TensorBoardWriter:
     ):
         from tensorboardX import SummaryWriter  # Imported here: heavy, and files only.
 
-        self.logdir = os.fspath(logdir)
+        self.logdir = resolve(logdir)  # tensorboardX writes gs:// through google-cloud-storage
         self.max_scalar_array = max_scalar_array
         # tensorboardX names event files by the second and opens them for writing, so a
         # second writer started within the same second (a quick restart) would overwrite
@@ -399,12 +432,11 @@ def make_writers(
     """
     if not is_main_process:
         return MultiWriter([])
-    workdir = os.fspath(workdir)
     return MultiWriter(
         [
-            JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+            JsonlWriter(join(workdir, "metrics.jsonl")),
             TensorBoardWriter(
-                os.path.join(workdir, "tensorboard"),
+                join(workdir, "tensorboard"),
                 purge_step=start_step + 1 if start_step > 0 else None,
             ),
             ConsoleProgress(total_steps, start_step, fields=TRAINER_CONSOLE_FIELDS),

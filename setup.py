@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2.0",
     "tokenizers>=0.20",
     "pyarrow>=15",
+    # Routing traces and their metrics (moejax.analysis): tidy DataFrames.
+    "pandas>=2.1",
 ]
 
 EXTRAS_REQUIRE = {
@@ -32,6 +34,11 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.5",
         "ruff==0.17.6",  # pinned: a new release may format differently and fail CI
         "import-linter>=2.1",  # dependency contracts (the architecture issue)
+        # The notebooks of experiments/notebooks run top to bottom in the tests.
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
+        "matplotlib>=3.8",
     ],
     "gpu": ["jax[cuda12]>=0.7.0", "jax-triton>=0.3.0"],
     # libtpu: ahead-of-time compiles for TPU topologies from any host (moejax.sharding.
@@ -47,7 +54,8 @@ EXTRAS_REQUIRE = {
     ],
     # Peers in experiments/benchmarks/gmm.py (its `xla` ragged_dot runs on CPU).
     "bench": ["tokamax>=0.0.12"],
-    "notebook": ["jupyter>=1.0", "matplotlib>=3.8", "pandas>=2.1"],
+    # Opening and editing experiments/notebooks (the tests run them with the `test` extra).
+    "notebook": ["jupyter>=1.0", "matplotlib>=3.8"],
 }
 
 setup(

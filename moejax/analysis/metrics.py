@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-KEY = ["seq", "segment", "position"]  # one token of a trace (with `layer`: one row)
+KEY = ("seq", "segment", "position")  # one token of a trace (with `layer`: one row)
 
 
 def read_trace(path) -> pd.DataFrame:
@@ -331,7 +331,7 @@ def layer_transitions(trace: pd.DataFrame, num_experts: int | None = None) -> pd
     rows = []
     for step, part in trace.groupby("step", sort=True):
         layers = sorted(part["layer"].unique())
-        by_layer = {layer: part[part["layer"] == layer].set_index(KEY) for layer in layers}
+        by_layer = {layer: part[part["layer"] == layer].set_index(list(KEY)) for layer in layers}
         for a, b in zip(layers[:-1], layers[1:]):
             joined = by_layer[a][["experts"]].join(
                 by_layer[b][["experts"]], how="inner", lsuffix="_a", rsuffix="_b"
@@ -380,7 +380,7 @@ def consecutive_locality(trace: pd.DataFrame, num_experts: int | None = None) ->
     e = _num_experts(trace, num_experts)
     rows = []
     for (step, layer), part in _groups(trace, ["step", "layer"]):
-        part = part.sort_values(KEY)
+        part = part.sort_values(list(KEY))
         seq, seg, pos = (part[c].to_numpy() for c in KEY)
         nxt = (seq[1:] == seq[:-1]) & (seg[1:] == seg[:-1]) & (pos[1:] == pos[:-1] + 1)
         member = _membership(part, e, None)

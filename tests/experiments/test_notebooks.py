@@ -47,12 +47,14 @@ def outputs(nb, kind):
 def test_routing_analysis_notebook_runs_on_a_tiny_run(tiny_moe_run, tmp_path, monkeypatch):
     path = tmp_path / "tiny.parquet"
     trace.write_trace(tiny_moe_run, path, tokens=300, steps=[2, 4], log=lambda s: None)
-    monkeypatch.setenv("MOEJAX_TRACES", f"tiny={path}")
+    # Two "seeds" of one group (the same trace twice): plotted once, averaged in the summary.
+    monkeypatch.setenv("MOEJAX_TRACES", f"tiny/seed0={path},tiny/seed1={path}")
     nb = execute("routing_analysis.ipynb")
     assert not outputs(nb, "error")
     assert len(outputs(nb, "image/png")) >= 9  # every plotting section draws
     assert all(c.execution_count for c in nb.cells if c.cell_type == "code")
-    assert "tiny" in nb.cells[-1].outputs[0]["data"]["text/plain"]  # the summary table
+    per_trace, summary = (o["data"]["text/plain"] for o in nb.cells[-1].outputs)
+    assert "tiny/seed1" in per_trace and "± 0.0000" in summary
     html = "".join(o["data"]["text/html"] for o in outputs(nb, "text/html"))
     assert 'title="expert ' in html  # the coloured text sample
 

@@ -32,7 +32,9 @@ to `train.log` there, and whose state is `sweep_status.json` there:
   writes the tables of what finished; rerunning the command resumes the rest.
 
 Afterwards, `<workdir>/results.csv` (one row per run: status, final and best value of each
-metric), `results.md` (per variant: mean ± std over the finished seeds, final and best),
+metric), `results.md` (per variant: mean ± std over the finished seeds, final and best; with
+`--baseline=VARIANT` also each variant's final values minus the baseline's, paired seed by
+seed, which cancels what a seed's data order does to every variant alike),
 `curves.csv` (every logged value of the metrics, step by step: variant, seed, step, metric,
 value) and `sweep.json` (the runs, their commands and status). Final = the last logged value,
 best = the lowest (every metric swept here is a loss, a spread or a fraction to minimise);
@@ -629,10 +631,58 @@ def markdown_table(summary: Sequence[dict[str, Any]], metrics: Sequence[str]) ->
     return "\n".join(lines)
 
 
+def paired_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str], baseline: str) -> str:
+    """Each variant's final values minus the baseline variant's, seed by seed (the same seed:
+    the same initialisation seed and data order), as mean ± std over the seeds both finished;
+    `*` marks a mean difference larger than its standard deviation over seeds."""
+    done = [r for r in rows if r["status"] in ("done", "skipped")]
+    base = {r["seed"]: r for r in done if r["variant"] == baseline}
+    if not base:
+        raise SweepError(
+            f"--baseline={baseline!r} has no finished run; the variants are "
+            f"{sorted({r['variant'] for r in rows})}."
+        )
+    head = ["variant", "paired seeds"] + [f"Δ {m} (final)" for m in metrics]
+    lines = [
+        f"Paired by seed, against {baseline} (negative: lower than {baseline}):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + " --- |" * len(head),
+    ]
+    for variant in dict.fromkeys(r["variant"] for r in done):
+        if variant == baseline:
+            continue
+        cells = [variant, ""]
+        for m in metrics:
+            key = f"final:{m}"
+            diffs = [
+                r[key] - base[r["seed"]][key]
+                for r in done
+                if r["variant"] == variant
+                and r["seed"] in base
+                and r[key] is not None
+                and base[r["seed"]][key] is not None
+            ]
+            cells[1] = str(len(diffs))
+            if not diffs:
+                cells.append("-")
+                continue
+            mean, std = mean_std(diffs)
+            mark = " *" if len(diffs) > 1 and abs(mean) > std else ""
+            cells.append(f"{mean:+.4f} ± {std:.4f}{mark}" if len(diffs) > 1 else f"{mean:+.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_results(
-    workdir: str, runs: Sequence[Run], commands: Sequence[list[str]], metrics: Sequence[str]
+    workdir: str,
+    runs: Sequence[Run],
+    commands: Sequence[list[str]],
+    metrics: Sequence[str],
+    baseline: str | None = None,
 ) -> str:
-    """Writes results.csv, results.md, curves.csv and sweep.json; returns the markdown."""
+    """Writes results.csv, results.md, curves.csv and sweep.json; returns the markdown.
+    With `baseline` (a variant), results.md also holds the paired differences against it."""
     os.makedirs(workdir, exist_ok=True)
     rows = summarize(runs, metrics)
     fields = list(rows[0]) if rows else ["variant", "seed", "status"]
@@ -650,6 +700,8 @@ def write_results(
     table = markdown_table(summary, metrics)
     failed = [r for r in rows if r["status"] == "failed"]
     text = table + "\n"
+    if baseline:
+        text += "\n" + paired_table(rows, metrics, baseline) + "\n"
     if failed:
         text += "\nFailed runs:\n\n" + "".join(
             f"- {r['variant']}/seed{r['seed']}: {r['error']}\n" for r in failed
@@ -697,6 +749,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], help="section.field=v1,v2 (product)")
     p.add_argument("--zip", action="append", default=[], help="section.field=v1,v2 (together)")
     p.add_argument("--only", default="", help="variant names or globs to run, comma-separated")
+    p.add_argument(
+        "--baseline", default="", help="a variant: results.md adds differences to it, by seed"
+    )
     p.add_argument("--platform", default="auto", choices=["auto", "cpu", "gpu", "tpu"])
     p.add_argument("--devices", default="auto", help="device ids to split (auto: all of them)")
     p.add_argument("--dry_run", "--dry-run", action="store_true", help="print one command per run")
@@ -738,8 +793,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         commands = [train_command(run, args.config) for run in runs]
         metrics = [m for m in args.metrics.split(",") if m]
+        if args.baseline and args.baseline not in {r.variant for r in runs}:
+            raise SweepError(
+                f"--baseline={args.baseline!r} is not a variant of this sweep: "
+                f"{sorted({r.variant for r in runs})}."
+            )
         if args.results_only:
-            print(write_results(args.workdir, runs, commands, metrics))
+            print(write_results(args.workdir, runs, commands, metrics, args.baseline or None))
             return 0
         if args.dry_run:
             check_runs(runs, None)  # against each mesh's own devices, not this host's
@@ -764,7 +824,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     outcome = run_all(runs, commands, slots, log=lambda s: print(s, flush=True))
-    print("\n" + write_results(args.workdir, runs, commands, metrics), flush=True)
+    try:
+        text = write_results(args.workdir, runs, commands, metrics, args.baseline or None)
+    except SweepError as e:  # e.g. the baseline variant failed: the plain tables are written
+        text = write_results(args.workdir, runs, commands, metrics) + f"\n({e})"
+    print("\n" + text, flush=True)
     print(f"sweep: tables in {os.path.join(args.workdir, 'results.md')} and results.csv")
     if any(s == "interrupted" for s in outcome.values()):
         return 130

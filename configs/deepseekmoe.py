@@ -18,7 +18,9 @@ for a v6e-256 (POD_LAYOUTS below; compiled and checked to fit by experiments/pod
 
 Active FFN width per token is 4 x 128 routed + 1 x 128 shared = 640 = dense.py's d_ff and
 gshard.py's 2 x 320, so the three tiny configs compare at equal active parameters.
-Sweep: `sweep_granularity` below; compare `eval/loss` and `train/moe/load_cv`.
+Sweeps: `sweep_granularity` (compare `eval/loss` and `train/moe/load_cv`) and
+`sweep_ablation` (the paper's ablation: dense, GShard, + fine-grained, + shared expert;
+experiments/README.md has it at CPU scale).
 """
 
 from moejax.config.args import parse_arg
@@ -110,14 +112,46 @@ def get_config(arg=None):
     return c
 
 
-def sweep_granularity(add):
-    """Fine-grained segmentation at fixed active width: m in {1, 2, 4}."""
+def sweep_granularity(add, config):
+    """Fine-grained segmentation at fixed active and total routed width: the config's top_k
+    routed experts are split back into m in {1, 2, 4} pieces each (tiny: 4 x 512 top-1,
+    8 x 256 top-2, 16 x 128 top-4), without shared experts."""
+    width = config.moe.top_k * config.moe.d_expert  # the routed width a token activates
+    coarse = config.moe.num_experts // config.moe.top_k
     for m in (1, 2, 4):
         add(
             **{
-                "moe.num_experts": 4 * m,
+                "moe.num_experts": coarse * m,
                 "moe.top_k": m,
-                "moe.d_expert": 512 // m,
+                "moe.d_expert": width // m,
                 "moe.n_shared": 0,
             }
         )
+
+
+def sweep_ablation(add, config):
+    """DeepSeekMoE's ablation (Dai et al., 2024, Table 1 and Figure 3) at the active FFN width
+    F = model.d_ff of a dense layer: dense (F); GShard, top-2 of 8 experts of F/2;
+    + fine-grained segmentation, each expert split into 4 (top-8 of 32 of F/8); + shared
+    expert isolation, one of those 32 always on (1 shared + top-7 of 31: DeepSeekMoE). Every
+    MoE variant has the same total (8 x F/2) and active (F) width; the first layer stays
+    dense. The paper's "shared expert removed" is an evaluation of the trained DeepSeekMoE
+    variant (experiments/shared_expert_removed.py), not a run."""
+    width = config.model.d_ff
+    moe = {"model.moe_every": 1, "moe.renormalize": False}
+    add(name="dense", **{"model.moe_every": 0})
+    add(
+        name="gshard_top2",
+        **moe,
+        **{"moe.num_experts": 8, "moe.top_k": 2, "moe.d_expert": width // 2, "moe.n_shared": 0},
+    )
+    add(
+        name="fine_grained",
+        **moe,
+        **{"moe.num_experts": 32, "moe.top_k": 8, "moe.d_expert": width // 8, "moe.n_shared": 0},
+    )
+    add(
+        name="fine_grained_shared",
+        **moe,
+        **{"moe.num_experts": 31, "moe.top_k": 7, "moe.d_expert": width // 8, "moe.n_shared": 1},
+    )

@@ -12,7 +12,9 @@ Pod run (d 1024, 24 layers, 8 experts of 4096):
 laid out for v5p:4x4x8 (128 chips) by default, `size=pod,topology=v6e:16x16` for a v6e-256.
 
 The tiny size has 2 x 320 = 640 active FFN width, as dense.py and deepseekmoe.py.
-Sweep: `sweep_capacity`; compare `eval/loss` and `train/moe/dropped_fraction`.
+`:tokenizer=bpe` trains on 4096 sub-word ids (as deepseekmoe.py). Sweeps: `sweep_capacity`
+(compare `eval/loss` and `train/moe/dropped_fraction`) and `sweep_routers` (five routers at
+this shape; experiments/README.md has both at CPU scale).
 """
 
 from moejax.config.args import parse_arg
@@ -30,8 +32,9 @@ POD_LAYOUTS = {
 
 
 def get_config(arg=None):
-    # steps=0: the size's default; topology: a key of POD_LAYOUTS ("" = the first)
-    arg = parse_arg(arg, size="tiny", steps=0, topology="")
+    # steps=0: the size's default; topology: a key of POD_LAYOUTS ("" = the first);
+    # tokenizer=bpe: a 4096-id BPE trained on the offline corpus (as deepseekmoe.py)
+    arg = parse_arg(arg, size="tiny", steps=0, topology="", tokenizer="byte")
     c = default_config()
     c.train.steps = arg.steps or {"tiny": 300, "pod": 100_000}.get(arg.size, 0)
     if arg.size == "tiny":
@@ -82,10 +85,58 @@ def get_config(arg=None):
         raise ValueError(f"size={arg.size!r}: choose tiny or pod")
     if arg.topology and arg.size != "pod":
         raise ValueError("topology= picks a pod layout: use it with size=pod")
+    if arg.tokenizer == "bpe":
+        if arg.size != "tiny":
+            raise ValueError("tokenizer=bpe trains on the offline corpus: use it with size=tiny")
+        c.data.tokenizer = "corpus_bpe:4096"
+        c.model.vocab_size = 0  # the tokenizer's size, rounded up to a multiple of 128
+    elif arg.tokenizer != "byte":
+        raise ValueError(f"tokenizer={arg.tokenizer!r}: choose byte or bpe")
     return c
 
 
 def sweep_capacity(add):
+    """GShard's fixed expert capacity (capacity_einsum drops what overflows) at capacity
+    factors 1.0 / 1.25 / 2.0, against dropless dispatch (ragged): compare `eval/loss` with
+    `train/moe/dropped_fraction`."""
     for cf in (1.0, 1.25, 2.0):
-        add(**{"moe.dispatcher": "capacity_einsum", "moe.capacity_factor": cf})
-    add(**{"moe.dispatcher": "ragged"})
+        add(
+            name=f"capacity={cf}",
+            **{"moe.dispatcher": "capacity_einsum", "moe.capacity_factor": cf},
+        )
+    add(name="dropless", **{"moe.dispatcher": "ragged"})
+
+
+def sweep_routers(add, config):
+    """The routers of the README router table on this shape and budget: softmax top-k
+    (GShard), RMoE's recurrent GRU router (Qiu et al., 2024; h = d_model) with and without
+    gradients through the recurrence (their Table 5 ablation), top-p dynamic routing (Huang
+    et al., 2024: p = 0.4, entropy loss 1e-4, as top_p.py) and DeepSeek-V3's sigmoid router
+    balanced by its bias alone (auxiliary-loss-free: no balance loss of any kind)."""
+    gru = {"moe.scorer": "gru", "moe.gru_dim": config.model.d_model, "moe.gru_shared": True}
+    add(name="softmax_topk")
+    add(name="rmoe_gru", **gru, **{"moe.gru_detach": False})
+    add(name="rmoe_gru_detached", **gru, **{"moe.gru_detach": True})
+    add(
+        name="top_p",
+        **{
+            "moe.selection": "top_p",
+            "moe.top_p": 0.4,
+            "moe.top_k": config.moe.num_experts,
+            "moe.renormalize": False,
+            "moe.balance_coef": 1e-2,
+            "moe.z_loss_coef": 0.0,
+            "moe.entropy_coef": 1e-4,
+        },
+    )
+    add(
+        name="sigmoid_bias_aux_free",
+        **{
+            "moe.selection": "sigmoid_bias",
+            "moe.renormalize": True,
+            "moe.bias_update_rate": 1e-3,
+            "moe.balance_coef": 0.0,
+            "moe.seq_balance_coef": 0.0,
+            "moe.z_loss_coef": 0.0,
+        },
+    )

@@ -36,3 +36,26 @@ def gcs():
 
     with storage_emulator() as env:
         yield env
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_run(tiny_corpus_dir, tmp_path_factory) -> str:
+    """A finished tiny DeepSeekMoE run (2 MoE layers, 4 steps, checkpoints at steps 2 and 4)
+    for the tools that read runs back: load_run, sampling, traces, the notebooks."""
+    from moejax.train.loop import train
+
+    workdir = str(tmp_path_factory.mktemp("tiny_moe_run") / "run")
+    config = make_tiny_config(
+        tiny_corpus_dir,
+        "deepseekmoe",
+        **{
+            "model.first_k_dense": 0,
+            "train.steps": 4,
+            "train.checkpoint_every": 2,
+            "train.keep_checkpoints": 3,
+            "train.eval_every": 4,
+            "train.eval_batches": 1,
+        },
+    )
+    train(config, workdir)
+    return workdir

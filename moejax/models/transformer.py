@@ -24,10 +24,12 @@ plus the model's non-trainable collections (`moejax.nn.collections`: DeepSeek-V3
 projection, which `moejax.train.chunked_loss` projects a chunk of tokens at a time) and
 `extras`: `aux_loss` (scalar, already weighted), `aux_losses` (name -> scalar
 summed over layers), `moe_metrics` (name -> array with a leading MoE-layer axis) and
-`routing` (per-token decisions `[num_moe_layers, B, L]`: `top1_expert`,
-`experts_per_token`). Adapters (`adapters`, a `moejax.nn.adapter_hook.AdapterHook`) sow
-their losses, metrics and loads; `moejax.models.side_outputs.apply_model` applies the model
-with those collections mutable and adds them to `extras`. With X-LoRA the hook runs the
+`routing` (per-token decisions with a leading MoE-layer axis: `top1_expert`,
+`experts_per_token`, `router_entropy` `[num_moe_layers, B, L]`, `expert_ids`,
+`combine_weights` `[num_moe_layers, B, L, k]`; `moejax.moe.layer.MoEOutput`). Adapters
+(`adapters`, a `moejax.nn.adapter_hook.AdapterHook`) sow their losses, metrics and loads;
+`moejax.models.side_outputs.apply_model` applies the model with those collections mutable
+and adds them to `extras`. With X-LoRA the hook runs the
 stacks once more to compute its scalings.
 """
 

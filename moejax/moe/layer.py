@@ -7,8 +7,10 @@ With `shared_gate` (Qwen2-MoE, Qwen Team, 2024) the shared term is
 
 Input `x[B, L, d]` is flattened to T = B*L tokens for routing and dispatch. Returns an
 `MoEOutput`: the layer output, the router state for the next MoE layer, the weighted aux
-losses, the metrics, and per-token routing decisions `[B, L]` for analysis (`top1_expert`,
-`experts_per_token`).
+losses, the metrics, and per-token routing decisions for analysis: `top1_expert`,
+`experts_per_token` and `router_entropy` `[B, L]`, `expert_ids` and `combine_weights`
+`[B, L, k]` (what `moejax.analysis.trace` records; a step that does not return them never
+computes them: jit drops unused outputs).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ class MoEOutput:
 
     y: [B, L, d]; router_state: the state for the next MoE layer's router (None for stateless
     routers); aux_losses: name -> scalar, already weighted; metrics: name -> array (logged);
-    per_token: `top1_expert` and `experts_per_token`, int32[B, L].
+    per_token: `top1_expert` and `experts_per_token` int32[B, L], `router_entropy`
+    float32[B, L], `expert_ids` int32[B, L, k] and `combine_weights` float32[B, L, k] (in
+    the router's rank order; weight 0 = slot unused).
     """
 
     y: jax.Array
@@ -106,11 +110,20 @@ class MoELayer(nn.Module):
                 dt = dtype_of(m.dtype)
                 shared = jax.nn.sigmoid(x.astype(dt) @ w.astype(dt))[:, None] * shared
             y = y + shared
+        k = routing.expert_ids.shape[-1]
+        entropy = routing.token_entropy
         per_token = {
             "top1_expert": routing.expert_ids[:, 0].reshape(b, length),
             "experts_per_token": jnp.sum(
                 routing.combine_weights > 0, axis=-1, dtype=jnp.int32
             ).reshape(b, length),
+            "expert_ids": routing.expert_ids.reshape(b, length, k),
+            "combine_weights": routing.combine_weights.astype(jnp.float32).reshape(b, length, k),
+            "router_entropy": (
+                jnp.full((b, length), jnp.nan, jnp.float32)
+                if entropy is None
+                else entropy.astype(jnp.float32).reshape(b, length)
+            ),
         }
         return MoEOutput(
             y=y.reshape(b, length, d),

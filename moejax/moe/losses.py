@@ -128,12 +128,16 @@ def router_z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array
     return jnp.sum(z * z * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def token_entropy(probs: jax.Array) -> jax.Array:
+    """Each token's entropy (nats) of its router distribution `probs[T, E]`: float32[T]."""
+    p = probs.astype(jnp.float32)
+    return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+
+
 def router_entropy(probs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Mean per-token entropy (nats) of the router distribution."""
     m = _mask(probs.shape[0], mask)
-    p = probs.astype(jnp.float32)
-    h = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
-    return jnp.sum(h * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return jnp.sum(token_entropy(probs) * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def coefficient_of_variation(load: jax.Array) -> jax.Array:

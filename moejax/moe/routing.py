@@ -21,7 +21,10 @@ class Routing:
     expert_ids: int32[T, k]; combine_weights: [T, k] (zero weight = slot unused, e.g. top-p
     padding); aux_losses: name -> scalar already multiplied by its coefficient, summed into
     the training loss; metrics: name -> array, logged; state: the router's recurrent state
-    carried to the next MoE layer (None for stateless routers).
+    carried to the next MoE layer (None for stateless routers); token_entropy: float32[T],
+    each token's entropy (nats) of the router's probabilities (set by the selection rules;
+    None for gates without a distribution over experts), read by routing traces
+    (`moejax.analysis.trace`).
     """
 
     expert_ids: jax.Array
@@ -29,3 +32,4 @@ class Routing:
     aux_losses: dict[str, jax.Array]
     metrics: dict[str, jax.Array]
     state: Any = None
+    token_entropy: jax.Array | None = None

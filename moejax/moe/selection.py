@@ -64,6 +64,7 @@ from moejax.moe.losses import (
     router_z_loss,
     routing_metrics,
     sequence_balance_loss,
+    token_entropy,
 )
 from moejax.moe.one_hot import take_experts
 from moejax.moe.routing import Routing
@@ -125,7 +126,11 @@ def finish_routing(
     metrics = routing_metrics(probs, ids, weights, mask, load=f, entropy=entropy)
     metrics.update(balance_loss=balance, z_loss=z)
     return Routing(
-        expert_ids=ids.astype(jnp.int32), combine_weights=weights, aux_losses=aux, metrics=metrics
+        expert_ids=ids.astype(jnp.int32),
+        combine_weights=weights,
+        aux_losses=aux,
+        metrics=metrics,
+        token_entropy=token_entropy(probs),
     )
 
 

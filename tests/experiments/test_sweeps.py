@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 import pytest
 from testing_utils import REPO
@@ -11,6 +12,7 @@ from moejax.config.validation import validate
 
 spec = importlib.util.spec_from_file_location("sweep_runner", REPO / "experiments" / "sweep.py")
 sweep = importlib.util.module_from_spec(spec)
+sys.modules["sweep_runner"] = sweep  # dataclasses look their module up
 spec.loader.exec_module(sweep)
 
 SWEEPS = []
@@ -25,17 +27,17 @@ def test_there_are_sweeps():
 
 
 @pytest.mark.parametrize("config_name,sweep_name", SWEEPS)
-def test_sweep_variants_are_valid_and_distinct(config_name, sweep_name):
-    runs = sweep.variants(str(REPO / "configs" / config_name), sweep_name)
+def test_sweep_variants_are_valid_and_distinct(config_name, sweep_name, tmp_path):
+    runs = sweep.plan(str(REPO / "configs" / config_name), sweep_name, str(tmp_path))
     assert len(runs) >= 2
-    assert len({name for name, _, _ in runs}) == len(runs)
-    for _, overrides, config in runs:
-        s = validate(config, num_devices=1, num_processes=1)
-        for key, value in overrides.items():
+    assert len({run.variant for run in runs}) == len(runs)
+    for run in runs:
+        s = validate(run.config, num_devices=1, num_processes=1)
+        for key, value in run.overrides.items():
             section, field = key.split(".", 1)
             assert getattr(getattr(s, section), field) == value
 
 
-def test_unknown_sweep_names_the_available_ones():
-    with pytest.raises(SystemExit, match="its sweeps are"):
-        sweep.variants(str(REPO / "configs" / "gshard.py"), "nope")
+def test_unknown_sweep_names_the_available_ones(tmp_path):
+    with pytest.raises(sweep.SweepError, match="its sweeps are"):
+        sweep.plan(str(REPO / "configs" / "gshard.py"), "nope", str(tmp_path))

@@ -57,9 +57,11 @@ def test_unreachable_coordinator_names_the_address_and_the_flag(tiny_corpus_dir,
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
+@pytest.mark.slow
 def test_multi_host_kill_and_preemption_recover(tmp_path):
     """Five 2-process jobs (the reference, then each fault and its rerun) sharing one JAX
-    compilation cache: minutes, not seconds, but the issue asks for them in `make test`."""
+    compilation cache: minutes, so `make test-slow`; the default run keeps the unreachable
+    coordinator above and tests/train/test_multihost.py's 2-process training."""
     rows = _faults(tmp_path, "--scenarios=mh_sigterm,mh_sigkill", "--jobs=1")
     _assert_recovered(rows, ["mh_sigterm", "mh_sigkill"])
 

@@ -3,8 +3,8 @@ shared expert disabled and one more routed expert activated instead.
 
 Dai et al., 2024, "DeepSeekMoE" (arXiv 2401.06066), section 4.5, "Shared Experts Are
 Irreplaceable by Routed Experts": the trained DeepSeekMoE 2B is evaluated with the shared
-expert disabled and one more routed expert per token (so the compute stays the same); the
-Pile loss rises from 1.808 to 2.414. Here each run of `--workdirs` (or every seed of
+expert disabled and one more routed expert per token (so the compute stays the same), and
+its Pile loss rises sharply. Here each run of `--workdirs` (or every seed of
 `--sweep_dir`'s `--variant`) is read back with `moejax.load_run`, its MoE layers' `shared`
 parameters are dropped, `moe.n_shared` becomes 0 and `moe.top_k` grows by
 `--extra_routed` (default 1), and both models are scored on the run's validation batches by

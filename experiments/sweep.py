@@ -652,7 +652,8 @@ def paired_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str], baselin
     for variant in dict.fromkeys(r["variant"] for r in done):
         if variant == baseline:
             continue
-        cells = [variant, ""]
+        paired = sorted(r["seed"] for r in done if r["variant"] == variant and r["seed"] in base)
+        cells = [variant, str(len(paired))]
         for m in metrics:
             key = f"final:{m}"
             diffs = [
@@ -663,7 +664,6 @@ def paired_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str], baselin
                 and r[key] is not None
                 and base[r["seed"]][key] is not None
             ]
-            cells[1] = str(len(diffs))
             if not diffs:
                 cells.append("-")
                 continue

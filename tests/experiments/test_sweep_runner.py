@@ -196,7 +196,11 @@ def test_tables_hold_mean_and_std_over_seeds(tmp_path):
     with open(os.path.join(runs[0].workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": 20, "eval/loss": 3.0}) + "\n")
     text = sweep.write_results(
-        str(tmp_path), runs, commands, ["eval/loss", "train/moe/load_cv"], baseline="dropless"
+        str(tmp_path),
+        runs,
+        commands,
+        ["eval/loss", "train/moe/load_cv", "not/logged"],
+        baseline="dropless",
     )
     finals = [3.0, 4.5, 5.0]  # seed 0's rewritten step 20, then 4 + s / 2
     mean, std = np.mean(finals), np.std(finals, ddof=1)
@@ -209,6 +213,7 @@ def test_tables_hold_mean_and_std_over_seeds(tmp_path):
     # Paired by seed against dropless (seeds 0 and 1: its seed 2 failed): 3.0 - 4.0, 4.5 - 4.5.
     d = [-1.0, 0.0]
     assert f"| capacity=1.0 | 2 | {np.mean(d):+.4f} ± {np.std(d, ddof=1):.4f} |" in text
+    assert text.splitlines()[-5].endswith("| - |")  # a metric never logged: no difference
     with pytest.raises(sweep.SweepError, match="no finished run"):
         sweep.paired_table(sweep.summarize(runs, ["eval/loss"]), ["eval/loss"], "nope")
     with open(tmp_path / "results.csv") as f:

@@ -169,7 +169,7 @@ def _run(*args):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,  # 9 cases on 8 simulated devices; generous for a loaded host
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]

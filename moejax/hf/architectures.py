@@ -163,6 +163,15 @@ COMMON_KEYS = {
 }
 COMMON_REQUIRED = {"hidden_act": ("silu",), "rope_scaling": (None,)}
 
+# Multi-head latent attention (DeepSeek-V2 and V3): the same five fields in both.
+MLA_KEYS = {
+    "q_lora_rank": ("model.q_lora_rank", _zero_if_none),
+    "kv_lora_rank": ("model.kv_lora_rank", _same),
+    "qk_nope_head_dim": ("model.qk_nope_head_dim", _same),
+    "qk_rope_head_dim": ("model.qk_rope_head_dim", _same),
+    "v_head_dim": ("model.v_head_dim", _same),
+}
+
 LLAMA = Architecture(
     "LlamaForCausalLM",
     "llama",
@@ -240,11 +249,7 @@ DEEPSEEK_V3 = Architecture(
         "routed_scaling_factor": ("moe.routed_scaling_factor", _same),
         "n_group": ("moe.n_group", _same),
         "topk_group": ("moe.topk_group", _same),
-        "q_lora_rank": ("model.q_lora_rank", _zero_if_none),
-        "kv_lora_rank": ("model.kv_lora_rank", _same),
-        "qk_nope_head_dim": ("model.qk_nope_head_dim", _same),
-        "qk_rope_head_dim": ("model.qk_rope_head_dim", _same),
-        "v_head_dim": ("model.v_head_dim", _same),
+        **MLA_KEYS,
     },
     required={**COMMON_REQUIRED, "attention_bias": (False,)},
     # head_dim / qk_head_dim are derived from the MLA dims; the multi-token-prediction module
@@ -351,11 +356,7 @@ DEEPSEEK_V2 = Architecture(
         "routed_scaling_factor": ("moe.routed_scaling_factor", _same),
         "n_group": ("moe.n_group", _one_if_none),
         "topk_group": ("moe.topk_group", _one_if_none),
-        "q_lora_rank": ("model.q_lora_rank", _zero_if_none),
-        "kv_lora_rank": ("model.kv_lora_rank", _same),
-        "qk_nope_head_dim": ("model.qk_nope_head_dim", _same),
-        "qk_rope_head_dim": ("model.qk_rope_head_dim", _same),
-        "v_head_dim": ("model.v_head_dim", _same),
+        **MLA_KEYS,
     },
     # transformers' DeepseekV2TopkRouter never renormalises the top-k weights (DeepSeek's own
     # code does with norm_topk_prob) and reads first_k_dense_replace but not moe_layer_freq:

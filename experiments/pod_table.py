@@ -113,7 +113,7 @@ def table_row(report: dict) -> str:
     mfu = report.get("mfu_bound")
     peak = report.get("peak_bytes")
     fits = report.get("fits_hbm")
-    hbm = report.get("hbm_bytes", report["chip"]["hbm_bytes"])
+    hbm = report["hbm_bytes"] if "hbm_bytes" in report else report["chip"]["hbm_bytes"]
     headroom_ok = peak is not None and peak <= (1 - HBM_HEADROOM) * hbm
     if peak is not None:
         memory = f"{peak / GIB:.1f} / {hbm / GIB:.2f}"

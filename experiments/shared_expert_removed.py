@@ -1,4 +1,4 @@
-"""DeepSeekMoE's "shared expert removed" ablation, on trained runs: evaluate a run with its
+r"""DeepSeekMoE's "shared expert removed" ablation, on trained runs: evaluate a run with its
 shared expert disabled and one more routed expert activated instead.
 
 Dai et al., 2024, "DeepSeekMoE" (arXiv 2401.06066), section 4.5, "Shared Experts Are

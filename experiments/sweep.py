@@ -1,4 +1,4 @@
-"""Run a config's sweep (variants x seeds), N runs at a time, and tabulate mean ± std.
+r"""Run a config's sweep (variants x seeds), N runs at a time, and tabulate mean ± std.
 
     python -m experiments.sweep --config=configs/deepseekmoe.py:tokenizer=bpe --sweep=ablation \
         --workdir=runs/ablation --seeds=3 --parallel=2 --metrics=eval/loss,train/moe/load_cv \

@@ -1,4 +1,4 @@
-"""Sample text from a run: `python -m moejax.sample --workdir=W --prompt="def "`.
+r"""Sample text from a run: `python -m moejax.sample --workdir=W --prompt="def "`.
 
 Reads checkpoint `--step` (default: the latest) of the run with `moejax.load_run`, encodes the
 prompt with the run's tokenizer (BOS first, no EOS), decodes with the key/value cache of

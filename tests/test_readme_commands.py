@@ -294,13 +294,12 @@ def _lora(ctx, commands):
 
 def _sweep_dry_run(ctx, commands):
     for command in commands:
-        _, argv = split(command.replace(" ... ", " --config=configs/deepseekmoe.py "))
-        if "--sweep=granularity" not in argv:
-            argv.append("--sweep=granularity")
+        _, argv = split(command)
         argv = replace_flag(argv, "--workdir", str(ctx.tmp / "sweep"))
-        out = ctx.run([*argv, "--dry-run"] if "--dry-run" not in argv else argv)
-        variants = [line for line in out.splitlines() if line.startswith("== num_experts=")]
-        assert len(variants) >= 2 and "python -m moejax.train" in variants[0], out[-2000:]
+        out = ctx.run(argv if "--dry_run" in argv else [*argv, "--dry-run"])
+        variants = [line for line in out.splitlines() if line.startswith("python -m moejax.train")]
+        assert len(variants) >= 2 and "--config." in variants[0], out[-2000:]
+        assert f"--workdir={ctx.tmp / 'sweep'}/" in variants[0], variants[0]
         assert not (ctx.tmp / "sweep").exists() or not any((ctx.tmp / "sweep").iterdir())
 
 
@@ -450,10 +449,59 @@ README = {
         "--coordinator=host0:1234 --num_processes=2 --process_id=0"
     ),
     "sweep": (
-        "python experiments/sweep.py --config=configs/deepseekmoe.py --sweep=granularity "
-        "--workdir=runs/granularity --metrics=eval/loss,train/moe/load_cv"
+        "python -m experiments.sweep --config=configs/deepseekmoe.py --sweep=granularity "
+        "--workdir=runs/granularity --seeds=3 --parallel=2 --metrics=eval/loss,train/moe/load_cv"
+    ),
+    "sweep_pod": (
+        "python -m experiments.sweep --config=configs/gshard.py:size=pod --sweep=capacity "
+        "--workdir=gs://bucket/capacity --dry_run"
+    ),
+    "sample": 'python -m moejax.sample --workdir=runs/dsmoe --prompt="def " --max_new_tokens=100',
+    "sample_top_p": (
+        'python -m moejax.sample --workdir=runs/dsmoe --prompt="The " --temperature=0.8 '
+        "--top_p=0.95"
+    ),
+    "trace": (
+        "python -m moejax.analysis.trace --workdir=runs/dsmoe --step=all --tokens=20000 "
+        "--out=runs/dsmoe/trace.parquet"
     ),
 }
+SWEEP_ABLATION = (
+    "python -m experiments.sweep --config=configs/deepseekmoe.py:tokenizer=bpe --sweep=ablation "
+    "--workdir=runs/ablation --seeds=3 --parallel=2 --metrics=eval/loss,train/moe/load_cv "
+    "--config.train.steps=250"
+)
+# The "Running on a TPU pod" walk-through of README.md: each needs a GCP project.
+GCP = "gcloud, a GCP project, a bucket and a TPU slice"
+GCS_TESTS = (
+    "; the same paths in a local gs:// emulator: tests/train/test_gcs_workdir.py, "
+    "tests/data/test_bucket_sources.py, tests/experiments/test_faults_pod.py"
+)
+BUCKET_SOURCES = "parquet:$BUCKET/c4-en/train-*.parquet"
+POD_WALKTHROUGH = (
+    "ZONE=us-east5-a; TPU=moejax-v5p; BUCKET=gs://my-moejax",
+    "gcloud storage buckets create $BUCKET --location=us-east5",
+    "gcloud compute tpus tpu-vm create $TPU --zone=$ZONE --accelerator-type=v5p-256 "
+    "--version=v2-alpha-tpuv5",
+    "gcloud compute tpus tpu-vm scp --recurse --zone=$ZONE --worker=all . $TPU:~/moejax",
+    "gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command='cd moejax && "
+    'python3 -m venv .venv && .venv/bin/pip install -e ".[tpu]"\'',
+    "gcloud storage cp c4-en/train-*.parquet $BUCKET/c4-en/",
+    f'python -m moejax.data.tokenizer_train --sources="{BUCKET_SOURCES}" --kind=sentencepiece '
+    "--vocab_size=32000 --out=$BUCKET/tokenizers/c4_sp32k",
+    'gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="cd moejax && '
+    ".venv/bin/python -m moejax.train --distributed "
+    "--config=configs/deepseekmoe.py:size=pod,topology=v5p:4x4x8 "
+    f"--config.data.sources='{BUCKET_SOURCES}' "
+    "--config.data.tokenizer=sentencepiece:$BUCKET/tokenizers/c4_sp32k/sp.model "
+    '--config.model.vocab_size=32000 --workdir=$BUCKET/runs/dsmoe-v5p"',
+    "gcloud compute tpus queued-resources create moejax-2x --zone=$ZONE --node-count=2 "
+    "--node-prefix=moejax-2x --accelerator-type=v5p-256 --runtime-version=v2-alpha-tpuv5",
+    "gcloud compute tpus queued-resources ssh moejax-2x --zone=$ZONE --node=all --worker=all "
+    '--command="cd moejax && .venv/bin/python -m moejax.train --distributed '
+    "--config=configs/deepseekmoe.py:size=pod,topology=v5p:4x4x8 --config.mesh.data=2 ... "
+    '--workdir=$BUCKET/runs/dsmoe-2x"',
+)
 
 
 def _tiny(name: str, arg: str = "") -> str:
@@ -492,7 +540,7 @@ ROWS = {
         (README["convert"], README["fine_tune"]), _convert_then_fine_tune, slow=False
     ),
     "sweep_dry_run": Row(
-        (README["sweep"], "python experiments/sweep.py ... --dry-run"), _sweep_dry_run, False
+        (README["sweep"], README["sweep_pod"], SWEEP_ABLATION), _sweep_dry_run, slow=False
     ),
     "pod_table_from_json": Row((f"{POD_TABLE} --table",), _pod_table_from_json, slow=False),
     # Slow: the same entry points on every other config and option (the resume itself is
@@ -578,6 +626,28 @@ COVERED_BY = {
         "tests/experiments/test_moe_layer_benchmark.py::"
         "test_every_dispatcher_is_timed_against_the_fastest_dense_swiglu"
     ),
+    README["sample"]: (
+        "tests/analysis/test_load_and_sample.py::test_sample_cli_prints_the_greedy_continuation"
+    ),
+    README["sample_top_p"]: (
+        "tests/analysis/test_load_and_sample.py::test_sampling_is_seeded_and_errors_are_one_line"
+    ),
+    README["trace"]: (
+        "tests/analysis/test_trace.py::test_the_cli_traces_every_step_on_the_same_tokens"
+    ),
+    "python -m experiments.shared_expert_removed --sweep_dir=runs/ablation "
+    "--variant=fine_grained_shared": (
+        "tests/experiments/test_shared_expert_removed.py::test_the_cli_prints_both_losses"
+    ),
+    "python experiments/notebooks/execute.py experiments/notebooks/routing_analysis.ipynb": (
+        "tests/experiments/test_notebooks.py::test_routing_analysis_notebook_runs_on_a_tiny_run"
+    ),
+    f"{FAULTS} --gcs --scenarios corrupt,kill_during_save": (
+        "tests/experiments/test_faults_pod.py::test_corrupt_and_interrupted_save_in_a_bucket"
+    ),
+    f"{FAULTS} --scenarios mh_sigkill,mh_sigterm,mh_unreachable --jobs 1": (
+        "tests/experiments/test_faults_pod.py::test_multi_host_kill_and_preemption_recover"
+    ),
 }
 
 POD = (
@@ -602,6 +672,11 @@ NOT_RUN = {
     POD_TABLE: "compiles every pod config for its TPU slices: about an hour here",
     f"{POD_TABLE} --only=deepseekmoe --topology=v6e:16x16": (
         "a pod compile for 256 v6e chips: 4-15 minutes here"
+    ),
+    **{command: GCP + GCS_TESTS for command in POD_WALKTHROUGH},
+    "python -m experiments.benchmarks.hf_sharded_load --dir /tmp/synth --gb 2": (
+        "writes a checkpoint of 0.5 GB or more and loads it twice; "
+        "tests/hf/test_sharded_loading.py loads a tiny one onto a mesh"
     ),
     f"{POD_TABLE} --only=deepseekmoe --remat=none,dots,full": (
         "three pod compiles for 128 v5p chips: 4-15 minutes each here"
@@ -645,11 +720,6 @@ def test_quick_form(name, tmp_path, tiny_corpus_dir):
     row.run(Context(tmp_path, tiny_corpus_dir), row.commands)
 
 
-# Files whose docstring another issue rewrites (sweep.py: issue 19, its command-line
-# overrides and variant subsets), checked once they are handed back.
-HANDED_OVER = {"experiments/sweep.py": "issue 19 rewrites experiments/sweep.py"}
-
-
 def test_no_docstring_continues_a_line_with_a_backslash():
     """A `\\` before a newline inside a non-raw string literal joins the two lines, so
     `--help` and `help()` show a command as one line with a run of spaces. Commands in
@@ -657,8 +727,6 @@ def test_no_docstring_continues_a_line_with_a_backslash():
     bad = []
     for path in [*DOCSTRING_FILES, *REPO.glob("moejax/**/*.py")]:
         rel = str(path.relative_to(REPO))
-        if rel in HANDED_OVER:
-            continue
         source = path.read_text()
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):

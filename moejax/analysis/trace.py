@@ -1,4 +1,4 @@
-"""Routing traces: what every MoE layer of a run chose for each validation token, as parquet.
+r"""Routing traces: what every MoE layer of a run chose for each validation token, as parquet.
 
     python -m moejax.analysis.trace --workdir=runs/deepseekmoe --tokens=20000 \
         --out=runs/deepseekmoe/trace.parquet [--step=300|100,200,300|all] [--sources=code,prose]

@@ -18,6 +18,7 @@ from moejax.config.validation import validate
 from moejax.config_section import ConfigError
 from moejax.data import DataError
 from moejax.sharding.mesh import make_mesh
+from moejax.train import config_history
 from moejax.train.checkpoint import Checkpointer, CheckpointMismatchError
 from moejax.train.experiment import build_experiment
 from moejax.train.loop import train
@@ -93,7 +94,12 @@ def test_run_written_with_the_old_router_field_resumes(tiny_config, tmp_path):
     with pytest.warns(ConfigDeprecationWarning, match=re.escape(message)):
         train(tiny_config("rmoe", **{**steps, "train.steps": 4}), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
-    assert "router" in json.loads(path.read_text())["moe"]  # a resumed run keeps its file
+    # The resume changed train.steps, so config.json now holds today's spelling, and the
+    # config the run was started with stays in its history (config_history.py).
+    assert json.loads(path.read_text())["moe"]["scorer"] == "gru"
+    first, resumed = config_history.history(tmp_path)[0], config_history.history(tmp_path)[-1]
+    assert first["step"] == 0 and first["config"]["moe"]["scorer"] == "gru"
+    assert resumed["step"] == 2 and resumed["changed"]["train.steps"] == [2, 4]
 
 
 def test_cli_prints_one_message_and_exits_1(tiny_config, tmp_path):

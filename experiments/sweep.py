@@ -18,7 +18,8 @@ Every variant is validated before any run starts (against the devices each run w
 with `--dry_run` against the devices its mesh names: `mesh.topology`'s chips, else the
 product of the fixed mesh sizes, not this host's). Each run is one
 `python -m moejax.train ... --workdir=<workdir>/<variant>/seed<s>` process whose output goes
-to `train.log` there, and whose state is `sweep_status.json` there:
+to `train.log` there (for a gs:// workdir: under ./sweep_logs), and whose state is
+`sweep_status.json` there (any `etils.epath` path):
 
 - a run whose status is `done` with the same command is skipped; any other (interrupted,
   failed, or done with another command, e.g. more steps) is started again, and the trainer
@@ -59,6 +60,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from etils import epath
 
 if __package__ in (None, ""):  # `python experiments/sweep.py`: the repository on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -356,21 +359,33 @@ def device_slots(platform: str, devices: Sequence[str], parallel: int) -> list[S
 # Running: N at a time, status files, skipping and resuming.
 
 
+def is_local(path: str) -> bool:
+    """Whether `path` is on this machine's file system (not gs:// and the like)."""
+    return "://" not in str(path)
+
+
+def log_path(run: Run) -> str:
+    """Where a run's console output goes: `train.log` in its workdir, or for a remote
+    workdir (gs://) the same relative path under ./sweep_logs on this machine."""
+    if is_local(run.workdir):
+        return os.path.join(run.workdir, LOG_FILE)
+    return os.path.join("sweep_logs", str(run.workdir).split("://", 1)[1], LOG_FILE)
+
+
 def read_status(run: Run) -> dict | None:
-    path = os.path.join(run.workdir, STATUS_FILE)
+    path = epath.Path(run.workdir) / STATUS_FILE
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(path.read_text()) if path.exists() else None
     except (OSError, json.JSONDecodeError):
         return None
 
 
 def _write_status(run: Run, status: dict) -> None:
-    os.makedirs(run.workdir, exist_ok=True)
-    tmp = os.path.join(run.workdir, STATUS_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(status, f, indent=2)
-    os.replace(tmp, os.path.join(run.workdir, STATUS_FILE))
+    directory = epath.Path(run.workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (STATUS_FILE + ".tmp")
+    tmp.write_text(json.dumps(status, indent=2))
+    tmp.replace(directory / STATUS_FILE)
 
 
 def _last_line(path: str) -> str:
@@ -434,9 +449,10 @@ def run_all(
                 run, command, slot_index = runs[i], commands[i], free.pop(0)
                 slot = slots[slot_index]
                 before = read_status(run)
-                resumed = os.path.isdir(os.path.join(run.workdir, "checkpoints"))
-                os.makedirs(run.workdir, exist_ok=True)
-                logf = open(os.path.join(run.workdir, LOG_FILE), "a", encoding="utf-8")
+                resumed = (epath.Path(run.workdir) / "checkpoints").exists()
+                epath.Path(run.workdir).mkdir(parents=True, exist_ok=True)
+                os.makedirs(os.path.dirname(log_path(run)), exist_ok=True)
+                logf = open(log_path(run), "a", encoding="utf-8")
                 logf.write(f"\n== sweep: {shlex.join(command)}\n")
                 logf.flush()
                 cpus = slot.cpus
@@ -480,7 +496,7 @@ def run_all(
                 free.sort()
                 rc = a.proc.returncode
                 elapsed = time.time() - a.started
-                last = _last_line(os.path.join(a.run.workdir, LOG_FILE))
+                last = _last_line(log_path(a.run))
                 if rc == 0:
                     status = "done"
                 elif stop["signal"] is not None:
@@ -538,11 +554,11 @@ def _scalar(value: Any) -> float | None:
 def read_curves(workdir: str, metrics: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value)]} from a run's metrics.jsonl, one value per step (after a
     resume the later record of a repeated step wins), in step order."""
-    path = os.path.join(workdir, METRICS_FILE)
+    path = epath.Path(workdir) / METRICS_FILE
     by_step: dict[str, dict[int, float]] = {m: {} for m in metrics}
-    if not os.path.exists(path):
+    if not path.exists():
         return {m: [] for m in metrics}
-    with open(path, encoding="utf-8") as f:
+    with path.open("r") as f:
         for line in f:
             try:
                 record = json.loads(line)
@@ -683,14 +699,15 @@ def write_results(
 ) -> str:
     """Writes results.csv, results.md, curves.csv and sweep.json; returns the markdown.
     With `baseline` (a variant), results.md also holds the paired differences against it."""
-    os.makedirs(workdir, exist_ok=True)
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
     rows = summarize(runs, metrics)
     fields = list(rows[0]) if rows else ["variant", "seed", "status"]
-    with open(os.path.join(workdir, "results.csv"), "w", newline="", encoding="utf-8") as f:
+    with (directory / "results.csv").open("w") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    with open(os.path.join(workdir, "curves.csv"), "w", newline="", encoding="utf-8") as f:
+    with (directory / "curves.csv").open("w") as f:
         writer = csv.writer(f)
         writer.writerow(["variant", "seed", "step", "metric", "value"])
         for run in runs:
@@ -706,9 +723,8 @@ def write_results(
         text += "\nFailed runs:\n\n" + "".join(
             f"- {r['variant']}/seed{r['seed']}: {r['error']}\n" for r in failed
         )
-    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(text)
-    with open(os.path.join(workdir, "sweep.json"), "w", encoding="utf-8") as f:
+    (directory / "results.md").write_text(text)
+    with (directory / "sweep.json").open("w") as f:
         json.dump(
             [
                 {

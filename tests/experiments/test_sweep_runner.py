@@ -300,3 +300,13 @@ def test_a_real_sweep_trains_and_tabulates(tmp_path, tiny_corpus_dir):
     assert float(rows[1]["final:train/moe/dropped_fraction"]) == 0.0  # dropless
     again = run_cli(*out.args[3:], timeout=600)
     assert "2 run(s) already done, skipped" in again.stdout
+
+
+def test_a_remote_workdir_logs_on_this_machine(tmp_path):
+    runs = sweep.plan(GSHARD, "capacity", "gs://bucket/sweep", only="dropless")
+    assert runs[0].workdir == "gs://bucket/sweep/dropless/seed0"
+    assert sweep.log_path(runs[0]) == os.path.join(
+        "sweep_logs", "bucket/sweep/dropless/seed0", "train.log"
+    )
+    local = sweep.plan(GSHARD, "capacity", str(tmp_path), only="dropless")[0]
+    assert sweep.log_path(local) == os.path.join(local.workdir, "train.log")

@@ -578,6 +578,11 @@ COVERED_BY = {
     f"{FAULTS} --trials 1 --json": (
         "tests/experiments/test_faults_script.py::test_nan_skip_scenario_end_to_end_json"
     ),
+    f"{GMM} --json --scale 64 --repeats 1 --groups skewed --skip megablox,tokamax "
+    "--interpret-max-gflop 0.2": (
+        "tests/experiments/test_gmm_benchmark.py::"
+        "test_every_case_is_timed_against_dense_and_ragged_dot"
+    ),
     f"{MOE_LAYER} --json --tokens 256 --d-model 32 --experts 8 --d-expert 16 --top-k 2 "
     "--shared 1 --repeats 1": (
         "tests/experiments/test_moe_layer_benchmark.py::"

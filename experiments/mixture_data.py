@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from moejax.data import DOMAINS, build_corpus  # noqa: E402
+from moejax.data import DOMAINS, DataError, build_corpus  # noqa: E402
 from moejax.data.tokenizer_training import train_tokenizer  # noqa: E402
 
 SOURCES = "parquet:{out}/web-*.parquet@0.7,jsonl:{out}/code-*.jsonl#content@0.3"
@@ -81,12 +81,16 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.out)
     texts = corpus_texts(args.data_dir, args.max_bytes_per_domain)
     write_mixture(out, texts)
-    spec = train_tokenizer(
-        texts["prose"] + texts["code"],
-        kind="sentencepiece",
-        vocab_size=args.vocab_size,
-        out_dir=out,
-    )
+    try:
+        spec = train_tokenizer(
+            texts["prose"] + texts["code"],
+            kind="sentencepiece",
+            vocab_size=args.vocab_size,
+            out_dir=out,
+        )
+    except DataError as e:  # names --vocab_size and the range that trains
+        print(f"mixture_data: error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {len(texts['prose'])} web and {len(texts['code'])} code documents, {spec}")
     print(command(out, args.vocab_size))
     return 0

@@ -248,7 +248,7 @@ def _mixture(ctx, commands):
     make, *trains = commands
     out_dir = str(ctx.tmp / "mix")
     _, argv = split(make, DIR=out_dir)
-    argv = replace_flag(argv, "--vocab_size", "320")
+    argv = replace_flag(argv, "--vocab_size", "512")  # above the corpus's 349 characters
     ctx.run(argv + [f"--data_dir={ctx.corpus}", "--max_bytes_per_domain=200000"])
     for i, command in enumerate(trains):
         train_quick(ctx, command, workdir=str(ctx.tmp / f"mix{i}"), DIR=out_dir)
@@ -333,7 +333,7 @@ def _faults(ctx, commands):
                     "python",
                     "experiments/mixture_data.py",
                     f"--out={ctx.tmp / 'mix'}",
-                    "--vocab_size=320",
+                    "--vocab_size=512",
                     f"--data_dir={ctx.corpus}",
                     "--max_bytes_per_domain=200000",
                 ]
@@ -347,9 +347,14 @@ def _faults(ctx, commands):
 
 
 def _gmm(ctx, commands):
+    # tests/experiments/test_gmm_benchmark.py's scale: 1/64 of the tokens, no interpreted
+    # megablox, the Pallas kernels interpreted on the smallest case only.
+    tiny = (
+        "--scale 64 --repeats 1 --groups skewed --skip megablox,tokamax --interpret-max-gflop 0.2"
+    )
     for command in commands:
         _, argv = split(command)
-        out = ctx.run([*argv, "--scale", "8", "--repeats", "1", "--skip", "tokamax", "--json"])
+        out = ctx.run([*argv, *tiny.split(), "--json"])
         assert '"results"' in out
 
 
@@ -620,6 +625,11 @@ ROWS = {
 COVERED_BY = {
     f"{FAULTS} --trials 1 --json": (
         "tests/experiments/test_faults_script.py::test_nan_skip_scenario_end_to_end_json"
+    ),
+    f"{GMM} --json --scale 64 --repeats 1 --groups skewed --skip megablox,tokamax "
+    "--interpret-max-gflop 0.2": (
+        "tests/experiments/test_gmm_benchmark.py::"
+        "test_every_case_is_timed_against_dense_and_ragged_dot"
     ),
     f"{MOE_LAYER} --json --tokens 256 --d-model 32 --experts 8 --d-expert 16 --top-k 2 "
     "--shared 1 --repeats 1": (

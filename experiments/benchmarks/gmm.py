@@ -1,4 +1,4 @@
-"""Benchmark: TFLOP/s of the grouped matmul (`gmm`) and its weight gradient (`tgmm`).
+r"""Benchmark: TFLOP/s of the grouped matmul (`gmm`) and its weight gradient (`tgmm`).
 
 Every implementation is timed in one process against a dense matmul of the same FLOPs
 (`[M, K] @ [K, N]` for gmm, `[K, M] @ [M, N]` for tgmm: the practical limit) and against
@@ -28,7 +28,12 @@ divides tokens by 16 and K, N by 4; `--scale s` divides tokens by s on top. Grou
 
     python experiments/benchmarks/gmm.py --json                     # CPU: small shapes, ~2 min
     python experiments/benchmarks/gmm.py --json --shapes full       # GPU / TPU
-    python experiments/benchmarks/gmm.py --json --scale 8 --repeats 1 --skip tokamax  # seconds
+    python experiments/benchmarks/gmm.py --json --scale 8 --repeats 1 --skip tokamax  # ~5 min
+    python experiments/benchmarks/gmm.py --json --scale 64 --repeats 1 --groups skewed \
+        --skip megablox,tokamax --interpret-max-gflop 0.2                # ~30 s (the test)
+
+(5 minutes on this 2-core CPU with `--scale 8`, almost all of it megablox's kernel
+interpreted: 47-68 s a call.)
 
 `--json` prints one JSON object on stdout (progress on stderr): `device`, `shapes`,
 `results[shape][groups][op][impl]` = {`ms`, `ms_min`, `tflops`, `ratio_to_dense`

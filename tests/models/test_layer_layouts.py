@@ -15,7 +15,7 @@ from moejax.config.validation import validate_model
 from moejax.config_section import ConfigError
 from moejax.models.config import LayerKind, ModelConfig
 from moejax.models.flops import count_params
-from moejax.models.transformer import Transformer, unscan_params
+from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
 from moejax.moe.config import MoEConfig
 
 B, L = 2, 8
@@ -108,6 +108,8 @@ def test_per_layer_layout_matches_numpy_reference_and_unrolled_layers():
         nn.unbox(ref.abstract_variables(Transformer(flat, MOE)))["params"]
     )
     assert jax.tree.structure(flat_params) == want_tree
+    restored = scanned_abstract(nn.unbox(ref.abstract_variables(Transformer(flat, MOE)))["params"])
+    assert jax.tree.map(lambda a: a.shape, restored) == jax.tree.map(lambda a: a.shape, params)
     (loss_u, (logits_u, extras_u)), grads_u = _loss_fn(flat, MOE)(flat_params, tokens)
     np.testing.assert_allclose(loss_u, loss, rtol=1e-6)
     np.testing.assert_allclose(logits_u, logits, rtol=1e-5, atol=1e-6)

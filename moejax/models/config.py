@@ -1,4 +1,7 @@
-"""`ModelConfig`: the `config.model` section (the Transformer's shape and numerics)."""
+"""`ModelConfig`: the `config.model` section (the Transformer's shape and numerics), and its
+per-layer layout: `LayerKind` (one layer's FFN), `parse_layer_kind` (a `layer_kinds` entry),
+`layer_moe_config` (an MoE layer's own moe section) and `periodic_layout` (whether a list of
+MoE layers is a dense prefix then periods ending in MoE)."""
 
 from __future__ import annotations
 

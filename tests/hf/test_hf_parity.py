@@ -378,6 +378,9 @@ def test_layer_layout_keys_map_to_layer_kinds_and_back():
     assert m5.layer_kinds == "dense,moe,dense,dense,dense"
     _, m_old, _ = from_hf_config(hf_config("qwen2_moe_mlp_only_norm_on"))  # layer 0 dense
     assert (m_old.first_k_dense, m_old.moe_every, m_old.layer_kinds) == (1, 1, "")
+    kinds = dataclasses.replace(m_old, first_k_dense=0, layer_kinds="dense,moe,moe")
+    hf = to_hf_config(arch, kinds, moe)  # a periodic layer_kinds: the old fields
+    assert (hf["mlp_only_layers"], hf["decoder_sparse_step"]) == ([0], 1)
     _, ds, _ = from_hf_config(hf_config("deepseek_v3_mla_qlora", first_k_dense_replace=1))
     assert (ds.first_k_dense, ds.moe_every, ds.layer_kinds) == (0, 2, "")  # as before
     # A dense layer between MoE layers: only the Qwen-MoE architectures say it.

@@ -161,3 +161,14 @@ def test_validation_refuses_first_k_dense_with_layer_kinds():
     with pytest.raises(ConfigError, match="leave them at their defaults"):
         validate_model(m, MOE)
     validate_model(dataclasses.replace(m, first_k_dense=0), MOE)
+
+
+def test_validation_of_per_layer_expert_counts_against_the_moe_section():
+    m = ModelConfig(num_layers=3, layer_kinds="moe,dense,moe:e=2")
+    grouped = dataclasses.replace(MOE, n_group=4, topk_group=2, top_k=1)
+    with pytest.raises(ConfigError, match=r"layers moe:e=2: .*not divisible by moe.n_group=4"):
+        validate_model(m, grouped)
+    biased = dataclasses.replace(MOE, selection="sigmoid_bias", renormalize=True)
+    with pytest.raises(ConfigError, match=r"different expert counts \[2, 4\]"):
+        validate_model(m, biased)
+    validate_model(dataclasses.replace(m, layer_kinds="moe,dense,moe:k=1"), biased)

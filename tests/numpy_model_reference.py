@@ -107,14 +107,19 @@ def layer_params(params, m, i):
     def take(tree, *idx):
         return jax.tree.map(lambda a: np.asarray(a, np.float64)[idx], tree)
 
-    n_prefix = m.num_layers if m.moe_every == 0 else m.first_k_dense
+    if m.periodic is None:  # a per-layer layout: the scanned runs `runs_<r>`
+        for r, (kind, start, length) in enumerate(m.layer_runs):
+            if start <= i < start + length:
+                return take(params[f"runs_{r}"], i - start), kind.moe
+    first_k, every = m.periodic
+    n_prefix = m.num_layers if every == 0 else first_k
     if i < n_prefix:
         return take(params["dense_layers"], i), False
-    j = i - m.first_k_dense
-    period, r = divmod(j, m.moe_every)
-    if m.moe_every == 1:
+    j = i - first_k
+    period, r = divmod(j, every)
+    if every == 1:
         return take(params["moe_layers"], period), True
-    if r == m.moe_every - 1:
+    if r == every - 1:
         return take(params["moe_periods"]["moe_block"], period), True
     return take(params["moe_periods"]["dense"], period, r), False
 
@@ -142,7 +147,7 @@ def forward(params, m, moe, tokens, segment_ids=None, positions=None):
             y, s = moe_ffn(
                 h.reshape(b * length, -1),
                 p["moe"],
-                moe.top_k,
+                m.layer_layout[i].top_k or moe.top_k,
                 moe.renormalize,
                 (seg > 0).reshape(-1).astype(np.float64),
             )

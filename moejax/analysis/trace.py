@@ -78,9 +78,7 @@ class TraceError(ValueError):
 def moe_model_layers(s: Sections) -> list[int]:
     """The model layer index of each MoE layer, in order."""
     m = s.model
-    if not m.num_moe_layers:
-        return []
-    return [m.first_k_dense + i * m.moe_every + m.moe_every - 1 for i in range(m.num_moe_layers)]
+    return [i for i, kind in enumerate(m.layer_layout) if kind.moe]
 
 
 def forward_fn(model):

@@ -33,6 +33,8 @@ from moejax.models.config import (
     QK_NORMS,
     REMAT_POLICIES,
     ModelConfig,
+    layer_moe_config,
+    parse_layer_kind,
 )
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
@@ -161,6 +163,7 @@ def _check_model(m: ModelConfig) -> None:
             f"head dim {m.resolved_head_dim} must be even for rotary embeddings; "
             f"set model.head_dim to an even number.",
         )
+    _check_layer_kinds(m)
     _require(
         0 <= m.first_k_dense <= m.num_layers,
         f"model.first_k_dense={m.first_k_dense} must be in [0, model.num_layers={m.num_layers}].",
@@ -179,6 +182,58 @@ def _check_model(m: ModelConfig) -> None:
         m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r} must be one of {DTYPES}."
     )
     _require(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} must be one of {REMAT_POLICIES}.")
+
+
+def _check_layer_kinds(m: ModelConfig) -> None:
+    """`model.layer_kinds`: one well-formed entry per layer, first_k_dense / moe_every left
+    at their defaults (the per-layer list replaces them)."""
+    if not m.layer_kinds.strip():
+        return
+    entries = m.layer_kinds.split(",")
+    for i, entry in enumerate(entries):
+        try:
+            parse_layer_kind(entry)
+        except ValueError as e:
+            raise ConfigError(
+                f"model.layer_kinds={m.layer_kinds!r}: entry {i} {entry.strip()!r}: {e}; "
+                f"write each layer as 'dense', 'moe' or 'moe:e=<experts>:k=<top-k>'."
+            ) from None
+    _require(
+        len(entries) == m.num_layers,
+        f"model.layer_kinds={m.layer_kinds!r} has {len(entries)} entries for "
+        f"model.num_layers={m.num_layers}; give exactly one kind per layer.",
+    )
+    _require(
+        m.first_k_dense == 0 and m.moe_every == 1,
+        f"model.layer_kinds={m.layer_kinds!r} gives every layer its FFN, so "
+        f"model.first_k_dense={m.first_k_dense} and model.moe_every={m.moe_every} would "
+        f"contradict it; leave them at their defaults (0 and 1).",
+    )
+
+
+def _check_layer_moe(moe: MoEConfig, m: ModelConfig) -> None:
+    """The MoE layers of `model.layer_kinds` with their own expert count or top-k: each
+    config of them passes the moe section's checks."""
+    kinds = {k for k in m.layer_layout if k.moe and (k.num_experts or k.top_k)}
+    for kind in sorted(kinds, key=str):
+        cfg = layer_moe_config(kind, moe)
+        try:
+            _require(
+                cfg.top_k <= cfg.num_experts,
+                f"top-k {cfg.top_k} is more than its {cfg.num_experts} experts; lower k or raise e",
+            )
+            _check_sigmoid_bias(cfg)
+        except ConfigError as e:
+            raise ConfigError(
+                f"model.layer_kinds={m.layer_kinds!r}: layers {kind}: {e}".rstrip(".") + "."
+            ) from None
+    counts = {layer_moe_config(k, moe).num_experts for k in m.layer_layout if k.moe}
+    _require(
+        len(counts) <= 1 or moe.selection != "sigmoid_bias",
+        f"model.layer_kinds={m.layer_kinds!r} gives MoE layers different expert counts "
+        f"{sorted(counts)}, which moe.selection='sigmoid_bias' does not support yet (its "
+        f"router_bias collection stacks the layers); use one expert count.",
+    )
 
 
 def _check_mla(m: ModelConfig) -> None:
@@ -289,6 +344,7 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
     )
     _check_router(moe)
     _check_sigmoid_bias(moe)
+    _check_layer_moe(moe, m)
 
 
 # Selection rules with group-limited routing and a routed scaling factor.
@@ -468,7 +524,8 @@ def _check_lora_model(lo: LoRAConfig, m: ModelConfig) -> None:
         f"model.attention='mla' does not support; target 'mlp.*' / 'shared.*' only.",
     )
     _require(
-        not lo.expert_counts or (not m.scan_layers and m.moe_every in (0, 1)),
+        not lo.expert_counts
+        or (not m.scan_layers and (m.periodic is None or m.periodic[1] in (0, 1))),
         f"lora.layer_experts={lo.layer_experts!r} (MoLA) gives layers different expert "
         f"counts, hence shapes: set model.scan_layers=False (and model.moe_every 0 or 1; "
         f"got scan_layers={m.scan_layers}, moe_every={m.moe_every}).",
@@ -684,6 +741,13 @@ def validate(
             f"experts: choose mesh.expert among the divisors of moe.num_experts (or "
             f"change moe.num_experts).",
         )
+        for kind in {k for k in s.model.layer_layout if k.num_experts}:
+            _require(
+                kind.num_experts % sizes["expert"] == 0,
+                f"model.layer_kinds={s.model.layer_kinds!r}: layers {kind} have "
+                f"{kind.num_experts} experts, not divisible by mesh.expert={sizes['expert']}; "
+                f"give them a multiple of mesh.expert experts.",
+            )
         _check_expert_parallel(s, sizes)
         if not s.moe.balance_devices:  # the device-level loss's D: the expert axis' devices
             s = dataclasses.replace(

@@ -11,7 +11,10 @@ routed scaling factor, shared experts; its first `first_k_dense_replace` layers 
 top-k, the `sigmoid_bias` router; its first `first_k_dense_replace` layers dense). A config
 key is either mapped (`keys`), accepted only with the values moejax computes (`required`),
 or listed as not affecting the forward pass (`IGNORED`, `ignored`); any other key, or a
-required key with another value, is refused with an error naming it.
+required key with another value, is refused with an error naming it. The layer-layout keys
+(`mlp_only_layers`, `decoder_sparse_step`, `first_k_dense_replace`; `moe_layer_freq` only
+as 1, the one value transformers and DeepSeek's code agree on) decide which layers are MoE
+(`hf_moe_layers`), which `fit_layout` turns into moejax's layout fields.
 
 Tensor rows are `(hf_suffix, moejax_path, n_in)` inside `model.layers.{i}.`: the moejax
 parameter is `W.T` reshaped (HF linear weights are `[out, in]`), `n_in` being how many
@@ -25,6 +28,7 @@ import dataclasses
 from typing import Any, Callable
 
 from moejax.config_section import ConfigError
+from moejax.models.config import periodic_layout
 
 # Keys that do not change the function the checkpoint computes (generation defaults, token
 # ids, bookkeeping, training-only settings such as dropout and router jitter).
@@ -251,7 +255,8 @@ DEEPSEEK_V3 = Architecture(
         "topk_group": ("moe.topk_group", _same),
         **MLA_KEYS,
     },
-    required={**COMMON_REQUIRED, "attention_bias": (False,)},
+    # moe_layer_freq: as for DeepSeek-V2 (transformers ignores it, DeepSeek's code does not)
+    required={**COMMON_REQUIRED, "attention_bias": (False,), "moe_layer_freq": (1,)},
     # head_dim / qk_head_dim are derived from the MLA dims; the multi-token-prediction module
     # (num_nextn_predict_layers) is not part of the causal LM's forward pass.
     ignored=(
@@ -262,7 +267,6 @@ DEEPSEEK_V3 = Architecture(
         "first_k_dense_replace",
         "rope_interleave",
         "ep_size",
-        "moe_layer_freq",
         "topk_method",
         "scoring_func",
         "aux_loss_alpha",
@@ -434,20 +438,11 @@ def hf_moe_layers(arch: Architecture, hf: dict) -> list[bool]:
     return [i not in only and experts > 0 and (i + 1) % step == 0 for i in range(n)]
 
 
-def fit_layout(moe_layers: list[bool]) -> tuple[int, int]:
-    """(first_k_dense, moe_every) whose moejax layout has MoE exactly at `moe_layers`."""
-    n = len(moe_layers)
-    if not any(moe_layers):
-        return 0, 0
-    for k in range(n + 1):
-        for every in range(1, n - k + 1):
-            if (n - k) % every:
-                continue
-            if all(moe_layers[i] == (i >= k and (i - k) % every == every - 1) for i in range(n)):
-                return k, every
-    where = [i for i, m in enumerate(moe_layers) if m]
-    raise ConfigError(
-        f"MoE blocks at layers {where} of {n} (from mlp_only_layers / decoder_sparse_step / "
-        f"first_k_dense_replace) are not `first_k_dense` dense layers followed by periods of "
-        f"`moe_every` layers ending in MoE, the only layouts moejax stacks."
-    )
+def fit_layout(moe_layers: list[bool]) -> dict:
+    """The `model` fields whose layout has MoE exactly at `moe_layers`: `first_k_dense` and
+    `moe_every` when the layout is a dense prefix then periods ending in MoE (the stacks
+    existing checkpoints use), else `layer_kinds` naming every layer."""
+    periodic = periodic_layout(moe_layers)
+    if periodic is not None:
+        return {"first_k_dense": periodic[0], "moe_every": periodic[1]}
+    return {"layer_kinds": ",".join("moe" if moe else "dense" for moe in moe_layers)}

@@ -3,7 +3,15 @@ config dict <-> moejax config conversion.
 
 Scanned stacks (`moejax.models.transformer`): the first `first_k_dense` layers are
 `dense_layers[i]`; the rest are `moe_layers[p]` (`moe_every = 1`) or, per period p of
-`moe_every` layers, `moe_periods/dense[p, r]` then `moe_periods/moe_block[p]`.
+`moe_every` layers, `moe_periods/dense[p, r]` then `moe_periods/moe_block[p]`. Any other
+layout (`model.layer_kinds`) is its runs of identical layers, layer i being `runs_<r>[j]`.
+
+The layout keys (`mlp_only_layers`, `decoder_sparse_step`, `first_k_dense_replace`) give
+each layer's FFN (`hf_moe_layers`, as transformers decides it); a layout that is a dense
+prefix then periods imports as `first_k_dense` / `moe_every`, any other as `layer_kinds`
+(`fit_layout`). Export writes the keys back from the per-layer layout (Qwen-MoE: the old
+`decoder_sparse_step` / `mlp_only_layers` pair for periodic layouts, else step 1 with every
+dense layer in `mlp_only_layers`), and checks the round trip layer by layer.
 """
 
 from __future__ import annotations
@@ -34,13 +42,18 @@ from moejax.moe.config import MoEConfig
 
 def layer_slot(m: ModelConfig, i: int) -> tuple[str, tuple[int, ...]]:
     """(stack path, index into its leading layer axes) of layer i."""
-    prefix = m.num_layers if m.moe_every == 0 else m.first_k_dense
+    if m.periodic is None:
+        for r, (_, start, length) in enumerate(m.layer_runs):
+            if start <= i < start + length:
+                return f"runs_{r}", (i - start,)
+    first_k, every = m.periodic
+    prefix = m.num_layers if every == 0 else first_k
     if i < prefix:
         return "dense_layers", (i,)
-    p, r = divmod(i - m.first_k_dense, m.moe_every)
-    if m.moe_every == 1:
+    p, r = divmod(i - first_k, every)
+    if every == 1:
         return "moe_layers", (p,)
-    if r == m.moe_every - 1:
+    if r == every - 1:
         return "moe_periods/moe_block", (p,)
     return "moe_periods/dense", (p, r)
 
@@ -85,12 +98,13 @@ def from_hf_config(hf: dict, **overrides) -> tuple[Architecture, ModelConfig, Mo
             )
             + ". moejax.hf would compute a different function, so nothing was loaded."
         )
-    first_k, every = fit_layout(hf_moe_layers(arch, hf))
-    sections["model"].update(first_k_dense=first_k, moe_every=every)
+    moe_layers = hf_moe_layers(arch, hf)
+    sections["model"].update(fit_layout(moe_layers))
     for target, value in arch.constants.items():
         section, field = target.split(".")
-        sections[section].setdefault(field, value)
-    if every == 0:  # no MoE layer: the MoE section does not matter
+        if not (target == "model.moe_every" and "layer_kinds" in sections["model"]):
+            sections[section].setdefault(field, value)
+    if not any(moe_layers):  # no MoE layer: the MoE section does not matter
         sections["moe"] = {}
     if sections["moe"].get("selection") == "sigmoid_bias":
         missing = [f for f in sections["moe"] if f not in _fields(MoEConfig)]
@@ -113,7 +127,8 @@ def _fields(cls) -> set[str]:
 
 
 # Fields that change what a model computes; every other field (dtypes, remat, dispatch,
-# initialisation, losses) is free when exporting.
+# initialisation, losses) is free when exporting. The layer layout (first_k_dense,
+# moe_every, layer_kinds) is compared as the per-layer list, `ModelConfig.layer_layout`.
 MODEL_FUNCTION_FIELDS = (
     "vocab_size",
     "d_model",
@@ -122,8 +137,6 @@ MODEL_FUNCTION_FIELDS = (
     "num_kv_heads",
     "head_dim",
     "d_ff",
-    "first_k_dense",
-    "moe_every",
     "rope_theta",
     "norm_eps",
     "tie_embeddings",
@@ -155,31 +168,24 @@ MOE_FUNCTION_FIELDS = (
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 UNUSED_BY = {  # fields that do not matter for an architecture (so are not checked)
     "LlamaForCausalLM": {
-        "first_k_dense",
         *MLA_FIELDS,
     },
     "MixtralForCausalLM": {
         "d_ff",
-        "first_k_dense",
         *MLA_FIELDS,
     },
     "Qwen2MoeForCausalLM": {
-        "first_k_dense",
-        "moe_every",
         *MLA_FIELDS,
     },
     "Qwen3MoeForCausalLM": {
-        "first_k_dense",
-        "moe_every",
         *MLA_FIELDS,
     },
     "OlmoeForCausalLM": {
         "d_ff",
-        "first_k_dense",
         *MLA_FIELDS,
     },
-    "DeepseekV2ForCausalLM": {"num_kv_heads", "head_dim", "first_k_dense", "moe_every"},
-    "DeepseekV3ForCausalLM": {"num_kv_heads", "head_dim", "first_k_dense", "moe_every"},
+    "DeepseekV2ForCausalLM": {"num_kv_heads", "head_dim"},
+    "DeepseekV3ForCausalLM": {"num_kv_heads", "head_dim"},
 }
 
 
@@ -211,10 +217,12 @@ def to_hf_config(arch: Architecture, model: ModelConfig, moe: MoEConfig) -> dict
             hf[key] = accepted[0]
     n = model.num_layers
     if arch is QWEN2_MOE or arch is QWEN3_MOE:
-        hf.update(
-            decoder_sparse_step=max(model.moe_every, 1),
-            mlp_only_layers=list(range(model.first_k_dense)),
-        )
+        if model.periodic is not None:
+            first_k, every = model.periodic
+            hf.update(decoder_sparse_step=max(every, 1), mlp_only_layers=list(range(first_k)))
+        else:  # a per-layer layout: every dense layer named
+            dense = [i for i, kind in enumerate(model.layer_layout) if not kind.moe]
+            hf.update(decoder_sparse_step=1, mlp_only_layers=dense)
         if not model.num_moe_layers:
             hf.update(num_experts=0, mlp_only_layers=list(range(n)))
     if arch is QWEN3_MOE:
@@ -225,8 +233,8 @@ def to_hf_config(arch: Architecture, model: ModelConfig, moe: MoEConfig) -> dict
             n_group=moe.n_group,
             topk_group=moe.topk_group,
         )
-        hf.pop("moe_layer_freq", None)  # transformers does not read it (only the value 1)
     if arch.name in MLA_ARCHITECTURES:
+        hf.pop("moe_layer_freq", None)  # transformers does not read it (only the value 1)
         hf.update(
             first_k_dense_replace=n - model.num_moe_layers,
             num_key_value_heads=model.num_heads,
@@ -257,6 +265,12 @@ def _check_round_trip(arch: Architecture, hf: dict, model: ModelConfig, moe: MoE
         for f in MODEL_FUNCTION_FIELDS
         if f not in skip and getattr(model, f) != getattr(back_m, f)
     ]
+    if model.layer_layout != back_m.layer_layout:
+        diffs.append(
+            f"the layer layout {','.join(map(str, model.layer_layout))} (first_k_dense="
+            f"{model.first_k_dense}, moe_every={model.moe_every}, layer_kinds="
+            f"{model.layer_kinds!r})"
+        )
     if model.num_moe_layers:
         diffs += [
             f"moe.{f}={getattr(moe, f)!r}"

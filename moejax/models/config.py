@@ -1,4 +1,7 @@
-"""`ModelConfig`: the `config.model` section (the Transformer's shape and numerics)."""
+"""`ModelConfig`: the `config.model` section (the Transformer's shape and numerics), and its
+per-layer layout: `LayerKind` (one layer's FFN), `parse_layer_kind` (a `layer_kinds` entry),
+`layer_moe_config` (an MoE layer's own moe section) and `periodic_layout` (whether a list of
+MoE layers is a dense prefix then periods ending in MoE)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,68 @@ REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("gqa", "mla")
 ATTENTION_IMPLS = ("auto", "xla", "flash")  # moejax.models.attention_kernels
+LAYER_KINDS = ("dense", "moe")  # the FFN kinds of `layer_kinds` entries
 QK_NORMS = ("none", "head", "full")  # gqa: RMSNorm of queries and keys before RoPE
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """One layer's FFN: dense (`moe=False`), or MoE with `num_experts` experts of which each
+    token uses `top_k` (0 = the moe section's `num_experts` / `top_k`)."""
+
+    moe: bool
+    num_experts: int = 0
+    top_k: int = 0
+
+    def __str__(self) -> str:
+        text = "moe" if self.moe else "dense"
+        if self.num_experts:
+            text += f":e={self.num_experts}"
+        if self.top_k:
+            text += f":k={self.top_k}"
+        return text
+
+
+def parse_layer_kind(entry: str) -> LayerKind:
+    """`dense`, `moe`, `moe:e=8`, `moe:k=2`, `moe:e=8:k=2` -> LayerKind; ValueError saying
+    what is wrong with `entry` otherwise."""
+    kind, *options = [part.strip() for part in entry.strip().split(":")]
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"unknown kind {kind!r} (one of {LAYER_KINDS})")
+    if kind == "dense" and options:
+        raise ValueError("a dense layer takes no options (e=/k= are for moe layers)")
+    values = {}
+    for option in options:
+        name, _, value = option.partition("=")
+        if name not in ("e", "k") or name in values or not value.isdigit() or int(value) < 1:
+            raise ValueError(
+                f"option {option!r} must be e=<experts> or k=<top-k>, each once, a positive int"
+            )
+        values[name] = int(value)
+    return LayerKind(kind == "moe", values.get("e", 0), values.get("k", 0))
+
+
+def layer_moe_config(kind: LayerKind, moe):
+    """The moe section (`moejax.moe.config.MoEConfig`) of an MoE layer of this kind: its own
+    expert count and top-k where `layer_kinds` gives them."""
+    return dataclasses.replace(
+        moe, num_experts=kind.num_experts or moe.num_experts, top_k=kind.top_k or moe.top_k
+    )
+
+
+def periodic_layout(moe_layers: list[bool]) -> tuple[int, int] | None:
+    """(first_k_dense, moe_every) whose layout has MoE exactly at `moe_layers` ((0, 0): no
+    MoE layer), or None when no such pair exists."""
+    n = len(moe_layers)
+    if not any(moe_layers):
+        return 0, 0
+    for k in range(n + 1):
+        for every in range(1, n - k + 1):
+            if (n - k) % every:
+                continue
+            if all(moe_layers[i] == (i >= k and (i - k) % every == every - 1) for i in range(n)):
+                return k, every
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +84,12 @@ class ModelConfig:
     Layer layout: the first `first_k_dense` layers have a dense FFN; the remaining
     `num_layers - first_k_dense` layers come in periods of `moe_every` layers whose last layer
     is MoE and whose others are dense (`moe_every=1`: every remaining layer is MoE;
-    `moe_every=0`: no MoE layer at all, a dense model).
+    `moe_every=0`: no MoE layer at all, a dense model). `layer_kinds` instead gives every
+    layer its FFN, one comma-separated entry per layer: `dense`, `moe`, or `moe` with its own
+    expert count and top-k (`moe:e=8:k=2`; unset ones are the moe section's), e.g.
+    `"dense,moe,moe:e=16:k=4,dense"`; `first_k_dense` and `moe_every` then stay at their
+    defaults (0 and 1). `layer_layout` is the resolved per-layer list either way, and
+    `layer_runs` its runs of identical consecutive layers, each one scan in the model.
 
     Attention (`attention`): `gqa` is grouped-query attention (`num_kv_heads` key/value heads,
     optional q/k/v biases as in Qwen2 with `attention_bias`); `mla` is DeepSeek-V2/V3
@@ -51,6 +120,7 @@ class ModelConfig:
     d_ff: int = 1024  # width of the dense SwiGLU FFN layers
     first_k_dense: int = 0
     moe_every: int = 1
+    layer_kinds: str = ""  # one FFN kind per layer ("dense,moe,moe:e=8:k=2"); "" = the above
     attention: str = "gqa"  # one of ATTENTIONS
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS
     attention_bias: bool = False  # gqa: biases on the q/k/v projections (Qwen2)
@@ -78,13 +148,49 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.num_heads
 
     @property
+    def layer_layout(self) -> tuple[LayerKind, ...]:
+        """Every layer's FFN: parsed `layer_kinds`, or derived from first_k_dense / moe_every
+        (ValueError on a malformed `layer_kinds`; `moejax.config.validation` reports it)."""
+        if self.layer_kinds.strip():
+            return tuple(parse_layer_kind(e) for e in self.layer_kinds.split(","))
+        k, every = self.first_k_dense, self.moe_every
+        return tuple(
+            LayerKind(every > 0 and i >= k and (i - k) % every == every - 1)
+            for i in range(self.num_layers)
+        )
+
+    @property
+    def periodic(self) -> tuple[int, int] | None:
+        """(first_k_dense, moe_every) when the layout is `first_k_dense` dense layers then
+        periods of `moe_every` layers ending in MoE, all MoE layers alike (the stacks
+        `dense_layers`, `moe_layers`, `moe_periods` of `moejax.models.transformer`); None for
+        any other `layer_kinds` (stacked as runs)."""
+        if not self.layer_kinds.strip():
+            return self.first_k_dense, self.moe_every
+        layout = self.layer_layout
+        if any(kind.num_experts or kind.top_k for kind in layout):
+            return None
+        return periodic_layout([kind.moe for kind in layout])
+
+    @property
+    def layer_runs(self) -> tuple[tuple[LayerKind, int, int], ...]:
+        """(kind, first layer, number of layers) of each run of identical consecutive layers."""
+        runs: list[tuple[LayerKind, int, int]] = []
+        for i, kind in enumerate(self.layer_layout):
+            if runs and runs[-1][0] == kind:
+                runs[-1] = (kind, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((kind, i, 1))
+        return tuple(runs)
+
+    @property
     def num_moe_layers(self) -> int:
-        if self.moe_every == 0:
-            return 0
-        return (self.num_layers - self.first_k_dense) // self.moe_every
+        if not self.layer_kinds.strip():
+            if self.moe_every == 0:
+                return 0
+            return (self.num_layers - self.first_k_dense) // self.moe_every
+        return sum(kind.moe for kind in self.layer_layout)
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether layer i (0-based) has an MoE FFN."""
-        if self.moe_every == 0 or i < self.first_k_dense:
-            return False
-        return (i - self.first_k_dense) % self.moe_every == self.moe_every - 1
+        return self.layer_layout[i].moe

@@ -1,7 +1,8 @@
 """Parameter counts (total and active per token) and training FLOPs per token.
 
 Active parameters count, in each MoE layer, only the `top_k` routed experts a token uses
-(plus shared experts, router and everything outside the FFN); for top-p routing the slot
+(plus shared experts, router and everything outside the FFN; each MoE layer with its own
+expert count and top-k under `model.layer_kinds`); for top-p routing the slot
 bound (`routing_slots`) is used, an upper bound unless the measured mean `experts_per_token`
 is passed (the trainer does, for throughput and MFU).
 Training FLOPs per token use
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax.models.config import ModelConfig
+from moejax.models.config import ModelConfig, layer_moe_config
 from moejax.moe.config import MoEConfig
 from moejax.moe.layer import shared_width
 from moejax.moe.selection import routing_slots
@@ -70,21 +71,28 @@ def count_params(
     dense_ffn = 3 * d * model.d_ff
     expert = 3 * d * moe.d_expert
     shared = 3 * d * shared_width(moe) + (d if moe.n_shared and moe.shared_gate else 0)
-    router = d * moe.num_experts
     gru_cell = 6 * moe.gru_dim * moe.gru_dim + 6 * moe.gru_dim  # w_i, w_h [h, 3h]; b_i, b_h
-    model_router = 0
-    if moe.scorer == "gru":  # RMoE: d -> h and h -> E per layer, plus the GRU cell(s)
-        router = moe.gru_dim * (d + moe.num_experts) + (0 if moe.gru_shared else gru_cell)
-        model_router = gru_cell if moe.gru_shared else 0
-    n_moe = model.num_moe_layers
+    model_router = gru_cell if moe.scorer == "gru" and moe.gru_shared else 0
+
+    def router(cfg: MoEConfig) -> int:
+        if cfg.scorer == "gru":  # RMoE: d -> h and h -> E per layer, plus the GRU cell(s)
+            return cfg.gru_dim * (d + cfg.num_experts) + (0 if cfg.gru_shared else gru_cell)
+        return d * cfg.num_experts
+
+    # each MoE layer with its own expert count and top-k (model.layer_kinds)
+    moe_layers = [layer_moe_config(kind, moe) for kind in model.layer_layout if kind.moe]
+    n_moe = len(moe_layers)
     n_dense = model.num_layers - n_moe
     embedding = model.vocab_size * d
     head = 0 if model.tie_embeddings else d * model.vocab_size
     common = embedding + head + d + model.num_layers * (attn + norms) + n_dense * dense_ffn
-    moe_fixed = n_moe * (shared + router) + (model_router if n_moe else 0)
-    total = common + moe_fixed + n_moe * moe.num_experts * expert
-    used = routing_slots(moe) if experts_per_token is None else experts_per_token
-    active = common + moe_fixed + round(n_moe * used * expert)
+    moe_fixed = sum(shared + router(cfg) for cfg in moe_layers) + (model_router if n_moe else 0)
+    total = common + moe_fixed + sum(cfg.num_experts for cfg in moe_layers) * expert
+    if experts_per_token is None:
+        used = sum(routing_slots(cfg) for cfg in moe_layers)
+    else:
+        used = n_moe * experts_per_token
+    active = common + moe_fixed + round(used * expert)
     if model.tie_embeddings:  # the tied table is also the output projection
         embedding = 0
     return ParamCounts(total=total, active=active, embedding=embedding, routed_expert=expert)

@@ -6,7 +6,15 @@
 Layers are stacked with `nn.scan` (parameters get a leading `layers` axis) so compile time
 does not grow with depth: one scan over the `first_k_dense` dense layers, then one scan over
 the MoE part, whose unit is a single MoE block (`moe_every=1`) or a period of
-`moe_every - 1` dense blocks (an inner scan) followed by one MoE block. The scan carry is
+`moe_every - 1` dense blocks (an inner scan) followed by one MoE block. A per-layer layout
+(`model.layer_kinds`) that is not of that form is stacked as its runs of identical
+consecutive layers (`ModelConfig.layer_runs`), run r one scan `runs_<r>`; its MoE layers
+may differ in expert count E_l and top-k k_l (`moejax.models.config.layer_moe_config`).
+The routing outputs of the MoE runs are concatenated along the MoE-layer axis; where runs
+differ in shape (per-token `expert_ids` / `combine_weights` [.., k_l], per-expert metrics
+[.., E_l]) each is zero-padded at the end of every axis to the largest, so a padded slot
+has combine weight 0 (unused, as in the routers' own output) and a padded expert has
+zero load. The scan carry is
 `(x, router_state)` so a recurrent router (RMoE) can pass its state from layer to layer;
 the per-call inputs every block reads (segment ids, positions, model-level router
 parameters such as RMoE's shared GRU cell, adapter scalings) travel as one `BlockContext`,
@@ -35,6 +43,7 @@ stacks once more to compute its scalings.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -43,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.models.attention import Attention
-from moejax.models.config import ModelConfig
+from moejax.models.config import ModelConfig, layer_moe_config
 from moejax.models.mla import MLAttention
 from moejax.moe.config import MoEConfig
 from moejax.moe.layer import MoELayer
@@ -56,6 +65,14 @@ from moejax.nn.projection import project
 
 ACTIVATION_AXES = ("batch", "length", "act_embed")  # logical names of the residual stream
 SCANNED_STACKS = ("dense_layers", "moe_layers", "moe_periods", "dense")
+RUN_STACK = re.compile(r"runs_\d+")  # the stacks of a per-layer layout (`layer_runs`)
+
+
+def is_stack(name: str) -> bool:
+    """Whether `name` is a scanned stack of blocks (a key with a leading layer axis)."""
+    return name in SCANNED_STACKS or RUN_STACK.fullmatch(name) is not None
+
+
 ATTENTION = {"gqa": Attention, "mla": MLAttention}
 
 REMAT = {
@@ -195,7 +212,7 @@ def unscan_params(params: Any) -> Any:
         return params
     out = {}
     for key, value in params.items():
-        if key in SCANNED_STACKS and isinstance(value, dict):
+        if is_stack(key) and isinstance(value, dict):
             n = jax.tree.leaves(value)[0].shape[0]
             for i in range(n):
                 out[f"{key}_{i}"] = unscan_params(jax.tree.map(lambda a, i=i: a[i], value))
@@ -213,7 +230,7 @@ def scanned_abstract(abstract: Any) -> Any:
     out, groups = {}, {}
     for key, value in abstract.items():
         stack, _, index = key.rpartition("_")
-        if stack in SCANNED_STACKS and index.isdigit():
+        if is_stack(stack) and index.isdigit():
             groups.setdefault(stack, {})[int(index)] = scanned_abstract(value)
         else:
             out[key] = scanned_abstract(value)
@@ -238,7 +255,7 @@ class MoEPeriod(nn.Module):
         block = _block_cls(self.model)
         carry, _ = _stack(
             block,
-            self.model.moe_every - 1,
+            self.model.periodic[1] - 1,
             self.model,
             None,
             "dense",
@@ -247,6 +264,50 @@ class MoEPeriod(nn.Module):
             axis=PERIOD_LAYERS,  # inside the period scan's `layers` axis
         )(carry, ctx)  # dense blocks return empty outputs
         return block(self.model, self.moe, self.decode, self.adapters, name="moe_block")(carry, ctx)
+
+
+def _stacks(block, m: ModelConfig, moe: MoEConfig, decode: bool, adapters):
+    """The model's stacks in layer order, each `(stack, whether its blocks are MoE)`; must be
+    called inside the Transformer's compact method."""
+    stacks = []
+    if m.periodic is None:  # a per-layer layout: one scan per run of identical layers
+        for r, (kind, start, length) in enumerate(m.layer_runs):
+            cfg = layer_moe_config(kind, moe) if kind.moe else None
+            run = _stack(block, length, m, cfg, f"runs_{r}", decode, adapters, first_layer=start)
+            stacks.append((run, kind.moe))
+        return stacks
+    first_k, every = m.periodic
+    num_dense_prefix = m.num_layers if every == 0 else first_k
+    if num_dense_prefix:
+        stacks.append(
+            (_stack(block, num_dense_prefix, m, None, "dense_layers", decode, adapters), False)
+        )
+    if m.num_moe_layers:
+        if every == 1:
+            moe_stack = _stack(
+                block, m.num_moe_layers, m, moe, "moe_layers", decode, adapters, first_k
+            )
+        else:
+            moe_stack = _stack(MoEPeriod, m.num_moe_layers, m, moe, "moe_periods", decode, adapters)
+        stacks.append((moe_stack, True))
+    return stacks
+
+
+def _concat_layers(outputs: list[BlockOutput]) -> BlockOutput:
+    """The stacked outputs of several MoE stacks as one, concatenated along the leading
+    MoE-layer axis; arrays that differ in shape between stacks are zero-padded at the end of
+    each axis to the largest (see the module docstring)."""
+    if len(outputs) == 1:
+        return outputs[0]
+
+    def cat(*xs):
+        shape = tuple(max(sizes) for sizes in zip(*(x.shape for x in xs)))
+        padded = [
+            jnp.pad(x, [(0, 0)] + [(0, t - n) for t, n in zip(shape[1:], x.shape[1:])]) for x in xs
+        ]
+        return jnp.concatenate(padded, axis=0)
+
+    return jax.tree.map(cat, *outputs)
 
 
 class Transformer(nn.Module):
@@ -288,50 +349,18 @@ class Transformer(nn.Module):
             router_state = initial_router_state(self.moe, b * length)
             shared_router = shared_router_params(self.moe, m.init_std, m.param_dtype)
         block = _block_cls(m)
-        stacks = []  # (stack, whether its blocks are MoE)
-        num_dense_prefix = m.num_layers if m.moe_every == 0 else m.first_k_dense
-        if num_dense_prefix:
-            stacks.append(
-                (
-                    _stack(
-                        block, num_dense_prefix, m, None, "dense_layers", self.decode, self.adapters
-                    ),
-                    False,
-                )
-            )
-        if m.num_moe_layers:
-            if m.moe_every == 1:
-                moe_stack = _stack(
-                    block,
-                    m.num_moe_layers,
-                    m,
-                    self.moe,
-                    "moe_layers",
-                    self.decode,
-                    self.adapters,
-                    first_layer=m.first_k_dense,
-                )
-            else:
-                moe_stack = _stack(
-                    MoEPeriod,
-                    m.num_moe_layers,
-                    m,
-                    self.moe,
-                    "moe_periods",
-                    self.decode,
-                    self.adapters,
-                )
-            stacks.append((moe_stack, True))
+        stacks = _stacks(block, m, self.moe, self.decode, self.adapters)
         final_norm = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")
 
         def run(scalings):
             ctx = BlockContext(segment_ids_BxL, positions_BxL, shared_router, scalings)
             carry = (x, router_state)
-            moe_out = BlockOutput({}, {}, {})
+            moe_outs = []
             for stack, is_moe in stacks:
                 carry, out = stack(carry, ctx)
                 if is_moe:
-                    moe_out = out
+                    moe_outs.append(out)
+            moe_out = _concat_layers(moe_outs) if moe_outs else BlockOutput({}, {}, {})
             hidden = final_norm(nn.with_logical_constraint(carry[0], ACTIVATION_AXES))
             return hidden, moe_out
 

@@ -38,6 +38,8 @@ compiles the step with the real XLA:TPU compiler for that topology's compile-onl
                      and 2 layers of a dense model), unrolled, one micro-batch; per step =
                      c1 + (periods - 1)(c2 - c1), the difference being exactly one period
                      since everything else (embedding, head, loss, optimizer) is in both.
+                     A per-layer `model.layer_kinds` that is no such periodic layout has
+                     no period to cut: its cost stays the scanned step's own count.
                      The cut steps score the loss as one chunk (`train.loss_chunk` = the
                      micro-batch): the chunked loss is a scan XLA would count once, and one
                      chunk has the same FLOPs, recomputation included.
@@ -173,20 +175,26 @@ def _kernel_attention_flops(s, platform: str, num_chips: int) -> float:
 
 
 def _layer_periods(model) -> tuple[int, int, int]:
-    """(layers before the repeated part, layers per period, periods) of the model."""
+    """(layers before the repeated part, layers per period, periods) of a periodic model."""
     if model.num_moe_layers:
-        return model.first_k_dense, model.moe_every, model.num_moe_layers
+        first_k, every = model.periodic
+        return first_k, every, model.num_moe_layers
     return 0, 1, model.num_layers
 
 
 def _extrapolated_cost(config, s, devices) -> dict:
     """Per-step cost from the same config cut to 1 and 2 periods, unrolled, one micro-batch
-    (module docstring)."""
+    (module docstring); {} for a per-layer layout that has no periods."""
+    if s.model.periodic is None:
+        return {}
     prefix, period, periods = _layer_periods(s.model)
     costs = []
     for n in (1, 2) if periods > 1 else (1,):
         cut = config.copy_and_resolve_references()
         cut.model.num_layers = prefix + n * period
+        if s.model.layer_kinds:  # the same periodic layout, said with the period fields
+            cut.model.layer_kinds = ""
+            cut.model.first_k_dense, cut.model.moe_every = s.model.periodic
         cut.model.scan_layers = False
         cut.data.global_batch_size = s.data.global_batch_size // s.train.grad_accum
         cut.train.grad_accum = 1

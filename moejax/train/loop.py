@@ -30,6 +30,7 @@ import numpy as np
 from moejax.config.renames import apply_renames
 from moejax.config.validation import Sections, validate
 from moejax.data import describe
+from moejax.models.config import layer_moe_config
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.paths import join, write_text
 from moejax.sharding.mesh import make_mesh
@@ -371,6 +372,11 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
             max_dropped_fraction=s.train.max_dropped_fraction,
             max_load_cv=s.train.max_load_cv,
             bias_balanced=s.moe.selection == "sigmoid_bias",
+            layer_experts=[
+                layer_moe_config(kind, s.moe).num_experts
+                for kind in s.model.layer_layout
+                if kind.moe
+            ],
         ),
         stability=RoutingStability(),
     )

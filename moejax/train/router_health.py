@@ -17,7 +17,9 @@ episode is one line, not one per log step. The remedy named follows the run's ba
 `moe.balance_coef` for a loss-balanced router, `moe.bias_update_rate` for the aux-loss-free
 bias of `moe.selection="sigmoid_bias"` (DeepSeek-V3), which has no balance loss to raise.
 Warnings are strings for the trainer to print; `counts` tallies them per kind. Layers are
-numbered among the MoE layers (as in the `moe/<name>/layer<i>` metrics).
+numbered among the MoE layers (as in the `moe/<name>/layer<i>` metrics). With per-layer
+expert counts (`model.layer_kinds`), `layer_experts` keeps a layer's zero-padded experts
+out of the dead-expert check.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ class RouterHealth:
         max_dropped_fraction: float,
         max_load_cv: float,
         bias_balanced: bool = False,
+        layer_experts: Sequence[int] | None = None,
     ):
         self.dead_expert_logs = dead_expert_logs
+        # Each MoE layer's expert count where they differ (model.layer_kinds): the `moe/load`
+        # rows of the smaller layers are zero-padded, and a padded expert is not dead.
+        self.layer_experts = None if layer_experts is None else list(layer_experts)
         # How the router is balanced, for the remedy the warnings name.
         if bias_balanced:
             self.remedy = (
@@ -67,7 +73,10 @@ class RouterHealth:
                 self._dead_runs = np.zeros(load.shape, np.int64)
             self._dead_runs = np.where(load == 0, self._dead_runs + 1, 0)
             for layer in range(load.shape[0]):
-                dead = np.flatnonzero(self._dead_runs[layer] >= self.dead_expert_logs)
+                runs = self._dead_runs[layer]
+                if self.layer_experts is not None:
+                    runs = runs[: self.layer_experts[layer]]
+                dead = np.flatnonzero(runs >= self.dead_expert_logs)
                 self._update(
                     ("dead", layer),
                     len(dead) > 0,

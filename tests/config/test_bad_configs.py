@@ -27,6 +27,7 @@ BAD = [
     ("model.d_ff", 0, "model.d_ff=0 must be positive"),
     ("model.first_k_dense", 9, "model.first_k_dense=9 must be in [0, model.num_layers=4]"),
     ("model.moe_every", -1, "model.moe_every=-1 must be >= 0"),
+    ("model.layer_kinds", "dense,moe", "has 2 entries for model.num_layers=4"),
     ("model.qk_norm", "layer", "model.qk_norm='layer' must be one of"),
     ("model.rope_theta", 0.0, "model.rope_theta=0.0 must be positive"),
     ("model.norm_eps", -1e-6, "model.norm_eps=-1e-06 must be positive"),

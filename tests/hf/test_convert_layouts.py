@@ -2,7 +2,8 @@
 checkpoint trains (issue 23 item 1).
 
 The converter fits each checkpoint's MoE layers to `first_k_dense` dense layers followed by
-periods of `moe_every` layers ending in MoE (`moejax.hf.architectures.fit_layout`). The
+periods of `moe_every` layers ending in MoE (`moejax.hf.architectures.fit_layout`), or, when
+no such pair exists, names every layer in `model.layer_kinds`. The
 periods with dense blocks inside (`moe_every >= 2`: Qwen2-MoE's `decoder_sparse_step=2`, a
 2-layer DeepSeek-V3 with `first_k_dense_replace=1`) used to stop every training run in
 `check_divisible` ("Dimensions ('layers',) occur more than once"), while `from_pretrained`
@@ -64,7 +65,8 @@ DEEPSEEK_V3 = dict(
     n_shared_experts=1,
 )
 
-# name -> (transformers config class, kwargs, the (first_k_dense, moe_every) it converts to).
+# name -> (transformers config class, kwargs, the (first_k_dense, moe_every[, layer_kinds]) it
+# converts to).
 # One case per kind of layout: all dense, every layer MoE, a dense prefix before every-layer
 # MoE, periods with dense blocks inside, a dense prefix before such periods.
 LAYOUTS = {
@@ -103,6 +105,13 @@ LAYOUTS = {
         (0, 1),
     ),
     "llama_dense": ("LlamaConfig", dict(SMALL, num_hidden_layers=2), (0, 0)),
+    # mlp_only_layers=[1] of 3: MoE, dense, MoE is no prefix + periods -> model.layer_kinds
+    # (three runs, `runs_0` .. `runs_2`), first_k_dense / moe_every at their defaults.
+    "qwen2_moe_dense_between": (
+        "Qwen2MoeConfig",
+        dict(QWEN2_MOE, num_hidden_layers=3, mlp_only_layers=[1]),
+        (0, 1, "moe,dense,moe"),
+    ),
 }
 # One case runs by default (a period with a dense block inside, and MLA); the others with
 # `make test-slow`, each 20-30 s of CPU here (tests/train/test_layouts.py trains the period
@@ -129,10 +138,11 @@ def _converted(name, tmp_path):
 )
 def test_a_converted_checkpoint_fine_tunes(name, tmp_path, tiny_config):
     config, workdir = _converted(name, tmp_path)
-    want_layout = LAYOUTS[name][2]
-    assert (config.model.first_k_dense, config.model.moe_every) == want_layout
+    want_layout = (*LAYOUTS[name][2], "")[:3]  # (first_k_dense, moe_every, layer_kinds)
+    got = (config.model.first_k_dense, config.model.moe_every, config.model.layer_kinds)
+    assert got == want_layout
     saved = json.loads((workdir / "config.json").read_text())["model"]
-    assert (saved["first_k_dense"], saved["moe_every"]) == want_layout
+    assert (saved["first_k_dense"], saved["moe_every"], saved["layer_kinds"]) == want_layout
     # The test corpus and a two-step budget; model and moe stay the checkpoint's.
     config.data.update(tiny_config("dense").data.to_dict())
     config.train.update(

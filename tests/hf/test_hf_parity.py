@@ -62,6 +62,22 @@ CONFIGS = {
             decoder_sparse_step=2,
         ),
     ),
+    # mlp_only_layers=[1]: MoE, dense, MoE, not a dense prefix then periods (moejax:
+    # model.layer_kinds, one scan per run).
+    "qwen2_moe_mlp_only_middle": (
+        "Qwen2MoeConfig",
+        dict(
+            SMALL,
+            num_hidden_layers=3,
+            intermediate_size=48,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            mlp_only_layers=[1],
+        ),
+    ),
     "qwen2_moe_mlp_only_norm_on": (
         "Qwen2MoeConfig",
         dict(
@@ -333,6 +349,51 @@ def test_export_of_a_moejax_initialised_model(tmp_path):
     assert np.abs(hf_logits(back, IDS) - want).max() < TOL
 
 
+def test_layer_layout_keys_map_to_layer_kinds_and_back():
+    """mlp_only_layers / decoder_sparse_step / first_k_dense_replace -> the per-layer layout
+    (periodic ones keep first_k_dense / moe_every), and export writes them back."""
+    import dataclasses
+
+    from moejax.hf.architectures import MIXTRAL
+    from moejax.hf.layout import choose_architecture, from_hf_config, to_hf_config
+
+    def hf_config(name, **change):
+        config_cls, kwargs = ALL[name]
+        config = getattr(transformers, config_cls)(**{**kwargs, **change})
+        return {**config.to_dict(), "architectures": [config_cls.replace("Config", "ForCausalLM")]}
+
+    arch, m, moe = from_hf_config(hf_config("qwen2_moe_mlp_only_middle"))
+    assert (m.layer_kinds, m.periodic) == ("moe,dense,moe", None)
+    hf = to_hf_config(arch, m, moe)
+    assert (hf["mlp_only_layers"], hf["decoder_sparse_step"]) == ([1], 1)
+    # 5 layers, step 2 and layer 3 dense: MoE only at layer 1
+    _, m5, _ = from_hf_config(
+        hf_config(
+            "qwen2_moe_mlp_only_middle",
+            num_hidden_layers=5,
+            decoder_sparse_step=2,
+            mlp_only_layers=[3],
+        )
+    )
+    assert m5.layer_kinds == "dense,moe,dense,dense,dense"
+    _, m_old, _ = from_hf_config(hf_config("qwen2_moe_mlp_only_norm_on"))  # layer 0 dense
+    assert (m_old.first_k_dense, m_old.moe_every, m_old.layer_kinds) == (1, 1, "")
+    kinds = dataclasses.replace(m_old, first_k_dense=0, layer_kinds="dense,moe,moe")
+    hf = to_hf_config(arch, kinds, moe)  # a periodic layer_kinds: the old fields
+    assert (hf["mlp_only_layers"], hf["decoder_sparse_step"]) == ([0], 1)
+    _, ds, _ = from_hf_config(hf_config("deepseek_v3_mla_qlora", first_k_dense_replace=1))
+    assert (ds.first_k_dense, ds.moe_every, ds.layer_kinds) == (0, 2, "")  # as before
+    # A dense layer between MoE layers: only the Qwen-MoE architectures say it.
+    assert choose_architecture(m, moe)[0].name == "Qwen2MoeForCausalLM"
+    refused = "MixtralForCausalLM cannot express .*the layer layout moe,dense,moe "
+    with pytest.raises(ConfigError, match=refused):
+        to_hf_config(MIXTRAL, m, moe)
+    # Per-layer expert counts: no Hugging Face architecture has them.
+    per_layer = dataclasses.replace(m, layer_kinds="moe,dense,moe:e=2")
+    with pytest.raises(ConfigError, match=r"layer layout moe,dense,moe:e=2"):
+        choose_architecture(per_layer, moe)
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -479,8 +540,8 @@ def test_convert_keeps_deepseek_v3_router_bias_in_the_train_state(tmp_path):
 
 def test_options_the_new_architectures_cannot_express_are_named(saved, tmp_path):
     """DeepSeek-V2: norm_topk_prob / moe_layer_freq (transformers ignores them where
-    DeepSeek's code does not) and topk_method other than greedy / group_limited_greedy;
-    Qwen3-MoE: attention_bias (it biases o_proj too); OLMoE: clip_qkv."""
+    DeepSeek's code does not; V3's moe_layer_freq too) and topk_method other than greedy /
+    group_limited_greedy; Qwen3-MoE: attention_bias (it biases o_proj too); OLMoE: clip_qkv."""
     name, _, path = saved
     bad = {
         "deepseek_v2_group_limited": [
@@ -488,6 +549,7 @@ def test_options_the_new_architectures_cannot_express_are_named(saved, tmp_path)
             ({"moe_layer_freq": 2}, "moe_layer_freq=2"),
             ({"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
         ],
+        "deepseek_v3_mla_qlora": [({"moe_layer_freq": 2}, "moe_layer_freq=2")],
         "qwen3_moe_qk_norm": [({"attention_bias": True}, "attention_bias=True")],
         "olmoe_qk_norm_full": [({"clip_qkv": 8.0}, "clip_qkv=8.0")],
     }.get(name)

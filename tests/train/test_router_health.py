@@ -69,3 +69,12 @@ def test_the_remedy_follows_the_balancing():
     assert "Raise moe.balance_coef" in by_loss and "Raise moe.balance_coef" in cv_loss
     for warning in (by_bias, cv_bias):
         assert "Raise moe.bias_update_rate" in warning and "moe.balance_coef" not in warning
+
+
+def test_padded_experts_of_a_smaller_layer_are_not_dead():
+    """model.layer_kinds with E 2 then 4: layer 0's load row is zero-padded to 4 experts."""
+    load = [[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]
+    health = _health(layer_experts=[2, 4])
+    health.observe(10, _interval(load))
+    warnings = health.observe(20, _interval(load))
+    assert len(warnings) == 1 and "MoE layer 1: expert(s) [2, 3]" in warnings[0]

@@ -3,9 +3,30 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Test-time compile speed (inherited by the subprocesses the tests start): the tiny models
+# here are compile-bound, and XLA:CPU's LLVM optimisation passes took a quarter of the suite's
+# time. Results stay within every test's tolerance; bit-exact checks compare one program
+# with itself. MOEJAX_TEST_XLA_OPT=1 keeps XLA's defaults.
+if os.environ.get("MOEJAX_TEST_XLA_OPT") != "1":
+    os.environ["XLA_FLAGS"] = " ".join(
+        [
+            os.environ.get("XLA_FLAGS", ""),
+            "--xla_backend_optimization_level=0",
+            "--xla_llvm_disable_expensive_passes=true",
+        ]
+    ).strip()
 
 import pytest  # noqa: E402
+from slow_tests import SLOW  # noqa: E402
 from testing_utils import TEST_CORPUS_BYTES_PER_DOMAIN, make_tiny_config  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(config, items):
+    """Marks the cases of `tests/slow_tests.py` slow."""
+    for item in items:
+        if item.nodeid in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tokenize
 from collections.abc import Callable
 
 import pytest
@@ -737,13 +738,13 @@ def test_no_docstring_continues_a_line_with_a_backslash():
     bad = []
     for path in [*DOCSTRING_FILES, *REPO.glob("moejax/**/*.py")]:
         rel = str(path.relative_to(REPO))
-        source = path.read_text()
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                literal = ast.get_source_segment(source, node) or ""
-                prefix = re.match(r"^[a-zA-Z]*", literal).group(0).lower()
-                if "r" not in prefix and re.search(r"(?<!\\)\\\n", literal):
-                    bad.append(f"{rel}:{node.lineno}")
+        with tokenize.open(path) as f:
+            for token in tokenize.generate_tokens(f.readline):
+                if token.type != tokenize.STRING:
+                    continue
+                prefix = re.match(r"^[a-zA-Z]*", token.string).group(0).lower()
+                if "r" not in prefix and re.search(r"(?<!\\)\\\n", token.string):
+                    bad.append(f"{rel}:{token.start[0]}")
     assert not bad, f"backslash-newline inside a non-raw string literal: {bad}"
 
 

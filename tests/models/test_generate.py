@@ -4,7 +4,9 @@ HF token-for-token parity is in tests/hf; these run without torch.
 """
 
 import dataclasses
+import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,9 +45,8 @@ MODELS = {
 def _model(name):
     model = Transformer(MODELS[name], MOE)
     prompt = np.random.default_rng(0).integers(0, 40, (2, 4))
-    variables = model.init(jax.random.PRNGKey(1), jnp.asarray(prompt))
-    import flax.linen as nn
-
+    # Jitted: an eager init dispatches (and compiles) each of its ~700 ops one by one.
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.asarray(prompt))
     return model, nn.unbox(variables), prompt
 
 
@@ -57,21 +58,17 @@ def test_cached_decoding_equals_full_forward(name):
     tokens = np.asarray(generate(model, variables, prompt, 6))
     assert tokens.shape == (2, 10)
     np.testing.assert_array_equal(tokens[:, :4], prompt)
-    full = np.asarray(model.apply(variables, jnp.asarray(tokens))[0])
+    full = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(tokens))[0])
     # Greedy: each generated token is the argmax of the full forward at the previous position.
     np.testing.assert_array_equal(tokens[:, 4:], full[:, 3:-1].argmax(-1))
     # And the cached logits themselves equal the full forward, chunk by chunk.
     decoder = model.clone(decode=True)
     cache = init_cache(model, variables, 2, 10)
     pos = jnp.arange(10)[None].repeat(2, 0)
-    (first, _), state = decoder.apply(
-        {**variables, "cache": cache}, tokens[:, :7], positions_BxL=pos[:, :7], mutable=["cache"]
-    )
-    (rest, _), _ = decoder.apply(
-        {**variables, "cache": state["cache"]},
-        tokens[:, 7:],
-        positions_BxL=pos[:, 7:],
-        mutable=["cache"],
+    step = jax.jit(functools.partial(decoder.apply, mutable=["cache"]))
+    (first, _), state = step({**variables, "cache": cache}, tokens[:, :7], positions_BxL=pos[:, :7])
+    (rest, _), _ = step(
+        {**variables, "cache": state["cache"]}, tokens[:, 7:], positions_BxL=pos[:, 7:]
     )
     np.testing.assert_allclose(np.concatenate([first, rest], 1), full, atol=2e-5)
 

@@ -169,7 +169,6 @@ SLOW = {
     "tests/train/test_faults.py::test_injected_nan_steps_are_skipped_then_a_streak_stops_the_run": 19,
     "tests/train/test_layouts.py::test_layout_trains[0-2-2]": 53,
     "tests/train/test_layouts.py::test_layout_trains[0-3-3]": 49,
-    "tests/train/test_layouts.py::test_layout_trains[1-2-3]": 50,
     "tests/train/test_old_checkpoints.py::test_old_run_as_the_base_of_an_adapter_run": 29,
     "tests/train/test_old_checkpoints.py::test_old_run_resumes_as_if_uninterrupted[sigmoid_bias]": 19,
     "tests/train/test_old_checkpoints.py::test_old_run_resumes_as_if_uninterrupted[smora]": 28,

@@ -12,6 +12,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TEST_CORPUS_BYTES_PER_DOMAIN = 200_000
 
 
+def xla_flags_with_devices(devices: int) -> str:
+    """This process's XLA_FLAGS (conftest's test-time flags) plus `devices` fake CPU devices,
+    for a subprocess's environment."""
+    flag = f"--xla_force_host_platform_device_count={devices}"
+    return f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
 def load_config_module(name: str):
     """Imports configs/<name>.py by path (configs/ is not a package)."""
     return load_config_file(REPO / "configs" / f"{name}.py")

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from testing_utils import REPO
+from testing_utils import REPO, xla_flags_with_devices
 
 torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[hf]'")
 transformers = pytest.importorskip("transformers", reason="pip install -e '.[hf]'")
@@ -128,7 +128,7 @@ def result(tmp_path_factory):
         paths[name] = str(path)
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags_with_devices(8),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
     }

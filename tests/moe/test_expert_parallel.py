@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from testing_utils import REPO
+from testing_utils import REPO, xla_flags_with_devices
 
 SCRIPT = r"""
 import json, sys
@@ -159,7 +159,7 @@ print("RESULT" + json.dumps(out))
 def _run(*args):
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags_with_devices(8),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
     }

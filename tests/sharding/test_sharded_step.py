@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from testing_utils import REPO
+from testing_utils import REPO, xla_flags_with_devices
 
 from moejax.sharding.strategies import available
 
@@ -98,7 +98,7 @@ MOE_LAYOUTS.update(
 def _run(config_name, data_dir, steps, layouts):
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags_with_devices(8),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
     }
@@ -115,10 +115,11 @@ def _run(config_name, data_dir, steps, layouts):
     return json.loads(line[len("RESULT") :])
 
 
-# Run by default: FSDP (whose checkpoint is also restored onto another mesh) and expert
-# parallelism; the other layouts are marked slow (`make test-slow`). Each group is one
-# subprocess with its own one-device reference.
-FAST_LAYOUTS = ("fsdp", "ep")
+# Run by default: FSDP (whose checkpoint is also restored onto another mesh); the other
+# layouts are marked slow (`make test-slow`; expert parallelism's fast representative is
+# tests/moe/test_expert_parallel.py). Each group is one subprocess with its own one-device
+# reference.
+FAST_LAYOUTS = ("fsdp",)
 
 
 @pytest.fixture(scope="module")

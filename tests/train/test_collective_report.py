@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from testing_utils import REPO
+from testing_utils import REPO, xla_flags_with_devices
 
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.sharding.hlo_collectives import collective_bytes, shape_bytes
@@ -120,15 +120,16 @@ if "fssdp" in DISPATCHERS:  # the FSSDP dispatcher (issue 7, part 3) once it is 
 
 ENV = {
     **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "XLA_FLAGS": xla_flags_with_devices(8),
     "JAX_PLATFORMS": "cpu",
     "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
 }
 
 
 @pytest.fixture(scope="module")
-def reports():
-    cli = subprocess.Popen(
+def data_report():
+    """The command line's report of pure data parallelism on 8 devices."""
+    proc = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -146,33 +147,32 @@ def reports():
         ],
         cwd=REPO,
         env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
+        timeout=600,
     )
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
-            cwd=REPO,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        out, err = cli.communicate(timeout=600)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert cli.returncode == 0, err[-4000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def reports():
+    """The reports of `CASES` (FSDP widths, FSSDP slots and experts), one subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
-    result = json.loads(line[len("RESULT") :])
-    result["data"] = json.loads(out)
-    return result
+    return json.loads(line[len("RESULT") :])
 
 
-def test_data_parallel_all_reduces_the_gradient_bytes(reports):
-    r = reports["data"]
+def test_data_parallel_all_reduces_the_gradient_bytes(data_report):
+    r = data_report
     assert r["devices"] == 8 and r["mesh"]["data"] == 8
     grad_bytes = 4 * r["num_params"]
     c = r["collectives"]

@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from testing_utils import REPO, cli_flags, make_tiny_config
+from testing_utils import REPO, cli_flags, make_tiny_config, xla_flags_with_devices
 
 from moejax.config.validation import validate
 from moejax.sharding.mesh import make_mesh
@@ -38,7 +38,7 @@ def _env(devices: int) -> dict:
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags_with_devices(devices),
     }
 
 

@@ -5,6 +5,9 @@ for bit the HF weights, the loss is finite, the run reads the checkpoint's token
 adapters export to peft. A base that is missing or not converted is refused naming `base=`."""
 
 import json
+import shlex
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -43,36 +46,57 @@ def _hf_moe(path):
     train_tokenizer(TEXTS, kind="bpe", vocab_size=272, out_dir=str(path))  # `tokenizers` BPE
 
 
+def _documented(name, **replace):
+    """README's command `name` (tests/test_readme_commands.py keeps the two equal) as argv,
+    each `old=new` path of `replace` substituted."""
+    from test_readme_commands import README
+
+    command = README[name]
+    for old, new in replace.values():
+        command = command.replace(old, new)
+    return shlex.split(command)
+
+
 def test_finetune_recipe_trains_lora_on_attention_and_experts(tmp_path):
+    """README's convert and fine-tune commands as typed (paths replaced, flags appended that
+    shrink the run: later flags win), then the run read back."""
     import moejax.hf as mhf
     from moejax.lora.targets import is_adapter_path
     from moejax.nn.trees import split_tree
     from moejax.train.adapter_checkpoint import load_adapted
-    from moejax.train.convert_hf import convert
-    from moejax.train.loop import train
 
     hf_dir, base, run = tmp_path / "hf", tmp_path / "qwen_moe", tmp_path / "qwen_moe_lora"
     _hf_moe(hf_dir)
-    convert(str(hf_dir), str(base))
     (tmp_path / "data").mkdir()
     with open(tmp_path / "data" / "train-0.jsonl", "w") as f:
         for text in TEXTS:
             f.write(json.dumps({"content": text}) + "\n")
-
-    arg = f"base={base},data={tmp_path}/data/train-*.jsonl,field=content,steps=2"
-    c = load_config_file(FINETUNE).get_config(arg + ",seq_len=16,batch=2")
-    assert c.data.tokenizer == f"hf:{base}/tokenizer"  # the checkpoint's own, copied
-    assert c.data.sources == f"jsonl:{tmp_path}/data/train-*.jsonl#content"
-    assert (c.lora.method, c.lora.targets) == ("lora", "attn.*,experts.*")
-    assert c.lora.base_checkpoint == str(base)
-    converted = json.loads((base / "model.json").read_text())
-    assert {k: c.model[k] for k in converted["model"]} == converted["model"]
-    assert {k: c.moe[k] for k in converted["moe"]} == converted["moe"]
-    c.train.update(
-        log_every=1, eval_every=0, async_checkpoint=False, peak_tflops=1.0, learning_rate=1e-2
+    paths = dict(hf=("/path/to/hf_moe", str(hf_dir)), run=("runs/qwen_moe", str(base)))
+    argv = _documented("ft_convert", **paths)
+    proc = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    sources = f"jsonl:{tmp_path}/data/train-*.jsonl#content"
+    argv = _documented(
+        "ft_lora",
+        lora=("runs/qwen_moe_lora", str(run)),  # before runs/qwen_moe, its prefix
+        base=("runs/qwen_moe", str(base)),
+        data=("jsonl:data/train-*.jsonl#text", sources),
     )
-    metrics = train(c, str(run))
-    assert metrics["step"] == 2 and np.isfinite(metrics["train/loss"])
+    assert argv[3].startswith("--config=configs/finetune.py:base=")
+    argv[3] += ",steps=2,seq_len=16,batch=2"
+    shrink = dict(log_every=1, eval_every=0, async_checkpoint=False, peak_tflops=1.0)
+    argv += [f"--config.train.{k}={v}" for k, v in dict(shrink, learning_rate=1e-2).items()]
+    proc = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"data: tokenizer hf:{base}/tokenizer;" in proc.stdout  # the checkpoint's own
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and np.isfinite(last["train/loss"])
+    c = json.loads((run / "config.json").read_text())
+    assert (c["lora"]["method"], c["lora"]["targets"]) == ("lora", "attn.*,experts.*")
+    assert c["lora"]["base_checkpoint"] == str(base) and c["data"]["sources"] == sources
+    converted = json.loads((base / "model.json").read_text())
+    for section in ("model", "moe"):
+        assert {k: c[section][k] for k in converted[section]} == converted[section]
 
     model, variables = load_adapted(str(run))
     adapters, got_base = split_tree(variables["params"], is_adapter_path)

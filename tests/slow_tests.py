@@ -57,6 +57,7 @@ SLOW = {
     "tests/hf/test_sharded_loading.py::test_sharded_load_equals_the_unsharded_one[deepseek_v2_per_expert]": 95,
     "tests/lora/test_adapter.py::test_random_adapter_equals_the_merged_projection[False]": 20,
     "tests/lora/test_adapter.py::test_zero_initialised_adapters_give_the_base_logits_exactly[attn.wq,attn.wv]": 61,
+    "tests/lora/test_finetune_recipe.py::test_finetune_recipe_trains_lora_on_attention_and_experts": 42,
     "tests/lora/test_routed_experts.py::test_a_training_step_moves_only_the_expert_adapters": 26,
     "tests/lora/test_routed_experts.py::test_adapted_experts_equal_the_merged_model[dense_reference]": 12,
     "tests/lora/test_routed_experts.py::test_expert_adapters_have_one_pair_per_expert": 34,

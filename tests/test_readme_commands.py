@@ -431,6 +431,13 @@ README = {
         "python -m moejax.train --config=runs/ft/config.py --workdir=runs/ft "
         "--config.train.steps=1000"
     ),
+    "ft_convert": (
+        "python -m moejax.train.convert_hf --from /path/to/hf_moe --workdir runs/qwen_moe"
+    ),
+    "ft_lora": (
+        "python -m moejax.train --config=configs/finetune.py:base=runs/qwen_moe "
+        "--workdir=runs/qwen_moe_lora --config.data.sources='jsonl:data/train-*.jsonl#text'"
+    ),
     "smora": (
         "python -m moejax.train --config=configs/lora.py:smora --workdir=runs/lora_smora "
         "--config.lora.targets='attn.*,mlp.*' --config.lora.top_k=2 --config.lora.routed_scale=2"
@@ -645,6 +652,14 @@ COVERED_BY = {
     ),
     README["trace"]: (
         "tests/analysis/test_trace.py::test_the_cli_traces_every_step_on_the_same_tokens"
+    ),
+    README["ft_convert"]: (
+        "tests/lora/test_finetune_recipe.py::"
+        "test_finetune_recipe_trains_lora_on_attention_and_experts"
+    ),
+    README["ft_lora"]: (
+        "tests/lora/test_finetune_recipe.py::"
+        "test_finetune_recipe_trains_lora_on_attention_and_experts"
     ),
     "python -m experiments.shared_expert_removed --sweep_dir=runs/ablation "
     "--variant=fine_grained_shared": (

@@ -10,7 +10,7 @@ the steps it changes; `moejax.lora.methods.METHODS` registers them by `lora.meth
 - `mix`: sum_e g_e h_e B_e (along the rank axis, or through a MoE dispatcher);
 - `adapter_config`: the config of a projection's adapter (MixLoRA: plain LoRA on attention);
 - `replace_mlp`, `scalings`, `decodes_with_cache`: the model-level hooks (MixLoRA's FFN,
-  X-LoRA's classifier, which runs the model twice and so cannot use the decoding cache);
+  X-LoRA's classifier, which runs the model twice, each pass with its own decoding cache);
 - `post_update`, `decays`: the training side (SoRA's proximal step, its undecayed gates);
 - `gate_slots`, `check`: what `moejax.config.validation` asks of the method's config.
 

@@ -50,20 +50,14 @@ class XLoRAClassifier(nn.Module):
 
 class XLoRA(LoRAMethod):
     """`xlora`: gates are the per-token scalings the model hands every block; the model runs
-    once without adapters (scalings 0) to compute them (module docstring)."""
-
-    decodes_with_cache = False  # two passes over the whole sequence per call
+    once without adapters (scalings 0) to compute them (module docstring). Decoding, each pass
+    keeps its own key/value cache (the scalings of token t depend on tokens <= t only)."""
 
     def gates(self, adapter, cfg, x, h, mask, context):
         scalings = None if context is None else context.scalings
         return (None if scalings is None else scalings.reshape(-1, scalings.shape[-1])), None
 
     def scalings(self, module, cfg, run, shape, param_dtype):
-        if getattr(module, "decode", False):
-            raise ValueError(
-                "lora.method='xlora' runs the model twice per call, which the decoding cache "
-                "does not support; merge or drop the adapters to decode."
-            )
         hidden = run(jnp.zeros(shape + (cfg.num_experts,), jnp.float32))
         classifier = XLoRAClassifier(cfg, param_dtype, name="lora_xlora_classifier")
         return classifier(jax.lax.stop_gradient(hidden))

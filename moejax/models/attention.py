@@ -38,20 +38,22 @@ from moejax.nn.rotary import rotary_embedding
 __all__ = ["Attention", "attention_mask", "cached"]  # attention_mask lives in attention_kernels
 
 
-def cached(module: nn.Module, entries: dict[str, jax.Array]):
-    """Appends `entries` (each `[B, L, ...]`) to the module's decoding cache.
+def cached(module: nn.Module, entries: dict[str, jax.Array], prefix: str = ""):
+    """Appends `entries` (each `[B, L, ...]`) to the module's decoding cache (variables
+    `<prefix><name>` and `<prefix>index`: a model that runs its layers twice per call, X-LoRA,
+    keeps one cache per pass).
 
     Returns `(full, mask)`: the whole cache arrays `[B, S_max, ...]` after the write and the
     boolean mask `[1, 1, L, S_max]` (slot s is visible to the i-th new token iff
     s <= index + i). On the call that creates the cache (its shape taken from `entries`),
     nothing is written: `(entries, None)` and the caller uses its ordinary causal mask.
     """
-    created = not module.has_variable("cache", "index")
+    created = not module.has_variable("cache", prefix + "index")
     slots = {
-        name: module.variable("cache", name, jnp.zeros, a.shape, a.dtype)
+        name: module.variable("cache", prefix + name, jnp.zeros, a.shape, a.dtype)
         for name, a in entries.items()
     }
-    index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    index = module.variable("cache", prefix + "index", lambda: jnp.zeros((), jnp.int32))
     if created:
         return entries, None
     start = index.value
@@ -138,7 +140,8 @@ class Attention(nn.Module):
         k = rotary_embedding(k, positions_BxL, cfg.rope_theta)
         mask = None
         if self.decode:
-            kv, mask = cached(self, {"k": k, "v": v})
+            prefix = "" if adapter_context is None else adapter_context.cache_prefix
+            kv, mask = cached(self, {"k": k, "v": v}, prefix)
             k, v = kv["k"], kv["v"]
         if mask is None:  # no cache to read: causal within packed segments
             out = causal_attention(q, k, v, segment_ids_BxL, cfg.attention_impl)

@@ -87,7 +87,8 @@ class MLAttention(nn.Module):
 
         mask = None
         if self.decode:  # the compressed cache: latents and rotary keys, not per-head k/v
-            full, mask = cached(self, {"latent": latent, "k_rope": k_rope})
+            prefix = getattr(adapter_context, "cache_prefix", "")
+            full, mask = cached(self, {"latent": latent, "k_rope": k_rope}, prefix)
             latent, k_rope = full["latent"], full["k_rope"]
         kernel = resolve_impl(cfg.attention_impl) if mask is None else "xla"
         if mask is None and kernel == "xla":

@@ -38,7 +38,8 @@ summed over layers), `moe_metrics` (name -> array with a leading MoE-layer axis)
 (`adapters`, a `moejax.nn.adapter_hook.AdapterHook`) sow their losses, metrics and loads;
 `moejax.models.side_outputs.apply_model` applies the model with those collections mutable
 and adds them to `extras`. With X-LoRA the hook runs the
-stacks once more to compute its scalings.
+stacks once more to compute its scalings; decoding, that pass keeps its own key/value cache
+(variables prefixed `scaling_`), so X-LoRA decodes with the cache too.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from moejax.nn.projection import project
 ACTIVATION_AXES = ("batch", "length", "act_embed")  # logical names of the residual stream
 SCANNED_STACKS = ("dense_layers", "moe_layers", "moe_periods", "dense")
 RUN_STACK = re.compile(r"runs_\d+")  # the stacks of a per-layer layout (`layer_runs`)
+SCALING_PASS_CACHE = "scaling_"  # the decoding cache of X-LoRA's no-adapter pass
 
 
 def is_stack(name: str) -> bool:
@@ -87,13 +89,15 @@ class BlockContext:
 
     segment_ids, positions: int32[B, L]; shared_router: model-level router parameters
     (RMoE's shared GRU cell) or None; scalings: the adapters' per-token scalings [B, L, E]
-    (X-LoRA) or None.
+    (X-LoRA) or None; cache_prefix: the decoding-cache variables of this pass
+    (`AdapterContext.cache_prefix`).
     """
 
     segment_ids: jax.Array
     positions: jax.Array
     shared_router: Any = None
     scalings: jax.Array | None = None
+    cache_prefix: str = flax.struct.field(pytree_node=False, default="")
 
 
 @flax.struct.dataclass
@@ -119,7 +123,7 @@ class Block(nn.Module):
         # The residual stream is split over the batch axes only: FSDP then gathers weights
         # rather than partial products (a no-op outside moejax.sharding.activation_rules).
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        adapter_ctx = AdapterContext(token_mask=ctx.segment_ids > 0, scalings=ctx.scalings)
+        adapter_ctx = AdapterContext(ctx.segment_ids > 0, ctx.scalings, ctx.cache_prefix)
         m = self.model
         norm = dict(eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype)
         attn = ATTENTION[m.attention](m, self.decode, self.adapters, name="attn")
@@ -352,8 +356,10 @@ class Transformer(nn.Module):
         stacks = _stacks(block, m, self.moe, self.decode, self.adapters)
         final_norm = RMSNorm(m.norm_eps, m.dtype, m.param_dtype, name="final_norm")
 
-        def run(scalings):
-            ctx = BlockContext(segment_ids_BxL, positions_BxL, shared_router, scalings)
+        def run(scalings, cache_prefix=""):
+            ctx = BlockContext(
+                segment_ids_BxL, positions_BxL, shared_router, scalings, cache_prefix
+            )
             carry = (x, router_state)
             moe_outs = []
             for stack, is_moe in stacks:
@@ -366,7 +372,9 @@ class Transformer(nn.Module):
 
         scalings = None
         if self.adapters is not None:  # X-LoRA: a pass without adapters feeds its classifier
-            scalings = self.adapters.scalings(self, lambda s: run(s)[0], (b, length))
+            scalings = self.adapters.scalings(
+                self, lambda s: run(s, SCALING_PASS_CACHE)[0], (b, length)
+            )
         h, moe_out = run(scalings)
         if m.tie_embeddings:
             head = embedding.astype(dt).T

@@ -27,11 +27,14 @@ class AdapterContext:
     """What a Transformer block hands to the adapters inside it.
 
     token_mask: bool[B, L], the real tokens (padding takes no part in routers' losses);
-    scalings: [B, L, E] per-token adapter scalings (X-LoRA's), or None.
+    scalings: [B, L, E] per-token adapter scalings (X-LoRA's), or None;
+    cache_prefix: the prefix of the attention's decoding-cache variables in this pass ("":
+    the model's output pass; X-LoRA's no-adapter scaling pass keeps its own keys and values).
     """
 
     token_mask: jax.Array | None = None
     scalings: jax.Array | None = None
+    cache_prefix: str = flax.struct.field(pytree_node=False, default="")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +81,9 @@ class AdapterHook:
         self, module: nn.Module, run: Callable[[Any], jax.Array], shape: tuple[int, int]
     ) -> jax.Array | None:
         """Per-token scalings `[B, L, E]` handed to every block (`AdapterContext.scalings`),
-        or None. `run(scalings)` runs the layers and returns the final hidden state."""
+        or None. `run(scalings)` runs the layers and returns the final hidden state; with a
+        decoding cache that pass keeps its own keys and values (`AdapterContext.cache_prefix`),
+        so the scalings of new tokens see the earlier tokens of the same pass."""
         return None
 
     def for_layer(self, layer: int, num_layers: int) -> "AdapterHook":

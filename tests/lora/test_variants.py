@@ -243,13 +243,25 @@ def test_zero_initialised_adapters_give_the_base_logits(name):
     assert adapters
     if name == "xlora":
         assert "lora_xlora_classifier" in adapters
-    # X-LoRA's two passes cannot use the decoding cache; the hook says so (generate's users).
-    assert model.adapters.decodes_with_cache == (name != "xlora")
+    assert model.adapters.decodes_with_cache  # X-LoRA: each pass keeps its own cache
     want, _ = jax.jit(Transformer(m, MoEConfig()).apply)({"params": base}, TOKENS)
     got, extras = jax.jit(functools.partial(apply_model, model))(variables, TOKENS)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     if name == "mola":  # router metrics reach the model's extras (sown, collected once)
         assert extras["lora_metrics"]["experts_per_token"] == cfg.top_k
+
+
+def test_xlora_decodes_with_the_cache():
+    """Greedy decoding with the key/value cache (one per X-LoRA pass) equals the argmax of
+    the full forward at every step, with random experts and classifier (the model is
+    causal, so one forward over the generated tokens gives every step's logits)."""
+    from moejax.generate import generate
+
+    model = Transformer(MODEL, MoEConfig(), adapters=adapters_for(variant("xlora")))
+    variables = _randomise(nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS)))
+    got = np.asarray(generate(model, variables, TOKENS[:, :3], 4))
+    logits = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(got))[0])
+    np.testing.assert_array_equal(got[:, 3:], np.argmax(logits[:, 2:-1], -1))
 
 
 def test_mola_gives_each_layer_its_expert_count():

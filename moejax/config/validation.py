@@ -493,6 +493,16 @@ def _check_lora(lo: LoRAConfig) -> None:
         lo.xlora_temperature > 0, f"lora.xlora_temperature={lo.xlora_temperature} must be positive."
     )
     _require(
+        not lo.frozen_experts or lo.method in ("lora", "moe", "xlora"),
+        f"lora.frozen_experts=True freezes the experts of lora.method 'lora', 'moe' or "
+        f"'xlora' (their gating trains); method={lo.method!r} makes its own A.",
+    )
+    _require(
+        not lo.frozen_experts or not routed_expert_patterns(lo),
+        f"lora.frozen_experts=True does not freeze LoRA on the routed experts "
+        f"({routed_expert_patterns(lo)} in lora.targets={lo.targets!r}); drop those targets.",
+    )
+    _require(
         0 <= lo.xlora_top_k <= lo.num_experts,
         f"lora.xlora_top_k={lo.xlora_top_k} must be in [0, lora.num_experts="
         f"{lo.num_experts}] (0 keeps every scaling).",

@@ -8,6 +8,8 @@
 
     model, variables = moejax.hf.from_pretrained(path, mesh=mesh, rules=rules)  # sharded
     model, variables = moejax.hf.from_pretrained(base_dir, adapter="/path/peft_adapter")
+    model, variables = moejax.hf.from_pretrained(          # X-LoRA over frozen peft adapters
+        base_dir, adapters={"code": "/path/a", "math": "/path/b"}, method="xlora")
     moejax.hf.save_adapter(model, variables, "/path/adapter_out")   # peft loads it
 
 peft LoRA adapters: `moejax.hf.peft` (plain LoRA and rsLoRA on attention, dense MLPs and the
@@ -80,6 +82,8 @@ def from_pretrained(
     path: str,
     *,
     adapter: str | None = None,
+    adapters: dict[str, str] | None = None,
+    method: str = "xlora",
     dtype: str = "float32",
     param_dtype: str = "float32",
     mesh: jax.sharding.Mesh | None = None,
@@ -93,11 +97,19 @@ def from_pretrained(
     the tensor slices its devices hold; None: plain single-device arrays.
 
     `adapter`: a peft LoRA adapter directory applied on top (the model then carries the
-    adapters' `lora` config, `moejax.hf.peft.load_adapter`). `dtype` / `param_dtype` are the
+    adapters' `lora` config, `moejax.hf.peft.load_adapter`). `adapters`: {name: peft adapter
+    directory}, loaded as the frozen experts of the mixture `method` ("xlora": X-LoRA, expert
+    i the i-th name) with its gating initialised fresh and the only trainable adapter
+    parameter (`moejax.hf.peft.load_adapters`). `dtype` / `param_dtype` are the
     compute and storage dtypes; `model_overrides` set other ModelConfig fields that do not
     change the function (e.g. `remat="full"`).
     """
-    if adapter is not None:
+    if adapter is not None or adapters is not None:
+        if adapter is not None and adapters is not None:
+            raise ConfigError(
+                "from_pretrained: give adapter= (one plain LoRA) or adapters= (the experts "
+                "of a mixture), not both."
+            )
         if mesh is not None:
             raise ConfigError(
                 "from_pretrained(adapter=..., mesh=...): peft adapters load unsharded "
@@ -106,6 +118,8 @@ def from_pretrained(
         model, variables = from_pretrained(
             path, dtype=dtype, param_dtype=param_dtype, **model_overrides
         )
+        if adapters is not None:
+            return peft.load_adapters(model, variables, dict(adapters), method)
         return peft.load_adapter(model, variables, adapter)
     hf = read_config(path)
     arch, m, moe = from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, **model_overrides)

@@ -28,11 +28,14 @@ raise a ConfigError naming the option.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from typing import Any
 
+import flax.linen as nn
 import flax.traverse_util
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,8 +45,11 @@ from moejax.hf.weights import abstract_variables
 from moejax.lora.config import LoRAConfig
 from moejax.lora.hook import adapters_for
 from moejax.lora.merge import check_mergeable
-from moejax.lora.targets import ADAPTER_PREFIX
+from moejax.lora.targets import ADAPTER_PREFIX, routed_expert_patterns
+from moejax.lora.weights import lora_scale
+from moejax.lora.xlora import XLoRAClassifier
 from moejax.models.transformer import Transformer
+from moejax.nn.collections import ADAPTER_FROZEN
 from moejax.paths import as_path, join, write_text
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -309,6 +315,90 @@ def load_adapter(
         **{k: jnp.asarray(v, pdt) for k, v in new.items()},
     }
     return adapted, flax.traverse_util.unflatten_dict(merged, sep="/")
+
+
+def _xlora_gating(lora: LoRAConfig, model: Transformer, seed: int) -> dict[str, np.ndarray]:
+    """X-LoRA's classifier freshly initialised: {"params/lora_xlora_classifier/...": value}."""
+    init = XLoRAClassifier(lora, model.model.param_dtype).init(
+        jax.random.PRNGKey(seed), jnp.zeros((1, 1, model.model.d_model), jnp.float32)
+    )
+    flat = flax.traverse_util.flatten_dict(nn.unbox(init)["params"], sep="/")
+    return {f"params/lora_xlora_classifier/{k}": np.asarray(v) for k, v in flat.items()}
+
+
+# Mixture methods whose experts can be loaded adapters: method -> its gating's initialiser.
+MIXTURE_METHODS = {"xlora": _xlora_gating}
+
+
+def load_adapters(
+    model: Transformer,
+    variables: dict,
+    adapters: dict[str, str],
+    method: str = "xlora",
+    seed: int = 0,
+) -> tuple[Transformer, dict[str, Any]]:
+    """N peft LoRA adapters as the frozen experts of one mixture method (X-LoRA, Buehler &
+    Buehler 2024): expert i is the i-th adapter of `adapters` (name -> directory); their A and
+    B live in `lora_frozen` (`lora.frozen_experts`), so only the gating (X-LoRA's classifier,
+    initialised fresh from `seed`) is a trainable adapter parameter. Every adapter must adapt
+    the same modules with the same rank; differing `lora_alpha` / `use_rslora` are folded
+    into each expert's B (the model keeps the first adapter's scale)."""
+    if method not in MIXTURE_METHODS:
+        raise ConfigError(
+            f"adapters=... with method={method!r}: moejax loads several peft adapters as "
+            f"the frozen experts of {sorted(MIXTURE_METHODS)} only."
+        )
+    if not adapters:
+        raise ConfigError("adapters={} names no adapter directory.")
+    loaded = {}
+    for name, adapter_dir in adapters.items():
+        adapted, adapted_vars = load_adapter(model, variables, adapter_dir)
+        loaded[name] = (
+            adapted.adapters.cfg,
+            flax.traverse_util.flatten_dict(adapted_vars, sep="/"),
+        )
+    first, (cfg0, _) = next(iter(loaded.items()))
+    for name, (cfg, _) in loaded.items():
+        for field, what in (("targets", "adapts"), ("rank", "has rank r =")):
+            if getattr(cfg, field) != getattr(cfg0, field):
+                raise ConfigError(
+                    f"adapter {name!r} ({adapters[name]}) {what} {getattr(cfg, field)!r} but "
+                    f"adapter {first!r} ({adapters[first]}) {what} {getattr(cfg0, field)!r}; "
+                    f"the experts of one {method} mixture need the same targets and rank."
+                )
+    if routed_expert_patterns(cfg0):
+        raise ConfigError(
+            f"adapter {first!r} ({adapters[first]}) adapts the routed experts "
+            f"({routed_expert_patterns(cfg0)}); {method} mixes adapters on attention and "
+            f"dense MLP projections only."
+        )
+    lora = dataclasses.replace(
+        cfg0, method=method, num_experts=len(adapters), top_k=1, frozen_experts=True
+    )
+    mixed = model.clone(adapters=adapters_for(lora))
+    base = flax.traverse_util.flatten_dict(dict(variables), sep="/")
+    gating = MIXTURE_METHODS[method](lora, model, seed)
+    pdt = jnp.dtype(model.model.param_dtype)
+    out = {}
+    for key, shape in abstract_variables(mixed).items():
+        if key in base:
+            out[key] = base[key]
+            continue
+        if key in gating:
+            value = gating[key]
+        elif key.startswith(ADAPTER_FROZEN + "/"):
+            src = "params/" + key.removeprefix(ADAPTER_FROZEN + "/")
+            parts = []
+            for cfg, flat in loaded.values():
+                factor = lora_scale(cfg) / lora_scale(lora) if key.endswith("/b") else 1.0
+                parts.append(np.asarray(flat[src], np.float32) * factor)
+            value = np.concatenate(parts, axis=-3)  # the expert axis of a[.., E, in, r]
+        else:
+            raise ConfigError(f"load_adapters: no value for {key} of the {method} model.")
+        if tuple(value.shape) != tuple(shape):
+            raise ConfigError(f"load_adapters: {key} has shape {value.shape}, needs {shape}.")
+        out[key] = jnp.asarray(value, pdt)
+    return mixed, flax.traverse_util.unflatten_dict(out, sep="/")
 
 
 def _pad_rank(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

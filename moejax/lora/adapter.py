@@ -26,7 +26,7 @@ from moejax.lora.config import LoRAConfig
 from moejax.lora.method import report_routing
 from moejax.lora.methods import method_of
 from moejax.lora.routing import cv_squared_loss
-from moejax.lora.weights import lora_scale, zero_b
+from moejax.lora.weights import AXES_A, AXES_B, frozen_weight, lora_scale, uniform_fan_in, zero_b
 from moejax.nn.adapter_hook import AdapterContext
 
 
@@ -35,7 +35,8 @@ class LoRAAdapter(nn.Module):
     `s * B (expand(g, r) * A x)` with E experts of rank r on the rank axis.
 
     Variables (all under this module, `lora_<param>`): `a[E, d_in, r]` (`[1, d_in, r]` with
-    `shared_a`), `b[E, r, d_out]` (zeros), and what the method adds (a `router`, a bias in
+    `shared_a`), `b[E, r, d_out]` (zeros; both in `lora_frozen` with `frozen_experts`), and
+    what the method adds (a `router`, a bias in
     `lora_bias`, SoRA's `gate[r]`).
     """
 
@@ -50,8 +51,13 @@ class LoRAAdapter(nn.Module):
         method = method_of(cfg)
         e, r = cfg.num_experts, cfg.rank
         pdt, dt = jnp.dtype(self.param_dtype), jnp.dtype(self.dtype)
-        a = method.make_a(self, cfg, (1 if cfg.shared_a else e, d_in, r), pdt)
-        b = zero_b(self, (e, r, self.d_out), pdt)
+        shape_a, shape_b = (1 if cfg.shared_a else e, d_in, r), (e, r, self.d_out)
+        if cfg.frozen_experts:  # loaded experts: a and b in `lora_frozen`, the gates train
+            a = frozen_weight(self, "a", uniform_fan_in, shape_a, pdt, AXES_A)
+            b = frozen_weight(self, "b", nn.initializers.zeros, shape_b, pdt, AXES_B)
+        else:
+            a = method.make_a(self, cfg, shape_a, pdt)
+            b = zero_b(self, shape_b, pdt)
         x2 = x.reshape(-1, d_in).astype(dt)
         a, b = a.astype(dt), b.astype(dt)
         # h = A x for every expert: [T, E_a, r] (one matmul over the concatenated ranks).

@@ -71,6 +71,9 @@ class LoRAConfig:
     xlora_temperature: float = 1.0  # xlora: softmax temperature of the classifier
     xlora_top_k: int = 0  # xlora: keep the k largest scalings per token; 0 = all
     sora_lambda: float = 1e-3  # sora: soft-threshold per unit learning rate (proximal step)
+    # Experts' a and b in the non-trainable `lora_frozen` collection: loaded adapters as
+    # frozen experts, only the gating trains (moejax.hf.from_pretrained(adapters=...)).
+    frozen_experts: bool = False
 
     @classmethod
     def from_mapping(cls, mapping) -> "LoRAConfig":

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.lora.config import LoRAConfig
+from moejax.nn.collections import ADAPTER_FROZEN
 
 AXES_A = ("lora_experts", "lora_in", "lora_rank")
 AXES_B = ("lora_experts", "lora_rank", "lora_out")
@@ -63,6 +64,15 @@ def zero_b(module: nn.Module, shape, param_dtype, axes=AXES_B) -> jax.Array:
     """The parameter `b` (zeros) of an adapter module."""
     init = nn.with_logical_partitioning(nn.initializers.zeros, axes)
     return module.param("b", init, shape, param_dtype)
+
+
+def frozen_weight(module: nn.Module, name: str, init, shape, param_dtype, axes) -> jax.Array:
+    """A weight `name` of an adapter module in the non-trainable `lora_frozen` collection
+    (`lora.frozen_experts`: loaded experts that never train)."""
+    value = nn.with_logical_partitioning(
+        lambda: init(module.make_rng("params"), shape, param_dtype), axes
+    )
+    return module.variable(ADAPTER_FROZEN, name, value).value
 
 
 class ExpertLoRAWeights(nn.Module):

@@ -169,6 +169,7 @@ BAD = [
     ("lora.xlora_temperature", 0.0, "lora.xlora_temperature=0.0 must be positive"),
     ("lora.xlora_top_k", 2, "lora.xlora_top_k=2 must be in [0, lora.num_experts=1]"),
     ("lora.sora_lambda", -1.0, "lora.sora_lambda=-1.0 must be >= 0"),
+    ("lora.frozen_experts", True, "lora.frozen_experts=True freezes the experts of lora.method"),
 ]
 
 

@@ -207,6 +207,11 @@ LORA_METHOD_CHECKS = [
         {"method": "moe", "num_experts": 4, "router": "dynmole", "renormalize": True},
         "lora.renormalize=True does not apply to lora.router='dynmole'",
     ),
+    ({"method": "xlora", "num_experts": 2, "frozen_experts": True}, None),
+    (
+        {"method": "lora", "frozen_experts": True, "targets": "attn.wq,experts.*"},
+        "lora.frozen_experts=True does not freeze LoRA on the routed experts",
+    ),
 ]
 
 

@@ -5,6 +5,7 @@ Mixtral and Qwen2-MoE; unsupported options raise."""
 
 import json
 
+import flax.traverse_util
 import numpy as np
 import pytest
 
@@ -54,22 +55,29 @@ def _logits(model):
         return model(torch.tensor(IDS)).logits.numpy()
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_peft_adapter_imports_with_the_same_logits(base, tmp_path, rslora):
-    torch.manual_seed(1)
-    config = peft.LoraConfig(
+def _random_adapter(base, path, seed=1, **config):
+    """A peft LoRA adapter on the Llama `base` with random A and B (large enough to move the
+    logits), saved in `path`; returns the peft model."""
+    torch.manual_seed(seed)
+    defaults = dict(
         r=4,
         lora_alpha=8,
-        use_rslora=rslora,
         init_lora_weights=False,
         target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "gate_proj"],
     )
-    hf = peft.get_peft_model(_hf_base(base), config).eval()
-    with torch.no_grad():  # random A and B, large enough to move the logits
+    config = {**defaults, **config}
+    hf = peft.get_peft_model(_hf_base(base), peft.LoraConfig(**config)).eval()
+    with torch.no_grad():
         for key, p in hf.named_parameters():
             if "lora_" in key:
                 p.copy_(torch.randn_like(p) * 0.3)
-    hf.save_pretrained(tmp_path)
+    hf.save_pretrained(path)
+    return hf
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_adapter_imports_with_the_same_logits(base, tmp_path, rslora):
+    hf = _random_adapter(base, tmp_path, use_rslora=rslora)
     want = _logits(hf)
     model, variables = mhf.from_pretrained(str(base), adapter=str(tmp_path))
     assert model.adapters.cfg.rank == 4 and model.adapters.cfg.rslora == rslora
@@ -159,6 +167,94 @@ def test_hf_directory_as_the_base_of_an_adapter_run(base, tmp_path):
         r"model.num_kv_heads=4",
     ):
         load_base(lora, str(tmp_path), abstract["params"], None, other)
+
+
+def _adapter_pair(base, tmp_path):
+    """Two peft adapters on `base` with different random weights and alphas, and the peft
+    logits of each alone."""
+    hf_a = _random_adapter(base, tmp_path / "a", seed=1)
+    hf_b = _random_adapter(base, tmp_path / "b", seed=2, lora_alpha=4)
+    return {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, _logits(hf_a), _logits(hf_b)
+
+
+def test_peft_adapters_as_frozen_xlora_experts(base, tmp_path):
+    """from_pretrained(adapters=...): the adapters are X-LoRA's experts in `lora_frozen`.
+    (a) a classifier that gives one expert all the weight reproduces that adapter's peft
+    logits; (b) a training step (moejax's optimizer on the trainable mask) moves the
+    classifier only; (c) below."""
+    import optax
+
+    from moejax.config.train import TrainConfig
+    from moejax.lora.trainable import is_trainable
+    from moejax.train.optimizer import make_optimizer
+
+    dirs, want_a, want_b = _adapter_pair(base, tmp_path)
+    model, variables = mhf.from_pretrained(str(base), adapters=dirs, method="xlora")
+    cfg = model.adapters.cfg
+    assert (cfg.method, cfg.num_experts, cfg.frozen_experts, cfg.rank) == ("xlora", 2, True, 4)
+    flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+    assert {k for k in flat if is_adapter_path(k.split("/"))} == {
+        "lora_xlora_classifier/kernel",
+        "lora_xlora_classifier/bias",
+    }
+    apply = jax.jit(model.apply)
+    ids = jnp.asarray(IDS)
+    # (a) X-LoRA's scalings forced to one expert: kernel 0, bias +-50 (softmax -> 1, ~1e-44).
+    params = variables["params"]
+    for bias, want in (([50.0, -50.0], want_a), ([-50.0, 50.0], want_b)):
+        classifier = {"kernel": jnp.zeros_like(params["lora_xlora_classifier"]["kernel"])}
+        classifier["bias"] = jnp.asarray(bias)
+        forced = {**variables, "params": {**params, "lora_xlora_classifier": classifier}}
+        got = np.asarray(apply(forced, ids)[0])
+        assert np.abs(got - want).max() < TOL
+    assert np.abs(want_a - want_b).max() > 0.1  # the two adapters differ
+    # (b) one optimizer step: only the classifier moves, the experts stay bit-identical.
+    tx = make_optimizer(TrainConfig(warmup_steps=0, learning_rate=1e-2), model.adapters)
+
+    def loss(p):
+        logits = model.apply({**variables, "params": p}, ids[:, :-1])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    @jax.jit
+    def step(p):
+        updates, _ = tx.update(jax.grad(loss)(p), tx.init(p), p)
+        return optax.apply_updates(p, updates)
+
+    after = flax.traverse_util.flatten_dict(step(params), sep="/")
+    moved = {k for k, v in flat.items() if not np.array_equal(np.asarray(v), after[k])}
+    assert (
+        moved
+        == {k for k in flat if is_trainable(k.split("/"))}
+        == {
+            "lora_xlora_classifier/kernel",
+            "lora_xlora_classifier/bias",
+        }
+    )
+
+
+def test_xlora_over_peft_adapters_decodes_with_the_cache(base, tmp_path):
+    """(c) greedy decoding with the key/value cache (one per X-LoRA pass) is the argmax of the
+    full forward at every step (fast on a random model: tests/lora/test_variants.py)."""
+    from moejax.generate import generate
+
+    dirs, _, _ = _adapter_pair(base, tmp_path)
+    model, variables = mhf.from_pretrained(str(base), adapters=dirs, method="xlora")
+    params = variables["params"]
+    classifier = jax.tree.map(lambda x: 0.5 + x * 30, params["lora_xlora_classifier"])
+    variables = {**variables, "params": {**params, "lora_xlora_classifier": classifier}}
+    tokens = np.asarray(generate(model, variables, jnp.asarray(IDS[:, :4]), 4))
+    logits = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(tokens))[0])
+    np.testing.assert_array_equal(tokens[:, 4:], np.argmax(logits[:, 3:-1], -1))
+
+
+def test_mixture_adapters_must_match_and_methods_are_named(base, tmp_path):
+    dirs = {"a": str(tmp_path / "a"), "c": str(tmp_path / "c")}
+    _random_adapter(base, tmp_path / "a", seed=1)
+    _random_adapter(base, tmp_path / "c", seed=3, r=2)
+    with pytest.raises(ConfigError, match=r"adapter 'c' .* has rank r = 2 .* adapter 'a'"):
+        mhf.from_pretrained(str(base), adapters=dirs, method="xlora")
+    with pytest.raises(ConfigError, match="method='mixlora'.*xlora"):
+        mhf.from_pretrained(str(base), adapters=dirs, method="mixlora")
 
 
 # LoRA on routed experts: peft's target_parameters on transformers' fused experts.

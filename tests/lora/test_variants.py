@@ -264,6 +264,23 @@ def test_xlora_decodes_with_the_cache():
     np.testing.assert_array_equal(got[:, 3:], np.argmax(logits[:, 2:-1], -1))
 
 
+def test_frozen_experts_live_in_lora_frozen():
+    """lora.frozen_experts: every expert's a and b are `lora_frozen` variables, so X-LoRA's
+    classifier is the only trainable adapter parameter (the layout of loaded adapters,
+    moejax.hf.from_pretrained(adapters=...))."""
+    cfg = variant("xlora", num_experts=2, targets="attn.wq,mlp.w_down", frozen_experts=True)
+    model = Transformer(MODEL, MoEConfig(), adapters=adapters_for(cfg))
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), TOKENS))
+    adapters, _ = split_tree(shapes["params"], is_adapter_path)
+    assert set(traverse_util.flatten_dict(adapters)) == {
+        ("lora_xlora_classifier", "kernel"),
+        ("lora_xlora_classifier", "bias"),
+    }
+    frozen = traverse_util.flatten_dict(shapes["lora_frozen"], sep="/")
+    assert frozen["dense_layers/attn/lora_wq/a"].shape == (2, 2, 16, 2)  # [layers, E, in, r]
+    assert sorted(k.rsplit("/", 2)[-2:][0] for k in frozen) == ["lora_w_down"] * 2 + ["lora_wq"] * 2
+
+
 def test_mola_gives_each_layer_its_expert_count():
     cfg = variant("mola", layer_experts="2,4,6,8")
     m = dataclasses.replace(MODEL, num_layers=4, scan_layers=False)

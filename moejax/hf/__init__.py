@@ -84,6 +84,7 @@ def from_pretrained(
     adapter: str | None = None,
     adapters: dict[str, str] | None = None,
     method: str = "xlora",
+    mixture: dict | None = None,
     dtype: str = "float32",
     param_dtype: str = "float32",
     mesh: jax.sharding.Mesh | None = None,
@@ -98,9 +99,10 @@ def from_pretrained(
 
     `adapter`: a peft LoRA adapter directory applied on top (the model then carries the
     adapters' `lora` config, `moejax.hf.peft.load_adapter`). `adapters`: {name: peft adapter
-    directory}, loaded as the frozen experts of the mixture `method` ("xlora": X-LoRA, expert
-    i the i-th name) with its gating initialised fresh and the only trainable adapter
-    parameter (`moejax.hf.peft.load_adapters`). `dtype` / `param_dtype` are the
+    directory}, loaded as the frozen experts of the mixture `method` ("xlora": X-LoRA; "moe":
+    a router per projection, as LoRA-Mixer; expert i the i-th name) with its gating
+    initialised fresh and the only trainable adapter parameter, `mixture` other `lora`
+    fields of it (`moejax.hf.peft.load_adapters`). `dtype` / `param_dtype` are the
     compute and storage dtypes; `model_overrides` set other ModelConfig fields that do not
     change the function (e.g. `remat="full"`).
     """
@@ -119,7 +121,7 @@ def from_pretrained(
             path, dtype=dtype, param_dtype=param_dtype, **model_overrides
         )
         if adapters is not None:
-            return peft.load_adapters(model, variables, dict(adapters), method)
+            return peft.load_adapters(model, variables, dict(adapters), method, mixture)
         return peft.load_adapter(model, variables, adapter)
     hf = read_config(path)
     arch, m, moe = from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, **model_overrides)

@@ -45,9 +45,9 @@ from moejax.hf.weights import abstract_variables
 from moejax.lora.config import LoRAConfig
 from moejax.lora.hook import adapters_for
 from moejax.lora.merge import check_mergeable
+from moejax.lora.methods import method_of
 from moejax.lora.targets import ADAPTER_PREFIX, routed_expert_patterns
 from moejax.lora.weights import lora_scale
-from moejax.lora.xlora import XLoRAClassifier
 from moejax.models.transformer import Transformer
 from moejax.nn.collections import ADAPTER_FROZEN
 from moejax.paths import as_path, join, write_text
@@ -317,17 +317,23 @@ def load_adapter(
     return adapted, flax.traverse_util.unflatten_dict(merged, sep="/")
 
 
-def _xlora_gating(lora: LoRAConfig, model: Transformer, seed: int) -> dict[str, np.ndarray]:
-    """X-LoRA's classifier freshly initialised: {"params/lora_xlora_classifier/...": value}."""
-    init = XLoRAClassifier(lora, model.model.param_dtype).init(
-        jax.random.PRNGKey(seed), jnp.zeros((1, 1, model.model.d_model), jnp.float32)
-    )
-    flat = flax.traverse_util.flatten_dict(nn.unbox(init)["params"], sep="/")
-    return {f"params/lora_xlora_classifier/{k}": np.asarray(v) for k, v in flat.items()}
+# Mixture methods whose experts can be loaded adapters, and their gating: X-LoRA's classifier
+# on a no-adapter pass; `moe`, a softmax router per adapted projection (LoRA-Mixer's frozen
+# experts behind a trainable router, Li et al. 2025, arXiv 2507.00029, without its
+# specialisation-balance loss).
+MIXTURE_METHODS = ("xlora", "moe")
 
 
-# Mixture methods whose experts can be loaded adapters: method -> its gating's initialiser.
-MIXTURE_METHODS = {"xlora": _xlora_gating}
+def _fresh_gating(mixed: Transformer, keys: list[str], seed: int) -> dict[str, np.ndarray]:
+    """The mixture's gating leaves `keys` freshly initialised: one jitted init of the model
+    that returns only them (XLA drops the base's initialisers as dead code)."""
+
+    def init(rng):
+        tree = mixed.init(rng, jnp.zeros((1, 1), jnp.int32))
+        flat = flax.traverse_util.flatten_dict(nn.unbox(tree), sep="/")
+        return {k: flat[k] for k in keys}
+
+    return {k: np.asarray(v) for k, v in jax.jit(init)(jax.random.PRNGKey(seed)).items()}
 
 
 def load_adapters(
@@ -335,14 +341,18 @@ def load_adapters(
     variables: dict,
     adapters: dict[str, str],
     method: str = "xlora",
+    mixture: dict | None = None,
     seed: int = 0,
 ) -> tuple[Transformer, dict[str, Any]]:
-    """N peft LoRA adapters as the frozen experts of one mixture method (X-LoRA, Buehler &
-    Buehler 2024): expert i is the i-th adapter of `adapters` (name -> directory); their A and
-    B live in `lora_frozen` (`lora.frozen_experts`), so only the gating (X-LoRA's classifier,
-    initialised fresh from `seed`) is a trainable adapter parameter. Every adapter must adapt
-    the same modules with the same rank; differing `lora_alpha` / `use_rslora` are folded
-    into each expert's B (the model keeps the first adapter's scale)."""
+    """N peft LoRA adapters as the frozen experts of one mixture method (`MIXTURE_METHODS`:
+    X-LoRA, Buehler & Buehler 2024; `moe`, a router per projection as LoRA-Mixer): expert i
+    is the i-th adapter of `adapters` (name -> directory); their A and B live in
+    `lora_frozen` (`lora.frozen_experts`), so only the gating (X-LoRA's classifier, the
+    routers; initialised fresh from `seed`) is a trainable adapter parameter. Every adapter
+    must adapt the same modules with the same rank; differing `lora_alpha` / `use_rslora`
+    are folded into each expert's B (the model keeps the first adapter's scale). `mixture`:
+    other `lora` fields of the mixture (e.g. `top_k`, `xlora_temperature`); `moe` routes
+    every token to all N experts (`top_k=N`, dense softmax) unless it says otherwise."""
     if method not in MIXTURE_METHODS:
         raise ConfigError(
             f"adapters=... with method={method!r}: moejax loads several peft adapters as "
@@ -372,21 +382,22 @@ def load_adapters(
             f"({routed_expert_patterns(cfg0)}); {method} mixes adapters on attention and "
             f"dense MLP projections only."
         )
-    lora = dataclasses.replace(
-        cfg0, method=method, num_experts=len(adapters), top_k=1, frozen_experts=True
-    )
+    top_k = len(adapters) if method == "moe" else 1
+    fields = dict(method=method, num_experts=len(adapters), top_k=top_k, frozen_experts=True)
+    lora = dataclasses.replace(cfg0, **{**fields, **(mixture or {})})
+    method_of(lora).check(lora)
     mixed = model.clone(adapters=adapters_for(lora))
     base = flax.traverse_util.flatten_dict(dict(variables), sep="/")
-    gating = MIXTURE_METHODS[method](lora, model, seed)
+    shapes = abstract_variables(mixed)
+    fresh = [k for k in shapes if k not in base and not k.startswith(ADAPTER_FROZEN + "/")]
+    gating = _fresh_gating(mixed, fresh, seed)
     pdt = jnp.dtype(model.model.param_dtype)
     out = {}
-    for key, shape in abstract_variables(mixed).items():
-        if key in base:
-            out[key] = base[key]
+    for key, shape in shapes.items():
+        if key in base or key in gating:  # the gating keeps its initialiser's dtype
+            out[key] = base[key] if key in base else jnp.asarray(gating[key])
             continue
-        if key in gating:
-            value = gating[key]
-        elif key.startswith(ADAPTER_FROZEN + "/"):
+        if key.startswith(ADAPTER_FROZEN + "/"):
             src = "params/" + key.removeprefix(ADAPTER_FROZEN + "/")
             parts = []
             for cfg, flat in loaded.values():

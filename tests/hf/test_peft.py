@@ -247,6 +247,29 @@ def test_xlora_over_peft_adapters_decodes_with_the_cache(base, tmp_path):
     np.testing.assert_array_equal(tokens[:, 4:], np.argmax(logits[:, 3:-1], -1))
 
 
+def test_peft_adapters_as_frozen_routed_experts(base, tmp_path):
+    """method="moe" (LoRA-Mixer's frozen experts behind a router per projection): the routers
+    are the only trainable adapter leaves; routers with zero weights mix the two adapters
+    half and half, as X-LoRA's classifier forced to scalings (0.5, 0.5) does."""
+    dirs, _, _ = _adapter_pair(base, tmp_path)
+    ids = jnp.asarray(IDS)
+    model, variables = mhf.from_pretrained(str(base), adapters=dirs, method="moe")
+    cfg = model.adapters.cfg
+    assert (cfg.method, cfg.num_experts, cfg.top_k, cfg.frozen_experts) == ("moe", 2, 2, True)
+    flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+    adapter_leaves = {k for k in flat if is_adapter_path(k.split("/"))}
+    assert adapter_leaves and all("/router/" in k for k in adapter_leaves)
+    zero = {k: jnp.zeros_like(v) if k in adapter_leaves else v for k, v in flat.items()}
+    routed = {**variables, "params": flax.traverse_util.unflatten_dict(zero, sep="/")}
+    got = np.asarray(jax.jit(model.apply)(routed, ids)[0])
+    xlora, xvars = mhf.from_pretrained(str(base), adapters=dirs, method="xlora")
+    half = jax.tree.map(jnp.zeros_like, xvars["params"]["lora_xlora_classifier"])
+    xvars = {**xvars, "params": {**xvars["params"], "lora_xlora_classifier": half}}
+    want = np.asarray(jax.jit(xlora.apply)(xvars, ids)[0])
+    assert np.abs(got - want).max() < 1e-5
+    assert np.abs(got - _logits(_hf_base(base))).max() > 0.1  # the experts matter
+
+
 def test_mixture_adapters_must_match_and_methods_are_named(base, tmp_path):
     dirs = {"a": str(tmp_path / "a"), "c": str(tmp_path / "c")}
     _random_adapter(base, tmp_path / "a", seed=1)

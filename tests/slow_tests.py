@@ -80,6 +80,7 @@ SLOW = {
     "tests/lora/test_variants.py::test_sora_proximal_step_and_prune": 10,
     "tests/lora/test_variants.py::test_sora_prune_on_scanned_params": 33,
     "tests/lora/test_variants.py::test_variant_equals_the_numpy_reference[dynmole]": 8,
+    "tests/lora/test_variants.py::test_xlora_decodes_with_the_cache": 16,
     "tests/lora/test_variants.py::test_zero_initialised_adapters_give_the_base_logits[mola]": 38,
     "tests/lora/test_variants.py::test_zero_initialised_adapters_give_the_base_logits[xlora]": 37,
     "tests/models/test_attention_kernels.py::test_blockwise_kernels_equal_the_materialised_scores[gqa_packed_ragged_length-splash]": 14,

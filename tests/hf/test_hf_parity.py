@@ -32,6 +32,17 @@ MLA = dict(
     kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4
 )
 
+# A 3-layer Qwen2-MoE whose MoE layers `mlp_only_layers` picks (cases below).
+QWEN2_MOE_3 = dict(
+    SMALL,
+    num_hidden_layers=3,
+    intermediate_size=48,
+    num_key_value_heads=2,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+)
 CONFIGS = {
     "llama_tied_gqa": (
         "LlamaConfig",
@@ -64,35 +75,10 @@ CONFIGS = {
     ),
     # mlp_only_layers=[1]: MoE, dense, MoE, not a dense prefix then periods (moejax:
     # model.layer_kinds, one scan per run).
-    "qwen2_moe_mlp_only_middle": (
-        "Qwen2MoeConfig",
-        dict(
-            SMALL,
-            num_hidden_layers=3,
-            intermediate_size=48,
-            num_key_value_heads=2,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=24,
-            mlp_only_layers=[1],
-        ),
-    ),
+    "qwen2_moe_mlp_only_middle": ("Qwen2MoeConfig", dict(QWEN2_MOE_3, mlp_only_layers=[1])),
     "qwen2_moe_mlp_only_norm_on": (
         "Qwen2MoeConfig",
-        dict(
-            SMALL,
-            num_hidden_layers=3,
-            intermediate_size=48,
-            num_key_value_heads=2,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=24,
-            norm_topk_prob=True,
-            mlp_only_layers=[0],
-            tie_word_embeddings=True,
-        ),
+        dict(QWEN2_MOE_3, norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=True),
     ),
     # Qwen3-MoE: per-head q/k norm, head_dim != d_model / heads, layer 0 dense (mlp_only).
     "qwen3_moe_qk_norm": (

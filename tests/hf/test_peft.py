@@ -21,6 +21,7 @@ from moejax.config_section import ConfigError  # noqa: E402
 from moejax.lora.config import LoRAConfig  # noqa: E402
 from moejax.lora.hook import adapters_for  # noqa: E402
 from moejax.lora.targets import is_adapter_path  # noqa: E402
+from moejax.nn.trees import join_trees, split_tree  # noqa: E402
 
 TOL = 1e-4
 IDS = np.random.default_rng(0).integers(0, 96, (2, 9))
@@ -86,12 +87,12 @@ def test_peft_adapter_imports_with_the_same_logits(base, tmp_path, rslora):
     assert np.abs(got - want).max() < TOL
 
 
-def test_moejax_adapter_exports_to_peft(base, tmp_path):
-    plain, variables = mhf.from_pretrained(str(base))
-    lora = LoRAConfig(method="lora", targets="attn.wq,attn.wk,mlp.w_up", rank=3, alpha=5.0)
-    model = plain.clone(adapters=adapters_for(lora))
+def _with_random_moejax_adapters(plain, variables, lora: LoRAConfig):
+    """`plain` with `lora`'s adapters, and its params with random adapter leaves (0.3 N(0, 1),
+    large enough to move the logits) joined to `variables`' base params."""
     import flax.linen as nn
 
+    model = plain.clone(adapters=adapters_for(lora))
     fresh = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.asarray(IDS)))["params"]
     leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
     keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
@@ -102,9 +103,13 @@ def test_moejax_adapter_exports_to_peft(base, tmp_path):
             for k, (p, x) in zip(keys, leaves)
         ],
     )
-    from moejax.nn.trees import join_trees, split_tree
+    return model, join_trees(variables["params"], split_tree(adapters, is_adapter_path)[0])
 
-    params = join_trees(variables["params"], split_tree(adapters, is_adapter_path)[0])
+
+def test_moejax_adapter_exports_to_peft(base, tmp_path):
+    plain, variables = mhf.from_pretrained(str(base))
+    lora = LoRAConfig(method="lora", targets="attn.wq,attn.wk,mlp.w_up", rank=3, alpha=5.0)
+    model, params = _with_random_moejax_adapters(plain, variables, lora)
     want = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(IDS))[0])
     mhf.save_adapter(model, {"params": params}, str(tmp_path))
     hf = peft.PeftModel.from_pretrained(_hf_base(base), str(tmp_path)).eval()
@@ -354,22 +359,7 @@ def test_moejax_expert_adapter_exports_to_peft(tmp_path, name):
     base = _moe_base(name, tmp_path / "base")
     plain, variables = mhf.from_pretrained(str(base))
     lora = LoRAConfig(method="lora", targets="attn.wq,experts.*", rank=2, alpha=5.0)
-    model = plain.clone(adapters=adapters_for(lora))
-    import flax.linen as nn
-
-    fresh = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.asarray(IDS)))["params"]
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
-    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-    adapters = jax.tree_util.tree_unflatten(
-        treedef,
-        [
-            0.3 * jax.random.normal(k, x.shape) if is_adapter_path(p) else None
-            for k, (p, x) in zip(keys, leaves)
-        ],
-    )
-    from moejax.nn.trees import join_trees, split_tree
-
-    params = join_trees(variables["params"], split_tree(adapters, is_adapter_path)[0])
+    model, params = _with_random_moejax_adapters(plain, variables, lora)
     want = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(IDS))[0])
     config = mhf.save_adapter(model, {"params": params}, str(tmp_path / "adapter"))
     assert config["r"] == 4 and config["lora_alpha"] == 10.0

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 WORKDIR ?= runs/deepseekmoe
 CONFIG ?= configs/deepseekmoe.py
 ARGS ?=
-PYTEST_ARGS ?= -n 2 --dist loadfile  # a module-scoped fixture (an 8-device subprocess) runs once, not once per worker
+PYTEST_ARGS ?= -n 2 --dist loadgroup  # groups of tests/conftest.py: a module, or the users of one costly fixture
 
 .PHONY: train test test-slow lint venv clean
 

@@ -1,6 +1,8 @@
 """Shared test fixtures: CPU only, a tiny offline corpus, and tiny experiment configs."""
 
+import functools
 import os
+import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Test-time compile speed (inherited by the subprocesses the tests start): the tiny models
@@ -27,6 +29,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid in SLOW:
             item.add_marker(pytest.mark.slow)
+
+
+# Session fixtures too costly to build once per xdist worker: the test modules that use one
+# run on the same worker.
+SHARED_FIXTURES = ("tiny_moe_run",)
+
+
+@functools.cache
+def xdist_group_of(module: str) -> str:
+    """A test module's work unit under `--dist loadgroup`: the costly session fixture of
+    SHARED_FIXTURES it uses, or else the module itself (so a module-scoped fixture, e.g. an
+    8-device subprocess, runs once)."""
+    try:
+        text = (pathlib.Path(__file__).parent.parent / module).read_text()
+    except OSError:
+        return module
+    return next((name for name in SHARED_FIXTURES if name in text), module)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with the groups of `xdist_group_of`. (pytest-xdist's own loadgroup
+    tags node ids through `Item._nodeid`, which pytest 9.2 no longer reads, so its
+    `xdist_group` marks are ignored there.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleOrFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(nodeid.split("::")[0])
+
+    return ModuleOrFixtureScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ the optimizer's structure (`train.grad_clip` on or off as at conversion: on by d
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
@@ -133,7 +132,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     workdir, hf_dir = flags.FLAGS["workdir"].value, flags.FLAGS["from"].value
     try:
-        if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        if not (as_path(hf_dir) / "config.json").is_file():
             raise FileNotFoundError(
                 f"--from={hf_dir} holds no config.json: pass a Hugging Face checkpoint "
                 f"directory (config.json and *.safetensors, as save_pretrained writes it)."

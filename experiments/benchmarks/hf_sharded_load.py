@@ -1,7 +1,7 @@
 """Sharded vs unsharded `moejax.hf.from_pretrained` on a synthetic Qwen3-MoE checkpoint:
 seconds and peak host RSS of each, in its own process on 8 simulated CPU devices.
 
-    python -m experiments.benchmarks.hf_sharded_load --dir /tmp/synth --gb 2
+    python -m experiments.benchmarks.hf_sharded_load --dir /tmp/synth --gb 2 [--save /tmp/out]
 
 The checkpoint (transformers 5.x fused experts, random float32, several safetensors shards
 with an index) is written once with NumPy only. Each load runs in a fresh subprocess
@@ -9,6 +9,10 @@ with an index) is written once with NumPy only. Each load runs in a fresh subpro
 fsdp=2 x expert=4 and the default rules. Simulated devices keep their buffers in host
 memory, so besides the peak RSS it reports the devices' bytes and the host overhead: peak
 minus the RSS before loading minus the device buffers (what the loader itself held).
+
+`--save DIR`: each process then writes what it loaded with `save_pretrained` (2 GiB shards,
+one layer slice gathered at a time) and reports the seconds and the peak RSS above the RSS
+before saving (the peak is reset through /proc/self/clear_refs).
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ def write_checkpoint(path: epath.Path, gb: float) -> dict:
     return {"layers": layers, "bytes": total}
 
 
-def load(path: str, how: str) -> dict:
+def load(path: str, how: str, save_to: str | None = None) -> dict:
     import jax
 
     import moejax.hf as mhf
@@ -104,16 +108,16 @@ def load(path: str, how: str) -> dict:
     start = time.perf_counter()
     if how == "sharded":
         mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=4, tensor=1))
-        _, variables = mhf.from_pretrained(path, mesh=mesh)
+        model, variables = mhf.from_pretrained(path, mesh=mesh)
     else:
-        _, variables = mhf.from_pretrained(path)
+        model, variables = mhf.from_pretrained(path)
     jax.block_until_ready(variables)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
     # Simulated devices keep their buffers in host memory (a leaf replicated over 4 devices
     # is there 4 times): what the load itself holds is the peak minus those and the baseline.
     device = sum(s.data.nbytes for a in jax.tree.leaves(variables) for s in a.addressable_shards)
-    return {
+    out = {
         "load": how,
         "seconds": round(seconds, 1),
         "peak_rss_gb": round(peak, 2),
@@ -121,13 +125,28 @@ def load(path: str, how: str) -> dict:
         "device_buffers_gb": round(device / 1e9, 2),
         "host_overhead_gb": round(peak - baseline - device / 1e9, 2),
     }
+    if save_to:  # save_pretrained of what was loaded; the peak RSS is reset first
+        (before,) = _status_gb("VmRSS")
+        epath.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        start = time.perf_counter()
+        mhf.save_pretrained(model, variables, f"{save_to}/{how}")
+        (save_peak,) = _status_gb("VmHWM")
+        out["save_seconds"] = round(time.perf_counter() - start, 1)
+        out["save_peak_over_rss_gb"] = round(save_peak - before, 2)  # what saving held
+    return out
 
 
 def _rss_gb() -> float:
+    return _status_gb("VmRSS")[0]
+
+
+def _status_gb(*fields: str) -> tuple[float, ...]:
+    """Fields of /proc/self/status (kB) in GB."""
+    values = {}
     for line in epath.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1e6
-    return 0.0
+        key, _, rest = line.partition(":")
+        values[key] = int(rest.split()[0]) / 1e6 if rest.strip().endswith("kB") else 0.0
+    return tuple(values.get(f, 0.0) for f in fields)
 
 
 def main() -> None:
@@ -135,9 +154,10 @@ def main() -> None:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--gb", type=float, default=2.0)
     parser.add_argument("--load", choices=("unsharded", "sharded"))
+    parser.add_argument("--save", default="", help="also save_pretrained into SAVE/<load>")
     args = parser.parse_args()
     if args.load:
-        print("RESULT" + json.dumps(load(args.dir, args.load)))
+        print("RESULT" + json.dumps(load(args.dir, args.load, args.save or None)))
         return
     path = epath.Path(args.dir)
     info = write_checkpoint(path, args.gb)
@@ -146,7 +166,8 @@ def main() -> None:
     for how in ("unsharded", "sharded"):
         proc = subprocess.run(
             [sys.executable, "-m", "experiments.benchmarks.hf_sharded_load"]
-            + ["--dir", args.dir, "--load", how],
+            + ["--dir", args.dir, "--load", how]
+            + (["--save", args.save] if args.save else []),
             env={**os.environ, **env},
             capture_output=True,
             text=True,

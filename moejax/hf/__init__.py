@@ -40,11 +40,12 @@ from moejax.config_section import ConfigError
 from moejax.hf import peft, sharded
 from moejax.hf.architectures import MLA_ARCHITECTURES, Architecture, interleaved_rope
 from moejax.hf.layout import choose_architecture, from_hf_config
+from moejax.hf.shard_writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter, to_host
 from moejax.hf.weights import (
     Assembler,
     TensorReader,
     abstract_variables,
-    export_layers,
+    export_tensors,
     load_layers,
 )
 from moejax.models.config import ModelConfig
@@ -169,36 +170,40 @@ def from_pretrained(
     return model, variables
 
 
-def save_pretrained(model: Transformer, variables: dict[str, Any], path: str) -> Architecture:
-    """Writes `config.json` + `model.safetensors` (float32, experts one module each) that
+def save_pretrained(
+    model: Transformer,
+    variables: dict[str, Any],
+    path: str,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Architecture:
+    """Writes `config.json` + safetensors (float32, experts one module each) that
     transformers' `AutoModelForCausalLM.from_pretrained(path)` loads as the same function.
     Returns the architecture chosen; raises ConfigError naming the settings no supported
-    architecture expresses."""
-    from safetensors.numpy import save
+    architecture expresses.
 
+    The variables may be sharded `jax.Array`s (from `from_pretrained(mesh=)` or a trainer's
+    state), on one host or several: one layer's slice of a leaf is gathered at a time and
+    the tensors go to shards of at most `max_shard_bytes` (`moejax.hf.shard_writer`), so
+    host memory holds about one shard, not the model. Every process must call this; only
+    process 0 writes.
+    """
     m: ModelConfig = model.model
     moe: MoEConfig = model.moe
     if not m.scan_layers:
         raise ConfigError("save_pretrained reads the scanned layout (model.scan_layers=True).")
     arch, hf = choose_architecture(m, moe)
-    flat = {
-        k: np.asarray(v)
-        for k, v in flax.traverse_util.flatten_dict(nn.unbox(dict(variables)), sep="/").items()
-    }
-    tensors = export_layers(flat, m, arch, interleaved_rope=arch.name in MLA_ARCHITECTURES)
-    for name, key in TOP_LEVEL:
-        tensors[name] = np.asarray(flat[key], np.float32)
-    if not m.tie_embeddings:
-        tensors[LM_HEAD] = np.asarray(flat["params/lm_head"], np.float32).T
-    directory = as_path(path)  # a local directory or a gs:// URL
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "model.safetensors").write_bytes(
-        save(
-            {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-            metadata={"format": "pt"},
-        )
-    )
-    write_text(join(path, "config.json"), json.dumps(hf, indent=2, sort_keys=True))
+    flat = flax.traverse_util.flatten_dict(nn.unbox(dict(variables)), sep="/")
+    with ShardWriter(path, max_shard_bytes) as writer:  # a local directory or a gs:// URL
+        for name, key in TOP_LEVEL:
+            writer.add(name, to_host(flat[key]).astype(np.float32))
+        if not m.tie_embeddings:
+            writer.add(LM_HEAD, to_host(flat["params/lm_head"]).astype(np.float32).T)
+        interleaved = arch.name in MLA_ARCHITECTURES
+        for name, tensor in export_tensors(flat, m, arch, interleaved_rope=interleaved):
+            writer.add(name, tensor)
+    if writer.writes:
+        write_text(join(path, "config.json"), json.dumps(hf, indent=2, sort_keys=True))
     return arch
 
 

@@ -17,6 +17,7 @@ the box of each tensor that device holds (safetensors `get_slice`).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import flax.linen as nn
 import flax.traverse_util
@@ -38,6 +39,7 @@ from moejax.hf.architectures import (
     shared_rows,
 )
 from moejax.hf.layout import layer_slot
+from moejax.hf.shard_writer import to_host
 from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.paths import as_path, glob_files, is_remote, join, resolve
@@ -360,14 +362,18 @@ def _load_experts(keys, take, asm: ShardPlan, base: str, idx, p: str, arch: Arch
         asm.put_expert_list(f"{base}/{name}", idx, [take(n) for n in names])
 
 
-def export_layers(
-    flat: dict[str, np.ndarray], m: ModelConfig, arch: Architecture, interleaved_rope: bool
-) -> dict[str, np.ndarray]:
-    """The inverse of `load_layers`: {hf tensor name: array}, experts one module each."""
-    out: dict[str, np.ndarray] = {}
+def export_tensors(
+    flat: dict, m: ModelConfig, arch: Architecture, interleaved_rope: bool
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The inverse of `load_layers`, one HF tensor at a time: (name, float32 array), experts
+    one module each. `flat` holds NumPy or (sharded, even multi-host) `jax.Array` leaves; one
+    layer's slice of a leaf is copied to the host at a time (`to_host`)."""
+
+    def layer_slice(key, idx):
+        return to_host(flat[key][idx]).astype(np.float32)
 
     def linear(key, idx, n_in, path):
-        value = np.asarray(flat[key][idx], np.float32)
+        value = layer_slice(key, idx)
         if interleaved_rope:
             value = _permute(m, path, value, inverse=True)
         if not n_in:
@@ -379,25 +385,21 @@ def export_layers(
         pre = LAYER.format(i=i)
         is_moe = m.is_moe_layer(i)
         for suffix, path, n_in in layer_tensors(m, is_moe):
-            out[pre + suffix] = linear(f"params/{stack}/{path}", idx, n_in, path)
+            yield pre + suffix, linear(f"params/{stack}/{path}", idx, n_in, path)
         if not is_moe:
             continue
         p = f"{pre}{arch.moe_prefixes[-1]}"
         base = f"params/{stack}/moe"
-        out[f"{p}.gate.weight"] = linear(f"{base}/router/kernel", idx, 1, "moe/router/kernel")
-        experts = {
-            n: np.asarray(flat[f"{base}/experts/{n}"][idx], np.float32)
-            for n in ("w_gate", "w_up", "w_down")
-        }
-        for e in range(experts["w_gate"].shape[0]):
-            for name, hf_name in zip(("w_gate", "w_up", "w_down"), arch.legacy_expert):
-                out[f"{p}.experts.{e}.{hf_name}.weight"] = experts[name][e].T
+        yield f"{p}.gate.weight", linear(f"{base}/router/kernel", idx, 1, "moe/router/kernel")
+        for name, hf_name in zip(("w_gate", "w_up", "w_down"), arch.legacy_expert):
+            experts = layer_slice(f"{base}/experts/{name}", idx)
+            for e in range(experts.shape[0]):
+                yield f"{p}.experts.{e}.{hf_name}.weight", experts[e].T
         if arch.shared_prefix:
             for suffix, path, n_in in _shared_rows(arch):
-                out[pre + suffix] = linear(f"params/{stack}/{path}", idx, n_in, path)
+                yield pre + suffix, linear(f"params/{stack}/{path}", idx, n_in, path)
         for suffix, path, n_in in arch.extra_moe_rows:
-            out[pre + suffix] = linear(f"params/{stack}/{path}", idx, n_in, path).reshape(1, -1)
+            yield pre + suffix, linear(f"params/{stack}/{path}", idx, n_in, path).reshape(1, -1)
         bias_key = f"router_bias/{stack}/moe/router/bias"
         if arch.router_bias and bias_key in flat:
-            out[pre + arch.router_bias] = np.asarray(flat[bias_key][idx], np.float32)
-    return out
+            yield pre + arch.router_bias, layer_slice(bias_key, idx)

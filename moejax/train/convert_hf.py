@@ -10,6 +10,11 @@ Writes into WORKDIR (which must hold no checkpoint yet):
     tokenizer/        the checkpoint's tokenizer files (tokenizer.json and its configs, or a
                       SentencePiece tokenizer.model); config.py sets `data.tokenizer` to them
 
+`--mesh=fsdp=2,expert=4` (sizes of `mesh` axes; an axis left out is 1, `data` the rest of
+the devices) builds every parameter as a sharded `jax.Array` straight from the safetensors
+shards (`moejax.hf.from_pretrained(mesh=)`, each device reading only its slices) and orbax
+writes the shards, so no host ever holds the whole model.
+
 Fine-tune with
     python -m moejax.train --config=WORKDIR/config.py --workdir=WORKDIR \\
         --config.data.sources=... --config.train.steps=1000
@@ -31,6 +36,8 @@ from moejax.config.train import TrainConfig
 from moejax.hf import configs_as_dict, from_pretrained
 from moejax.nn.collections import NON_TRAINABLE
 from moejax.paths import as_path, is_remote, join, resolve, write_text
+from moejax.sharding.config import MESH_AXES, MeshConfig
+from moejax.sharding.mesh import make_mesh
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.optimizer import make_optimizer
 from moejax.train.step import TrainState
@@ -84,9 +91,27 @@ def copy_tokenizer(hf_dir: str, workdir: str) -> str | None:
     return spec
 
 
-def convert(hf_dir: str, workdir: str) -> dict:
-    """Converts `hf_dir` into `workdir` (see the module docstring); returns the config."""
-    model, variables = from_pretrained(hf_dir)
+def parse_mesh(spec: str) -> MeshConfig:
+    """`--mesh` ("fsdp=2,expert=4") as a MeshConfig; ValueError naming the flag otherwise."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        axis, eq, size = part.partition("=")
+        if not eq or axis not in MESH_AXES or not size.lstrip("-").isdigit():
+            raise ValueError(
+                f"--mesh={spec!r}: {part!r} is not AXIS=SIZE with AXIS one of "
+                f"{', '.join(MESH_AXES)} (e.g. --mesh=fsdp=2,expert=4)."
+            )
+        sizes[axis] = int(size)
+    return MeshConfig.from_mapping({"data": -1, **sizes})
+
+
+def convert(hf_dir: str, workdir: str, mesh: MeshConfig | None = None) -> dict:
+    """Converts `hf_dir` into `workdir` (see the module docstring); returns the config.
+    `mesh`: load every parameter sharded over these local devices (by `mesh.rules`)."""
+    if mesh is None:
+        model, variables = from_pretrained(hf_dir)
+    else:
+        model, variables = from_pretrained(hf_dir, mesh=make_mesh(mesh), rules=mesh.rules)
     if not set(variables) <= {"params", *NON_TRAINABLE}:
         raise ValueError(
             f"{hf_dir}: variables {sorted(variables)} are not all part of the "
@@ -137,7 +162,8 @@ def main(argv):
                 f"--from={hf_dir} holds no config.json: pass a Hugging Face checkpoint "
                 f"directory (config.json and *.safetensors, as save_pretrained writes it)."
             )
-        config = convert(hf_dir, workdir)
+        mesh = flags.FLAGS["mesh"].value
+        config = convert(hf_dir, workdir, parse_mesh(mesh) if mesh else None)
     except (OSError, ValueError) as e:  # ConfigError is a ValueError: names the key
         print(f"moejax: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -161,5 +187,8 @@ def main(argv):
 if __name__ == "__main__":  # flags defined only when run, so importing `convert` defines none
     flags.DEFINE_string("from", None, "Hugging Face checkpoint directory.")
     flags.DEFINE_string("workdir", None, "moejax run directory to create.")
+    flags.DEFINE_string(
+        "mesh", "", "Load sharded over the local devices, e.g. fsdp=2,expert=4 ('' = one device)."
+    )
     flags.mark_flags_as_required(["from", "workdir"])
     app.run(main)

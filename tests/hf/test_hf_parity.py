@@ -288,6 +288,36 @@ def test_hf_sharded_save(tmp_path):
     assert np.abs(got - hf_logits(model, IDS)).max() < TOL
 
 
+def test_export_in_shards(tmp_path):
+    """save_pretrained(max_shard_bytes=) writes several shards and the index transformers
+    reads; the one-file save of the same directory afterwards leaves no stale index."""
+    model = build_hf("qwen2_moe_mlp_only_norm_on", seed=3)
+    model.save_pretrained(tmp_path / "hf")
+    got, mj_model, variables = moejax_logits(tmp_path / "hf", IDS)
+    out = tmp_path / "out"
+    mhf.save_pretrained(mj_model, variables, str(out), max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == {f.name for f in files}
+    assert index["metadata"]["total_size"] == float32_bytes(out)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert np.abs(hf_logits(back, IDS) - got).max() < TOL
+    mhf.save_pretrained(mj_model, variables, str(out))
+    assert not (out / "model.safetensors.index.json").exists()
+    assert (out / "model.safetensors").exists()
+
+
+def float32_bytes(path):
+    """Bytes of the float32 tensors in the directory's safetensors files, from their headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), framework="numpy") as f:
+            total += sum(4 * int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    return total
+
+
 def test_export_round_trip(saved, tmp_path):
     """moejax -> save_pretrained -> transformers gives the same logits."""
     name, model, path = saved

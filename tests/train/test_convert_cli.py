@@ -37,3 +37,13 @@ def test_convert_prints_one_line_and_bad_input_one_error(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1, proc.stderr
         assert lines[0].startswith("moejax: error: ") and expected in lines[0]
+
+
+def test_mesh_flag_is_parsed_or_refused_by_name():
+    from moejax.train.convert_hf import parse_mesh
+
+    mesh = parse_mesh("fsdp=2, expert=4")
+    assert (mesh.data, mesh.fsdp, mesh.expert, mesh.tensor) == (-1, 2, 4, 1)
+    for bad in ("fsdp:2", "pipe=2", "fsdp=two"):
+        with pytest.raises(ValueError, match=r"--mesh=.*is not AXIS=SIZE"):
+            parse_mesh(bad)

@@ -10,7 +10,7 @@ fsdp=2 x expert=4 and the default rules. Simulated devices keep their buffers in
 memory, so besides the peak RSS it reports the devices' bytes and the host overhead: peak
 minus the RSS before loading minus the device buffers (what the loader itself held).
 
-`--save DIR`: each process then writes what it loaded with `save_pretrained` (2 GiB shards,
+`--save DIR`: each process then writes what it loaded with `save_pretrained` (256 MiB shards,
 one layer slice gathered at a time) and reports the seconds and the peak RSS above the RSS
 before saving (the peak is reset through /proc/self/clear_refs).
 """
@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 from etils import epath
+
+SAVE_SHARD = 256 << 20  # save_pretrained's shard bound here: an eighth of the model
 
 
 def write_checkpoint(path: epath.Path, gb: float) -> dict:
@@ -129,7 +131,7 @@ def load(path: str, how: str, save_to: str | None = None) -> dict:
         (before,) = _status_gb("VmRSS")
         epath.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         start = time.perf_counter()
-        mhf.save_pretrained(model, variables, f"{save_to}/{how}")
+        mhf.save_pretrained(model, variables, f"{save_to}/{how}", max_shard_bytes=SAVE_SHARD)
         (save_peak,) = _status_gb("VmHWM")
         out["save_seconds"] = round(time.perf_counter() - start, 1)
         out["save_peak_over_rss_gb"] = round(save_peak - before, 2)  # what saving held

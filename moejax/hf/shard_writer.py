@@ -21,7 +21,7 @@ import json
 import jax
 import numpy as np
 
-from moejax.paths import as_path
+from moejax.paths import as_path, is_remote
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30  # 2 GiB per safetensors file
 SINGLE_FILE = "model.safetensors"
@@ -66,11 +66,14 @@ class ShardWriter:
         self._total_bytes += array.nbytes
 
     def _flush(self) -> None:
-        from safetensors.numpy import save
+        from safetensors.numpy import save, save_file
 
         if self.writes:
-            data = save(self._buffer, metadata={"format": "pt"})
-            (self.directory / _temporary_name(len(self._shards))).write_bytes(data)
+            target = self.directory / _temporary_name(len(self._shards))
+            if is_remote(str(self.directory)):  # through the bucket client: the bytes first
+                target.write_bytes(save(self._buffer, metadata={"format": "pt"}))
+            else:  # straight to the file, without a second copy of the shard in memory
+                save_file(self._buffer, str(target), metadata={"format": "pt"})
         self._shards.append(list(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 

@@ -20,6 +20,7 @@ pytest.importorskip("safetensors", reason="moejax.hf needs safetensors: pip inst
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from hf_models import hf_logits, random_hf_model  # noqa: E402
 
 import moejax.hf as mhf  # noqa: E402
 from moejax.config_section import ConfigError  # noqa: E402
@@ -199,26 +200,7 @@ ALL = {**CONFIGS, **MOE_GROUPS}
 
 def build_hf(name, seed=0):
     config_cls, kwargs = ALL[name]
-    config = getattr(transformers, config_cls)(**kwargs)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, 0.2)
-            else:
-                p.copy_(
-                    1.0 + 0.1 * torch.randn_like(p) if "norm" in key else 0.2 * torch.randn_like(p)
-                )
-        for key, b in model.named_buffers():
-            if key.endswith("e_score_correction_bias"):
-                b.copy_(0.05 * torch.randn_like(b))
-    return model
-
-
-def hf_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(ids))).logits.numpy()
+    return random_hf_model(config_cls, kwargs, seed)
 
 
 def moejax_logits(path, ids):

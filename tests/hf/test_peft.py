@@ -15,6 +15,7 @@ peft = pytest.importorskip("peft", reason="peft tests need peft: pip install pef
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from hf_models import random_hf_model  # noqa: E402
 
 import moejax.hf as mhf  # noqa: E402
 from moejax.config_section import ConfigError  # noqa: E402
@@ -37,11 +38,7 @@ LLAMA = dict(
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**LLAMA)).eval()
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.2 if p.ndim > 1 else 1.0 + 0.1 * torch.randn_like(p))
+    model = random_hf_model("LlamaConfig", LLAMA)
     path = tmp_path_factory.mktemp("llama")
     model.save_pretrained(path)
     return path
@@ -300,14 +297,7 @@ EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 def _moe_base(name, path):
     config_cls, kwargs = MOE_BASES[name]
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        getattr(transformers, config_cls)(**kwargs)
-    ).eval()
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.2 if p.ndim > 1 else 1.0 + 0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
+    random_hf_model(config_cls, kwargs).save_pretrained(path)
     return path
 
 

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from hf_models import random_hf_model
 from testing_utils import REPO, xla_flags_with_devices
 
 torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[hf]'")
@@ -129,13 +130,7 @@ def result(tmp_path_factory):
 
     paths = {}
     for name, (config_cls, kwargs) in CASES.items():
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(
-            getattr(transformers, config_cls)(**kwargs)
-        )
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn_like(p) * 0.2 if p.ndim > 1 else 1 + 0.1 * torch.randn_like(p))
+        model = random_hf_model(config_cls, kwargs)
         path = tmp_path_factory.mktemp(name)
         if name.endswith("fused"):  # the in-memory layout as is (save_pretrained splits it)
             from safetensors.torch import save_file

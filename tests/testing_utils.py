@@ -19,6 +19,17 @@ def xla_flags_with_devices(devices: int) -> str:
     return f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
+def device_env(devices: int) -> dict[str, str]:
+    """This process's environment for a subprocess on `devices` simulated CPU devices that
+    imports moejax and the test helpers."""
+    return {
+        **os.environ,
+        "XLA_FLAGS": xla_flags_with_devices(devices),
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+    }
+
+
 def load_config_module(name: str):
     """Imports configs/<name>.py by path (configs/ is not a package)."""
     return load_config_file(REPO / "configs" / f"{name}.py")

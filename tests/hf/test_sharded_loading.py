@@ -9,14 +9,13 @@ expert layout, DeepSeek-V2 (MLA, interleaved RoPE, shared experts) in the per-ex
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from hf_models import random_hf_model
-from testing_utils import REPO, xla_flags_with_devices
+from testing_utils import REPO, device_env
 
 torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[hf]'")
 transformers = pytest.importorskip("transformers", reason="pip install -e '.[hf]'")
@@ -146,12 +145,7 @@ def result(tmp_path_factory):
             path = tmp_path_factory.mktemp(name + "_export")
             mhf.save_pretrained(mj, variables, str(path))
         paths[name] = str(path)
-    env = {
-        **os.environ,
-        "XLA_FLAGS": xla_flags_with_devices(8),
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
-    }
+    env = device_env(8)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(paths), str(tmp_path_factory.mktemp("out"))],
         cwd=REPO,

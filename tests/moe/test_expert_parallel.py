@@ -11,13 +11,12 @@ every case and prints JSON; the tests below read it.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from testing_utils import REPO, xla_flags_with_devices
+from testing_utils import REPO, device_env
 
 SCRIPT = r"""
 import json, sys
@@ -157,12 +156,7 @@ print("RESULT" + json.dumps(out))
 
 
 def _run(*args):
-    env = {
-        **os.environ,
-        "XLA_FLAGS": xla_flags_with_devices(8),
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
-    }
+    env = device_env(8)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, *args],
         cwd=REPO,

@@ -6,13 +6,12 @@ parameters. Runs in a subprocess so the XLA flag that creates 8 CPU devices is s
 JAX starts."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from testing_utils import REPO, xla_flags_with_devices
+from testing_utils import REPO, device_env
 
 from moejax.sharding.strategies import available
 
@@ -96,12 +95,7 @@ MOE_LAYOUTS.update(
 
 
 def _run(config_name, data_dir, steps, layouts):
-    env = {
-        **os.environ,
-        "XLA_FLAGS": xla_flags_with_devices(8),
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
-    }
+    env = device_env(8)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, config_name, data_dir, str(steps), json.dumps(layouts)],
         cwd=REPO,

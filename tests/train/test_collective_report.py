@@ -11,12 +11,11 @@
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from testing_utils import REPO, xla_flags_with_devices
+from testing_utils import REPO, device_env
 
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.sharding.hlo_collectives import collective_bytes, shape_bytes
@@ -118,12 +117,7 @@ if "fssdp" in DISPATCHERS:  # the FSSDP dispatcher (issue 7, part 3) once it is 
         }
     )
 
-ENV = {
-    **os.environ,
-    "XLA_FLAGS": xla_flags_with_devices(8),
-    "JAX_PLATFORMS": "cpu",
-    "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
-}
+ENV = device_env(8)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Helpers shared by test modules (importable thanks to `pythonpath = tests` in pytest.ini)."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -28,6 +29,24 @@ def device_env(devices: int) -> dict[str, str]:
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
     }
+
+
+def run_faults(
+    workdir, *args: str, timeout: int = 1800
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """`experiments/faults.py --trials=1 --json --workdir=WORKDIR ARGS` on CPU; asserts it
+    succeeded and returns the process and its one JSON report."""
+    script = REPO / "experiments" / "faults.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--trials=1", "--json", f"--workdir={workdir}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return proc, json.loads(proc.stdout)
 
 
 def load_config_module(name: str):
@@ -109,7 +128,6 @@ def write_mixture(root: pathlib.Path, vocab_size: int = 320) -> tuple[str, str]:
     `content`), and a SentencePiece BPE of `vocab_size` ids trained on their text. Returns
     `(data.sources, data.tokenizer)`: the sources weighted 0.7 / 0.3."""
     import gzip
-    import json
 
     import numpy as np
     import pyarrow as pa

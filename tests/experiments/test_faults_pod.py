@@ -10,29 +10,19 @@
   the default run).
 """
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
-from testing_utils import REPO, cli_flags, make_tiny_config
+from testing_utils import REPO, cli_flags, make_tiny_config, run_faults
 
 SCRIPT = REPO / "experiments" / "faults.py"
 
 
 def _faults(tmp_path, *args: str) -> dict:
-    cmd = [sys.executable, str(SCRIPT), "--trials=1", "--json", f"--workdir={tmp_path}", *args]
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    return {row["scenario"]: row for row in json.loads(proc.stdout)["scenarios"]}
+    _, report = run_faults(tmp_path, *args)
+    return {row["scenario"]: row for row in report["scenarios"]}
 
 
 def _assert_recovered(rows: dict, names: list[str]) -> None:

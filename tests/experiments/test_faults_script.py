@@ -2,12 +2,8 @@
 reports the documented JSON (`scenarios`: scenario, trials, recovered, steps_lost, identical)."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
-from testing_utils import REPO, load_config_module
+from testing_utils import REPO, load_config_module, run_faults
 
 from moejax.config.validation import validate
 
@@ -32,27 +28,7 @@ def test_tiny_flags_make_a_valid_config_with_the_stated_schedule(tmp_path):
 
 
 def test_nan_skip_scenario_end_to_end_json(tmp_path):
-    cmd = [
-        sys.executable,
-        str(SCRIPT),
-        "--trials",
-        "1",
-        "--scenarios",
-        "nan_skip",
-        "--json",
-        "--workdir",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    report = json.loads(proc.stdout)  # stdout is the one JSON object
+    proc, report = run_faults(tmp_path, "--scenarios=nan_skip", timeout=600)
     [row] = report["scenarios"]
     assert {k: row[k] for k in ("scenario", "trials", "recovered", "steps_lost", "identical")} == {
         "scenario": "nan_skip",

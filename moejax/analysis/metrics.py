@@ -6,7 +6,11 @@ columns `step`, `layer`, `seq`, `segment`, `position`, `token_id`, `target_id`,
 router's rank order), `weights`, `router_entropy`. Each function below reads the columns it
 needs and returns one row per group (step, layer, ...), so results of several runs or
 checkpoints concatenate and plot directly. `num_experts` defaults to the trace's
-`attrs["num_experts"]` (set by `read_trace`), else the largest expert id + 1.
+`attrs["num_experts"]` (set by `read_trace`), else the largest expert id + 1. A model whose
+MoE layers have their own expert counts (`model.layer_kinds`, a pruned model) records them
+in `attrs["layer_num_experts"]` ("64,48,..." by traced MoE layer): `expert_load` and
+`load_balance` then count each layer's own experts (its dead ones and its uniform share);
+the other functions use the largest count.
 
 Definitions, after OLMoE (Muennighoff et al., 2024, "OLMoE: Open Mixture-of-Experts Language
 Models", section 5; allenai/OLMoE scripts/run_moe_analysis.py and run_routing_analysis.py)
@@ -68,10 +72,19 @@ def read_trace(path) -> pd.DataFrame:
 def _num_experts(trace: pd.DataFrame, num_experts: int | None) -> int:
     if num_experts:
         return int(num_experts)
+    per_layer = _layer_num_experts(trace)
+    if per_layer:
+        return max(per_layer)
     if trace.attrs.get("num_experts"):
         return int(trace.attrs["num_experts"])
     flat = _flat_experts(trace, None)[1]
     return int(flat.max()) + 1 if len(flat) else 0
+
+
+def _layer_num_experts(trace: pd.DataFrame) -> list[int]:
+    """Each traced MoE layer's expert count from `attrs["layer_num_experts"]` ([] if absent)."""
+    text = str(trace.attrs.get("layer_num_experts", "") or "")
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def _flat_experts(trace: pd.DataFrame, top: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -100,9 +113,11 @@ def _groups(trace: pd.DataFrame, by: Sequence[str]):
 def expert_load(trace: pd.DataFrame, num_experts: int | None = None) -> pd.DataFrame:
     """step, layer, expert, assignments, share (of the layer's assignments; uniform 1/E),
     token_share (per token; uniform k/E)."""
-    e = _num_experts(trace, num_experts)
+    e_all = _num_experts(trace, num_experts)
+    per_layer = [] if num_experts else _layer_num_experts(trace)
     rows = []
     for (step, layer), part in _groups(trace, ["step", "layer"]):
+        e = per_layer[layer] if layer < len(per_layer) else e_all
         _, experts = _flat_experts(part, None)
         counts = np.bincount(experts, minlength=e)[:e].astype(np.float64)
         total = max(counts.sum(), 1.0)

@@ -22,7 +22,8 @@ held-out tokens gives what it has. Every step traces the same tokens (the evalua
 is read in its stored order), so checkpoints compare token by token (router saturation).
 Memory does not grow with N: batches are run one at a time (`--batch_size` rows, default
 `data.global_batch_size`) and written as they come. The parquet metadata holds
-`moejax.num_experts`, `moejax.top_k`, `moejax.workdir` and `moejax.tokens`;
+`moejax.num_experts`, `moejax.layer_num_experts` (each MoE layer's, comma-separated),
+`moejax.top_k`, `moejax.workdir` and `moejax.tokens`;
 `moejax.analysis.metrics.read_trace` reads them back into `DataFrame.attrs`.
 
 The experts, weights and entropies are the ones the MoE layers computed in the forward pass
@@ -46,6 +47,7 @@ from etils import epath
 from moejax.config.validation import Sections
 from moejax.config_section import ConfigError
 from moejax.data import DataError, Tokenizer, domain_names, make_batches
+from moejax.models.config import layer_moe_config
 from moejax.models.side_outputs import apply_model
 from moejax.train.checkpoint import CheckpointError
 from moejax.train.run_loader import checkpoint_steps, load_run, resolve_step
@@ -288,6 +290,11 @@ def write_trace(
             if writer is None:
                 meta = {
                     "moejax.num_experts": str(s.moe.num_experts),
+                    "moejax.layer_num_experts": ",".join(
+                        str(layer_moe_config(kind, s.moe).num_experts)
+                        for kind in s.model.layer_layout
+                        if kind.moe
+                    ),
                     "moejax.top_k": str(s.moe.top_k),
                     "moejax.workdir": str(workdir),
                     "moejax.tokens": str(tokens),

@@ -67,6 +67,22 @@ def test_expert_load_and_balance():
     assert bal["dead_experts"] == 1 and bal["dead_fraction"] == 0.25 and bal["tokens"] == 3
 
 
+def test_layers_with_their_own_expert_counts():
+    """A pruned model: layer 0 keeps 4 experts, layer 1 only 2. Layer 1's experts are all
+    used (none dead, uniform share 1/2); an explicit num_experts overrides the per-layer
+    counts."""
+    rows = [{"layer": 0, "experts": [0, 1]}, {"layer": 1, "experts": [0, 1]}]
+    trace = make_trace(rows + [{"layer": 1, "experts": [1, 0]}])
+    trace.attrs["layer_num_experts"] = "4,2"
+    bal = metrics.load_balance(trace).set_index("layer")
+    assert bal.loc[0, "dead_experts"] == 2 and bal.loc[0, "dead_fraction"] == 0.5
+    assert bal.loc[1, "dead_experts"] == 0 and bal.loc[1, "load_cv"] == 0.0
+    assert bal.loc[1, "max_load"] == pytest.approx(1.0)
+    assert len(metrics.expert_load(trace).query("layer == 1")) == 2
+    forced = metrics.load_balance(trace, num_experts=4).set_index("layer")
+    assert forced.loc[1, "dead_experts"] == 2
+
+
 def test_router_saturation_top_k_and_top_1():
     final = [
         {"step": 20, "position": 0, "experts": [0, 1]},

@@ -94,6 +94,7 @@ def test_the_cli_traces_every_step_on_the_same_tokens(tiny_moe_run, tmp_path, ca
     assert code == 0, capsys.readouterr().err
     df = metrics.read_trace(out)
     assert df.attrs["num_experts"] == 4 and df.attrs["top_k"] == 2
+    assert str(df.attrs["layer_num_experts"]) == "4,4"  # both MoE layers of the tiny run
     assert sorted(df["step"].unique()) == [2, 4]
     assert list(df.columns) == [f.name for f in trace.SCHEMA]
     for step, part in df.groupby("step"):

@@ -23,6 +23,24 @@ import numpy as np
 # ----------------------------------------------------------------------------- building blocks
 
 
+def tiny_moe_config():
+    """The MoE section the tests of tests/models compare with this reference: 4 experts of
+    width 8, top-2 unrenormalised, one shared expert, ragged dispatch in tiles of 4."""
+    from moejax.moe.config import MoEConfig
+
+    return MoEConfig(
+        num_experts=4,
+        top_k=2,
+        d_expert=8,
+        n_shared=1,
+        renormalize=False,
+        balance_coef=0.1,
+        z_loss_coef=0.01,
+        dispatcher="ragged",
+        gmm_tile=4,
+    )
+
+
 def rmsnorm(x, scale, eps):
     x = np.asarray(x, np.float64)
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale

@@ -16,7 +16,6 @@ from moejax.config_section import ConfigError
 from moejax.models.config import LayerKind, ModelConfig
 from moejax.models.flops import count_params
 from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
-from moejax.moe.config import MoEConfig
 
 B, L = 2, 8
 # dense | moe (E=4, k=1) | 2 x moe (E=4, k=2) | dense | moe (E=2, k=2): five runs, one scan each
@@ -30,17 +29,7 @@ MODEL = ModelConfig(
     d_ff=32,
     layer_kinds=LAYOUT,
 )
-MOE = MoEConfig(
-    num_experts=4,
-    top_k=2,
-    d_expert=8,
-    n_shared=1,
-    renormalize=False,
-    balance_coef=0.1,
-    z_loss_coef=0.01,
-    dispatcher="ragged",
-    gmm_tile=4,
-)
+MOE = ref.tiny_moe_config()
 
 
 def _tokens(seed=0):

@@ -33,17 +33,7 @@ MODEL = ModelConfig(
     first_k_dense=1,
     moe_every=2,
 )
-MOE = MoEConfig(
-    num_experts=4,
-    top_k=2,
-    d_expert=8,
-    n_shared=1,
-    renormalize=False,
-    balance_coef=0.1,
-    z_loss_coef=0.01,
-    dispatcher="ragged",
-    gmm_tile=4,
-)
+MOE = ref.tiny_moe_config()
 DENSE = ModelConfig(
     vocab_size=32,
     d_model=16,

@@ -56,6 +56,8 @@ def test_delta_tree_orders_layers_and_a_neutral_delta_decodes_exactly(tiny):
     plain = np.asarray(generate(model, variables, PROMPT, 5))
     neutral = np.asarray(generate(model, with_delta(variables, delta), PROMPT, 5))
     np.testing.assert_array_equal(neutral, plain)
+    # SCMoE with beta = 0 is plain greedy decoding.
+    np.testing.assert_array_equal(scmoe_generate(model, variables, PROMPT, 5, beta=0.0), plain)
     # A rank delta is the rule's k-th choice alone in every MoE layer.
     weak = with_delta(variables, rank_delta(delta, (2,)))
     apply = jax.jit(model.apply)
@@ -84,7 +86,3 @@ def test_cached_scmoe_equals_the_uncached_recomputation(tiny):
         weak_logits = apply(weak, jnp.asarray(seq))[0][:, t - 1]
         seq[:, t] = np.asarray(contrast_logits(strong_logits, weak_logits, alpha, beta).argmax(-1))
     np.testing.assert_array_equal(tokens, seq)
-    # beta = 0 is plain greedy decoding.
-    np.testing.assert_array_equal(
-        scmoe_generate(model, variables, PROMPT, n, beta=0.0), generate(model, variables, PROMPT, n)
-    )

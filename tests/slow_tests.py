@@ -17,13 +17,19 @@ unless it is the fast representative of its area (kept in the default run):
   equal the merged model (ragged);
 - TPU: the `pallas` dispatcher compiled for one v5p host (Mosaic inside the model);
 - tools: the routing trace equals the router's selection, cached decoding equals the full
-  forward, the gmm benchmark script.
+  forward, the gmm benchmark script;
+- decoding-time routing (seconds with -n 0 on a loaded 2-core machine): the neutral delta
+  and rank-delta case, rewiring's decoding with updates, C3PO, the CLI on a trained run and
+  on a HF model; the router-delta rule tests, SCMoE's cached == uncached and rewiring's
+  finite-difference step stay in `make test`.
 
 `conftest.py` marks these `slow`; `pytest.ini` deselects `slow` by default. A case listed
 here that no longer exists is reported by tests/test_slow_list.py.
 """
 
 SLOW = {
+    "tests/analysis/test_decoding_routing_cli.py::test_every_method_runs_from_one_command_on_a_trained_run": 95,
+    "tests/analysis/test_decoding_routing_cli.py::test_every_method_runs_from_one_command_on_an_imported_hf_model": 54,
     "tests/analysis/test_load_and_sample.py::test_load_run_returns_the_checkpointed_params": 72,
     "tests/analysis/test_load_and_sample.py::test_sample_cli_prints_the_greedy_continuation": 82,
     "tests/analysis/test_load_and_sample.py::test_sampling_is_seeded_and_errors_are_one_line": 10,
@@ -87,7 +93,10 @@ SLOW = {
     "tests/models/test_attention_kernels.py::test_blockwise_kernels_equal_the_materialised_scores[mla_dims-splash]": 15,
     "tests/models/test_attention_kernels.py::test_modules_with_flash_equal_their_xla_selves[gqa]": 10,
     "tests/models/test_attention_kernels.py::test_modules_with_flash_equal_their_xla_selves[mla]": 16,
+    "tests/models/test_c3po.py::test_neighbours_are_the_numpy_knn_and_remixing_lowers_their_loss": 32,
     "tests/models/test_generate.py::test_mla_cache_holds_the_compressed_latent": 63,
+    "tests/models/test_rewire.py::test_decoding_with_updates_equals_the_uncached_reference": 17,
+    "tests/models/test_scmoe.py::test_delta_tree_orders_layers_and_a_neutral_delta_decodes_exactly": 25,
     "tests/models/test_transformer.py::test_bfloat16_compute_with_float32_params": 13,
     "tests/models/test_transformer.py::test_dispatchers_give_same_logits_and_grads": 26,
     "tests/models/test_transformer.py::test_logits_do_not_depend_on_future_tokens_or_other_rows[dense_reference]": 10,

@@ -478,6 +478,18 @@ README = {
         "python -m moejax.analysis.trace --workdir=runs/dsmoe --step=all --tokens=20000 "
         "--out=runs/dsmoe/trace.parquet"
     ),
+    "sample_scmoe": (
+        'python -m moejax.sample --workdir=runs/dsmoe --prompt="def " --routing=scmoe '
+        "--scmoe_rank=2 --scmoe_alpha=0.1 --scmoe_beta=0.5"
+    ),
+    "sample_rewire": (
+        'python -m moejax.sample --hf=/path/to/hf_dir --prompt="def " --routing=rewire '
+        "--rewire_every=8 --rewire_steps=1 --rewire_lr=0.1 --rewire_layers=-2,-1"
+    ),
+    "sample_c3po": (
+        'python -m moejax.sample --workdir=runs/dsmoe --prompt="12 + 30 =" --routing=c3po '
+        "--c3po_references=refs.jsonl --c3po_k=3 --c3po_layers=5 --c3po_steps=10"
+    ),
 }
 SWEEP_ABLATION = (
     "python -m experiments.sweep --config=configs/deepseekmoe.py:tokenizer=bpe --sweep=ablation "
@@ -653,6 +665,14 @@ COVERED_BY = {
     README["trace"]: (
         "tests/analysis/test_trace.py::test_the_cli_traces_every_step_on_the_same_tokens"
     ),
+    **{
+        README[name]: f"tests/analysis/test_decoding_routing_cli.py::{test}"
+        for name, test in [
+            ("sample_scmoe", "test_every_method_runs_from_one_command_on_a_trained_run"),
+            ("sample_rewire", "test_every_method_runs_from_one_command_on_an_imported_hf_model"),
+            ("sample_c3po", "test_every_method_runs_from_one_command_on_a_trained_run"),
+        ]
+    },
     README["ft_convert"]: (
         "tests/lora/test_finetune_recipe.py::"
         "test_finetune_recipe_trains_lora_on_attention_and_experts"

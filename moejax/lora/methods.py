@@ -52,6 +52,7 @@ class RoutedLoRA(LoRAMethod):
             rule=rule,
             bias_collection=ADAPTER_BIAS,
             expert_axis="lora_experts",
+            read_delta=False,
             name="router",
         )(x, mask_T=mask)
         return dense_gates(routing, cfg.num_experts), routing

@@ -55,7 +55,11 @@ def mixlora_mlp(
     x = x.astype(dtype)
     x2 = x.reshape(-1, d)
     routing = LinearRouter(
-        moe_cfg, param_dtype=module.param_dtype, expert_axis="lora_experts", name="lora_router"
+        moe_cfg,
+        param_dtype=module.param_dtype,
+        expert_axis="lora_experts",
+        read_delta=False,
+        name="lora_router",
     )(x2)
     report_routing(module, routing, routing.aux_losses)
     weights = {}

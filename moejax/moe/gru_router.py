@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.moe.config import MoEConfig
+from moejax.moe.router_delta import apply_logits, read_router_delta
 from moejax.moe.routing import Routing
 from moejax.moe.selection import SELECTIONS, report_bias_load, selection_bias
 from moejax.nn.params import dtype_of, logical_param
@@ -118,6 +119,11 @@ class GRURouter(nn.Module):
         )
         logits = new_state @ w2.astype(jnp.float32)
         bias = selection_bias(self, cfg)
-        routing = SELECTIONS[cfg.selection](logits, mask_T, cfg, bias, seq_len)
+        rule = SELECTIONS[cfg.selection]
+        delta = read_router_delta(self, cfg.num_experts)
+        if delta is None:
+            routing = rule(logits, mask_T, cfg, bias, seq_len)
+        else:
+            routing = rule(apply_logits(logits, delta), mask_T, cfg, bias, seq_len, delta.ranks)
         report_bias_load(self, bias, routing.metrics["load"])
         return routing.replace(state=new_state)

@@ -10,7 +10,10 @@ composes with every rule:
 - `gru`: `GRURouter`, RMoE's layerwise recurrent scorer (`moejax.moe.gru_router`).
 
 A rule that takes a per-expert bias (`sigmoid_bias`, DeepSeek-V3) gets it from the router
-module: collection `router_bias`, variable `bias` [E], beside the scorer's parameters.
+module: collection `router_bias`, variable `bias` [E], beside the scorer's parameters. An
+apply-time router delta (`moejax.moe.router_delta`: collection `router_delta`, variables
+`logits` and `ranks` [E] in the same scope) is added to the scorer's logits and its rank
+mask handed to the rule, for every scorer and rule; absent, nothing changes.
 
 A new scorer is one Linen module with the signature of `LinearRouter.__call__` plus one
 entry in `ROUTERS`. `seq_len` is the length of the sequences the T tokens form (the layer
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 
 from moejax.moe.config import MoEConfig
 from moejax.moe.gru_router import GRUCell, GRURouter
+from moejax.moe.router_delta import apply_logits, read_router_delta
 from moejax.moe.routing import Routing
 from moejax.moe.selection import SELECTIONS, report_bias_load, selection_bias
 from moejax.nn.collections import ROUTER_BIAS
@@ -42,7 +46,9 @@ class LinearRouter(nn.Module):
     `rule` replaces the config's selection rule (same signature; LoRA experts use it for
     DynMoLE's rule) and `bias_collection` names the bias's collection (LoRA routers keep
     theirs apart from the MoE layers', in `lora_bias`, and name their expert axis
-    `lora_experts`, which the sharding rules replicate, via `expert_axis`)."""
+    `lora_experts`, which the sharding rules replicate, via `expert_axis`). `read_delta`:
+    whether the router reads an apply-time delta (`moejax.moe.router_delta`); the MoE
+    layers' routers do, adapter routers (whose rules may take no rank mask) do not."""
 
     cfg: MoEConfig
     init_std: float = 0.02
@@ -50,6 +56,7 @@ class LinearRouter(nn.Module):
     rule: Callable | None = None
     bias_collection: str = ROUTER_BIAS
     expert_axis: str = "expert"
+    read_delta: bool = True
 
     @nn.compact
     def __call__(
@@ -72,7 +79,11 @@ class LinearRouter(nn.Module):
         logits = x_TxD.astype(jnp.float32) @ w.astype(jnp.float32)
         rule = self.rule or SELECTIONS[cfg.selection]
         bias = selection_bias(self, cfg, self.bias_collection, self.expert_axis)
-        routing = rule(logits, mask_T, cfg, bias, seq_len)
+        delta = read_router_delta(self, cfg.num_experts) if self.read_delta else None
+        if delta is None:
+            routing = rule(logits, mask_T, cfg, bias, seq_len)
+        else:
+            routing = rule(apply_logits(logits, delta), mask_T, cfg, bias, seq_len, delta.ranks)
         report_bias_load(self, bias, routing.metrics["load"])
         return routing.replace(state=state)
 

@@ -36,9 +36,13 @@ chosen ids and weights, for the rules here and LoRA's DynMoLE rule.
   multiplied by `routed_scaling_factor`. The losses and statistics see the normalised
   affinities s' = s / sum_j s_j (eq. 19) as the router's probabilities.
 
-Every rule is `rule(logits[T, E], mask[T] | None, cfg, bias=None, seq_len=None)`; `bias` is
-the per-expert bias of the rules in `BIASED_RULES` (None elsewhere), `seq_len` the length
-of the sequences the T tokens form (None = one sequence), used by the sequence-wise loss.
+Every rule is `rule(logits[T, E], mask[T] | None, cfg, bias=None, seq_len=None,
+ranks=None)`; `bias` is the per-expert bias of the rules in `BIASED_RULES` (None
+elsewhere), `seq_len` the length of the sequences the T tokens form (None = one sequence),
+used by the sequence-wise loss. `ranks` `[E]` is the rank mask of an apply-time router delta
+(`moejax.moe.router_delta`; None: none): `restrict_choice` forbids the experts of logit
+-inf and those at the ranks it excludes, and `allowed_weights` gives a slot that holds a
+forbidden expert weight 0, before any renormalisation.
 
 Aux losses (each omitted when its coefficient is 0), all over real tokens only: Switch
 balance = DeepSeekMoE's expert-level loss (`balance_coef`, counting only used slots),
@@ -85,6 +89,29 @@ def top_p_mask(sorted_probs: jax.Array, p: float) -> jax.Array:
         axis=-1,
     )
     return before < p
+
+
+def restrict_choice(choice: jax.Array, logits: jax.Array, ranks: jax.Array | None) -> jax.Array:
+    """A rule's choice scores `[T, E]` with the forbidden experts at -inf: those whose logit
+    is -inf, then those whose rank (0-based, by decreasing choice, ties to the lower id as in
+    `lax.top_k`) has `ranks[rank] <= 0`. Unchanged for `ranks` None (no router delta)."""
+    if ranks is None:
+        return choice
+    choice = jnp.where(jnp.isneginf(logits), -jnp.inf, choice)
+    order = jnp.argsort(-choice, axis=-1, stable=True)
+    rank_of = jnp.argsort(order, axis=-1, stable=True)
+    return jnp.where(jnp.take(ranks, rank_of) > 0, choice, -jnp.inf)
+
+
+def allowed_weights(
+    weights: jax.Array, choice: jax.Array, ids: jax.Array, ranks: jax.Array | None
+) -> jax.Array:
+    """`weights[T, k]` with 0 at the slots whose expert `restrict_choice` forbade (the rule
+    had to fill k slots from fewer allowed experts)."""
+    if ranks is None:
+        return weights
+    allowed = take_experts(jnp.isfinite(choice).astype(jnp.float32), ids) > 0
+    return jnp.where(allowed, weights, jnp.zeros((), weights.dtype))
 
 
 def finish_routing(
@@ -142,7 +169,12 @@ def _no_bias(bias, rule: str) -> None:
 
 
 def softmax_topk(
-    logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None, seq_len: int | None = None
+    logits: jax.Array,
+    mask: jax.Array | None,
+    cfg: MoEConfig,
+    bias=None,
+    seq_len: int | None = None,
+    ranks: jax.Array | None = None,
 ) -> Routing:
     _no_bias(bias, "softmax_topk")
     probs = jax.nn.softmax(logits, axis=-1)
@@ -151,8 +183,10 @@ def softmax_topk(
         choice = limit_groups(
             choice, cfg.n_group, cfg.topk_group, GROUP_MASK_FILL[cfg.group_mask], per_group=1
         )
+    choice = restrict_choice(choice, logits, ranks)
     ids = jax.lax.top_k(choice, cfg.top_k)[1]
     weights = take_experts(probs, ids)  # top_k's own gradient is a scatter
+    weights = allowed_weights(weights, choice, ids, ranks)
     if cfg.renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     if cfg.routed_scaling_factor != 1.0:
@@ -161,12 +195,18 @@ def softmax_topk(
 
 
 def top_p(
-    logits: jax.Array, mask: jax.Array | None, cfg: MoEConfig, bias=None, seq_len: int | None = None
+    logits: jax.Array,
+    mask: jax.Array | None,
+    cfg: MoEConfig,
+    bias=None,
+    seq_len: int | None = None,
+    ranks: jax.Array | None = None,
 ) -> Routing:
     _no_bias(bias, "top_p")
     probs = jax.nn.softmax(logits, axis=-1)
-    ids = jax.lax.top_k(jax.lax.stop_gradient(probs), routing_slots(cfg))[1]  # ties: lower id
-    sorted_probs = take_experts(probs, ids)
+    choice = restrict_choice(jax.lax.stop_gradient(probs), logits, ranks)
+    ids = jax.lax.top_k(choice, routing_slots(cfg))[1]  # ties: lower id
+    sorted_probs = allowed_weights(take_experts(probs, ids), choice, ids, ranks)
     weights = jnp.where(top_p_mask(sorted_probs, cfg.top_p), sorted_probs, 0.0)
     return finish_routing(cfg, logits, probs, ids, weights, mask, seq_len)
 
@@ -195,14 +235,16 @@ def sigmoid_bias(
     cfg: MoEConfig,
     bias: jax.Array | None = None,
     seq_len: int | None = None,
+    ranks: jax.Array | None = None,
 ) -> Routing:
     """DeepSeek-V3 routing (module docstring); `bias[E]` (None = zeros) steers the choice."""
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
     if cfg.n_group > 1:
         choice = limit_groups(choice, cfg.n_group, cfg.topk_group, GROUP_MASK_FILL[cfg.group_mask])
+    choice = restrict_choice(choice, logits, ranks)
     _, ids = jax.lax.top_k(choice, cfg.top_k)
-    weights = take_experts(scores, ids)
+    weights = allowed_weights(take_experts(scores, ids), choice, ids, ranks)
     if cfg.renormalize:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
     weights = weights * cfg.routed_scaling_factor

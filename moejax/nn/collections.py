@@ -16,7 +16,15 @@ wants them (`SIDE_OUTPUTS`) and that are never stored:
 - `adapter_aux`: the adapters' weighted auxiliary losses, summed into the training loss.
 - `adapter_metrics`: the adapters' scalar routing statistics, averaged for logging.
 
-`cache` is the decoding key/value cache (`moejax.generate`).
+Decoding-time collections, never stored with a run and never created by `init` (absent,
+they cost nothing and change nothing):
+
+- `cache`: the decoding key/value cache (`moejax.generate`).
+- `router_delta`: a change of the MoE routers' decision at apply time
+  (`moejax.moe.router_delta`): per router, `logits` `[E]` added to the scorer's logits
+  before the selection rule, and `ranks` `[E]`, which of the rule's ranked choices a token
+  may take. Stacked over scanned layers like `router_bias`. `moejax.generate` builds and
+  fills it (SCMoE's weak pass, C3PO, rewiring).
 """
 
 PARAMS = "params"
@@ -32,6 +40,7 @@ ADAPTER_METRICS = "adapter_metrics"
 SIDE_OUTPUTS = (BALANCE_LOAD, ADAPTER_AUX, ADAPTER_METRICS)
 
 CACHE = "cache"
+ROUTER_DELTA = "router_delta"
 
 # The sign-rule biases and the collection holding the loads that move them.
 SIGN_RULE_LOADS = {ROUTER_BIAS: BALANCE_LOAD, ADAPTER_BIAS: BALANCE_LOAD}

@@ -16,7 +16,9 @@ wants them (`SIDE_OUTPUTS`) and that are never stored:
 - `adapter_aux`: the adapters' weighted auxiliary losses, summed into the training loss.
 - `adapter_metrics`: the adapters' scalar routing statistics, averaged for logging.
 
-`cache` is the decoding key/value cache (`moejax.generate`).
+`cache` is the decoding key/value cache (`moejax.generate`). `calibration` holds what
+`moejax.compress.calibrate` records of an MoE block (its FFN input and the residual stream
+before it), sown only while calibrating.
 """
 
 PARAMS = "params"
@@ -32,6 +34,7 @@ ADAPTER_METRICS = "adapter_metrics"
 SIDE_OUTPUTS = (BALANCE_LOAD, ADAPTER_AUX, ADAPTER_METRICS)
 
 CACHE = "cache"
+CALIBRATION = "calibration"
 
 # The sign-rule biases and the collection holding the loads that move them.
 SIGN_RULE_LOADS = {ROUTER_BIAS: BALANCE_LOAD, ADAPTER_BIAS: BALANCE_LOAD}

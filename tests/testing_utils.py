@@ -119,3 +119,25 @@ def write_mixture(root: pathlib.Path, vocab_size: int = 320) -> tuple[str, str]:
     )
     sources = f"parquet:{root}/web-*.parquet@0.7,jsonl:{root}/code-*.jsonl.gz#content@0.3"
     return sources, tokenizer
+
+
+def random_run(workdir: str, config, seed: int = 0, edit=None):
+    """A run directory at step 0 holding a randomly initialised model of `config` (no
+    training: `moejax.train.convert_hf.write_run`); `edit(variables) -> variables` changes
+    the weights first. Returns `(model, variables, sections)`."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.models.transformer import Transformer
+    from moejax.train.convert_hf import write_run
+    from moejax.train.run_loader import one_device_sections
+
+    s = one_device_sections(config.to_dict())
+    model = Transformer(s.model, s.moe)
+    init = jax.jit(model.init)
+    variables = nn.unbox(init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32)))
+    if edit is not None:
+        variables = edit(variables)
+    write_run(workdir, config.to_dict(), variables, train=s.train)
+    return model, variables, s

@@ -103,11 +103,12 @@ def _record_moe_inputs(next_fun, args, kwargs, context):
 
 
 def capture_fn(model):
-    """jit((variables, batch) -> (sown calibration tree, expert_ids, combine_weights))."""
+    """jit((variables, batch) -> (sown calibration tree, expert_ids, combine_weights,
+    logits)): the routing and logits are the model's own outputs."""
 
     def run(variables, batch):
         with nn.intercept_methods(_record_moe_inputs):
-            (_, extras), state = model.apply(
+            (logits, extras), state = model.apply(
                 variables,
                 batch["inputs"],
                 batch["segment_ids"],
@@ -115,7 +116,7 @@ def capture_fn(model):
                 mutable=[CALIBRATION, *SIDE_OUTPUTS],
             )
         routing = extras["routing"]
-        return state[CALIBRATION], routing["expert_ids"], routing["combine_weights"]
+        return state[CALIBRATION], routing["expert_ids"], routing["combine_weights"], logits
 
     return jax.jit(run)
 
@@ -186,7 +187,7 @@ def calibrate(
         )
     for batch in batches:
         device = {k: jnp.asarray(batch[k]) for k in ("inputs", "segment_ids", "positions")}
-        sown, ids, gates = jax.device_get(capture(variables, device))
+        sown, ids, gates, _ = jax.device_get(capture(variables, device))
         real = (np.asarray(batch["segment_ids"]) > 0).reshape(-1)
         for layer, (i, st) in enumerate(zip(layers, stats)):
             path, index = layer_slot(m, i)

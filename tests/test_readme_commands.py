@@ -478,6 +478,15 @@ README = {
         "python -m moejax.analysis.trace --workdir=runs/dsmoe --step=all --tokens=20000 "
         "--out=runs/dsmoe/trace.parquet"
     ),
+    "eval": "python -m moejax.eval --workdir=runs/dsmoe --sources=corpus --max_batches=8 --json",
+    "prune": (
+        "python -m moejax.compress prune --workdir=runs/dsmoe --out=runs/dsmoe_p16 --keep=16 "
+        "--method=easy_ep --calibration_batches=4"
+    ),
+    "merge": (
+        "python -m moejax.compress merge --workdir=runs/dsmoe --out=runs/dsmoe_m16 --keep=16 "
+        "--rank=0.5"
+    ),
 }
 SWEEP_ABLATION = (
     "python -m experiments.sweep --config=configs/deepseekmoe.py:tokenizer=bpe --sweep=ablation "
@@ -653,6 +662,13 @@ COVERED_BY = {
     README["trace"]: (
         "tests/analysis/test_trace.py::test_the_cli_traces_every_step_on_the_same_tokens"
     ),
+    README["eval"]: "tests/eval/test_evaluate.py::test_cli_prints_one_json_report",
+    README["prune"]: (
+        "tests/compress/test_compress_cli.py::test_prune_cli_writes_a_run_that_reloads_and_evaluates"
+    ),
+    README[
+        "merge"
+    ]: "tests/compress/test_compress_cli.py::test_merge_cli_writes_a_run_that_reloads",
     README["ft_convert"]: (
         "tests/lora/test_finetune_recipe.py::"
         "test_finetune_recipe_trains_lora_on_attention_and_experts"

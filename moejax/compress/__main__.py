@@ -34,7 +34,7 @@ from moejax.config_section import ConfigError
 from moejax.data import DataError, make_batches
 from moejax.eval.data import eval_data_config
 from moejax.train.checkpoint import CheckpointError
-from moejax.train.run_loader import load_run, resolve_step
+from moejax.train.run_loader import checkpoint_steps, load_run, resolve_step
 
 
 def calibration_batches(s, sources, count, seq_len=0, batch_size=0, data_dir=None):
@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
+    if checkpoint_steps(args.out):  # before any work: write_run refuses it too
+        raise FileExistsError(f"--out={args.out} already holds checkpoints; name a new directory.")
     step = resolve_step(args.workdir, args.step)
     model, variables, s, _ = load_run(args.workdir, step)
     batches = calibration_batches(

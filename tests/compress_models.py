@@ -1,9 +1,8 @@
 """Tiny MoE models for the tests of `moejax.compress` (not a test module)."""
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
+from testing_utils import random_variables
 
 from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
@@ -24,8 +23,7 @@ def tiny_model(layer_kinds="moe,dense,moe", seed=0, **moe):
     cfg = dict(num_experts=8, top_k=2, d_expert=8, n_shared=1, renormalize=True)
     cfg.update(dispatcher="dense_reference", **moe)
     model = Transformer(m, MoEConfig(**cfg))
-    variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))
-    return model, nn.unbox(variables)
+    return model, random_variables(model, seed)
 
 
 def tiny_batch(seed=0, b=2, length=8):

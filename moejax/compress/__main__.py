@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
             q.add_argument("--method", default="frequency", choices=sorted(IMPORTANCE))
         else:
             q.add_argument("--rank", default="1.0", help="fraction of full rank, or a count")
+            q.add_argument("--top_k", type=int, default=0, help="0: min(the run's k, --keep)")
     return p
 
 
@@ -96,7 +97,7 @@ def run(args) -> dict:
         new_model, new_variables = prune(model, variables, keep)
         record.update(method=args.method, kept={str(i): ids.tolist() for i, ids in keep.items()})
     else:
-        plan = plan_merge(model, variables, cal, args.keep, args.rank)
+        plan = plan_merge(model, variables, cal, args.keep, args.rank, args.top_k)
         new_model, new_variables = merge(model, variables, plan)
         record.update(
             rank=args.rank,

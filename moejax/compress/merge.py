@@ -142,6 +142,12 @@ def plan_merge(
     (as `moejax.compress.prune.parse_keep` reads it), `rank` (`parse_rank`), `top_k`
     (0: min(k, keep))."""
     rank = parse_rank(rank)
+    if model.moe.n_group > 1:
+        raise ConfigError(
+            f"moe.n_group={model.moe.n_group}: group-limited routing scores groups of "
+            f"consecutive experts, which merging across groups would break; merge supports "
+            f"n_group=1 only (prune keeps the groups equal)."
+        )
     weights = expert_weights(variables, model.model)
     counts = parse_keep(keep, [c.num_experts for c in cal.layers])
     plans = {}
@@ -193,6 +199,10 @@ def merge(model, variables, plans: dict[int, MergePlan]):
             if bias is not None:
                 new_bias.append(float(bias[ids] @ f))
         k = next(kind.top_k for j, kind in enumerate(m.layer_layout) if j == i) or model.moe.top_k
+        if plan.top_k > len(plan.clusters):
+            raise ConfigError(
+                f"--top_k={plan.top_k} is more than the {len(plan.clusters)} merged experts."
+            )
         edits[i] = LayerEdit(
             experts={name: np.stack(ws) for name, ws in new.items()},
             router_kernel=np.stack(columns, axis=-1).astype(kernel.dtype),

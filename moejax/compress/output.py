@@ -17,7 +17,7 @@ import os
 from moejax.hf import configs_as_dict
 from moejax.paths import is_remote
 from moejax.train.convert_hf import copy_tokenizer, write_run
-from moejax.train.run_loader import run_config
+from moejax.train.run_loader import one_device_sections, run_config
 
 
 def _tokenizer_copy(spec: str, out: str) -> str | None:
@@ -35,6 +35,7 @@ def write_compressed_run(
     validated config is `s`) into the new run directory `out`; returns its config."""
     sections = {k: v for k, v in run_config(source, step).items() if isinstance(v, dict)}
     sections.update(configs_as_dict(model))
+    one_device_sections(sections)  # a config load_run reads back, before anything is written
     tokenizer = _tokenizer_copy(s.data.tokenizer, out)
     if tokenizer is not None:
         sections["data"] = {k: v for k, v in sections["data"].items() if k != "tokenizer"}

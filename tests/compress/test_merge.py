@@ -4,6 +4,8 @@ the frequency-weighted average at full rank and returns W for identical experts;
 pairs up identical experts, and merging identical experts (weights and router columns) of a
 model loses nothing."""
 
+from types import SimpleNamespace
+
 import jax
 import numpy as np
 import pytest
@@ -40,6 +42,9 @@ def test_subspace_merge_equals_a_float64_joint_svd():
     assert parse_rank("0.5") == 0.5 and parse_rank("8") == 8
     with pytest.raises(ConfigError, match="--rank"):
         parse_rank("1.5")
+    grouped = SimpleNamespace(moe=SimpleNamespace(n_group=2))
+    with pytest.raises(ConfigError, match="n_group=2: group-limited routing"):
+        plan_merge(grouped, None, None, 2)
 
 
 def duplicated(variables):

@@ -75,6 +75,11 @@ def run(args) -> dict:
         raise FileExistsError(f"--out={args.out} already holds checkpoints; name a new directory.")
     step = resolve_step(args.workdir, args.step)
     model, variables, s, _ = load_run(args.workdir, step)
+    if s.lora.method != "none":
+        raise ConfigError(
+            f"{args.workdir} is an adapter run (lora.method={s.lora.method!r}); compress its "
+            f"base run, or merge the adapters into the base weights first."
+        )
     batches = calibration_batches(
         s,
         args.calibration_sources,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from moejax.data import domain_names, open_tokenizer
+from moejax.data.config import MULTITASK
 from moejax.eval.data import eval_data_config, heldout_batches
 from moejax.eval.language import language_modelling, moe_expert_counts
 from moejax.eval.tasks import parse_tasks, task_accuracy
@@ -55,14 +56,16 @@ def evaluate(
         report.update(workdir=run, step=step)
         run = load_run(run, step)
     model, variables, s, tokenizer = run
-    names = parse_tasks(tasks)
+    task_names = parse_tasks(tasks)
     if sources not in ("", "none"):
         cfg = eval_data_config(
             s, sources, seq_len=seq_len, batch_size=batch_size, data_dir=data_dir
         )
         token_bytes = np.asarray(open_tokenizer(cfg).token_bytes, np.float64)
+        # The generated task rows are one source (their rows carry no corpus domain).
+        names = ("multitask",) if cfg.sources.strip() == MULTITASK else domain_names(cfg)
         lm = language_modelling(
-            model, variables, heldout_batches(cfg, max_batches), domain_names(cfg), token_bytes
+            model, variables, heldout_batches(cfg, max_batches), names, token_bytes
         )
         counts = lm.pop("counts")
         report.update(lm, data_sources=cfg.sources)
@@ -75,7 +78,9 @@ def evaluate(
             {"moe_layer": i, "model_layer": layer, "num_experts": e}
             for i, (layer, e) in enumerate(zip(moe_model_layers(s.model), moe_expert_counts(model)))
         ]
-    if names:
+    if task_names:
         kw = {"per_task": per_task} if per_task else {}
-        report["tasks"] = task_accuracy(model, variables, tokenizer, names, seed=s.data.seed, **kw)
+        report["tasks"] = task_accuracy(
+            model, variables, tokenizer, task_names, seed=s.data.seed, **kw
+        )
     return report

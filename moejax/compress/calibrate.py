@@ -11,7 +11,7 @@ Per MoE layer l (in model order; `model_layer` is its index among all layers) an
 - `output_norm[e]`: the sum of ||E_e(h_t)||_2, the expert's own output (before g);
 - `weighted_norm[e]`: the sum of g ||E_e(h_t)||_2: EASY-EP's output-aware expert importance
   (Dong et al. 2025, "Domain-Specific Pruning of Large Mixture-of-Experts Models with
-  Few-shot Demonstrations", section 3.2);
+  Few-shot Demonstrations", arXiv 2504.06792);
 - `easy_ep[e]`: the sum of g ||E_e(h_t)||_2 c_t with EASY-EP's expert-level token
   contribution c_t = max(1 - cos(x_t, x_t + r_t), 0), x_t the residual stream entering the
   FFN sub-layer and r_t the routed experts' combined output (shared experts excluded);
@@ -29,7 +29,9 @@ host from the layer's expert weights (float32 SwiGLU, `moejax.moe.experts`), onl
 EASY-EP's definitions were checked against the authors' code (RUCAIBox/EASYEP,
 pruning/model_new.py and pruning/expert_selection.py: score[layer, e] += weight * norm *
 max(1 - cos(x_before_moe, x_before_moe + routed_moe), 0), summed over tokens and
-demonstrations; top-N experts kept per layer); the paper's text itself was not available.
+demonstrations; top-N experts kept per layer) and its abstract (gating scores times the L2
+norms of the activated experts' outputs; token contribution from the representation
+similarity before and after the routed experts); the paper's full text was not reachable.
 The authors use the 25 longest demonstrations; here the caller chooses the batches.
 """
 

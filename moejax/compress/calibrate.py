@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.compress.layers import _get, check_scanned, unstack
+from moejax.compress.layers import check_scanned, subtree, unstack
 from moejax.hf.layout import layer_slot
 from moejax.nn.collections import CALIBRATION, SIDE_OUTPUTS, sow_value
 from moejax.nn.norm import RMSNorm
@@ -193,8 +193,8 @@ def calibrate(
         real = (np.asarray(batch["segment_ids"]) > 0).reshape(-1)
         for layer, (i, st) in enumerate(zip(layers, stats)):
             path, index = layer_slot(m, i)
-            x = np.asarray(_get(sown, f"{path}/{FFN_NORM}/residual")[index], np.float32)
-            h = np.asarray(_get(sown, f"{path}/{FFN_NORM}/moe_input")[index], np.float32)
+            x = np.asarray(subtree(sown, f"{path}/{FFN_NORM}/residual")[index], np.float32)
+            h = np.asarray(subtree(sown, f"{path}/{FFN_NORM}/moe_input")[index], np.float32)
             x, h = x.reshape(-1, x.shape[-1])[real], h.reshape(-1, h.shape[-1])[real]
             k = ids.shape[-1]
             lid = np.asarray(ids[layer]).reshape(-1, k)[real]

@@ -25,7 +25,8 @@ from moejax.models.config import ModelConfig
 from moejax.models.transformer import is_stack
 
 
-def _get(tree: dict, path: str) -> Any:
+def subtree(tree: dict, path: str) -> Any:
+    """The node at `path` ("a/b/c") of a nested dict, None if absent."""
     for key in path.split("/"):
         if not isinstance(tree, dict) or key not in tree:
             return None
@@ -52,7 +53,7 @@ def unstack(tree: dict, m: ModelConfig) -> tuple[list[Any], dict]:
     layers = []
     for i in range(m.num_layers):
         path, index = layer_slot(m, i)
-        sub = _get(tree, path)
+        sub = subtree(tree, path)
         layers.append(None if sub is None else jax.tree.map(lambda a: np.asarray(a)[index], sub))
     stacks = _stack_keys(m)
     rest = {k: v for k, v in tree.items() if k not in stacks and not is_stack(k)}

@@ -29,12 +29,12 @@ from moejax.eval.tasks import TaskError
 from moejax.train.checkpoint import CheckpointError
 
 
-def add_data_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """The flags that choose held-out data (shared with `moejax.compress`)."""
-    p.add_argument(f"--{prefix}max_batches", type=int, default=0, help="per source; 0: all")
-    p.add_argument(f"--{prefix}seq_len", type=int, default=0, help="0: the run's")
-    p.add_argument(f"--{prefix}batch_size", type=int, default=0, help="0: the run's")
-    p.add_argument(f"--{prefix}data_dir", default=None, help="default: the run's data.data_dir")
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that choose the held-out data."""
+    p.add_argument("--max_batches", type=int, default=0, help="per source; 0: all")
+    p.add_argument("--seq_len", type=int, default=0, help="0: the run's")
+    p.add_argument("--batch_size", type=int, default=0, help="0: the run's")
+    p.add_argument("--data_dir", default=None, help="default: the run's data.data_dir")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -490,6 +490,15 @@ README = {
         'python -m moejax.sample --workdir=runs/dsmoe --prompt="12 + 30 =" --routing=c3po '
         "--c3po_references=refs.jsonl --c3po_k=3 --c3po_layers=5 --c3po_steps=10"
     ),
+    "eval": "python -m moejax.eval --workdir=runs/dsmoe --sources=corpus --max_batches=8 --json",
+    "prune": (
+        "python -m moejax.compress prune --workdir=runs/dsmoe --out=runs/dsmoe_p16 --keep=16 "
+        "--method=easy_ep --calibration_batches=4"
+    ),
+    "merge": (
+        "python -m moejax.compress merge --workdir=runs/dsmoe --out=runs/dsmoe_m16 --keep=16 "
+        "--rank=0.5"
+    ),
 }
 SWEEP_ABLATION = (
     "python -m experiments.sweep --config=configs/deepseekmoe.py:tokenizer=bpe --sweep=ablation "
@@ -673,6 +682,13 @@ COVERED_BY = {
             ("sample_c3po", "test_every_method_runs_from_one_command_on_a_trained_run"),
         ]
     },
+    README["eval"]: "tests/eval/test_evaluate.py::test_cli_prints_one_json_report",
+    README["prune"]: (
+        "tests/compress/test_compress_cli.py::test_prune_cli_writes_a_run_that_reloads_and_evaluates"
+    ),
+    README[
+        "merge"
+    ]: "tests/compress/test_compress_cli.py::test_merge_cli_writes_a_run_that_reloads",
     README["ft_convert"]: (
         "tests/lora/test_finetune_recipe.py::"
         "test_finetune_recipe_trains_lora_on_attention_and_experts"
@@ -723,6 +739,10 @@ NOT_RUN = {
     "python -m experiments.benchmarks.hf_sharded_load --dir /tmp/synth --gb 2": (
         "writes a checkpoint of 0.5 GB or more and loads it twice; "
         "tests/hf/test_sharded_loading.py loads a tiny one onto a mesh"
+    ),
+    "python -m experiments.benchmarks.hf_sharded_load --dir /tmp/synth --gb 2 --save /tmp/out": (
+        "the same, then saves each load again; tests/hf/test_sharded_loading.py saves a tiny "
+        "sharded one in 16 kB shards"
     ),
     f"{POD_TABLE} --only=deepseekmoe --remat=none,dots,full": (
         "three pod compiles for 128 v5p chips: 4-15 minutes each here"

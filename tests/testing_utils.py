@@ -148,3 +148,44 @@ def write_mixture(root: pathlib.Path, vocab_size: int = 320) -> tuple[str, str]:
     )
     sources = f"parquet:{root}/web-*.parquet@0.7,jsonl:{root}/code-*.jsonl.gz#content@0.3"
     return sources, tokenizer
+
+
+def random_run(workdir: str, config, seed: int = 0, edit=None):
+    """A run directory at step 0 holding a randomly initialised model of `config` (no
+    training: `moejax.train.convert_hf.write_run`); `edit(variables) -> variables` changes
+    the weights first. Returns `(model, variables, sections)`."""
+    from moejax.models.transformer import Transformer
+    from moejax.train.convert_hf import write_run
+    from moejax.train.run_loader import one_device_sections
+
+    s = one_device_sections(config.to_dict())
+    model = Transformer(s.model, s.moe)
+    variables = random_variables(model, seed)
+    if edit is not None:
+        variables = edit(variables)
+    write_run(workdir, config.to_dict(), variables, train=s.train)
+    return model, variables, s
+
+
+def random_variables(model, seed: int = 0, std: float = 0.2) -> dict:
+    """Random variables of `model` without compiling its init: NumPy normals of `std` for
+    the weights, ones for norm scales, zeros for biases (router_bias included)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    abstract = nn.unbox(
+        jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    )
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(path[-1].key)
+        if name == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if name == "bias":
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)

@@ -1,7 +1,8 @@
 """Sharded vs unsharded `moejax.hf.from_pretrained` on a synthetic Qwen3-MoE checkpoint:
 seconds and peak host RSS of each, in its own process on 8 simulated CPU devices.
 
-    python -m experiments.benchmarks.hf_sharded_load --dir /tmp/synth --gb 2 [--save /tmp/out]
+    python -m experiments.benchmarks.hf_sharded_load --dir /tmp/synth --gb 2
+    python -m experiments.benchmarks.hf_sharded_load --dir /tmp/synth --gb 2 --save /tmp/out
 
 The checkpoint (transformers 5.x fused experts, random float32, several safetensors shards
 with an index) is written once with NumPy only. Each load runs in a fresh subprocess

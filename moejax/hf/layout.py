@@ -283,6 +283,19 @@ def _check_round_trip(arch: Architecture, hf: dict, model: ModelConfig, moe: MoE
 
 def choose_architecture(model: ModelConfig, moe: MoEConfig) -> tuple[Architecture, dict]:
     """The first HF architecture that expresses this model exactly, and its config dict."""
+    shapes = {
+        (kind.num_experts or moe.num_experts, kind.top_k or moe.top_k)
+        for kind in model.layer_layout
+        if kind.moe
+    }
+    if len(shapes) > 1:  # e.g. a model pruned to different expert counts (moejax.compress)
+        raise ConfigError(
+            f"the MoE layers have different (experts, top-k) {sorted(shapes)} "
+            f"(model.layer_kinds={model.layer_kinds!r}); no Hugging Face architecture moejax "
+            f"exports ({', '.join(sorted(ARCHITECTURES))}) has a per-layer expert count or "
+            f"top-k, so this model cannot be exported. Prune or merge to the same count in "
+            f"every MoE layer to export."
+        )
     if model.attention == "mla":
         order = (DEEPSEEK_V3, DEEPSEEK_V2)
     elif not model.num_moe_layers:

@@ -16,8 +16,8 @@ wants them (`SIDE_OUTPUTS`) and that are never stored:
 - `adapter_aux`: the adapters' weighted auxiliary losses, summed into the training loss.
 - `adapter_metrics`: the adapters' scalar routing statistics, averaged for logging.
 
-Decoding-time collections, never stored with a run and never created by `init` (absent,
-they cost nothing and change nothing):
+Decoding-time and analysis collections, never stored with a run and never created by
+`init` (absent, they cost nothing and change nothing):
 
 - `cache`: the decoding key/value cache (`moejax.generate`).
 - `router_delta`: a change of the MoE routers' decision at apply time
@@ -25,6 +25,8 @@ they cost nothing and change nothing):
   before the selection rule, and `ranks` `[E]`, which of the rule's ranked choices a token
   may take. Stacked over scanned layers like `router_bias`. `moejax.generate` builds and
   fills it (SCMoE's weak pass, C3PO, rewiring).
+- `calibration`: what `moejax.compress.calibrate` records of an MoE block (its FFN input
+  and the residual stream before it), sown only while calibrating.
 """
 
 PARAMS = "params"
@@ -41,6 +43,7 @@ SIDE_OUTPUTS = (BALANCE_LOAD, ADAPTER_AUX, ADAPTER_METRICS)
 
 CACHE = "cache"
 ROUTER_DELTA = "router_delta"
+CALIBRATION = "calibration"
 
 # The sign-rule biases and the collection holding the loads that move them.
 SIGN_RULE_LOADS = {ROUTER_BIAS: BALANCE_LOAD, ADAPTER_BIAS: BALANCE_LOAD}

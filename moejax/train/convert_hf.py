@@ -91,6 +91,61 @@ def copy_tokenizer(hf_dir: str, workdir: str) -> str | None:
     return spec
 
 
+def write_run(
+    workdir: str,
+    sections: dict[str, dict],
+    variables: dict,
+    *,
+    extra: dict | None = None,
+    train: TrainConfig | None = None,
+    tokenizer: str | None = None,
+) -> dict:
+    """Writes `variables` as a run directory at step 0 (the files of the module docstring):
+    the default config updated by `sections` (name -> fields; `model.json` holds them), a
+    train state with a fresh optimizer of `train` (default `TrainConfig()`; a resume needs
+    the same optimizer structure) and `extra` saved beside the config in the checkpoint.
+    `tokenizer`: a `data.tokenizer` spec relative to WORKDIR (the copy `copy_tokenizer`
+    made), named by its absolute path in config.json. Raises FileExistsError if WORKDIR holds
+    checkpoints, ValueError if `variables` holds a collection the train state does not keep;
+    returns the config as a dict. Shared by this converter and `moejax.compress`."""
+    if not set(variables) <= {"params", *NON_TRAINABLE}:
+        raise ValueError(
+            f"variables {sorted(variables)} are not all part of the train state (params, "
+            f"{', '.join(NON_TRAINABLE)}); nothing was written."
+        )
+    as_path(workdir).mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(workdir, keep=3, save_every=1, async_save=False)
+    if ckpt.latest_step() is not None:
+        ckpt.close()
+        raise FileExistsError(f"{workdir} already holds checkpoints; write into a new one.")
+    sections = {name: dict(values) for name, values in sections.items()}
+    if tokenizer is not None:  # in a bucket, by its URL: config.py is run from a local copy
+        kind, _, path = tokenizer.partition(":")
+        remote = f"{kind}:{join(workdir, path)}"
+        sections.setdefault("data", {})["tokenizer"] = remote if is_remote(workdir) else tokenizer
+    config = default_config()
+    for name, values in sections.items():
+        config[name].update(values)
+    if tokenizer is not None:  # config.json names the copy by its absolute path
+        kind, _, path = tokenizer.partition(":")
+        config.data.tokenizer = f"{kind}:{join(workdir, path)}"
+    params = variables["params"]
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=make_optimizer(train or TrainConfig()).init(params),
+        collections={k: v for k, v in variables.items() if k != "params"} or None,
+    )
+    ckpt.save(0, state, extra={"config": config.to_dict(), **(extra or {})}, force=True)
+    ckpt.close()
+    write_text(join(workdir, "model.json"), json.dumps(sections, indent=2, sort_keys=True))
+    write_text(join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    path = join(workdir, "config.py")
+    write_text(path, CONFIG_PY.format(path=path, workdir=resolve(workdir)))
+    jax.block_until_ready(params)
+    return config.to_dict()
+
+
 def parse_mesh(spec: str) -> MeshConfig:
     """`--mesh` ("fsdp=2,expert=4") as a MeshConfig; ValueError naming the flag otherwise."""
     sizes = {}
@@ -117,37 +172,17 @@ def convert(hf_dir: str, workdir: str, mesh: MeshConfig | None = None) -> dict:
             f"{hf_dir}: variables {sorted(variables)} are not all part of the "
             f"train state (params, {', '.join(NON_TRAINABLE)}); nothing was written."
         )
-    as_path(workdir).mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(workdir, keep=3, save_every=1, async_save=False)
-    if ckpt.latest_step() is not None:
-        raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new one.")
-    sections = configs_as_dict(model)
+    with Checkpointer(workdir, async_save=False) as ckpt:
+        if ckpt.latest_step() is not None:
+            raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new one.")
     tokenizer = copy_tokenizer(hf_dir, workdir)
-    if tokenizer is not None:  # in a bucket, by its URL: config.py is run from a local copy
-        kind, _, path = tokenizer.partition(":")
-        remote = f"{kind}:{join(workdir, path)}"
-        sections["data"] = {"tokenizer": remote if is_remote(workdir) else tokenizer}
-    config = default_config()
-    for name, values in sections.items():
-        config[name].update(values)
-    if tokenizer is not None:  # config.json names the copy by its absolute path
-        kind, _, path = tokenizer.partition(":")
-        config.data.tokenizer = f"{kind}:{join(workdir, path)}"
-    params = variables["params"]
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=make_optimizer(TrainConfig()).init(params),
-        collections={k: v for k, v in variables.items() if k != "params"} or None,
+    return write_run(
+        workdir,
+        configs_as_dict(model),
+        variables,
+        extra={"converted_from": hf_dir},
+        tokenizer=tokenizer,
     )
-    ckpt.save(0, state, extra={"config": config.to_dict(), "converted_from": hf_dir}, force=True)
-    ckpt.close()
-    write_text(join(workdir, "model.json"), json.dumps(sections, indent=2, sort_keys=True))
-    write_text(join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    path = join(workdir, "config.py")
-    write_text(path, CONFIG_PY.format(path=path, workdir=resolve(workdir)))
-    jax.block_until_ready(params)
-    return config.to_dict()
 
 
 def main(argv):

@@ -43,9 +43,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import qwix
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
+from moejax.config_section import ConfigError
 from moejax.moe.config import MoEConfig
 from moejax.moe.expert_parallel import sharded_dispatch, token_split
 from moejax.moe.experts import ExpertFn
@@ -248,10 +250,35 @@ DISPATCHERS: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
 }
 
 
+def quantized_weights(weights) -> bool:
+    leaves = jax.tree.leaves(weights, is_leaf=lambda a: isinstance(a, qwix.QArray))
+    return any(isinstance(a, qwix.QArray) for a in leaves)
+
+
+def check_quantized_plan(cfg: MoEConfig) -> None:
+    from moejax.moe.quantized_gmm import IMPLS
+
+    if cfg.dispatcher != "ragged":
+        raise ConfigError(
+            f"moe.dispatcher={cfg.dispatcher!r} cannot run quantized expert weights; set "
+            f"moe.dispatcher=ragged (its grouped matmul dequantizes per tile)."
+        )
+    impl = resolve_gmm_impl(cfg.gmm_impl)
+    if impl not in IMPLS:
+        raise ConfigError(
+            f"moe.gmm_impl={cfg.gmm_impl!r} ({impl}) cannot run quantized expert weights; set "
+            f"moe.gmm_impl=tile_loop or ragged_dot."
+        )
+
+
 def dispatch(
     x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig
 ) -> tuple[jax.Array, Metrics]:
-    """Runs the dispatcher named by `cfg.dispatcher`; every plan reports `dropped_fraction`."""
+    """Runs the dispatcher named by `cfg.dispatcher`; every plan reports `dropped_fraction`.
+    Integer expert weights (`qwix.QArray` leaves, `moejax.moe.quantized_gmm`) run only
+    through `ragged` on the `tile_loop` or `ragged_dot` grouped matmul."""
+    if quantized_weights(expert_fn.weights):
+        check_quantized_plan(cfg)
     y, metrics = DISPATCHERS[cfg.dispatcher](x, routing, expert_fn, cfg)
     metrics.setdefault("dropped_fraction", jnp.zeros((), jnp.float32))
     return y, metrics

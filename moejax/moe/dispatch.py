@@ -54,6 +54,8 @@ from moejax.moe.experts import ExpertFn
 from moejax.moe.grouped_matmul import gmm
 from moejax.moe.hybrid import head_capacity, hybrid_plan
 from moejax.moe.permute import permute, sort_by_expert, unpermute
+from moejax.moe.quantized_gmm import IMPLS as QUANTIZED_IMPLS
+from moejax.moe.quantized_gmm import quantized_gmm
 from moejax.moe.routing import Routing
 
 Metrics = dict[str, jax.Array]
@@ -145,13 +147,20 @@ def _per_token_shard(plan, x: jax.Array, routing: Routing, weights) -> jax.Array
     )(*args)
 
 
+def _gmm(lhs, w, sizes, *, impl, tile):
+    """`gmm`, or `quantized_gmm` for integer expert weights (a `qwix.QArray`)."""
+    if isinstance(w, qwix.QArray):
+        return quantized_gmm(lhs, w, sizes, impl=impl, tile=tile)
+    return gmm(lhs, w, sizes, impl=impl, tile=tile)
+
+
 def _ragged_plan(x, expert_ids, combine_weights, weights, *, fn, num_experts, impl, tile):
     t, k = expert_ids.shape
     # Unused slots (zero weight) go past the last group: no FLOPs for padding tokens or the
     # empty slots of top-p routing.
     order, inverse, sizes = sort_by_expert(expert_ids, num_experts, combine_weights > 0)
     x_sorted = permute(x, order, inverse, k)
-    out = fn(weights, x_sorted, lambda lhs, w: gmm(lhs, w, sizes, impl=impl, tile=tile))
+    out = fn(weights, x_sorted, lambda lhs, w: _gmm(lhs, w, sizes, impl=impl, tile=tile))
     y = unpermute(out, order, inverse).reshape(t, k, -1)
     return _combine(y, combine_weights)
 
@@ -256,15 +265,13 @@ def quantized_weights(weights) -> bool:
 
 
 def check_quantized_plan(cfg: MoEConfig) -> None:
-    from moejax.moe.quantized_gmm import IMPLS
-
     if cfg.dispatcher != "ragged":
         raise ConfigError(
             f"moe.dispatcher={cfg.dispatcher!r} cannot run quantized expert weights; set "
             f"moe.dispatcher=ragged (its grouped matmul dequantizes per tile)."
         )
     impl = resolve_gmm_impl(cfg.gmm_impl)
-    if impl not in IMPLS:
+    if impl not in QUANTIZED_IMPLS:
         raise ConfigError(
             f"moe.gmm_impl={cfg.gmm_impl!r} ({impl}) cannot run quantized expert weights; set "
             f"moe.gmm_impl=tile_loop or ragged_dot."

@@ -34,7 +34,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import qwix
 
 import pallas_kernels
 from pallas_kernels.manual_axes import sum_to_vma, vary_like
@@ -171,12 +170,7 @@ def gmm(
     impl: str = "tile_loop",
     tile: int = DEFAULT_TILE,
 ) -> jax.Array:
-    """Grouped matmul `[M, K] x [G, K, N] -> [M, N]`; see the module docstring. A
-    `qwix.QArray` rhs (integer expert weights) goes to `moejax.moe.quantized_gmm`."""
-    if isinstance(rhs, qwix.QArray):
-        from moejax.moe.quantized_gmm import quantized_gmm
-
-        return quantized_gmm(lhs, rhs, group_sizes, impl=impl, tile=tile)
+    """Grouped matmul `[M, K] x [G, K, N] -> [M, N]`; see the module docstring."""
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
         raise ValueError(
             f"gmm expects lhs [M, K] and rhs [G, K, N]; got {lhs.shape} and {rhs.shape}"

@@ -14,8 +14,8 @@ rows). Two implementations, as `moejax.moe.grouped_matmul.gmm`'s:
   elsewhere).
 
 Forward only (post-training inference): the integers have no gradient. `ExpertFn`s whose
-weights are QArrays run through the `ragged` dispatcher (`moejax.moe.dispatch`), which calls
-`gmm`, which calls this for a QArray right-hand side.
+weights are QArrays run through the `ragged` dispatcher (`moejax.moe.dispatch`), whose
+grouped matmul calls this for a QArray right-hand side.
 """
 
 from __future__ import annotations

@@ -13,8 +13,7 @@ from moejax.config_section import ConfigError
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import dispatch
 from moejax.moe.experts import swiglu_expert_fn
-from moejax.moe.grouped_matmul import gmm
-from moejax.moe.quantized_gmm import quantize_experts
+from moejax.moe.quantized_gmm import quantize_experts, quantized_gmm
 from moejax.moe.routing import Routing
 
 
@@ -45,7 +44,7 @@ def test_quantized_gmm_equals_float64_dequantize_then_matmul(bits, group, impl):
     assert np.abs(w64 - w).max() <= np.abs(w).max() / (2 ** (bits - 1) - 0.5)
     sizes = np.array([5, 0, 3, 4])
     x = rng.normal(size=(14, 8)).astype(np.float32)  # 2 rows past sum(sizes) stay zero
-    got = np.asarray(gmm(jnp.asarray(x), qa, jnp.asarray(sizes), impl=impl, tile=4))
+    got = np.asarray(quantized_gmm(jnp.asarray(x), qa, jnp.asarray(sizes), impl=impl, tile=4))
     want = reference(x[:12], w64, sizes)
     assert np.abs(got[:12] - want).max() < 1e-5 * np.abs(want).max()
     assert np.all(got[12:] == 0)

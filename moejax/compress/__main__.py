@@ -160,7 +160,8 @@ def _policy(args) -> QuantPolicy:
 
 def _quantize(args, model, variables, s, step) -> dict:
     policy = _policy(args)
-    record = {"command": "quantize", "policy": args.policy, "bits": policy.bits}
+    bits = {**policy.bits, "experts": "mixed"} if args.policy == "mixed" else policy.bits
+    record = {"command": "quantize", "policy": args.policy, "bits": bits}
     record["group_size"] = policy.group_size
     expert_bits = None
     if args.policy == "mixed":

@@ -142,12 +142,12 @@ def quantize_layers(
                             f"layer {i}: {len(per_expert)} expert bit widths for "
                             f"{w.shape[0]} experts."
                         )
-                    inner = tuple(a - 1 for a in contract)
-                    parts = [
-                        fake_quantize(w[e], int(b), inner, policy.group_size)
-                        for e, b in enumerate(per_expert)
-                    ]
-                    new, size = np.stack([p[0] for p in parts]), sum(p[1] for p in parts)
+                    # the experts of one width at once: the expert axis is channelwise
+                    new, size = np.empty_like(w), 0
+                    for b in np.unique(per_expert):
+                        ids = np.flatnonzero(np.asarray(per_expert) == b)
+                        part, part_size = fake_quantize(w[ids], int(b), contract, policy.group_size)
+                        new[ids], size = part, size + part_size
                 node[name] = new
                 report["bytes"] += size
                 report["float_bytes"] += w.nbytes

@@ -7,8 +7,10 @@
 Each weight matrix (a leaf named `w*`: `wq, wk, wv, wo`, MLA's `wq_a, wkv_a, wkv_b`,
 `w_gate, w_up, w_down`) of the chosen kinds is quantized with `qwix.quantize` (symmetric
 absmax, integer `int2` ... `int8`) and dequantized back with `qwix.dequantize`, the
-round-to-nearest weight-only PTQ baseline that QuantMoE-Bench (Li et al. 2024, "Examining
-Post-Training Quantization for Mixture-of-Experts") applies per MoE module kind:
+round-to-nearest weight-only PTQ baseline, per MoE module kind as QuantMoE-Bench (Li et al.
+2024, "Examining Post-Training Quantization for Mixture-of-Experts") compares policies (the
+paper's text was not read here: the kinds and the loss / accuracy / size table follow the
+issue's description of it; qwix's API was read from the installed qwix 0.1.8):
 
 - `attn`: the attention projections; `wo [H, Dh, d]` contracts its first two axes, the rest
   their first;

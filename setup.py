@@ -26,6 +26,10 @@ INSTALL_REQUIRES = [
     "pyarrow>=15",
     # Routing traces and their metrics (moejax.analysis): tidy DataFrames.
     "pandas>=2.1",
+    # Post-training weight quantization (moejax.compress.quantize): Google's JAX
+    # quantization library; SciPy (already a JAX dependency) solves MC#'s bit allocation.
+    "qwix>=0.1.8",
+    "scipy>=1.11",
 ]
 
 EXTRAS_REQUIRE = {

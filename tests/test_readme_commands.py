@@ -499,6 +499,11 @@ README = {
         "python -m moejax.compress merge --workdir=runs/dsmoe --out=runs/dsmoe_m16 --keep=16 "
         "--rank=0.5"
     ),
+    "quantize": (
+        "python -m moejax.compress quantize --workdir=runs/dsmoe --out=runs/dsmoe_q3 "
+        "--policy=mixed --avg_bits=3 --candidate_bits=2,3,4,8 --method=gate_mass "
+        "--calibration_batches=4"
+    ),
 }
 SWEEP_ABLATION = (
     "python -m experiments.sweep --config=configs/deepseekmoe.py:tokenizer=bpe --sweep=ablation "
@@ -689,6 +694,10 @@ COVERED_BY = {
     README[
         "merge"
     ]: "tests/compress/test_compress_cli.py::test_merge_cli_writes_a_run_that_reloads",
+    README["quantize"]: (
+        "tests/compress/test_quantize.py::"
+        "test_quantize_cli_mixed_writes_a_run_that_reloads_and_evaluates"
+    ),
     README["ft_convert"]: (
         "tests/lora/test_finetune_recipe.py::"
         "test_finetune_recipe_trains_lora_on_attention_and_experts"

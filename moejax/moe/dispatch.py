@@ -43,15 +43,19 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import qwix
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
+from moejax.config_section import ConfigError
 from moejax.moe.config import MoEConfig
 from moejax.moe.expert_parallel import sharded_dispatch, token_split
 from moejax.moe.experts import ExpertFn
 from moejax.moe.grouped_matmul import gmm
 from moejax.moe.hybrid import head_capacity, hybrid_plan
 from moejax.moe.permute import permute, sort_by_expert, unpermute
+from moejax.moe.quantized_gmm import IMPLS as QUANTIZED_IMPLS
+from moejax.moe.quantized_gmm import quantized_gmm
 from moejax.moe.routing import Routing
 
 Metrics = dict[str, jax.Array]
@@ -143,13 +147,20 @@ def _per_token_shard(plan, x: jax.Array, routing: Routing, weights) -> jax.Array
     )(*args)
 
 
+def _gmm(lhs, w, sizes, *, impl, tile):
+    """`gmm`, or `quantized_gmm` for integer expert weights (a `qwix.QArray`)."""
+    if isinstance(w, qwix.QArray):
+        return quantized_gmm(lhs, w, sizes, impl=impl, tile=tile)
+    return gmm(lhs, w, sizes, impl=impl, tile=tile)
+
+
 def _ragged_plan(x, expert_ids, combine_weights, weights, *, fn, num_experts, impl, tile):
     t, k = expert_ids.shape
     # Unused slots (zero weight) go past the last group: no FLOPs for padding tokens or the
     # empty slots of top-p routing.
     order, inverse, sizes = sort_by_expert(expert_ids, num_experts, combine_weights > 0)
     x_sorted = permute(x, order, inverse, k)
-    out = fn(weights, x_sorted, lambda lhs, w: gmm(lhs, w, sizes, impl=impl, tile=tile))
+    out = fn(weights, x_sorted, lambda lhs, w: _gmm(lhs, w, sizes, impl=impl, tile=tile))
     y = unpermute(out, order, inverse).reshape(t, k, -1)
     return _combine(y, combine_weights)
 
@@ -248,10 +259,33 @@ DISPATCHERS: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
 }
 
 
+def quantized_weights(weights) -> bool:
+    leaves = jax.tree.leaves(weights, is_leaf=lambda a: isinstance(a, qwix.QArray))
+    return any(isinstance(a, qwix.QArray) for a in leaves)
+
+
+def check_quantized_plan(cfg: MoEConfig) -> None:
+    if cfg.dispatcher != "ragged":
+        raise ConfigError(
+            f"moe.dispatcher={cfg.dispatcher!r} cannot run quantized expert weights; set "
+            f"moe.dispatcher=ragged (its grouped matmul dequantizes per tile)."
+        )
+    impl = resolve_gmm_impl(cfg.gmm_impl)
+    if impl not in QUANTIZED_IMPLS:
+        raise ConfigError(
+            f"moe.gmm_impl={cfg.gmm_impl!r} ({impl}) cannot run quantized expert weights; set "
+            f"moe.gmm_impl=tile_loop or ragged_dot."
+        )
+
+
 def dispatch(
     x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig
 ) -> tuple[jax.Array, Metrics]:
-    """Runs the dispatcher named by `cfg.dispatcher`; every plan reports `dropped_fraction`."""
+    """Runs the dispatcher named by `cfg.dispatcher`; every plan reports `dropped_fraction`.
+    Integer expert weights (`qwix.QArray` leaves, `moejax.moe.quantized_gmm`) run only
+    through `ragged` on the `tile_loop` or `ragged_dot` grouped matmul."""
+    if quantized_weights(expert_fn.weights):
+        check_quantized_plan(cfg)
     y, metrics = DISPATCHERS[cfg.dispatcher](x, routing, expert_fn, cfg)
     metrics.setdefault("dropped_fraction", jnp.zeros((), jnp.float32))
     return y, metrics

@@ -1,8 +1,9 @@
 """`python -m moejax.compress prune|merge` writes a new run directory that `load_run`
 reads back with the edited experts, `moejax.eval` evaluates and (same count in every layer)
 `moejax.hf.save_pretrained` exports to a model transformers loads with the same logits; a
-tiny imported Hugging Face MoE (Qwen2-MoE, built here, nothing downloaded) prunes and merges
-from one command each."""
+tiny imported Hugging Face MoE (Qwen2-MoE, built here, nothing downloaded) prunes, merges
+and quantizes (MC# mixed 4/8-bit experts, exported as the dequantized float weights) from
+one command each."""
 
 import json
 
@@ -95,12 +96,17 @@ def test_an_imported_hf_moe_prunes_merges_and_exports(tiny_corpus_dir, tmp_path,
     convert(str(tmp_path / "hf"), run)
     data = [f"--data_dir={tiny_corpus_dir}", "--seq_len=32", "--batch_size=2"]
     ids = np.array([[1, 50, 60, 70, 80, 90]])
-    for command, extra in (("prune", ["--method=easy_ep"]), ("merge", ["--rank=1.0"])):
+    commands = (
+        ("prune", ["--keep=3", "--method=easy_ep"]),
+        ("merge", ["--keep=3", "--rank=1.0"]),
+        ("quantize", ["--policy=mixed", "--avg_bits=5", "--candidate_bits=4,8"]),
+    )
+    for command, extra in commands:
         out = str(tmp_path / command)
-        argv = [command, f"--workdir={run}", f"--out={out}", "--keep=3", *data, *extra]
+        argv = [command, f"--workdir={run}", f"--out={out}", *data, *extra]
         assert cli.main(argv + ["--calibration_batches=1"]) == 0, capsys.readouterr().err
         model, variables, s, _ = load_run(out)
-        assert s.moe.num_experts == 3
+        assert s.moe.num_experts == (4 if command == "quantize" else 3)
         mhf.save_pretrained(model, variables, str(tmp_path / f"{command}_hf"))
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / f"{command}_hf"))
         with torch.no_grad():

@@ -23,6 +23,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from moejax.compress.calibrate import expert_weights
+from moejax.compress.prune import importance
+from moejax.compress.quantize import expert_quant_errors, qtype
 from moejax.config_section import ConfigError
 
 
@@ -73,10 +76,6 @@ def plan_expert_bits(
     """{model layer: [E] bit widths} for every MoE layer of a calibrated model: importance
     `method` (`moejax.compress.prune.IMPORTANCE`) and each expert's qwix quantization error
     at every candidate width, allocated per layer by `allocate_bits`."""
-    from moejax.compress.calibrate import expert_weights
-    from moejax.compress.prune import importance
-    from moejax.compress.quantize import expert_quant_errors, qtype
-
     candidate_bits = sorted({int(b) for b in candidate_bits})
     for b in candidate_bits:
         qtype(b)

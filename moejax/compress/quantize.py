@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
-from moejax.compress.layers import subtree
+from moejax.compress.layers import restack, subtree, unstack
 from moejax.config_section import ConfigError
 
 KIND_PATHS = {"attn": "attn", "shared": "moe/shared", "experts": "moe/experts", "dense": "mlp"}
@@ -186,7 +186,6 @@ def quantize_variables(model, variables: dict, policy: QuantPolicy, expert_bits=
     """`variables` with its `params` quantized by `policy` (`quantize_layers`; the other
     collections as they are). The report adds `model_bytes`: the quantized weights at their
     integer size plus every other `params` leaf at its float size, and `float_model_bytes`."""
-    from moejax.compress.layers import restack, unstack
 
     layers, rest = unstack(variables["params"], model.model)
     new_layers, report = quantize_layers(layers, policy, expert_bits)

@@ -43,7 +43,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import qwix
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
@@ -55,7 +54,7 @@ from moejax.moe.grouped_matmul import gmm
 from moejax.moe.hybrid import head_capacity, hybrid_plan
 from moejax.moe.permute import permute, sort_by_expert, unpermute
 from moejax.moe.quantized_gmm import IMPLS as QUANTIZED_IMPLS
-from moejax.moe.quantized_gmm import quantized_gmm
+from moejax.moe.quantized_gmm import is_qarray, quantized_gmm
 from moejax.moe.routing import Routing
 
 Metrics = dict[str, jax.Array]
@@ -149,7 +148,7 @@ def _per_token_shard(plan, x: jax.Array, routing: Routing, weights) -> jax.Array
 
 def _gmm(lhs, w, sizes, *, impl, tile):
     """`gmm`, or `quantized_gmm` for integer expert weights (a `qwix.QArray`)."""
-    if isinstance(w, qwix.QArray):
+    if is_qarray(w):
         return quantized_gmm(lhs, w, sizes, impl=impl, tile=tile)
     return gmm(lhs, w, sizes, impl=impl, tile=tile)
 
@@ -260,8 +259,8 @@ DISPATCHERS: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
 
 
 def quantized_weights(weights) -> bool:
-    leaves = jax.tree.leaves(weights, is_leaf=lambda a: isinstance(a, qwix.QArray))
-    return any(isinstance(a, qwix.QArray) for a in leaves)
+    leaves = jax.tree.leaves(weights, is_leaf=is_qarray)
+    return any(is_qarray(a) for a in leaves)
 
 
 def check_quantized_plan(cfg: MoEConfig) -> None:

@@ -20,13 +20,27 @@ grouped matmul calls this for a QArray right-hand side.
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
-import qwix
 
 from moejax.moe.grouped_matmul import make_tile_plan, tile_window
 
+if TYPE_CHECKING:
+    import qwix
+
 IMPLS = ("tile_loop", "ragged_dot")
+
+
+def is_qarray(a) -> bool:
+    """Whether `a` is a `qwix.QArray` (qwix, about a second to import, is loaded only by the
+    code that quantizes: without it loaded nothing can be one)."""
+    qwix = sys.modules.get("qwix")
+    return qwix is not None and isinstance(a, qwix.QArray)
+
+
 _QTYPES = {4: jnp.int4, 8: jnp.int8}
 
 
@@ -39,6 +53,8 @@ def quantize_experts(w: jax.Array, bits: int, group: int = 0) -> qwix.QArray:
     if tiled and w.shape[1] % group:
         raise ValueError(f"group={group} does not divide K={w.shape[1]}.")
     qtype = _QTYPES.get(bits, f"int{bits}")
+    import qwix
+
     return qwix.quantize(jnp.asarray(w), qtype, channelwise_axes=(0, 2), tiled_axes=tiled)
 
 
@@ -97,6 +113,8 @@ def quantized_gmm(
     if impl == "tile_loop":
         return _loop(lhs, q, s, group_sizes, tile)
     if impl == "ragged_dot":
+        import qwix
+
         return qwix.ragged_dot(lhs, rhs, group_sizes).astype(lhs.dtype)
     raise ValueError(
         f"quantized expert weights run on moe.gmm_impl tile_loop or ragged_dot, not {impl!r}; "

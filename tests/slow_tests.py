@@ -20,8 +20,12 @@ unless it is the fast representative of its area (kept in the default run):
   forward, the gmm benchmark script;
 - decoding-time routing (seconds with -n 0 on a loaded 2-core machine): the neutral delta
   and rank-delta case, rewiring's decoding with updates, C3PO, the CLI on a trained run and
-  on a HF model; the router-delta rule tests, SCMoE's cached == uncached and rewiring's
-  finite-difference step stay in `make test`.
+  on a HF model, SCMoE's cached == uncached; the router-delta rule tests against NumPy,
+  SCMoE's hand-computed contrast and rewiring's finite-difference step stay in `make test`;
+- post-training (issue 22): the command lines of eval, prune, merge and quantize; the eval
+  report against the trainer's eval step, calibration against a float64 recount, pruning
+  never-used experts keeps the logits, the Sub-MoE SVD, qwix round trips and the MC#
+  integer program stay in `make test`.
 
 `conftest.py` marks these `slow`; `pytest.ini` deselects `slow` by default. A case listed
 here that no longer exists is reported by tests/test_slow_list.py.

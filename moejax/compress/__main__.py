@@ -103,15 +103,7 @@ def run(args) -> dict:
         )
     if args.command == "quantize":
         return _quantize(args, model, variables, s, step)
-    batches = calibration_batches(
-        s,
-        args.calibration_sources,
-        args.calibration_batches,
-        args.seq_len,
-        args.batch_size,
-        args.data_dir,
-    )
-    cal = calibrate(model, variables, batches)
+    cal = _calibrate(args, model, variables, s)
     record = {
         "command": args.command,
         "calibration": {
@@ -158,6 +150,19 @@ def _policy(args) -> QuantPolicy:
     return QuantPolicy(bits=bits, group_size=args.group_size)
 
 
+def _calibrate(args, model, variables, s):
+    """The calibration of the run on the batches the flags name."""
+    batches = calibration_batches(
+        s,
+        args.calibration_sources,
+        args.calibration_batches,
+        args.seq_len,
+        args.batch_size,
+        args.data_dir,
+    )
+    return calibrate(model, variables, batches)
+
+
 def _quantize(args, model, variables, s, step) -> dict:
     policy = _policy(args)
     bits = {**policy.bits, "experts": "mixed"} if args.policy == "mixed" else policy.bits
@@ -165,15 +170,7 @@ def _quantize(args, model, variables, s, step) -> dict:
     record["group_size"] = policy.group_size
     expert_bits = None
     if args.policy == "mixed":
-        batches = calibration_batches(
-            s,
-            args.calibration_sources,
-            args.calibration_batches,
-            args.seq_len,
-            args.batch_size,
-            args.data_dir,
-        )
-        cal = calibrate(model, variables, batches)
+        cal = _calibrate(args, model, variables, s)
         candidates = [int(b) for b in args.candidate_bits.split(",") if b]
         expert_bits = plan_expert_bits(
             model, variables, cal, args.method, candidates, args.avg_bits, policy.group_size

@@ -38,12 +38,17 @@ import numpy as np
 import optax
 
 from moejax.generate import generate
-from moejax.generate.routing import layer_mask, moe_layer_leaves, with_delta, zero_delta
+from moejax.generate.routing import (
+    layer_mask,
+    moe_layer_leaves,
+    with_delta,
+    without_decoding_state,
+    zero_delta,
+)
 from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
 from moejax.nn.adapter_hook import AdapterHook
-from moejax.nn.collections import CACHE, ROUTER_DELTA
 
 OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam}
 
@@ -88,7 +93,7 @@ def embed(model: Transformer, variables: dict, prompts: Sequence[Sequence[int]])
     the padding at the end changes no real position)."""
     tokens, lengths = _pad(prompts)
     mean, _ = _mean_hidden(
-        _plain(variables), jnp.asarray(tokens), jnp.asarray(lengths, jnp.float32),
+        without_decoding_state(variables), jnp.asarray(tokens), jnp.asarray(lengths, jnp.float32),
         model_cfg=model.model, moe_cfg=model.moe, adapters=model.adapters,
     )  # fmt: skip
     return np.asarray(mean)
@@ -156,10 +161,6 @@ def _optimise(
     return delta, jnp.append(losses, loss_fn(delta, tokens, targets, weights))
 
 
-def _plain(variables: dict) -> dict:
-    return {k: v for k, v in variables.items() if k not in (CACHE, ROUTER_DELTA)}
-
-
 def _core_mask(mask: dict, delta: dict, routing: dict, n: int) -> dict:
     """`mask` kept only on each MoE layer's `n` experts of largest total combine weight over
     the test prompt's tokens (`routing`: the model's per-token routing of the prompt)."""
@@ -220,7 +221,7 @@ def c3po_delta(
         raise ValueError(f"optimizer={optimizer!r} must be one of {sorted(OPTIMIZERS)}.")
     if any(len(r.output) < 1 or len(r.prompt) < 1 for r in references) or not len(prompt):
         raise ValueError("the prompt and every reference's prompt and output need >= 1 token.")
-    base = _plain(variables)
+    base = without_decoding_state(variables)
     statics = dict(model_cfg=model.model, moe_cfg=model.moe, adapters=model.adapters)
     query = embed(model, base, [prompt])[0]
     refs = embed(model, base, [r.prompt for r in references])
@@ -267,7 +268,7 @@ def c3po_generate(
     delta, report = c3po_delta(model, variables, prompt, references, **options)
     prompts = np.broadcast_to(np.asarray(prompt, np.int32), (num_samples, len(prompt)))
     tokens = generate(
-        model, with_delta(_plain(variables), delta), prompts, max_new_tokens,
+        model, with_delta(without_decoding_state(variables), delta), prompts, max_new_tokens,
         temperature=temperature, top_p=top_p, rng=rng, eos_id=eos_id,
     )  # fmt: skip
     return tokens, delta, report

@@ -30,12 +30,11 @@ import numpy as np
 import optax
 
 from moejax.generate import check_sampling, init_cache, sample_logits
-from moejax.generate.routing import layer_mask, with_delta, zero_delta
+from moejax.generate.routing import layer_mask, with_delta, without_decoding_state, zero_delta
 from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
 from moejax.nn.adapter_hook import AdapterHook
-from moejax.nn.collections import CACHE, ROUTER_DELTA
 
 OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam}
 
@@ -165,7 +164,7 @@ def rewire_generate(
             f"every={every} must be >= 1, steps={steps} >= 0 and optimizer={optimizer!r} one "
             f"of {sorted(OPTIMIZERS)}."
         )
-    base = {k: v for k, v in variables.items() if k not in (CACHE, ROUTER_DELTA)}
+    base = without_decoding_state(variables)
     delta = zero_delta(model, base)
     mask = layer_mask(delta, layers)
     opt_state = _optimizer(optimizer, lr).init(delta)

@@ -44,7 +44,7 @@ def zero_delta(model: Transformer, variables: dict) -> dict:
         )
         return state.get(ROUTER_DELTA, {})
 
-    base = {k: v for k, v in variables.items() if k not in (CACHE, ROUTER_DELTA)}
+    base = without_decoding_state(variables)
     shapes = jax.eval_shape(build, base)
     if not jax.tree.leaves(shapes):
         raise ValueError("the model has no MoE layer: decoding-time routing needs routers.")
@@ -144,6 +144,11 @@ def layer_mask(delta: dict, layers: Sequence[int] | None) -> dict:
     return jax.tree_util.tree_map_with_path(
         lambda p, leaf: jnp.zeros_like(leaf) if _name(p) == "ranks" else leaf, mask
     )
+
+
+def without_decoding_state(variables: dict) -> dict:
+    """The variables without a decoding cache or a router delta (what a run stores)."""
+    return {k: v for k, v in variables.items() if k not in (CACHE, ROUTER_DELTA)}
 
 
 def with_delta(variables: dict, delta: Any) -> dict:

@@ -30,12 +30,11 @@ import jax
 import jax.numpy as jnp
 
 from moejax.generate import check_sampling, decode_loop
-from moejax.generate.routing import rank_delta, with_delta, zero_delta
+from moejax.generate.routing import rank_delta, with_delta, without_decoding_state, zero_delta
 from moejax.models.config import ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
 from moejax.nn.adapter_hook import AdapterHook
-from moejax.nn.collections import CACHE, ROUTER_DELTA
 
 
 def contrast_logits(
@@ -111,7 +110,7 @@ def scmoe_generate(
     check_sampling(max_new_tokens, temperature, top_p, rng)
     if not 0 < alpha <= 1 or beta < 0:
         raise ValueError(f"alpha={alpha} must be in (0, 1] and beta={beta} >= 0.")
-    base = {k: v for k, v in variables.items() if k not in (CACHE, ROUTER_DELTA)}
+    base = without_decoding_state(variables)
     weak = rank_delta(zero_delta(model, base), (rank,))
     return _scmoe(
         base,

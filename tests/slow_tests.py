@@ -8,7 +8,9 @@ unless it is the fast representative of its area (kept in the default run):
 - training: tests/train/test_trainer.py::test_resume_continues_exactly (bit-exact resume),
   tests/train/test_step.py::test_loss_is_masked_cross_entropy_plus_aux, the `make train`
   quick form of tests/test_readme_commands.py, tests/train/test_multihost.py (2 processes),
-  tests/train/test_preemption.py's SIGTERM case, the gs:// kill-and-resume case;
+  the 2-process SIGKILL and SIGTERM scenarios of tests/experiments/test_faults_pod.py
+  (which stand for tests/train/test_preemption.py's one-process cases), the gs://
+  kill-and-resume case;
 - models and MoE: the NumPy-reference model test, one scanned/unrolled/remat equality, the
   hand-written MoE layer, one router x dispatcher case, tests/models/test_layer_layouts.py;
 - HF and peft: Mixtral logits parity and export round trip, the Qwen3-MoE peft expert
@@ -162,6 +164,11 @@ SLOW = {
     "tests/pallas_kernels/test_gmm_mosaic_gpu.py::test_gmm_bf16_and_its_gradient_through_the_public_api[mosaic_gpu]": 25,
     "tests/pallas_kernels/test_gmm_mosaic_gpu.py::test_gmm_kernel_matches_reference[sizes0-200-tiling0]": 12,
     "tests/sharding/test_sharded_step.py::test_strategy_train_steps_match_one_device[fsdp]": 248,
+    # The last two users of the 8-device fixture (49 s): restoring onto another mesh is
+    # tests/train/test_checkpoint.py::test_restore_onto_another_mesh_and_one_device, a mesh
+    # that does not divide is tests/config/test_validation.py's.
+    "tests/sharding/test_sharded_step.py::test_checkpoint_restores_onto_another_mesh_shape": 49,
+    "tests/sharding/test_sharded_step.py::test_a_parameter_dimension_the_mesh_does_not_divide_is_a_config_error": 0,
     "tests/test_readme_commands.py::test_quick_form[convert_then_fine_tune]": 40,
     "tests/test_readme_commands.py::test_quick_form[sweep_dry_run]": 8,
     "tests/tpu/test_attention_kernels_tpu.py::test_splash_attention_compiles_for_tpu_in_linear_memory[gqa-2-128-128-4-1]": 9,
@@ -192,6 +199,7 @@ SLOW = {
     "tests/train/test_old_checkpoints.py::test_old_run_resumes_as_if_uninterrupted[sigmoid_bias]": 19,
     "tests/train/test_old_checkpoints.py::test_old_run_resumes_as_if_uninterrupted[smora]": 28,
     "tests/train/test_preemption.py::test_sigkill_after_a_chosen_step_then_rerun_is_bit_identical": 99,
+    "tests/train/test_preemption.py::test_sigterm_saves_the_current_step_and_exits_143": 51,
     "tests/train/test_preemption.py::test_sigkill_during_an_async_save_resumes_from_the_previous_step": 45,
     "tests/train/test_preflight.py::test_run_written_with_the_old_router_field_resumes": 75,
     "tests/train/test_router_bias.py::test_bias_moves_by_gamma_each_step_and_resumes_exactly": 74,

@@ -713,6 +713,19 @@ COVERED_BY = {
     "python experiments/notebooks/execute.py experiments/notebooks/routing_analysis.ipynb": (
         "tests/experiments/test_notebooks.py::test_routing_analysis_notebook_runs_on_a_tiny_run"
     ),
+    "python -m experiments.post_training "
+    "--runs=runs/ablation/fine_grained_shared/seed0,runs/ablation/fine_grained_shared/seed1 "
+    "--workdir=runs/post_training --out=experiments/results/post_training/deepseekmoe_bpe": (
+        "tests/experiments/test_post_training.py::"
+        "test_rows_are_the_eval_reports_of_the_compressed_runs"
+    ),
+    "python -m experiments.tiny_hf_moe --arch=qwen2_moe --seed=0 --out=runs/hf/qwen2_moe_s0": (
+        "tests/experiments/test_post_training.py::"
+        "test_tiny_hf_moe_imports_with_the_transformers_logits"
+    ),
+    "python -m moejax.train.convert_hf --from=runs/hf/qwen2_moe_s0 --workdir=runs/hf/run_s0": (
+        "tests/train/test_convert_cli.py::test_convert_prints_one_line_and_bad_input_one_error"
+    ),
     f"{FAULTS} --gcs --scenarios corrupt,kill_during_save": (
         "tests/experiments/test_faults_pod.py::test_corrupt_and_interrupted_save_in_a_bucket"
     ),

@@ -1,5 +1,6 @@
 """Helpers shared by test modules (importable thanks to `pythonpath = tests` in pytest.ini)."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -47,6 +48,16 @@ def run_faults(
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return proc, json.loads(proc.stdout)
+
+
+def load_experiment(name: str):
+    """Imports experiments/<name>.py by path (experiments/ is not a package), once."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and pickling look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def load_config_module(name: str):

@@ -4,6 +4,7 @@ model's cross-entropy, every step traces the same tokens, quotas and sources hol
 trace is written batch by batch."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +19,16 @@ from moejax.train.run_loader import load_run
 def router_selections(model, variables, batch):
     """Each MoE layer's Routing (ids, weights) as the router modules returned it, captured
     by flax from a plain forward pass (not through the trace's code)."""
-    _, state = model.apply(
+    apply = functools.partial(  # jitted: eagerly, each of the model's ops compiles alone
+        model.apply,
+        capture_intermediates=lambda mdl, _: mdl.name == "router",
+        mutable=["intermediates"],
+    )
+    _, state = jax.jit(apply)(
         variables,
         jnp.asarray(batch["inputs"]),
         jnp.asarray(batch["segment_ids"]),
         jnp.asarray(batch["positions"]),
-        capture_intermediates=lambda mdl, _: mdl.name == "router",
-        mutable=["intermediates"],
     )
     leaves = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
@@ -59,7 +63,7 @@ def test_the_trace_is_the_routers_own_selection(tiny_moe_run):
             np.testing.assert_array_equal(row.experts, ids[layer, r, c])
             np.testing.assert_array_equal(row.weights, weights[layer, r, c].astype(np.float32))
     # The losses and predictions are those of the logits of the same forward pass.
-    logits, _ = model.apply(
+    logits, _ = jax.jit(model.apply)(
         variables,
         jnp.asarray(batch["inputs"]),
         jnp.asarray(batch["segment_ids"]),

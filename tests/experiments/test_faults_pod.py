@@ -1,10 +1,10 @@
 """`experiments/faults.py` on a pod's faults, in reduced form (one trial each):
 
-- multi-host (2 processes x 2 CPU devices, jax.distributed over gloo): SIGKILL one process
-  (the survivor stops within --heartbeat_timeout + a margin and the rerun resumes
-  bit-identically), SIGTERM one process (both save the same step and exit 143, the rerun
-  loses nothing), and a process that cannot reach the coordinator (one message naming the
-  address and the flag);
+- multi-host (2 processes x 2 CPU devices, jax.distributed over gloo), in `make test`:
+  SIGKILL one process (the survivor stops within --heartbeat_timeout + a margin and the
+  rerun resumes bit-identically), SIGTERM one process (both save the same step and exit
+  143, the rerun loses nothing), and a process that cannot reach the coordinator (one
+  message naming the address and the flag);
 - the corrupt and interrupted-save scenarios with every workdir in gs://test-bucket on a
   local GCS emulator (`--gcs`; slow: tests/train/test_gcs_workdir.py covers both checks in
   the default run).
@@ -47,11 +47,10 @@ def test_unreachable_coordinator_names_the_address_and_the_flag(tiny_corpus_dir,
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
-@pytest.mark.slow
 def test_multi_host_kill_and_preemption_recover(tmp_path):
     """Five 2-process jobs (the reference, then each fault and its rerun) sharing one JAX
-    compilation cache: minutes, so `make test-slow`; the default run keeps the unreachable
-    coordinator above and tests/train/test_multihost.py's 2-process training."""
+    compilation cache, about 85 s: in the default run, where it stands for the one-process
+    SIGTERM and SIGKILL cases of tests/train/test_preemption.py (slow) too."""
     rows = _faults(tmp_path, "--scenarios=mh_sigterm,mh_sigkill", "--jobs=1")
     _assert_recovered(rows, ["mh_sigterm", "mh_sigkill"])
 

@@ -2,24 +2,17 @@
 the shared expert is the same model as the trained one with the shared expert's output
 projection zeroed (checked with no extra routed expert, where the two must agree)."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
-from testing_utils import REPO
+from testing_utils import load_experiment
 
 from moejax.train.run_loader import load_run
 
-spec = importlib.util.spec_from_file_location(
-    "shared_expert_removed", REPO / "experiments" / "shared_expert_removed.py"
-)
-ser = importlib.util.module_from_spec(spec)
-sys.modules["shared_expert_removed"] = ser
-spec.loader.exec_module(ser)
+ser = load_experiment("shared_expert_removed")
 
 
 def zero_shared_output(params):

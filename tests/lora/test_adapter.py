@@ -85,14 +85,15 @@ def test_random_adapter_equals_the_merged_projection(rslora):
                 (x,),
             ),
         ]
-        for module, args in cases:
-            params = _randomise_b(nn.unbox(module.init(jax.random.PRNGKey(3), *args))["params"])
+        for module, args in cases:  # jitted: eagerly, each op would compile alone
+            init = jax.jit(module.init)(jax.random.PRNGKey(3), *args)
+            params = _randomise_b(nn.unbox(init)["params"])
             adapters, base = split_tree(params, is_adapter_path)
             merged = {name: _merged(w, adapters[f"lora_{name}"], scale) for name, w in base.items()}
-            plain = module.clone(adapters=None)
-            want = plain.apply({"params": merged}, *args)
-            got = module.apply({"params": params}, *args)
-            assert not np.allclose(got, plain.apply({"params": base}, *args))
+            plain = jax.jit(module.clone(adapters=None).apply)
+            want = plain({"params": merged}, *args)
+            got = jax.jit(module.apply)({"params": params}, *args)
+            assert not np.allclose(got, plain({"params": base}, *args))
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     finally:
         jax.config.update("jax_enable_x64", False)

@@ -19,12 +19,14 @@ MOE = MoEConfig(num_experts=4, top_k=2, d_expert=8, n_shared=2, dispatcher="ragg
 def test_shared_experts_add_exactly_their_mlp():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
     layer = MoELayer(MOE, MODEL)
-    variables = layer.init(jax.random.PRNGKey(1), x)
-    y = layer.apply(variables, x).y
+    variables = jax.jit(layer.init)(jax.random.PRNGKey(1), x)  # eagerly, each op compiles alone
+    y = jax.jit(layer.apply)(variables, x).y
     params = nn.unbox(variables)["params"]
     routed_only = MoELayer(dataclasses.replace(MOE, n_shared=0), MODEL)
-    y0 = routed_only.apply({"params": {k: v for k, v in params.items() if k != "shared"}}, x).y
-    shared = DenseMLP(MOE.n_shared * MOE.d_expert).apply(
+    y0 = jax.jit(routed_only.apply)(
+        {"params": {k: v for k, v in params.items() if k != "shared"}}, x
+    ).y
+    shared = jax.jit(DenseMLP(MOE.n_shared * MOE.d_expert).apply)(
         {"params": params["shared"]}, x.reshape(10, 16)
     )
     np.testing.assert_allclose(y - y0, shared.reshape(2, 5, 16), atol=1e-5)
@@ -35,8 +37,8 @@ def test_layer_matches_hand_written_moe():
     x = jax.random.normal(jax.random.PRNGKey(2), (1, 6, 16))
     cfg = dataclasses.replace(MOE, n_shared=0, renormalize=True)
     layer = MoELayer(cfg, MODEL)
-    variables = layer.init(jax.random.PRNGKey(3), x)
-    out = layer.apply(variables, x)
+    variables = jax.jit(layer.init)(jax.random.PRNGKey(3), x)
+    out = jax.jit(layer.apply)(variables, x)
     y, aux, metrics = out.y, out.aux_losses, out.metrics
     p = nn.unbox(variables)["params"]
     xt = np.asarray(x[0], np.float64)

@@ -109,10 +109,11 @@ def _run(config_name, data_dir, steps, layouts):
     return json.loads(line[len("RESULT") :])
 
 
-# Run by default: FSDP (whose checkpoint is also restored onto another mesh); the other
-# layouts are marked slow (`make test-slow`; expert parallelism's fast representative is
-# tests/moe/test_expert_parallel.py). Each group is one subprocess with its own one-device
-# reference.
+# Every case here is slow (`make test-slow`, tests/slow_tests.py): expert parallelism's fast
+# representative is tests/moe/test_expert_parallel.py, data parallelism's
+# tests/train/test_multihost.py, a restore onto another mesh tests/train/test_checkpoint.py.
+# FAST_LAYOUTS share one subprocess with the restore and the non-dividing mesh; each group
+# is one subprocess with its own one-device reference.
 FAST_LAYOUTS = ("fsdp",)
 
 

@@ -51,7 +51,7 @@ def test_loss_is_masked_cross_entropy_plus_aux(tiny_config):
     batch = jax.tree.map(jnp.asarray, next(make_batches(s.data, "train")))
     exp = build_experiment(s, make_mesh(s.mesh))
     state = exp.init_fn(jax.random.PRNGKey(0))
-    logits, extras = exp.model.apply(
+    logits, extras = jax.jit(exp.model.apply)(  # eagerly, each of its ops compiles alone
         {"params": state.params}, batch["inputs"], batch["segment_ids"], batch["positions"]
     )
     z = np.asarray(logits, np.float64)

@@ -29,6 +29,7 @@ every row, `results.md` the table of the means and standard deviations over the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -46,6 +47,10 @@ from moejax.compress.__main__ import _parser as compress_parser  # noqa: E402
 from moejax.compress.__main__ import run as compress  # noqa: E402
 from moejax.compress.quantize import tree_bytes  # noqa: E402
 from moejax.eval import evaluate  # noqa: E402
+from moejax.eval.tasks import parse_tasks, task_accuracy  # noqa: E402
+from moejax.generate import generate  # noqa: E402
+from moejax.generate.rewire import rewire_generate  # noqa: E402
+from moejax.generate.scmoe import scmoe_generate  # noqa: E402
 from moejax.train.run_loader import load_run  # noqa: E402
 
 # (variant name, the compress command's arguments); keep counts are fractions of each
@@ -70,23 +75,59 @@ PLANS = {
 }
 
 
-def score(workdir: str, max_batches: int, quantized_bytes: int | None = None) -> dict:
-    """Held-out loss of the run at `workdir`, and its size: `quantized_bytes` (what the
-    quantize command counted, integer widths as such) or its float params."""
+# Decoding-time routing, scored by the same greedy task accuracy (`generate_fn` of
+# `moejax.eval.tasks.task_accuracy`): SCMoE's contrast with the rank-2 expert (Shi et al.,
+# 2024: alpha 0.1, beta 0.5 as the authors' default, and 1.0) and rewiring's router-logit
+# delta updated every 4 generated tokens (Rewiring Experts on the Fly).
+DECODERS = {
+    "greedy": generate,
+    "scmoe_beta0.5": functools.partial(scmoe_generate, rank=2, beta=0.5),
+    "scmoe_beta1.0": functools.partial(scmoe_generate, rank=2, beta=1.0),
+    "rewire_lr0.1": lambda *a, **k: rewire_generate(*a, every=4, lr=0.1, **k)[0],
+    "rewire_lr1.0": lambda *a, **k: rewire_generate(*a, every=4, lr=1.0, **k)[0],
+}
+
+
+def score(
+    workdir: str, args, quantized_bytes: int | None = None, decoders: Sequence[str] = ()
+) -> tuple[dict, dict]:
+    """Held-out loss (and task accuracy with `--tasks`) of the run at `workdir`, and its
+    size: `quantized_bytes` (what the quantize command counted, integer widths as such) or
+    its float params; with `decoders`, also {decoder: task accuracies}."""
     loaded = load_run(workdir)
-    report = evaluate(loaded, max_batches=max_batches)
-    return {
+    report = evaluate(loaded, tasks=args.tasks or None, max_batches=args.max_batches)
+    row = {
         "bytes": quantized_bytes or tree_bytes(loaded.variables["params"]),
         "loss": report["loss"],
         "bits_per_byte": report["bits_per_byte"],
         "dead_experts": sum(layer.get("dead_experts", 0) for layer in report["experts"]),
     }
+    if "tasks" in report:
+        row.update(accuracy=report["tasks"]["mean"], tasks=report["tasks"])
+    decoded = {}
+    for name in decoders:
+        model, variables, s, tokenizer = loaded
+        accuracy = task_accuracy(
+            model,
+            variables,
+            tokenizer,
+            parse_tasks(args.tasks),
+            seed=s.data.seed,
+            generate_fn=DECODERS[name],
+        )
+        decoded[name] = {"accuracy": accuracy["mean"], "tasks": accuracy}
+    return row, decoded
 
 
 def run_plan(run: str, name: str, out_root: str, plan: list, args) -> list[dict]:
-    base = score(run, args.max_batches)
+    decoders = [d for d in args.decoding.split(",") if d]
+    base, decoded = score(run, args, decoders=decoders)
     rows = [{"run": name, "tool": "none", "variant": "uncompressed", **base}]
     print(f"[{name}] uncompressed: loss {base['loss']:.4f}, {base['bytes'] / 1e6:.2f} MB")
+    for decoder, result in decoded.items():
+        rows.append({"run": name, "tool": "decode", "variant": decoder, **base, **result})
+        rows[-1].update(size=1.0, delta_loss=0.0)
+        print(f"[{name}] decoding {decoder}: accuracy {result['accuracy']:.3f}", flush=True)
     for tool, variant, argv in plan:
         out = os.path.join(out_root, name, variant)
         if os.path.isdir(out):
@@ -101,14 +142,16 @@ def run_plan(run: str, name: str, out_root: str, plan: list, args) -> list[dict]
             ]
         )
         summary = compress(cargs)
-        scored = score(out, args.max_batches, summary.get("model_bytes"))
+        scored, _ = score(out, args, summary.get("model_bytes"))
         row = {"run": name, "tool": tool, "variant": variant, **scored}
         row["size"] = row["bytes"] / base["bytes"]
         row["delta_loss"] = row["loss"] - base["loss"]
         rows.append(row)
         print(
             f"[{name}] {variant}: size {row['size']:.3f}, loss {row['loss']:.4f} "
-            f"({row['delta_loss']:+.4f}) in {time.perf_counter() - t0:.0f} s",
+            f"({row['delta_loss']:+.4f})"
+            + (f", accuracy {row['accuracy']:.3f}" if "accuracy" in row else "")
+            + f" in {time.perf_counter() - t0:.0f} s",
             flush=True,
         )
         jax.clear_caches()  # every variant has its own shapes
@@ -120,10 +163,12 @@ def table(rows: list[dict]) -> str:
     variants: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         variants.setdefault((r["tool"], r["variant"]), []).append(r)
+    accuracy = any("accuracy" in r for r in rows)
     lines = [
         "| tool | variant | size (fraction of the run) | held-out loss | Δ loss | bits per byte |"
-        " runs |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        + (" task accuracy |" if accuracy else "")
+        + " runs |",
+        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if accuracy else "") + " --- |",
     ]
 
     def ms(values, digits=3):
@@ -131,11 +176,11 @@ def table(rows: list[dict]) -> str:
 
     for (tool, variant), rs in variants.items():
         size = ms([r.get("size", 1.0) for r in rs])
-        delta = ms([r.get("delta_loss", 0.0) for r in rs]) if tool != "none" else "-"
-        lines.append(
-            f"| {tool} | {variant} | {size} | {ms([r['loss'] for r in rs])} | {delta} | "
-            f"{ms([r['bits_per_byte'] for r in rs])} | {len(rs)} |"
-        )
+        delta = ms([r["delta_loss"] for r in rs]) if tool not in ("none", "decode") else "-"
+        loss = ms([r["loss"] for r in rs]) if tool != "decode" else "(the run's)"
+        bpb = ms([r["bits_per_byte"] for r in rs]) if tool != "decode" else "-"
+        acc = f" {ms([r['accuracy'] for r in rs])} |" if accuracy else ""
+        lines.append(f"| {tool} | {variant} | {size} | {loss} | {delta} | {bpb} |{acc} {len(rs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default="", help="variant names to run (default: all)")
     p.add_argument("--max_batches", type=int, default=12, help="held-out batches per source")
     p.add_argument("--calibration_batches", type=int, default=4)
+    p.add_argument("--tasks", default="", help="generated tasks to score (all: every one)")
+    p.add_argument(
+        "--decoding", default="", help="with --tasks: decoders to score, of " + ",".join(DECODERS)
+    )
     args = p.parse_args(argv)
     runs = [r for r in args.runs.split(",") if r]
     names = [n for n in args.names.split(",") if n] or [
@@ -159,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in runs:
         if not os.path.isdir(r):
             p.error(f"--runs: {r} is not a directory")
+    if args.decoding and not args.tasks:
+        p.error("--decoding scores task accuracy: add --tasks (e.g. --tasks=all)")
+    unknown = [d for d in args.decoding.split(",") if d and d not in DECODERS]
+    if unknown:
+        p.error(f"--decoding: unknown {unknown[0]!r}; choose from {', '.join(DECODERS)}")
     only = {v for v in args.only.split(",") if v}
     plan = [
         (tool, variant, argv)

@@ -2,11 +2,12 @@
 decoding: each task's held-out evaluation inputs (`tasks.eval_examples(data.seed)`, inputs
 the training stream never shows), prompted as in training (BOS, "tag:input="), decoded with
 the key/value cache of `moejax.generate` for the longest answer plus its EOS, scored by exact
-match of the text before the first EOS (`tasks.decode_answer`)."""
+match of the text before the first EOS (`tasks.decode_answer`). Another decoder (SCMoE,
+rewiring: `moejax.generate`) is scored the same way through `generate_fn`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -42,8 +43,12 @@ def task_accuracy(
     *,
     seed: int = 0,
     per_task: int = tasks.EVAL_PER_TASK,
+    generate_fn: Callable[..., jax.Array] = generate,
 ) -> dict[str, float]:
-    """{task: exact-match accuracy} and "mean" over the tasks (module docstring)."""
+    """{task: exact-match accuracy} and "mean" over the tasks (module docstring).
+    `generate_fn(model, variables, prompts_BxP, max_new_tokens, eos_id=)` -> `[B, P + n]`
+    tokens decodes (default `moejax.generate.generate`; e.g. a partial of
+    `moejax.generate.scmoe.scmoe_generate` scores decoding-time routing the same way)."""
     if not isinstance(tokenizer, ByteTokenizer):
         raise TaskError(
             "the generated tasks are byte-level; this run's data.tokenizer is "
@@ -58,7 +63,7 @@ def task_accuracy(
     for name in names:
         chosen = [(x, answer) for task, x, answer in examples if task == name]
         prompts = np.stack([tasks.prompt_tokens(name, x) for x, _ in chosen])
-        tokens = generate(model, variables, prompts, tasks.MAX_ANSWER + 1, eos_id=EOS_ID)
+        tokens = generate_fn(model, variables, prompts, tasks.MAX_ANSWER + 1, eos_id=EOS_ID)
         tokens = np.asarray(jax.device_get(tokens))[:, prompts.shape[1] :]
         right = [tasks.decode_answer(row) == answer for row, (_, answer) in zip(tokens, chosen)]
         out[name] = float(np.mean(right))

@@ -23,15 +23,28 @@ tiny_hf_moe = load_experiment("tiny_hf_moe")
 def test_rows_are_the_eval_reports_of_the_compressed_runs(tiny_moe_run, tmp_path, capsys):
     only = "prune_frequency_0.5,merge_0.5_rank1.0,int8"
     argv = [f"--runs={tiny_moe_run}", f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'o'}"]
-    assert post_training.main([*argv, f"--only={only}", "--max_batches=2"]) == 0
+    argv += ["--tasks=rev", "--decoding=greedy,scmoe_beta0.5", f"--only={only}"]
+    assert post_training.main([*argv, "--max_batches=2"]) == 0
     rows = {r["variant"]: r for r in json.loads((tmp_path / "o" / "results.json").read_text())}
-    assert list(rows) == ["uncompressed", "prune_frequency_0.5", "merge_0.5_rank1.0", "int8"]
+    assert list(rows) == [
+        "uncompressed",
+        "greedy",
+        "scmoe_beta0.5",
+        "prune_frequency_0.5",
+        "merge_0.5_rank1.0",
+        "int8",
+    ]
     base = rows["uncompressed"]
-    assert base["loss"] == evaluate(tiny_moe_run, max_batches=2)["loss"]
+    report = evaluate(tiny_moe_run, tasks="rev", max_batches=2)
+    assert base["loss"] == report["loss"] and base["accuracy"] == report["tasks"]["mean"]
+    # The greedy decoder is the evaluation's own decoding.
+    assert rows["greedy"]["tasks"] == report["tasks"]
+    assert 0.0 <= rows["scmoe_beta0.5"]["accuracy"] <= 1.0
     for name in ("prune_frequency_0.5", "merge_0.5_rank1.0", "int8"):
         row = rows[name]
         out = str(tmp_path / "w" / row["run"] / name)
         assert row["loss"] == evaluate(out, max_batches=2)["loss"]
+        assert "accuracy" in row
         assert row["delta_loss"] == row["loss"] - base["loss"]
         assert row["size"] == row["bytes"] / base["bytes"] < 1.0
     # Half the experts of each MoE layer: the float bytes of the other half are gone.
@@ -39,6 +52,7 @@ def test_rows_are_the_eval_reports_of_the_compressed_runs(tiny_moe_run, tmp_path
     assert abs(rows["int8"]["delta_loss"]) < 0.05  # int8 weights barely move a tiny model
     table = (tmp_path / "o" / "results.md").read_text()
     assert f"| quantize | int8 | {rows['int8']['size']:.3f} ± 0.000 |" in table
+    assert "| decode | greedy | 1.000 ± 0.000 | (the run's) | - | - |" in table
     assert "| none | uncompressed | 1.000 ± 0.000 |" in table
     assert "int8" in capsys.readouterr().out
 

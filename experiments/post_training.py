@@ -18,8 +18,13 @@ the variants of `--plan` are written with the compress command's own code path
 
 A row: the variant, its model size in bytes (integer widths counted as such for the
 quantized ones; every other leaf at float32) and as a fraction of the run's, the held-out
-loss and bits per byte and their difference to the uncompressed run. `results.json` holds
-every row, `results.md` the table of the means and standard deviations over the runs.
+loss and bits per byte and their difference to the uncompressed run (with `--tasks`, the
+greedy accuracy on the generated tasks; with `--export`, the largest logit difference
+between the model and its `moejax.hf.save_pretrained` export loaded by transformers).
+`results.json` holds every row, `results.md` the table of the means and standard deviations
+over the runs. With `--decoding` (and `--tasks`), rows of decoding-time routing on the
+uncompressed run too: SCMoE (Shi et al., 2024) and rewiring experts on the fly, by the
+same greedy task accuracy.
 
     python -m experiments.post_training \
         --runs=runs/ablation/fine_grained_shared/seed0,runs/ablation/fine_grained_shared/seed1 \
@@ -46,11 +51,13 @@ import numpy as np  # noqa: E402
 from moejax.compress.__main__ import _parser as compress_parser  # noqa: E402
 from moejax.compress.__main__ import run as compress  # noqa: E402
 from moejax.compress.quantize import tree_bytes  # noqa: E402
+from moejax.config_section import ConfigError  # noqa: E402
 from moejax.eval import evaluate  # noqa: E402
 from moejax.eval.tasks import parse_tasks, task_accuracy  # noqa: E402
 from moejax.generate import generate  # noqa: E402
 from moejax.generate.rewire import rewire_generate  # noqa: E402
 from moejax.generate.scmoe import scmoe_generate  # noqa: E402
+from moejax.hf import save_pretrained  # noqa: E402
 from moejax.train.run_loader import load_run  # noqa: E402
 
 # (variant name, the compress command's arguments); keep counts are fractions of each
@@ -88,6 +95,22 @@ DECODERS = {
 }
 
 
+def export_and_compare(loaded, path: str) -> float:
+    """Exports the run with `moejax.hf.save_pretrained`, loads it with transformers and
+    returns the largest logit difference between the two on 2 x 16 random token ids."""
+    import torch
+    import transformers
+
+    model, variables, _, _ = loaded
+    save_pretrained(model, variables, path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = np.random.default_rng(0).integers(0, model.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits.numpy()
+    got = np.asarray(jax.jit(model.apply)(variables, ids)[0])
+    return float(np.abs(got - want).max())
+
+
 def score(
     workdir: str, args, quantized_bytes: int | None = None, decoders: Sequence[str] = ()
 ) -> tuple[dict, dict]:
@@ -104,6 +127,11 @@ def score(
     }
     if "tasks" in report:
         row.update(accuracy=report["tasks"]["mean"], tasks=report["tasks"])
+    if args.export:
+        try:
+            row["export_max_logit_diff"] = export_and_compare(loaded, os.path.join(workdir, "hf"))
+        except ConfigError as e:  # no HF architecture expresses this model: say which
+            row["export_error"] = str(e)
     decoded = {}
     for name in decoders:
         model, variables, s, tokenizer = loaded
@@ -194,6 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default="", help="variant names to run (default: all)")
     p.add_argument("--max_batches", type=int, default=12, help="held-out batches per source")
     p.add_argument("--calibration_batches", type=int, default=4)
+    p.add_argument(
+        "--export",
+        action="store_true",
+        help="also export each model to HF and record the largest logit difference",
+    )
     p.add_argument("--tasks", default="", help="generated tasks to score (all: every one)")
     p.add_argument(
         "--decoding", default="", help="with --tasks: decoders to score, of " + ",".join(DECODERS)

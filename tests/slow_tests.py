@@ -200,6 +200,8 @@ SLOW = {
     "tests/train/test_old_checkpoints.py::test_old_run_resumes_as_if_uninterrupted[smora]": 28,
     "tests/train/test_preemption.py::test_sigkill_after_a_chosen_step_then_rerun_is_bit_identical": 99,
     "tests/train/test_preemption.py::test_sigterm_saves_the_current_step_and_exits_143": 51,
+    # Fast representative: the bytes_per_domain case beside it.
+    "tests/train/test_evaluation_bytes.py::test_a_multitask_run_evaluates_its_bits_per_byte": 13,
     "tests/train/test_preemption.py::test_sigkill_during_an_async_save_resumes_from_the_previous_step": 45,
     "tests/train/test_preflight.py::test_run_written_with_the_old_router_field_resumes": 75,
     "tests/train/test_router_bias.py::test_bias_moves_by_gamma_each_step_and_resumes_exactly": 74,

@@ -46,11 +46,13 @@ def _eval_batches(s: Sections):
         yield batches.padding_batch() if batch is None else batch
 
 
-def _bytes_per_domain(batch: dict[str, np.ndarray], token_bytes: np.ndarray, n: int) -> np.ndarray:
-    """UTF-8 bytes of the scored targets of `batch`, per domain: float64[n]."""
+def bytes_per_domain(batch: dict[str, np.ndarray], token_bytes: np.ndarray, n: int) -> np.ndarray:
+    """UTF-8 bytes of the scored targets of `batch`, per domain, then those of rows with no
+    corpus domain (-1: the generated tasks), which count only in the total: float64[n + 1]."""
     scored = batch["loss_mask"] > 0
     counts = token_bytes[batch["targets"][scored]]
-    return np.bincount(batch["domains"][scored], weights=counts, minlength=n)[:n]
+    domains = batch["domains"][scored]
+    return np.bincount(np.where(domains >= 0, domains, n), weights=counts, minlength=n + 1)
 
 
 def evaluate(
@@ -68,12 +70,12 @@ def evaluate(
     kw = {} if collections is None else {"collections": collections}
     domains = domain_names(s.data)
     token_bytes = np.asarray(open_tokenizer(s.data).token_bytes, np.float64)
-    domain_bytes = np.zeros(len(domains))
+    domain_bytes = np.zeros(len(domains) + 1)  # and the rows of no domain
     top1_sharding = batch_sharding(mesh, s.mesh.rules, lead=1)
     if stability is not None:
         stability.start()
     for batch in _eval_batches(s):
-        domain_bytes += _bytes_per_domain(batch, token_bytes, len(domains))
+        domain_bytes += bytes_per_domain(batch, token_bytes, len(domains))
         sharded = shard_batch(batch, mesh, s.mesh.rules)
         previous = None
         if s.model.num_moe_layers:  # the top-1 experts stay on the devices, split over B

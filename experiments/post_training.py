@@ -112,11 +112,16 @@ def export_and_compare(loaded, path: str) -> float:
 
 
 def score(
-    workdir: str, args, quantized_bytes: int | None = None, decoders: Sequence[str] = ()
+    workdir: str,
+    args,
+    export_dir: str,
+    quantized_bytes: int | None = None,
+    decoders: Sequence[str] = (),
 ) -> tuple[dict, dict]:
     """Held-out loss (and task accuracy with `--tasks`) of the run at `workdir`, and its
     size: `quantized_bytes` (what the quantize command counted, integer widths as such) or
-    its float params; with `decoders`, also {decoder: task accuracies}."""
+    its float params; with `--export`, its export into `export_dir` compared with
+    transformers; with `decoders`, also {decoder: task accuracies}."""
     loaded = load_run(workdir)
     report = evaluate(loaded, tasks=args.tasks or None, max_batches=args.max_batches)
     row = {
@@ -129,12 +134,12 @@ def score(
         row.update(accuracy=report["tasks"]["mean"], tasks=report["tasks"])
     if args.export:
         try:
-            row["export_max_logit_diff"] = export_and_compare(loaded, os.path.join(workdir, "hf"))
+            row["export_max_logit_diff"] = export_and_compare(loaded, export_dir)
         except ConfigError as e:  # no HF architecture expresses this model: say which
             row["export_error"] = str(e)
     decoded = {}
+    model, variables, s, tokenizer = loaded
     for name in decoders:
-        model, variables, s, tokenizer = loaded
         accuracy = task_accuracy(
             model,
             variables,
@@ -149,7 +154,9 @@ def score(
 
 def run_plan(run: str, name: str, out_root: str, plan: list, args) -> list[dict]:
     decoders = [d for d in args.decoding.split(",") if d]
-    base, decoded = score(run, args, decoders=decoders)
+    # The source run is only read: its export goes beside the compressed runs.
+    base_export = os.path.join(out_root, name, "uncompressed_hf")
+    base, decoded = score(run, args, base_export, decoders=decoders)
     rows = [{"run": name, "tool": "none", "variant": "uncompressed", **base}]
     print(f"[{name}] uncompressed: loss {base['loss']:.4f}, {base['bytes'] / 1e6:.2f} MB")
     for decoder, result in decoded.items():
@@ -169,8 +176,13 @@ def run_plan(run: str, name: str, out_root: str, plan: list, args) -> list[dict]
                 f"--calibration_batches={args.calibration_batches}",
             ]
         )
-        summary = compress(cargs)
-        scored, _ = score(out, args, summary.get("model_bytes"))
+        try:
+            summary = compress(cargs)
+        except (ConfigError, ValueError) as e:  # this variant cannot be made: say so, go on
+            rows.append({"run": name, "tool": tool, "variant": variant, "error": str(e)})
+            print(f"[{name}] {variant}: FAILED: {e}", flush=True)
+            continue
+        scored, _ = score(out, args, os.path.join(out, "hf"), summary.get("model_bytes"))
         row = {"run": name, "tool": tool, "variant": variant, **scored}
         row["size"] = row["bytes"] / base["bytes"]
         row["delta_loss"] = row["loss"] - base["loss"]
@@ -190,7 +202,8 @@ def table(rows: list[dict]) -> str:
     """Mean ± std over the runs of each variant (population std, as `experiments.sweep`)."""
     variants: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        variants.setdefault((r["tool"], r["variant"]), []).append(r)
+        if "error" not in r:  # a variant that could not be made is in results.json only
+            variants.setdefault((r["tool"], r["variant"]), []).append(r)
     accuracy = any("accuracy" in r for r in rows)
     lines = [
         "| tool | variant | size (fraction of the run) | held-out loss | Δ loss | bits per byte |"

@@ -249,7 +249,9 @@ def make_batches(
     max_eval_batches: int = 0,
 ) -> Batches:
     """This process's batches: `data.train_split` gives the training stream, any other
-    split one evaluation pass (at most `max_eval_batches` per source; 0: all)."""
+    split one evaluation pass (at most `max_eval_batches` per source; 0: all). The generated
+    tasks (`data.sources=multitask`) always evaluate on their whole held-out set (256 inputs),
+    so their figures compare across runs whatever `train.eval_batches` is."""
     if is_multitask(cfg):
         process_index, process_count = _process_info(process_index, process_count)
         _layout(cfg, process_index, process_count)  # the divisibility check

@@ -108,7 +108,7 @@ def test_usage_statistics_closed_forms():
     assert np.isclose(stats["entropy_bits"], -(0.4 * np.log2(0.4) + 0.6 * np.log2(0.6)))
 
 
-def test_task_accuracy_is_exact_match_of_the_greedy_answers(monkeypatch, tiny_corpus_dir):
+def test_task_accuracy_is_exact_match_of_the_greedy_answers(tiny_corpus_dir):
     """A stand-in decoder answers the even prompts right and the odd ones wrong."""
     answers = {}
     for task, x, answer in tasks.eval_examples(0, 6):
@@ -122,11 +122,10 @@ def test_task_accuracy_is_exact_match_of_the_greedy_answers(monkeypatch, tiny_co
             rows.append(np.concatenate([prompt, (ids + [eos_id] * 9)[:max_new_tokens]]))
         return np.stack(rows)
 
-    monkeypatch.setattr(eval_tasks, "generate", decoder)
     s = one_device_sections(make_tiny_config(tiny_corpus_dir, "deepseekmoe").to_dict())
-    got = eval_tasks.task_accuracy(
-        Transformer(s.model, s.moe), None, ByteTokenizer(), ["rev", "add"], seed=0, per_task=6
-    )
+    model = Transformer(s.model, s.moe)
+    kw = dict(seed=0, per_task=6, generate_fn=decoder)
+    got = eval_tasks.task_accuracy(model, None, ByteTokenizer(), ["rev", "add"], **kw)
     assert got == {"rev": 0.5, "add": 0.5, "mean": 0.5}
 
 

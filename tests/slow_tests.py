@@ -115,7 +115,6 @@ SLOW = {
     "tests/models/test_transformer.py::test_router_bias_collection_is_stacked_used_and_required": 31,
     "tests/models/test_transformer.py::test_scanned_unscanned_and_remat_stacks_are_one_function[gru]": 51,
     "tests/moe/test_dispatch.py::test_dispatcher_gradients_match_dense_reference[ragged]": 9,
-    "tests/moe/test_expert_parallel.py::test_sharded_dispatch_matches_dense_reference[expert_parallel]": 160,
     "tests/moe/test_grouped_matmul.py::test_gmm_bfloat16_operands": 8,
     "tests/moe/test_grouped_matmul.py::test_gmm_gradients_match_reference": 13,
     "tests/moe/test_hybrid.py::test_bfloat16_compute_matches_float32_within_rounding": 15,

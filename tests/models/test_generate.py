@@ -42,6 +42,7 @@ MODELS = {
 }
 
 
+@functools.cache  # one model (and one compile of its init) per name for the whole module
 def _model(name):
     model = Transformer(MODELS[name], MOE)
     prompt = np.random.default_rng(0).integers(0, 40, (2, 4))

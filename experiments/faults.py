@@ -43,7 +43,8 @@ through the bucket; a save cut short there is a step directory without orbax's
 
 Multi-host scenarios: one job is PROCESSES (2) `python -m moejax.train` processes x DEVICES
 (2) CPU devices under jax.distributed (gloo), configs/dense.py shrunk the same way, 8 rows a
-step split over the 4 devices, compared with an uninterrupted job of the same shape:
+step split over the 4 devices, MH_STEPS (64) steps with checkpoints every MH_EVERY (8),
+compared with an uninterrupted job of the same shape:
 
   mh_sigkill        SIGKILL process 1 at a random step: process 0 must stop by itself within
                     --heartbeat_timeout (HEARTBEAT, 10 s) + STOP_MARGIN (60 s), with JAX's
@@ -94,6 +95,10 @@ from moejax.paths import as_path, glob_files, is_remote, join, resolve  # noqa: 
 from moejax.train.faults import CHECKPOINT_CORRUPTIONS  # noqa: E402
 
 STEPS, EVERY, MAX_BAD = 16, 4, 3
+# Multi-host jobs run longer: JAX acts on a SIGTERM at a preemption sync point the processes
+# agree on once the notice has reached them, 2 to 16 steps of ~30 ms later here, so a 16-step
+# job can finish before it (it did); SIGTERM comes within the first eighth.
+MH_STEPS, MH_EVERY = 64, 8
 CORPUS_BYTES = 200_000
 # Multi-host jobs: processes x CPU devices each, and the timeouts they run with.
 PROCESSES, DEVICES = 2, 2
@@ -122,11 +127,11 @@ def tiny_flags(data_dir: str, mixture: str | None = None, multi_host: bool = Fal
         "data.max_bytes_per_domain": CORPUS_BYTES,
         "data.seq_len": 32,
         "data.global_batch_size": 4,
-        "train.steps": STEPS,
+        "train.steps": MH_STEPS if multi_host else STEPS,
         "train.warmup_steps": 2,
         "train.log_every": 1,
         "train.eval_every": 0,
-        "train.checkpoint_every": EVERY,
+        "train.checkpoint_every": MH_EVERY if multi_host else EVERY,
         "train.async_checkpoint": True,
         "train.max_bad_steps": MAX_BAD,
         "train.peak_tflops": 1.0,
@@ -488,7 +493,7 @@ def _rerun_job(runner, workdir, reference, intact: int) -> dict:
     out, err = runner.output(workdir, 0)
     start = resumed_from(out)
     return {
-        "rerun_ok": codes == [0] * PROCESSES and committed(workdir)[-1:] == [STEPS],
+        "rerun_ok": codes == [0] * PROCESSES and committed(workdir)[-1:] == [MH_STEPS],
         "steps_lost": intact - start,
         "resumed_from": start,
         "identical": losses(workdir) == reference,
@@ -500,7 +505,7 @@ def scenario_mh_sigkill(runner, reference, rng, name: str, reference_dir: str, t
     """SIGKILL process 1 mid-step: process 0 must stop by itself (JAX's heartbeat, set by
     --heartbeat_timeout) within HEARTBEAT + STOP_MARGIN s; the rerun resumes."""
     workdir = runner.workdir(name)
-    step = rng.randint(2 * EVERY + 1, STEPS - 2)
+    step = rng.randint(2 * MH_EVERY + 1, MH_STEPS - 2)
     procs = runner.start_job(workdir)
     signal_after(procs[0], workdir, step, signal.SIGKILL, target=procs[1])
     killed_at = time.monotonic()
@@ -526,7 +531,7 @@ def scenario_mh_sigterm(runner, reference, rng, name: str, reference_dir: str, t
     """SIGTERM to process 1 only: JAX's preemption sync point makes both processes save the
     same step and exit 143; the rerun loses nothing."""
     workdir = runner.workdir(name)
-    step = rng.randint(2, STEPS - 3)
+    step = rng.randint(2, MH_STEPS // 8)
     procs = runner.start_job(workdir)
     signal_after(procs[0], workdir, step, signal.SIGTERM, target=procs[1])
     codes = [wait(p) for p in procs]
@@ -706,6 +711,8 @@ def _main(args, chosen: list[str], runs_root: str | None) -> int:
                     "scenarios": results,
                     "steps": STEPS,
                     "checkpoint_every": EVERY,
+                    "multi_host_steps": MH_STEPS,
+                    "multi_host_checkpoint_every": MH_EVERY,
                     "seconds": round(seconds, 1),
                     "all_recovered": ok,
                 },
@@ -721,7 +728,8 @@ def _main(args, chosen: list[str], runs_root: str | None) -> int:
                 f"{r['steps_lost']} | {r['identical']}/{r['trials']} | {r['redone']} |"
             )
         print(
-            f"\n{STEPS} steps, checkpoints every {EVERY}; {seconds:.0f} s; "
+            f"\n{STEPS} steps, checkpoints every {EVERY} (multi-host: {MH_STEPS}, every "
+            f"{MH_EVERY}); {seconds:.0f} s; "
             + ("every scenario recovered, nothing lost." if ok else "FAILURES above.")
         )
         for r in results:

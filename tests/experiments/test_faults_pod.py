@@ -49,7 +49,7 @@ def test_unreachable_coordinator_names_the_address_and_the_flag(tiny_corpus_dir,
 
 def test_multi_host_kill_and_preemption_recover(tmp_path):
     """Five 2-process jobs (the reference, then each fault and its rerun) sharing one JAX
-    compilation cache, about 85 s: in the default run, where it stands for the one-process
+    compilation cache, about 95 s: in the default run, where it stands for the one-process
     SIGTERM and SIGKILL cases of tests/train/test_preemption.py (slow) too."""
     rows = _faults(tmp_path, "--scenarios=mh_sigterm,mh_sigkill", "--jobs=1")
     _assert_recovered(rows, ["mh_sigterm", "mh_sigkill"])

@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
-import transformers
 from hf_models import hf_logits
 from testing_utils import load_experiment
 
 from moejax.eval import evaluate
 from moejax.hf import from_pretrained
 
+torch = pytest.importorskip("torch", reason="needs torch (the hf extra)")
+transformers = pytest.importorskip("transformers", reason="needs transformers (the hf extra)")
 post_training = load_experiment("post_training")
 tiny_hf_moe = load_experiment("tiny_hf_moe")
 

@@ -2,10 +2,11 @@ r"""Post-training trade-off curves (issue 22, item 6): every compression tool of
 `moejax.compress` at several sizes, on trained runs, each result evaluated the same way.
 
 For each run of `--runs` (moejax runs, or `moejax.train.convert_hf` runs fine-tuned here),
-the variants of `--plan` are written with the compress command's own code path
-(`python -m moejax.compress prune|merge|quantize`, `moejax.compress.__main__.run`) under
-`--workdir/<run name>/<variant>` and scored by `moejax.eval.evaluate` on the first
-`--max_batches` held-out batches of the run's own sources. The tools and their papers:
+the variants of `PLANS` (those of `--tools`, or the names in `--only`) are written with
+the compress command's own code path (`python -m moejax.compress prune|merge|quantize`,
+`moejax.compress.__main__.run`) under `--workdir/<run name>/<variant>` and scored by
+`moejax.eval.evaluate` on the first `--max_batches` held-out batches of the run's own
+sources. The tools and their papers:
 
 - prune, by four importances: assignment frequency, gate mass, output norm, and EASY-EP's
   output-aware importance x token contribution (Dong et al., 2025, arXiv 2504.06792);
@@ -272,9 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    markdown = table(rows)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table(rows))
-    print(table(rows))
+        f.write(markdown)
+    print(markdown)
     return 0
 
 

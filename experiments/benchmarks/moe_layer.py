@@ -14,6 +14,8 @@ Run from the repository root:
     python experiments/benchmarks/moe_layer.py --json --batch 1 --dtype bfloat16
     python experiments/benchmarks/moe_layer.py --dispatchers ragged --gmm-impl ragged_dot \
         --skip hf,breakdown                                                 # lax.ragged_dot
+    python experiments/benchmarks/moe_layer.py --json --dtype bfloat16 --skip hf \
+        --dispatchers pallas,pallas+fused,ragged --profile dense_mlp,pallas  # GPU: per kernel
     python experiments/benchmarks/moe_layer.py --json --tokens 256 --d-model 32 --experts 8 \
         --d-expert 16 --top-k 2 --shared 1 --repeats 1                      # seconds (the test)
 
@@ -41,6 +43,12 @@ compute more (`dense_reference`: all E experts on every token; capacity padding)
 unpermute + combine) runs compiled on GPU/TPU; on CPU its kernels run in Pallas interpret
 mode, which is for correctness, so there it is timed only when tokens x top_k fits
 `--pallas-interpret-max-rows` (the tiny test shape does; the default shape is skipped).
+
+Variants: `--dispatchers pallas+fused` runs a dispatcher with `moe.fuse_gate_up=True` (the
+gate and up projections as one grouped matmul on `[W_gate | W_up]`); its `experts_ms` is the
+fused SwiGLU's. `--profile dense_mlp,pallas` traces those cases after the timing and adds
+`profile[case]`: the device time per call summed by op name, heaviest first
+(`kernel_profile.py`; GPU/TPU only, a CPU run says it has no device plane).
 
 `dense_reference` does E/k times the routed FLOPs; it runs only if its predicted time (from the
 dense MLP's measured speed) fits `--reference-budget-s`, else `skipped` says why. At the default
@@ -77,6 +85,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.benchmarks.kernel_profile import profile_step  # noqa: E402
 from experiments.benchmarks.timing import device_name, measure, sig, summary  # noqa: E402
 from moejax.models.config import ModelConfig  # noqa: E402
 from moejax.moe.config import MoEConfig  # noqa: E402
@@ -89,6 +98,17 @@ from moejax.moe.routers import ROUTERS  # noqa: E402
 from moejax.nn.mlp import DenseMLP  # noqa: E402
 
 OPTIONAL = ("dense_reference", "hf", "breakdown")  # what --skip takes besides dispatcher names
+# `--dispatchers name+variant`: the dispatcher with these `moe` fields changed
+VARIANTS = {"fused": {"fuse_gate_up": True}}
+
+
+def split_variant(name: str) -> tuple[str, dict]:
+    """`"pallas+fused"` -> ("pallas", {"fuse_gate_up": True})."""
+    base, *variants = name.split("+")
+    fields = {}
+    for v in variants:
+        fields.update(VARIANTS[v])
+    return base, fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +163,9 @@ def log(msg: str) -> None:
 
 
 def moe_config(shape: Shape, dispatcher: str) -> MoEConfig:
+    dispatcher, fields = split_variant(dispatcher)
     return MoEConfig(
+        **fields,
         num_experts=shape.experts,
         top_k=shape.top_k,
         d_expert=shape.d_expert,
@@ -200,7 +222,7 @@ def fwd_bwd(loss: Callable) -> Callable:
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
 
-def experts_only_step(shape: Shape, params, x, impl: str):
+def experts_only_step(shape: Shape, params, x, impl: str, fuse_gate_up: bool = False):
     """fwd+bwd of the routed SwiGLU alone over the expert-sorted rows (the grouped matmuls)."""
     cfg = moe_config(shape, "ragged")
     x_flat = x.reshape(shape.tokens, shape.d_model)
@@ -211,7 +233,9 @@ def experts_only_step(shape: Shape, params, x, impl: str):
     x_sorted = x_flat[jnp.asarray(order // shape.top_k)]
 
     def loss(w, xs, group_sizes):
-        expert_fn = swiglu_expert_fn(w["w_gate"], w["w_up"], w["w_down"], jnp.dtype(shape.dtype))
+        expert_fn = swiglu_expert_fn(
+            w["w_gate"], w["w_up"], w["w_down"], jnp.dtype(shape.dtype), None, fuse_gate_up
+        )
         y = expert_fn(
             xs, lambda lhs, rhs: gmm(lhs, rhs, group_sizes, impl=impl, tile=shape.gmm_tile)
         )
@@ -223,20 +247,24 @@ def experts_only_step(shape: Shape, params, x, impl: str):
 
 
 def ragged_impl(dispatcher: str, shape: Shape) -> str | None:
-    """The grouped-matmul impl a dispatcher sorts into, or None if it is not a ragged plan."""
-    if dispatcher == "ragged":
-        return resolve_gmm_impl(shape.gmm_impl)
-    if dispatcher == "auto":
-        plan, impl = AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])
-        return impl if plan == "ragged" else None
-    return None
+    """The grouped-matmul impl a dispatcher sorts into, or None if it is not a sorted plan
+    (`pallas` sorts into the Pallas grouped matmul)."""
+    plan = plan_of(dispatcher)
+    if plan == "pallas":
+        return "pallas"
+    if plan != "ragged":
+        return None
+    if split_variant(dispatcher)[0] == "auto":
+        return AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])[1]
+    return resolve_gmm_impl(shape.gmm_impl)
 
 
 DENSE_BASELINES = ("dense_mlp", "dense_swiglu_2d")
 
 
 def plan_of(dispatcher: str) -> str:
-    """The plan a dispatcher name runs (`auto` resolves by platform)."""
+    """The plan a dispatcher name runs (`auto` resolves by platform; variants dropped)."""
+    dispatcher = split_variant(dispatcher)[0]
     if dispatcher == "auto":
         return AUTO_PLAN.get(jax.default_backend(), AUTO_PLAN["cpu"])[0]
     return dispatcher
@@ -300,6 +328,7 @@ def run(
     hf_impls: list[str],
     torch_threads: int,
     pallas_interpret_max_rows: int = 4096,
+    profile: tuple[str, ...] = (),
 ) -> dict:
     t_start = time.perf_counter()
     key_x, key_init, key_dense = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -336,7 +365,7 @@ def run(
         if name in skip:
             skipped[name] = "--skip"
             continue
-        if name == "pallas":
+        if plan_of(name) == "pallas":
             reason = pallas_skip_reason(shape, pallas_interpret_max_rows)
             if reason:
                 skipped[name] = reason
@@ -352,9 +381,10 @@ def run(
         add(name, compile_step(fwd_bwd(moe_loss(layer)), params, x), keep_metrics=True)
         if "breakdown" not in skip and name != "dense_reference":
             add(f"{name}/fwd", compile_step(moe_loss(layer), params, x))
-            impl = ragged_impl(name, shape)
-            if impl is not None and f"experts/{impl}" not in steps:
-                add(f"experts/{impl}", experts_only_step(shape, params, x, impl))
+            impl, fused = ragged_impl(name, shape), moe_config(shape, name).fuse_gate_up
+            key = f"experts/{impl}" + ("+fused" if fused else "")
+            if impl is not None and key not in steps:
+                add(key, experts_only_step(shape, params, x, impl, fused))
 
     hf_info = {"available": False}
     if "hf" in skip:
@@ -380,6 +410,8 @@ def run(
     log(f"timing {len(steps)} cases x {repeats} repeats")
     times = measure(steps, repeats, log)
     report = assemble(shape, times, compile_s, first_call_s, metrics, hf_info, repeats)
+    if profile:  # after the timing, so tracing cannot perturb it
+        report["profile"] = {n: profile_step(steps[n]) for n in profile if n in steps}
     if skipped:
         report["skipped"] = skipped
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -438,8 +470,9 @@ def assemble(
         impl = ragged_impl(name, shape)
         if impl is not None:
             entry["gmm_impl"] = impl
-            if f"experts/{impl}" in times:
-                ex = summary(times[f"experts/{impl}"])
+            key = f"experts/{impl}" + ("+fused" if moe_config(shape, name).fuse_gate_up else "")
+            if key in times:
+                ex = summary(times[key])
                 entry.update(
                     experts_ms=ex["ms"],
                     experts_ms_min=ex["ms_min"],
@@ -521,7 +554,8 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dispatchers",
         default=",".join(DISPATCHERS),
-        help="comma list out of " + ",".join(DISPATCHERS),
+        help="comma list out of " + ",".join(DISPATCHERS) + ", each optionally with "
+        "+VARIANT (" + ",".join(VARIANTS) + ": moe.fuse_gate_up=True), e.g. pallas+fused",
     )
     p.add_argument(
         "--skip", default="", help="comma list of dispatchers and/or " + ",".join(OPTIONAL)
@@ -551,6 +585,12 @@ def arg_parser() -> argparse.ArgumentParser:
         default=os.cpu_count(),
         help="torch.set_num_threads for the HF peer (JAX uses every core)",
     )
+    p.add_argument(
+        "--profile",
+        default="",
+        help="comma list of timed cases (e.g. dense_mlp,pallas) whose device ops are traced "
+        "after the timing and summed by name (kernel_profile.py; GPU/TPU only)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
@@ -562,7 +602,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("--dispatchers", args.dispatchers, DISPATCHERS),
         ("--skip", args.skip, (*DISPATCHERS, *OPTIONAL)),
     ]:
-        unknown = [n for n in names.split(",") if n and n not in allowed]
+        unknown = [
+            n
+            for n in names.split(",")
+            if n
+            and (n.split("+")[0] not in allowed or any(v not in VARIANTS for v in n.split("+")[1:]))
+        ]
         if unknown:
             p.error(f"{flag}: unknown {unknown}; choose from {','.join(allowed)}")
     if args.repeats < 1:
@@ -598,6 +643,7 @@ def main(argv=None) -> dict:
         [n for n in args.hf_impl.split(",") if n],
         args.torch_threads,
         args.pallas_interpret_max_rows,
+        tuple(n for n in args.profile.split(",") if n),
     )
     if args.json:
         print(json.dumps(report))

@@ -80,6 +80,8 @@ class MoEConfig:
     # send / gradient-receive buffer of the sparse all-gather, so its traffic has no P term
     fssdp_max_sends: int = 0
     fssdp_remat: bool = False  # fssdp: gather the replicas again in the backward pass
+    # routed SwiGLU: gate and up projections as one grouped matmul on [W_gate | W_up]
+    fuse_gate_up: bool = False
     gmm_impl: str = "auto"  # grouped matmul: auto|tile_loop|ragged_dot|pallas
     gmm_tile: int = 256  # rows per tile of the tile_loop grouped matmul
     # kernels of the `pallas` dispatcher: auto (from the platform)|mosaic_tpu|mosaic_gpu|

@@ -67,14 +67,16 @@ Metrics = dict[str, jax.Array]
 # itself). TPU (XLA:TPU compile, cost analysis; tests/tpu/test_tpu_compile.py): the
 # Mosaic TPU grouped matmul (impl "pallas", as MaxText's megablox) costs 1.0x the dense FLOPs
 # of the same rows, ragged_dot 22x (lowered to a padded dense dot per group, fwd+bwd, 64
-# groups). GPU (H200, bf16, README): the `pallas`
-# dispatcher (Mosaic GPU grouped matmuls) runs the default MoE layer in 2.2 ms fwd+bwd against
-# 44 ms for ragged + tile_loop; XLA rewrites ragged_dot to a padded dense batched dot (63x a
-# dense matmul at the DeepSeek-like gmm shape, tile_loop 17x), so the tile loop stays the
-# grouped matmul of the plans that take a gmm_impl (ragged, expert_parallel, fssdp).
+# groups). GPU (H200, bf16, experiments/gpu/results/h200_2026-12-04): the Mosaic GPU grouped
+# matmul ("pallas") is the only fast one (XLA rewrites ragged_dot to a padded dense batched
+# dot, 63x a dense matmul at the DeepSeek-like gmm shape, the tile loop 17x); around it the
+# permutation and combine as XLA gather fusions took 0.063 ms of device time a layer fwd+bwd
+# where the `pallas` dispatcher's row kernels (Pallas's deprecated Triton lowering) took 0.094
+# ms (`moe_layer.py --profile`), so `ragged` on the Pallas grouped matmul is the GPU plan, and
+# the plans that take a gmm_impl (expert_parallel, fssdp) use that kernel there too.
 AUTO_PLAN = {
     "cpu": ("hybrid", "tile_loop"),
-    "gpu": ("pallas", "tile_loop"),
+    "gpu": ("ragged", "pallas"),
     "tpu": ("ragged", "pallas"),
 }
 

@@ -54,23 +54,35 @@ def swiglu_expert_fn(
     w_down: jax.Array,
     dtype=jnp.float32,
     lora: dict[str, tuple[jax.Array, jax.Array, float]] | None = None,
+    fuse_gate_up: bool = False,
 ) -> ExpertFn:
     """SwiGLU over a dispatch plan: silu(mm(x, W_gate)) * mm(x, W_up), then mm(., W_down);
     `lora[name] = (a[E, d_in, r], b[E, r, d_out], s)` adds `s mm(mm(x, a), b)` to that
-    projection (module docstring)."""
+    projection (module docstring). `fuse_gate_up`: the gate and up projections run as one
+    grouped matmul on `[W_gate | W_up]` (`[E, d, 2f]`, concatenated inside the step; one
+    kernel launch and a twice-wider N for the tiles, `moe.fuse_gate_up`); integer (qwix)
+    weights keep two products."""
     lora = lora or {}
     scales = {name: s for name, (_, _, s) in lora.items()}
 
     def fn(w, x: jax.Array, mm: MatmulFn) -> jax.Array:
+        def low_rank(name, inputs):
+            a, b = w[f"lora_{name}"]
+            return scales[name] * mm(mm(inputs, a.astype(dtype)), b.astype(dtype))
+
         def proj(name, inputs):
             y = mm(inputs, w[name].astype(dtype))
-            if name in scales:
-                a, b = w[f"lora_{name}"]
-                y = y + scales[name] * mm(mm(inputs, a.astype(dtype)), b.astype(dtype))
-            return y
+            return y + low_rank(name, inputs) if name in scales else y
 
         x = x.astype(dtype)
-        return proj("w_down", nn.silu(proj("w_gate", x)) * proj("w_up", x))
+        if fuse_gate_up and all(isinstance(w[n], jax.Array) for n in ("w_gate", "w_up")):
+            stacked = jnp.concatenate([w["w_gate"], w["w_up"]], axis=-1).astype(dtype)
+            gate, up = jnp.split(mm(x, stacked), 2, axis=-1)
+            gate = gate + low_rank("w_gate", x) if "w_gate" in scales else gate
+            up = up + low_rank("w_up", x) if "w_up" in scales else up
+        else:
+            gate, up = proj("w_gate", x), proj("w_up", x)
+        return proj("w_down", nn.silu(gate) * up)
 
     weights = {"w_gate": w_gate, "w_up": w_up, "w_down": w_down}
     weights.update({f"lora_{name}": (a, b) for name, (a, b, _) in lora.items()})
@@ -86,6 +98,7 @@ class RoutedExperts(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     adapters: AdapterHook | None = None  # LoRA on the experts (`AdapterHook.expert_lora`)
+    fuse_gate_up: bool = False  # `moe.fuse_gate_up` (swiglu_expert_fn)
 
     @nn.compact
     def __call__(self) -> ExpertFn:
@@ -104,4 +117,4 @@ class RoutedExperts(nn.Module):
         if self.adapters is not None:
             shapes = {"w_gate": (e, d, f), "w_up": (e, d, f), "w_down": (e, f, d)}
             lora = self.adapters.expert_lora(self, shapes, self.param_dtype)
-        return swiglu_expert_fn(w_gate, w_up, w_down, dtype_of(self.dtype), lora)
+        return swiglu_expert_fn(w_gate, w_up, w_down, dtype_of(self.dtype), lora, self.fuse_gate_up)

@@ -90,6 +90,7 @@ class MoELayer(nn.Module):
             m.dtype,
             m.param_dtype,
             self.adapters,
+            cfg.fuse_gate_up,
             name="experts",
         )()
         y, dispatch_metrics = dispatch(x, routing, expert_fn, cfg)

@@ -40,10 +40,13 @@ HF_INSTALLED = all(importlib.util.find_spec(m) for m in ("torch", "transformers"
 
 @pytest.fixture(scope="module")
 def run():
-    """One run of the CLI: every dispatcher and the breakdown (the HF peer is tested apart)."""
+    """One run of the CLI: every dispatcher, a `+fused` variant, the breakdown and a profile
+    request (the HF peer is tested apart)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cases = ",".join([*DISPATCHERS, "pallas+fused"])
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--json", *TINY, "--skip", "hf"],
+        [sys.executable, str(SCRIPT), "--json", *TINY, "--skip", "hf"]
+        + ["--dispatchers", cases, "--profile", "dense_mlp"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -88,6 +91,16 @@ def test_every_dispatcher_is_timed_against_the_fastest_dense_swiglu(run):
         if name != "dense_reference":
             assert 0 < entry["fwd_ms"]
     assert results["ragged"]["experts_ms"] > 0 and results["ragged"]["gmm_impl"]
+    # the pallas plan's own grouped matmuls are timed alone, fused apart from unfused
+    assert results["pallas"]["gmm_impl"] == "pallas" and results["pallas"]["experts_ms"] > 0
+    fused = results["pallas+fused"]
+    assert_timing(fused)
+    assert fused["experts_ms"] > 0 and fused["dropped_fraction"] == 0.0
+    assert "experts/pallas+fused" in stderr and "experts/pallas:" in stderr
+    # CPU: the profile request is answered with why there is nothing to trace
+    assert report["profile"] == {
+        "dense_mlp": {"available": False, "reason": "no device plane (CPU run)"}
+    }
     for name in ("hybrid", "auto"):  # auto is the hybrid plan on CPU
         assert 0.0 <= results[name]["overflow_fraction"] <= 1.0
     routing = report["routing"]
@@ -177,3 +190,17 @@ def test_flags_are_validated(bench):
         bench.Shape(tokens=10, batch=4)
     shape = bench.Shape()
     assert shape.dense_width == (shape.top_k + shape.shared) * shape.d_expert
+
+
+def test_kernel_profile_sums_device_ops_per_call():
+    """`kernel_profile.summarize`: per-call totals by name, heaviest first, shares of the sum."""
+    sys.path.insert(0, str(REPO))
+    from experiments.benchmarks.kernel_profile import summarize
+
+    events = [("gmm", 2.0), ("sort", 0.5), ("gmm", 2.0), ("cast", 0.25), ("sort", 0.5)] * 2
+    out = summarize(events, calls=2, top=2)
+    assert out["device_ms_per_call"] == 5.25 and out["ops"] == 3
+    assert out["top"] == [
+        {"name": "gmm", "ms_per_call": 4.0, "share": round(8 / 10.5, 4), "count": 2},
+        {"name": "sort", "ms_per_call": 1.0, "share": round(2 / 10.5, 4), "count": 2},
+    ]

@@ -15,6 +15,15 @@ on C4 with DeepSeek's tokenizer (`moejax/config/pod_data.py` says how to prepare
     python -m moejax.train --config=configs/deepseekmoe.py:size=pod --workdir=/mnt/shared/runs/dsmoe
 laid out for a v5p-256 slice (v5p:4x4x8, 128 chips) by default; `size=pod,topology=v6e:16x16`
 for a v6e-256 (POD_LAYOUTS below; compiled and checked to fit by experiments/pod_table.py).
+One-GPU size (`size=gpu`: 16 layers, d 1024, 8 heads of 128, 64 experts of 512, top-6, 2
+shared, first layer dense with d_ff 4096 = (6 + 2) x 512, vocab 32768, bfloat16 compute,
+8 x 4096 tokens a step; 1.70B parameters, 0.34B active per token; gate and up projections as
+one grouped matmul, `moe.fuse_gate_up`), the default shape of
+experiments/benchmarks/train_step.py on a GPU (H200: 29.7% MFU, the dense model of the same
+active width 39.3%; README "GPU"):
+    python -m moejax.train --config=configs/deepseekmoe.py:size=gpu --workdir=runs/dsmoe_gpu
+on the offline byte corpus (its 259 ids use a sliver of the 32768-id vocabulary, sized like
+a sub-word model's for the step's cost).
 
 Active FFN width per token is 4 x 128 routed + 1 x 128 shared = 640 = dense.py's d_ff and
 gshard.py's 2 x 320, so the three tiny configs compare at equal active parameters.
@@ -40,7 +49,7 @@ def get_config(arg=None):
     # steps=0: the size's default; tokenizer=bpe: a 4096-id BPE trained on the corpus.
     arg = parse_arg(arg, size="tiny", steps=0, tokenizer="byte", topology="")
     c = default_config()
-    c.train.steps = arg.steps or {"tiny": 300, "pod": 100_000}.get(arg.size, 0)
+    c.train.steps = arg.steps or {"tiny": 300, "gpu": 2000, "pod": 100_000}.get(arg.size, 0)
     if arg.size == "tiny":
         c.model.update(
             d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=640, first_k_dense=1
@@ -62,6 +71,38 @@ def get_config(arg=None):
             eval_every=100,
             eval_batches=8,
             checkpoint_every=100,
+            log_every=10,
+        )
+    elif arg.size == "gpu":
+        c.model.update(
+            vocab_size=32768,
+            d_model=1024,
+            num_layers=16,
+            # head dim 128: cuDNN's flash attention ran the MoE step 1.4% faster than with
+            # 16 heads of 64 (H200, experiments/gpu/results/h200_2026-12-04)
+            num_heads=8,
+            num_kv_heads=8,
+            d_ff=4096,  # (top_k + n_shared) x d_expert: the active FFN width of a MoE layer
+            first_k_dense=1,
+            dtype="bfloat16",
+        )
+        c.moe.update(
+            num_experts=64,
+            top_k=6,
+            d_expert=512,
+            n_shared=2,
+            renormalize=False,
+            balance_coef=0.001,
+            # one grouped matmul on [W_gate | W_up]: the train step 4% faster on an H200
+            fuse_gate_up=True,
+        )
+        c.data.update(seq_len=4096, global_batch_size=8)
+        c.train.update(
+            learning_rate=5e-4,
+            warmup_steps=min(200, c.train.steps),
+            eval_every=500,
+            eval_batches=8,
+            checkpoint_every=500,
             log_every=10,
         )
     elif arg.size == "pod":
@@ -97,7 +138,7 @@ def get_config(arg=None):
         c.train.loss_chunk = 262_144
         apply_pod_layout(c, POD_LAYOUTS, arg.topology)
     else:
-        raise ValueError(f"size={arg.size!r}: choose tiny or pod")
+        raise ValueError(f"size={arg.size!r}: choose tiny, gpu or pod")
     if arg.topology and arg.size != "pod":
         raise ValueError("topology= picks a pod layout: use it with size=pod")
     if arg.tokenizer == "bpe":

@@ -391,6 +391,14 @@ def _router_step(ctx, commands):
         assert '"results"' in out
 
 
+def _train_step(ctx, commands):
+    for command in commands:
+        _, argv = split(command)
+        tiny = "--batch 2 --seq-len 32 --warmup 0 --steps 1 --dispatchers auto --remat full"
+        out = ctx.run([*argv, *tiny.split()])
+        assert '"results"' in out and '"error"' not in out
+
+
 def _collective_report_cpu(ctx, commands):
     (command,) = commands
     env, argv = split(command)
@@ -569,6 +577,7 @@ FAULTS = "python experiments/faults.py"
 GMM = "python experiments/benchmarks/gmm.py"
 MOE_LAYER = "python experiments/benchmarks/moe_layer.py"
 ROUTER_STEP = "python experiments/benchmarks/router_step.py"
+TRAIN_STEP = "python experiments/benchmarks/train_step.py"
 POD_TABLE = "python experiments/pod_table.py"
 TPU_COST = "python experiments/benchmarks/moe_layer_tpu_cost.py"
 
@@ -651,6 +660,10 @@ ROWS = {
         ),
         _router_step,
     ),
+    "train_step": Row(
+        (f"{TRAIN_STEP} --json", f"{TRAIN_STEP} --json --dispatchers auto --remat none"),
+        _train_step,
+    ),
     "collective_report_cpu": Row((README["report_cpu"],), _collective_report_cpu),
     "collective_report_tpu": Row((README["report_tpu"],), _collective_report_tpu),
 }
@@ -665,10 +678,20 @@ COVERED_BY = {
         "tests/experiments/test_gmm_benchmark.py::"
         "test_every_case_is_timed_against_dense_and_ragged_dot"
     ),
+    f"{MOE_LAYER} --json --dtype bfloat16 --skip hf --dispatchers pallas,pallas+fused,ragged "
+    "--profile dense_mlp,pallas": (
+        "tests/experiments/test_moe_layer_benchmark.py::"
+        "test_every_dispatcher_is_timed_against_the_fastest_dense_swiglu"
+    ),
     f"{MOE_LAYER} --json --tokens 256 --d-model 32 --experts 8 --d-expert 16 --top-k 2 "
     "--shared 1 --repeats 1": (
         "tests/experiments/test_moe_layer_benchmark.py::"
         "test_every_dispatcher_is_timed_against_the_fastest_dense_swiglu"
+    ),
+    f"{TRAIN_STEP} --json --batch 2 --seq-len 32 --warmup 1 --steps 2 "
+    "--set moe.capacity_factor=4 --dispatchers ragged,capacity_einsum,bogus --remat none": (
+        "tests/experiments/test_train_step_benchmark.py::"
+        "test_train_step_benchmark_reports_consistent_numbers"
     ),
     README["sample"]: (
         "tests/analysis/test_load_and_sample.py::test_sample_cli_prints_the_greedy_continuation"
@@ -745,6 +768,10 @@ NOT_RUN = {
     _pod("deepseekmoe", "/mnt/shared/runs/dsmoe"): POD,
     _pod("dense", "/mnt/shared/runs/dense"): POD,
     _pod("rmoe", "/mnt/shared/runs/rmoe"): POD,
+    "python -m moejax.train --config=configs/deepseekmoe.py:size=gpu --workdir=runs/dsmoe_gpu": (
+        "one-GPU size (1.7B parameters, 8 x 4096 tokens a step); "
+        "tests/experiments/test_train_step_benchmark.py builds it abstractly"
+    ),
     _pod("top_p", "/mnt/shared/runs/top_p"): POD,
     README["multihost"]: (
         POD + "; two hosts. tests/train/test_multihost.py runs two processes at tiny size"
@@ -831,6 +858,7 @@ HELP_SCRIPTS = [
     "experiments/mole_multitask.py",
     "experiments/pod_table.py",
     "experiments/benchmarks/router_step.py",
+    "experiments/benchmarks/train_step.py",
     "experiments/benchmarks/gmm.py",
     "experiments/benchmarks/moe_layer.py",
 ]

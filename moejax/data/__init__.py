@@ -18,7 +18,6 @@ Train a sub-word vocabulary with `python -m moejax.data.tokenizer_train`
 """
 
 from moejax.data.config import DataConfig, default_data_dir
-from moejax.data.corpus_builder import MoejaxCorpus, build_corpus
 from moejax.data.corpus_sources import DOMAIN_IDS, DOMAINS, Document, collect_documents
 from moejax.data.datasets import (
     Batches,
@@ -82,3 +81,13 @@ __all__ = [
     "split_documents",
     "training_batches",
 ]
+
+
+def __getattr__(name: str):
+    """`MoejaxCorpus` and `build_corpus` import tensorflow-datasets: loaded on first use, so
+    the rest of moejax (a model, a train step on synthetic batches) imports without it."""
+    if name in ("MoejaxCorpus", "build_corpus"):
+        from moejax.data import corpus_builder
+
+        return getattr(corpus_builder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,18 +11,20 @@ the `corpus` and `tfds:` kinds of `data.sources`.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tensorflow_datasets as tfds
-
-from moejax.data import corpus_builder
 from moejax.data.config import DATA_DIR_ENV, DEFAULT_DATASET
 from moejax.data.errors import DataError
+
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
 
 
 def corpus_builder_in(data_dir: str, max_bytes_per_domain: int) -> tfds.core.DatasetBuilder:
     """The moejax corpus of `max_bytes_per_domain` in `data_dir`, built if needed; DataError
     naming data.data_dir when it cannot be built or read."""
+    from moejax.data import corpus_builder  # tensorflow-datasets, imported when needed
+
     try:
         return corpus_builder.build_corpus(data_dir, max_bytes_per_domain)
     except OSError as e:
@@ -48,6 +50,8 @@ def prepared_builder(
     `setting` is how the user named it (`data.sources: tfds:c4`), `alternatives` the fix when
     `name` is not a tfds dataset; both go into the DataError messages.
     """
+    import tensorflow_datasets as tfds  # imported when a tfds source is opened
+
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:

@@ -6,9 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import pytest
+
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.skipif(
+    jax.default_backend() == "gpu",
+    reason="a GPU host compiles and runs these kernels in the other tests; there jax 0.11's "
+    "Triton lowering refuses JAX_PLATFORMS=cpu without an abstract GPU device (H200, "
+    "2026-12-04)",
+)
 def test_triton_lowered_kernels_verify():
     env = dict(
         os.environ,

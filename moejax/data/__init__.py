@@ -17,7 +17,9 @@ Train a sub-word vocabulary with `python -m moejax.data.tokenizer_train`
 (`tokenizer_training.train_tokenizer`).
 """
 
+from moejax.data import corpus_builder
 from moejax.data.config import DataConfig, default_data_dir
+from moejax.data.corpus_builder import build_corpus
 from moejax.data.corpus_sources import DOMAIN_IDS, DOMAINS, Document, collect_documents
 from moejax.data.datasets import (
     Batches,
@@ -84,10 +86,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """`MoejaxCorpus` and `build_corpus` import tensorflow-datasets: loaded on first use, so
-    the rest of moejax (a model, a train step on synthetic batches) imports without it."""
-    if name in ("MoejaxCorpus", "build_corpus"):
-        from moejax.data import corpus_builder
-
-        return getattr(corpus_builder, name)
+    """`MoejaxCorpus`, defined (and tensorflow-datasets imported) on first access
+    (`corpus_builder._builder_classes`): the rest of moejax imports without tfds."""
+    if name == "MoejaxCorpus":
+        return corpus_builder.MoejaxCorpus
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

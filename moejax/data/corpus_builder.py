@@ -14,105 +14,40 @@ time, so `describe()` costs nothing.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
+import importlib
 import io
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import tensorflow_datasets as tfds
 from absl import logging
-from etils import epath
 
 from moejax.data import config as config_lib
-from moejax.data import corpus_sources, splits
+from moejax.data import corpus_sources
 
 DEFAULT_MAX_BYTES_PER_DOMAIN = corpus_sources.DEFAULT_MAX_BYTES_PER_DOMAIN
 
-
-@dataclasses.dataclass(eq=False)
-class MoejaxCorpusConfig(tfds.core.BuilderConfig):
-    """A corpus variant: how many bytes each domain holds."""
-
-    max_bytes_per_domain: int = DEFAULT_MAX_BYTES_PER_DOMAIN
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
 
 
-def _config_name(max_bytes_per_domain: int) -> str:
-    return f"domain_bytes_{max_bytes_per_domain}"
+def __getattr__(name: str):
+    """`MoejaxCorpus`, `MoejaxCorpusConfig` and `corpus_config` live in `corpus_tfds`, which
+    imports tensorflow-datasets: loaded on first access (`_tfds`)."""
+    if name in ("MoejaxCorpus", "MoejaxCorpusConfig", "corpus_config"):
+        return getattr(_tfds(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_DEFAULT_CONFIG = MoejaxCorpusConfig(
-    name=_config_name(DEFAULT_MAX_BYTES_PER_DOMAIN),
-    description="About 4 MB of text per domain.",
-    max_bytes_per_domain=DEFAULT_MAX_BYTES_PER_DOMAIN,
-)
-
-
-def corpus_config(max_bytes_per_domain: int) -> MoejaxCorpusConfig:
-    """The registered default config, or a custom one for another size."""
-    if max_bytes_per_domain == DEFAULT_MAX_BYTES_PER_DOMAIN:
-        return _DEFAULT_CONFIG  # tfds requires the registered instance itself
-    if max_bytes_per_domain <= 0:
-        raise ValueError(f"data.max_bytes_per_domain must be positive, got {max_bytes_per_domain}.")
-    return MoejaxCorpusConfig(
-        name=_config_name(max_bytes_per_domain),
-        description=f"{max_bytes_per_domain} bytes of text per domain.",
-        max_bytes_per_domain=max_bytes_per_domain,
-    )
-
-
-class MoejaxCorpus(tfds.core.GeneratorBasedBuilder):
-    """Offline code / prose / arithmetic corpus; registered in tfds as `moejax_corpus`."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Stdlib code, system prose, generated arithmetic."}
-    BUILDER_CONFIGS = [_DEFAULT_CONFIG]
-    # tfds 4.9.10 derives `code_path` through `importlib_resources`, a package it only
-    # declares for Python < 3.9, so the derivation raises ModuleNotFoundError on 3.11. The
-    # path is only used to look for a `checksums.tsv` beside this file (there is none).
-    code_path = epath.Path(__file__)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "text": tfds.features.Text(),
-                    "domain": tfds.features.ClassLabel(names=corpus_sources.DOMAINS),
-                    "doc_id": tfds.features.Text(),
-                }
-            ),
-            metadata=tfds.core.MetadataDict(),
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # everything is on this machine already
-        docs = corpus_sources.collect_documents(self.builder_config.max_bytes_per_domain)
-        by_split = splits.split_documents(docs)
-        self.info.metadata["stats"] = {
-            name: corpus_stats(split_docs) for name, split_docs in by_split.items()
-        }
-        return {name: self._generate_examples(split_docs) for name, split_docs in by_split.items()}
-
-    def _generate_examples(self, docs: Sequence[corpus_sources.Document]):
-        for doc in docs:
-            yield doc.doc_id, {"text": doc.text, "domain": doc.domain, "doc_id": doc.doc_id}
-
-
-def corpus_stats(docs: Sequence[corpus_sources.Document]) -> dict:
-    """{"documents": n, "bytes": b, "domains": {domain: {"documents", "bytes"}}}."""
-    domains = {name: {"documents": 0, "bytes": 0} for name in corpus_sources.DOMAINS}
-    for doc in docs:
-        domains[doc.domain]["documents"] += 1
-        domains[doc.domain]["bytes"] += len(doc.text.encode("utf-8"))
-    return {
-        "documents": sum(d["documents"] for d in domains.values()),
-        "bytes": sum(d["bytes"] for d in domains.values()),
-        "domains": domains,
-    }
+def _tfds():
+    """The tfds builder module, imported on first use so that moejax imports without
+    tensorflow-datasets (a GPU image without it runs models and the train-step benchmark).
+    The one import by name in the package: `corpus_tfds` imports no moejax module that could
+    import this one, so no cycle hides behind it."""
+    return importlib.import_module("moejax.data.corpus_tfds")
 
 
 @contextlib.contextmanager
@@ -139,11 +74,12 @@ def _quiet() -> Iterator[None]:
         raise
 
 
-def _make_builder(data_dir: str, max_bytes_per_domain: int) -> MoejaxCorpus:
+def _make_builder(data_dir: str, max_bytes_per_domain: int) -> tfds.core.DatasetBuilder:
+    module = _tfds()
     with _quiet():  # constructing a custom config logs a warning we expect
-        return MoejaxCorpus(
+        return module.MoejaxCorpus(
             data_dir=data_dir,
-            config=corpus_config(max_bytes_per_domain),
+            config=module.corpus_config(max_bytes_per_domain),
             file_format="array_record",
         )
 
@@ -151,11 +87,14 @@ def _make_builder(data_dir: str, max_bytes_per_domain: int) -> MoejaxCorpus:
 def prepared_dir(data_dir: str, max_bytes_per_domain: int) -> str:
     """Where the corpus of this size lives under `data_dir` (tfds's layout)."""
     return os.path.join(
-        data_dir, MoejaxCorpus.name, _config_name(max_bytes_per_domain), str(MoejaxCorpus.VERSION)
+        data_dir,
+        "moejax_corpus",
+        corpus_sources.config_name(max_bytes_per_domain),
+        corpus_sources.CORPUS_VERSION,
     )
 
 
-def _reuse(data_dir: str, max_bytes_per_domain: int) -> MoejaxCorpus | None:
+def _reuse(data_dir: str, max_bytes_per_domain: int) -> tfds.core.DatasetBuilder | None:
     """The builder if this corpus is already prepared under `data_dir`, else None."""
     if not os.path.isdir(prepared_dir(data_dir, max_bytes_per_domain)):
         return None  # skip tfds's "has no dataset_info.json" warning on a fresh dir
@@ -172,7 +111,7 @@ def _reuse(data_dir: str, max_bytes_per_domain: int) -> MoejaxCorpus | None:
 def build_corpus(
     data_dir: str | None = None,
     max_bytes_per_domain: int = DEFAULT_MAX_BYTES_PER_DOMAIN,
-) -> MoejaxCorpus:
+) -> tfds.core.DatasetBuilder:
     """Builds the corpus once under `data_dir` and returns a builder ready for reading.
 
     Idempotent: a prepared corpus is reused. Safe to call from several processes at once:
@@ -181,7 +120,7 @@ def build_corpus(
     never leaves a half-written corpus behind). Prints one line either way.
     """
     data_dir = os.path.expanduser(data_dir) if data_dir else config_lib.default_data_dir()
-    name = _config_name(max_bytes_per_domain)
+    name = corpus_sources.config_name(max_bytes_per_domain)
     builder = _reuse(data_dir, max_bytes_per_domain)  # no lock: data_dir may be read-only
     if builder is not None:
         return builder

@@ -25,7 +25,7 @@ import ast
 import hashlib
 import os
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from moejax.data import arithmetic
@@ -276,3 +276,25 @@ def collect_documents(
     for name in DOMAINS:
         docs.extend(take_bytes(streams[name], max_bytes_per_domain))
     return docs
+
+
+# The tfds builder's version and config names (`corpus_tfds`); the prepared corpus lives at
+# DATA_DIR/moejax_corpus/<config_name>/<CORPUS_VERSION>.
+CORPUS_VERSION = "1.0.0"
+
+
+def config_name(max_bytes_per_domain: int) -> str:
+    return f"domain_bytes_{max_bytes_per_domain}"
+
+
+def corpus_stats(docs: Sequence[Document]) -> dict:
+    """{"documents": n, "bytes": b, "domains": {domain: {"documents", "bytes"}}}."""
+    domains = {name: {"documents": 0, "bytes": 0} for name in DOMAINS}
+    for doc in docs:
+        domains[doc.domain]["documents"] += 1
+        domains[doc.domain]["bytes"] += len(doc.text.encode("utf-8"))
+    return {
+        "documents": sum(d["documents"] for d in domains.values()),
+        "bytes": sum(d["bytes"] for d in domains.values()),
+        "domains": domains,
+    }

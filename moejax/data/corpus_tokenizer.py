@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 
+from moejax.data import corpus_builder
 from moejax.data.tokenizer_training import train_tokenizer
 
 CORPUS_BPE = "corpus_bpe"
@@ -45,8 +46,6 @@ def build_corpus_tokenizer(data_dir: str, max_bytes_per_domain: int, vocab_size:
     spec = f"hf:{target}"
     if os.path.isfile(os.path.join(target, "tokenizer.json")):
         return spec
-    from moejax.data import corpus_builder  # tensorflow-datasets, imported when needed
-
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with corpus_builder.file_lock(target + ".lock"):
         if os.path.isfile(os.path.join(target, "tokenizer.json")):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from moejax.data import corpus_builder
 from moejax.data.config import DATA_DIR_ENV, DEFAULT_DATASET
 from moejax.data.errors import DataError
 
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
 def corpus_builder_in(data_dir: str, max_bytes_per_domain: int) -> tfds.core.DatasetBuilder:
     """The moejax corpus of `max_bytes_per_domain` in `data_dir`, built if needed; DataError
     naming data.data_dir when it cannot be built or read."""
-    from moejax.data import corpus_builder  # tensorflow-datasets, imported when needed
-
     try:
         return corpus_builder.build_corpus(data_dir, max_bytes_per_domain)
     except OSError as e:

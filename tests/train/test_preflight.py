@@ -113,7 +113,7 @@ def test_cli_prints_one_message_and_exits_1(tiny_config, tmp_path):
 @pytest.mark.parametrize(
     "flag, expected",
     [
-        ("--config=configs/deepseekmoe.py:size=huge", "size='huge': choose tiny or pod"),
+        ("--config=configs/deepseekmoe.py:size=huge", "size='huge': choose tiny, gpu or pod"),
         ("--config=configs/deepseekmoe.py:sise=pod", "unknown config arg 'sise'"),
     ],
 )

@@ -2,16 +2,18 @@
 
 `profile_step(step, calls)` runs `step()` `calls` times under `jax.profiler.trace`, reads the
 trace back with `jax.profiler.ProfileData` (the XSpace protobuf the profiler writes) and sums
-the device events by name: on a GPU the "XLA Ops" line of the `/device:GPU:0` plane (one
-event per HLO op, a fusion or a custom call such as a Pallas kernel), else every kernel of its
-stream lines; on a TPU the "XLA Ops" line of `/device:TPU:0`. It answers questions the totals
-of `moe_layer.py` cannot, e.g. what share of the `pallas` MoE layer is the grouped matmuls,
-the permutation, the sort, or the casts. CPUs have no device plane: the result says so.
+the device events by name: those of the plane's "XLA Ops" line where it has one (one event
+per HLO op), else every event of its lines, which on a GPU are the kernels of each stream
+(on the H200 with jax 0.11: `nvjet_*` cuBLAS matmuls, `anonymous_mosaic_gpu_kernel` for
+Pallas Mosaic GPU calls, `loop_*_fusion` / `input_*_fusion` for XLA's, cuDNN's attention
+kernels, `MemcpyD2D`). It answers questions the totals of `moe_layer.py` cannot, e.g. what
+share of the MoE layer is the grouped matmuls, the permutation, the sort, or the casts.
+CPUs have no device plane: the result says so.
 
-Used by `moe_layer.py --profile CASE,...`; the JSON (per case) holds `device_ms_per_call`
-(the summed op time, which is below the wall time where the device idles between launches)
-and `top`: the `--profile-top` heaviest op names with `ms_per_call`, `share` and `count`.
-"""
+Used by `moe_layer.py --profile CASE,...` and `train_step.py --profile CASE,...`; the JSON
+(per case) holds `device_ms_per_call` (the summed kernel time, below the wall time where the
+device idles between launches), `ops` (distinct names) and `top`: the heaviest names with
+`ms_per_call`, `share` and `count` (launches per call)."""
 
 from __future__ import annotations
 

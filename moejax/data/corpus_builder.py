@@ -1,4 +1,6 @@
-"""`moejax_corpus`: the offline multi-domain corpus as a tensorflow-datasets builder.
+"""`moejax_corpus`: the offline multi-domain corpus as a tensorflow-datasets builder, built
+once per data dir (`build_corpus`: under a file lock, reused when prepared). The builder
+class is in `corpus_tfds.py`, which imports tensorflow-datasets and is loaded on first use.
 
 Nothing is downloaded: `_split_generators` ignores the download manager and reads the
 sources of `corpus_sources.py` (stdlib code, system prose, generated arithmetic). Records are

@@ -196,3 +196,15 @@ def sweep_ablation(add, config):
         **moe,
         **{"moe.num_experts": 31, "moe.top_k": 7, "moe.d_expert": width // 8, "moe.n_shared": 1},
     )
+
+
+def sweep_straggler(add):
+    """The straggler ratio of expert parallelism against FSSDP (Hecate, arXiv 2502.02581) in
+    training: the 16 experts split over `mesh.expert=8` devices (2 each, tokens split 8 ways),
+    plain EP, then FSSDP with 1 and 2 replica slots per device filled each step from the
+    loads. Run with 8 simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=8);
+    compare `train/moe/device_tokens_max_over_mean` (experiments/README.md, FSSDP)."""
+    ep = {"mesh.expert": 8, "moe.dispatcher": "expert_parallel"}
+    add(name="expert_parallel", **ep)
+    for slots in (1, 2):
+        add(name=f"fssdp_{slots}", **{**ep, "moe.dispatcher": "fssdp", "moe.fssdp_slots": slots})

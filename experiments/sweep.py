@@ -52,6 +52,7 @@ import glob
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -309,6 +310,14 @@ def detect_devices(platform: str) -> list[str]:
         chips = glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
         return [str(i) for i in range(len(chips))]
     return [str(c) for c in sorted(os.sched_getaffinity(0))]
+
+
+def simulated_cpu_devices(xla_flags: str | None = None) -> int:
+    """The CPU devices each run will see: N of `--xla_force_host_platform_device_count=N` in
+    XLA_FLAGS (the runs inherit it: a simulated pod, e.g. `sweep_straggler`'s 8), else 1."""
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    found = re.findall(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    return int(found[-1]) if found else 1
 
 
 def device_slots(platform: str, devices: Sequence[str], parallel: int) -> list[Slot]:
@@ -829,7 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else [d for d in args.devices.split(",") if d]
         )
         slots = device_slots(platform, devices, args.parallel)
-        per_run = slots[0].num_devices if platform != "cpu" else 1
+        per_run = slots[0].num_devices if platform != "cpu" else simulated_cpu_devices()
         check_runs(runs, per_run)
     except SweepError as e:
         print(f"sweep: error: {e}", file=sys.stderr)

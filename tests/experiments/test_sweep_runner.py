@@ -140,6 +140,18 @@ def test_devices_are_split_between_parallel_runs():
     assert sweep.device_slots("gpu", ["0", "1"], 1)[0].env == {}
 
 
+def test_cpu_runs_see_the_simulated_devices_of_xla_flags(tmp_path):
+    """A CPU sweep validates each run against the host devices XLA_FLAGS simulates (the runs
+    inherit it), so `sweep_straggler`'s mesh.expert=8 plans with 8 and is refused with 1."""
+    assert sweep.simulated_cpu_devices("") == 1
+    flags = "--xla_cpu_x=1 --xla_force_host_platform_device_count=8"
+    assert sweep.simulated_cpu_devices(flags) == 8
+    runs = sweep.plan(str(REPO / "configs" / "deepseekmoe.py"), "straggler", str(tmp_path))
+    sweep.check_runs(runs, sweep.simulated_cpu_devices(flags))
+    with pytest.raises(sweep.SweepError, match="do not validate"):
+        sweep.check_runs(runs, 1)
+
+
 def test_runs_in_parallel_record_failures_and_resume(tmp_path):
     runs = sweep.plan(GSHARD, "capacity", str(tmp_path), seeds=[0, 1], only="capacity=2.0,dropless")
     a, b = runs[0].workdir, runs[1].workdir  # capacity=2.0 seeds 0 and 1 must overlap

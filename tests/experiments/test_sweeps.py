@@ -1,6 +1,7 @@
 """Every sweep defined beside a config yields distinct, valid configs."""
 
 import importlib.util
+import math
 import os
 import sys
 
@@ -32,7 +33,10 @@ def test_sweep_variants_are_valid_and_distinct(config_name, sweep_name, tmp_path
     assert len(runs) >= 2
     assert len({run.variant for run in runs}) == len(runs)
     for run in runs:
-        s = validate(run.config, num_devices=1, num_processes=1)
+        # as many devices as the variant's mesh asks for (sweep_straggler: 8 simulated ones)
+        mesh = run.config.mesh
+        devices = math.prod(max(1, mesh[a]) for a in ("data", "fsdp", "expert", "tensor"))
+        s = validate(run.config, num_devices=devices, num_processes=1)
         for key, value in run.overrides.items():
             section, field = key.split(".", 1)
             assert getattr(getattr(s, section), field) == value

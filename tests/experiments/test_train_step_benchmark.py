@@ -105,6 +105,10 @@ def test_cases_and_skips_per_platform(bench):
     assert skipped["ragged"] == "--skip" and "ragged" not in cases
     cases, _ = bench.plan_cases(c, bench.parse_args(["--remat", "dots,full"]), "cpu", 1)
     assert [n for n in cases if "remat" in n] == ["auto/remat=dots", "auto/remat=full"]
+    args = bench.parse_args(["--dispatchers", "auto+fused,ragged+bad", "--remat", "none"])
+    cases, skipped = bench.plan_cases(c, args, "cpu", 1)
+    assert cases["auto+fused"] == {"moe.dispatcher": "auto", "moe.fuse_gate_up": True}
+    assert "unknown variant +bad" in skipped["ragged+bad"] and "ragged+bad" not in cases
 
 
 def test_gpu_size_builds_at_one_to_two_billion_parameters():

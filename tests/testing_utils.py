@@ -51,13 +51,16 @@ def run_faults(
 
 
 def load_experiment(name: str):
-    """Imports experiments/<name>.py by path (experiments/ is not a package), once."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    """Imports experiments/<name>.py by path (experiments/ is not a package), once; `name`
+    may name a subfolder ("benchmarks/train_step")."""
+    module_name = name.replace("/", "_")
+    if module_name not in sys.modules:
+        path = REPO / "experiments" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses and pickling look their module up here
+        sys.modules[module_name] = module  # dataclasses and pickling look their module up
         spec.loader.exec_module(module)
-    return sys.modules[name]
+    return sys.modules[module_name]
 
 
 def load_config_module(name: str):

@@ -9,20 +9,18 @@ import platform
 
 import jax
 
+from moejax.train.collective_report import held_bytes, memory_analysis
+
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 
 
 def memory_of(compiled) -> dict:
-    """The compiled step's buffer sizes (bytes; null where the backend has no analysis)."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 -- not implemented on some backends
-        stats = None
-    if isinstance(stats, (list, tuple)):
-        stats = stats[0] if stats else None
-    out = {f"{k}_bytes": getattr(stats, f"{k}_size_in_bytes", None) for k in MEMORY_FIELDS}
-    parts = [out[f"{k}_bytes"] for k in ("argument", "output", "alias", "temp")]
-    out["estimate_bytes"] = None if None in parts else parts[0] + parts[1] - parts[2] + parts[3]
+    """The compiled step's buffer sizes (bytes; null where the backend has no analysis) and
+    `estimate_bytes`, what it holds at once (`collective_report.held_bytes`)."""
+    found = memory_analysis(compiled)
+    out = {f"{k}_bytes": found.get(f"{k}_bytes") for k in MEMORY_FIELDS}
+    held = all(f"{k}_bytes" in found for k in ("argument", "output", "alias", "temp"))
+    out["estimate_bytes"] = held_bytes(found) if held else None
     return out
 
 

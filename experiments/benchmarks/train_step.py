@@ -32,15 +32,16 @@ XLA:CPU plan: CPU only unless named in `--dispatchers`), `ragged`; `expert_paral
 (the same program as `auto`: the first to go when time is short). Then `auto` under each
 `model.remat` policy of `--remat` other than the config's own (default: `full` and `none`),
 as `auto/remat=full`. `--dispatchers` and `--remat` replace those lists, `--skip` drops cases
-by name. `--dispatchers auto+fused` runs a dispatcher with `moe.fuse_gate_up=True`;
-`--profile auto,dense` traces those cases for two more steps and adds `profile` to their
-entries, the device time per step summed by op name (`kernel_profile.py`; GPU/TPU). A case
-that raises (out of memory on a GPU, a bad name) is recorded as
-`{"error": "<type>: <first line>"}` and the run goes on. A case whose steps would take
-over `--case-budget-s` (judged from its first) runs one warm-up step at most and fewer timed
-ones (`steps` says how many); on GPU/TPU a case that would start after `--time-budget-s`
-(default 180) is skipped, so the JSON is out within a short session. Each case's result is
-also logged to stderr as it completes. A config without MoE layers runs as `dense` alone.
+by name. `--dispatchers auto+fused` runs a dispatcher with `moe.fuse_gate_up=True`
+(`moe_layer.py`'s `VARIANTS`); `--profile auto,dense` traces those cases for two more steps
+and adds `profile` to their entries, the device time per step summed by op name
+(`kernel_profile.py`; GPU/TPU). A case that raises (out of memory on a GPU, a bad name) is
+recorded as `{"error": "<type>: <first line>"}` and the run goes on. A case whose steps
+would take over `--case-budget-s` (judged from its first) runs one warm-up step at most and
+fewer timed ones (`steps` says how many); on GPU/TPU a case that would start after
+`--time-budget-s` (default 180) is skipped, so the JSON is out within a short session. Each
+case's result is also logged to stderr as it completes. A config without MoE layers runs as
+`dense` alone.
 
 `--json` prints one JSON object on stdout (progress on stderr; else a table): `device`,
 `device_kind`, `platform`, `num_devices`, `device_bytes_limit` (GPU), `jax`, `jaxlib`,
@@ -87,6 +88,7 @@ import numpy as np  # noqa: E402
 
 from experiments.benchmarks.device_info import device_stats, environment, memory_of  # noqa: E402
 from experiments.benchmarks.kernel_profile import profile_step  # noqa: E402
+from experiments.benchmarks.moe_layer import VARIANTS, split_variant  # noqa: E402
 from experiments.benchmarks.timing import device_name, sig, summary  # noqa: E402
 from moejax.config.files import load_config_file  # noqa: E402
 from moejax.config.sweeps import apply_overrides, parse_value  # noqa: E402
@@ -170,17 +172,16 @@ def plan_cases(c, args, platform_: str, devices: int) -> tuple[dict, dict]:
         cases, names = {"dense": {}}, []
     skipped = {}
     for name in names:
-        dispatcher, _, variant = name.partition("+")
-        if variant and variant != "fused":
-            skipped[name] = f"unknown variant +{variant} (the one variant is +fused)"
+        try:
+            dispatcher, fields = split_variant(name)  # "auto+fused": moe.fuse_gate_up
+        except KeyError as e:
+            skipped[name] = f"unknown variant +{e.args[0]} (variants: {', '.join(VARIANTS)})"
             continue
         reason = skip_reason(dispatcher, explicit, platform_, devices)
         if reason:
             skipped[name] = reason
             continue
-        cases[name] = {"moe.dispatcher": dispatcher}
-        if variant:
-            cases[name]["moe.fuse_gate_up"] = True
+        cases[name] = {"moe.dispatcher": dispatcher, **{f"moe.{k}": v for k, v in fields.items()}}
         if name in ("expert_parallel", "fssdp") and c.mesh.expert == 1:
             cases[name].update({"mesh.expert": math.gcd(devices, c.moe.num_experts)})
         if name == "auto":

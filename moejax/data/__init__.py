@@ -87,7 +87,7 @@ __all__ = [
 
 def __getattr__(name: str):
     """`MoejaxCorpus`, defined (and tensorflow-datasets imported) on first access
-    (`corpus_builder._builder_classes`): the rest of moejax imports without tfds."""
+    (`corpus_builder._tfds`): the rest of moejax imports without tfds."""
     if name == "MoejaxCorpus":
         return corpus_builder.MoejaxCorpus
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

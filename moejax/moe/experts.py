@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.moe.quantized_gmm import is_qarray
 from moejax.nn.adapter_hook import AdapterHook
 from moejax.nn.params import dtype_of, logical_param
 
@@ -75,7 +76,7 @@ def swiglu_expert_fn(
             return y + low_rank(name, inputs) if name in scales else y
 
         x = x.astype(dtype)
-        if fuse_gate_up and all(isinstance(w[n], jax.Array) for n in ("w_gate", "w_up")):
+        if fuse_gate_up and not any(is_qarray(w[n]) for n in ("w_gate", "w_up")):
             stacked = jnp.concatenate([w["w_gate"], w["w_up"]], axis=-1).astype(dtype)
             gate, up = jnp.split(mm(x, stacked), 2, axis=-1)
             gate = gate + low_rank("w_gate", x) if "w_gate" in scales else gate

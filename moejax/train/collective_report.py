@@ -101,11 +101,15 @@ def abstract_batch(s, mesh):
     }
 
 
-def _memory_analysis(compiled) -> dict[str, int]:
+def memory_analysis(compiled) -> dict[str, int]:
+    """The compiled program's buffer sizes in bytes, from XLA's `memory_analysis()`: those the
+    backend reports ({} where it has none)."""
     try:
         stats = compiled.memory_analysis()
     except Exception:  # not every backend implements it
         return {}
+    if isinstance(stats, (list, tuple)):  # one per executable in some versions
+        stats = stats[0] if stats else None
     if stats is None:
         return {}
     fields = {
@@ -221,13 +225,19 @@ def _extrapolated_cost(config, s, devices) -> dict:
     return out
 
 
-def _hbm(memory: dict, chip) -> dict:
-    held = (
+def held_bytes(memory: dict) -> int:
+    """What a step holds on a device at once, from `memory_analysis`: arguments + outputs -
+    donated (aliased) + temporaries."""
+    return (
         memory.get("argument_bytes", 0)
         + memory.get("output_bytes", 0)
         - memory.get("alias_bytes", 0)
         + memory.get("temp_bytes", 0)
     )
+
+
+def _hbm(memory: dict, chip) -> dict:
+    held = held_bytes(memory)
     return {"hbm_bytes": chip.hbm_bytes, "peak_bytes": held, "fits_hbm": held <= chip.hbm_bytes}
 
 
@@ -324,7 +334,7 @@ def collective_report(
     collectives = collective_bytes(compiled.as_text())
     unknown = collectives.pop("unknown_trip_count_loops")
     bound = [k for k in collectives.pop("bound_kinds") if collectives[k]["count"]]
-    memory.update(_memory_analysis(compiled))
+    memory.update(memory_analysis(compiled))
     report.update(
         collectives=collectives,
         total_bytes=sum(v["bytes"] for v in collectives.values()),

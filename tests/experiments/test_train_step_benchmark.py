@@ -2,22 +2,19 @@
 reports numbers that agree with each other and with moejax's own counts; the one-GPU config
 it defaults to there builds (abstractly) at 1-2B parameters."""
 
-import importlib.util
 import math
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from testing_utils import REPO, load_config_module
+from testing_utils import load_config_module, load_experiment
 
 from moejax.config.validation import validate
 from moejax.models.flops import count_params, train_flops_per_token
 from moejax.models.transformer import Transformer
 
-SCRIPT = REPO / "experiments" / "benchmarks" / "train_step.py"
 # The docstring's test command (tests/test_readme_commands.py COVERED_BY): capacity factor
 # E / k = 4 gives every expert room for every token, so capacity_einsum drops nothing and
 # computes what the dropless plans do; `bogus` is a dispatcher that does not exist; remat
@@ -30,11 +27,7 @@ ARGV = (
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("benchmarks/train_step")
 
 
 @pytest.fixture(scope="module")

@@ -202,9 +202,17 @@ def sweep_straggler(add):
     """The straggler ratio of expert parallelism against FSSDP (Hecate, arXiv 2502.02581) in
     training: the 16 experts split over `mesh.expert=8` devices (2 each, tokens split 8 ways),
     plain EP, then FSSDP with 1 and 2 replica slots per device filled each step from the
-    loads. Run with 8 simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=8);
-    compare `train/moe/device_tokens_max_over_mean` (experiments/README.md, FSSDP)."""
+    loads, then EP and 1-slot FSSDP with Hecate's heterogeneous re-sharding every 10 steps,
+    and EP re-sharded every 2 (`moe.fssdp_reshard_every`; `fssdp_slots=0` is EP). Run with
+    8 simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=8); compare
+    `train/moe/device_tokens_max_over_mean` (experiments/README.md, FSSDP)."""
     ep = {"mesh.expert": 8, "moe.dispatcher": "expert_parallel"}
     add(name="expert_parallel", **ep)
+    fssdp = {**ep, "moe.dispatcher": "fssdp", "moe.fssdp_reshard_every": 0}
     for slots in (1, 2):
-        add(name=f"fssdp_{slots}", **{**ep, "moe.dispatcher": "fssdp", "moe.fssdp_slots": slots})
+        add(name=f"fssdp_{slots}", **{**fssdp, "moe.fssdp_slots": slots})
+    for slots, every in ((0, 10), (1, 10), (0, 2)):
+        add(
+            name=f"fssdp_{slots}_reshard{every}",
+            **{**fssdp, "moe.fssdp_slots": slots, "moe.fssdp_reshard_every": every},
+        )

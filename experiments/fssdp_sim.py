@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.moe.placement import greedy_placement
+from moejax.train.expert_relayout import balanced_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,15 +123,12 @@ def contiguous_owner(e, p):
 
 
 def balanced_owner(window_load, p, mem_experts):
-    """Heterogeneous layout: experts by load, largest first, each to the least-loaded device
-    owning fewer than `mem_experts` (a device may end with none)."""
-    e = window_load.shape[0]
-    owner = np.zeros(e, np.int64)
-    dev_load, count = np.zeros(p), np.zeros(p, np.int64)
-    for x in np.argsort(-window_load, kind="stable"):
-        free = count < mem_experts
-        d = int(np.argmin(np.where(free, dev_load, np.inf)))
-        owner[x], dev_load[d], count[d] = d, dev_load[d] + window_load[x], count[d] + 1
+    """Heterogeneous layout: the trainer's rule (`moejax.train.expert_relayout`), experts
+    by load, largest first, each to the least-loaded device owning fewer than `mem_experts`
+    (a device may end with none); owner[E]."""
+    owner = np.zeros(window_load.shape[0], np.int64)
+    for d, group in enumerate(balanced_groups(window_load, p, mem_experts)):
+        owner[group] = d
     return owner
 
 

@@ -29,7 +29,7 @@ from moejax.config_section import ConfigError
 from moejax.models.config import LayerKind, ModelConfig
 from moejax.models.transformer import Transformer
 from moejax.moe.config import MoEConfig
-from moejax.nn.collections import NON_TRAINABLE, ROUTER_BIAS
+from moejax.nn.collections import EXPERT_LAYOUT, NON_TRAINABLE, ROUTER_BIAS
 
 
 @dataclasses.dataclass
@@ -108,7 +108,8 @@ def apply_edits(
     new_model = Transformer(new_m, new_moe)
     out = {}
     for name, tree in variables.items():
-        if name not in ("params", *NON_TRAINABLE):
+        # The expert layout is dropped: edited experts are in id order (the identity).
+        if name not in ("params", *NON_TRAINABLE) or name == EXPERT_LAYOUT:
             continue
         layers, rest = unstack(tree, m)
         for i, edit in edits.items():

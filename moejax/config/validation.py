@@ -38,6 +38,7 @@ from moejax.models.config import (
 )
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import DISPATCHERS
+from moejax.moe.expert_layout import uses_layout
 from moejax.moe.expert_parallel import EP_EXCHANGES
 from moejax.moe.grouped_matmul import IMPLS
 from moejax.moe.routers import ROUTERS
@@ -341,6 +342,11 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
         moe.fssdp_max_sends >= 0,
         f"moe.fssdp_max_sends={moe.fssdp_max_sends} must be >= 0 (the most replicas one "
         f"expert owner sends per step under fssdp; 0 = 2 * moe.fssdp_slots).",
+    )
+    _require(
+        moe.fssdp_reshard_every >= 0,
+        f"moe.fssdp_reshard_every={moe.fssdp_reshard_every} must be >= 0 (steps between "
+        f"re-layouts of the experts' owners under fssdp; 0 = never).",
     )
     _check_router(moe)
     _check_sigmoid_bias(moe)
@@ -680,11 +686,18 @@ def _check_expert_parallel(s: Sections, sizes: dict[str, int]) -> None:
     if moe.dispatcher not in ("expert_parallel", "fssdp"):
         return
     others = moe.num_experts - moe.num_experts // sizes["expert"]
+    # One device runs the plan locally without replicas (a run read back by load_run).
     _require(
-        moe.dispatcher != "fssdp" or moe.fssdp_slots <= others,
+        moe.dispatcher != "fssdp" or sizes["expert"] == 1 or moe.fssdp_slots <= others,
         f"moe.fssdp_slots={moe.fssdp_slots} is more than the {others} experts a device "
         f"does not own (moe.num_experts - moe.num_experts / mesh.expert); extra slots "
         f"could never be filled. Lower moe.fssdp_slots.",
+    )
+    _require(
+        not uses_layout(moe) or s.lora.method == "none",
+        f"moe.fssdp_reshard_every={moe.fssdp_reshard_every} moves the experts between "
+        f"devices, but lora.method={s.lora.method!r} trains adapters on a frozen base that "
+        f"must stay as saved; set --config.moe.fssdp_reshard_every=0 for adapter runs.",
     )
     shards = math.prod(sizes[a] for a in ("data", "fsdp", "expert"))
     tokens = s.data.global_batch_size // s.train.grad_accum * s.data.seq_len

@@ -10,7 +10,9 @@ those collections mutable and folds them into the model's `extras`:
 - `lora_metrics[<name>]`: the mean of every adapter's scalar `<name>` over adapters and
   layers;
 - `balance_load`: the sown load tree, which mirrors the trees of the sign-rule biases
-  (`router_bias`, `lora_bias`), for `moejax.train.state_rules`.
+  (`router_bias`, `lora_bias`), for `moejax.train.state_rules`;
+- `layout_load`: the sown loads of the layers with an expert layout, which mirror its
+  `window_load` tree (`moejax.moe.expert_layout`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from moejax.nn.collections import ADAPTER_AUX, ADAPTER_METRICS, BALANCE_LOAD, SIDE_OUTPUTS
+from moejax.nn.collections import (
+    ADAPTER_AUX,
+    ADAPTER_METRICS,
+    BALANCE_LOAD,
+    LAYOUT_LOAD,
+    SIDE_OUTPUTS,
+)
 
 
 def _by_name(tree: Any) -> dict[str, list[jax.Array]]:
@@ -47,6 +55,7 @@ def collect_side_outputs(extras: dict[str, Any], sown: Any) -> dict[str, Any]:
         "aux_loss": sum(aux_losses.values(), jnp.zeros((), jnp.float32)),
         "lora_metrics": metrics,
         BALANCE_LOAD: dict(sown.get(BALANCE_LOAD, {})),
+        LAYOUT_LOAD: dict(sown.get(LAYOUT_LOAD, {})),
     }
 
 

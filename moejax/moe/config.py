@@ -80,6 +80,9 @@ class MoEConfig:
     # send / gradient-receive buffer of the sparse all-gather, so its traffic has no P term
     fssdp_max_sends: int = 0
     fssdp_remat: bool = False  # fssdp: gather the replicas again in the backward pass
+    # fssdp: re-lay out which device owns which expert every N steps, from the loads of the
+    # last N (Hecate's heterogeneous sharding; moejax.train.expert_relayout); 0 = never
+    fssdp_reshard_every: int = 100
     # routed SwiGLU: gate and up projections as one grouped matmul on [W_gate | W_up]
     fuse_gate_up: bool = False
     gmm_impl: str = "auto"  # grouped matmul: auto|tile_loop|ragged_dot|pallas

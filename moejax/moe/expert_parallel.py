@@ -53,13 +53,13 @@ FSSDP `replica_slots_used` (fraction of the slots filled).
 `moe.fssdp_remat`: the gather and the local expert compute run under `jax.checkpoint`, so
 the gathered replicas are not kept for the backward pass; backward gathers them again.
 
-Left out (Hecate's other part): heterogeneous sharding (devices owning 0..E experts,
-re-sharded every N steps) would make the parameter and optimizer-state layout change between
-steps; under jit's static shapes and the optimizer's fixed sharding it needs a re-layout of
-the train state outside the step (a resharding device_put) and padded per-device expert
-buffers, so owners stay the fixed E/P split of the `expert` axis here. The placement takes
-any owner layout (`greedy_placement(..., owner=)`), and `experiments/fssdp_sim.py` models
-the re-sharded layout's step time.
+Hecate's heterogeneous sharding (which experts a device owns, re-chosen from the loads every
+`moe.fssdp_reshard_every` steps) needs nothing here: the experts are stored in physical rows
+and the MoE layer hands this plan row ids (`moejax.moe.expert_layout`), so "device p owns
+rows [p E/P, (p + 1) E/P)" owns whichever experts the trainer's re-layout put there
+(`moejax.train.expert_relayout`). The placement takes any owner layout
+(`greedy_placement(..., owner=)`) for `experiments/fssdp_sim.py`, which also models devices
+owning unequal counts.
 
 Expert weights enter the shard_map split only along `expert` (`P("expert")`): shards of their
 other dimensions (`embed` over fsdp, `mlp` over tensor) are all-gathered at the boundary, FSDP

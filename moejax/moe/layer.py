@@ -10,7 +10,8 @@ Input `x[B, L, d]` is flattened to T = B*L tokens for routing and dispatch. Retu
 losses, the metrics, and per-token routing decisions for analysis: `top1_expert`,
 `experts_per_token` and `router_entropy` `[B, L]`, `expert_ids` and `combine_weights`
 `[B, L, k]` (what `moejax.analysis.trace` records; a step that does not return them never
-computes them: jit drops unused outputs).
+computes them: jit drops unused outputs). These, the router and its metrics name logical
+experts; only the dispatch sees the rows they are stored in (`moejax.moe.expert_layout`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import dispatch
+from moejax.moe.expert_layout import physical_routing
 from moejax.moe.experts import RoutedExperts
 from moejax.moe.routers import ROUTERS
 from moejax.nn.adapter_hook import AdapterContext, AdapterHook
@@ -93,7 +95,8 @@ class MoELayer(nn.Module):
             cfg.fuse_gate_up,
             name="experts",
         )()
-        y, dispatch_metrics = dispatch(x, routing, expert_fn, cfg)
+        # Experts are stored in the layer's physical row order (moejax.moe.expert_layout).
+        y, dispatch_metrics = dispatch(x, physical_routing(self, cfg, routing), expert_fn, cfg)
         if cfg.n_shared:
             shared = DenseMLP(
                 shared_width(cfg),

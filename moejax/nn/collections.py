@@ -7,6 +7,9 @@ each optimizer step by the post-update rules of `moejax.train.state_rules`:
 - `router_bias`: DeepSeek-V3's per-expert selection bias of the MoE routers (sign rule).
 - `lora_bias`: the balancing biases of LoRA expert routers (SMoRA, FlyLoRA; sign rule).
 - `lora_frozen`: adapter weights that never train (FlyLoRA's sparse random A).
+- `expert_layout`: which stored row of the routed experts holds which expert, and the loads
+  since the last re-layout (`moejax.moe.expert_layout`; the window load moves by a sum, the
+  rows only by the trainer's re-layout, `moejax.train.expert_relayout`).
 
 Side outputs are sown (`Module.sow`) into collections that `apply` makes mutable when it
 wants them (`SIDE_OUTPUTS`) and that are never stored:
@@ -15,6 +18,8 @@ wants them (`SIDE_OUTPUTS`) and that are never stored:
   bias, at the scope path of that bias, so the load tree mirrors the bias tree.
 - `adapter_aux`: the adapters' weighted auxiliary losses, summed into the training loss.
 - `adapter_metrics`: the adapters' scalar routing statistics, averaged for logging.
+- `layout_load`: the step's `load[E]` of every MoE layer with an `expert_layout`, at the
+  scope path of its `window_load`.
 
 Decoding-time and analysis collections, never stored with a run and never created by
 `init` (absent, they cost nothing and change nothing):
@@ -33,13 +38,15 @@ PARAMS = "params"
 ROUTER_BIAS = "router_bias"
 ADAPTER_BIAS = "lora_bias"
 ADAPTER_FROZEN = "lora_frozen"
-NON_TRAINABLE = (ROUTER_BIAS, ADAPTER_BIAS, ADAPTER_FROZEN)
+EXPERT_LAYOUT = "expert_layout"
+NON_TRAINABLE = (ROUTER_BIAS, ADAPTER_BIAS, ADAPTER_FROZEN, EXPERT_LAYOUT)
 ADAPTER_COLLECTIONS = (ADAPTER_BIAS, ADAPTER_FROZEN)  # the adapters' own, not the base model's
 
 BALANCE_LOAD = "balance_load"
 ADAPTER_AUX = "adapter_aux"
 ADAPTER_METRICS = "adapter_metrics"
-SIDE_OUTPUTS = (BALANCE_LOAD, ADAPTER_AUX, ADAPTER_METRICS)
+LAYOUT_LOAD = "layout_load"
+SIDE_OUTPUTS = (BALANCE_LOAD, ADAPTER_AUX, ADAPTER_METRICS, LAYOUT_LOAD)
 
 CACHE = "cache"
 ROUTER_DELTA = "router_delta"

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moejax.config.validation import Sections, validate
 from moejax.config_section import ConfigError
@@ -44,10 +46,11 @@ from moejax.lora.config import LoRAConfig
 from moejax.lora.hook import adapters_for
 from moejax.lora.targets import is_adapter_path
 from moejax.models.transformer import Transformer, scanned_abstract, unscan_params
-from moejax.nn.collections import ADAPTER_COLLECTIONS, NON_TRAINABLE
+from moejax.nn.collections import ADAPTER_COLLECTIONS, EXPERT_LAYOUT, NON_TRAINABLE
 from moejax.nn.trees import join_trees, split_tree
 from moejax.paths import as_path, join, resolve
 from moejax.train.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
+from moejax.train.expert_relayout import logical_view
 from moejax.train.state_layouts import COLLECTIONS
 from moejax.train.step import TrainState
 
@@ -188,15 +191,27 @@ def _load_moejax(source: dict, abstract_base: Any, abstract_cols: Any, model_cfg
                 f"{_field(source)}={path!r} is an adapter run: its checkpoints hold adapters "
                 f"only. Point it at the run that trained the base ({extra['base']['path']})."
             )
+        # A base trained with re-sharded FSSDP stores its experts in rows: read its layout
+        # too and put them back in id order (the adapter model keeps no layout).
+        layout = None
+        if EXPERT_LAYOUT not in (abstract_cols or {}):
+            sharding = jax.tree.leaves(abstract_base)[0].sharding
+            if isinstance(sharding, NamedSharding):
+                sharding = NamedSharding(sharding.mesh, P())
+            layout = ckpt.saved_collection(EXPERT_LAYOUT, step, sharding)
+        cols = abstract_cols if layout is None else {**(abstract_cols or {}), EXPERT_LAYOUT: layout}
         try:
-            out = ckpt.restore_subtrees({"params": abstract_base, COLLECTIONS: abstract_cols}, step)
+            out = ckpt.restore_subtrees({"params": abstract_base, COLLECTIONS: cols}, step)
         except CheckpointMismatchError as e:
             if model_cfg is None or model_cfg.scan_layers:
                 raise BaseModelError(
                     f"{_field(source)}={path!r} does not match the model config: {e} Use the "
                     f"model section the base was trained with."
                 ) from e
-            out = _restore_unrolled(ckpt, step, abstract_base, abstract_cols, source, e)
+            out = _restore_unrolled(ckpt, step, abstract_base, cols, source, e)
+        if layout is not None:
+            out["params"], cols = logical_view(out["params"], out[COLLECTIONS])[:2]
+            out[COLLECTIONS] = {k: v for k, v in cols.items() if k != EXPERT_LAYOUT} or None
         out["step"] = step
         return out
     finally:
@@ -222,6 +237,8 @@ def _restore_unrolled(
             f"{_field(source)}={source['path']!r} does not match the model config: {error} "
             f"Use the model section the base was trained with."
         ) from error
+    # In id order first (a re-sharded FSSDP base's layout is stacked like its params).
+    out["params"], out[COLLECTIONS] = logical_view(out["params"], out[COLLECTIONS])[:2]
     params = unscan_params(out["params"])
     out["params"] = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract_base)
     return out

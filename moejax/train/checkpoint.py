@@ -286,8 +286,9 @@ class Checkpointer:
             )
         abstract = jax.tree.map(_abstract_leaf, target)
         # A state written in an older layout (moejax.train.state_layouts) is read onto the
-        # old shape of the target, then regrouped.
+        # old shape of the target, then regrouped; a missing expert layout is the identity.
         saved_tree = metadata[_STATE].tree if metadata[_STATE] is not None else None
+        abstract, missing_layout = state_layouts.without_missing_layout(abstract, saved_tree)
         v0 = isinstance(saved_tree, dict) and state_layouts.is_v0(saved_tree)
         shaped = state_layouts.v0_target(abstract) if v0 else abstract
         if saved_tree is not None:  # None when the tree metadata file is missing.
@@ -316,7 +317,7 @@ class Checkpointer:
         elif absent:
             state = dataclasses.replace(abstract, **state)
         return (
-            state,
+            state_layouts.with_identity_layout(state, missing_layout),
             restored[_DATA] if _DATA in args else None,
             restored[_EXTRA] if _EXTRA in args else None,
         )
@@ -333,6 +334,18 @@ class Checkpointer:
             step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()})
         )
         return restored[_EXTRA]
+
+    def saved_collection(self, name: str, step: int, sharding: Any) -> PyTree | None:
+        """The abstract tree (ShapeDtypeStructs placed by `sharding`) of the non-trainable
+        collection `name` as saved at `step`, or None when that step has none."""
+        metadata = self._manager.item_metadata(step)[_STATE]
+        saved = (metadata.tree if metadata is not None else {}) or {}
+        tree = (saved.get(state_layouts.COLLECTIONS) or {}).get(name)
+        if tree is None:
+            return None
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree
+        )
 
     def restore_subtrees(
         self, targets: dict[str, PyTree], step: int | None = None
@@ -353,6 +366,10 @@ class Checkpointer:
                 _unreadable_message(step_dir, step, self.all_steps(), e)
             ) from e
         saved = metadata.tree if metadata is not None else {}
+        targets, missing_layout = state_layouts.without_missing_layout(targets, saved)
+        if missing_layout is not None:  # restored without it, then the identity
+            out = self.restore_subtrees(targets, step)
+            return state_layouts.with_identity_layout(out, missing_layout)
         if state_layouts.COLLECTIONS in targets and state_layouts.is_v0(saved):
             # An older layout (moejax.train.state_layouts): the two fields, joined.
             rest = {k: v for k, v in targets.items() if k != state_layouts.COLLECTIONS}

@@ -13,7 +13,9 @@ checkpoint bit-identically (state, data position; the step has no randomness); S
 saves a final checkpoint and raises `Preempted` (`preemption.py`); non-finite steps are
 skipped inside the jitted step and the run stops after `train.max_bad_steps` in a row,
 never checkpointing a non-finite step (`faults.py`); router health is checked at each log
-step (`router_health.py`).
+step (`router_health.py`). Re-sharded FSSDP (`moe.fssdp_reshard_every`) re-lays out the
+experts' owners after every such step, before its evaluation and checkpoint
+(`expert_relayout.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from moejax.train.checkpoint import Checkpointer
 from moejax.train.distributed import compile_together, gather_data_states, local_data_state
 from moejax.train.evaluation import evaluate
 from moejax.train.experiment import Experiment, build_experiment
+from moejax.train.expert_relayout import relayout, relayout_due
 from moejax.train.faults import BadStepGuard, FaultHooks, NonFiniteError
 from moejax.train.metric_format import eval_line, interval_metrics
 from moejax.train.mfu import Throughput, device_peak_tflops, measured_flops_per_token
@@ -211,6 +214,15 @@ class _Run:
         ):
             self.hooks.after_save_started(step)
 
+    def relayout(self, step: int, state: TrainState) -> TrainState:
+        """Re-lays out the experts' owners from the last window's loads
+        (`expert_relayout.py`); logs and writes what moved."""
+        devices = dict(self.exp.mesh.shape).get("expert", 1)
+        state, report = relayout(state, devices, self.exp.state_shardings)
+        self.writers.write(step, report.metrics())
+        self.writers.log_line(report.line(step))
+        return state
+
     def stop_preempted(self, step: int, watcher: PreemptionWatcher) -> NoReturn:
         """Waits for the checkpoint of `step`, closes the run and raises `Preempted`."""
         self.ckpt.wait()  # the save is on disk
@@ -272,6 +284,8 @@ def _run_steps(
         else:
             run.throughput.add(batch_tokens)
         pending.append((step, metrics))
+        if relayout_due(s, step):  # before this step's evaluation and checkpoint
+            state = run.relayout(step, state)
         last_step = step == s.train.steps
         preempted = watcher.should_stop(step) and not last_step
         log_now = step % s.train.log_every == 0 or last_step or preempted

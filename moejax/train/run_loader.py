@@ -11,10 +11,11 @@ read through `moejax.config.renames` like any old config and validated for one d
 returned `config` is the `Sections` of `moejax.config.validation` with a one-device mesh
 (the parameters are placed on the first local device whatever mesh trained them).
 `variables` holds `params` and the model's non-trainable collections (DeepSeek-V3's
-`router_bias`, the adapters' state); an adapter run (`lora.method != "none"`) comes back
-with its base joined to its adapters (`moejax.train.adapter_checkpoint.load_adapted`, which
-checks the base's fingerprint). `tokenizer` is the run's `data.tokenizer`
-(`moejax.data.open_tokenizer`).
+`router_bias`, the adapters' state), its routed experts in expert-id order (a re-sharded
+FSSDP run's rows are put back, `moejax.train.expert_relayout.logical_view`); an adapter
+run (`lora.method != "none"`) comes back with its base joined to its adapters
+(`moejax.train.adapter_checkpoint.load_adapted`, which checks the base's fingerprint).
+`tokenizer` is the run's `data.tokenizer` (`moejax.data.open_tokenizer`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from moejax.models.transformer import Transformer
 from moejax.nn.collections import NON_TRAINABLE
 from moejax.train.adapter_checkpoint import load_adapted
 from moejax.train.checkpoint import Checkpointer, CheckpointError
+from moejax.train.expert_relayout import logical_view
 from moejax.train.state_layouts import COLLECTIONS
 
 ONE_DEVICE_MESH = {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1, "topology": ""}
@@ -122,5 +124,7 @@ def load_run(workdir: str | epath.Path, step: int | None = None) -> LoadedRun:
         got = ckpt.restore_subtrees(
             {"params": abstract["params"], COLLECTIONS: abstract_cols}, step
         )
-    variables = {"params": got["params"], **(got[COLLECTIONS] or {})}
+    # Experts in id order whatever layout trained them (expert_relayout.logical_view).
+    params, collections = logical_view(got["params"], got[COLLECTIONS])
+    variables = {"params": params, **(collections or {})}
     return LoadedRun(model, variables, s, open_tokenizer(s.data))

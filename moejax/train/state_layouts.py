@@ -11,6 +11,12 @@ name -> tree, or None). A v0 checkpoint is recognised by those keys; it is resto
 v0 shape of today's target (`v0_target`), leaf for leaf the same arrays, and the result is
 regrouped (`from_v0`). Nothing is converted on disk: an old run directory stays readable by
 the moejax that wrote it.
+
+The `expert_layout` collection (re-sharded FSSDP, `moejax.moe.expert_layout`) may be
+missing from a checkpoint whose target has it: a run saved before the collection existed,
+or weights converted from Hugging Face or edited by `moejax.compress`, all in expert-id
+order. It is restored without it (`without_missing_layout`) and starts at the identity
+(`with_identity_layout`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from moejax.nn.collections import ROUTER_BIAS
+from moejax.moe.expert_layout import identity_layout
+from moejax.nn.collections import EXPERT_LAYOUT, ROUTER_BIAS
 
 COLLECTIONS = "collections"
 V0_FIELDS = ("router_bias", "lora_state")
@@ -69,3 +76,29 @@ def from_v0(restored: dict[str, Any], target: Any) -> Any:
     if dataclasses.is_dataclass(target):
         return dataclasses.replace(target, **fields)
     return fields
+
+
+def without_missing_layout(target: Any, saved: Any) -> tuple[Any, Any]:
+    """`(target, layout)`: `target` (a TrainState or dict with `collections`) without its
+    `expert_layout` and that layout's abstract tree when the `saved` tree has none; else
+    `(target, None)`."""
+    fields = fields_of(target)
+    cols = fields.get(COLLECTIONS)
+    saved_cols = saved.get(COLLECTIONS) if isinstance(saved, dict) else None
+    if not cols or EXPERT_LAYOUT not in cols or EXPERT_LAYOUT in (saved_cols or {}):
+        return target, None
+    rest = {k: v for k, v in cols.items() if k != EXPERT_LAYOUT} or None
+    if dataclasses.is_dataclass(target):
+        return dataclasses.replace(target, **{COLLECTIONS: rest}), cols[EXPERT_LAYOUT]
+    return {**fields, COLLECTIONS: rest}, cols[EXPERT_LAYOUT]
+
+
+def with_identity_layout(state: Any, layout: Any) -> Any:
+    """`state` with the identity `expert_layout` of `layout`'s shapes added (None: as is)."""
+    if layout is None:
+        return state
+    fields = fields_of(state)
+    cols = {**(fields.get(COLLECTIONS) or {}), EXPERT_LAYOUT: identity_layout(layout)}
+    if dataclasses.is_dataclass(state):
+        return dataclasses.replace(state, **{COLLECTIONS: cols})
+    return {**fields, COLLECTIONS: cols}

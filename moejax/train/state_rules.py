@@ -15,8 +15,10 @@ mirrors the bias tree (stacked over scanned layers exactly as the bias is), and
 moves it, `rule(tree, side_outputs, model) -> tree` (the model's side outputs of the step,
 `moejax.models.side_outputs`, and the model, which knows its rates), and `rule.report(tree)`
 the metrics logged for it (DeepSeek-V3's bias per MoE layer); collections without a
-rule, such as `lora_frozen`, never change. The train step runs the rules over
-`TrainState.collections` with no knowledge of which collection is which.
+rule, such as `lora_frozen`, never change. The `expert_layout` collection's rule is not a
+sign rule: it sums each step's sown loads into the window its re-layout reads. The train
+step runs the rules over `TrainState.collections` with no knowledge of which collection is
+which.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from moejax.nn.collections import ADAPTER_BIAS, BALANCE_LOAD, ROUTER_BIAS
+from moejax.nn.collections import ADAPTER_BIAS, BALANCE_LOAD, EXPERT_LAYOUT, ROUTER_BIAS
+from moejax.train.expert_relayout import WindowRule
 from moejax.train.router_bias import router_bias_metrics
 
 
@@ -68,10 +71,12 @@ class SignRule:
         return sign_rule_update(biases, loads, self.rate_of(model), self.collection)
 
 
-# Collection -> the post-update rule that moves it (all sign rules today).
+# Collection -> the post-update rule that moves it: the sign rules, and the expert layout's
+# load window (`moejax.train.expert_relayout`).
 RULES: dict[str, Callable[[Any, dict[str, Any], Any], Any]] = {
     ROUTER_BIAS: SignRule(
         ROUTER_BIAS, lambda model: model.moe.bias_update_rate, report=router_bias_metrics
     ),
     ADAPTER_BIAS: SignRule(ADAPTER_BIAS, lambda model: model.adapters.bias_update_rate),
+    EXPERT_LAYOUT: WindowRule(),
 }

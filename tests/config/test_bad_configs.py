@@ -84,6 +84,7 @@ BAD = [
     ("moe.fssdp_slots", -1, "moe.fssdp_slots=-1 must be >= 0"),
     ("moe.fssdp_max_sends", -2, "moe.fssdp_max_sends=-2 must be >= 0"),
     ("moe.fssdp_remat", "yes", "config.moe.fssdp_remat='yes' must be a bool"),
+    ("moe.fssdp_reshard_every", -1, "moe.fssdp_reshard_every=-1 must be >= 0"),
     ("moe.fuse_gate_up", "yes", "config.moe.fuse_gate_up='yes' must be a bool"),
     # data (checked by DataConfig itself)
     ("data.sources", "", "data.sources must not be empty"),

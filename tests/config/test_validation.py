@@ -99,6 +99,17 @@ def test_expert_axis_must_divide_experts():
         validate(config, num_devices=6, num_processes=1)
 
 
+def test_adapter_runs_refuse_moving_the_experts_between_devices():
+    config = load_config_module("deepseekmoe").get_config()
+    config.mesh.update(data=-1, expert=4)
+    config.moe.update(dispatcher="fssdp")
+    config.lora.update(method="lora", targets="shared.*")
+    with pytest.raises(ConfigError, match="--config.moe.fssdp_reshard_every=0 for adapter runs"):
+        validate(config, num_devices=4, num_processes=1)
+    config.moe.update(fssdp_reshard_every=0)
+    assert validate(config, num_devices=4, num_processes=1).moe.fssdp_reshard_every == 0
+
+
 def test_fssdp_slots_must_fit_the_experts_a_device_does_not_own():
     config = load_config_module("deepseekmoe").get_config()  # 16 experts
     config.mesh.update(data=-1, expert=4)
@@ -107,6 +118,9 @@ def test_fssdp_slots_must_fit_the_experts_a_device_does_not_own():
     config.moe.update(fssdp_slots=13)
     with pytest.raises(ConfigError, match="moe.fssdp_slots=13 is more than the 12 experts"):
         validate(config, num_devices=4, num_processes=1)
+    # On one device the plan runs locally with no replicas: the run reads back (load_run).
+    config.mesh.update(expert=1)
+    assert validate(config, num_devices=1, num_processes=1).moe.fssdp_slots == 13
 
 
 def test_expert_parallel_tokens_must_split_over_the_token_axes():

@@ -6,7 +6,7 @@ MoE parameters every ~100 iterations so that each device owns experts whose summ
 near the mean; the per-step replicas of FSSDP (`moejax.moe.placement`) then have less to
 fix. Here every MoE layer stores its experts in physical rows (`moejax.moe.expert_layout`),
 device p of the P devices of the `expert` axis owning rows `[p C, (p + 1) C)`, C = E / P, and
-every `moe.fssdp_reshard_every` steps the trainer calls `relayout(state, ...)`:
+every `moe.fssdp_reshard_every` steps the trainer calls `Relayout(shardings)(state, P)`:
 
 1. **Plan** (`plan_rows`, on the host, per layer): from `window_load[E]`, the longest
    processing time rule with a count bound: experts in decreasing load (ties by id) each go
@@ -15,7 +15,7 @@ every `moe.fssdp_reshard_every` steps the trainer calls `relayout(state, ...)`:
    overlap), so that experts that need not move stay. A layer keeps its layout when the plan
    does not lower its largest owned load (`max_over_mean` of the owners' loads), so a
    balanced layer moves nothing.
-2. **Move** (`apply_layout`, one jitted function): every routed-expert leaf of the
+2. **Move** (`apply_layout`, one jitted function, `Relayout`): every routed-expert leaf of the
    parameters, and each optimizer-state leaf that mirrors one (Adam's moments), is gathered
    into the new row order with the state's own shardings as `out_shardings`; the layout's
    `row_expert` is set and its `window_load` reset. The state is donated.
@@ -237,28 +237,50 @@ def _expert_keys(params: Any, sources: dict[tuple, Any]) -> dict[tuple, tuple]:
     return keys
 
 
+def _with_layouts(state: Any, new_rows: dict[tuple, Any] | None) -> Any:
+    """`state` with every window load reset and, given `new_rows`, the rows set."""
+    flat = traverse_util.flatten_dict(state.collections[EXPERT_LAYOUT])
+    for key in flat:
+        if key[-1] == WINDOW_LOAD:
+            flat[key] = jnp.zeros_like(flat[key])
+        elif new_rows is not None:
+            flat[key] = new_rows[key[:-1]].astype(jnp.int32)
+    collections = {**state.collections, EXPERT_LAYOUT: traverse_util.unflatten_dict(flat)}
+    return state.replace(collections=collections)
+
+
 def apply_layout(state: Any, new_rows: dict[tuple, jax.Array]) -> Any:
     """`state` (a TrainState) with its experts, their optimizer state and the layouts moved
-    to `new_rows` (scope -> int32[..., E]); window loads reset. Pure: jit it (`relayout`)."""
-    collections = state.collections
-    sources = _sources(collections, new_rows)
+    to `new_rows` (scope -> int32[..., E]); window loads reset. Pure: jit it (`Relayout`)."""
+    sources = _sources(state.collections, new_rows)
     keys = _expert_keys(state.params, sources)
     params = _permute_tree(state.params, sources, keys)
     opt_state = _permute_tree(state.opt_state, sources, keys)
-    flat = traverse_util.flatten_dict(collections[EXPERT_LAYOUT])
-    for scope in sources:
-        flat[scope + (ROW_EXPERT,)] = new_rows[scope].astype(jnp.int32)
-        flat[scope + (WINDOW_LOAD,)] = jnp.zeros_like(flat[scope + (WINDOW_LOAD,)])
-    collections = {**collections, EXPERT_LAYOUT: traverse_util.unflatten_dict(flat)}
-    return state.replace(params=params, opt_state=opt_state, collections=collections)
+    return _with_layouts(state.replace(params=params, opt_state=opt_state), new_rows)
+
+
+class Relayout:
+    """The re-layout of one experiment's state, compiled once: `relayout(state, devices)`
+    plans for `devices` owners and moves the state (module docstring), keeping `shardings`
+    (the state's); when no layer's plan changes it only resets the windows. Donates the
+    state; returns `(state, RelayoutReport)`."""
+
+    def __init__(self, shardings: Any = None):
+        self._move = jax.jit(apply_layout, out_shardings=shardings, donate_argnums=(0,))
+        self._reset = jax.jit(
+            lambda state: _with_layouts(state, None), out_shardings=shardings, donate_argnums=(0,)
+        )
+
+    def __call__(self, state: Any, devices: int) -> tuple[Any, RelayoutReport]:
+        new_rows, report = plan(state.collections, devices)
+        if report.moved == 0:
+            return self._reset(state), report
+        return self._move(state, new_rows), report
 
 
 def relayout(state: Any, devices: int, shardings: Any = None) -> tuple[Any, RelayoutReport]:
-    """Plans and applies a re-layout for `devices` owners (module docstring); `shardings`:
-    the state's shardings (the moved state keeps them). Donates `state`."""
-    new_rows, report = plan(state.collections, devices)
-    move = jax.jit(apply_layout, out_shardings=shardings, donate_argnums=(0,))
-    return move(state, new_rows), report
+    """One re-layout (`Relayout`, compiled for this call)."""
+    return Relayout(shardings)(state, devices)
 
 
 def logical_view(params: Any, collections: Any, *mirrors: Any) -> tuple[Any, ...]:

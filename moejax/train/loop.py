@@ -43,7 +43,7 @@ from moejax.train.checkpoint import Checkpointer
 from moejax.train.distributed import compile_together, gather_data_states, local_data_state
 from moejax.train.evaluation import evaluate
 from moejax.train.experiment import Experiment, build_experiment
-from moejax.train.expert_relayout import relayout, relayout_due
+from moejax.train.expert_relayout import Relayout, relayout_due
 from moejax.train.faults import BadStepGuard, FaultHooks, NonFiniteError
 from moejax.train.metric_format import eval_line, interval_metrics
 from moejax.train.mfu import Throughput, device_peak_tflops, measured_flops_per_token
@@ -150,6 +150,7 @@ class _Run:
     guard: BadStepGuard
     health: RouterHealth
     stability: RoutingStability
+    relayout_fn: Relayout  # re-sharded FSSDP's re-layout, compiled once
 
     @property
     def adapter_run(self) -> bool:
@@ -217,8 +218,7 @@ class _Run:
     def relayout(self, step: int, state: TrainState) -> TrainState:
         """Re-lays out the experts' owners from the last window's loads
         (`expert_relayout.py`); logs and writes what moved."""
-        devices = dict(self.exp.mesh.shape).get("expert", 1)
-        state, report = relayout(state, devices, self.exp.state_shardings)
+        state, report = self.relayout_fn(state, dict(self.exp.mesh.shape).get("expert", 1))
         self.writers.write(step, report.metrics())
         self.writers.log_line(report.line(step))
         return state
@@ -393,6 +393,7 @@ def _train(config, workdir: str, watcher: PreemptionWatcher) -> dict[str, float]
             ],
         ),
         stability=RoutingStability(),
+        relayout_fn=Relayout(exp.state_shardings),
     )
     final = _run_steps(run, state, start_step, watcher)
     run.close()

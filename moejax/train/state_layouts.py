@@ -84,8 +84,9 @@ def without_missing_layout(target: Any, saved: Any) -> tuple[Any, Any]:
     `(target, None)`."""
     fields = fields_of(target)
     cols = fields.get(COLLECTIONS)
-    saved_cols = saved.get(COLLECTIONS) if isinstance(saved, dict) else None
-    if not cols or EXPERT_LAYOUT not in cols or EXPERT_LAYOUT in (saved_cols or {}):
+    if not isinstance(saved, dict) or not cols or EXPERT_LAYOUT not in cols:
+        return target, None  # (no tree metadata: the restore reports what differs)
+    if EXPERT_LAYOUT in (saved.get(COLLECTIONS) or {}):
         return target, None
     rest = {k: v for k, v in cols.items() if k != EXPERT_LAYOUT} or None
     if dataclasses.is_dataclass(target):

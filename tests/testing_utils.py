@@ -32,6 +32,23 @@ def device_env(devices: int) -> dict[str, str]:
     }
 
 
+def run_pod_script(script: str, *args: str, devices: int = 8, timeout: int = 900) -> dict:
+    """`python -c script args` in a subprocess on `devices` simulated CPU devices (the XLA
+    flag must be set before JAX starts); asserts it succeeded and returns the JSON it
+    printed after `RESULT`."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        env=device_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
+    return json.loads(line[len("RESULT") :])
+
+
 def run_faults(
     workdir, *args: str, timeout: int = 1800
 ) -> tuple[subprocess.CompletedProcess, dict]:

@@ -9,13 +9,11 @@ expert layout, DeepSeek-V2 (MLA, interleaved RoPE, shared experts) in the per-ex
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from hf_models import random_hf_model
-from testing_utils import REPO, device_env
+from testing_utils import run_pod_script
 
 torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[hf]'")
 transformers = pytest.importorskip("transformers", reason="pip install -e '.[hf]'")
@@ -145,18 +143,7 @@ def result(tmp_path_factory):
             path = tmp_path_factory.mktemp(name + "_export")
             mhf.save_pretrained(mj, variables, str(path))
         paths[name] = str(path)
-    env = device_env(8)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(paths), str(tmp_path_factory.mktemp("out"))],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
-    return json.loads(line[len("RESULT") :])
+    return run_pod_script(SCRIPT, json.dumps(paths), str(tmp_path_factory.mktemp("out")))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -11,12 +11,10 @@ every case and prints JSON; the tests below read it.
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from testing_utils import REPO, device_env
+from testing_utils import run_pod_script
 
 SCRIPT = r"""
 import json, sys
@@ -156,18 +154,8 @@ print("RESULT" + json.dumps(out))
 
 
 def _run(*args):
-    env = device_env(8)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,  # 9 cases on 8 simulated devices; generous for a loaded host
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
-    return json.loads(line[len("RESULT") :])
+    # 9 cases on 8 simulated devices; generous for a loaded host
+    return run_pod_script(SCRIPT, *args, timeout=1500)
 
 
 @pytest.fixture(scope="module")

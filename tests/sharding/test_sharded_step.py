@@ -6,12 +6,10 @@ parameters. Runs in a subprocess so the XLA flag that creates 8 CPU devices is s
 JAX starts."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from testing_utils import REPO, device_env
+from testing_utils import run_pod_script
 
 from moejax.sharding.strategies import available
 
@@ -95,18 +93,9 @@ MOE_LAYOUTS.update(
 
 
 def _run(config_name, data_dir, steps, layouts):
-    env = device_env(8)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, config_name, data_dir, str(steps), json.dumps(layouts)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    return run_pod_script(
+        SCRIPT, config_name, data_dir, str(steps), json.dumps(layouts), timeout=600
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
-    return json.loads(line[len("RESULT") :])
 
 
 # Every case here is slow (`make test-slow`, tests/slow_tests.py): expert parallelism's fast

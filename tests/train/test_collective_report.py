@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from testing_utils import REPO, device_env
+from testing_utils import REPO, device_env, run_pod_script
 
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.sharding.hlo_collectives import collective_bytes, shape_bytes
@@ -152,17 +152,7 @@ def data_report():
 @pytest.fixture(scope="module")
 def reports():
     """The reports of `CASES` (FSDP widths, FSSDP slots and experts), one subprocess."""
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
-    return json.loads(line[len("RESULT") :])
+    return run_pod_script(SCRIPT, json.dumps(CASES), timeout=600)
 
 
 def test_data_parallel_all_reduces_the_gradient_bytes(data_report):

@@ -8,8 +8,6 @@ re-layouts at steps 4 and 6; `load_run` gives the experts back in id order."""
 
 import json
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import jax
@@ -17,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from testing_utils import REPO, device_env, make_tiny_config
+from testing_utils import make_tiny_config, run_pod_script
 
 from moejax.config.validation import validate
 from moejax.data import make_batches
@@ -294,17 +292,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def pod(tiny_corpus_dir, tmp_path_factory):
-    proc = subprocess.run(
-        [sys.executable, "-c", POD_SCRIPT, tiny_corpus_dir, str(tmp_path_factory.mktemp("pod"))],
-        cwd=REPO,
-        env=device_env(8),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
-    return json.loads(line[len("RESULT") :])
+    return run_pod_script(POD_SCRIPT, tiny_corpus_dir, str(tmp_path_factory.mktemp("pod")))
 
 
 def test_sharded_relayout_moves_rows_between_devices_and_keeps_the_math(pod):

@@ -80,7 +80,9 @@ def one_device(tiny_corpus_dir, tmp_path_factory):
     s = validate(config, num_devices=1, num_processes=1)
     exp = build_experiment(s, make_mesh(s.mesh, devices=jax.devices()[:1]))
     batches = make_batches(s.data, "train")
-    state, _ = exp.step_fn(exp.init_fn(jax.random.PRNGKey(0)), next(batches))
+    state, m1 = exp.step_fn(exp.init_fn(jax.random.PRNGKey(0)), next(batches))
+    state, m2 = exp.step_fn(state, next(batches))
+    window = jax.device_get(state.collections[EXPERT_LAYOUT]["moe_layers"]["moe"]["window_load"])
     rows0 = state.collections[EXPERT_LAYOUT]["moe_layers"]["moe"]["row_expert"]
     skew = jnp.asarray([[8, 7, 1, 1, 1, 1, 1, 1]], jnp.float32)
     layout = {"moe_layers": {"moe": {"row_expert": rows0, "window_load": skew}}}
@@ -101,7 +103,13 @@ def one_device(tiny_corpus_dir, tmp_path_factory):
         moved=jax.device_get(moved),
         report=report,
         run_dir=run_dir,
+        window=window,
+        step_loads=jax.device_get([m1["moe/load"], m2["moe/load"]]),
     )
+
+
+def test_the_window_sums_the_loads_of_its_steps(one_device):
+    np.testing.assert_allclose(one_device.window, sum(one_device.step_loads), rtol=1e-6)
 
 
 def test_a_relayout_moves_rows_only_and_the_model_still_matches_the_dense_reference(

@@ -34,6 +34,7 @@ here that no longer exists is reported by tests/test_slow_list.py.
 """
 
 SLOW = {
+    "tests/train/test_multihost.py::test_two_processes_relay_out_the_experts_like_one": 90,
     "tests/analysis/test_decoding_routing_cli.py::test_every_method_runs_from_one_command_on_a_trained_run": 95,
     "tests/analysis/test_decoding_routing_cli.py::test_every_method_runs_from_one_command_on_an_imported_hf_model": 54,
     "tests/analysis/test_load_and_sample.py::test_load_run_returns_the_checkpointed_params": 72,

@@ -138,6 +138,52 @@ def test_multi_process_checkpoint_holds_both_data_positions_and_the_same_params(
     )
 
 
+def test_two_processes_relay_out_the_experts_like_one(tiny_corpus_dir, tmp_path):
+    """Re-sharded FSSDP over 2 processes x 2 devices (`mesh.expert=4`): every process plans
+    the same layout from its own copy of the replicated window (no collective), the
+    experts move every 2 steps, and the losses are the one-device run's."""
+    overrides = {
+        "train.steps": 4,
+        "train.checkpoint_every": 4,
+        "train.eval_every": 0,
+        "data.global_batch_size": 8,
+        "moe.num_experts": 8,
+        "moe.dispatcher": "fssdp",
+        "moe.fssdp_reshard_every": 2,
+    }
+    config = make_tiny_config(tiny_corpus_dir, "deepseekmoe", **overrides, **{"mesh.expert": 4})
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "moejax.train",
+                *cli_flags(config, "deepseekmoe"),
+                f"--workdir={tmp_path / 'multi'}",
+                f"--coordinator=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=REPO,
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        single = make_tiny_config(tiny_corpus_dir, "deepseekmoe", **overrides)
+        train(single, str(tmp_path / "single"))  # one device: nothing moves
+    finally:
+        outs = _wait(procs)
+    relayouts = [line for line in outs[0].splitlines() if "expert re-layout" in line]
+    assert [line.split(":")[0] for line in relayouts] == ["step 2", "step 4"]
+    assert "0.0% of expert rows moved" not in relayouts[0]
+    np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=1e-5)
+
+
 def test_incomplete_distributed_flags_are_rejected():
     from moejax.config_section import ConfigError
 

@@ -44,7 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from moejax.moe.expert_layout import ROW_EXPERT, WINDOW_LOAD, uses_layout
+from moejax.moe.expert_layout import (
+    ROW_EXPERT,
+    WINDOW_LOAD,
+    identity_layout,
+    row_of,
+    uses_layout,
+)
 from moejax.nn.collections import EXPERT_LAYOUT, LAYOUT_LOAD
 
 EXPERTS = "experts"  # the routed experts' module name inside an MoE layer
@@ -187,7 +193,7 @@ def _sources(collections: Any, new_rows: dict[tuple, jax.Array]) -> dict[tuple, 
     for scope, layout in _layouts(collections).items():
         old, new = layout[ROW_EXPERT], new_rows[scope]
         flat_old = old.reshape(-1, old.shape[-1])
-        inverse = jax.vmap(lambda r: jnp.zeros_like(r).at[r].set(jnp.arange(r.shape[0])))(flat_old)
+        inverse = jax.vmap(row_of)(flat_old)
         out[scope] = jax.vmap(lambda inv, n: inv[n])(inverse, new.reshape(flat_old.shape))
         out[scope] = out[scope].reshape(old.shape)
     return out
@@ -285,25 +291,18 @@ def relayout(state: Any, devices: int, shardings: Any = None) -> tuple[Any, Rela
 
 def logical_view(params: Any, collections: Any, *mirrors: Any) -> tuple[Any, ...]:
     """`(params, collections, *mirrors)` with every layout back to the identity (experts in
-    id order), for everything that reads weights by expert id: HF export, compress,
-    analysis. `mirrors`: trees whose leaves mirror the params' (an optimizer state)."""
-    layouts = _layouts(collections)
-    if not layouts:
+    id order, windows emptied), for everything that reads weights by expert id: HF export,
+    compress, analysis. `mirrors`: trees whose leaves mirror the params' (an optimizer
+    state)."""
+    if not _layouts(collections):
         return (params, collections, *mirrors)
-    identity = {
-        scope: jnp.broadcast_to(
-            jnp.arange(v[ROW_EXPERT].shape[-1], dtype=jnp.int32), v[ROW_EXPERT].shape
-        )
-        for scope, v in layouts.items()
-    }
-    sources = _sources(collections, identity)
+    identity = {EXPERT_LAYOUT: identity_layout(collections[EXPERT_LAYOUT])}
+    sources = _sources(
+        collections, {scope: v[ROW_EXPERT] for scope, v in _layouts(identity).items()}
+    )
     keys = _expert_keys(params, sources)
     moved = [_permute_tree(tree, sources, keys) for tree in (params, *mirrors)]
-    flat = traverse_util.flatten_dict(collections[EXPERT_LAYOUT])
-    for scope in layouts:
-        flat[scope + (ROW_EXPERT,)] = identity[scope]
-    collections = {**collections, EXPERT_LAYOUT: traverse_util.unflatten_dict(flat)}
-    return (moved[0], collections, *moved[1:])
+    return (moved[0], {**collections, **identity}, *moved[1:])
 
 
 @dataclasses.dataclass(frozen=True)

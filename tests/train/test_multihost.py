@@ -42,12 +42,12 @@ def _env(devices: int) -> dict:
     }
 
 
-def _launch(config, workdir, extra=(), env=None) -> subprocess.Popen:
+def _launch(config, workdir, extra=(), env=None, name=CONFIG) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
         "moejax.train",
-        *cli_flags(config, CONFIG),
+        *cli_flags(config, name),
         f"--workdir={workdir}",
         *extra,
     ]
@@ -153,24 +153,9 @@ def test_two_processes_relay_out_the_experts_like_one(tiny_corpus_dir, tmp_path)
     }
     config = make_tiny_config(tiny_corpus_dir, "deepseekmoe", **overrides, **{"mesh.expert": 4})
     port = _free_port()
+    flags = [f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "moejax.train",
-                *cli_flags(config, "deepseekmoe"),
-                f"--workdir={tmp_path / 'multi'}",
-                f"--coordinator=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=REPO,
-            env=_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        _launch(config, tmp_path / "multi", [*flags, f"--process_id={i}"], name="deepseekmoe")
         for i in range(2)
     ]
     try:

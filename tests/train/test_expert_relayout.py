@@ -1,11 +1,12 @@
 """Heterogeneous re-sharding (`moejax.train.expert_relayout`): the plan against hand-worked
-cases; the window sums the steps' loads; on one device, a re-layout preserves the logical parameters and Adam state bit for bit
-and the next step's loss and update equal `dense_reference`'s on the logical weights; on a
-simulated 8-device pod (data 2 x expert 4), the same after a re-layout of the sharded state,
-a checkpoint of the re-laid-out state restored onto another mesh (data 4 x expert 2), and a
-trainer run killed after step 3 and resumed, bit-identical to the uninterrupted one across
-re-layouts at steps 4, 6 and 8; `load_run` and an adapter run's base give the experts back
-in id order, and a checkpoint without a layout restores as the identity."""
+cases; the window sums the steps' loads; on one device, a re-layout preserves the logical
+parameters and Adam state bit for bit and the next step's loss and update equal
+`dense_reference`'s on the logical weights; on a simulated 8-device pod (data 2 x expert 4),
+the same after a re-layout of the sharded state, a checkpoint of the re-laid-out state
+restored onto another mesh (data 4 x expert 2), and a trainer run killed after step 3 and
+resumed, bit-identical to the uninterrupted one across re-layouts at steps 4, 6 and 8;
+`load_run` and an adapter run's base give the experts back in id order, and a checkpoint
+without a layout restores as the identity."""
 
 import json
 import os

@@ -266,10 +266,10 @@ def apply_layout(state: Any, new_rows: dict[tuple, jax.Array]) -> Any:
 
 
 class Relayout:
-    """The re-layout of one experiment's state, compiled once: `relayout(state, devices)`
-    plans for `devices` owners and moves the state (module docstring), keeping `shardings`
-    (the state's); when no layer's plan changes it only resets the windows. Donates the
-    state; returns `(state, RelayoutReport)`."""
+    """The re-layout of one experiment's state, compiled once: `Relayout(shardings)(state,
+    devices)` plans for `devices` owners and moves the state (module docstring), keeping
+    `shardings` (the state's); when no layer's plan changes it only resets the windows.
+    Donates the state; returns `(state, RelayoutReport)`."""
 
     def __init__(self, shardings: Any = None):
         self._move = jax.jit(apply_layout, out_shardings=shardings, donate_argnums=(0,))
@@ -282,11 +282,6 @@ class Relayout:
         if report.moved == 0:
             return self._reset(state), report
         return self._move(state, new_rows), report
-
-
-def relayout(state: Any, devices: int, shardings: Any = None) -> tuple[Any, RelayoutReport]:
-    """One re-layout (`Relayout`, compiled for this call)."""
-    return Relayout(shardings)(state, devices)
 
 
 def logical_view(params: Any, collections: Any, *mirrors: Any) -> tuple[Any, ...]:
@@ -308,7 +303,7 @@ def logical_view(params: Any, collections: Any, *mirrors: Any) -> tuple[Any, ...
 @dataclasses.dataclass(frozen=True)
 class WindowRule:
     """The post-update rule of `expert_layout`: the step's sown loads added to
-    `window_load`; the rows move only by `relayout`."""
+    `window_load`; the rows move only by `Relayout`."""
 
     def __call__(self, layouts: Any, side_outputs: dict[str, Any], model: Any) -> Any:
         loads = traverse_util.flatten_dict(side_outputs.get(LAYOUT_LOAD) or {})

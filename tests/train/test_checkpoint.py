@@ -11,11 +11,10 @@ import numpy as np
 import optax
 import pytest
 from flax import struct
+from testing_utils import device_env
 
 from moejax.train.checkpoint import Checkpointer, CheckpointError
 from moejax.train.faults import CHECKPOINT_CORRUPTIONS
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class TrainState(struct.PyTreeNode):
@@ -29,13 +28,12 @@ def run_script(code: str, devices: int = 1) -> subprocess.CompletedProcess:
 
     A subprocess because XLA reads the device count once, when jax first initialises.
     """
-    env = dict(os.environ)
-    flag = f"--xla_force_host_platform_device_count={devices}"
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code],
+        env=device_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

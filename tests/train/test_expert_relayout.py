@@ -27,11 +27,11 @@ from moejax.train.adapter_checkpoint import load_base
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.experiment import build_experiment
 from moejax.train.expert_relayout import (
+    Relayout,
     logical_view,
     max_over_mean,
     owned_loads,
     plan_rows,
-    relayout,
 )
 from moejax.train.run_loader import load_run
 from moejax.train.step import TrainState
@@ -90,7 +90,7 @@ def one_device(tiny_corpus_dir, tmp_path_factory):
     layout = {"moe_layers": {"moe": {"row_expert": rows0, "window_load": skew}}}
     state = state.replace(collections={EXPERT_LAYOUT: layout})
     before = jax.device_get(logical_view(state.params, state.collections, state.opt_state))
-    moved, report = relayout(_copy(state), devices=4)
+    moved, report = Relayout()(_copy(state), devices=4)
     run_dir = str(tmp_path_factory.mktemp("relaid_out"))
     with Checkpointer(run_dir, async_save=False, save_every=1) as ckpt:
         ckpt.save(1, moved, extra={"config": config.to_dict()}, force=True)
@@ -201,7 +201,7 @@ from moejax.nn.collections import EXPERT_LAYOUT
 from moejax.sharding.mesh import make_mesh
 from moejax.sharding.partitioning import shard_batch
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.expert_relayout import logical_view, relayout
+from moejax.train.expert_relayout import Relayout, logical_view
 from moejax.train.experiment import build_experiment
 from moejax.train.loop import train
 from moejax.train.run_loader import load_run
@@ -239,7 +239,7 @@ state = exp.init_fn(jax.random.PRNGKey(0))
 for b in raw[:2]:
     state, _ = exp.step_fn(state, shard_batch(b, mesh, s.mesh.rules))
 before = jax.device_get(logical_view(state.params, state.collections, state.opt_state))
-state, report = relayout(state, 4, exp.state_shardings)
+state, report = Relayout(exp.state_shardings)(state, 4)
 after = logical_view(state.params, state.collections, state.opt_state)
 out["report"] = [report.before, report.after, report.moved]
 out["logical_identical"] = equal(after[0], before[0]) and equal(after[2], before[2])

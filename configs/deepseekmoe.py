@@ -203,7 +203,8 @@ def sweep_straggler(add):
     training: the 16 experts split over `mesh.expert=8` devices (2 each, tokens split 8 ways),
     plain EP, then FSSDP with 1 and 2 replica slots per device filled each step from the
     loads, then EP and 1-slot FSSDP with Hecate's heterogeneous re-sharding every 10 steps,
-    and EP re-sharded every 2 (`moe.fssdp_reshard_every`; `fssdp_slots=0` is EP). Run with
+    and EP re-sharded every 2 (`moe.fssdp_reshard_every`; `fssdp_slots=0` is EP), with 2
+    experts a device or, given 8 spare rows (`moe.fssdp_spare_rows`), 0 to 3. Run with
     8 simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=8); compare
     `train/moe/device_tokens_max_over_mean` (experiments/README.md, FSSDP)."""
     ep = {"mesh.expert": 8, "moe.dispatcher": "expert_parallel"}
@@ -216,3 +217,7 @@ def sweep_straggler(add):
             name=f"fssdp_{slots}_reshard{every}",
             **{**fssdp, "moe.fssdp_slots": slots, "moe.fssdp_reshard_every": every},
         )
+    add(
+        name="fssdp_0_reshard2_spare8",
+        **{**fssdp, "moe.fssdp_slots": 0, "moe.fssdp_reshard_every": 2, "moe.fssdp_spare_rows": 8},
+    )

@@ -348,6 +348,18 @@ def _check_moe(moe: MoEConfig, m: ModelConfig) -> None:
         f"moe.fssdp_reshard_every={moe.fssdp_reshard_every} must be >= 0 (steps between "
         f"re-layouts of the experts' owners under fssdp; 0 = never).",
     )
+    _require(
+        moe.fssdp_spare_rows >= 0,
+        f"moe.fssdp_spare_rows={moe.fssdp_spare_rows} must be >= 0 (extra stored expert "
+        f"rows per MoE layer; 0 = every device owns num_experts / mesh.expert experts).",
+    )
+    _require(
+        not moe.fssdp_spare_rows or uses_layout(moe),
+        f"moe.fssdp_spare_rows={moe.fssdp_spare_rows} lets a re-layout give devices unequal "
+        f"expert counts, but nothing re-lays out: moe.dispatcher={moe.dispatcher!r}, "
+        f"moe.fssdp_reshard_every={moe.fssdp_reshard_every}. Set moe.dispatcher='fssdp' "
+        f"and moe.fssdp_reshard_every > 0, or moe.fssdp_spare_rows=0.",
+    )
     _check_router(moe)
     _check_sigmoid_bias(moe)
     _check_layer_moe(moe, m)
@@ -771,6 +783,12 @@ def validate(
                 f"{kind.num_experts} experts, not divisible by mesh.expert={sizes['expert']}; "
                 f"give them a multiple of mesh.expert experts.",
             )
+        _require(
+            s.moe.fssdp_spare_rows % sizes["expert"] == 0,
+            f"moe.fssdp_spare_rows={s.moe.fssdp_spare_rows} is not divisible by mesh.expert="
+            f"{sizes['expert']}; each device stores (num_experts + spare rows) / mesh.expert "
+            f"expert rows: choose a multiple of mesh.expert.",
+        )
         _check_expert_parallel(s, sizes)
         if not s.moe.balance_devices:  # the device-level loss's D: the expert axis' devices
             s = dataclasses.replace(

@@ -83,6 +83,10 @@ class MoEConfig:
     # fssdp: re-lay out which device owns which expert every N steps, from the loads of the
     # last N (Hecate's heterogeneous sharding; moejax.train.expert_relayout); 0 = never
     fssdp_reshard_every: int = 100
+    # fssdp with re-sharding: extra stored expert rows per MoE layer, R = num_experts + this,
+    # empty until a re-layout fills them, so a device of the expert axis may own 0..R/P
+    # experts (Hecate's unequal counts within a memory bound of R/P); 0 = equal counts E/P
+    fssdp_spare_rows: int = 0
     # routed SwiGLU: gate and up projections as one grouped matmul on [W_gate | W_up]
     fuse_gate_up: bool = False
     gmm_impl: str = "auto"  # grouped matmul: auto|tile_loop|ragged_dot|pallas

@@ -55,8 +55,9 @@ the gathered replicas are not kept for the backward pass; backward gathers them 
 
 Hecate's heterogeneous sharding (which experts a device owns, re-chosen from the loads every
 `moe.fssdp_reshard_every` steps) needs nothing here: the experts are stored in physical rows
-and the MoE layer hands this plan row ids (`moejax.moe.expert_layout`), so "device p owns
-rows [p E/P, (p + 1) E/P)" owns whichever experts the trainer's re-layout put there
+and the MoE layer hands this plan row ids and `num_experts` = the R rows
+(`moejax.moe.expert_layout`), so "device p owns rows [p R/P, (p + 1) R/P)" owns whichever
+experts the trainer's re-layout put there, empty rows being experts with no tokens
 (`moejax.train.expert_relayout`). The placement takes any owner layout
 (`greedy_placement(..., owner=)`) for `experiments/fssdp_sim.py`, which also models devices
 owning unequal counts.

@@ -27,9 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.moe.expert_layout import spread_init
 from moejax.moe.quantized_gmm import is_qarray
 from moejax.nn.adapter_hook import AdapterHook
-from moejax.nn.params import dtype_of, logical_param
+from moejax.nn.params import dtype_of
 
 MatmulFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -90,6 +91,13 @@ def swiglu_expert_fn(
     return ExpertFn(fn, weights)
 
 
+def _rows_param(module, name, shape, axes, std, dtype, num_experts):
+    """A normal(std) `[R, ...]` expert parameter drawn for `num_experts` experts and spread
+    over the R stored rows (`moejax.moe.expert_layout.spread_init`)."""
+    init = spread_init(nn.initializers.normal(stddev=std), num_experts)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
 class RoutedExperts(nn.Module):
     num_experts: int
     d_model: int
@@ -100,19 +108,22 @@ class RoutedExperts(nn.Module):
     param_dtype: str = "float32"
     adapters: AdapterHook | None = None  # LoRA on the experts (`AdapterHook.expert_lora`)
     fuse_gate_up: bool = False  # `moe.fuse_gate_up` (swiglu_expert_fn)
+    # stored rows R >= num_experts (`moejax.moe.expert_layout.stored_rows`); 0 = num_experts
+    num_rows: int = 0
 
     @nn.compact
     def __call__(self) -> ExpertFn:
-        e, d, f = self.num_experts, self.d_model, self.d_expert
+        e, d, f = self.num_rows or self.num_experts, self.d_model, self.d_expert
         pdt = dtype_of(self.param_dtype)
-        w_gate = logical_param(
-            self, "w_gate", (e, d, f), ("expert", "embed", "mlp"), self.init_std, pdt
+        n = self.num_experts
+        w_gate = _rows_param(
+            self, "w_gate", (e, d, f), ("expert", "embed", "mlp"), self.init_std, pdt, n
         )
-        w_up = logical_param(
-            self, "w_up", (e, d, f), ("expert", "embed", "mlp"), self.init_std, pdt
+        w_up = _rows_param(
+            self, "w_up", (e, d, f), ("expert", "embed", "mlp"), self.init_std, pdt, n
         )
-        w_down = logical_param(
-            self, "w_down", (e, f, d), ("expert", "mlp", "embed"), self.out_std, pdt
+        w_down = _rows_param(
+            self, "w_down", (e, f, d), ("expert", "mlp", "embed"), self.out_std, pdt, n
         )
         lora = None
         if self.adapters is not None:

@@ -16,6 +16,7 @@ experts; only the dispatch sees the rows they are stored in (`moejax.moe.expert_
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 from moejax.moe.config import MoEConfig
 from moejax.moe.dispatch import dispatch
-from moejax.moe.expert_layout import physical_routing
+from moejax.moe.expert_layout import physical_routing, stored_rows
 from moejax.moe.experts import RoutedExperts
 from moejax.moe.routers import ROUTERS
 from moejax.nn.adapter_hook import AdapterContext, AdapterHook
@@ -93,10 +94,14 @@ class MoELayer(nn.Module):
             m.param_dtype,
             self.adapters,
             cfg.fuse_gate_up,
+            stored_rows(cfg),
             name="experts",
         )()
-        # Experts are stored in the layer's physical row order (moejax.moe.expert_layout).
-        y, dispatch_metrics = dispatch(x, physical_routing(self, cfg, routing), expert_fn, cfg)
+        # Experts are stored in the layer's physical row order (moejax.moe.expert_layout),
+        # dispatched over its rows.
+        rows_routing, rows = physical_routing(self, cfg, routing)
+        rows_cfg = cfg if rows == cfg.num_experts else dataclasses.replace(cfg, num_experts=rows)
+        y, dispatch_metrics = dispatch(x, rows_routing, expert_fn, rows_cfg)
         if cfg.n_shared:
             shared = DenseMLP(
                 shared_width(cfg),

@@ -53,6 +53,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy, save_decis
 
 from moejax.paths import as_path, is_remote, join, move_command
 from moejax.train import state_layouts
+from moejax.train.expert_relayout import onto_rows
 
 PyTree = Any
 
@@ -254,7 +255,10 @@ class Checkpointer:
     def restore(
         self, step: int | None = None, *, target: PyTree
     ) -> tuple[PyTree, dict | None, dict | None]:
-        """Restores step `step` (default: the latest) onto the layout of `target`.
+        """Restores step `step` (default: the latest) onto the layout of `target`. Routed
+        experts saved in another number of rows than the target's (re-sharded FSSDP's
+        `moe.fssdp_spare_rows`) come back in the target's rows, in their initial layout
+        (`moejax.train.state_layouts`).
 
         Returns `(state, data_state, extra)`; `data_state` and `extra` are None when that
         checkpoint was saved without them.
@@ -284,11 +288,16 @@ class Checkpointer:
             raise CorruptCheckpointError(
                 _unreadable_message(step_dir, step, steps, "it has no 'state' item")
             )
-        abstract = jax.tree.map(_abstract_leaf, target)
+        target_abstract = abstract = jax.tree.map(_abstract_leaf, target)
         # A state written in an older layout (moejax.train.state_layouts) is read onto the
-        # old shape of the target, then regrouped; a missing expert layout is the identity.
+        # old shape of the target, then regrouped; a missing expert layout is the identity;
+        # experts saved in another number of rows are read onto theirs, then moved.
         saved_tree = metadata[_STATE].tree if metadata[_STATE] is not None else None
+        resized = state_layouts.saved_rows_target(abstract, saved_tree)
+        abstract = abstract if resized is None else resized
         abstract, missing_layout = state_layouts.without_missing_layout(abstract, saved_tree)
+        if resized is not None:
+            missing_layout = state_layouts.in_id_order(missing_layout)
         v0 = isinstance(saved_tree, dict) and state_layouts.is_v0(saved_tree)
         shaped = state_layouts.v0_target(abstract) if v0 else abstract
         if saved_tree is not None:  # None when the tree metadata file is missing.
@@ -316,8 +325,11 @@ class Checkpointer:
             state = state_layouts.from_v0({**state_layouts.fields_of(shaped), **state}, abstract)
         elif absent:
             state = dataclasses.replace(abstract, **state)
+        state = state_layouts.with_initial_layout(state, missing_layout)
+        if resized is not None:
+            state = onto_rows(state, target_abstract)
         return (
-            state_layouts.with_identity_layout(state, missing_layout),
+            state,
             restored[_DATA] if _DATA in args else None,
             restored[_EXTRA] if _EXTRA in args else None,
         )
@@ -369,7 +381,7 @@ class Checkpointer:
         targets, missing_layout = state_layouts.without_missing_layout(targets, saved)
         if missing_layout is not None:  # restored without it, then the identity
             out = self.restore_subtrees(targets, step)
-            return state_layouts.with_identity_layout(out, missing_layout)
+            return state_layouts.with_initial_layout(out, missing_layout)
         if state_layouts.COLLECTIONS in targets and state_layouts.is_v0(saved):
             # An older layout (moejax.train.state_layouts): the two fields, joined.
             rest = {k: v for k, v in targets.items() if k != state_layouts.COLLECTIONS}

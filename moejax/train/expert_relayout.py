@@ -4,34 +4,39 @@ last window, and the one transfer that moves parameters and optimizer state to i
 Hecate (Qing et al., 2025, arXiv 2502.02581, section 4, heterogeneous sharding) re-shards the
 MoE parameters every ~100 iterations so that each device owns experts whose summed load is
 near the mean; the per-step replicas of FSSDP (`moejax.moe.placement`) then have less to
-fix. Here every MoE layer stores its experts in physical rows (`moejax.moe.expert_layout`),
-device p of the P devices of the `expert` axis owning rows `[p C, (p + 1) C)`, C = E / P, and
-every `moe.fssdp_reshard_every` steps the trainer calls `Relayout(shardings)(state, P)`:
+fix. Here every MoE layer stores its experts in R physical rows (`moejax.moe.expert_layout`;
+R = E + `moe.fssdp_spare_rows`), device p of the P devices of the `expert` axis owning rows
+`[p C, (p + 1) C)`, C = R / P, and every `moe.fssdp_reshard_every` steps the trainer calls
+`Relayout(shardings)(state, P)`:
 
 1. **Plan** (`plan_rows`, on the host, per layer): from `window_load[E]`, the longest
    processing time rule with a count bound: experts in decreasing load (ties by id) each go
-   to the device with the least owned load among those owning fewer than C. The new groups
-   are then matched to the devices that already hold most of their experts (greedy on the
-   overlap), so that experts that need not move stay. A layer keeps its layout when the plan
-   does not lower its largest owned load (`max_over_mean` of the owners' loads), so a
-   balanced layer moves nothing.
+   to the device with the least owned load among those owning fewer than C. With no spare
+   rows (C = E / P) every device ends with E / P experts, and a hot expert shares its device
+   with the coldest ones; with spare rows a device may end with fewer, down to the hot
+   expert alone, and its other rows empty (Hecate's devices owning 0..E experts, within the
+   memory bound of C rows). The new groups are then matched to the devices that already
+   hold most of their experts (greedy on the overlap), so that experts that need not move
+   keep their rows. A layer keeps its layout when the plan does not lower its largest owned
+   load (`max_over_mean` of the owners' loads), so a balanced layer moves nothing.
 2. **Move** (`apply_layout`, one jitted function, `Relayout`): every routed-expert leaf of the
    parameters, and each optimizer-state leaf that mirrors one (Adam's moments), is gathered
-   into the new row order with the state's own shardings as `out_shardings`; the layout's
-   `row_expert` is set and its `window_load` reset. The state is donated.
+   into the new row order (empty rows zero) with the state's own shardings as
+   `out_shardings`; the layout's `row_expert` is set and its `window_load` reset. The state
+   is donated.
 
 Because rows are only relabelled and the routers keep choosing logical experts, the model
 computes the same function after a re-layout (up to the order of float sums in the sharded
-dispatch), and the logical view (`logical_view`, what `moejax.load_run` returns) is bit for
-bit the same. The plan depends only on the state, so a resumed run re-lays out at the same
-steps to the same layouts: bit-identical to an uninterrupted one. Checkpoints store the rows
-as they are with the layout beside them (`TrainState.collections`), so they restore onto any
-mesh: the rows are E whatever P is, and the next re-layout adapts them to the new P.
+dispatch), and the logical view (`logical_view`: E rows in id order, what `moejax.load_run`
+returns) is bit for bit the same. The plan depends only on the state, so a resumed run
+re-lays out at the same steps to the same layouts: bit-identical to an uninterrupted one.
+Checkpoints store the rows as they are with the layout beside them
+(`TrainState.collections`), so they restore onto any mesh whose expert axis divides R: the
+next re-layout adapts the rows to the new P.
 
-Equal counts (C = E / P per device) are what static shapes allow without padding the
-expert arrays: Hecate's devices may own 0..E experts within a memory bound. With C fixed, a
-hot expert shares its device with the coldest ones instead, and FSSDP's replica slots carry
-what one device cannot.
+The move is one gather of the whole expert shard: XLA's collective for a resharded gather
+moves every device's shard whatever fraction of the rows changed owner (measured in
+experiments/README.md), which every ~100 steps costs about one step's expert all-gather.
 """
 
 from __future__ import annotations
@@ -45,20 +50,24 @@ import numpy as np
 from flax import traverse_util
 
 from moejax.moe.expert_layout import (
+    EMPTY,
+    EXPERTS,
     ROW_EXPERT,
     WINDOW_LOAD,
-    identity_layout,
+    initial_layout,
+    initial_row_expert,
+    logical_layout,
     row_of,
     uses_layout,
 )
 from moejax.nn.collections import EXPERT_LAYOUT, LAYOUT_LOAD
 
-EXPERTS = "experts"  # the routed experts' module name inside an MoE layer
-
 
 def owned_loads(load: np.ndarray, row_expert: np.ndarray, devices: int) -> np.ndarray:
-    """Each device's owned load `[P]`: the loads of the experts stored in its rows."""
-    return load[row_expert].reshape(devices, -1).sum(axis=1)
+    """Each device's owned load `[P]`: the loads of the experts stored in its rows (empty
+    rows, -1, add nothing)."""
+    padded = np.append(np.asarray(load, np.float64), 0.0)
+    return padded[row_expert].reshape(devices, -1).sum(axis=1)
 
 
 def max_over_mean(loads: np.ndarray) -> float:
@@ -66,11 +75,20 @@ def max_over_mean(loads: np.ndarray) -> float:
     return float(np.max(loads)) / mean if mean > 0 else 1.0
 
 
+def rows_of(row_expert: np.ndarray, num_experts: int) -> np.ndarray:
+    """The host-side `row_of`: int[E], the row of each expert."""
+    out = np.zeros(num_experts, np.int64)
+    held = row_expert >= 0
+    out[row_expert[held]] = np.nonzero(held)[0]
+    return out
+
+
 def balanced_groups(load: np.ndarray, devices: int, capacity: int) -> list[list[int]]:
     """The longest processing time rule with a count bound: experts in decreasing `load`
     (ties by id) each to the device with the least summed load among those holding fewer
     than `capacity` (ties by device); the experts of each device. With `capacity` > E / P
-    a device may end with fewer than E / P, or none (`experiments.fssdp_sim`)."""
+    (spare rows; `experiments.fssdp_sim`'s memory slack) a device may end with fewer than
+    E / P, or none."""
     groups: list[list[int]] = [[] for _ in range(devices)]
     totals = np.zeros(devices)
     for x in np.argsort(-load, kind="stable"):
@@ -81,9 +99,9 @@ def balanced_groups(load: np.ndarray, devices: int, capacity: int) -> list[list[
 
 
 def plan_rows(load: np.ndarray, row_expert: np.ndarray, devices: int) -> np.ndarray:
-    """The new `row_expert[E]` of one layer from its window `load[E]` (module docstring);
+    """The new `row_expert[R]` of one layer from its window `load[E]` (module docstring);
     `row_expert` itself when the plan does not lower the largest owned load."""
-    c = load.shape[0] // devices
+    c = row_expert.shape[0] // devices
     groups = balanced_groups(load, devices, c)
     totals = np.array([load[g].sum() for g in groups])
     if np.max(totals) >= np.max(owned_loads(load, row_expert, devices)):
@@ -101,16 +119,17 @@ def plan_rows(load: np.ndarray, row_expert: np.ndarray, devices: int) -> np.ndar
             taken_devices.add(d)
     rows = []
     for d in range(devices):  # experts already on d keep their row; the others fill in
-        stay = [x if x in placed[d] else None for x in current[d]]
-        new = iter(sorted(set(placed[d]) - set(current[d])))
-        rows.extend(x if x is not None else next(new) for x in stay)
+        mine = set(placed[d])
+        new = iter(sorted(mine - set(current[d])))
+        rows.extend(x if x in mine else next(new, EMPTY) for x in current[d])
     return np.asarray(rows, np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
 class RelayoutReport:
     """What one re-layout did, over every MoE layer: the owners' `max_over_mean` load under
-    the old and the new layout (means over layers), and the fraction of expert rows moved."""
+    the old and the new layout (means over layers), and the fraction of experts moved to
+    another row."""
 
     before: float
     after: float
@@ -128,7 +147,7 @@ class RelayoutReport:
         return (
             f"step {step}: expert re-layout of {self.layers} MoE layer(s): owned load "
             f"max/mean {self.before:.3f} -> {self.after:.3f}, {100 * self.moved:.1f}% of "
-            f"expert rows moved"
+            f"experts moved"
         )
 
 
@@ -156,16 +175,16 @@ def _on_host(x: Any) -> np.ndarray:
 
 
 def plan(collections: Any, devices: int) -> tuple[dict[tuple, np.ndarray], RelayoutReport]:
-    """The new rows of every layout (scope -> int32[..., E], on the host) and the report."""
+    """The new rows of every layout (scope -> int32[..., R], on the host) and the report."""
     new_rows, before, after, moved, count = {}, [], [], [], 0
     for scope, layout in _layouts(collections).items():
         rows, loads = _on_host(layout[ROW_EXPERT]), _on_host(layout[WINDOW_LOAD]).astype(np.float64)
-        flat_rows, flat_loads = rows.reshape(-1, rows.shape[-1]), loads.reshape(-1, rows.shape[-1])
+        flat_rows, flat_loads = rows.reshape(-1, rows.shape[-1]), loads.reshape(-1, loads.shape[-1])
         planned = np.stack([plan_rows(lo, r, devices) for lo, r in zip(flat_loads, flat_rows)])
         for lo, r, p in zip(flat_loads, flat_rows, planned):
             before.append(max_over_mean(owned_loads(lo, r, devices)))
             after.append(max_over_mean(owned_loads(lo, p, devices)))
-            moved.append(float(np.mean(r != p)))
+            moved.append(float(np.mean(rows_of(r, lo.shape[0]) != rows_of(p, lo.shape[0]))))
         count += len(planned)
         new_rows[scope] = planned.reshape(rows.shape).astype(np.int32)
     report = RelayoutReport(
@@ -178,24 +197,29 @@ def plan(collections: Any, devices: int) -> tuple[dict[tuple, np.ndarray], Relay
 
 
 def _gather_rows(leaf: jax.Array, src: jax.Array) -> jax.Array:
-    """`leaf[..., E, ...]` with its expert axis (axis `src.ndim - 1`) reordered by
-    `src[..., E]`, the source row of each new row."""
+    """`leaf[..., R_old, ...]` with its row axis (axis `src.ndim - 1`) gathered into the rows
+    `src[..., R_new]`, the source row of each new row (out of range: an empty row, zero)."""
     lead = src.shape[:-1]
     n = int(np.prod(lead, dtype=np.int64))
     flat = leaf.reshape((n,) + leaf.shape[len(lead) :])
-    out = jax.vmap(lambda x, s: x[s])(flat, src.reshape(n, -1))
-    return out.reshape(leaf.shape)
+    take = jax.vmap(lambda x, s: jnp.take(x, s, axis=0, mode="fill", fill_value=0))
+    out = take(flat, src.reshape(n, -1))
+    return out.reshape(lead + out.shape[1:])
 
 
 def _sources(collections: Any, new_rows: dict[tuple, jax.Array]) -> dict[tuple, jax.Array]:
-    """scope -> src[..., E]: the old row that holds each new row's expert."""
+    """scope -> src[..., R_new]: the old row that holds each new row's expert (R_old, out of
+    range, for an empty new row)."""
     out = {}
     for scope, layout in _layouts(collections).items():
         old, new = layout[ROW_EXPERT], new_rows[scope]
-        flat_old = old.reshape(-1, old.shape[-1])
-        inverse = jax.vmap(row_of)(flat_old)
-        out[scope] = jax.vmap(lambda inv, n: inv[n])(inverse, new.reshape(flat_old.shape))
-        out[scope] = out[scope].reshape(old.shape)
+        e, r_old = layout[WINDOW_LOAD].shape[-1], old.shape[-1]
+        flat_old, flat_new = old.reshape(-1, r_old), new.reshape(-1, new.shape[-1])
+        inverse = jax.vmap(lambda x: row_of(x, e))(flat_old)
+        src = jax.vmap(lambda inv, n: jnp.where(n >= 0, inv[jnp.maximum(n, 0)], r_old))(
+            inverse, flat_new
+        )
+        out[scope] = src.reshape(new.shape)
     return out
 
 
@@ -220,7 +244,7 @@ def _dict_suffix(path) -> tuple:
 
 def _permute_tree(tree: Any, sources: dict[tuple, jax.Array], expert_keys: dict) -> Any:
     """Every leaf of `tree` whose path ends with a routed-expert parameter path (and has its
-    shape) reordered into the new rows."""
+    shape) gathered into the new rows."""
 
     def one(path, leaf):
         key = _dict_suffix(path)
@@ -241,6 +265,22 @@ def _expert_keys(params: Any, sources: dict[tuple, Any]) -> dict[tuple, tuple]:
         if scope is not None:
             keys[key] = (scope, leaf.shape)
     return keys
+
+
+def with_stored_rows(abstract_params: Any, layout: Any) -> Any:
+    """`abstract_params` (ShapeDtypeStructs) with each routed-expert leaf given the row count
+    of the `expert_layout` tree `layout` (R, spare rows included): the target that reads a
+    re-sharded run's saved rows into a model of E rows, before `logical_view`."""
+    layouts = _layouts({EXPERT_LAYOUT: layout})
+    out = {}
+    for key, a in traverse_util.flatten_dict(abstract_params).items():
+        scope = _expert_scope(key, layouts)
+        if scope is not None:
+            rows = tuple(layouts[scope][ROW_EXPERT].shape)
+            shape = rows + tuple(a.shape[len(rows) :])
+            a = jax.ShapeDtypeStruct(shape, a.dtype, sharding=getattr(a, "sharding", None))
+        out[key] = a
+    return traverse_util.unflatten_dict(out)
 
 
 def _with_layouts(state: Any, new_rows: dict[tuple, Any] | None) -> Any:
@@ -285,19 +325,32 @@ class Relayout:
 
 
 def logical_view(params: Any, collections: Any, *mirrors: Any) -> tuple[Any, ...]:
-    """`(params, collections, *mirrors)` with every layout back to the identity (experts in
-    id order, windows emptied), for everything that reads weights by expert id: HF export,
-    compress, analysis. `mirrors`: trees whose leaves mirror the params' (an optimizer
-    state)."""
+    """`(params, collections, *mirrors)` with every layout back to the identity: E rows of
+    experts in id order (spare rows dropped), windows emptied, for everything that reads
+    weights by expert id: HF export, compress, analysis. `mirrors`: trees whose leaves mirror
+    the params' (an optimizer state)."""
     if not _layouts(collections):
         return (params, collections, *mirrors)
-    identity = {EXPERT_LAYOUT: identity_layout(collections[EXPERT_LAYOUT])}
-    sources = _sources(
-        collections, {scope: v[ROW_EXPERT] for scope, v in _layouts(identity).items()}
-    )
+    identity = initial_layout(logical_layout(collections[EXPERT_LAYOUT]))
+    targets = _layouts({EXPERT_LAYOUT: identity})
+    sources = _sources(collections, {scope: v[ROW_EXPERT] for scope, v in targets.items()})
     keys = _expert_keys(params, sources)
     moved = [_permute_tree(tree, sources, keys) for tree in (params, *mirrors)]
-    return (moved[0], {**collections, **identity}, *moved[1:])
+    return (moved[0], {**collections, EXPERT_LAYOUT: identity}, *moved[1:])
+
+
+def onto_rows(state: Any, target: Any) -> Any:
+    """`state` (a TrainState restored with the rows it was saved with) re-laid out onto the
+    rows of `target` (its abstract TrainState, with shardings) in their initial layout
+    (`moejax.moe.expert_layout.initial_row_expert`), windows reset: a checkpoint read into
+    another `moe.fssdp_spare_rows`, or weights in id order into a model with spare rows."""
+    new_rows = {}
+    for scope, layout in _layouts(target.collections).items():
+        rows = layout[ROW_EXPERT].shape
+        one = initial_row_expert(layout[WINDOW_LOAD].shape[-1], rows[-1])
+        new_rows[scope] = np.broadcast_to(one, rows)
+    shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), target)
+    return jax.jit(apply_layout, out_shardings=shardings)(state, new_rows)
 
 
 @dataclasses.dataclass(frozen=True)

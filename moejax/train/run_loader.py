@@ -12,7 +12,8 @@ returned `config` is the `Sections` of `moejax.config.validation` with a one-dev
 (the parameters are placed on the first local device whatever mesh trained them).
 `variables` holds `params` and the model's non-trainable collections (DeepSeek-V3's
 `router_bias`, the adapters' state), its routed experts in expert-id order (a re-sharded
-FSSDP run's rows are put back, `moejax.train.expert_relayout.logical_view`); an adapter
+FSSDP run's rows are put back, `moejax.train.expert_relayout.logical_view`, its spare rows
+dropped and the returned config's `moe.fssdp_spare_rows` set to 0); an adapter
 run (`lora.method != "none"`) comes back with its base joined to its adapters
 (`moejax.train.adapter_checkpoint.load_adapted`, which checks the base's fingerprint).
 `tokenizer` is the run's `data.tokenizer` (`moejax.data.open_tokenizer`).
@@ -20,6 +21,7 @@ run (`lora.method != "none"`) comes back with its base joined to its adapters
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, NamedTuple
 
@@ -124,7 +126,11 @@ def load_run(workdir: str | epath.Path, step: int | None = None) -> LoadedRun:
         got = ckpt.restore_subtrees(
             {"params": abstract["params"], COLLECTIONS: abstract_cols}, step
         )
-    # Experts in id order whatever layout trained them (expert_relayout.logical_view).
+    # Experts in id order whatever layout trained them (expert_relayout.logical_view): E
+    # rows, so the config and model returned store no spare rows.
     params, collections = logical_view(got["params"], got[COLLECTIONS])
     variables = {"params": params, **(collections or {})}
+    if s.moe.fssdp_spare_rows:
+        s = dataclasses.replace(s, moe=dataclasses.replace(s.moe, fssdp_spare_rows=0))
+        model = Transformer(s.model, s.moe, adapters=adapters_for(s.lora))
     return LoadedRun(model, variables, s, open_tokenizer(s.data))

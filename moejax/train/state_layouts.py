@@ -16,7 +16,12 @@ The `expert_layout` collection (re-sharded FSSDP, `moejax.moe.expert_layout`) ma
 missing from a checkpoint whose target has it: a run saved before the collection existed,
 or weights converted from Hugging Face or edited by `moejax.compress`, all in expert-id
 order. It is restored without it (`without_missing_layout`) and starts at the identity
-(`with_identity_layout`).
+(`with_initial_layout`).
+
+A checkpoint whose routed experts are stored in a different number of rows than the
+target's (saved with another `moe.fssdp_spare_rows`, or in id order without a layout, into
+a model with spare rows) is restored onto its own rows (`saved_rows_target`), then moved
+onto the target's rows in their initial layout (`moejax.train.expert_relayout.onto_rows`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from moejax.moe.expert_layout import identity_layout
+import jax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moejax.moe.expert_layout import EXPERTS, ROW_EXPERT, initial_layout, logical_layout
 from moejax.nn.collections import EXPERT_LAYOUT, ROUTER_BIAS
 
 COLLECTIONS = "collections"
@@ -94,12 +105,70 @@ def without_missing_layout(target: Any, saved: Any) -> tuple[Any, Any]:
     return {**fields, COLLECTIONS: rest}, cols[EXPERT_LAYOUT]
 
 
-def with_identity_layout(state: Any, layout: Any) -> Any:
+def with_initial_layout(state: Any, layout: Any) -> Any:
     """`state` with the identity `expert_layout` of `layout`'s shapes added (None: as is)."""
     if layout is None:
         return state
     fields = fields_of(state)
-    cols = {**(fields.get(COLLECTIONS) or {}), EXPERT_LAYOUT: identity_layout(layout)}
+    cols = {**(fields.get(COLLECTIONS) or {}), EXPERT_LAYOUT: initial_layout(layout)}
     if dataclasses.is_dataclass(state):
         return dataclasses.replace(state, **{COLLECTIONS: cols})
     return {**fields, COLLECTIONS: cols}
+
+
+def layout_of(state: Any) -> Any:
+    """The `expert_layout` tree of a state (TrainState or dict), or None."""
+    return (fields_of(state).get(COLLECTIONS) or {}).get(EXPERT_LAYOUT)
+
+
+def _in_rows(key: tuple, scopes: list[tuple]) -> bool:
+    """Whether the flat key names a leaf stored in expert rows: a routed-expert parameter
+    (or an optimizer leaf mirroring one) or a layout's `row_expert`."""
+    key = tuple(str(k) for k in key)
+    for scope in scopes:
+        n = len(scope)
+        for i in range(len(key) - n):
+            if key[i : i + n] == scope and key[i + n] in (EXPERTS, ROW_EXPERT):
+                return True
+    return False
+
+
+def _placed_like(leaf: Any, shape: tuple) -> jax.ShapeDtypeStruct:
+    """`leaf`'s dtype and sharding at another shape (replicated where its shards would not
+    divide it)."""
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        try:
+            sharding.shard_shape(shape)
+        except ValueError:
+            sharding = NamedSharding(sharding.mesh, P())
+    return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
+
+
+def saved_rows_target(target: Any, saved: Any) -> Any:
+    """`target` (abstract) with every leaf stored in expert rows given its shape in the
+    `saved` tree when the row counts differ (module docstring); None when they agree, or
+    when the target keeps no layout."""
+    layout = layout_of(target)
+    if layout is None or not isinstance(saved, dict):
+        return None
+    scopes = [
+        tuple(str(k) for k in key[:-1])
+        for key in traverse_util.flatten_dict(layout)
+        if key[-1] == ROW_EXPERT
+    ]
+    wanted, have = ocp.tree.to_flat_dict(target), ocp.tree.to_flat_dict(saved)
+    changed = False
+    for key, leaf in wanted.items():
+        if key not in have or not _in_rows(key, scopes):
+            continue
+        shape = tuple(have[key].shape)
+        if shape != tuple(leaf.shape):
+            wanted[key] = _placed_like(leaf, shape)
+            changed = True
+    return ocp.tree.from_flat_dict(wanted, target=target) if changed else None
+
+
+def in_id_order(layout: Any) -> Any:
+    """A missing layout's abstract tree for weights saved in id order (E rows)."""
+    return None if layout is None else logical_layout(layout)

@@ -85,6 +85,8 @@ BAD = [
     ("moe.fssdp_max_sends", -2, "moe.fssdp_max_sends=-2 must be >= 0"),
     ("moe.fssdp_remat", "yes", "config.moe.fssdp_remat='yes' must be a bool"),
     ("moe.fssdp_reshard_every", -1, "moe.fssdp_reshard_every=-1 must be >= 0"),
+    ("moe.fssdp_spare_rows", -4, "moe.fssdp_spare_rows=-4 must be >= 0"),
+    ("moe.fssdp_spare_rows", 4, "nothing re-lays out: moe.dispatcher="),
     ("moe.fuse_gate_up", "yes", "config.moe.fuse_gate_up='yes' must be a bool"),
     # data (checked by DataConfig itself)
     ("data.sources", "", "data.sources must not be empty"),

@@ -110,6 +110,16 @@ def test_adapter_runs_refuse_moving_the_experts_between_devices():
     assert validate(config, num_devices=4, num_processes=1).moe.fssdp_reshard_every == 0
 
 
+def test_spare_expert_rows_must_divide_over_the_expert_axis():
+    config = load_config_module("deepseekmoe").get_config()  # 16 experts
+    config.mesh.update(data=-1, expert=4)
+    config.moe.update(dispatcher="fssdp", fssdp_spare_rows=6)
+    with pytest.raises(ConfigError, match="fssdp_spare_rows=6 is not divisible by mesh.expert=4"):
+        validate(config, num_devices=4, num_processes=1)
+    config.moe.update(fssdp_spare_rows=8)
+    assert validate(config, num_devices=4, num_processes=1).moe.fssdp_spare_rows == 8
+
+
 def test_fssdp_slots_must_fit_the_experts_a_device_does_not_own():
     config = load_config_module("deepseekmoe").get_config()  # 16 experts
     config.mesh.update(data=-1, expert=4)

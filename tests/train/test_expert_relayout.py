@@ -1,11 +1,14 @@
 """Heterogeneous re-sharding (`moejax.train.expert_relayout`): the plan against hand-worked
 cases; the window sums the steps' loads; on one device, a re-layout preserves the logical
 parameters and Adam state bit for bit and the next step's loss and update equal
-`dense_reference`'s on the logical weights; on a simulated 8-device pod (data 2 x expert 4),
-the same after a re-layout of the sharded state, a checkpoint of the re-laid-out state
-restored onto another mesh (data 4 x expert 2), and a trainer run killed after step 3 and
-resumed, bit-identical to the uninterrupted one across re-layouts at steps 4, 6 and 8;
-`load_run` and an adapter run's base give the experts back in id order, and a checkpoint
+`dense_reference`'s on the logical weights; with spare rows (12 rows for 8 experts) the
+initial layout spreads the experts with the same logical weights, a re-layout leaves a hot
+expert alone on its device with the empty rows zero, and the next step equals the model's
+with no spare rows; on a simulated 8-device pod (data 2 x expert 4, 12 rows), the same after
+a re-layout of the sharded state, a checkpoint of the re-laid-out state restored onto
+another mesh (data 4 x expert 2), and a trainer run killed after step 3 and resumed,
+bit-identical to the uninterrupted one across re-layouts at steps 4, 6 and 8; `load_run`
+and an adapter run's base give the experts back in id order (E rows), and a checkpoint
 without a layout restores as the identity."""
 
 import json
@@ -91,11 +94,7 @@ def one_device(tiny_corpus_dir, tmp_path_factory):
     state = state.replace(collections={EXPERT_LAYOUT: layout})
     before = jax.device_get(logical_view(state.params, state.collections, state.opt_state))
     moved, report = Relayout()(_copy(state), devices=4)
-    run_dir = str(tmp_path_factory.mktemp("relaid_out"))
-    with Checkpointer(run_dir, async_save=False, save_every=1) as ckpt:
-        ckpt.save(1, moved, extra={"config": config.to_dict()}, force=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f)
+    run_dir = _save_run(moved, config, str(tmp_path_factory.mktemp("relaid_out")))
     return SimpleNamespace(
         data_dir=tiny_corpus_dir,
         s=s,
@@ -161,14 +160,16 @@ def test_a_checkpoint_without_a_layout_restores_as_the_identity(one_device, tmp_
     assert _equal(restored.params, r.before[0]) and _equal(restored.opt_state, r.before[2])
 
 
-def test_load_run_and_an_adapter_base_read_the_experts_in_id_order(one_device, tmp_path):
-    r = one_device
-    run = load_run(r.run_dir)
-    assert _equal(run.variables["params"], r.before[0])
-    np.testing.assert_array_equal(
-        run.variables[EXPERT_LAYOUT]["moe_layers"]["moe"]["row_expert"], [np.arange(8)]
-    )
-    # LoRA on the shared expert of that base (adapter runs keep no layout).
+def _save_run(state, config, run_dir: str) -> str:
+    with Checkpointer(run_dir, async_save=False, save_every=1) as ckpt:
+        ckpt.save(1, state, extra={"config": config.to_dict()}, force=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f)
+    return run_dir
+
+
+def _adapter_base(r, run_dir: str, tmp_path):
+    """The base params an adapter run (LoRA on the shared expert) reads from `run_dir`."""
     config = make_tiny_config(
         r.data_dir,
         "deepseekmoe",
@@ -177,18 +178,103 @@ def test_load_run_and_an_adapter_base_read_the_experts_in_id_order(one_device, t
             "moe.fssdp_reshard_every": 0,
             "lora.method": "lora",
             "lora.targets": "shared.*",
-            "lora.base_checkpoint": r.run_dir,
+            "lora.base_checkpoint": run_dir,
         },
     )
     s = validate(config, num_devices=1, num_processes=1)
-    exp = build_experiment(s, r.exp.mesh)
-    abstract = exp.abstract_state
+    abstract = build_experiment(s, r.exp.mesh).abstract_state
     base, _ = load_base(s.lora, str(tmp_path), abstract.params, abstract.collections, s.model)
-    assert base["collections"] is None
-    flat = traverse_util.flatten_dict(jax.device_get(base["params"]))
-    want = traverse_util.flatten_dict(r.before[0])
+    assert base["collections"] is None  # adapter runs keep no layout
+    return jax.device_get(base["params"])
+
+
+def test_load_run_and_an_adapter_base_read_the_experts_in_id_order(one_device, tmp_path):
+    r = one_device
+    run = load_run(r.run_dir)
+    assert _equal(run.variables["params"], r.before[0])
+    np.testing.assert_array_equal(
+        run.variables[EXPERT_LAYOUT]["moe_layers"]["moe"]["row_expert"], [np.arange(8)]
+    )
+    base = _adapter_base(r, r.run_dir, tmp_path)
+    flat, want = traverse_util.flatten_dict(base), traverse_util.flatten_dict(r.before[0])
     assert flat.keys() == want.keys()
     assert all(np.array_equal(flat[k], want[k]) for k in want)
+
+
+def test_spare_rows_let_devices_own_unequal_counts_and_keep_the_math(one_device, tmp_path):
+    """R = 12 rows for E = 8 experts: 3 rows a device on 4 owners, so a re-layout may leave a
+    hot expert alone on its device (moejax.moe.expert_layout)."""
+    r = one_device
+    config = make_tiny_config(r.data_dir, "deepseekmoe", **BASE, **{"moe.fssdp_spare_rows": 4})
+    exp = build_experiment(validate(config, num_devices=1, num_processes=1), r.exp.mesh)
+    state = exp.init_fn(jax.random.PRNGKey(0))
+    plain = r.exp.init_fn(jax.random.PRNGKey(0))
+    # At init: expert e in row floor(1.5 e), the same logical weights as with no spare
+    # rows, and the empty rows zero.
+    rows0 = state.collections[EXPERT_LAYOUT]["moe_layers"]["moe"]["row_expert"]
+    np.testing.assert_array_equal(rows0, [[0, 1, -1, 2, 3, -1, 4, 5, -1, 6, 7, -1]])
+    experts = state.params["moe_layers"]["moe"]["experts"]
+    assert all(w.shape[1] == 12 and not np.asarray(w[:, 2::3]).any() for w in experts.values())
+    assert _equal(logical_view(state.params, state.collections)[0], jax.device_get(plain.params))
+
+    # Loads (8, 7, 1, ...) on 4 devices of 3 rows: {0}, {2, 4, 6}, {3, 5, 7}, {1}; owned
+    # max/mean 8/5.25, against 9/5.25 with two experts a device (the test above).
+    skew = jnp.asarray([[8, 7, 1, 1, 1, 1, 1, 1]], jnp.float32)
+    layout = {"moe_layers": {"moe": {"row_expert": rows0, "window_load": skew}}}
+    state = state.replace(collections={EXPERT_LAYOUT: layout})
+    before = jax.device_get(logical_view(state.params, state.collections, state.opt_state))
+    moved, report = Relayout()(_copy(state), devices=4)
+    moved = jax.device_get(moved)
+    rows = moved.collections[EXPERT_LAYOUT]["moe_layers"]["moe"]["row_expert"]
+    np.testing.assert_array_equal(rows, [[0, -1, -1, 2, 4, 6, 3, 5, 7, 1, -1, -1]])
+    assert (report.before, report.after, report.moved) == (15 / 5.25, 8 / 5.25, 5 / 8)
+    after = jax.device_get(logical_view(moved.params, moved.collections, moved.opt_state))
+    assert _equal(after[0], before[0]) and _equal(after[2], before[2])
+    empty = np.asarray(rows[0]) < 0
+    checked = 0
+    for tree in (moved.params, moved.opt_state):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
+            if "experts" in jax.tree_util.keystr(path) and np.ndim(leaf) == 4:
+                assert not leaf[:, empty].any(), path  # w_* and their Adam moments
+                checked += 1
+    assert checked == 9
+
+    # The next step equals that of the model without spare rows on the same logical state.
+    new, m = exp.step_fn(jax.device_put(moved), r.batch)
+    ref_state = TrainState(step=moved.step, params=before[0], opt_state=before[2])
+    ref_state = ref_state.replace(collections=before[1])
+    ref_new, ref_m = r.exp.step_fn(jax.device_put(ref_state), r.batch)
+    np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m["grad_norm"]), float(ref_m["grad_norm"]), rtol=1e-5)
+    got = jax.device_get(logical_view(new.params, new.collections)[0])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(jax.device_get(ref_new.params))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    # A checkpoint restores onto another number of rows: 12 onto 8 (no spare rows), and
+    # 8 in id order with no layout onto 12, each in the initial layout of its rows.
+    plain = TrainState(step=moved.step, params=before[0], opt_state=before[2])
+    for saved, abstract, want in (
+        (moved, r.exp.abstract_state, list(range(8))),
+        (plain, exp.abstract_state, [0, 1, -1, 2, 3, -1, 4, 5, -1, 6, 7, -1]),
+    ):
+        with Checkpointer(str(tmp_path / f"rows{len(want)}"), async_save=False) as ckpt:
+            ckpt.save(1, saved, force=True)
+            back = jax.device_get(ckpt.restore(target=abstract)[0])
+        np.testing.assert_array_equal(
+            back.collections[EXPERT_LAYOUT]["moe_layers"]["moe"]["row_expert"], [want]
+        )
+        got = logical_view(back.params, back.collections, back.opt_state)
+        assert _equal(got[0], before[0]) and _equal(got[2], before[2])
+
+    # Read back: E rows in id order, and a config that stores no spare rows.
+    run_dir = _save_run(moved, config, str(tmp_path / "spare"))
+    run = load_run(run_dir)
+    assert run.config.moe.fssdp_spare_rows == 0
+    assert _equal(run.variables["params"], before[0])
+    logits, _ = run.model.apply(run.variables, jnp.asarray(r.batch["inputs"][:1]))
+    assert np.isfinite(np.asarray(logits)).all()
+    base = _adapter_base(r, run_dir, tmp_path)
+    assert _equal(base, before[0])
 
 
 POD_SCRIPT = r"""
@@ -208,12 +294,15 @@ from moejax.train.run_loader import load_run
 from moejax.train.step import TrainState
 
 data_dir, out_dir = sys.argv[1], sys.argv[2]
+# 12 rows for 8 experts: 3 a device on 4 owners, 6 on 2; a device may own 0..3 (0..6).
 overrides = {"moe.num_experts": 8, "moe.dispatcher": "fssdp", "moe.fssdp_reshard_every": 2,
-             "data.global_batch_size": 8}
+             "moe.fssdp_spare_rows": 4, "data.global_batch_size": 8}
 
 
 def experiment(dispatcher="fssdp", **mesh):
-    c = make_tiny_config(data_dir, "deepseekmoe", **{**overrides, "moe.dispatcher": dispatcher})
+    spare = 4 if dispatcher == "fssdp" else 0
+    c = make_tiny_config(data_dir, "deepseekmoe", **{**overrides, "moe.dispatcher": dispatcher,
+                                                     "moe.fssdp_spare_rows": spare})
     c.mesh.update(**{"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **mesh})
     n = int(np.prod([c.mesh[a] for a in ("data", "fsdp", "expert", "tensor")]))
     s = validate(c, num_devices=n, num_processes=1)
@@ -305,11 +394,16 @@ def pod(tiny_corpus_dir, tmp_path_factory):
     return run_pod_script(POD_SCRIPT, tiny_corpus_dir, str(tmp_path_factory.mktemp("pod")))
 
 
+INITIAL_ROWS = [0, 1, -1, 2, 3, -1, 4, 5, -1, 6, 7, -1]
+
+
 def test_sharded_relayout_moves_rows_between_devices_and_keeps_the_math(pod):
     before, after, moved = pod["report"]
     assert after < before and moved > 0
     assert pod["logical_identical"]
-    assert sorted(pod["rows"][0]) == list(range(8)) and pod["rows"][0] != list(range(8))
+    rows = pod["rows"][0]
+    assert len(rows) == 12 and sorted(x for x in rows if x >= 0) == list(range(8))
+    assert rows != INITIAL_ROWS
     assert "expert" in pod["sharding"]
     np.testing.assert_allclose(*pod["loss"], rtol=1e-5)
     np.testing.assert_allclose(*pod["grad_norm"], rtol=1e-4)
@@ -333,6 +427,6 @@ def test_a_resumed_run_is_bit_identical_across_relayouts(pod):
 
 
 def test_load_run_gives_the_experts_back_in_id_order(pod):
-    assert pod["final_rows"][0] != list(range(8))
+    assert pod["final_rows"][0] != INITIAL_ROWS
     assert pod["load_run_logical"]
     assert pod["load_run_rows"] == [list(range(8))]

@@ -24,9 +24,10 @@ Default shape: T = 8192 tokens as [8, 1024], d_model 512, 64 experts of width 25
 
 `--json` prints one JSON object on stdout (progress goes to stderr). The baseline is the
 fastest dense SwiGLU of the same active width, `(top_k + n_shared) * d_expert`, on `[T, d]`
-rows: `dense_mlp` (moejax's `DenseMLP`) or `dense_swiglu_2d` (the same three matmuls in plain
-jnp); `baseline` names the one that was faster in this run. `results[name]` holds `ms`
-(median), `ms_min`, `compile_s` and `active_gflop_per_s` for both and for every dispatcher.
+rows: `dense_mlp` (moejax's `DenseMLP`), `dense_swiglu_2d` (the same three matmuls in plain
+jnp) or `dense_swiglu_2d_fused` (gate and up as one matmul, as `+fused` does for the experts);
+`baseline` names the one that was fastest in this run. `results[name]` holds `ms` (median),
+`ms_min`, `compile_s` and `active_gflop_per_s` for each and for every dispatcher.
 Dispatchers add `ratio_to_dense` (= ms / baseline ms), `ratio_to_dense_min` (min over min),
 `ratio_to_dense_paired` (median over repeats of the ratio within one repeat: the estimate that
 best survives load from other processes), `fwd_ms` (forward alone), `dropped_fraction`, with
@@ -206,13 +207,19 @@ def dense_loss(mlp: DenseMLP) -> Callable:
     return loss
 
 
-def plain_dense_loss(dtype: str) -> Callable:
+def plain_dense_loss(dtype: str, fuse_gate_up: bool = False) -> Callable:
     """The same SwiGLU in plain jnp on `[T, d]` (no Flax, no logical axes): the baseline
-    candidate with the least around its three matmuls."""
+    candidate with the least around its three matmuls. `fuse_gate_up`: gate and up as one
+    matmul on `[W_gate | W_up]`, concatenated inside the step like `moe.fuse_gate_up`."""
 
     def loss(w, x):
         x2 = x.reshape(-1, x.shape[-1]).astype(dtype)
-        h = jax.nn.silu(x2 @ w["w_gate"].astype(dtype)) * (x2 @ w["w_up"].astype(dtype))
+        if fuse_gate_up:
+            both = jnp.concatenate([w["w_gate"], w["w_up"]], axis=-1).astype(dtype)
+            gate, up = jnp.split(x2 @ both, 2, axis=-1)
+        else:
+            gate, up = x2 @ w["w_gate"].astype(dtype), x2 @ w["w_up"].astype(dtype)
+        h = jax.nn.silu(gate) * up
         return jnp.sum(jnp.square((h @ w["w_down"].astype(dtype)).astype(jnp.float32))), {}
 
     return loss
@@ -259,7 +266,7 @@ def ragged_impl(dispatcher: str, shape: Shape) -> str | None:
     return resolve_gmm_impl(shape.gmm_impl)
 
 
-DENSE_BASELINES = ("dense_mlp", "dense_swiglu_2d")
+DENSE_BASELINES = ("dense_mlp", "dense_swiglu_2d", "dense_swiglu_2d_fused")
 
 
 def plan_of(dispatcher: str) -> str:
@@ -355,6 +362,8 @@ def run(
     dense_params = nn.unbox(jax.jit(mlp.init)(key_dense, x))["params"]
     add("dense_mlp", compile_step(fwd_bwd(dense_loss(mlp)), dense_params, x))
     add("dense_swiglu_2d", compile_step(fwd_bwd(plain_dense_loss(shape.dtype)), dense_params, x))
+    fused = plain_dense_loss(shape.dtype, fuse_gate_up=True)
+    add("dense_swiglu_2d_fused", compile_step(fwd_bwd(fused), dense_params, x))
     t0 = time.perf_counter()
     steps["dense_mlp"]()  # a second call: the first one also allocates
     dense_call_s = time.perf_counter() - t0

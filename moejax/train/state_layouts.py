@@ -162,8 +162,9 @@ def saved_rows_target(target: Any, saved: Any) -> Any:
     for key, leaf in wanted.items():
         if key not in have or not _in_rows(key, scopes):
             continue
-        shape = tuple(have[key].shape)
-        if shape != tuple(leaf.shape):
+        shape, now = tuple(have[key].shape), tuple(leaf.shape)
+        # Only the row axis may differ; any other difference is the mismatch it is.
+        if len(shape) == len(now) and sum(a != b for a, b in zip(shape, now)) == 1:
             wanted[key] = _placed_like(leaf, shape)
             changed = True
     return ocp.tree.from_flat_dict(wanted, target=target) if changed else None

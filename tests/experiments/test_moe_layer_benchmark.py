@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -77,9 +78,10 @@ def test_every_dispatcher_is_timed_against_the_fastest_dense_swiglu(run):
     assert {"device", "jax", "shape", "results", "routing", "hf", "baseline"} <= set(report)
     assert report["shape"]["tokens"] == 256 and report["shape"]["dense_width"] == 48
     results = report["results"]
-    assert set(DISPATCHERS) | {"dense_mlp", "dense_swiglu_2d"} <= set(results)
+    baselines = ("dense_mlp", "dense_swiglu_2d", "dense_swiglu_2d_fused")
+    assert set(DISPATCHERS) | set(baselines) <= set(results)
     dense = results[report["baseline"]]
-    assert dense["ms"] == min(results[n]["ms"] for n in ("dense_mlp", "dense_swiglu_2d"))
+    assert dense["ms"] == min(results[n]["ms"] for n in baselines)
     assert_timing(dense)
     for name in DISPATCHERS:
         entry = results[name]
@@ -204,3 +206,19 @@ def test_kernel_profile_sums_device_ops_per_call():
         {"name": "gmm", "ms_per_call": 4.0, "share": round(8 / 10.5, 4), "count": 2},
         {"name": "sort", "ms_per_call": 1.0, "share": round(2 / 10.5, 4), "count": 2},
     ]
+
+
+def test_the_fused_dense_baseline_computes_the_same_swiglu(bench):
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    w = {
+        "w_gate": jax.random.normal(k[0], (16, 24)),
+        "w_up": jax.random.normal(k[1], (16, 24)),
+        "w_down": jax.random.normal(k[2], (24, 16)),
+    }
+    x = jax.random.normal(k[3], (2, 8, 16))
+    plain, fused = (bench.fwd_bwd(bench.plain_dense_loss("float32", f)) for f in (False, True))
+    (loss, _), grads = plain(w, x)
+    (loss_f, _), grads_f = fused(w, x)
+    np.testing.assert_allclose(loss_f, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_f), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

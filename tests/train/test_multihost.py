@@ -141,7 +141,8 @@ def test_multi_process_checkpoint_holds_both_data_positions_and_the_same_params(
 def test_two_processes_relay_out_the_experts_like_one(tiny_corpus_dir, tmp_path):
     """Re-sharded FSSDP over 2 processes x 2 devices (`mesh.expert=4`): every process plans
     the same layout from its own copy of the replicated window (no collective), the
-    experts move every 2 steps, and the losses are the one-device run's."""
+    experts move every 2 steps (12 rows: 0 to 3 experts a device), and the losses are the
+    one-device run's."""
     overrides = {
         "train.steps": 4,
         "train.checkpoint_every": 4,
@@ -150,6 +151,7 @@ def test_two_processes_relay_out_the_experts_like_one(tiny_corpus_dir, tmp_path)
         "moe.num_experts": 8,
         "moe.dispatcher": "fssdp",
         "moe.fssdp_reshard_every": 2,
+        "moe.fssdp_spare_rows": 4,
     }
     config = make_tiny_config(tiny_corpus_dir, "deepseekmoe", **overrides, **{"mesh.expert": 4})
     port = _free_port()
@@ -165,7 +167,7 @@ def test_two_processes_relay_out_the_experts_like_one(tiny_corpus_dir, tmp_path)
         outs = _wait(procs)
     relayouts = [line for line in outs[0].splitlines() if "expert re-layout" in line]
     assert [line.split(":")[0] for line in relayouts] == ["step 2", "step 4"]
-    assert "0.0% of expert rows moved" not in relayouts[0]
+    assert "0.0% of experts moved" not in relayouts[0]
     np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=1e-5)
 
 

@@ -3,13 +3,13 @@ cases; the window sums the steps' loads; on one device, a re-layout preserves th
 parameters and Adam state bit for bit and the next step's loss and update equal
 `dense_reference`'s on the logical weights; with spare rows (12 rows for 8 experts) the
 initial layout spreads the experts with the same logical weights, a re-layout leaves a hot
-expert alone on its device with the empty rows zero, and the next step equals the model's
-with no spare rows; on a simulated 8-device pod (data 2 x expert 4, 12 rows), the same after
-a re-layout of the sharded state, a checkpoint of the re-laid-out state restored onto
-another mesh (data 4 x expert 2), and a trainer run killed after step 3 and resumed,
-bit-identical to the uninterrupted one across re-layouts at steps 4, 6 and 8; `load_run`
-and an adapter run's base give the experts back in id order (E rows), and a checkpoint
-without a layout restores as the identity."""
+expert alone on its device with the empty rows zero, the next step equals the model's with
+no spare rows, and checkpoints restore onto another number of rows; on a simulated 8-device
+pod (data 2 x expert 4, 12 rows), the same after a re-layout of the sharded state, a
+checkpoint of the re-laid-out state restored onto another mesh (data 4 x expert 2), and a
+trainer run killed after step 3 and resumed, bit-identical to the uninterrupted one across
+re-layouts at steps 4, 6 and 8; `load_run` and an adapter run's base give the experts back
+in id order (E rows), and a checkpoint without a layout restores as the identity."""
 
 import json
 import os

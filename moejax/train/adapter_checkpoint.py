@@ -50,7 +50,7 @@ from moejax.nn.collections import ADAPTER_COLLECTIONS, EXPERT_LAYOUT, NON_TRAINA
 from moejax.nn.trees import join_trees, split_tree
 from moejax.paths import as_path, join, resolve
 from moejax.train.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
-from moejax.train.expert_relayout import logical_view, with_stored_rows
+from moejax.train.expert_relayout import logical_view
 from moejax.train.state_layouts import COLLECTIONS
 from moejax.train.step import TrainState
 
@@ -200,9 +200,8 @@ def _load_moejax(source: dict, abstract_base: Any, abstract_cols: Any, model_cfg
                 sharding = NamedSharding(sharding.mesh, P())
             layout = ckpt.saved_collection(EXPERT_LAYOUT, step, sharding)
         cols = abstract_cols if layout is None else {**(abstract_cols or {}), EXPERT_LAYOUT: layout}
-        stored = abstract_base if layout is None else with_stored_rows(abstract_base, layout)
         try:
-            out = ckpt.restore_subtrees({"params": stored, COLLECTIONS: cols}, step)
+            out = ckpt.restore_subtrees({"params": abstract_base, COLLECTIONS: cols}, step)
         except CheckpointMismatchError as e:
             if model_cfg is None or model_cfg.scan_layers:
                 raise BaseModelError(
@@ -229,11 +228,10 @@ def _restore_unrolled(
 ) -> dict:
     """A base trained with scanned layers, for a model with unrolled ones (MoLA): restored in
     the scanned layout, unscanned, and placed like `abstract_base`."""
-    scanned = scanned_abstract(abstract_base)
-    layout = (abstract_cols or {}).get(EXPERT_LAYOUT)
-    scanned = scanned if layout is None else with_stored_rows(scanned, layout)
     try:
-        out = ckpt.restore_subtrees({"params": scanned, COLLECTIONS: abstract_cols}, step)
+        out = ckpt.restore_subtrees(
+            {"params": scanned_abstract(abstract_base), COLLECTIONS: abstract_cols}, step
+        )
     except CheckpointMismatchError:
         raise BaseModelError(
             f"{_field(source)}={source['path']!r} does not match the model config: {error} "

@@ -364,8 +364,10 @@ class Checkpointer:
     ) -> dict[str, PyTree]:
         """Only the top-level entries `targets` names of a step's state (e.g. `params` of a
         TrainState), each onto its target's layout; nothing else is read. An entry that is
-        None in `targets` is restored only if saved (None otherwise). Raises
-        CheckpointError naming the step and the first key that differs."""
+        None in `targets` is restored only if saved (None otherwise). Routed experts saved
+        in another number of rows than the target's come back in their saved rows, with
+        their saved layout when `targets` asks for it (the caller takes the logical view).
+        Raises CheckpointError naming the step and the first key that differs."""
         self.wait()
         step = self.latest_step() if step is None else step
         if step is None:
@@ -389,6 +391,7 @@ class Checkpointer:
             out = self.restore_subtrees({**rest, **old}, step)
             joined = state_layouts.join_collections(out["router_bias"], out["lora_state"])
             return {**{k: out[k] for k in rest}, state_layouts.COLLECTIONS: joined}
+        targets = state_layouts.saved_rows_target(targets, saved) or targets
         item = {}
         for name, target in targets.items():
             if name not in saved:

@@ -75,14 +75,6 @@ def max_over_mean(loads: np.ndarray) -> float:
     return float(np.max(loads)) / mean if mean > 0 else 1.0
 
 
-def rows_of(row_expert: np.ndarray, num_experts: int) -> np.ndarray:
-    """The host-side `row_of`: int[E], the row of each expert."""
-    out = np.zeros(num_experts, np.int64)
-    held = row_expert >= 0
-    out[row_expert[held]] = np.nonzero(held)[0]
-    return out
-
-
 def balanced_groups(load: np.ndarray, devices: int, capacity: int) -> list[list[int]]:
     """The longest processing time rule with a count bound: experts in decreasing `load`
     (ties by id) each to the device with the least summed load among those holding fewer
@@ -184,7 +176,9 @@ def plan(collections: Any, devices: int) -> tuple[dict[tuple, np.ndarray], Relay
         for lo, r, p in zip(flat_loads, flat_rows, planned):
             before.append(max_over_mean(owned_loads(lo, r, devices)))
             after.append(max_over_mean(owned_loads(lo, p, devices)))
-            moved.append(float(np.mean(rows_of(r, lo.shape[0]) != rows_of(p, lo.shape[0]))))
+            # Each expert is in one row of each layout: it moved iff its new row held
+            # another expert (or none) before.
+            moved.append(float(np.sum((p >= 0) & (p != r))) / lo.shape[0])
         count += len(planned)
         new_rows[scope] = planned.reshape(rows.shape).astype(np.int32)
     report = RelayoutReport(
@@ -265,22 +259,6 @@ def _expert_keys(params: Any, sources: dict[tuple, Any]) -> dict[tuple, tuple]:
         if scope is not None:
             keys[key] = (scope, leaf.shape)
     return keys
-
-
-def with_stored_rows(abstract_params: Any, layout: Any) -> Any:
-    """`abstract_params` (ShapeDtypeStructs) with each routed-expert leaf given the row count
-    of the `expert_layout` tree `layout` (R, spare rows included): the target that reads a
-    re-sharded run's saved rows into a model of E rows, before `logical_view`."""
-    layouts = _layouts({EXPERT_LAYOUT: layout})
-    out = {}
-    for key, a in traverse_util.flatten_dict(abstract_params).items():
-        scope = _expert_scope(key, layouts)
-        if scope is not None:
-            rows = tuple(layouts[scope][ROW_EXPERT].shape)
-            shape = rows + tuple(a.shape[len(rows) :])
-            a = jax.ShapeDtypeStruct(shape, a.dtype, sharding=getattr(a, "sharding", None))
-        out[key] = a
-    return traverse_util.unflatten_dict(out)
 
 
 def _with_layouts(state: Any, new_rows: dict[tuple, Any] | None) -> Any:

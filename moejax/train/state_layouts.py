@@ -20,8 +20,10 @@ order. It is restored without it (`without_missing_layout`) and starts at the id
 
 A checkpoint whose routed experts are stored in a different number of rows than the
 target's (saved with another `moe.fssdp_spare_rows`, or in id order without a layout, into
-a model with spare rows) is restored onto its own rows (`saved_rows_target`), then moved
-onto the target's rows in their initial layout (`moejax.train.expert_relayout.onto_rows`).
+a model with spare rows) is restored onto its own rows (`saved_rows_target`): a whole state
+is then moved onto the target's rows in their initial layout
+(`moejax.train.expert_relayout.onto_rows`), subtrees stay in their saved rows for the
+caller's logical view (an adapter run's base).
 """
 
 from __future__ import annotations

@@ -99,10 +99,16 @@ def test_expert_axis_must_divide_experts():
         validate(config, num_devices=6, num_processes=1)
 
 
-def test_adapter_runs_refuse_moving_the_experts_between_devices():
+def _fssdp_on_four_expert_devices(**moe):
+    """configs/deepseekmoe.py (16 experts) with the fssdp dispatcher over mesh.expert=4."""
     config = load_config_module("deepseekmoe").get_config()
     config.mesh.update(data=-1, expert=4)
-    config.moe.update(dispatcher="fssdp")
+    config.moe.update(dispatcher="fssdp", **moe)
+    return config
+
+
+def test_adapter_runs_refuse_moving_the_experts_between_devices():
+    config = _fssdp_on_four_expert_devices()
     config.lora.update(method="lora", targets="shared.*")
     with pytest.raises(ConfigError, match="--config.moe.fssdp_reshard_every=0 for adapter runs"):
         validate(config, num_devices=4, num_processes=1)
@@ -111,9 +117,7 @@ def test_adapter_runs_refuse_moving_the_experts_between_devices():
 
 
 def test_spare_expert_rows_must_divide_over_the_expert_axis():
-    config = load_config_module("deepseekmoe").get_config()  # 16 experts
-    config.mesh.update(data=-1, expert=4)
-    config.moe.update(dispatcher="fssdp", fssdp_spare_rows=6)
+    config = _fssdp_on_four_expert_devices(fssdp_spare_rows=6)
     with pytest.raises(ConfigError, match="fssdp_spare_rows=6 is not divisible by mesh.expert=4"):
         validate(config, num_devices=4, num_processes=1)
     config.moe.update(fssdp_spare_rows=8)
@@ -121,9 +125,7 @@ def test_spare_expert_rows_must_divide_over_the_expert_axis():
 
 
 def test_fssdp_slots_must_fit_the_experts_a_device_does_not_own():
-    config = load_config_module("deepseekmoe").get_config()  # 16 experts
-    config.mesh.update(data=-1, expert=4)
-    config.moe.update(dispatcher="fssdp", fssdp_slots=12)
+    config = _fssdp_on_four_expert_devices(fssdp_slots=12)
     assert validate(config, num_devices=4, num_processes=1).moe.fssdp_slots == 12
     config.moe.update(fssdp_slots=13)
     with pytest.raises(ConfigError, match="moe.fssdp_slots=13 is more than the 12 experts"):

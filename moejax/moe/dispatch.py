@@ -85,6 +85,10 @@ def _combine(y_TxKxD: jax.Array, weights_TxK: jax.Array) -> jax.Array:
     return jnp.einsum("tkd,tk->td", y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
 
 
+def _combine_choice_major(y_KxTxD: jax.Array, weights_TxK: jax.Array) -> jax.Array:
+    return jnp.einsum("ktd,tk->td", y_KxTxD, weights_TxK.astype(y_KxTxD.dtype))
+
+
 def dense_reference(
     x: jax.Array, routing: Routing, expert_fn: ExpertFn, cfg: MoEConfig
 ) -> tuple[jax.Array, Metrics]:
@@ -159,11 +163,11 @@ def _ragged_plan(x, expert_ids, combine_weights, weights, *, fn, num_experts, im
     t, k = expert_ids.shape
     # Unused slots (zero weight) go past the last group: no FLOPs for padding tokens or the
     # empty slots of top-p routing.
-    order, inverse, sizes = sort_by_expert(expert_ids, num_experts, combine_weights > 0)
+    order, inverse, sizes = sort_by_expert(expert_ids.T, num_experts, combine_weights.T > 0)
     x_sorted = permute(x, order, inverse, k)
     out = fn(weights, x_sorted, lambda lhs, w: _gmm(lhs, w, sizes, impl=impl, tile=tile))
-    y = unpermute(out, order, inverse).reshape(t, k, -1)
-    return _combine(y, combine_weights)
+    y = unpermute(out, order, inverse).reshape(k, t, -1)
+    return _combine_choice_major(y, combine_weights)
 
 
 def ragged(

@@ -1,12 +1,18 @@
 """Token permutation for sorted dispatch, with gather-only backward passes.
 
 `permute(x[T, d], order, inverse, k) -> x_sorted[T*k, d]`: row r of the result is token
-`order[r] // k` (each token appears k times, once per selected expert).
-`unpermute(y_sorted[T*k, d], order, inverse) -> y[T*k, d]` in (token, choice) order.
+`order[r] % T` (each token appears k times, once per selected expert): the assignments are
+numbered choice-major, a = j*T + t for choice j of token t, so `sort_by_expert` takes
+`expert_ids.T`.
+`unpermute(y_sorted[T*k, d], order, inverse) -> y[T*k, d]` in (choice, token) order, which
+`.reshape(k, T, d)` splits along a major dimension. Token-major numbering would split
+`[T*k, d]` into `[T, k, d]`, whose two minor dimensions (k, d) XLA:TPU tiles as (8, 128):
+k = 6 pads to 8 and every reshape between the two is a relayout copy (three of 100 MB per
+fwd+bwd at the benchmark shape, `experiments/benchmarks/moe_layer_tpu_cost.py`).
 
 Autodiff would transpose these gathers into scatter-adds, which XLA:CPU runs several times
 slower than gathers; since `order` is a permutation, both transposes are gathers too:
-d x[t] = sum_j g[inverse[t*k + j]] and d y_sorted = g[order].
+d x[t] = sum_j g[inverse[j*T + t]] and d y_sorted = g[order].
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from moejax.moe.one_hot import count_ids
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def permute(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
-    return x[order // k]
+    return x[order % x.shape[0]]
 
 
 def _permute_fwd(x, order, inverse, k):
@@ -31,7 +37,7 @@ def _permute_fwd(x, order, inverse, k):
 def _permute_bwd(k, res, g):
     order, inverse = res
     t = inverse.shape[0] // k
-    dx = g[inverse].reshape(t, k, -1).sum(axis=1)
+    dx = g[inverse].reshape(k, t, -1).sum(axis=0)
     return dx, None, None
 
 
@@ -56,11 +62,14 @@ unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
 
 
 def sort_by_expert(expert_ids: jax.Array, num_experts: int, used: jax.Array | None = None):
-    """(order[T*k], inverse[T*k], group_sizes[E]) of the (token, choice) assignments.
+    """(order[T*k], inverse[T*k], group_sizes[E]) of the assignments, numbered in the
+    order `expert_ids` flattens: token-major for `[T, k]` ids (the hybrid plan, the
+    `pallas` kernels), choice-major for the `[k, T]` transpose that `permute` expects.
 
-    `used[T, k]` (optional, bool): slots that are not used (zero combine weight: padding
-    tokens, empty top-p slots) are sorted after every group and left out of `group_sizes`,
-    so the grouped matmul computes nothing for them (its rows past the total are zeros).
+    `used` (optional, bool, shaped like `expert_ids`): slots that are not used (zero
+    combine weight: padding tokens, empty top-p slots) are sorted after every group and left
+    out of `group_sizes`, so the grouped matmul computes nothing for them (its rows past the
+    total are zeros).
     """
     flat = expert_ids.reshape(-1)
     if used is not None:

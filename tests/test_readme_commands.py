@@ -372,8 +372,13 @@ def _moe_layer_tpu_cost(ctx, commands):
     tiny = "--tokens 256 --d-model 128 --experts 8 --d-expert 128 --top-k 2 --shared 1"
     for command in commands:
         _, argv = split(command)
-        out = ctx.run([*argv, *tiny.split(), "--json"])
-        assert '"flops_ratio"' in out
+        out = ctx.run([*argv, *tiny.split(), "--json"])  # stdout's JSON line among the logs
+        report = json.loads(next(ln for ln in out.splitlines() if ln.startswith('{"topology"')))
+        results = report["results"]
+        assert results["auto"]["flops_ratio"] > 0
+        # The grouped-matmul plans contain the experts compiled alone: never under the floor.
+        for plan in ("auto", "pallas"):
+            assert results[plan]["bytes_ratio"] > report["floor"]["bytes_ratio"]
 
 
 def _lora_grad(ctx, commands):

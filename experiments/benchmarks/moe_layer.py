@@ -238,6 +238,16 @@ def experts_only_step(shape: Shape, params, x, impl: str, fuse_gate_up: bool = F
     order = np.argsort(ids.reshape(-1), kind="stable")  # the ragged plan's row order
     sizes = jnp.asarray(np.bincount(ids.reshape(-1), minlength=shape.experts), jnp.int32)
     x_sorted = x_flat[jnp.asarray(order // shape.top_k)]
+    return compile_step(
+        jax.value_and_grad(experts_only_loss(shape, impl, fuse_gate_up), argnums=(0, 1)),
+        params["experts"],
+        x_sorted,
+        sizes,
+    )
+
+
+def experts_only_loss(shape: Shape, impl: str, fuse_gate_up: bool = False) -> Callable:
+    """`loss(expert_weights, x_sorted[T*k, d], group_sizes[E])`: the routed SwiGLU alone."""
 
     def loss(w, xs, group_sizes):
         expert_fn = swiglu_expert_fn(
@@ -248,9 +258,7 @@ def experts_only_step(shape: Shape, params, x, impl: str, fuse_gate_up: bool = F
         )
         return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
-    return compile_step(
-        jax.value_and_grad(loss, argnums=(0, 1)), params["experts"], x_sorted, sizes
-    )
+    return loss
 
 
 def ragged_impl(dispatcher: str, shape: Shape) -> str | None:

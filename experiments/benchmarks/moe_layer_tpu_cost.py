@@ -13,6 +13,14 @@ its `pl.CostEstimate` declares (`pallas_kernels`). `auto` compiles the TPU plan
 
 `results[name]`: `flops`, `bytes_accessed` (XLA's, per chip), `flops_ratio` and
 `bytes_ratio` to the dense SwiGLU, and `compile_s`. The shape flags are `moe_layer.py`'s.
+
+`floor`: two parts of the layer compiled alone: `routed_experts` (the routed SwiGLU on rows
+already in expert order, the Mosaic grouped matmuls with their weight casts: no router,
+permutation, combine or shared experts; `+fused`, gate and up as one product) and
+`shared_experts` (the dense SwiGLU of the shared width). `floor.bytes_ratio` is their sum
+over the dense layer: what the plans on the Mosaic grouped matmul (`auto`, `pallas`) cost
+before any routing, which fusing the permutations into the kernels could approach but not
+go under. (`capacity_einsum` runs XLA's batched matmuls instead, and drops.)
 """
 
 from __future__ import annotations
@@ -47,7 +55,31 @@ def _cost(compiled) -> dict:
     return {"flops": float(cost["flops"]), "bytes_accessed": float(cost["bytes accessed"])}
 
 
-def run(shape: moe_layer.Shape, topology: str, dispatchers) -> dict:
+def _floor_cases(shape: moe_layer.Shape, model, experts, x, rep) -> dict:
+    """The routed experts alone (rows in expert order) and the shared experts alone."""
+    rows = shape.tokens * shape.top_k
+    x_sorted = jax.ShapeDtypeStruct((rows, shape.d_model), shape.dtype, sharding=rep)
+    sizes = jax.ShapeDtypeStruct((shape.experts,), np.int32, sharding=rep)
+    cases = {}
+    for fused in (False, True):
+        loss = moe_layer.experts_only_loss(shape, "pallas", fused)
+        cases["routed_experts" + ("+fused" if fused else "")] = (
+            jax.value_and_grad(loss, argnums=(0, 1)),
+            (experts, x_sorted, sizes),
+        )
+    shared = DenseMLP(
+        shape.shared * shape.d_expert,
+        model.init_std,
+        model.init_std,
+        model.dtype,
+        model.param_dtype,
+    )
+    params = jax.eval_shape(shared.init, jax.random.PRNGKey(0), x)["params"]
+    cases["shared_experts"] = (moe_layer.fwd_bwd(moe_layer.dense_loss(shared)), (params, x))
+    return cases
+
+
+def run(shape: moe_layer.Shape, topology: str, dispatchers, floor: bool = True) -> dict:
     mesh = Mesh(np.array(tpu_devices(topology)[:1]), ("data",))
     rep = NamedSharding(mesh, P())
     model = moe_layer.model_config(shape)
@@ -56,44 +88,62 @@ def run(shape: moe_layer.Shape, topology: str, dispatchers) -> dict:
     mlp = DenseMLP(
         shape.dense_width, model.init_std, model.init_std, model.dtype, model.param_dtype
     )
-    cases = {"dense_mlp": (moe_layer.dense_loss(mlp), jax.eval_shape(mlp.init, key, x))}
+    # name -> (the fwd+bwd function, its arguments): the dense layer, each dispatcher's
+    # layer, then the floor's parts.
+    params = lambda module: jax.eval_shape(module.init, key, x)["params"]  # noqa: E731
+    cases = {"dense_mlp": (moe_layer.fwd_bwd(moe_layer.dense_loss(mlp)), (params(mlp), x))}
     for name in dispatchers:
         layer = MoELayer(moe_layer.moe_config(shape, name), model)
-        cases[name] = (moe_layer.moe_loss(layer), jax.eval_shape(layer.init, key, x))
+        cases[name] = (moe_layer.fwd_bwd(moe_layer.moe_loss(layer)), (params(layer), x))
+    floor_cases = {}
+    if floor:
+        experts = params(MoELayer(moe_layer.moe_config(shape, "pallas"), model))["experts"]
+        floor_cases = _floor_cases(shape, model, experts, x, rep)
     results = {}
-    for name, (loss, variables) in cases.items():
-        params = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-            nn.unbox(variables)["params"],
+    for name, (fn, args) in {**cases, **floor_cases}.items():
+        args = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), nn.unbox(args)
         )
         t0 = time.perf_counter()
         with jax.set_mesh(mesh):
-            compiled = jax.jit(moe_layer.fwd_bwd(loss)).lower(params, x).compile()
+            compiled = jax.jit(fn).lower(*args).compile()
         results[name] = {**_cost(compiled), "compile_s": round(time.perf_counter() - t0, 2)}
         moe_layer.log(f"{name}: {results[name]}")
     dense = results["dense_mlp"]
-    for name in dispatchers:
+    for name in [*dispatchers, *floor_cases]:
         r = results[name]
         r["flops_ratio"] = sig(r["flops"] / dense["flops"])
         r["bytes_ratio"] = sig(r["bytes_accessed"] / dense["bytes_accessed"])
+    report_floor = {}
+    if floor:
+        shared = results["shared_experts"]["bytes_accessed"]
+        for fused in ("", "+fused"):
+            total = results["routed_experts" + fused]["bytes_accessed"] + shared
+            report_floor["bytes" + fused] = total
+            report_floor["bytes_ratio" + fused] = sig(total / dense["bytes_accessed"])
     return {
         "topology": topology,
         "device_kind": mesh.devices.flat[0].device_kind,
         "jax": jax.__version__,
         "shape": shape.as_dict(),
         "results": results,
+        **({"floor": report_floor} if floor else {}),
     }
 
 
 def main(argv=None) -> dict:
     parser = moe_layer.arg_parser()
     parser.add_argument("--topology", default="v5p:2x2x1", help="TPU topology (one chip used)")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the routed/shared experts compiled alone"
+    )
     parser.set_defaults(dispatchers=",".join(TPU_DISPATCHERS), dtype="bfloat16")
     args = parser.parse_args(argv)
     report = run(
         moe_layer.shape_from_args(args),
         args.topology,
         [n for n in args.dispatchers.split(",") if n and n not in args.skip.split(",")],
+        floor=not args.no_floor,
     )
     print(json.dumps(report) if args.json else json.dumps(report, indent=1))
     return report

@@ -108,7 +108,8 @@ def without_missing_layout(target: Any, saved: Any) -> tuple[Any, Any]:
 
 
 def with_initial_layout(state: Any, layout: Any) -> Any:
-    """`state` with the identity `expert_layout` of `layout`'s shapes added (None: as is)."""
+    """`state` with the initial `expert_layout` of `layout`'s shapes added (the identity
+    when its rows are E; None: as is)."""
     if layout is None:
         return state
     fields = fields_of(state)

@@ -33,9 +33,15 @@ Dispatchers add `ratio_to_dense` (= ms / baseline ms), `ratio_to_dense_min` (min
 best survives load from other processes), `fwd_ms` (forward alone), `dropped_fraction`, with
 the HF peer `vs_hf` (= ms / HF block ms, also `_min` and `_paired`), and for the `hybrid` plan
 `overflow_fraction` (the share of assignments past the capacity buffers, run by its tile
-loop). The plans that sort into a grouped matmul (`ragged`, and `auto` where it resolves to
-ragged) add `experts_ms`: fwd+bwd of the routed SwiGLU alone on the expert-sorted
-rows (no router, permutation, combine or shared experts) and `experts_share` of the layer.
+loop). The plans that sort into a grouped matmul (`ragged`, `pallas`, and `auto` where it
+resolves to either) add `experts_ms`: fwd+bwd of the routed SwiGLU alone on the
+expert-sorted rows (no router, permutation, combine or shared experts) and `experts_share` of
+the layer; `hybrid` (and `auto` on CPU) adds the same for its batched matmuls on capacity
+buffers that every expert fills exactly (`[E, ceil(T k / E), d]`: no gathers, overflow loop
+or empty slots). With them come `shared_ms` (the shared experts alone), `floor_ms` =
+experts_ms + shared_ms and `floor_ratio_to_dense`: what the layer would cost with routing,
+permutation and combine free and perfect balance, so how much of `ratio_to_dense` any
+dispatch overhead can still remove.
 `routing` holds the measured expert load (max/mean, min/mean, CV) of the random-init router.
 `active_gflop_per_s` counts the active FLOPs only (what the dense MLP also does), so plans that
 compute more (`dense_reference`: all E experts on every token; capacity padding) show less.
@@ -93,8 +99,8 @@ from moejax.moe.config import MoEConfig  # noqa: E402
 from moejax.moe.dispatch import AUTO_PLAN, DISPATCHERS, resolve_gmm_impl  # noqa: E402
 from moejax.moe.experts import swiglu_expert_fn  # noqa: E402
 from moejax.moe.grouped_matmul import gmm  # noqa: E402
-from moejax.moe.hybrid import head_capacity  # noqa: E402
-from moejax.moe.layer import MoELayer  # noqa: E402
+from moejax.moe.hybrid import batched_mm, head_capacity  # noqa: E402
+from moejax.moe.layer import MoELayer, shared_width  # noqa: E402
 from moejax.moe.routers import ROUTERS  # noqa: E402
 from moejax.nn.mlp import DenseMLP  # noqa: E402
 
@@ -261,6 +267,48 @@ def experts_only_loss(shape: Shape, impl: str, fuse_gate_up: bool = False) -> Ca
     return loss
 
 
+def experts_batched_step(shape: Shape, params, x, fuse_gate_up: bool = False):
+    """fwd+bwd of the routed SwiGLU alone as the `hybrid` plan's batched matmuls, on
+    capacity buffers `[E, ceil(T k / E), d]` that every expert fills exactly: its buffers
+    with no gathers, combine, overflow loop or empty slots."""
+    rows = shape.tokens * shape.top_k
+    cap = -(-rows // shape.experts)
+    x_flat = x.reshape(shape.tokens, shape.d_model)
+    slots = x_flat[jnp.arange(shape.experts * cap) % shape.tokens]
+    slots = slots.reshape(shape.experts, cap, shape.d_model)
+
+    def loss(w, xs):
+        expert_fn = swiglu_expert_fn(
+            w["w_gate"], w["w_up"], w["w_down"], jnp.dtype(shape.dtype), None, fuse_gate_up
+        )
+        return jnp.sum(jnp.square(expert_fn(xs, batched_mm).astype(jnp.float32)))
+
+    return compile_step(jax.value_and_grad(loss, argnums=(0, 1)), params["experts"], slots)
+
+
+def shared_experts_step(shape: Shape, params, x):
+    """fwd+bwd of the layer's shared experts alone (a dense SwiGLU of the shared width)."""
+    model = model_config(shape)
+    mlp = DenseMLP(
+        shared_width(moe_config(shape, "auto")),
+        model.init_std,
+        model.init_std,
+        model.dtype,
+        model.param_dtype,
+    )
+    return compile_step(fwd_bwd(dense_loss(mlp)), params["shared"], x)
+
+
+def experts_key(dispatcher: str, shape: Shape) -> str | None:
+    """The case that times a dispatcher's routed experts alone (None: no such case): the
+    grouped matmul it sorts into (`experts/IMPL`) or the `hybrid` plan's batched matmuls
+    (`experts/batched`), `+fused` with `moe.fuse_gate_up`."""
+    impl = "batched" if plan_of(dispatcher) == "hybrid" else ragged_impl(dispatcher, shape)
+    if impl is None:
+        return None
+    return f"experts/{impl}" + ("+fused" if moe_config(shape, dispatcher).fuse_gate_up else "")
+
+
 def ragged_impl(dispatcher: str, shape: Shape) -> str | None:
     """The grouped-matmul impl a dispatcher sorts into, or None if it is not a sorted plan
     (`pallas` sorts into the Pallas grouped matmul)."""
@@ -398,10 +446,14 @@ def run(
         add(name, compile_step(fwd_bwd(moe_loss(layer)), params, x), keep_metrics=True)
         if "breakdown" not in skip and name != "dense_reference":
             add(f"{name}/fwd", compile_step(moe_loss(layer), params, x))
-            impl, fused = ragged_impl(name, shape), moe_config(shape, name).fuse_gate_up
-            key = f"experts/{impl}" + ("+fused" if fused else "")
-            if impl is not None and key not in steps:
-                add(key, experts_only_step(shape, params, x, impl, fused))
+            key, fused = experts_key(name, shape), moe_config(shape, name).fuse_gate_up
+            if key is not None and key not in steps:
+                if plan_of(name) == "hybrid":
+                    add(key, experts_batched_step(shape, params, x, fused))
+                else:
+                    add(key, experts_only_step(shape, params, x, ragged_impl(name, shape), fused))
+            if key is not None and shape.shared and "shared_experts" not in steps:
+                add("shared_experts", shared_experts_step(shape, params, x))
 
     hf_info = {"available": False}
     if "hf" in skip:
@@ -487,13 +539,20 @@ def assemble(
         impl = ragged_impl(name, shape)
         if impl is not None:
             entry["gmm_impl"] = impl
-            key = f"experts/{impl}" + ("+fused" if moe_config(shape, name).fuse_gate_up else "")
-            if key in times:
-                ex = summary(times[key])
+        key = experts_key(name, shape)
+        if key in times:
+            ex = summary(times[key])
+            entry.update(
+                experts_ms=ex["ms"],
+                experts_ms_min=ex["ms_min"],
+                experts_share=sig(ex["ms"] / s["ms"]),
+            )
+            shared = summary(times["shared_experts"])["ms"] if "shared_experts" in times else 0.0
+            if shared or not shape.shared:
                 entry.update(
-                    experts_ms=ex["ms"],
-                    experts_ms_min=ex["ms_min"],
-                    experts_share=sig(ex["ms"] / s["ms"]),
+                    shared_ms=shared,
+                    floor_ms=round(ex["ms"] + shared, 3),
+                    floor_ratio_to_dense=sig((ex["ms"] + shared) / dense["ms"]),
                 )
         res[name] = entry
         if routing is None:

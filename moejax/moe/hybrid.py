@@ -85,7 +85,7 @@ def _take(a: jax.Array, index: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------- the plan
-def _batched_mm(lhs: jax.Array, w: jax.Array) -> jax.Array:
+def batched_mm(lhs: jax.Array, w: jax.Array) -> jax.Array:
     """The capacity buffers' matmul: `[E, C, K] x [E, K, N]`."""
     return jnp.einsum("eck,ekn->ecn", lhs, w)
 
@@ -226,7 +226,7 @@ def hybrid_plan(
     # Closed-over arrays (MixLoRA's frozen W_down) become explicit inputs of the custom VJP.
     slots = jnp.zeros((num_experts, cap, x.shape[1]), x.dtype)  # example shapes, for tracing
     rows = jnp.zeros((tile, x.shape[1]), x.dtype)
-    head_fn, head_consts = jax.closure_convert(lambda w, xs: fn(w, xs, _batched_mm), weights, slots)
+    head_fn, head_consts = jax.closure_convert(lambda w, xs: fn(w, xs, batched_mm), weights, slots)
     tile_fn, tile_consts = jax.closure_convert(
         lambda w, xs: fn(w, xs, _tile_mm), _expert_slice(weights, 0), rows
     )

@@ -104,7 +104,15 @@ def test_every_dispatcher_is_timed_against_the_fastest_dense_swiglu(run):
         "dense_mlp": {"available": False, "reason": "no device plane (CPU run)"}
     }
     for name in ("hybrid", "auto"):  # auto is the hybrid plan on CPU
-        assert 0.0 <= results[name]["overflow_fraction"] <= 1.0
+        entry = results[name]
+        assert 0.0 <= entry["overflow_fraction"] <= 1.0
+        # the floor: its batched matmuls alone on full buffers, plus the shared experts alone
+        assert entry["experts_ms"] > 0 and entry["shared_ms"] > 0
+        assert entry["floor_ms"] == pytest.approx(entry["experts_ms"] + entry["shared_ms"])
+        floor = entry["floor_ms"] / dense["ms"]
+        assert entry["floor_ratio_to_dense"] == pytest.approx(floor, rel=1e-3)
+    assert "experts/batched:" in stderr and "shared_experts:" in stderr
+    assert results["ragged"]["floor_ms"] > results["ragged"]["experts_ms"]
     routing = report["routing"]
     assert 1.0 <= routing["max_over_mean"] < 8.0 and 0.0 <= routing["min_over_mean"] <= 1.0
     assert "repeat 1/1" in stderr  # progress goes to stderr, not into the JSON
@@ -120,6 +128,8 @@ def test_report_ratios_including_the_hf_peer(bench):
         "dense_swiglu_2d": [5.0, 6.0, 7.0],  # slower: not the baseline
         "auto": [4.0, 5.0, 3.0],
         "auto/fwd": [1.0] * 3,
+        "experts/batched": [2.0, 2.5, 1.5],  # auto is the hybrid plan on CPU
+        "shared_experts": [0.5, 1.0, 1.5],
         "hf_deepseek_v3_moe": [8.0, 9.0, 10.0],
         "torch_dense_mlp": [2.0, 3.0, 4.0],
     }
@@ -139,7 +149,9 @@ def test_report_ratios_including_the_hf_peer(bench):
     assert res["auto"]["ratio_to_dense"] == pytest.approx(4.0 / 3.0, rel=1e-3)
     assert res["auto"]["ratio_to_dense_min"] == 1.5
     assert res["auto"]["ratio_to_dense_paired"] == 1.25
-    assert res["auto"]["fwd_ms"] == 1.0 and "experts_ms" not in res["auto"]
+    assert res["auto"]["fwd_ms"] == 1.0 and res["auto"]["experts_ms"] == 2.0
+    assert res["auto"]["experts_share"] == 0.5  # of the layer's 4.0
+    assert res["auto"]["floor_ms"] == 3.0 and res["auto"]["floor_ratio_to_dense"] == 1.0
     assert res["hf_deepseek_v3_moe"]["ratio_to_own_dense"] == 3.0
     assert report["auto_vs_hf"] == pytest.approx(4.0 / 9.0, rel=1e-3)
     assert report["auto_vs_hf_min"] == 0.375 and report["auto_vs_hf_paired"] == 0.5

@@ -391,7 +391,17 @@ def _lora_grad(ctx, commands):
 def _router_step(ctx, commands):
     for command in commands:
         _, argv = split(command.replace("--runs runs", f"--runs {ctx.tmp}"))
-        argv = [*argv, "--repeats", "1", "--batch", "2", "--seq-len", "32", "--cases", "gshard"]
+        argv = [
+            *argv,
+            "--repeats",
+            "1",
+            "--batch",
+            "2",
+            "--seq-len",
+            "32",
+            "--cases",
+            "softmax_topk",
+        ]
         out = ctx.run(argv)
         assert '"results"' in out
 

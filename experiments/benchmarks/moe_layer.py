@@ -196,6 +196,18 @@ def compile_step(fn: Callable, *args) -> tuple[Callable[[], object], float]:
     return (lambda: jax.block_until_ready(compiled(*args))), compile_s
 
 
+def dense_mlp(shape: Shape, width: int) -> DenseMLP:
+    """moejax's dense SwiGLU of `width` at the benchmark's dtypes (the dense baseline at
+    `shape.dense_width`, the layer's shared experts at their width)."""
+    model = model_config(shape)
+    return DenseMLP(width, model.init_std, model.init_std, model.dtype, model.param_dtype)
+
+
+def shared_mlp(shape: Shape) -> DenseMLP:
+    """The layer's shared experts alone: a dense SwiGLU of the shared width."""
+    return dense_mlp(shape, shared_width(moe_config(shape, "auto")))
+
+
 def moe_loss(layer: MoELayer) -> Callable:
     def loss(params, x):
         out = layer.apply({"params": params}, x)
@@ -241,9 +253,10 @@ def experts_only_step(shape: Shape, params, x, impl: str, fuse_gate_up: bool = F
     x_flat = x.reshape(shape.tokens, shape.d_model)
     router = ROUTERS[cfg.scorer](cfg, param_dtype="float32")
     ids = np.asarray(jax.jit(router.apply)({"params": params["router"]}, x_flat).expert_ids)
-    order = np.argsort(ids.reshape(-1), kind="stable")  # the ragged plan's row order
+    # the ragged plan's row order: assignments numbered choice-major (`moejax.moe.permute`)
+    order = np.argsort(ids.T.reshape(-1), kind="stable")
     sizes = jnp.asarray(np.bincount(ids.reshape(-1), minlength=shape.experts), jnp.int32)
-    x_sorted = x_flat[jnp.asarray(order // shape.top_k)]
+    x_sorted = x_flat[jnp.asarray(order % shape.tokens)]
     return compile_step(
         jax.value_and_grad(experts_only_loss(shape, impl, fuse_gate_up), argnums=(0, 1)),
         params["experts"],
@@ -288,15 +301,7 @@ def experts_batched_step(shape: Shape, params, x, fuse_gate_up: bool = False):
 
 def shared_experts_step(shape: Shape, params, x):
     """fwd+bwd of the layer's shared experts alone (a dense SwiGLU of the shared width)."""
-    model = model_config(shape)
-    mlp = DenseMLP(
-        shared_width(moe_config(shape, "auto")),
-        model.init_std,
-        model.init_std,
-        model.dtype,
-        model.param_dtype,
-    )
-    return compile_step(fwd_bwd(dense_loss(mlp)), params["shared"], x)
+    return compile_step(fwd_bwd(dense_loss(shared_mlp(shape))), params["shared"], x)
 
 
 def experts_key(dispatcher: str, shape: Shape) -> str | None:
@@ -412,9 +417,7 @@ def run(
             f"first call {first_call_s[name] * 1e3:.1f}ms"
         )
 
-    mlp = DenseMLP(
-        shape.dense_width, model.init_std, model.init_std, model.dtype, model.param_dtype
-    )
+    mlp = dense_mlp(shape, shape.dense_width)
     dense_params = nn.unbox(jax.jit(mlp.init)(key_dense, x))["params"]
     add("dense_mlp", compile_step(fwd_bwd(dense_loss(mlp)), dense_params, x))
     add("dense_swiglu_2d", compile_step(fwd_bwd(plain_dense_loss(shape.dtype)), dense_params, x))

@@ -43,7 +43,6 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from experiments.benchmarks import moe_layer  # noqa: E402
 from experiments.benchmarks.timing import sig  # noqa: E402
 from moejax.moe.layer import MoELayer  # noqa: E402
-from moejax.nn.mlp import DenseMLP  # noqa: E402
 from moejax.sharding.topology import tpu_devices  # noqa: E402
 
 TPU_DISPATCHERS = ("auto", "pallas", "capacity_einsum", "dense_reference")
@@ -55,7 +54,7 @@ def _cost(compiled) -> dict:
     return {"flops": float(cost["flops"]), "bytes_accessed": float(cost["bytes accessed"])}
 
 
-def _floor_cases(shape: moe_layer.Shape, model, experts, x, rep) -> dict:
+def _floor_cases(shape: moe_layer.Shape, experts, x, rep) -> dict:
     """The routed experts alone (rows in expert order) and the shared experts alone."""
     rows = shape.tokens * shape.top_k
     x_sorted = jax.ShapeDtypeStruct((rows, shape.d_model), shape.dtype, sharding=rep)
@@ -67,13 +66,7 @@ def _floor_cases(shape: moe_layer.Shape, model, experts, x, rep) -> dict:
             jax.value_and_grad(loss, argnums=(0, 1)),
             (experts, x_sorted, sizes),
         )
-    shared = DenseMLP(
-        shape.shared * shape.d_expert,
-        model.init_std,
-        model.init_std,
-        model.dtype,
-        model.param_dtype,
-    )
+    shared = moe_layer.shared_mlp(shape)
     params = jax.eval_shape(shared.init, jax.random.PRNGKey(0), x)["params"]
     cases["shared_experts"] = (moe_layer.fwd_bwd(moe_layer.dense_loss(shared)), (params, x))
     return cases
@@ -85,9 +78,7 @@ def run(shape: moe_layer.Shape, topology: str, dispatchers, floor: bool = True) 
     model = moe_layer.model_config(shape)
     x = jax.ShapeDtypeStruct((shape.batch, shape.seq_len, shape.d_model), shape.dtype, sharding=rep)
     key = jax.random.PRNGKey(0)
-    mlp = DenseMLP(
-        shape.dense_width, model.init_std, model.init_std, model.dtype, model.param_dtype
-    )
+    mlp = moe_layer.dense_mlp(shape, shape.dense_width)
     # name -> (the fwd+bwd function, its arguments): the dense layer, each dispatcher's
     # layer, then the floor's parts.
     params = lambda module: jax.eval_shape(module.init, key, x)["params"]  # noqa: E731
@@ -98,7 +89,7 @@ def run(shape: moe_layer.Shape, topology: str, dispatchers, floor: bool = True) 
     floor_cases = {}
     if floor:
         experts = params(MoELayer(moe_layer.moe_config(shape, "pallas"), model))["experts"]
-        floor_cases = _floor_cases(shape, model, experts, x, rep)
+        floor_cases = _floor_cases(shape, experts, x, rep)
     results = {}
     for name, (fn, args) in {**cases, **floor_cases}.items():
         args = jax.tree.map(
